@@ -1,0 +1,59 @@
+"""Exceptions raised by kvtier.
+
+Every exception an engine may act on derives from :class:`KVTierError`. Input errors also derive from the
+matching built-in (``ValueError``, ``KeyError``) so generic handlers keep working. When one of these is raised
+the manager's state is unchanged: nothing was allocated, mapped or freed by the failed call.
+"""
+
+from __future__ import annotations
+
+
+class KVTierError(Exception):
+    """Base class of every kvtier exception."""
+
+
+class ConfigError(KVTierError, ValueError):
+    """A configuration value is invalid; the message names the field and what to use instead."""
+
+
+class InvalidArgumentError(KVTierError, ValueError):
+    """An argument to a public call is invalid (negative count, layer out of range, unsupported dtype...)."""
+
+
+class DeviceError(KVTierError):
+    """The requested device does not exist or cannot host a kvtier backend."""
+
+
+class CudaError(KVTierError):
+    """A CUDA driver call failed. ``call`` is the driver function, ``code`` the CUDA error name."""
+
+    def __init__(self, call: str, code: str, detail: str = "") -> None:
+        self.call, self.code = call, code
+        super().__init__(f"{call} failed with {code}" + (f": {detail}" if detail else ""))
+
+
+class OutOfPagesError(KVTierError):
+    """No physical page can be had: the pool's budget is exhausted. The engine can preempt, free or retry."""
+
+
+class QuotaExceededError(OutOfPagesError):
+    """The space would exceed its ``quota_bytes``."""
+
+
+class SpaceFullError(OutOfPagesError):
+    """The space has no free virtual block left: its ``max_tokens`` reservation is used up."""
+
+
+class UnknownSequenceError(KVTierError, KeyError):
+    """The sequence id is not known to this space."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NotResidentError(KVTierError):
+    """A block handed to a step is not backed by a mapped page (raised by the debug residency check)."""
+
+
+class ClosedError(KVTierError):
+    """The manager or space was closed; create a new one."""

@@ -1,0 +1,35 @@
+"""Virtual memory: reserve address ranges, create physical pages, map and unmap them; one backend per platform."""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier.errors import DeviceError
+from kvtier.vmm import cuda as _cuda
+from kvtier.vmm.base import Backend, Fence, Handle
+from kvtier.vmm.host import HostBackend
+from kvtier.vmm.pool import PagePool
+
+__all__ = ["Backend", "Fence", "Handle", "HostBackend", "PagePool", "open_backend", "resolve_device"]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn a config device string into a concrete ``torch.device`` ("auto" picks CUDA when usable)."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if _cuda.available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"{device!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from exc
+    if dev.type == "cuda":
+        return torch.device("cuda", dev.index if dev.index is not None else 0)
+    if dev.type != "cpu":
+        raise DeviceError(f"device type {dev.type!r} is not supported (supported: 'cpu', 'cuda')")
+    return dev
+
+
+def open_backend(device: torch.device) -> Backend:
+    """The backend for a resolved device."""
+    if device.type == "cuda":
+        return _cuda.CudaBackend(device.index or 0)
+    return HostBackend()

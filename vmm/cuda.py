@@ -1,0 +1,143 @@
+"""CUDA driver virtual-memory backend (cuda-python's ``cuda.bindings.driver``), on torch's primary context.
+
+Every driver call's result is checked; a failure raises :class:`kvtier.errors.CudaError` naming the call and
+the CUDA error. ``map`` maps a run of handles back to back and sets access once for the whole run: set-access
+is the dearest step per call, so a run of N pages costs N cheap maps and one set-access.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import torch
+
+from kvtier.errors import CudaError, DeviceError
+from kvtier.vmm.tensor import tensor_over
+
+try:
+    from cuda.bindings import driver as _drv
+except ImportError:  # pragma: no cover - depends on the install
+    _drv = None
+
+
+def available() -> bool:
+    """True when cuda-python and a CUDA device are both present."""
+    return _drv is not None and torch.cuda.is_available()
+
+
+def _check(call: str, result: Any) -> Any:
+    """Unpack a cuda-python result tuple, raising CudaError on failure."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != _drv.CUresult.CUDA_SUCCESS:
+        _, name = _drv.cuGetErrorName(err)
+        _, text = _drv.cuGetErrorString(err)
+        raise CudaError(call, name.decode() if name else str(err), text.decode() if text else "")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class CudaBackend:
+    name = "cuda"
+    granularity: int
+    # 2 MiB handles with a run's set-access coalesced (see README: "Choosing the page size").
+    default_page_size = 2 << 20
+
+    def __init__(self, index: int) -> None:
+        if _drv is None:
+            raise DeviceError("device 'cuda' needs cuda-python: install kvtier[cu12] or kvtier[cu13]")
+        if not torch.cuda.is_available():
+            raise DeviceError("device 'cuda' asked for, but torch sees no CUDA device (use device='cpu')")
+        if not 0 <= index < torch.cuda.device_count():
+            raise DeviceError(f"cuda:{index} does not exist: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+        self.device = torch.device("cuda", index)
+        torch.cuda.init()
+        with torch.cuda.device(index):
+            torch.cuda.current_stream()  # makes torch create (and set current) the primary context
+        _check("cuInit", _drv.cuInit(0))
+        self._dev = _check("cuDeviceGet", _drv.cuDeviceGet(index))
+        self._ctx = _check("cuDevicePrimaryCtxRetain", _drv.cuDevicePrimaryCtxRetain(self._dev))
+        self._bound = threading.local()
+        self._bind()
+        attr = _drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+        if not _check("cuDeviceGetAttribute", _drv.cuDeviceGetAttribute(attr, self._dev)):
+            raise DeviceError(f"cuda:{index} does not support CUDA virtual memory management")
+        self._prop = _drv.CUmemAllocationProp()
+        self._prop.type = _drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        self._prop.location.type = _drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self._prop.location.id = index
+        self.granularity = int(_check("cuMemGetAllocationGranularity", _drv.cuMemGetAllocationGranularity(
+            self._prop, _drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
+        access = _drv.CUmemAccessDesc()
+        access.location.type = _drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = index
+        access.flags = _drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._access = [access]
+
+    def _bind(self) -> None:
+        # Driver calls act on the calling thread's current context; make it torch's primary one once per thread.
+        if not getattr(self._bound, "done", False):
+            _check("cuCtxSetCurrent", _drv.cuCtxSetCurrent(self._ctx))
+            self._bound.done = True
+
+    def describe(self) -> dict[str, Any]:
+        props = torch.cuda.get_device_properties(self.device)
+        version = _check("cuDriverGetVersion", _drv.cuDriverGetVersion())
+        return {"backend": "cuda", "device": str(self.device), "name": props.name,
+                "memory_total": props.total_memory, "driver_cuda": f"{version // 1000}.{version % 1000 // 10}",
+                "torch_cuda": torch.version.cuda, "vmm_supported": True, "granularity": self.granularity}
+
+    def free_memory(self) -> int:
+        self._bind()
+        free, _total = _check("cuMemGetInfo", _drv.cuMemGetInfo())
+        return int(free)
+
+    def reserve(self, size: int, alignment: int) -> int:
+        self._bind()
+        return int(_check("cuMemAddressReserve", _drv.cuMemAddressReserve(size, alignment, 0, 0)))
+
+    def free_reservation(self, address: int, size: int) -> None:
+        self._bind()
+        _check("cuMemAddressFree", _drv.cuMemAddressFree(address, size))
+
+    def create(self, size: int) -> Any:
+        self._bind()
+        return _check("cuMemCreate", _drv.cuMemCreate(size, self._prop, 0))
+
+    def release(self, handle: Any) -> None:
+        self._bind()
+        _check("cuMemRelease", _drv.cuMemRelease(handle))
+
+    def map(self, address: int, page_size: int, handles: Sequence[Any]) -> None:
+        self._bind()
+        mapped = 0
+        try:
+            for i, handle in enumerate(handles):
+                _check("cuMemMap", _drv.cuMemMap(address + i * page_size, page_size, 0, handle, 0))
+                mapped += 1
+            _check("cuMemSetAccess", _drv.cuMemSetAccess(address, mapped * page_size, self._access, 1))
+        except CudaError:
+            if mapped:  # leave nothing half-mapped behind: the caller's books say "unmapped"
+                _drv.cuMemUnmap(address, mapped * page_size)
+            raise
+
+    def unmap(self, address: int, size: int) -> None:
+        self._bind()
+        _check("cuMemUnmap", _drv.cuMemUnmap(address, size))
+
+    def record_fence(self, stream: Any = None) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return event
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def tensor(self, address: int, nbytes: int) -> torch.Tensor:
+        return tensor_over(address, nbytes, self.device)
+
+    def close(self) -> None:
+        self._bind()
+        _drv.cuDevicePrimaryCtxRelease(self._dev)

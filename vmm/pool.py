@@ -1,0 +1,158 @@
+"""The page pool: physical pages of one device, shared by every space on it.
+
+Pages are created ahead of need by a background thread (creation costs 10-20 us a handle on CUDA, too slow for
+the allocation path) and kept between ``ready/2`` and ``2*ready`` unused pages: below the low mark it refills to
+``ready``, above the high mark it releases down to ``ready`` (hysteresis, so a workload that breathes does not
+create and release in a loop). The pool never holds more than ``budget_pages`` pages, mapped or not.
+
+Contract: ``can_take(n)`` has no side effects; ``take(n)`` either returns exactly ``n`` handles or raises
+:class:`OutOfPagesError` and changes nothing; ``give(handles)`` of handles from ``take`` is always safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Sequence
+
+from kvtier.errors import OutOfPagesError
+from kvtier.vmm.base import Backend, Handle
+
+log = logging.getLogger(__name__)
+
+
+class PagePool:
+    def __init__(self, backend: Backend, page_size: int, budget_pages: int, ready_pages: int) -> None:
+        self.backend, self.page_size = backend, page_size
+        self.budget_pages, self.ready_pages = budget_pages, min(ready_pages, budget_pages)
+        self._free: list[Handle] = []
+        self._created = 0            # pages that exist or are being created (counts against the budget)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self.creations = self.releases = 0
+        self.create_seconds = 0.0
+        self._worker: threading.Thread | None = None
+        if self.ready_pages:
+            self._create(self.ready_pages)  # warm at start: the first allocations find pages ready
+            self._worker = threading.Thread(target=self._keep_ready, name="kvtier-pool", daemon=True)
+            self._worker.start()
+
+    # --- books -----------------------------------------------------------------------------------------------
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_use_pages(self) -> int:
+        return self._created - len(self._free)
+
+    def available(self) -> int:
+        """Pages a ``take`` could return now: ready ones plus those the budget still allows creating."""
+        with self._lock:
+            return len(self._free) + self.budget_pages - self._created
+
+    def can_take(self, n: int) -> bool:
+        return n <= self.available()
+
+    # --- take / give -----------------------------------------------------------------------------------------
+    def take(self, n: int) -> list[Handle]:
+        with self._lock:
+            short = n - len(self._free)
+            if short > self.budget_pages - self._created:
+                raise OutOfPagesError(
+                    f"page pool exhausted: {n} page(s) of {self.page_size} bytes wanted, {len(self._free)} free "
+                    f"and {self.budget_pages - self._created} more allowed by the budget of {self.budget_pages} "
+                    "pages; free or offload sequences, or raise pool_budget")
+            if short > 0:
+                self._created += short
+        if short > 0:  # the warm pool ran dry: create on the caller's path (and log it, it is slow)
+            log.debug("pool: creating %d page(s) on the allocation path", short)
+            fresh = self._create_handles(short)
+            with self._lock:
+                self._free.extend(fresh)
+        with self._lock:
+            taken = self._free[-n:] if n else []
+            del self._free[len(self._free) - n:]
+            if len(self._free) < self.ready_pages // 2:
+                self._wake.notify()
+        return taken
+
+    def give(self, handles: Sequence[Handle]) -> None:
+        with self._lock:
+            self._free.extend(handles)
+            if self.ready_pages and len(self._free) > 2 * self.ready_pages:
+                self._wake.notify()
+            elif not self.ready_pages:
+                self._release_locked(len(self._free))
+
+    def shrink(self, keep: int = 0) -> int:
+        """Release unused pages down to ``keep``; returns how many were released."""
+        with self._lock:
+            return self._release_locked(max(0, len(self._free) - keep))
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _create(self, n: int) -> None:
+        with self._lock:
+            n = min(n, self.budget_pages - self._created)
+            self._created += n
+        fresh = self._create_handles(n)
+        with self._lock:
+            self._free.extend(fresh)
+
+    def _create_handles(self, n: int) -> list[Handle]:
+        start = time.perf_counter()
+        fresh: list[Handle] = []
+        try:
+            for _ in range(n):
+                fresh.append(self.backend.create(self.page_size))
+        finally:
+            with self._lock:
+                self._created -= n - len(fresh)  # a failed creation gives its budget back
+                self.creations += len(fresh)
+                self.create_seconds += time.perf_counter() - start
+        return fresh
+
+    def _release_locked(self, n: int) -> int:
+        for _ in range(n):
+            self.backend.release(self._free.pop())
+        self._created -= n
+        self.releases += n
+        return n
+
+    def _keep_ready(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and self.ready_pages // 2 <= len(self._free) <= 2 * self.ready_pages:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                if len(self._free) > 2 * self.ready_pages:
+                    self._release_locked(len(self._free) - self.ready_pages)
+                    continue
+                want = self.ready_pages - len(self._free)
+            if want > 0 and self.budget_pages > self._created:
+                try:
+                    self._create(want)
+                except Exception:  # noqa: BLE001 - keep serving; take() creates on demand and raises properly
+                    log.exception("pool: background page creation failed")
+            with self._lock:  # nothing more can be created (budget): sleep until the next take/give
+                if len(self._free) < self.ready_pages // 2 and not self._closed:
+                    self._wake.wait()
+
+    def close(self) -> None:
+        """Release every unused page and stop the worker. Pages still taken are the caller's to give first."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+        with self._lock:
+            self._release_locked(len(self._free))
+
+    def check(self) -> None:
+        """Integrity check of the books (raises AssertionError on a broken invariant)."""
+        with self._lock:
+            assert 0 <= len(self._free) <= self._created <= self.budget_pages, \
+                (len(self._free), self._created, self.budget_pages)
