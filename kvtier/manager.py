@@ -81,6 +81,14 @@ class TierManager:
             self.spaces.pop(name)._close()
 
     # --- pages for spaces -------------------------------------------------------------------------------------------
+    def _can_back(self, space: KVSpace, pages: int) -> bool:
+        """Whether ``pages`` fresh pages of ``space`` could be mapped now (pool, reclaimable empties of other
+        spaces, quota) -- no side effects."""
+        if not space._within_quota(pages):
+            return False
+        reclaimable = sum(len(s._empty) * s.num_regions for s in self.spaces.values() if s is not space)
+        return pages * space.num_regions <= self.pool.available() + reclaimable
+
     def _acquire(self, space: KVSpace, n: int, keep: set[int]) -> list[Any]:
         """``n`` handles for ``space``. When the pool is short, empty pages kept mapped by spaces are reclaimed
         first (other spaces before this one). Raises OutOfPagesError and changes nothing if still short."""

@@ -124,9 +124,9 @@ class KVSpace:
                 self._seqs.setdefault(seq_id, held)
                 self._tokens[seq_id] = max(self._tokens.get(seq_id, 0), num_tokens)
                 return list(held)
-            blocks, new_pages = self._plan(held[-1] if held else -1, need)
+            blocks, new_pages = self._plan(held, need)
             mapped_after = (len(self._handles) + len(new_pages)) * self.page_bytes
-            if self.quota_bytes is not None and mapped_after > self.quota_bytes:
+            if not self._within_quota(len(new_pages)):
                 raise QuotaExceededError(
                     f"space {self.name!r}: {mapped_after} bytes would be mapped, over its quota of "
                     f"{self.quota_bytes} bytes; free or offload sequences of this space, or raise quota_bytes")
@@ -205,31 +205,64 @@ class KVSpace:
                     "unmap_calls": self.unmap_calls, "unmap_seconds": self.unmap_seconds}
 
     # --- planning (no side effects) --------------------------------------------------------------------------------
-    def _plan(self, last_block: int, need: int) -> tuple[np.ndarray, list[int]]:
-        """Pick ``need`` free blocks and the pages to map for them, packing into as few pages as possible:
-        first free blocks on mapped pages (after the sequence's last block first), then whole fresh pages, as
-        one run right after the sequence's last page when possible, so a sequence's blocks share pages."""
+    def _plan(self, held: list[int], need: int) -> tuple[np.ndarray, list[int]]:
+        """Pick ``need`` free blocks for a sequence holding ``held`` and the pages to map for them.
+
+        Pages stay per sequence where memory allows, so that a sequence can later be demoted by whole pages:
+        1. free blocks on pages the sequence already uses (after its last block first);
+        2. then empty mapped pages and fresh pages (one run right after its last page when possible), if the
+           pool and the quota can back them;
+        3. else free blocks on pages other sequences use (packing under pressure), then fresh pages anyway
+           (``allocate`` then raises the pool's or the quota's error).
+        No side effects.
+        """
         if need > self._free_blocks:
             raise SpaceFullError(f"space {self.name!r}: {need} more blocks wanted, {self._free_blocks} free of "
                                  f"{self.num_blocks}; free sequences or create the space with a larger max_tokens")
+        first, last = self._first_page, self._last_page
+        last_block = held[-1] if held else -1
+        taken = np.zeros(self.num_blocks, dtype=bool)
+        chosen: list[np.ndarray] = []
+
+        def take(pages: np.ndarray) -> int:  # take free blocks lying wholly on ``pages``; return still needed
+            cands = np.flatnonzero(self._block_free & ~taken & pages[first] & pages[last])
+            got = self._prefer_after(cands, last_block)[:need - int(taken.sum())]
+            taken[got] = True
+            chosen.append(got)
+            return need - int(taken.sum())
+
+        own = np.zeros(self.num_pages, dtype=bool)
+        if held:
+            own[self._pages_of(np.asarray(held, dtype=np.int64))] = True
         mapped = self._page_mapped
-        ready = self._block_free & mapped[self._first_page] & mapped[self._last_page]
-        chosen = self._prefer_after(np.flatnonzero(ready), last_block)[:need]
-        rest = need - len(chosen)
+        allowed = own
+        rest = take(allowed)
+        if rest:
+            allowed = own | (mapped & (self._page_live == 0))
+            rest = take(allowed)
+        if rest and not self._mgr._can_back(self, self._fresh_pages_needed(rest)):
+            allowed = mapped.copy()  # pressure: share pages with other sequences rather than fail
+            rest = take(allowed)
         if rest == 0:
-            return chosen, []
+            return np.concatenate(chosen), []
         unmapped = np.flatnonzero(~mapped)
-        after_page = int(self._last_page[last_block]) + 1 if last_block >= 0 else 0
-        k = math.ceil(rest * self.block_bytes / self.page_size)
-        while k <= len(unmapped):
+        after_page = int(last[last_block]) + 1 if last_block >= 0 else 0
+        for k in range(self._fresh_pages_needed(rest), len(unmapped) + 1):
             pages = self._pick_pages(unmapped, k, after_page)
-            grown = mapped.copy()
+            grown = allowed.copy()
             grown[pages] = True
-            extra = np.flatnonzero(self._block_free & ~ready & grown[self._first_page] & grown[self._last_page])
-            if len(extra) >= rest:
-                return np.concatenate([chosen, extra[:rest]]), pages
-            k += 1
+            cands = np.flatnonzero(self._block_free & ~taken & grown[first] & grown[last])
+            if len(cands) >= rest:
+                blocks = np.concatenate(chosen + [cands[:rest]])
+                used = set(self._pages_of(blocks))
+                return blocks, [p for p in pages if p in used]
         raise SpaceFullError(f"space {self.name!r}: no room for {need} more blocks in unmapped pages")
+
+    def _within_quota(self, new_pages: int) -> bool:
+        return self.quota_bytes is None or (len(self._handles) + new_pages) * self.page_bytes <= self.quota_bytes
+
+    def _fresh_pages_needed(self, blocks: int) -> int:
+        return math.ceil(blocks * self.block_bytes / self.page_size)
 
     @staticmethod
     def _prefer_after(candidates: np.ndarray, last_block: int) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""Shared pieces of the benchmarks: the system header, timers and result tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+def system_info(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on (printed first, stored in the JSON)."""
+    info: dict[str, Any] = {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                            "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), torch_cuda=torch.version.cuda)
+        try:
+            from cuda.bindings import driver
+            _, v = driver.cuDriverGetVersion()
+            info["driver_cuda"] = f"{v // 1000}.{v % 1000 // 10}"
+        except ImportError:
+            pass
+        for name in ("current_link_speed", "current_link_width"):  # the PCIe link the copies cross
+            path = f"/sys/bus/pci/devices/{_pci_bus_id(device)}/{name}"
+            if os.path.exists(path):
+                info[f"pcie_{name.removeprefix('current_')}"] = open(path).read().strip()
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def _pci_bus_id(device: torch.device) -> str:
+    try:
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def time_host(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> list[float]:
+    """Wall times (s) of ``fn`` on the host (for CPU-side work such as mapping)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_device(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 3) -> list[float]:
+    """Times (s) of ``fn``'s device work: CUDA events on a GPU, wall time on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        return time_host(fn, repeat, warmup=0)
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+@dataclass
+class Table:
+    """One result table: printed with rich, stored in the JSON as a list of row dicts."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *row: Any) -> None:
+        self.rows.append(list(row))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"title": self.title, "rows": [dict(zip(self.columns, r)) for r in self.rows], "notes": self.notes}
+
+    def render(self) -> Any:
+        from rich.table import Table as RichTable
+        table = RichTable(title=self.title, title_justify="left")
+        for c in self.columns:
+            table.add_column(c, justify="right" if c != self.columns[0] else "left")
+        for r in self.rows:
+            table.add_row(*[_fmt(v) for v in r])
+        if self.notes:
+            table.caption = "\n".join(self.notes)
+            table.caption_justify = "left"
+        return table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)

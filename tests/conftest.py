@@ -1,0 +1,69 @@
+"""Fixtures: every test taking ``make_manager`` runs on the CPU backend, and again on CUDA under ``-m gpu``."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.vmm import cuda as vmm_cuda
+
+# Per backend: the smallest page it can map, and a space shape giving 16 blocks per page on both, so that the
+# same scripted scenarios cross page boundaries at the same block ids.
+PAGE = {"cpu": 64 << 10, "cuda": 2 << 20}
+SHAPE = {"cpu": dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16),
+         "cuda": dict(num_layers=2, num_kv_heads=8, head_dim=256, dtype=torch.bfloat16, block_size=32)}
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend_name(request: pytest.FixtureRequest) -> str:
+    if request.param == "cuda" and not vmm_cuda.available():
+        pytest.skip("needs a CUDA GPU and cuda-python (kvtier[cu12] or kvtier[cu13])")
+    return request.param
+
+
+@pytest.fixture
+def make_manager(backend_name: str) -> Any:
+    made: list[kvtier.TierManager] = []
+
+    def make(pages: int = 64, **overrides: Any) -> kvtier.TierManager:
+        """A manager whose pool holds ``pages`` handles."""
+        page = PAGE[backend_name]
+        options = dict(device=backend_name, page_size=page, pool_budget=pages * page, pool_ready=0,
+                       debug_checks=True)
+        options.update(overrides)
+        mgr = kvtier.TierManager(kvtier.Config(**options))
+        made.append(mgr)
+        return mgr
+
+    make.shape = SHAPE[backend_name]  # type: ignore[attr-defined]
+    make.name = backend_name  # type: ignore[attr-defined]
+    yield make
+    for mgr in made:
+        mgr.close()
+
+
+def pattern(space: kvtier.KVSpace, seq: Hashable, salt: int, block: int, layer: int, kv: int) -> torch.Tensor:
+    """Distinct, reproducible content for one block of one layer's K or V."""
+    shape = (space.block_size, space.num_kv_heads, space.head_dim)
+    gen = torch.Generator().manual_seed(hash((str(seq), salt, block, layer, kv)) & 0x7FFFFFFF)
+    return torch.randn(shape, generator=gen).to(space.dtype)
+
+
+def write_seq(space: kvtier.KVSpace, seq: Hashable, salt: int = 0) -> None:
+    for layer in range(space.num_layers):
+        for kv, tensor in enumerate(space.kv(layer)):
+            for i, b in enumerate(space.blocks(seq)):
+                tensor[b] = pattern(space, seq, salt, i, layer, kv).to(tensor.device)
+
+
+def assert_seq(space: kvtier.KVSpace, seq: Hashable, salt: int = 0) -> None:
+    for layer in range(space.num_layers):
+        for kv, tensor in enumerate(space.kv(layer)):
+            for i, b in enumerate(space.blocks(seq)):
+                expected = pattern(space, seq, salt, i, layer, kv)
+                assert torch.equal(tensor[b].cpu(), expected), f"{seq} block {i} layer {layer} kv {kv} differs"
+
+

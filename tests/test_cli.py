@@ -1,0 +1,34 @@
+"""The ``kvtier`` command, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import kvtier
+
+
+def _kvtier(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_version_and_info():
+    assert kvtier.__version__ in _kvtier("--version")
+    out = _kvtier("info", "--device", "cpu")
+    assert "host" in out and "granularity" in out
+
+
+def test_bench_vmm_quick_writes_json(tmp_path):
+    path = tmp_path / "vmm.json"
+    out = _kvtier("bench", "vmm", "--quick", "--device", "cpu", "--json", str(path))
+    assert "System" in out
+    result = json.loads(path.read_text())
+    assert result["system"]["device"] == "cpu"
+    tables = {t["title"].split(",")[0]: t["rows"] for t in result["tables"]}
+    cost = tables["Map/unmap cost per page (one page = one handle)"]
+    assert cost and all(row["kvtier map us"] > 0 and row["raw map+access us"] > 0 for row in cost)
+    decode = next(rows for title, rows in tables.items() if title.startswith("Decode attention"))
+    assert 0.5 < decode[1]["ratio to plain"] < 2.0

@@ -1,0 +1,78 @@
+"""The page pool: pages created ahead of need by its worker, hysteresis, budget, books."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import kvtier
+from kvtier.vmm import HostBackend, PagePool
+
+PAGE = 64 << 10
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the pool's worker did not get there in time"
+        time.sleep(0.005)
+
+
+def test_pool_refills_ahead_of_need_and_shrinks_with_hysteresis():
+    pool = PagePool(HostBackend(), PAGE, budget_pages=100, ready_pages=8)
+    try:
+        # warm at start: ready pages exist before anyone asks
+        assert pool.free_pages == 8 and pool.creations == 8
+        # taking down to 4 (= ready/2) does not wake the worker; below it, it refills to 8
+        held = pool.take(4)
+        time.sleep(0.05)
+        assert pool.free_pages == 4
+        held += pool.take(1)
+        _wait_for(lambda: pool.free_pages == 8)
+        # giving back up to 16 (= 2 * ready) keeps them all
+        pool.give(held)
+        time.sleep(0.05)
+        assert pool.free_pages == 13 and pool.releases == 0
+        # holding 13 leaves none: refilled to 8; giving the 13 back makes 21 > 16: released down to 8
+        held = pool.take(13)
+        _wait_for(lambda: pool.free_pages == 8)
+        pool.give(held)
+        _wait_for(lambda: pool.free_pages == 8)
+        assert pool.releases == 13 and pool.in_use_pages == 0
+        pool.check()
+    finally:
+        pool.close()
+
+
+def test_take_beyond_budget_raises_and_changes_nothing():
+    pool = PagePool(HostBackend(), PAGE, budget_pages=6, ready_pages=2)
+    try:
+        held = pool.take(5)
+        free_before, used_before = pool.free_pages, pool.in_use_pages
+        assert not pool.can_take(2)
+        with pytest.raises(kvtier.OutOfPagesError, match="budget of 6 pages"):
+            pool.take(2)
+        assert (pool.free_pages, pool.in_use_pages) == (free_before, used_before)
+        pool.give(held)
+        pool.check()
+    finally:
+        pool.close()
+
+
+def test_handles_map_real_memory():
+    # a page given back and taken again is still a working page of memory
+    backend = HostBackend()
+    pool = PagePool(backend, PAGE, budget_pages=4, ready_pages=0)
+    base = backend.reserve(2 * PAGE, PAGE)
+    try:
+        handles = pool.take(2)
+        backend.map(base, PAGE, handles)
+        view = backend.tensor(base, 2 * PAGE)
+        view.fill_(7)
+        assert int(view.sum()) == 7 * 2 * PAGE
+        backend.unmap(base, 2 * PAGE)
+        pool.give(handles)
+    finally:
+        backend.free_reservation(base, 2 * PAGE)
+        pool.close()

@@ -1,0 +1,248 @@
+"""Scripted scenarios of the KV space on a real backend (CPU virtual memory; CUDA under -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvtier
+from tests.conftest import PAGE as PAGE_BYTES
+from tests.conftest import assert_seq, pattern, write_seq
+
+BPP = 16  # blocks per page with the fixtures' shapes
+
+
+def test_data_written_through_tensors_survives_other_traffic(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    # two sequences of 40 and 70 blocks' worth of tokens, written through every layer's K and V
+    space.allocate("a", 40 * 16)
+    space.allocate("b", 70 * space.block_size)
+    write_seq(space, "a")
+    write_seq(space, "b")
+    # other sequences come and go, and "a" grows across a page boundary
+    space.allocate("c", 33 * space.block_size)
+    write_seq(space, "c", salt=1)
+    space.free("c")
+    space.allocate("a", 60 * space.block_size)
+    # every byte written is read back
+    assert_seq(space, "b")
+    assert [*space.blocks("a")][:3] == space.blocks("a")[:3]
+    for layer in range(space.num_layers):
+        k, _ = space.kv(layer)
+        assert k.shape == (space.num_blocks, space.block_size, space.num_kv_heads, space.head_dim)
+    mgr.check()
+
+
+def test_grown_sequence_keeps_its_earlier_blocks_and_data(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    first = space.allocate("a", 5 * space.block_size)
+    write_seq(space, "a")
+    grown = space.allocate("a", 50 * space.block_size)
+    # the first blocks are unchanged and hold the same bytes
+    assert grown[:5] == first and len(grown) == 50
+    for layer in range(space.num_layers):
+        for kv, t in enumerate(space.kv(layer)):
+            for i in range(5):
+                assert torch.equal(t[grown[i]].cpu(), pattern(space, "a", 0, i, layer, kv))
+
+
+def test_pages_are_unmapped_on_free_and_remapped_on_reuse(make_manager):
+    mgr = make_manager(space_reserve_pages=0)
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    pointers = [t.data_ptr() for layer in range(space.num_layers) for t in space.kv(layer)]
+    space.allocate("a", 3 * BPP * space.block_size)
+    assert space.stats()["pages_mapped"] == 3 and mgr.pool.in_use_pages == 3 * space.num_regions
+    # free: every page is unmapped and its handles go back to the pool
+    space.free("a")
+    assert space.stats()["pages_mapped"] == 0 and mgr.pool.in_use_pages == 0
+    # reuse: new pages mapped at the same addresses; data written now reads back
+    space.allocate("b", 2 * BPP * space.block_size)
+    write_seq(space, "b")
+    assert_seq(space, "b")
+    assert pointers == [t.data_ptr() for layer in range(space.num_layers) for t in space.kv(layer)]
+    assert space.stats()["unmap_calls"] == 3 * space.num_regions
+    mgr.check()
+
+
+def test_reserve_pages_stay_mapped_and_are_reused(make_manager):
+    mgr = make_manager(space_reserve_pages=2)
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    space.allocate("a", 3 * BPP * space.block_size)
+    maps = space.stats()["map_calls"]
+    # free: two empty pages stay mapped as reserve, one is unmapped
+    space.free("a")
+    assert space.stats()["pages_mapped"] == 2 and space.stats()["pages_empty"] == 2
+    # a new sequence uses the reserve without new mappings
+    space.allocate("b", 2 * BPP * space.block_size)
+    assert space.stats()["map_calls"] == maps and space.stats()["pages_empty"] == 0
+    mgr.check()
+
+
+def test_sequences_get_pages_of_their_own_while_memory_allows(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    # two sequences grow in turns, one block at a time, as decode does
+    for n in range(1, 2 * BPP + 5):
+        space.allocate("a", n * space.block_size)
+        space.allocate("b", n * space.block_size)
+    pages_a = {b // BPP for b in space.blocks("a")}
+    pages_b = {b // BPP for b in space.blocks("b")}
+    # no page is shared, and each uses the fewest pages its blocks need
+    assert not pages_a & pages_b
+    assert len(pages_a) == len(pages_b) == 3
+    mgr.check()
+
+
+def test_sequences_share_pages_under_pressure_rather_than_fail(make_manager):
+    mgr = make_manager(pages=2 * 2 * 2)  # two pages of a two-layer space
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    # four sequences of 8 blocks fit two pages only if they share them
+    for s in range(4):
+        space.allocate(s, 8 * space.block_size)
+    assert space.stats()["pages_mapped"] == 2
+    for s in range(4):
+        write_seq(space, s)
+    for s in range(4):
+        assert_seq(space, s)
+    mgr.check()
+
+
+def test_pages_freed_by_one_space_are_reused_by_another(make_manager):
+    mgr = make_manager(pages=4 * 4, space_reserve_pages=0, pool_ready=4 * 4 * PAGE_BYTES[make_manager.name])
+    shape = make_manager.shape
+    a = mgr.create_space("a", max_tokens=4096, **shape)
+    b = mgr.create_space("b", max_tokens=4096, **shape)
+    a.allocate("x", 4 * BPP * a.block_size)  # the whole pool
+    with pytest.raises(kvtier.OutOfPagesError):
+        b.allocate("y", 1)
+    created = mgr.pool.creations
+    a.free("x")
+    b.allocate("y", 4 * BPP * b.block_size)
+    write_seq(b, "y")
+    assert_seq(b, "y")
+    # the same physical pages served both: none was created for b
+    assert mgr.pool.creations == created
+    mgr.check()
+
+
+def test_another_space_reclaims_reserve_pages(make_manager):
+    mgr = make_manager(pages=4 * 4, space_reserve_pages=4)
+    shape = make_manager.shape
+    a = mgr.create_space("a", max_tokens=4096, **shape)
+    b = mgr.create_space("b", max_tokens=4096, **shape)
+    a.allocate("x", 4 * BPP * a.block_size)
+    a.free("x")  # four empty pages stay mapped in a as its reserve
+    assert a.stats()["pages_mapped"] == 4
+    b.allocate("y", 3 * BPP * b.block_size)
+    assert a.stats()["pages_mapped"] == 1 and b.stats()["pages_mapped"] == 3
+    mgr.check()
+
+
+def _snapshot(mgr, space):
+    return (space.stats()["pages_mapped"], space.stats()["blocks_used"], mgr.pool.in_use_pages,
+            {s: space.blocks(s) for s in space.sequences()})
+
+
+def test_quota_exceeded_changes_nothing(make_manager):
+    mgr = make_manager()
+    shape = make_manager.shape
+    probe = mgr.create_space("probe", max_tokens=64, **shape)
+    page_bytes = probe.page_bytes
+    space = mgr.create_space("q", max_tokens=4096, quota_bytes=2 * page_bytes, **shape)
+    space.allocate("a", BPP * space.block_size)
+    write_seq(space, "a")
+    before = _snapshot(mgr, space)
+    # a request that would map a third page fails, and leaves everything as it was
+    with pytest.raises(kvtier.QuotaExceededError, match="quota"):
+        space.allocate("b", 2 * BPP * space.block_size)
+    assert _snapshot(mgr, space) == before
+    assert_seq(space, "a")
+    space.allocate("b", BPP * space.block_size)  # within quota
+    mgr.check()
+
+
+def test_pool_exhaustion_changes_nothing(make_manager):
+    mgr = make_manager(pages=3 * 4)
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    space.allocate("a", 2 * BPP * space.block_size)
+    before = _snapshot(mgr, space)
+    with pytest.raises(kvtier.OutOfPagesError, match="pool_budget"):
+        space.allocate("b", 2 * BPP * space.block_size)
+    assert _snapshot(mgr, space) == before
+    with pytest.raises(kvtier.UnknownSequenceError):
+        space.blocks("b")
+    mgr.check()
+
+
+def test_space_full(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=BPP * 16 * 2, **dict(make_manager.shape, block_size=16))
+    space.allocate("a", space.max_tokens)
+    with pytest.raises(kvtier.SpaceFullError):
+        space.allocate("b", 16)
+    mgr.check()
+
+
+def test_bad_input_raises_specific_errors_and_keeps_state(make_manager):
+    mgr = make_manager()
+    shape = make_manager.shape
+    space = mgr.create_space("m", max_tokens=1024, **shape)
+    space.allocate("a", 100)
+    before = _snapshot(mgr, space)
+    with pytest.raises(kvtier.UnknownSequenceError, match="no sequence 'zz'"):
+        space.free("zz")
+    with pytest.raises(kvtier.InvalidArgumentError, match=">= 0"):
+        space.allocate("a", -1)
+    with pytest.raises(kvtier.InvalidArgumentError, match="max_tokens"):
+        space.allocate("a", 10**9)
+    with pytest.raises(kvtier.InvalidArgumentError, match="out of range"):
+        space.kv(shape["num_layers"])
+    with pytest.raises(kvtier.InvalidArgumentError, match="not supported"):
+        mgr.create_space("bad", max_tokens=64, **dict(shape, dtype=torch.complex64))
+    with pytest.raises(kvtier.InvalidArgumentError, match="exists already"):
+        mgr.create_space("m", max_tokens=64, **shape)
+    with pytest.raises(kvtier.InvalidArgumentError, match="positive int"):
+        mgr.create_space("z", max_tokens=0, **shape)
+    assert _snapshot(mgr, space) == before
+    mgr.close()
+    with pytest.raises(kvtier.ClosedError):
+        space.allocate("a", 200)
+    with pytest.raises(kvtier.ClosedError):
+        mgr.create_space("n", max_tokens=64, **shape)
+
+
+def test_bad_device_and_config():
+    with pytest.raises(kvtier.DeviceError):
+        kvtier.TierManager(device="cuda:97" if torch.cuda.is_available() else "tpu")
+    with pytest.raises(kvtier.ConfigError, match="page_size"):
+        kvtier.Config(page_size=-4)
+    with pytest.raises(kvtier.ConfigError, match="pool_budget"):
+        kvtier.Config(pool_budget=1.5)
+    with pytest.raises(kvtier.ConfigError, match="granularity"):
+        kvtier.TierManager(device="cpu", page_size=5000)
+
+
+def test_check_resident_debug_check(make_manager):
+    mgr = make_manager(space_reserve_pages=0)
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    blocks = space.allocate("a", 3 * space.block_size)
+    space.check_resident(blocks)
+    space.free("a")
+    # freed blocks (and their unmapped pages) are refused before a step could touch them
+    with pytest.raises(kvtier.NotResidentError):
+        space.check_resident(blocks)
+    with pytest.raises(kvtier.NotResidentError):
+        space.check_resident([space.num_blocks])
+
+
+def test_stats_count_pages_bytes_and_calls(make_manager):
+    mgr = make_manager(space_reserve_pages=0)
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    space.allocate("a", 2 * BPP * space.block_size)
+    stats = mgr.stats()
+    assert stats["spaces"]["m"]["pages_mapped"] == 2
+    assert stats["spaces"]["m"]["bytes_mapped"] == 2 * space.page_bytes
+    assert stats["total"]["map_calls"] == 2 * space.num_regions
+    assert stats["pool"]["pages_in_use"] == 2 * space.num_regions
