@@ -118,7 +118,8 @@ def decode_overhead(device: str, batch: int, tokens: int, repeat: int) -> Table:
         dev = mgr.device
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         shape = dict(LLAMA8B, num_layers=2, dtype=dtype)
-        space = mgr.create_space("decode", max_tokens=batch * tokens, **shape)
+        # headroom: each sequence's last page is partly empty (pages stay per sequence)
+        space = mgr.create_space("decode", max_tokens=batch * (tokens + 8192), **shape)
         step = 256  # grow the sequences in turns, as decode does, so their blocks interleave across pages
         for t in range(step, tokens + 1, step):
             for s in range(batch):
@@ -128,7 +129,10 @@ def decode_overhead(device: str, batch: int, tokens: int, repeat: int) -> Table:
         gen = torch.Generator(device=dev).manual_seed(0)
         for t in (k_space, v_space):
             t[tables.flatten()] = torch.randn(t[tables.flatten()].shape, generator=gen, device=dev, dtype=dtype)
-        k_plain, v_plain = k_space.clone(), v_space.clone()
+        # plain tensors of the same shape; copy only allocated blocks (the rest of the space is unmapped)
+        k_plain, v_plain = torch.zeros_like(k_space), torch.zeros_like(v_space)
+        k_plain[tables.flatten()] = k_space[tables.flatten()]
+        v_plain[tables.flatten()] = v_space[tables.flatten()]
         q = torch.randn(batch, 32, 1, 128, generator=gen, device=dev, dtype=dtype)
         out_space = _decode_attention(q, k_space, v_space, tables)
         out_plain = _decode_attention(q, k_plain, v_plain, tables)

@@ -31,8 +31,8 @@ class Config:
     device: ``"auto"`` (the current CUDA device when a usable one is present, else ``"cpu"``), ``"cuda"``,
         ``"cuda:N"`` or ``"cpu"``. Env ``KVTIER_DEVICE``.
     page_size: bytes of one physical page (one handle). A multiple of the backend's granularity (2 MiB on CUDA,
-        4 KiB on the CPU backend). ``None`` takes :data:`DEFAULT_PAGE_SIZE`, chosen by measurement (README).
-        Bigger pages map faster; smaller pages evict finer.
+        4 KiB on the CPU backend). ``None`` takes the backend's default, 8 MiB, chosen by measurement (README):
+        bigger pages map faster (the driver's cost is per handle), smaller pages evict finer.
     pool_budget: the most memory the page pool may hold: bytes (int), or a fraction (float in (0, 1]) of the
         device's free memory when the manager starts.
     pool_ready: bytes of created-but-unused pages the pool keeps ahead of need, so that creating handles

@@ -209,7 +209,8 @@ class KVSpace:
         """Pick ``need`` free blocks for a sequence holding ``held`` and the pages to map for them.
 
         Pages stay per sequence where memory allows, so that a sequence can later be demoted by whole pages:
-        1. free blocks on pages the sequence already uses (after its last block first);
+        1. free blocks on pages the sequence already uses (after its last block first); a sequence shorter than
+           one page also takes free blocks on any mapped page, so short requests share pages;
         2. then empty mapped pages and fresh pages (one run right after its last page when possible), if the
            pool and the quota can back them;
         3. else free blocks on pages other sequences use (packing under pressure), then fresh pages anyway
@@ -237,26 +238,34 @@ class KVSpace:
         mapped = self._page_mapped
         allowed = own
         rest = take(allowed)
+        if rest and len(held) + need < self.page_size // self.block_bytes:
+            allowed = mapped.copy()  # a sequence shorter than a page packs with others: no page per request
+            rest = take(allowed)
         if rest:
-            allowed = own | (mapped & (self._page_live == 0))
+            allowed = allowed | (mapped & (self._page_live == 0))
             rest = take(allowed)
-        if rest and not self._mgr._can_back(self, self._fresh_pages_needed(rest)):
-            allowed = mapped.copy()  # pressure: share pages with other sequences rather than fail
-            rest = take(allowed)
-        if rest == 0:
-            return np.concatenate(chosen), []
         unmapped = np.flatnonzero(~mapped)
         after_page = int(last[last_block]) + 1 if last_block >= 0 else 0
-        for k in range(self._fresh_pages_needed(rest), len(unmapped) + 1):
-            pages = self._pick_pages(unmapped, k, after_page)
-            grown = allowed.copy()
-            grown[pages] = True
-            cands = np.flatnonzero(self._block_free & ~taken & grown[first] & grown[last])
-            if len(cands) >= rest:
-                blocks = np.concatenate(chosen + [cands[:rest]])
-                used = set(self._pages_of(blocks))
-                return blocks, [p for p in pages if p in used]
-        raise SpaceFullError(f"space {self.name!r}: no room for {need} more blocks in unmapped pages")
+        sharing = allowed is not own and bool((allowed == mapped).all())
+        if rest and not sharing and not self._mgr._can_back(self, self._fresh_pages_needed(rest)):
+            allowed, sharing = mapped.copy(), True  # pressure: share pages with other sequences rather than fail
+            rest = take(allowed)
+        while True:
+            if rest == 0:
+                return np.concatenate(chosen), []
+            for k in range(self._fresh_pages_needed(rest), len(unmapped) + 1):
+                pages = self._pick_pages(unmapped, k, after_page)
+                grown = allowed.copy()
+                grown[pages] = True
+                cands = np.flatnonzero(self._block_free & ~taken & grown[first] & grown[last])
+                if len(cands) >= rest:
+                    blocks = np.concatenate(chosen + [cands[:rest]])
+                    used = set(self._pages_of(blocks))
+                    return blocks, [p for p in pages if p in used]
+            if sharing:
+                raise SpaceFullError(f"space {self.name!r}: no room for {need} more blocks in unmapped pages")
+            allowed, sharing = mapped.copy(), True  # the reservation is short of fresh pages: share
+            rest = take(allowed)
 
     def _within_quota(self, new_pages: int) -> bool:
         return self.quota_bytes is None or (len(self._handles) + new_pages) * self.page_bytes <= self.quota_bytes

@@ -83,8 +83,10 @@ def test_reserve_pages_stay_mapped_and_are_reused(make_manager):
 def test_sequences_get_pages_of_their_own_while_memory_allows(make_manager):
     mgr = make_manager()
     space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
-    # two sequences grow in turns, one block at a time, as decode does
-    for n in range(1, 2 * BPP + 5):
+    # two prompts of more than a page each, then decode growth in turns, one block at a time
+    space.allocate("a", 20 * space.block_size)
+    space.allocate("b", 20 * space.block_size)
+    for n in range(21, 2 * BPP + 5):
         space.allocate("a", n * space.block_size)
         space.allocate("b", n * space.block_size)
     pages_a = {b // BPP for b in space.blocks("a")}
@@ -92,6 +94,16 @@ def test_sequences_get_pages_of_their_own_while_memory_allows(make_manager):
     # no page is shared, and each uses the fewest pages its blocks need
     assert not pages_a & pages_b
     assert len(pages_a) == len(pages_b) == 3
+    mgr.check()
+
+
+def test_short_sequences_share_a_page(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    # four requests of 3 blocks each fit one page together
+    for s in range(4):
+        space.allocate(s, 3 * space.block_size)
+    assert space.stats()["pages_mapped"] == 1
     mgr.check()
 
 

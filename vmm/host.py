@@ -41,7 +41,7 @@ def _check_mmap(result: int | None, what: str) -> int:
 class HostBackend:
     name = "host"
     granularity = mmap.PAGESIZE
-    default_page_size = 2 << 20  # same as CUDA's granularity, so CPU runs mirror the GPU's page counts
+    default_page_size = 8 << 20  # same as the CUDA default, so CPU runs mirror the GPU's page counts
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")

@@ -27,7 +27,8 @@ class PagePool:
         self.backend, self.page_size = backend, page_size
         self.budget_pages, self.ready_pages = budget_pages, min(ready_pages, budget_pages)
         self._free: list[Handle] = []
-        self._created = 0            # pages that exist or are being created (counts against the budget)
+        self._created = 0            # pages that exist
+        self._creating = 0           # pages being created now (count against the budget, not yet in the books)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
@@ -48,10 +49,13 @@ class PagePool:
     def in_use_pages(self) -> int:
         return self._created - len(self._free)
 
+    def _room(self) -> int:
+        return self.budget_pages - self._created - self._creating
+
     def available(self) -> int:
         """Pages a ``take`` could return now: ready ones plus those the budget still allows creating."""
         with self._lock:
-            return len(self._free) + self.budget_pages - self._created
+            return len(self._free) + self._room()
 
     def can_take(self, n: int) -> bool:
         return n <= self.available()
@@ -60,23 +64,24 @@ class PagePool:
     def take(self, n: int) -> list[Handle]:
         with self._lock:
             short = n - len(self._free)
-            if short > self.budget_pages - self._created:
+            if short > self._room():
                 raise OutOfPagesError(
                     f"page pool exhausted: {n} page(s) of {self.page_size} bytes wanted, {len(self._free)} free "
-                    f"and {self.budget_pages - self._created} more allowed by the budget of {self.budget_pages} "
+                    f"and {self._room()} more allowed by the budget of {self.budget_pages} "
                     "pages; free or offload sequences, or raise pool_budget")
-            if short > 0:
-                self._created += short
-        if short > 0:  # the warm pool ran dry: create on the caller's path (and log it, it is slow)
-            log.debug("pool: creating %d page(s) on the allocation path", short)
-            fresh = self._create_handles(short)
-            with self._lock:
-                self._free.extend(fresh)
-        with self._lock:
-            taken = self._free[-n:] if n else []
-            del self._free[len(self._free) - n:]
+            taken = self._free[len(self._free) - min(n, len(self._free)):]
+            del self._free[len(self._free) - len(taken):]
+            short = n - len(taken)
+            self._creating += short  # held for this call under the same lock as the check
             if len(self._free) < self.ready_pages // 2:
                 self._wake.notify()
+        if short > 0:  # the warm pool ran dry: create on the caller's path (and log it, it is slow)
+            log.debug("pool: creating %d page(s) on the allocation path", short)
+            try:
+                taken += self._make(short, into_free=False)
+            except Exception:
+                self.give(taken)
+                raise
         return taken
 
     def give(self, handles: Sequence[Handle]) -> None:
@@ -94,25 +99,31 @@ class PagePool:
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _create(self, n: int) -> None:
+        """Create up to ``n`` pages, as the budget allows."""
         with self._lock:
-            n = min(n, self.budget_pages - self._created)
-            self._created += n
-        fresh = self._create_handles(n)
-        with self._lock:
-            self._free.extend(fresh)
+            n = min(n, self._room())
+            self._creating += n
+        self._make(n)
 
-    def _create_handles(self, n: int) -> list[Handle]:
+    def _make(self, n: int, into_free: bool = True) -> list[Handle]:
+        """Create ``n`` pages already counted in ``_creating``, outside the lock; add them to the free list or
+        return them (counted in use)."""
         start = time.perf_counter()
         fresh: list[Handle] = []
+        made_all = False
         try:
             for _ in range(n):
                 fresh.append(self.backend.create(self.page_size))
-        finally:
+            made_all = True
+        finally:  # a failed creation gives its budget back; the pages made before it go to the free list
             with self._lock:
-                self._created -= n - len(fresh)  # a failed creation gives its budget back
+                self._creating -= n
+                self._created += len(fresh)
+                if into_free or not made_all:
+                    self._free.extend(fresh)
                 self.creations += len(fresh)
                 self.create_seconds += time.perf_counter() - start
-        return fresh
+        return [] if into_free else fresh
 
     def _release_locked(self, n: int) -> int:
         for _ in range(n):
@@ -132,7 +143,7 @@ class PagePool:
                     self._release_locked(len(self._free) - self.ready_pages)
                     continue
                 want = self.ready_pages - len(self._free)
-            if want > 0 and self.budget_pages > self._created:
+            if want > 0:
                 try:
                     self._create(want)
                 except Exception:  # noqa: BLE001 - keep serving; take() creates on demand and raises properly
