@@ -14,9 +14,9 @@ BPP = 16  # blocks per page with the fixtures' shapes
 
 def test_data_written_through_tensors_survives_other_traffic(make_manager):
     mgr = make_manager()
-    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    space = mgr.create_space("m", max_tokens=256 * make_manager.shape["block_size"], **make_manager.shape)
     # two sequences of 40 and 70 blocks' worth of tokens, written through every layer's K and V
-    space.allocate("a", 40 * 16)
+    space.allocate("a", 40 * space.block_size)
     space.allocate("b", 70 * space.block_size)
     write_seq(space, "a")
     write_seq(space, "b")
@@ -27,7 +27,6 @@ def test_data_written_through_tensors_survives_other_traffic(make_manager):
     space.allocate("a", 60 * space.block_size)
     # every byte written is read back
     assert_seq(space, "b")
-    assert [*space.blocks("a")][:3] == space.blocks("a")[:3]
     for layer in range(space.num_layers):
         k, _ = space.kv(layer)
         assert k.shape == (space.num_blocks, space.block_size, space.num_kv_heads, space.head_dim)
