@@ -42,6 +42,20 @@ class Config:
         The pool reclaims them when it runs short.
     debug_checks: check residency of every block handed to ``space.check_resident`` and the books after
         every operation. Env ``KVTIER_DEBUG``.
+
+    Tiers below the GPU (the defaults give a working three-tier setup anywhere):
+    host_size: bytes of page-locked host memory for demoted pages; pinned in ``host_chunk`` pieces by a
+        background thread, usable while it grows.
+    nvme_dir: directory of the NVMe slot file (``None``: a fresh temporary directory, removed at close).
+        Env ``KVTIER_NVME_DIR``. nvme_size: its size cap. nvme_threads: I/O threads (kvikio's pool on GPU
+        machines, a POSIX pool elsewhere). nvme_direct: use O_DIRECT where the filesystem allows it.
+    gpu_low_watermark / gpu_high_watermark: fractions of the pool budget. When fewer pages than the low mark
+        are free, the background demoter moves idle pages down until the high mark is free.
+    host_high_watermark / host_low_watermark: fractions of the host tier; above the high mark its coldest
+        pages cascade to NVMe until the low mark.
+    demote_on_allocate: an ``allocate``/``prefetch`` that finds no page demotes idle pages synchronously
+        instead of failing.
+    background_demotion: run the background demoter. policy: the eviction policy's registered name.
     """
 
     device: str = field(default_factory=lambda: os.environ.get("KVTIER_DEVICE", "auto"))
@@ -50,6 +64,19 @@ class Config:
     pool_ready: int = 256 * MiB
     space_reserve_pages: int = 2
     debug_checks: bool = field(default_factory=lambda: _env_bool("KVTIER_DEBUG", False))
+    host_size: int = 1 * GiB
+    host_chunk: int = 128 * MiB
+    nvme_dir: str | None = field(default_factory=lambda: os.environ.get("KVTIER_NVME_DIR"))
+    nvme_size: int = 4 * GiB
+    nvme_threads: int = 4
+    nvme_direct: bool = True
+    gpu_low_watermark: float = 0.05
+    gpu_high_watermark: float = 0.10
+    host_high_watermark: float = 0.90
+    host_low_watermark: float = 0.80
+    demote_on_allocate: bool = True
+    background_demotion: bool = True
+    policy: str = "lru"
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -66,6 +93,15 @@ class Config:
             raise ConfigError(f"pool_ready: {self.pool_ready!r} is not a number of bytes >= 0")
         if not _is_int(self.space_reserve_pages) or self.space_reserve_pages < 0:
             raise ConfigError(f"space_reserve_pages: {self.space_reserve_pages!r} is not a count >= 0")
+        for name in ("host_size", "host_chunk", "nvme_size"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not a number of bytes >= 0")
+        if not _is_int(self.nvme_threads) or self.nvme_threads < 1:
+            raise ConfigError(f"nvme_threads: {self.nvme_threads!r} is not a count >= 1")
+        for low, high in (("gpu_low_watermark", "gpu_high_watermark"), ("host_low_watermark", "host_high_watermark")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo <= hi <= 1):
+                raise ConfigError(f"{low}/{high}: {lo!r}/{hi!r} must be fractions with 0 <= low <= high <= 1")
 
     def replace(self, **changes: object) -> "Config":
         """A copy with some fields changed (validated like a new one)."""

@@ -44,6 +44,19 @@ class SpaceFullError(OutOfPagesError):
     """The space has no free virtual block left: its ``max_tokens`` reservation is used up."""
 
 
+class TierFullError(KVTierError):
+    """A lower tier (host or NVMe) has no free slot left."""
+
+
+class TransferError(KVTierError):
+    """A transfer between tiers failed. The data stayed valid where it was, or the sequences named in
+    ``lost`` lost it: free and recompute them."""
+
+    def __init__(self, message: str, lost: list | None = None) -> None:
+        self.lost = list(lost or [])
+        super().__init__(message)
+
+
 class UnknownSequenceError(KVTierError, KeyError):
     """The sequence id is not known to this space."""
 

@@ -11,6 +11,7 @@ import torch
 from kvtier.config import Config
 from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError
 from kvtier.space import KVSpace, parse_dtype
+from kvtier.tiering import Tiering
 from kvtier.vmm import PagePool, open_backend, resolve_device
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class TierManager:
         self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
         self.spaces: dict[str, KVSpace] = {}
         self.closed = False
+        self.tiering = Tiering(self)
         log.info("kvtier: %s backend on %s, page %d bytes, budget %d pages", self.backend.name, self.device,
                  self.page_size, budget_pages)
 
@@ -90,22 +92,25 @@ class TierManager:
         return pages * space.num_regions <= self.pool.available() + reclaimable
 
     def _acquire(self, space: KVSpace, n: int, keep: set[int]) -> list[Any]:
-        """``n`` handles for ``space``. When the pool is short, empty pages kept mapped by spaces are reclaimed
-        first (other spaces before this one). Raises OutOfPagesError and changes nothing if still short."""
+        """``n`` handles for ``space``. When the pool is short: empty pages kept mapped by spaces are reclaimed
+        (other spaces first), then idle pages are demoted synchronously if ``demote_on_allocate``. Raises
+        OutOfPagesError and changes nothing if it is still short."""
         short = n - self.pool.available()
-        if short > 0:
-            reclaimable = sum(len(s._empty) * s.num_regions for s in self.spaces.values() if s is not space)
-            reclaimable += sum(1 for p in space._empty if p not in keep) * space.num_regions
-            if short > reclaimable:
-                raise OutOfPagesError(
-                    f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
-                    f"{reclaimable} more could be reclaimed (budget {self.pool.budget_pages} pages of "
-                    f"{self.page_size} bytes); free or offload sequences, or raise pool_budget")
-            for other in sorted(self.spaces.values(), key=lambda s: (s is space, s.priority)):
-                if short <= 0:
-                    break
-                freed = other._reclaim(-(-short // other.num_regions), keep if other is space else set())
-                short -= freed * other.num_regions
+        reclaimable = sum(len(s._empty) * s.num_regions for s in self.spaces.values() if s is not space)
+        reclaimable += sum(1 for p in space._empty if p not in keep) * space.num_regions
+        if short > reclaimable and self.config.demote_on_allocate:
+            self.tiering.make_room(short - reclaimable, inline=True, avoid_space=space.name, avoid_pages=keep)
+            short = n - self.pool.available()
+        if short > reclaimable:
+            raise OutOfPagesError(
+                f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
+                f"{reclaimable} more could be reclaimed (budget {self.pool.budget_pages} pages of "
+                f"{self.page_size} bytes); free or offload sequences, or raise pool_budget")
+        for other in sorted(self.spaces.values(), key=lambda s: (s is space, s.priority)):
+            if short <= 0:
+                break
+            freed = other._reclaim(-(-short // other.num_regions), keep if other is space else set())
+            short -= freed * other.num_regions
         return self.pool.take(n)
 
     def _release(self, handles: list[Any]) -> None:
@@ -130,6 +135,7 @@ class TierManager:
                          "creations": pool.creations, "releases": pool.releases,
                          "create_seconds": pool.create_seconds},
                 "spaces": spaces,
+                "tiers": self.tiering.stats(),
                 "total": {key: sum(s[key] for s in spaces.values())
                           for key in ("pages_mapped", "bytes_mapped", "map_calls", "map_seconds", "unmap_calls",
                                       "unmap_seconds")},
@@ -141,7 +147,8 @@ class TierManager:
             for space in self.spaces.values():
                 space.check()
             self.pool.check()
-            in_spaces = sum(len(s._handles) * s.num_regions for s in self.spaces.values())
+            self.tiering.check()
+            in_spaces = sum(len(s.pages.handles) * s.num_regions for s in self.spaces.values())
             assert in_spaces == self.pool.in_use_pages, (in_spaces, self.pool.in_use_pages)
 
     def close(self) -> None:
@@ -149,8 +156,11 @@ class TierManager:
         with self._lock:
             if self.closed:
                 return
+        self.tiering.stop()  # without the lock: the worker commits what is in flight
+        with self._lock:
             for name in list(self.spaces):
                 self.spaces.pop(name)._close()
+            self.tiering.close()
             self.pool.close()
             self.backend.close()
             self.closed = True

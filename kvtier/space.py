@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from kvtier.errors import (InvalidArgumentError, NotResidentError, QuotaExceededError, SpaceFullError,
-                           UnknownSequenceError)
+                           TransferError, UnknownSequenceError)
+from kvtier.policies import PageRef
+from kvtier.tiering import GPU, HOST, LOST, NVME, PageTable, TransferHandle
 
 if TYPE_CHECKING:
     from kvtier.manager import TierManager
@@ -78,18 +80,19 @@ class KVSpace:
         self._block_free = np.ones(self.num_blocks, dtype=bool)
         self._free_blocks = self.num_blocks
         self._page_live = np.zeros(self.num_pages, dtype=np.int32)   # live blocks touching each page
-        self._page_mapped = np.zeros(self.num_pages, dtype=bool)
-        self._handles: dict[int, list[Any]] = {}                       # mapped page -> one handle per region
+        self.pages = PageTable(self.num_pages, self.num_regions)      # where each page's data lives
         self._empty: OrderedDict[int, Any] = OrderedDict()             # mapped pages with no live block -> fence
         self._seqs: dict[Hashable, list[int]] = {}
         self._tokens: dict[Hashable, int] = {}
+        self._offloaded: set[Hashable] = set()                         # idle sequences, demotable
+        self._offload_fence: Any = None                                # after the last offload's kernels
         self.map_calls = self.unmap_calls = 0
         self.map_seconds = self.unmap_seconds = 0.0
         self.closed = False
         # --- the reservation and the tensors over it (their data pointers never change) ---
         self._reserved = self.num_regions * self.region_bytes
         self.base = backend.reserve(self._reserved, P)
-        whole = backend.tensor(self.base, self._reserved)
+        self._whole = whole = backend.tensor(self.base, self._reserved)
         shape = (self.num_blocks, block_size, num_kv_heads, head_dim)
         used = self.num_blocks * self.block_bytes
         regions = [whole[r * self.region_bytes: r * self.region_bytes + used].view(dtype).view(shape)
@@ -118,6 +121,8 @@ class KVSpace:
             if num_tokens > self.max_tokens:
                 raise InvalidArgumentError(f"num_tokens {num_tokens} exceeds the space's max_tokens "
                                            f"{self.max_tokens} (create the space with a larger max_tokens)")
+            if seq_id in self._offloaded:
+                raise InvalidArgumentError(f"sequence {seq_id!r} is offloaded: prefetch it before growing it")
             held = self._seqs.get(seq_id, [])
             need = math.ceil(num_tokens / self.block_size) - len(held)
             if need <= 0:
@@ -125,7 +130,7 @@ class KVSpace:
                 self._tokens[seq_id] = max(self._tokens.get(seq_id, 0), num_tokens)
                 return list(held)
             blocks, new_pages = self._plan(held, need)
-            mapped_after = (len(self._handles) + len(new_pages)) * self.page_bytes
+            mapped_after = (len(self.pages.handles) + len(new_pages)) * self.page_bytes
             if not self._within_quota(len(new_pages)):
                 raise QuotaExceededError(
                     f"space {self.name!r}: {mapped_after} bytes would be mapped, over its quota of "
@@ -133,11 +138,17 @@ class KVSpace:
             if new_pages:
                 keep = set(self._pages_of(blocks))  # pages the plan counts on must not be reclaimed under it
                 self._map(new_pages, self._mgr._acquire(self, len(new_pages) * self.num_regions, keep))
+                self.pages.tier[new_pages] = GPU
             self._block_free[blocks] = False
             self._free_blocks -= len(blocks)
+            policy = self._mgr.tiering.policy
             for p in self._pages_of(blocks):
+                if self._page_live[p] == 0:
+                    policy.on_create(PageRef(self.name, p), self.priority)
                 self._page_live[p] += 1
                 self._empty.pop(p, None)
+            for p in set(self._pages_of(np.asarray(held + blocks.tolist(), dtype=np.int64))):
+                policy.on_use(PageRef(self.name, p))
             held = held + blocks.tolist()
             self._seqs[seq_id] = held
             self._tokens[seq_id] = num_tokens
@@ -147,26 +158,46 @@ class KVSpace:
             return list(held)
 
     def free(self, seq_id: Hashable, stream: Any = None) -> None:
-        """Release ``seq_id``'s blocks. Pages left empty are unmapped once the work queued on ``stream``
-        (default: the current stream) has finished; up to ``space_reserve_pages`` of them stay mapped."""
-        with self._mgr._lock:
-            self._mgr._check_open(self)
-            blocks = np.asarray(self._blocks_of(seq_id), dtype=np.int64)
-            del self._seqs[seq_id], self._tokens[seq_id]
-            self._block_free[blocks] = True
-            self._free_blocks += len(blocks)
-            emptied = []
-            for p in self._pages_of(blocks):
-                self._page_live[p] -= 1
-                if self._page_live[p] == 0:
-                    emptied.append(p)
-            if emptied:
-                fence = self._mgr.backend.record_fence(stream)
-                for p in emptied:
-                    self._empty[p] = fence
-            self._trim()
-            if self._mgr.config.debug_checks:
-                self.check()
+        """Release ``seq_id``'s blocks, in whatever tier they are. Pages left empty on the GPU are unmapped once
+        the work queued on ``stream`` (default: the current stream) has finished; up to ``space_reserve_pages``
+        of them stay mapped. Transfers in flight for its pages are waited for first."""
+        while True:
+            with self._mgr._lock:
+                self._mgr._check_open(self)
+                blocks = np.asarray(self._blocks_of(seq_id), dtype=np.int64)
+                pending = self._in_flight(blocks)
+                if not pending:
+                    self._free_locked(seq_id, blocks, stream)
+                    return
+            for handle in pending:  # outside the lock: the worker needs it to commit
+                _settle(handle)
+
+    def _free_locked(self, seq_id: Hashable, blocks: np.ndarray, stream: Any) -> None:
+        del self._seqs[seq_id], self._tokens[seq_id]
+        self._offloaded.discard(seq_id)
+        self._block_free[blocks] = True
+        self._free_blocks += len(blocks)
+        emptied = []
+        for p in self._pages_of(blocks):
+            self._page_live[p] -= 1
+            if self._page_live[p] == 0:
+                emptied.append(p)
+        fence = self._mgr.backend.record_fence(stream) if emptied else None
+        tiering = self._mgr.tiering
+        for p in emptied:
+            tiering.policy.on_remove(PageRef(self.name, p))
+            code = int(self.pages.tier[p])
+            if code == GPU:
+                self._empty[p] = fence
+            elif code in (HOST, NVME):  # the copy below holds nothing live any more
+                books = tiering.host.books if code == HOST else tiering.nvme.books
+                books.give(self.pages.slots.pop(p))
+                self.pages.tier[p] = 0
+            elif code == LOST:
+                self.pages.tier[p] = 0
+        self._trim()
+        if self._mgr.config.debug_checks:
+            self.check()
 
     def blocks(self, seq_id: Hashable) -> list[int]:
         """The block ids of ``seq_id`` in order."""
@@ -189,18 +220,106 @@ class KVSpace:
             ids = np.asarray(list(block_ids), dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
                 raise NotResidentError(f"space {self.name!r}: block ids must lie in 0..{self.num_blocks - 1}")
-            bad = ids[self._block_free[ids] | ~self._page_mapped[self._first_page[ids]]
-                      | ~self._page_mapped[self._last_page[ids]]]
+            mapped = np.zeros(self.num_pages, dtype=bool)
+            if self.pages.handles:
+                mapped[list(self.pages.handles)] = True
+            bad = ids[self._block_free[ids] | ~mapped[self._first_page[ids]] | ~mapped[self._last_page[ids]]]
             if bad.size:
                 raise NotResidentError(f"space {self.name!r}: blocks {bad[:8].tolist()} are not allocated and "
                                        "mapped; allocate (or prefetch) them before the step")
 
+    # --- tiers ----------------------------------------------------------------------------------------------------
+    def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
+        """Mark ``seq_id`` idle (e.g. waiting for its next turn). With ``tier=None`` the policy decides when and
+        where its pages go (under GPU pressure); with ``"host"`` or ``"nvme"`` they start going there now.
+        Pages it shares with active sequences stay. ``stream``: where its last kernels ran (default: current);
+        demotion copies wait for them."""
+        if tier not in (None, "host", "nvme"):
+            raise InvalidArgumentError(f"tier {tier!r} is not a tier to offload to (use None, 'host' or 'nvme')")
+        with self._mgr._lock:
+            self._mgr._check_open(self)
+            self._blocks_of(seq_id)
+            self._offloaded.add(seq_id)
+            self._offload_fence = self._mgr.backend.record_fence(stream)
+            tiering = self._mgr.tiering
+            if tier is None:
+                tiering.poke()
+                return TransferHandle(tiering, "demote", [])
+            idle = set(self._idle_pages())
+            pages = sorted(p for p in set(self._pages_of(np.asarray(self._seqs[seq_id], dtype=np.int64)))
+                           if p in idle)
+            return tiering.demote(self, pages, dst=tier, after=self._offload_fence)
+
+    def prefetch(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start bringing every page of ``seq_ids`` to the GPU; they become active again. The handle's
+        ``wait(stream)`` makes the step's stream wait on the device; ``result()`` blocks. Raises OutOfPagesError
+        (nothing started) when the GPU cannot take them even after demoting idle pages."""
+        seqs = list(seq_ids)
+        while True:
+            with self._mgr._lock:
+                self._mgr._check_open(self)
+                blocks = np.asarray([b for q in seqs for b in self._blocks_of(q)], dtype=np.int64)
+                pending = self._in_flight(blocks)
+                if not pending:
+                    pages = sorted(set(self._pages_of(blocks)))
+                    lost = [p for p in pages if self.pages.tier[p] == LOST]
+                    if lost:
+                        raise TransferError(f"space {self.name!r}: pages {lost} were lost (a read back failed); "
+                                            "free and recompute these sequences", self._sequences_on(*lost))
+                    below = [p for p in pages if self.pages.tier[p] in (HOST, NVME)]
+                    handle = self._mgr.tiering.promote(self, below)
+                    self._offloaded.difference_update(seqs)
+                    for p in pages:
+                        self._mgr.tiering.policy.on_use(PageRef(self.name, p))
+                    return handle
+            for handle in pending:
+                _settle(handle)
+
+    def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
+        """``prefetch(seq_ids).result()``: blocks until every page is on the GPU."""
+        self.prefetch(seq_ids).result()
+
+    def residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Bytes of ``seq_id``'s blocks per tier (``gpu``, ``host``, ``nvme``, ``lost``)."""
+        with self._mgr._lock:
+            blocks = np.asarray(self._blocks_of(seq_id), dtype=np.int64)
+            codes = self.pages.tier[self._first_page[blocks]]
+            per_block = self.block_bytes * self.num_regions
+            return {name: int((codes == code).sum()) * per_block
+                    for name, code in (("gpu", GPU), ("host", HOST), ("nvme", NVME), ("lost", LOST))}
+
+    def _idle_pages(self) -> list[int]:
+        """GPU pages, not in flight, whose live blocks all belong to offloaded sequences."""
+        active = np.zeros(self.num_pages, dtype=bool)
+        blocks = [b for q, bl in self._seqs.items() if q not in self._offloaded for b in bl]
+        if blocks:
+            active[self._pages_of(np.asarray(blocks, dtype=np.int64))] = True
+        idle = self.pages.allocatable() & (self._page_live > 0) & ~active
+        return np.flatnonzero(idle).tolist()
+
+    def _in_flight(self, blocks: np.ndarray) -> list[TransferHandle]:
+        moving = self.pages.moving
+        return list({moving[p] for p in self._pages_of(blocks) if p in moving}) if moving else []
+
+    def _sequences_on(self, *pages: int) -> list[Hashable]:
+        wanted = set(pages)
+        return [q for q, bl in self._seqs.items()
+                if wanted & set(self._pages_of(np.asarray(bl, dtype=np.int64)))]
+
+    def region_view(self, region: int, page: int) -> torch.Tensor:
+        """The bytes of one page in one (layer, K|V) region, as a ``uint8`` tensor on the device."""
+        start = region * self.region_bytes + page * self.page_size
+        return self._whole[start:start + self.page_size]
+
     def stats(self) -> dict[str, Any]:
         with self._mgr._lock:
-            return {"pages_mapped": len(self._handles), "pages_empty": len(self._empty),
-                    "pages_reserved": self.num_pages, "bytes_mapped": len(self._handles) * self.page_bytes,
+            t = self.pages
+            return {"pages_mapped": len(t.handles), "pages_empty": len(self._empty),
+                    "pages_host": t.count(HOST), "pages_nvme": t.count(NVME), "pages_lost": t.count(LOST),
+                    "pages_reserved": self.num_pages, "bytes_mapped": len(t.handles) * self.page_bytes,
                     "bytes_reserved": self._reserved, "blocks_used": self.num_blocks - self._free_blocks,
                     "blocks_total": self.num_blocks, "sequences": len(self._seqs),
+                    "sequences_offloaded": len(self._offloaded),
                     "map_calls": self.map_calls, "map_seconds": self.map_seconds,
                     "unmap_calls": self.unmap_calls, "unmap_seconds": self.unmap_seconds}
 
@@ -235,7 +354,7 @@ class KVSpace:
         own = np.zeros(self.num_pages, dtype=bool)
         if held:
             own[self._pages_of(np.asarray(held, dtype=np.int64))] = True
-        mapped = self._page_mapped
+        mapped = self.pages.allocatable()
         allowed = own
         rest = take(allowed)
         if rest and len(held) + need < self.page_size // self.block_bytes:
@@ -268,7 +387,7 @@ class KVSpace:
             rest = take(allowed)
 
     def _within_quota(self, new_pages: int) -> bool:
-        return self.quota_bytes is None or (len(self._handles) + new_pages) * self.page_bytes <= self.quota_bytes
+        return self.quota_bytes is None or (len(self.pages.handles) + new_pages) * self.page_bytes <= self.quota_bytes
 
     def _fresh_pages_needed(self, blocks: int) -> int:
         return math.ceil(blocks * self.block_bytes / self.page_size)
@@ -330,8 +449,7 @@ class KVSpace:
             raise
         finally:
             self.map_seconds += time.perf_counter() - start
-        self._handles.update(per_page)
-        self._page_mapped[pages] = True
+        self.pages.handles.update(per_page)
 
     def _unmap(self, pages: list[int]) -> None:
         """Unmap ``pages`` (empty, fences complete) and give their handles back to the pool."""
@@ -344,9 +462,9 @@ class KVSpace:
         self.unmap_seconds += time.perf_counter() - start
         handles = []
         for p in pages:
-            handles.extend(self._handles.pop(p))
+            handles.extend(self.pages.handles.pop(p))
             self._empty.pop(p, None)
-        self._page_mapped[pages] = False
+        self.pages.tier[pages] = 0
         self._mgr._release(handles)
 
     def _trim(self) -> None:
@@ -371,9 +489,13 @@ class KVSpace:
 
     def _close(self) -> None:
         self._reclaim(len(self._empty))
-        if self._handles:  # live pages: unmap them too, once the device is done with them
+        if self.pages.handles:  # live pages: unmap them too, once the device is done with them
             self._mgr.backend.synchronize()
-            self._unmap(list(self._handles))
+            self._unmap(list(self.pages.handles))
+        tiering = self._mgr.tiering
+        for p, slots in list(self.pages.slots.items()):
+            (tiering.host.books if self.pages.tier[p] == HOST else tiering.nvme.books).give(slots)
+        self.pages.slots.clear()
         self._mgr.backend.free_reservation(self.base, self._reserved)
         self._seqs.clear()
         self._tokens.clear()
@@ -392,7 +514,17 @@ class KVSpace:
             np.add.at(live, self._pages_of(b), 1)
         assert (seen == ~self._block_free).all() and self._free_blocks == int(self._block_free.sum())
         assert (live == self._page_live).all(), "page live counts disagree with the sequences' blocks"
-        assert set(np.flatnonzero(self._page_mapped).tolist()) == set(self._handles), "mapped pages vs handles"
-        assert (self._page_mapped[live > 0]).all(), "a live block sits on an unmapped page"
-        assert set(self._empty) == set(np.flatnonzero(self._page_mapped & (live == 0)).tolist()), "empty pages"
-        assert all(len(h) == self.num_regions for h in self._handles.values())
+        self.pages.check(live)
+        on_gpu = self.pages.tier == GPU
+        assert (self.pages.tier[live > 0] != 0).all(), "a live block sits on a page with no data anywhere"
+        assert set(self._empty) == set(np.flatnonzero(on_gpu & (live == 0)).tolist()), "empty pages"
+        assert not (self.pages.tier[live == 0] > GPU).any(), "a lower tier holds a page with no live block"
+        assert self._offloaded <= set(self._seqs)
+
+
+def _settle(handle: TransferHandle) -> None:
+    """Wait for a transfer someone else started; its failure is reported to whoever started it."""
+    try:
+        handle.result()
+    except TransferError:
+        pass

@@ -51,6 +51,12 @@ class Backend(Protocol):
     def unmap(self, address: int, size: int) -> None:
         """Unmap every page in ``[address, address + size)``; the range becomes unreadable."""
 
+    def pin(self, address: int, size: int) -> None:
+        """Page-lock host memory so the device can DMA from and to it (no-op where there is no device)."""
+
+    def unpin(self, address: int) -> None:
+        """Undo :meth:`pin`."""
+
     def record_fence(self, stream: Any = None) -> Fence | None:
         """A fence after the work queued so far on ``stream`` (default: the current one); None if synchronous."""
 

@@ -128,6 +128,15 @@ class CudaBackend:
         self._bind()
         _check("cuMemUnmap", _drv.cuMemUnmap(address, size))
 
+    def pin(self, address: int, size: int) -> None:
+        """Page-lock host memory for DMA (cuMemHostRegister), so copies to and from it run at PCIe speed."""
+        self._bind()
+        _check("cuMemHostRegister", _drv.cuMemHostRegister(address, size, 0))
+
+    def unpin(self, address: int) -> None:
+        self._bind()
+        _check("cuMemHostUnregister", _drv.cuMemHostUnregister(address))
+
     def record_fence(self, stream: Any = None) -> torch.cuda.Event:
         event = torch.cuda.Event()
         event.record(stream if stream is not None else torch.cuda.current_stream(self.device))

@@ -38,6 +38,17 @@ def _check_mmap(result: int | None, what: str) -> int:
     return result
 
 
+def map_anonymous(size: int) -> int:
+    """Plain page-aligned host memory (exact size: no power-of-two rounding as in torch's pinned allocator)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    return _check_mmap(_libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0), "mmap(host)")
+
+
+def unmap_anonymous(address: int, size: int) -> None:
+    if _libc.munmap(address, size) != 0:
+        raise OSError(ctypes.get_errno(), "munmap(host)")
+
+
 class HostBackend:
     name = "host"
     granularity = mmap.PAGESIZE
@@ -109,6 +120,12 @@ class HostBackend:
     def unmap(self, address: int, size: int) -> None:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE
         _check_mmap(_libc.mmap(address, size, _PROT_NONE, flags, -1, 0), "mmap(unmap)")
+
+    def pin(self, address: int, size: int) -> None:
+        return None  # no device to DMA from: plain memory is what the CPU backend copies from
+
+    def unpin(self, address: int) -> None:
+        return None
 
     def record_fence(self, stream: Any = None) -> None:
         return None  # CPU work through torch is synchronous: nothing to wait for

@@ -1,0 +1,78 @@
+"""The host tier: slots of page-locked host memory, pinned in chunks by a background thread.
+
+Pinning costs ~0.5 s/GiB, so a large tier pinned up front would block start-up. Chunks are mapped (exact size,
+``mmap``) and pinned (``cuMemHostRegister``) one at a time by a worker; each chunk's slots become usable as soon as
+it is pinned, so the tier serves while it grows. On the CPU backend the memory is plain (nothing to DMA from).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import torch
+
+from kvtier.tiering.slots import SlotBooks
+from kvtier.vmm.base import Backend
+from kvtier.vmm.host import map_anonymous, unmap_anonymous
+from kvtier.vmm.tensor import tensor_over
+
+log = logging.getLogger(__name__)
+
+
+class HostTier:
+    name = "host"
+
+    def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int) -> None:
+        self.backend, self.slot_size = backend, slot_size
+        self.slots_per_chunk = max(1, chunk // slot_size)
+        total = size // slot_size
+        self.books = SlotBooks("host", total)
+        self._chunks: list[tuple[int, int, torch.Tensor]] = []  # (address, bytes, uint8 view)
+        self._closed = False
+        self.pin_seconds = 0.0
+        self._n_chunks = math.ceil(total / self.slots_per_chunk) if total else 0
+        self._ready = threading.Event()
+        self._worker = threading.Thread(target=self._pin_all, name="kvtier-host-pin", daemon=True)
+        self._worker.start()
+
+    def _pin_all(self) -> None:
+        try:
+            for i in range(self._n_chunks):
+                if self._closed:
+                    return
+                count = min(self.slots_per_chunk, self.books.total - i * self.slots_per_chunk)
+                nbytes = count * self.slot_size
+                start = time.perf_counter()
+                address = map_anonymous(nbytes)
+                self.backend.pin(address, nbytes)
+                self._chunks.append((address, nbytes, tensor_over(address, nbytes, torch.device("cpu"))))
+                self.pin_seconds += time.perf_counter() - start
+                self.books.grow(i * self.slots_per_chunk, count)
+        except Exception:  # noqa: BLE001 - the tier keeps what it pinned; say so
+            log.exception("host tier: pinning stopped at %d of %d chunks", len(self._chunks), self._n_chunks)
+        finally:
+            self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every chunk is pinned (tests and benchmarks; the engine need not)."""
+        return self._ready.wait(timeout)
+
+    def view(self, slot: int) -> torch.Tensor:
+        """The slot's memory as a ``uint8`` CPU tensor."""
+        chunk, index = divmod(slot, self.slots_per_chunk)
+        return self._chunks[chunk][2][index * self.slot_size:(index + 1) * self.slot_size]
+
+    def describe(self) -> dict[str, object]:
+        return {"slots": self.books.total, "slot_bytes": self.slot_size, "ready_slots": self.books.capacity,
+                "pinned": self.backend.name == "cuda", "pin_seconds": self.pin_seconds}
+
+    def close(self) -> None:
+        self._closed = True
+        self._worker.join()
+        for address, nbytes, _ in self._chunks:
+            self.backend.unpin(address)
+            unmap_anonymous(address, nbytes)
+        self._chunks.clear()

@@ -1,0 +1,55 @@
+"""A slot allocator shared by the lower tiers: fixed-size slots, a free list, and books that can be checked."""
+
+from __future__ import annotations
+
+import threading
+
+from kvtier.errors import TierFullError
+
+
+class SlotBooks:
+    """Free list of slot ids. ``capacity`` may grow while the tier is being built (host pinning in chunks).
+
+    Contract: ``can_take(n)`` has no side effects; ``take(n)`` returns ``n`` slots or raises TierFullError and
+    changes nothing; giving back slots from ``take`` is always safe.
+    """
+
+    def __init__(self, tier: str, total: int) -> None:
+        self.tier, self.total = tier, total
+        self.capacity = 0
+        self._free: list[int] = []
+        self._lock = threading.Lock()
+
+    def grow(self, first: int, count: int) -> None:
+        with self._lock:
+            self._free.extend(range(first + count - 1, first - 1, -1))
+            self.capacity += count
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def can_take(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def take(self, n: int) -> list[int]:
+        with self._lock:
+            if n > len(self._free):
+                raise TierFullError(f"{self.tier} tier full: {n} slot(s) wanted, {len(self._free)} free of "
+                                    f"{self.capacity} ready ({self.total} configured); raise its size")
+            taken = self._free[len(self._free) - n:]
+            del self._free[len(self._free) - n:]
+            return taken
+
+    def give(self, slots: list[int]) -> None:
+        with self._lock:
+            self._free.extend(slots)
+
+    def check(self, in_use: int) -> None:
+        with self._lock:
+            assert len(set(self._free)) == len(self._free), f"{self.tier}: a slot is free twice"
+            assert self.capacity - len(self._free) == in_use, (self.tier, self.capacity, len(self._free), in_use)

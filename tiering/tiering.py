@@ -1,0 +1,296 @@
+"""The tiering engine of one manager: starts demotions and promotions, commits them, and keeps the GPU pool
+between its watermarks in the background.
+
+Locking: every method that reads or changes page tables runs under the manager's lock. The worker runs NVMe I/O
+and waits on device events *without* the lock and takes it only to commit, and no code waits on the worker while
+holding the lock, so the two cannot deadlock. Transfers started by ``allocate`` to make room run inline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import torch
+
+from kvtier.errors import OutOfPagesError
+from kvtier.policies import PageRef, make_policy
+from kvtier.tiering.host import HostTier
+from kvtier.tiering.nvme import NvmeTier
+from kvtier.tiering.pagetable import GPU, HOST, LOST, NVME, TIER_CODE, TIER_NAME
+from kvtier.tiering.transfer import Move, Mover, TransferHandle, Work
+
+if TYPE_CHECKING:
+    from kvtier.manager import TierManager
+
+log = logging.getLogger(__name__)
+
+
+class Tiering:
+    def __init__(self, mgr: "TierManager") -> None:
+        cfg = mgr.config
+        self.mgr, self.lock, self.config = mgr, mgr._lock, cfg
+        self.host = HostTier(mgr.backend, mgr.page_size, cfg.host_size, cfg.host_chunk)
+        self._own_dir = cfg.nvme_dir is None
+        directory = cfg.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
+        self.nvme = NvmeTier(mgr.device, mgr.page_size, directory, cfg.nvme_size, cfg.nvme_threads,
+                             cfg.nvme_direct)
+        self.mover = Mover(mgr.device, self.host, self.nvme)
+        self.policy = make_policy(cfg.policy)
+        self.stall_seconds: list[float] = []
+        self._stall_events: list[tuple[Any, Any]] = []
+        self.path_seconds: dict[str, float] = defaultdict(float)
+        self._queue: queue.Queue[TransferHandle | None] = queue.Queue()
+        self._inflight: set[TransferHandle] = set()
+        self._closed = False
+        self._wake = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="kvtier-transfers", daemon=True)
+        self._worker.start()
+        self._demoter = None
+        if cfg.background_demotion:
+            self._demoter = threading.Thread(target=self._keep_watermarks, name="kvtier-demoter", daemon=True)
+            self._demoter.start()
+
+    # --- starting transfers (the caller holds the lock) -----------------------------------------------------------
+    def demote(self, space: Any, pages: Iterable[int], dst: str | None = None, after: Any = None,
+               inline: bool = False) -> TransferHandle:
+        """Start moving ``pages`` of ``space`` one tier (or to ``dst``) down. Pages that fit nowhere stay."""
+        R, table = space.num_regions, space.pages
+        moves: list[Move] = []
+        pairs: dict[tuple[str, str], list[tuple[Any, Any]]] = defaultdict(list)
+        for p in pages:
+            src = TIER_NAME[int(table.tier[p])]
+            want = "nvme" if src == "host" else (dst or self.policy.target_tier(PageRef(space.name, p), src))
+            if want == "host" and not self.host.books.can_take(R):
+                want = "nvme"  # host full: straight to NVMe
+            books = self.host.books if want == "host" else self.nvme.books
+            if not books.can_take(R):
+                log.debug("demote: no room below for page %d of %s", p, space.name)
+                continue
+            slots = books.take(R)
+            moves.append(Move(space, p, src, want, slots))
+            for r in range(R):
+                source = space.region_view(r, p) if src == "gpu" else table.slots[p][r]
+                pairs[(src, want)].append((source, slots[r]))
+        return self._launch("demote", moves, pairs, after, inline)
+
+    def promote(self, space: Any, pages: list[int], inline: bool = False) -> TransferHandle:
+        """Map ``pages`` (in host or NVMe) and start copying them up. Raises OutOfPagesError, changing nothing,
+        when no GPU page can be had. Pages are mapped one by one, each copy enqueued right after its mapping, so
+        the driver's mapping work overlaps the copies already running."""
+        R, table = space.num_regions, space.pages
+        handles = self.mgr._acquire(space, len(pages) * R, keep=set(pages))
+        moves, pairs = [], defaultdict(list)
+        work = Work()
+        for i, p in enumerate(pages):
+            src = TIER_NAME[int(table.tier[p])]
+            space._map([p], handles[i * R:(i + 1) * R])
+            moves.append(Move(space, p, src, "gpu", []))
+            step = self.mover.start(src, "gpu", [(table.slots[p][r], space.region_view(r, p)) for r in range(R)])
+            work.event = step.event or work.event  # one stream: the last event covers every earlier copy
+            work.io += step.io
+        return self._launch("promote", moves, pairs, None, inline, work)
+
+    def _launch(self, kind: str, moves: list[Move], pairs: dict[tuple[str, str], list[tuple[Any, Any]]],
+                after: Any, inline: bool, work: Work | None = None) -> TransferHandle:
+        work = work or Work()
+        for (src, dst), prs in pairs.items():
+            step = self.mover.start(src, dst, prs, after if src == "gpu" else None)
+            work.event = step.event or work.event
+            work.io += step.io
+        handle = TransferHandle(self, kind, moves, work)
+        for m in moves:
+            m.space.pages.moving[m.page] = handle
+        if moves:
+            self._inflight.add(handle)
+            if inline:
+                handle.run_io()
+                if handle._event is not None:
+                    handle._event.synchronize()
+                self._commit_locked(handle)
+            else:
+                self._queue.put(handle)
+        return handle
+
+    # --- committing -------------------------------------------------------------------------------------------------
+    def commit(self, handle: TransferHandle) -> None:
+        with self.lock:
+            self._commit_locked(handle)
+
+    def _commit_locked(self, handle: TransferHandle) -> None:
+        """Apply a finished transfer to the page tables: destination becomes the truth, source is released. On
+        failure the source stays the truth (a failed NVMe read loses the page: its sequences are reported)."""
+        if handle.committed:
+            return
+        failed = handle.error is not None
+        for m in handle.moves:
+            space, p, table, R = m.space, m.page, m.space.pages, m.space.num_regions
+            table.moving.pop(p, None)
+            lower = {HOST: self.host.books, NVME: self.nvme.books}
+            if failed:
+                if m.dst == "gpu":
+                    space._unmap([p])
+                    if m.src == "nvme":  # the bytes on disk could not be read back: the page is lost
+                        lower[NVME].give(table.slots.pop(p))
+                        table.tier[p] = LOST
+                        handle.lost += space._sequences_on(p)
+                else:
+                    lower[TIER_CODE[m.dst]].give(m.taken)
+                continue
+            if m.src == "gpu":
+                space._unmap([p])
+            else:
+                lower[TIER_CODE[m.src]].give(table.slots.pop(p))
+            if m.dst == "gpu":
+                table.tier[p] = GPU
+            else:
+                table.tier[p] = TIER_CODE[m.dst]
+                table.slots[p] = m.taken
+        elapsed = time.perf_counter() - handle.started
+        for path in {f"{m.src}->{m.dst}" for m in handle.moves}:
+            self.path_seconds[path] += elapsed
+        handle.committed = True
+        self._inflight.discard(handle)
+        if failed:
+            log.warning("%s of %d page(s) failed: %s", handle.kind, len(handle.moves), handle.error)
+
+    def _work(self) -> None:
+        while True:
+            handle = self._queue.get()
+            if handle is None:
+                return
+            handle.run_io()
+            if handle._event is not None:
+                handle._event.synchronize()
+            self.commit(handle)
+
+    def drain(self) -> None:
+        """Wait (without the lock) until every transfer started so far has committed."""
+        with self.lock:
+            pending = list(self._inflight)
+        for handle in pending:
+            try:
+                handle.result()
+            except Exception:  # noqa: BLE001 - the handle's owner sees it; draining must go on
+                pass
+
+    # --- stalls ------------------------------------------------------------------------------------------------------
+    def stream_wait(self, stream: Any, event: Any) -> None:
+        """Device-side wait of ``stream`` on ``event``, timed with two events around it (read lazily)."""
+        stream = stream or torch.cuda.current_stream(self.mgr.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        stream.wait_event(event)
+        after.record(stream)
+        with self.lock:
+            self._stall_events.append((before, after))
+
+    def stalls(self) -> list[float]:
+        """Seconds each step's stream waited on a fault-back (completed waits only)."""
+        done = [(b, a) for b, a in self._stall_events if a.query()]
+        for pair in done:
+            self._stall_events.remove(pair)
+            self.stall_seconds.append(pair[0].elapsed_time(pair[1]) / 1e3)
+        return self.stall_seconds
+
+    # --- background demotion ------------------------------------------------------------------------------------------
+    def idle_pages(self) -> list[PageRef]:
+        return [PageRef(s.name, p) for s in self.mgr.spaces.values() for p in s._idle_pages()]
+
+    def make_room(self, handles_needed: int, inline: bool, avoid_space: str | None = None,
+                  avoid_pages: Iterable[int] = ()) -> int:
+        """Demote idle pages (coldest first, per the policy) until ``handles_needed`` GPU handles are freed or
+        on their way; returns how many. Pages ``avoid_pages`` of space ``avoid_space`` stay."""
+        avoid = set(avoid_pages)
+        refs = [r for r in self.idle_pages() if not (r.space == avoid_space and r.page in avoid)]
+        spaces = self.mgr.spaces
+        victims = self.policy.victims(refs, len(refs))
+        chosen: dict[str, list[int]] = defaultdict(list)
+        freed = 0
+        for ref in victims:
+            if freed >= handles_needed:
+                break
+            chosen[ref.space].append(ref.page)
+            freed += spaces[ref.space].num_regions
+        for name, pages in chosen.items():
+            space = spaces[name]
+            self.demote(space, pages, after=space._offload_fence, inline=inline)
+        return freed
+
+    def _keep_watermarks(self) -> None:
+        cfg = self.config
+        while not self._closed:
+            self._wake.wait(0.02)
+            self._wake.clear()
+            with self.lock:
+                if self._closed:
+                    return
+                pool = self.mgr.pool
+                free = pool.available()
+                if free < cfg.gpu_low_watermark * pool.budget_pages:
+                    want = math.ceil(cfg.gpu_high_watermark * pool.budget_pages) - free
+                    self.make_room(want, inline=False)
+                books = self.host.books
+                if books.total and books.used > cfg.host_high_watermark * books.total:
+                    self._cascade(books.used - int(cfg.host_low_watermark * books.total))
+
+    def _cascade(self, slots: int) -> None:
+        """Move the coldest host pages to NVMe until about ``slots`` host slots are on their way out."""
+        refs = [PageRef(s.name, int(p)) for s in self.mgr.spaces.values()
+                for p in np.flatnonzero((s.pages.tier == HOST) & ~s.pages.moving_mask())]
+        chosen: dict[str, list[int]] = defaultdict(list)
+        for ref in self.policy.victims(refs, len(refs)):
+            if slots <= 0:
+                break
+            chosen[ref.space].append(ref.page)
+            slots -= self.mgr.spaces[ref.space].num_regions
+        for name, pages in chosen.items():
+            self.demote(self.mgr.spaces[name], pages, dst="nvme")
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    # --- books and lifecycle --------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        stalls = sorted(self.stalls())
+        pct = (lambda q: stalls[min(len(stalls) - 1, int(q * (len(stalls) - 1)))] if stalls else 0.0)
+        paths = {name: dict(v, seconds=self.path_seconds.get(name, 0.0)) for name, v in self.mover.paths.items()}
+        return {"host": dict(self.host.describe(), slots_used=self.host.books.used),
+                "nvme": dict(self.nvme.describe(), slots_used=self.nvme.books.used),
+                "paths": paths, "in_flight": len(self._inflight),
+                "stalls": {"count": len(stalls), "total_seconds": sum(stalls), "p50_seconds": pct(0.5),
+                           "p99_seconds": pct(0.99)}}
+
+    def check(self) -> None:
+        in_host = sum(len(s.pages.slots[p]) for s in self.mgr.spaces.values() for p in s.pages.slots
+                      if s.pages.tier[p] == HOST)
+        in_nvme = sum(len(s.pages.slots[p]) for s in self.mgr.spaces.values() for p in s.pages.slots
+                      if s.pages.tier[p] == NVME)
+        moving = [m for h in self._inflight for m in h.moves]
+        self.host.books.check(in_host + sum(len(m.taken) for m in moving if m.dst == "host"))
+        self.nvme.books.check(in_nvme + sum(len(m.taken) for m in moving if m.dst == "nvme"))
+
+    def stop(self) -> None:
+        """Finish what is in flight and stop the threads. Call without holding the manager's lock."""
+        self.drain()
+        self._closed = True
+        self._wake.set()
+        self._queue.put(None)
+        self._worker.join()
+        if self._demoter is not None:
+            self._demoter.join()
+
+    def close(self) -> None:
+        """Release the host memory and the NVMe file (after :meth:`stop`, once the spaces are closed)."""
+        self.nvme.close()
+        self.host.close()
+        if self._own_dir:
+            shutil.rmtree(self.nvme.path.rsplit("/", 1)[0], ignore_errors=True)
