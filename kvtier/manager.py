@@ -89,6 +89,8 @@ class TierManager:
         if not space._within_quota(pages):
             return False
         reclaimable = sum(len(s._empty) * s.num_regions for s in self.spaces.values() if s is not space)
+        if self.config.demote_on_allocate:
+            reclaimable += sum(len(s._idle_pages()) * s.num_regions for s in self.spaces.values())
         return pages * space.num_regions <= self.pool.available() + reclaimable
 
     def _acquire(self, space: KVSpace, n: int, keep: set[int]) -> list[Any]:

@@ -245,9 +245,11 @@ class KVSpace:
             if tier is None:
                 tiering.poke()
                 return TransferHandle(tiering, "demote", [])
-            idle = set(self._idle_pages())
+            movable = set(self._idle_pages())
+            if tier == "nvme":  # pages already in host memory go on down too
+                movable |= set(np.flatnonzero((self.pages.tier == HOST) & ~self.pages.moving_mask()).tolist())
             pages = sorted(p for p in set(self._pages_of(np.asarray(self._seqs[seq_id], dtype=np.int64)))
-                           if p in idle)
+                           if p in movable)
             return tiering.demote(self, pages, dst=tier, after=self._offload_fence)
 
     def prefetch(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
@@ -355,6 +357,7 @@ class KVSpace:
         if held:
             own[self._pages_of(np.asarray(held, dtype=np.int64))] = True
         mapped = self.pages.allocatable()
+        mapped[self._idle_pages()] = False  # pages of idle sequences stay theirs, so they can be demoted whole
         allowed = own
         rest = take(allowed)
         if rest and len(held) + need < self.page_size // self.block_bytes:
@@ -363,7 +366,7 @@ class KVSpace:
         if rest:
             allowed = allowed | (mapped & (self._page_live == 0))
             rest = take(allowed)
-        unmapped = np.flatnonzero(~mapped)
+        unmapped = np.flatnonzero(self.pages.vacant())  # never over pages whose data is elsewhere
         after_page = int(last[last_block]) + 1 if last_block >= 0 else 0
         sharing = allowed is not own and bool((allowed == mapped).all())
         if rest and not sharing and not self._mgr._can_back(self, self._fresh_pages_needed(rest)):
