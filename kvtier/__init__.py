@@ -16,9 +16,10 @@ from kvtier import errors
 from kvtier.config import Config
 from kvtier.errors import (ClosedError, ConfigError, CudaError, DeviceError, InvalidArgumentError, KVTierError,
                            NotResidentError, OutOfPagesError, QuotaExceededError, SpaceFullError,
-                           UnknownSequenceError)
+                           TierFullError, TransferError, UnknownSequenceError)
 from kvtier.manager import TierManager
 from kvtier.space import KVSpace
+from kvtier.tiering import TransferHandle
 
 try:
     __version__ = version("kvtier")
@@ -27,4 +28,5 @@ except PackageNotFoundError:  # running from a source tree without an install
 
 __all__ = ["Config", "TierManager", "KVSpace", "errors", "KVTierError", "ConfigError", "InvalidArgumentError",
            "DeviceError", "CudaError", "OutOfPagesError", "QuotaExceededError", "SpaceFullError",
-           "UnknownSequenceError", "NotResidentError", "ClosedError", "__version__"]
+           "UnknownSequenceError", "NotResidentError", "ClosedError", "TierFullError", "TransferError",
+           "TransferHandle", "__version__"]

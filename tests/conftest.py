@@ -32,9 +32,11 @@ def make_manager(backend_name: str) -> Any:
         """A manager whose pool holds ``pages`` handles."""
         page = PAGE[backend_name]
         options = dict(device=backend_name, page_size=page, pool_budget=pages * page, pool_ready=0,
-                       debug_checks=True)
+                       debug_checks=True, host_size=16 * page, host_chunk=4 * page, nvme_size=128 * page,
+                       background_demotion=False)
         options.update(overrides)
         mgr = kvtier.TierManager(kvtier.Config(**options))
+        mgr.tiering.host.wait_ready()
         made.append(mgr)
         return mgr
 

@@ -1,5 +1,6 @@
-"""Model-based test: random allocate / write / free over two spaces sharing a tiny pool. After every step, every
-byte written must read back, failed calls must change nothing, and the books must balance."""
+"""Model-based test: random allocate / write / offload / prefetch / free over two spaces sharing a tiny pool and
+tiny host and NVMe tiers, so every path is forced. After every step, every byte written must read back from
+every resident sequence, failed calls must change nothing, and the books must balance."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
             # 6 pages of a one-layer space (2 handles each): small enough that every limit is hit
             self.mgr = kvtier.TierManager(kvtier.Config(device=backend, page_size=page, pool_budget=12 * page,
                                                         pool_ready=4 * page, space_reserve_pages=reserve,
-                                                        debug_checks=True))
+                                                        debug_checks=True, host_size=6 * page,
+                                                        host_chunk=2 * page, nvme_size=40 * page,
+                                                        background_demotion=False))
+            self.mgr.tiering.host.wait_ready()
+            self.offloaded: set[tuple[str, str]] = set()
             self.spaces = {
                 "a": self.mgr.create_space("a", max_tokens=160 * shape["block_size"], **shape),
                 "b": self.mgr.create_space("b", max_tokens=96 * shape["block_size"],
@@ -44,6 +49,10 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
         @rule(space=st.sampled_from(["a", "b"]), seq=SEQS, blocks=st.integers(0, 70))
         def allocate(self, space: str, seq: str, blocks: int) -> None:
             sp = self.spaces[space]
+            if (space, seq) in self.offloaded:
+                with pytest.raises(kvtier.InvalidArgumentError):
+                    sp.allocate(seq, blocks * sp.block_size)
+                return
             before = self._books()
             try:
                 got = sp.allocate(seq, blocks * sp.block_size)
@@ -53,10 +62,27 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
             assert len(got) >= blocks
             self.model.setdefault((space, seq), (-1, 0))
 
+        @rule(space=st.sampled_from(["a", "b"]), seq=SEQS, tier=st.sampled_from([None, "host", "nvme"]))
+        def offload(self, space: str, seq: str, tier: str | None) -> None:
+            if (space, seq) not in self.model:
+                return
+            self.spaces[space].offload(seq, tier=tier).result()
+            self.offloaded.add((space, seq))
+
+        @rule(space=st.sampled_from(["a", "b"]), seq=SEQS)
+        def prefetch(self, space: str, seq: str) -> None:
+            if (space, seq) not in self.model:
+                return
+            try:
+                self.spaces[space].ensure_resident([seq])
+            except kvtier.OutOfPagesError:
+                return  # the active sequences hold every page: it stays where it is
+            self.offloaded.discard((space, seq))
+
         @rule(space=st.sampled_from(["a", "b"]), seq=SEQS)
         def write(self, space: str, seq: str) -> None:
             sp = self.spaces[space]
-            if (space, seq) not in self.model:
+            if (space, seq) not in self.model or (space, seq) in self.offloaded:
                 return
             self.salt += 1
             k, v = sp.kv(0)
@@ -75,6 +101,7 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
                 return
             sp.free(seq)
             del self.model[(space, seq)]
+            self.offloaded.discard((space, seq))
 
         @invariant()
         def data_and_books(self) -> None:
@@ -82,6 +109,8 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
                 return
             self.mgr.check()
             for (space, seq), (salt, written) in self.model.items():
+                if (space, seq) in self.offloaded:
+                    continue  # not resident: read back after its prefetch
                 sp = self.spaces[space]
                 k, v = sp.kv(0)
                 blocks = sp.blocks(seq)
@@ -94,4 +123,4 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
 
 def test_random_operations_keep_every_byte(backend_name: str) -> None:
     run_state_machine_as_test(_machine(backend_name), settings=settings(
-        max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)))
+        max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)))

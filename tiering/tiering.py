@@ -141,11 +141,15 @@ class Tiering:
                     if m.src == "nvme":  # the bytes on disk could not be read back: the page is lost
                         lower[NVME].give(table.slots.pop(p))
                         table.tier[p] = LOST
-                        handle.lost += space._sequences_on(p)
+                        handle.lost += [q for q in space._sequences_on(p) if q not in handle.lost]
                 else:
                     lower[TIER_CODE[m.dst]].give(m.taken)
                 continue
             if m.src == "gpu":
+                if self.config.debug_checks:  # poison what stays behind: a missed copy up then reads garbage
+                    for r in range(R):
+                        space.region_view(r, p).fill_(0xA5)
+                    self.mgr.backend.synchronize()  # the fill must finish before the unmap
                 space._unmap([p])
             else:
                 lower[TIER_CODE[m.src]].give(table.slots.pop(p))

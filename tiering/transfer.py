@@ -79,7 +79,10 @@ class TransferHandle:
 
     def wait(self, stream: Any = None) -> None:
         """Make ``stream`` (default: the current one) wait until the data has landed."""
-        self._io_done.wait()  # NVMe reads must have landed before any stream may read
+        if not self._io_done.is_set():  # NVMe reads must have landed before any stream may read
+            start = time.perf_counter()
+            self._io_done.wait()
+            self._owner.stall_seconds.append(time.perf_counter() - start)
         if self.error is not None:
             self.result()  # raises
         if self._event is not None:
