@@ -72,7 +72,10 @@ def _run_bench(name: str, device: str, json_path: str | None, run: Any) -> None:
 def bench(ctx: click.Context, device: str, quick: bool, json_path: str | None) -> None:
     """Benchmarks; with no sub-command, run them all."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(bench_vmm, device=device, quick=quick, json_path=json_path)
+        from kvtier.bench import tiers, vmm
+
+        _run_bench("all", device, json_path,
+                   lambda: vmm.run(device, quick=quick) + tiers.run(device, quick=quick))
 
 
 @bench.command("vmm")
@@ -82,6 +85,17 @@ def bench_vmm(device: str, quick: bool, json_path: str | None) -> None:
     from kvtier.bench import vmm
 
     _run_bench("vmm", device, json_path, lambda: vmm.run(device, quick=quick))
+
+
+@bench.command("tiers")
+@_bench_options
+@click.option("--nvme-dir", type=click.Path(file_okay=False), help="Where the NVMe tier's file goes (default: a "
+              "temporary directory; point it at the NVMe you will deploy on).")
+def bench_tiers(device: str, quick: bool, json_path: str | None, nvme_dir: str | None) -> None:
+    """Bandwidth of every tier path for a whole sequence, against same-run PCIe and disk ceilings."""
+    from kvtier.bench import tiers
+
+    _run_bench("tiers", device, json_path, lambda: tiers.run(device, quick=quick, nvme_dir=nvme_dir))
 
 
 if __name__ == "__main__":

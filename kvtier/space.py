@@ -277,6 +277,16 @@ class KVSpace:
             for handle in pending:
                 _settle(handle)
 
+    def stage(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start reading the NVMe pages of ``seq_ids`` into host memory, ahead of a ``prefetch`` (which then
+        crosses PCIe only). Pages for which the host tier has no room stay on NVMe."""
+        with self._mgr._lock:
+            self._mgr._check_open(self)
+            blocks = np.asarray([b for q in seq_ids for b in self._blocks_of(q)], dtype=np.int64)
+            moving = self.pages.moving_mask()
+            pages = sorted(p for p in set(self._pages_of(blocks)) if self.pages.tier[p] == NVME and not moving[p])
+            return self._mgr.tiering.stage(self, pages)
+
     def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
         """``prefetch(seq_ids).result()``: blocks until every page is on the GPU."""
         self.prefetch(seq_ids).result()

@@ -68,3 +68,52 @@ def test_decode_attention_matches_plain_tensors(mgr):
     from kvtier.bench.vmm import decode_overhead
     table = decode_overhead("cuda", batch=4, tokens=1024, repeat=2)  # asserts equal outputs inside
     assert table.rows[1][2] > 0
+
+
+@pytest.fixture
+def tier_mgr():
+    page = PAGE["cuda"]
+    m = kvtier.TierManager(kvtier.Config(device="cuda", page_size=page, pool_budget=256 * page, pool_ready=32 * page,
+                                         debug_checks=True, host_size=64 * page, host_chunk=16 * page,
+                                         nvme_size=128 * page, background_demotion=False))
+    m.tiering.host.wait_ready()
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_demotion_waits_for_the_kernel_still_writing(tier_mgr, tier):
+    space = tier_mgr.create_space("m", max_tokens=1 << 14, **SHAPE["cuda"])
+    blocks = torch.tensor(space.allocate("a", 48 * space.block_size), device="cuda")
+    k, v = space.kv(1)
+    k[blocks] = 1.0
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # the write below lands ~100 ms after offload is called
+        k[blocks] = 7.0
+        v[blocks] = 9.0
+    # offload right away, naming the stream that is still writing
+    space.offload("a", tier=tier, stream=side).result()
+    space.ensure_resident(["a"])
+    # what came back is what the kernel wrote, never the stale 1.0
+    assert torch.all(k[blocks] == 7.0) and torch.all(v[blocks] == 9.0)
+    tier_mgr.check()
+
+
+def test_prefetch_wait_is_device_side(tier_mgr):
+    space = tier_mgr.create_space("m", max_tokens=1 << 14, **SHAPE["cuda"])
+    blocks = torch.tensor(space.allocate("a", 64 * space.block_size), device="cuda")
+    k, _ = space.kv(0)
+    k[blocks] = 5.0
+    space.offload("a", tier="host").result()
+    step = torch.cuda.Stream()
+    handle = space.prefetch(["a"])
+    handle.wait(step)  # returns at once; the step's stream waits on the copy
+    with torch.cuda.stream(step):
+        total = k[blocks].float().sum()
+    step.synchronize()
+    assert total.item() == 5.0 * k[blocks].numel()
+    handle.result()
+    assert tier_mgr.stats()["tiers"]["stalls"]["count"] >= 1
+    tier_mgr.check()

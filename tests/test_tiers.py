@@ -61,6 +61,21 @@ def test_host_pages_go_on_down_to_nvme_and_back(make_manager):
     mgr.check()
 
 
+def test_stage_brings_nvme_pages_to_host_then_prefetch(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    space.allocate("a", 2 * BPP * space.block_size)
+    write_seq(space, "a")
+    space.offload("a", tier="nvme").result()
+    # stage: NVMe -> host, ahead of the step
+    space.stage(["a"]).result()
+    assert space.residency("a")["host"] > 0 and space.residency("a")["nvme"] == 0
+    space.ensure_resident(["a"])
+    assert_seq(space, "a")
+    assert mgr.stats()["tiers"]["paths"]["nvme->host"]["transfers"] == 1
+    mgr.check()
+
+
 def test_full_host_tier_spills_to_nvme(make_manager):
     mgr = make_manager(host_size=4 * (64 << 10 if make_manager.name == "cpu" else 2 << 20))
     space = _space(mgr, make_manager)

@@ -99,6 +99,20 @@ class Tiering:
             work.io += step.io
         return self._launch("promote", moves, pairs, None, inline, work)
 
+    def stage(self, space: Any, pages: list[int]) -> TransferHandle:
+        """Start reading NVMe ``pages`` up into host slots (so a later fault-back crosses PCIe only). Pages that
+        find no host slot stay on NVMe."""
+        R, table = space.num_regions, space.pages
+        moves: list[Move] = []
+        pairs: dict[tuple[str, str], list[tuple[Any, Any]]] = defaultdict(list)
+        for p in pages:
+            if not self.host.books.can_take(R):
+                break
+            slots = self.host.books.take(R)
+            moves.append(Move(space, p, "nvme", "host", slots))
+            pairs[("nvme", "host")] += list(zip(table.slots[p], slots))
+        return self._launch("stage", moves, pairs, None, False)
+
     def _launch(self, kind: str, moves: list[Move], pairs: dict[tuple[str, str], list[tuple[Any, Any]]],
                 after: Any, inline: bool, work: Work | None = None) -> TransferHandle:
         work = work or Work()

@@ -28,6 +28,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_NORESERVE = 0x4000
 _PROT_NONE = 0
 _MAP_FIXED = 0x10
+_MAP_POPULATE = 0x8000
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
@@ -39,8 +40,9 @@ def _check_mmap(result: int | None, what: str) -> int:
 
 
 def map_anonymous(size: int) -> int:
-    """Plain page-aligned host memory (exact size: no power-of-two rounding as in torch's pinned allocator)."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    """Plain page-aligned host memory (exact size: no power-of-two rounding as in torch's pinned allocator),
+    populated up front as pinning would, so first copies into it do not pay page faults."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
     return _check_mmap(_libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0), "mmap(host)")
 
 

@@ -1,0 +1,158 @@
+"""``kvtier bench tiers``: bandwidth of every tier path through kvtier, next to the ceiling measured in the same run.
+
+The batch is what an engine moves: one whole sequence of a Llama-3-8B-shaped space (32k tokens = 4 GiB; 4k with
+``--quick``) demoted and promoted through the public API (``offload``, ``stage``, ``prefetch``). Ceilings: a
+pinned torch copy of one buffer of the same size (PCIe), both directions at once on two streams, and raw
+``O_DIRECT`` reads and writes of the same size on the same filesystem with the same thread count (disk).
+The data is checked after the round trips: a benchmark that moved wrong bytes fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+from kvtier.bench.common import Table
+from kvtier.bench.vmm import LLAMA8B
+from kvtier.config import Config, MiB
+from kvtier.manager import TierManager
+from kvtier.vmm.host import map_anonymous, unmap_anonymous
+from kvtier.vmm.tensor import tensor_over
+
+CHUNK = 8 * MiB
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
+    """Seconds for one pinned copy of ``nbytes`` each way, and for both at once on two streams."""
+    if device.type != "cuda":
+        a, b = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        a.fill_(1)
+        b.copy_(a)  # touch both once
+        one = min(_timed(lambda: b.copy_(a)) for _ in range(3))
+        return {"down": one, "up": one, "both": 2 * one}
+    dev = torch.empty(2 * nbytes, dtype=torch.uint8, device=device)
+    host = torch.empty(2 * nbytes, dtype=torch.uint8, pin_memory=True)
+    s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def copy(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def run(fn: Callable[[], None]) -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    out = {}
+    for _ in range(2):  # the first round warms up
+        out["down"] = run(lambda: copy(host[:nbytes], dev[:nbytes], s1))
+        out["up"] = run(lambda: copy(dev[:nbytes], host[:nbytes], s1))
+        out["both"] = run(lambda: (copy(host[:nbytes], dev[:nbytes], s1), copy(dev[nbytes:], host[nbytes:], s2)))
+    del dev, host
+    return out
+
+
+def _disk_ceilings(directory: str, nbytes: int, threads: int) -> dict[str, float]:
+    """Seconds to write then read ``nbytes`` with O_DIRECT (buffered where refused), in 8 MiB pieces."""
+    path = os.path.join(directory, f"kvtier-raw-{os.getpid()}.bin")
+    buf_addr = map_anonymous(nbytes)
+    buf = tensor_over(buf_addr, nbytes, torch.device("cpu"))
+    buf.fill_(3)
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(path, flags)
+    try:
+        os.ftruncate(fd, nbytes)
+        from kvtier.tiering.nvme import _memoryview
+        views = [_memoryview(buf[o:o + CHUNK]) for o in range(0, nbytes, CHUNK)]
+        with cf.ThreadPoolExecutor(threads) as pool:
+            write = _timed(lambda: list(pool.map(lambda i: os.pwrite(fd, views[i], i * CHUNK), range(len(views)))))
+            read = _timed(lambda: list(pool.map(lambda i: os.preadv(fd, [views[i]], i * CHUNK),
+                                                range(len(views)))))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        unmap_anonymous(buf_addr, nbytes)
+    return {"write": write, "read": read}
+
+
+def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) -> list[Table]:
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    # at least a page's worth of tokens (4096 here), so the sequence owns its pages and moves whole
+    tokens = (4096 if quick else 32768) if cuda else (4096 if quick else 8192)
+    directory = nvme_dir or tempfile.mkdtemp(prefix="kvtier-bench-")
+    shape = dict(LLAMA8B)
+    per_token = 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * 2
+    nbytes = tokens * per_token
+    config = Config(device=device, pool_budget=2 * nbytes + 512 * MiB, pool_ready=nbytes + 256 * MiB,
+                    host_size=2 * nbytes + 256 * MiB, host_chunk=256 * MiB, nvme_dir=directory,
+                    nvme_size=nbytes + 256 * MiB, background_demotion=False, space_reserve_pages=0)
+    table = Table(f"Tier paths, one {tokens}-token Llama-3-8B sequence ({nbytes / 2**30:.2f} GiB)",
+                  ["path", "kvtier GB/s", "ceiling GB/s", "ratio", "ceiling", "target"])
+    with TierManager(config) as mgr:
+        dev = mgr.device
+        mgr.tiering.host.wait_ready()
+        space = mgr.create_space("bench", max_tokens=2 * tokens + 8192, **shape)
+        blocks = space.allocate("a", tokens)
+        ids = torch.tensor(blocks, device=dev)
+        both = torch.tensor(blocks + space.allocate("b", tokens), device=dev)
+        for layer in range(space.num_layers):
+            for t in space.kv(layer):
+                t[both] = torch.randn(t[both].shape, device=dev, dtype=t.dtype)
+        probe = space.kv(space.num_layers - 1)[1][ids].clone()
+        pcie = _pcie_ceilings(dev, nbytes)
+        disk = _disk_ceilings(directory, nbytes, config.nvme_threads)
+        gb = nbytes / 1e9
+
+        def sync() -> None:
+            mgr.backend.synchronize()
+
+        def add(path: str, seconds: float, ceiling: float, what: str, target: str, moved: float = gb) -> None:
+            table.add(path, moved / seconds, moved / ceiling, ceiling / seconds, what, target)
+            where = path.split()[2]
+            for seq in ("a", "b") if path == "both at once" else ("a",):
+                if space.residency(seq).get(where, 0) != nbytes:  # a benchmark that moved nothing must fail
+                    raise AssertionError(f"{path}: {seq} is not wholly in {where}: {space.residency(seq)}")
+
+        sync()
+        add("gpu -> host", _timed(lambda: space.offload("a", tier="host").result()), pcie["down"],
+            "pinned copy", ">= 0.90")
+        add("host -> gpu (prefetch)", _timed(lambda: space.ensure_resident(["a"])), pcie["up"],
+            "pinned copy", ">= 0.83 (1.2x copy time)")
+        space.offload("a", tier="host").result()
+        both = _timed(lambda: [h.result() for h in (space.offload("b", tier="host"), space.prefetch(["a"]))])
+        table.add("both at once", 2 * gb / both, 2 * gb / pcie["both"], pcie["both"] / both,
+                  "two pinned copies", f">= 1.4x one way ({2 * gb / both / (gb / pcie['down']):.2f}x)")
+        if space.residency("a")["gpu"] != nbytes or space.residency("b")["host"] != nbytes:
+            raise AssertionError("both at once: the sequences did not move wholly")
+        space.ensure_resident(["b"])
+        add("gpu -> nvme", _timed(lambda: space.offload("a", tier="nvme").result()), disk["write"],
+            "raw O_DIRECT write", ">= 0.85")
+        add("nvme -> gpu", _timed(lambda: space.ensure_resident(["a"])), disk["read"], "raw O_DIRECT read",
+            ">= 0.85")
+        space.offload("a", tier="host").result()
+        add("host -> nvme", _timed(lambda: space.offload("a", tier="nvme").result()), disk["write"],
+            "raw O_DIRECT write", ">= 0.85")
+        add("nvme -> host (stage)", _timed(lambda: space.stage(["a"]).result()), disk["read"],
+            "raw O_DIRECT read", ">= 0.85")
+        space.ensure_resident(["a"])
+        if not torch.equal(space.kv(space.num_layers - 1)[1][ids], probe):
+            raise AssertionError("data changed on its way through the tiers")
+        table.notes.append(f"NVMe: {mgr.tiering.nvme.mode} in {directory}; ratio = ceiling time / kvtier time; "
+                           "data verified after the round trips")
+    return [table]
