@@ -101,8 +101,11 @@ class TierManager:
         reclaimable = sum(len(s._empty) * s.num_regions for s in self.spaces.values() if s is not space)
         reclaimable += sum(1 for p in space._empty if p not in keep) * space.num_regions
         if short > reclaimable and self.config.demote_on_allocate:
-            self.tiering.make_room(short - reclaimable, inline=True, avoid_space=space.name, avoid_pages=keep)
-            short = n - self.pool.available()
+            demotable = sum(len(s._idle_pages()) * s.num_regions for s in self.spaces.values())
+            if short <= reclaimable + demotable:  # demote only when that will be enough
+                self.tiering.make_room(short - reclaimable, inline=True, avoid_space=space.name,
+                                       avoid_pages=keep)
+                short = n - self.pool.available()
         if short > reclaimable:
             raise OutOfPagesError(
                 f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "

@@ -43,8 +43,9 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
                 self.mgr.close()
 
         def _books(self):
-            return {name: (s.stats()["pages_mapped"], {q: s.blocks(q) for q in s.sequences()})
-                    for name, s in self.spaces.items()}
+            """What the engine sees: each sequence's blocks, and where the active ones live."""
+            return {name: {q: (s.blocks(q), None if (name, q) in self.offloaded else s.residency(q))
+                           for q in s.sequences()} for name, s in self.spaces.items()}
 
         @rule(space=st.sampled_from(["a", "b"]), seq=SEQS, blocks=st.integers(0, 70))
         def allocate(self, space: str, seq: str, blocks: int) -> None:
