@@ -449,12 +449,8 @@ class KVSpace:
         done: list[tuple[int, int, int]] = []
         start = time.perf_counter()
         try:
-            for first, count in _runs(pages):
-                for r in range(R):
-                    run_handles = [per_page[first + j][r] for j in range(count)]
-                    backend.map(self._region_address(r, first), self.page_size, run_handles)
-                    done.append((r, first, count))
-                    self.map_calls += count
+            with self._mgr.tiering.mapping():
+                self._map_runs(pages, per_page, done)
         except Exception:
             for r, first, count in done:
                 backend.unmap(self._region_address(r, first), count * self.page_size)
@@ -463,6 +459,14 @@ class KVSpace:
         finally:
             self.map_seconds += time.perf_counter() - start
         self.pages.handles.update(per_page)
+
+    def _map_runs(self, pages: list[int], per_page: dict[int, list[Any]], done: list[tuple[int, int, int]]) -> None:
+        for first, count in _runs(pages):
+            for r in range(self.num_regions):
+                run_handles = [per_page[first + j][r] for j in range(count)]
+                self._mgr.backend.map(self._region_address(r, first), self.page_size, run_handles)
+                done.append((r, first, count))
+                self.map_calls += count
 
     def _unmap(self, pages: list[int]) -> None:
         """Unmap ``pages`` (empty, fences complete) and give their handles back to the pool."""

@@ -55,7 +55,7 @@ def test_host_pages_go_on_down_to_nvme_and_back(make_manager):
     # host -> NVMe
     space.offload("a", tier="nvme").result()
     assert space.residency("a")["nvme"] > 0 and space.residency("a")["host"] == 0
-    assert mgr.stats()["tiers"]["paths"]["host->nvme"]["transfers"] >= 1
+    assert mgr.stats()["tiers"]["paths"]["host->nvme"]["pages"] >= 1
     space.ensure_resident(["a"])
     assert_seq(space, "a")
     mgr.check()
@@ -72,7 +72,7 @@ def test_stage_brings_nvme_pages_to_host_then_prefetch(make_manager):
     assert space.residency("a")["host"] > 0 and space.residency("a")["nvme"] == 0
     space.ensure_resident(["a"])
     assert_seq(space, "a")
-    assert mgr.stats()["tiers"]["paths"]["nvme->host"]["transfers"] == 1
+    assert mgr.stats()["tiers"]["paths"]["nvme->host"]["pages"] == 2
     mgr.check()
 
 

@@ -49,7 +49,9 @@ class NvmeTier:
             try:
                 import kvikio
                 import kvikio.defaults
-                kvikio.defaults.set("num_threads", threads)
+                # O_DIRECT both ways where kvikio falls back to POSIX (measured: buffered reads ran ~0.7x raw)
+                kvikio.defaults.set({"num_threads": threads, "auto_direct_io_read": direct,
+                                     "auto_direct_io_write": direct})
                 self._kvikio = kvikio.CuFile(self.path, "r+")
                 compat = kvikio.defaults.is_compat_mode_preferred()
                 self.mode = "kvikio-compat (POSIX)" if compat else "kvikio-gds"

@@ -16,7 +16,8 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Iterable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ class Tiering:
         directory = cfg.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
         self.nvme = NvmeTier(mgr.device, mgr.page_size, directory, cfg.nvme_size, cfg.nvme_threads,
                              cfg.nvme_direct)
-        self.mover = Mover(mgr.device, self.host, self.nvme)
+        self._gate = threading.Condition()
+        self._mapping = 0
+        self.mover = Mover(mgr.device, self.host, self.nvme, gate=self._wait_gate)
         self.policy = make_policy(cfg.policy)
         self.stall_seconds: list[float] = []
         self._stall_events: list[tuple[Any, Any]] = []
@@ -59,13 +62,31 @@ class Tiering:
             self._demoter = threading.Thread(target=self._keep_watermarks, name="kvtier-demoter", daemon=True)
             self._demoter.start()
 
+    # --- the mapping gate (see Mover) -------------------------------------------------------------------------------
+    @contextmanager
+    def mapping(self) -> Iterator[None]:
+        """Held while pages are mapped: no new device-to-host batch starts meanwhile."""
+        with self._gate:
+            self._mapping += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._mapping -= 1
+                self._gate.notify_all()
+
+    def _wait_gate(self) -> None:
+        with self._gate:
+            while self._mapping:
+                self._gate.wait()
+
     # --- starting transfers (the caller holds the lock) -----------------------------------------------------------
     def demote(self, space: Any, pages: Iterable[int], dst: str | None = None, after: Any = None,
                inline: bool = False) -> TransferHandle:
         """Start moving ``pages`` of ``space`` one tier (or to ``dst``) down. Pages that fit nowhere stay."""
         R, table = space.num_regions, space.pages
         moves: list[Move] = []
-        pairs: dict[tuple[str, str], list[tuple[Any, Any]]] = defaultdict(list)
+        pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]] = defaultdict(list)
         for p in pages:
             src = TIER_NAME[int(table.tier[p])]
             want = "nvme" if src == "host" else (dst or self.policy.target_tier(PageRef(space.name, p), src))
@@ -79,7 +100,7 @@ class Tiering:
             moves.append(Move(space, p, src, want, slots))
             for r in range(R):
                 source = space.region_view(r, p) if src == "gpu" else table.slots[p][r]
-                pairs[(src, want)].append((source, slots[r]))
+                pairs[(src, want)].append((source, slots[r], moves[-1]))
         return self._launch("demote", moves, pairs, after, inline)
 
     def promote(self, space: Any, pages: list[int], inline: bool = False) -> TransferHandle:
@@ -104,23 +125,25 @@ class Tiering:
         find no host slot stay on NVMe."""
         R, table = space.num_regions, space.pages
         moves: list[Move] = []
-        pairs: dict[tuple[str, str], list[tuple[Any, Any]]] = defaultdict(list)
+        pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]] = defaultdict(list)
         for p in pages:
             if not self.host.books.can_take(R):
                 break
             slots = self.host.books.take(R)
             moves.append(Move(space, p, "nvme", "host", slots))
-            pairs[("nvme", "host")] += list(zip(table.slots[p], slots))
+            pairs[("nvme", "host")] += [(a, b, moves[-1]) for a, b in zip(table.slots[p], slots)]
         return self._launch("stage", moves, pairs, None, False)
 
-    def _launch(self, kind: str, moves: list[Move], pairs: dict[tuple[str, str], list[tuple[Any, Any]]],
+    def _launch(self, kind: str, moves: list[Move], pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]],
                 after: Any, inline: bool, work: Work | None = None) -> TransferHandle:
+        handle = TransferHandle(self, kind, moves)
         work = work or Work()
         for (src, dst), prs in pairs.items():
-            step = self.mover.start(src, dst, prs, after if src == "gpu" else None)
+            step = self.mover.start(src, dst, [(a, b) for a, b, _ in prs], after if src == "gpu" else None,
+                                    tags=[m for _, _, m in prs], on_done=lambda m: self.commit(handle, [m]))
             work.event = step.event or work.event
             work.io += step.io
-        handle = TransferHandle(self, kind, moves, work)
+        handle.attach(work)
         for m in moves:
             m.space.pages.moving[m.page] = handle
         if moves:
@@ -135,43 +158,28 @@ class Tiering:
         return handle
 
     # --- committing -------------------------------------------------------------------------------------------------
-    def commit(self, handle: TransferHandle) -> None:
+    def commit(self, handle: TransferHandle, moves: list[Move] | None = None) -> None:
         with self.lock:
-            self._commit_locked(handle)
+            self._commit_locked(handle, moves)
 
-    def _commit_locked(self, handle: TransferHandle) -> None:
-        """Apply a finished transfer to the page tables: destination becomes the truth, source is released. On
-        failure the source stays the truth (a failed NVMe read loses the page: its sequences are reported)."""
+    def _commit_locked(self, handle: TransferHandle, moves: list[Move] | None = None) -> None:
+        """Apply finished moves (all of the handle's by default) to the page tables: the destination becomes the
+        truth and the source is released. If the transfer failed, its uncommitted moves leave the source the
+        truth (a failed NVMe read loses the page: its sequences are reported in ``handle.lost``)."""
         if handle.committed:
             return
-        failed = handle.error is not None
-        for m in handle.moves:
-            space, p, table, R = m.space, m.page, m.space.pages, m.space.num_regions
-            table.moving.pop(p, None)
-            lower = {HOST: self.host.books, NVME: self.nvme.books}
-            if failed:
-                if m.dst == "gpu":
-                    space._unmap([p])
-                    if m.src == "nvme":  # the bytes on disk could not be read back: the page is lost
-                        lower[NVME].give(table.slots.pop(p))
-                        table.tier[p] = LOST
-                        handle.lost += [q for q in space._sequences_on(p) if q not in handle.lost]
-                else:
-                    lower[TIER_CODE[m.dst]].give(m.taken)
+        final = moves is None
+        failed = final and handle.error is not None
+        for m in handle.moves if final else moves:
+            if id(m) in handle.done_moves:
                 continue
-            if m.src == "gpu":
-                if self.config.debug_checks:  # poison what stays behind: a missed copy up then reads garbage
-                    for r in range(R):
-                        space.region_view(r, p).fill_(0xA5)
-                    self.mgr.backend.synchronize()  # the fill must finish before the unmap
-                space._unmap([p])
+            handle.done_moves.add(id(m))
+            if failed:
+                self._undo_move(handle, m)
             else:
-                lower[TIER_CODE[m.src]].give(table.slots.pop(p))
-            if m.dst == "gpu":
-                table.tier[p] = GPU
-            else:
-                table.tier[p] = TIER_CODE[m.dst]
-                table.slots[p] = m.taken
+                self._apply_move(m)
+        if not final:
+            return
         elapsed = time.perf_counter() - handle.started
         for path in {f"{m.src}->{m.dst}" for m in handle.moves}:
             self.path_seconds[path] += elapsed
@@ -179,6 +187,37 @@ class Tiering:
         self._inflight.discard(handle)
         if failed:
             log.warning("%s of %d page(s) failed: %s", handle.kind, len(handle.moves), handle.error)
+
+    def _lower(self, tier: str) -> Any:
+        return self.host.books if tier == "host" else self.nvme.books
+
+    def _apply_move(self, m: Move) -> None:
+        space, p, table = m.space, m.page, m.space.pages
+        table.moving.pop(p, None)
+        if m.src == "gpu":
+            if self.config.debug_checks:  # poison what stays behind: a missed copy up then reads garbage
+                for r in range(space.num_regions):
+                    space.region_view(r, p).fill_(0xA5)
+                self.mgr.backend.synchronize()  # the fill must finish before the unmap
+            space._unmap([p])
+        else:
+            self._lower(m.src).give(table.slots.pop(p))
+        table.tier[p] = TIER_CODE[m.dst]
+        if m.dst != "gpu":
+            table.slots[p] = m.taken
+
+    def _undo_move(self, handle: TransferHandle, m: Move) -> None:
+        space, p, table = m.space, m.page, m.space.pages
+        table.moving.pop(p, None)
+        if m.dst != "gpu":
+            self._lower(m.dst).give(m.taken)
+            return
+        space._unmap([p])
+        table.tier[p] = TIER_CODE[m.src]  # _unmap cleared it; the data is still below
+        if m.src == "nvme":  # the bytes on disk could not be read back: the page is lost
+            self._lower("nvme").give(table.slots.pop(p))
+            table.tier[p] = LOST
+            handle.lost += [q for q in space._sequences_on(p) if q not in handle.lost]
 
     def _work(self) -> None:
         while True:
