@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+
 
 import torch
 import torch.nn.functional as F
 
-from kvtier.bench.common import Table, percentile, time_device, time_host
+from kvtier.bench.common import Table, percentile, time_device
 from kvtier.config import Config, MiB
 from kvtier.manager import TierManager
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Hashable
+from typing import Any
 
 import torch
 

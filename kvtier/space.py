@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from kvtier.errors import (InvalidArgumentError, NotResidentError, QuotaExceededError, SpaceFullError,
-                           TransferError, UnknownSequenceError)
+from kvtier.errors import (InvalidArgumentError, NotResidentError, QuotaExceededError, TransferError,
+                           UnknownSequenceError)
+from kvtier.placement import Placement
 from kvtier.policies import PageRef
 from kvtier.tiering import GPU, HOST, LOST, NVME, PageTable, TransferHandle
 
@@ -57,7 +58,7 @@ def _runs(sorted_pages: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-class KVSpace:
+class KVSpace(Placement):
     """Made by :meth:`TierManager.create_space`; see the module docstring for the layout and guarantees."""
 
     def __init__(self, manager: "TierManager", name: str, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -334,95 +335,6 @@ class KVSpace:
                     "sequences_offloaded": len(self._offloaded),
                     "map_calls": self.map_calls, "map_seconds": self.map_seconds,
                     "unmap_calls": self.unmap_calls, "unmap_seconds": self.unmap_seconds}
-
-    # --- planning (no side effects) --------------------------------------------------------------------------------
-    def _plan(self, held: list[int], need: int) -> tuple[np.ndarray, list[int]]:
-        """Pick ``need`` free blocks for a sequence holding ``held`` and the pages to map for them.
-
-        Pages stay per sequence where memory allows, so that a sequence can later be demoted by whole pages:
-        1. free blocks on pages the sequence already uses (after its last block first); a sequence shorter than
-           one page also takes free blocks on any mapped page, so short requests share pages;
-        2. then empty mapped pages and fresh pages (one run right after its last page when possible), if the
-           pool and the quota can back them;
-        3. else free blocks on pages other sequences use (packing under pressure), then fresh pages anyway
-           (``allocate`` then raises the pool's or the quota's error).
-        No side effects.
-        """
-        if need > self._free_blocks:
-            raise SpaceFullError(f"space {self.name!r}: {need} more blocks wanted, {self._free_blocks} free of "
-                                 f"{self.num_blocks}; free sequences or create the space with a larger max_tokens")
-        first, last = self._first_page, self._last_page
-        last_block = held[-1] if held else -1
-        taken = np.zeros(self.num_blocks, dtype=bool)
-        chosen: list[np.ndarray] = []
-
-        def take(pages: np.ndarray) -> int:  # take free blocks lying wholly on ``pages``; return still needed
-            cands = np.flatnonzero(self._block_free & ~taken & pages[first] & pages[last])
-            got = self._prefer_after(cands, last_block)[:need - int(taken.sum())]
-            taken[got] = True
-            chosen.append(got)
-            return need - int(taken.sum())
-
-        own = np.zeros(self.num_pages, dtype=bool)
-        if held:
-            own[self._pages_of(np.asarray(held, dtype=np.int64))] = True
-        mapped = self.pages.allocatable()
-        mapped[self._idle_pages()] = False  # pages of idle sequences stay theirs, so they can be demoted whole
-        allowed = own
-        rest = take(allowed)
-        if rest and len(held) + need < self.page_size // self.block_bytes:
-            allowed = mapped.copy()  # a sequence shorter than a page packs with others: no page per request
-            rest = take(allowed)
-        if rest:
-            allowed = allowed | (mapped & (self._page_live == 0))
-            rest = take(allowed)
-        unmapped = np.flatnonzero(self.pages.vacant())  # never over pages whose data is elsewhere
-        after_page = int(last[last_block]) + 1 if last_block >= 0 else 0
-        sharing = allowed is not own and bool((allowed == mapped).all())
-        if rest and not sharing and not self._mgr._can_back(self, self._fresh_pages_needed(rest)):
-            allowed, sharing = mapped.copy(), True  # pressure: share pages with other sequences rather than fail
-            rest = take(allowed)
-        while True:
-            if rest == 0:
-                return np.concatenate(chosen), []
-            for k in range(self._fresh_pages_needed(rest), len(unmapped) + 1):
-                pages = self._pick_pages(unmapped, k, after_page)
-                grown = allowed.copy()
-                grown[pages] = True
-                cands = np.flatnonzero(self._block_free & ~taken & grown[first] & grown[last])
-                if len(cands) >= rest:
-                    blocks = np.concatenate(chosen + [cands[:rest]])
-                    used = set(self._pages_of(blocks))
-                    return blocks, [p for p in pages if p in used]
-            if sharing:
-                raise SpaceFullError(f"space {self.name!r}: no room for {need} more blocks in unmapped pages")
-            allowed, sharing = mapped.copy(), True  # the reservation is short of fresh pages: share
-            rest = take(allowed)
-
-    def _within_quota(self, new_pages: int) -> bool:
-        return self.quota_bytes is None or (len(self.pages.handles) + new_pages) * self.page_bytes <= self.quota_bytes
-
-    def _fresh_pages_needed(self, blocks: int) -> int:
-        return math.ceil(blocks * self.block_bytes / self.page_size)
-
-    @staticmethod
-    def _prefer_after(candidates: np.ndarray, last_block: int) -> np.ndarray:
-        if last_block < 0:
-            return candidates
-        split = np.searchsorted(candidates, last_block, side="right")
-        return np.concatenate([candidates[split:], candidates[:split]])
-
-    @staticmethod
-    def _pick_pages(unmapped: np.ndarray, k: int, after_page: int) -> list[int]:
-        """``k`` unmapped pages: a run starting at ``after_page`` if free, else the first run of ``k``, else the
-        lowest ``k``. Runs matter: one set-access covers a whole run."""
-        if len(unmapped) >= k:
-            starts = np.flatnonzero(unmapped[k - 1:] - unmapped[:len(unmapped) - k + 1] == k - 1)
-            if starts.size:
-                at = np.searchsorted(unmapped, after_page)
-                first = at if at in starts else int(starts[0])
-                return unmapped[first:first + k].tolist()
-        return unmapped[:k].tolist()
 
     def _pages_of(self, blocks: np.ndarray) -> list[int]:
         """Pages touched by each block, once per (block, page) pair."""

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from kvtier.errors import OutOfPagesError
+
 from kvtier.policies import PageRef, make_policy
 from kvtier.tiering.host import HostTier
 from kvtier.tiering.nvme import NvmeTier
-from kvtier.tiering.pagetable import GPU, HOST, LOST, NVME, TIER_CODE, TIER_NAME
+from kvtier.tiering.pagetable import HOST, LOST, NVME, TIER_CODE, TIER_NAME
 from kvtier.tiering.transfer import Move, Mover, TransferHandle, Work
 
 if TYPE_CHECKING:

@@ -113,12 +113,12 @@ class Mover:
     at most ``DEPTH`` batches in flight, and no new batch starts while someone is mapping pages (``gate``).
     Why: measured on an H100 (driver 580), ``cuMemMap`` waits for every device-to-host copy in flight (but not
     for host-to-device or device-to-device copies, nor kernels), so a 4 GiB demotion queued at once would stall
-    an ``allocate`` or ``prefetch`` for ~80 ms. Fed this way the stall is one or two batches (~2 ms), and pages
+    an ``allocate`` or ``prefetch`` for ~80 ms. Fed this way the stall is a few batches (~5 ms), and pages
     are committed (unmapped, their GPU memory freed) as their batches land instead of at the end.
     """
 
     BATCH = 8   # copies (pages of one region) per batch: 64 MiB with 8 MiB pages
-    DEPTH = 2
+    DEPTH = 4   # 256 MiB in flight: a mapper waits ~5 ms at most; commits between batches do not drain it
 
     def __init__(self, device: torch.device, host: "HostTier", nvme: "NvmeTier",
                  gate: Callable[[], None] = lambda: None) -> None:
