@@ -45,8 +45,9 @@ _Deleter = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
 _DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
 
 # Structures handed to torch stay alive here until torch calls the deleter (it reads the deleter field then).
+# Reentrant: a garbage collection inside ``tensor_over`` may free an older tensor, whose deleter runs right there.
 _live: dict[int, tuple[_DLManagedTensor, ctypes.Array]] = {}
-_live_lock = threading.Lock()
+_live_lock = threading.RLock()
 
 
 @_Deleter
