@@ -111,15 +111,13 @@ class Tiering:
         handles = self.mgr._acquire(space, len(pages) * R, keep=set(pages))
         moves, pairs = [], defaultdict(list)
         work = Work()
-        with self.mapping():  # one pause of the copies down for the whole mapping, not one per page
-            for i, p in enumerate(pages):
-                src = TIER_NAME[int(table.tier[p])]
-                space._map([p], handles[i * R:(i + 1) * R])
-                moves.append(Move(space, p, src, "gpu", []))
-                pairs_up = [(table.slots[p][r], space.region_view(r, p)) for r in range(R)]
-                step = self.mover.start(src, "gpu", pairs_up)
-                work.event = step.event or work.event  # one stream: the last event covers every earlier copy
-                work.io += step.io
+        for i, p in enumerate(pages):
+            src = TIER_NAME[int(table.tier[p])]
+            space._map([p], handles[i * R:(i + 1) * R])
+            moves.append(Move(space, p, src, "gpu", []))
+            step = self.mover.start(src, "gpu", [(table.slots[p][r], space.region_view(r, p)) for r in range(R)])
+            work.event = step.event or work.event  # one stream: the last event covers every earlier copy
+            work.io += step.io
         return self._launch("promote", moves, pairs, None, inline, work)
 
     def stage(self, space: Any, pages: list[int]) -> TransferHandle:
