@@ -98,5 +98,45 @@ def bench_tiers(device: str, quick: bool, json_path: str | None, nvme_dir: str |
     _run_bench("tiers", device, json_path, lambda: tiers.run(device, quick=quick, nvme_dir=nvme_dir))
 
 
+@main.group()
+def config() -> None:
+    """Check and show policy config files (TOML)."""
+
+
+@config.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def config_check(files: tuple[str, ...]) -> None:
+    """Validate FILES; print every problem with its file and key; exit 1 if any file is bad."""
+    from kvtier.config import Config
+
+    bad = 0
+    for path in files:
+        try:
+            Config.from_file(path)
+            console.print(f"[green]ok[/green]  {escape(path)}")
+        except kvtier.ConfigError as exc:
+            bad += 1
+            console.print(f"[red]bad[/red] {escape(str(exc))}")
+    if bad:
+        raise SystemExit(1)
+
+
+@config.command("show")
+@click.argument("file", type=click.Path(dir_okay=False))
+def config_show(file: str) -> None:
+    """Every setting FILE gives, with the defaults filled in."""
+    import dataclasses
+
+    from kvtier.config import Config
+
+    try:
+        cfg = Config.from_file(file)
+    except kvtier.ConfigError as exc:
+        console.print(f"[red]bad[/red] {escape(str(exc))}")
+        raise SystemExit(1) from None
+    for f in dataclasses.fields(cfg):
+        console.print(f"{f.name:>22} = {escape(repr(getattr(cfg, f.name)))}")
+
+
 if __name__ == "__main__":
     main()

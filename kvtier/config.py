@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from kvtier.errors import ConfigError
 
@@ -55,7 +56,12 @@ class Config:
         pages cascade to NVMe until the low mark.
     demote_on_allocate: an ``allocate``/``prefetch`` that finds no page demotes idle pages synchronously
         instead of failing.
-    background_demotion: run the background demoter. policy: the eviction policy's registered name.
+    background_demotion: run the background demoter.
+    policy: the eviction policy: a registered name (``lru``, ``lfu``, ``priority``, entry-point plug-ins) or a
+        ``module:Class`` path; policy_params: its keyword arguments. nvme_min_uses: NVMe admission filter, only
+        pages used at least this often go to NVMe (0: off).
+    spaces: per-space defaults by space name, ``{"name": {"quota_bytes": ..., "priority": ...}}``, used by
+        ``create_space`` when it is not given them.
     """
 
     device: str = field(default_factory=lambda: os.environ.get("KVTIER_DEVICE", "auto"))
@@ -77,6 +83,9 @@ class Config:
     demote_on_allocate: bool = True
     background_demotion: bool = True
     policy: str = "lru"
+    policy_params: Mapping[str, Any] = field(default_factory=dict)
+    nvme_min_uses: int = 0
+    spaces: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -102,6 +111,29 @@ class Config:
             lo, hi = getattr(self, low), getattr(self, high)
             if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo <= hi <= 1):
                 raise ConfigError(f"{low}/{high}: {lo!r}/{hi!r} must be fractions with 0 <= low <= high <= 1")
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> "Config":
+        """Load a TOML config file (see ``configs/``); unknown keys and bad values raise ConfigError naming the
+        file and the key. Keyword ``overrides`` win over the file."""
+        from kvtier.config_file import load_file
+        return cls._checked(load_file(path), str(path), overrides)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", **overrides: Any) -> "Config":
+        """The same, from a mapping shaped like the file (``{"gpu": {...}, "host": {...}, ...}``)."""
+        from kvtier.config_file import parse_config
+        return cls._checked(parse_config(data, source), source, overrides)
+
+    @classmethod
+    def _checked(cls, kwargs: dict[str, Any], source: str, overrides: Mapping[str, Any]) -> "Config":
+        from kvtier.policies import make_policy
+        try:
+            config = cls(**{**kwargs, **overrides})
+            make_policy(config.policy, config.nvme_min_uses, **dict(config.policy_params))  # checks its params
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        return config
 
     def replace(self, **changes: object) -> "Config":
         """A copy with some fields changed (validated like a new one)."""

@@ -54,8 +54,12 @@ class TierManager:
 
     def create_space(self, name: str, num_layers: int, num_kv_heads: int, head_dim: int,
                      dtype: torch.dtype | str = torch.bfloat16, block_size: int = 16, max_tokens: int = 131072,
-                     priority: int = 0, quota_bytes: int | None = None) -> KVSpace:
-        """Reserve virtual space for ``max_tokens`` tokens of one model (no memory is used until allocate)."""
+                     priority: int | None = None, quota_bytes: int | None = None) -> KVSpace:
+        """Reserve virtual space for ``max_tokens`` tokens of one model (no memory is used until allocate).
+        ``priority`` and ``quota_bytes`` default to the config's ``spaces[name]`` entry, else 0 and no quota."""
+        defaults = self.config.spaces.get(name, {}) if isinstance(name, str) else {}
+        priority = defaults.get("priority", 0) if priority is None else priority
+        quota_bytes = defaults.get("quota_bytes") if quota_bytes is None else quota_bytes
         with self._lock:
             self._check_open()
             if not isinstance(name, str) or not name:

@@ -86,6 +86,7 @@ class KVSpace(Placement):
         self._seqs: dict[Hashable, list[int]] = {}
         self._tokens: dict[Hashable, int] = {}
         self._offloaded: set[Hashable] = set()                         # idle sequences, demotable
+        self._seq_priority: dict[Hashable, int] = {}                   # set_priority overrides
         self._offload_fence: Any = None                                # after the last offload's kernels
         self.map_calls = self.unmap_calls = 0
         self.map_seconds = self.unmap_seconds = 0.0
@@ -145,7 +146,7 @@ class KVSpace(Placement):
             policy = self._mgr.tiering.policy
             for p in self._pages_of(blocks):
                 if self._page_live[p] == 0:
-                    policy.on_create(PageRef(self.name, p), self.priority)
+                    policy.on_create(PageRef(self.name, p), self._seq_priority.get(seq_id, self.priority))
                 self._page_live[p] += 1
                 self._empty.pop(p, None)
             for p in set(self._pages_of(np.asarray(held + blocks.tolist(), dtype=np.int64))):
@@ -176,6 +177,7 @@ class KVSpace(Placement):
     def _free_locked(self, seq_id: Hashable, blocks: np.ndarray, stream: Any) -> None:
         del self._seqs[seq_id], self._tokens[seq_id]
         self._offloaded.discard(seq_id)
+        self._seq_priority.pop(seq_id, None)
         self._block_free[blocks] = True
         self._free_blocks += len(blocks)
         emptied = []
@@ -199,6 +201,20 @@ class KVSpace(Placement):
         self._trim()
         if self._mgr.config.debug_checks:
             self.check()
+
+    def set_priority(self, seq_id: Hashable, priority: int) -> None:
+        """Set a sequence's priority (default: the space's), e.g. for requests under a tight latency objective.
+        A page's priority is the highest of the sequences on it; the ``priority`` policy demotes low first."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
+        with self._mgr._lock:
+            self._mgr._check_open(self)
+            blocks = np.asarray(self._blocks_of(seq_id), dtype=np.int64)
+            self._seq_priority[seq_id] = priority
+            policy = self._mgr.tiering.policy
+            for p in set(self._pages_of(blocks)):
+                page_priority = max(self._seq_priority.get(q, self.priority) for q in self._sequences_on(p))
+                policy.on_priority(PageRef(self.name, p), page_priority)
 
     def blocks(self, seq_id: Hashable) -> list[int]:
         """The block ids of ``seq_id`` in order."""

@@ -1,11 +1,13 @@
 """The policy interface: the tiering layer tells a policy about pages and asks it which go down, and where.
 
-A page is named by a :class:`PageRef` (space name, page index). Policies keep their own state; they never move
-bytes or touch the page table (mechanics stay in ``kvtier.tiering``).
+A page is named by a :class:`PageRef` (space name, page index). Policies keep their own books; they never move
+bytes or touch the page table (mechanics stay in ``kvtier.tiering``). :class:`BookkeepingPolicy` keeps the books
+most policies need (last use, use count, priority), so a policy is mostly its ordering.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
@@ -25,11 +27,57 @@ class Policy(Protocol):
     def on_use(self, ref: PageRef) -> None:
         """A page was used: allocated into, prefetched, or its sequence returned."""
 
+    def on_priority(self, ref: PageRef, priority: int) -> None:
+        """The highest priority among the sequences on a page changed."""
+
     def on_remove(self, ref: PageRef) -> None:
         """A page holds no live block any more, in any tier."""
 
     def victims(self, candidates: Iterable[PageRef], n: int) -> list[PageRef]:
         """Up to ``n`` of ``candidates`` to demote first, coldest first. Returning fewer is always safe."""
 
-    def target_tier(self, ref: PageRef, tier_from: str) -> str:
-        """Where a page leaving ``tier_from`` ("gpu" or "host") should go: "host" or "nvme"."""
+    def target_tier(self, ref: PageRef, tier_from: str, host_has_room: bool) -> str | None:
+        """Where a page leaving ``tier_from`` ("gpu" or "host") goes: "host", "nvme", or None (it stays)."""
+
+
+class BookkeepingPolicy:
+    """Books shared by the built-ins: last use (a clock), use count, priority. Subclasses define ``_key``:
+    the smallest key is demoted first. GPU pages go to host while it has room, then to NVMe."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self._last: dict[PageRef, float] = {}
+        self._uses: dict[PageRef, int] = {}
+        self._priority: dict[PageRef, int] = {}
+        self._clock = time.monotonic
+
+    def on_create(self, ref: PageRef, priority: int) -> None:
+        self._last[ref] = self._clock()
+        self._uses[ref] = 1
+        self._priority[ref] = priority
+
+    def on_use(self, ref: PageRef) -> None:
+        self._last[ref] = self._clock()
+        self._uses[ref] = self._uses.get(ref, 0) + 1
+
+    def on_priority(self, ref: PageRef, priority: int) -> None:
+        self._priority[ref] = priority
+
+    def on_remove(self, ref: PageRef) -> None:
+        self._last.pop(ref, None)
+        self._uses.pop(ref, None)
+        self._priority.pop(ref, None)
+
+    def uses(self, ref: PageRef) -> int:
+        return self._uses.get(ref, 0)
+
+    def _key(self, ref: PageRef, now: float) -> tuple:
+        raise NotImplementedError
+
+    def victims(self, candidates: Iterable[PageRef], n: int) -> list[PageRef]:
+        now = self._clock()
+        return sorted(candidates, key=lambda ref: self._key(ref, now))[:n]
+
+    def target_tier(self, ref: PageRef, tier_from: str, host_has_room: bool) -> str | None:
+        return "host" if tier_from == "gpu" and host_has_room else "nvme"

@@ -1,7 +1,10 @@
-"""A small registry of named policies; unknown names fail with the list of known ones."""
+"""A small registry of named policies. Third-party policies register through the entry-point group
+``kvtier.policies`` or are named by a ``module:Class`` path; an unknown name fails with the list of known ones."""
 
 from __future__ import annotations
 
+import importlib
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 from kvtier.errors import ConfigError
@@ -16,11 +19,38 @@ def register_policy(name: str) -> Callable[[type], type]:
     return add
 
 
-def make_policy(name: str, **params: Any) -> Any:
-    if name not in _POLICIES:
-        raise ConfigError(f"policy {name!r} is unknown (known: {', '.join(sorted(_POLICIES))})")
-    return _POLICIES[name](**params)
+def _plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group="kvtier.policies")}
 
 
 def known_policies() -> list[str]:
-    return sorted(_POLICIES)
+    return sorted(set(_POLICIES) | set(_plugins()))
+
+
+def _resolve(name: str) -> Callable[..., Any]:
+    if name in _POLICIES:
+        return _POLICIES[name]
+    plugins = _plugins()
+    if name in plugins:
+        return plugins[name].load()
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"[policy] name: {name!r} cannot be loaded ({exc})") from exc
+    raise ConfigError(f"[policy] name: {name!r} is unknown (known: {', '.join(known_policies())}; "
+                      "or give a 'module:Class' path)")
+
+
+def make_policy(name: str, nvme_min_uses: int = 0, **params: Any) -> Any:
+    """The policy ``name`` built with ``params``, wrapped in the NVMe admission filter if ``nvme_min_uses``."""
+    cls = _resolve(name)
+    try:
+        policy = cls(**params)
+    except TypeError as exc:
+        raise ConfigError(f"[policy] {name}: bad parameters {sorted(params)} ({exc})") from exc
+    if nvme_min_uses:
+        from kvtier.policies.admission import NvmeAdmission
+        policy = NvmeAdmission(policy, nvme_min_uses)
+    return policy

@@ -47,7 +47,7 @@ class Tiering:
         self._gate = threading.Condition()
         self._mapping = 0
         self.mover = Mover(mgr.device, self.host, self.nvme, gate=self._wait_gate)
-        self.policy = make_policy(cfg.policy)
+        self.policy = make_policy(cfg.policy, nvme_min_uses=cfg.nvme_min_uses, **dict(cfg.policy_params))
         self.stall_seconds: list[float] = []
         self._stall_events: list[tuple[Any, Any]] = []
         self.path_seconds: dict[str, float] = defaultdict(float)
@@ -89,9 +89,13 @@ class Tiering:
         pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]] = defaultdict(list)
         for p in pages:
             src = TIER_NAME[int(table.tier[p])]
-            want = "nvme" if src == "host" else (dst or self.policy.target_tier(PageRef(space.name, p), src))
-            if want == "host" and not self.host.books.can_take(R):
-                want = "nvme"  # host full: straight to NVMe
+            room = src == "gpu" and self.host.books.can_take(R)
+            if dst is None:  # the policy decides (it may keep a page where it is)
+                want = self.policy.target_tier(PageRef(space.name, p), src, room)
+            else:  # the engine asked; a full host tier still spills to NVMe
+                want = "nvme" if src == "host" or (dst == "host" and not room) else dst
+            if want is None:
+                continue
             books = self.host.books if want == "host" else self.nvme.books
             if not books.can_take(R):
                 log.debug("demote: no room below for page %d of %s", p, space.name)
@@ -310,7 +314,7 @@ class Tiering:
             chosen[ref.space].append(ref.page)
             slots -= self.mgr.spaces[ref.space].num_regions
         for name, pages in chosen.items():
-            self.demote(self.mgr.spaces[name], pages, dst="nvme")
+            self.demote(self.mgr.spaces[name], pages)
 
     def poke(self) -> None:
         self._wake.set()

@@ -1,0 +1,29 @@
+"""``lfu``: the least frequently used page goes down first, LRU among equals.
+
+Frequency-aware, so a one-off scan (a long prompt read once) does not push out pages that are used again and
+again, as it would under LRU. Counts halve every ``half_life`` seconds, so old popularity fades.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kvtier.errors import ConfigError
+from kvtier.policies.base import BookkeepingPolicy, PageRef
+from kvtier.policies.registry import register_policy
+
+
+@register_policy("lfu")
+class LFUPolicy(BookkeepingPolicy):
+    name = "lfu"
+
+    def __init__(self, half_life: float = 300.0) -> None:
+        super().__init__()
+        if not half_life > 0:
+            raise ConfigError(f"[policy] half_life: {half_life!r} must be > 0 seconds")
+        self.half_life = half_life
+
+    def _key(self, ref: PageRef, now: float) -> tuple:
+        last = self._last.get(ref, float("-inf"))
+        decay = math.exp2(-(now - last) / self.half_life) if last > float("-inf") else 0.0
+        return (self._uses.get(ref, 0) * decay, last)
