@@ -138,5 +138,69 @@ def config_show(file: str) -> None:
         console.print(f"{f.name:>22} = {escape(repr(getattr(cfg, f.name)))}")
 
 
+@main.command()
+@click.argument("trace", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A config file to replay under (repeat to compare side by side). Default: Config().")
+@click.option("--device", help="Override the configs' device (e.g. cpu).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write tier occupancy and stalls (PNG).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures to a JSON file.")
+def replay(trace: str, configs: tuple[str, ...], device: str | None, plot_path: str | None,
+           json_path: str | None) -> None:
+    """Replay a workload TRACE (JSON Lines) through the real manager and compare configs."""
+    from kvtier.bench.common import Table
+    from kvtier.config import Config
+    from kvtier.replay import load_trace, plot, replay as run_replay, side_by_side
+
+    tr = load_trace(trace)
+    overrides = {"device": device} if device else {}
+    chosen = {path.rsplit("/", 1)[-1]: Config.from_file(path, **overrides) for path in configs} or {
+        "defaults": Config(**overrides)}
+    results = {}
+    for label, cfg in chosen.items():
+        with console.status(f"replaying {trace} under {label}"):
+            results[label] = run_replay(tr, cfg)
+    table = Table(f"Replay of {trace} ({len(tr.events)} events)", ["space", "metric", *results])
+    for row in side_by_side(results):
+        table.add(*row)
+    console.print(table.render())
+    if plot_path:
+        plot(results, plot_path)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({label: {k: v for k, v in r.items() if k != "timeline"} for label, r in results.items()}, f,
+                      indent=1)
+
+
+@main.command("trace")
+@click.argument("kind", type=click.Choice(["chat", "bursty"]))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=None, type=int, help="Conversations (chat) or requests (bursty).")
+def make_trace(kind: str, out: str, seed: int, size: int | None) -> None:
+    """Write a synthetic trace: multi-turn chat, or bursty multi-model traffic with a long tail."""
+    from kvtier.replay import save_trace
+    from kvtier.traces import bursty_trace, chat_trace
+
+    make = chat_trace if kind == "chat" else bursty_trace
+    trace = make(size, seed=seed) if size else make(seed=seed)
+    save_trace(trace, out)
+    console.print(f"{out}: {len(trace.events)} events in {len(trace.spaces)} space(s)")
+
+
+def run() -> None:
+    """The console script: kvtier's own errors print as one clear message, not a traceback."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        raise SystemExit(130) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except kvtier.KVTierError as exc:
+        console.print(f"[red]error[/red] {escape(str(exc))}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    run()

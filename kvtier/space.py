@@ -317,6 +317,14 @@ class KVSpace(Placement):
             return {name: int((codes == code).sum()) * per_block
                     for name, code in (("gpu", GPU), ("host", HOST), ("nvme", NVME), ("lost", LOST))}
 
+    def page_residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Distinct pages holding ``seq_id``'s blocks, per tier (pages may be shared with other sequences)."""
+        with self._mgr._lock:
+            pages = sorted(set(self._pages_of(np.asarray(self._blocks_of(seq_id), dtype=np.int64))))
+            codes = self.pages.tier[pages]
+            return {name: int((codes == code).sum())
+                    for name, code in (("gpu", GPU), ("host", HOST), ("nvme", NVME), ("lost", LOST))}
+
     def _idle_pages(self) -> list[int]:
         """GPU pages, not in flight, whose live blocks all belong to offloaded sequences."""
         active = np.zeros(self.num_pages, dtype=bool)

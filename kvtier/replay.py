@@ -1,0 +1,164 @@
+"""Replay a workload trace through the real manager (real pages, real copies, real files) to compare configs.
+
+Trace: JSON Lines. The first line describes the spaces, ``{"spaces": {"chat": {"num_layers": 4, ...,
+"priority": 5}}}``; every other line is one event, in time order::
+
+    {"t": 0.0, "op": "arrive", "space": "chat", "seq": "c1", "tokens": 1800}   # prompt of 1800 tokens
+    {"t": 0.4, "op": "decode", "seq": "c1", "tokens": 200}                     # 200 tokens generated
+    {"t": 0.4, "op": "idle",   "seq": "c1"}                                    # waits for the user
+    {"t": 31.0, "op": "return", "seq": "c1", "tokens": 120}                    # back with 120 more tokens
+    {"t": 40.0, "op": "finish", "seq": "c1"}
+
+Time is the trace's, not the wall clock's: events run back to back, and the policy reads the trace clock, so a
+replay of an hour takes seconds and is repeatable. Each ``return`` faults the sequence back before its step;
+its stall is the wall time that took.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from kvtier.config import Config
+from kvtier.errors import ConfigError, KVTierError
+from kvtier.manager import TierManager
+
+OPS = ("arrive", "decode", "idle", "return", "finish")
+
+
+@dataclass
+class Trace:
+    spaces: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+
+
+def load_trace(path: str) -> Trace:
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or "spaces" not in lines[0]:
+        raise ConfigError(f"{path}: the first line must describe the spaces: {{\"spaces\": {{...}}}}")
+    events = lines[1:]
+    for i, e in enumerate(events, start=2):
+        if e.get("op") not in OPS or "seq" not in e or "t" not in e:
+            raise ConfigError(f"{path}:{i}: an event needs t, seq and op (one of {', '.join(OPS)}), got {e}")
+    return Trace(lines[0]["spaces"], events)
+
+
+def save_trace(trace: Trace, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps({"spaces": trace.spaces}) + "\n")
+        for e in trace.events:
+            f.write(json.dumps(e) + "\n")
+
+
+@dataclass
+class SpaceReport:
+    returns: Counter = field(default_factory=Counter)   # where a returning sequence's pages were: gpu/host/nvme
+    stalls: list[float] = field(default_factory=list)   # seconds each return waited for its fault-back
+    failed: int = 0                                      # requests refused (out of pages): preempted
+    pages_up: Counter = field(default_factory=Counter)   # pages it faulted back, per source tier
+
+    def row(self) -> dict[str, Any]:
+        n = sum(self.returns.values())
+        pct = (lambda q: float(np.percentile(self.stalls, q)) * 1e3 if self.stalls else 0.0)
+        return {"returns": n, **{f"hit {t}": (self.returns[t] / n if n else 0.0) for t in ("gpu", "host", "nvme")},
+                "stall p50 ms": pct(50), "stall p99 ms": pct(99), "refused": self.failed}
+
+
+def replay(trace: Trace, config: Config) -> dict[str, Any]:
+    """Run ``trace`` under ``config``; return per-space reports, bytes per path and tier occupancy over time."""
+    config = config.replace(background_demotion=False)  # demotion on demand only: repeatable
+    reports: dict[str, SpaceReport] = defaultdict(SpaceReport)
+    timeline: list[tuple[float, int, int, int]] = []
+    now = [0.0]
+    with TierManager(config) as mgr:
+        mgr.tiering.host.wait_ready()
+        policy = mgr.tiering.policy
+        getattr(policy, "inner", policy)._clock = lambda: now[0]  # the policy ages on the trace's clock
+        spaces = {name: mgr.create_space(name, **shape) for name, shape in trace.spaces.items()}
+        where: dict[str, str] = {}
+        tokens: dict[str, int] = {}
+        for e in trace.events:
+            now[0] = float(e["t"])
+            seq, op = e["seq"], e["op"]
+            if op == "arrive":
+                where[seq], tokens[seq] = e["space"], 0
+            if seq not in where:
+                continue  # refused earlier
+            space, report = spaces[where[seq]], reports[where[seq]]
+            try:
+                if op == "return":
+                    res = space.page_residency(seq)  # the slowest tier it must come back from
+                    report.returns["nvme" if res["nvme"] else "host" if res["host"] else "gpu"] += 1
+                    report.pages_up.update({"host": res["host"], "nvme": res["nvme"]})
+                    start = time.perf_counter()
+                    space.ensure_resident([seq])
+                    report.stalls.append(time.perf_counter() - start)
+                if op in ("arrive", "decode", "return"):
+                    tokens[seq] += int(e.get("tokens", 0))
+                    space.allocate(seq, min(tokens[seq], space.max_tokens))
+                elif op == "idle":
+                    space.offload(seq)
+                elif op == "finish":
+                    space.free(seq)
+                    del where[seq]
+            except KVTierError:
+                report.failed += 1  # the engine would preempt it: drop the request
+                if seq in space.sequences():
+                    space.free(seq)
+                where.pop(seq, None)
+            stats = mgr.stats()["spaces"].values()
+            timeline.append((now[0], sum(s["pages_mapped"] for s in stats), sum(s["pages_host"] for s in stats),
+                             sum(s["pages_nvme"] for s in stats)))
+        paths = {k: v["bytes"] for k, v in mgr.stats()["tiers"]["paths"].items()}
+        path_pages = {k: v["pages"] for k, v in mgr.stats()["tiers"]["paths"].items()}
+    occupancy = np.array(timeline) if timeline else np.zeros((0, 4))
+    return {"spaces": {name: reports[name].row() for name in trace.spaces}, "bytes": paths, "path_pages": path_pages,
+            "pages_up": {tier: sum(r.pages_up[tier] for r in reports.values()) for tier in ("host", "nvme")},
+            "peak pages": {"gpu": int(occupancy[:, 1].max(initial=0)), "host": int(occupancy[:, 2].max(initial=0)),
+                           "nvme": int(occupancy[:, 3].max(initial=0))},
+            "timeline": occupancy.tolist(), "stalls": {n: reports[n].stalls for n in trace.spaces}}
+
+
+def plot(results: dict[str, dict[str, Any]], path: str) -> None:
+    """Tier occupancy over trace time, and the stall distributions, one colour per config."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib") from exc
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, res in results.items():
+        tl = np.array(res["timeline"])
+        if len(tl):
+            for col, tier, style in ((1, "gpu", "-"), (2, "host", "--"), (3, "nvme", ":")):
+                ax_t.plot(tl[:, 0], tl[:, col], style, label=f"{label}: {tier}")
+        stalls = sorted(s * 1e3 for v in res["stalls"].values() for s in v)
+        if stalls:
+            ax_s.plot(stalls, np.linspace(0, 1, len(stalls)), label=label)
+    ax_t.set(xlabel="trace time (s)", ylabel="pages", title="tier occupancy")
+    ax_s.set(xlabel="fault-back stall (ms)", ylabel="fraction of returns", title="stall distribution (CDF)",
+             xscale="symlog")
+    ax_t.legend(fontsize=7)
+    ax_s.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def side_by_side(results: dict[str, dict[str, Any]]) -> Iterable[list[Any]]:
+    """Rows (space, metric, value per config) for a table."""
+    labels = list(results)
+    first = results[labels[0]]
+    for space in first["spaces"]:
+        for metric in first["spaces"][space]:
+            yield [space, metric, *[results[lab]["spaces"][space][metric] for lab in labels]]
+    for path in sorted({p for r in results.values() for p in r["bytes"]}):
+        yield ["(all)", f"GB {path}", *[results[lab]["bytes"].get(path, 0) / 1e9 for lab in labels]]
+    for tier in ("gpu", "host", "nvme"):
+        yield ["(all)", f"peak pages {tier}", *[results[lab]["peak pages"][tier] for lab in labels]]
