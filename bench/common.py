@@ -24,13 +24,43 @@ def system_info(device: torch.device) -> dict[str, Any]:
             info["driver_cuda"] = f"{v // 1000}.{v % 1000 // 10}"
         except ImportError:
             pass
-        for name in ("current_link_speed", "current_link_width"):  # the PCIe link the copies cross
+        for name in ("current_link_speed", "current_link_width", "numa_node"):  # the PCIe link the copies cross
             path = f"/sys/bus/pci/devices/{_pci_bus_id(device)}/{name}"
             if os.path.exists(path):
                 info[f"pcie_{name.removeprefix('current_')}"] = open(path).read().strip()
     else:
         info["cpu"] = platform.processor() or platform.machine()
+    info["nvme_io"] = io_mode(device)
     return info
+
+
+def host_facts(directory: str | None = None) -> dict[str, Any]:
+    """Host memory, and the filesystem (and its mount) that the NVMe tier's directory is on."""
+    facts: dict[str, Any] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                facts["host_memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    if directory:
+        best = ("", "?", "?")
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mount, fstype = line.split()[:3]
+                if os.path.realpath(directory).startswith(mount) and len(mount) > len(best[0]):
+                    best = (mount, fstype, dev)
+        facts.update(nvme_dir=directory, filesystem=f"{best[1]} on {best[2]} (mounted at {best[0]})")
+    return facts
+
+
+def io_mode(device: torch.device) -> str:
+    """How NVMe I/O would run here: kvikio with GDS, kvikio's POSIX compat mode, or plain POSIX."""
+    if device.type != "cuda":
+        return "posix (no CUDA driver: kvikio cannot run)"
+    try:
+        import kvikio.defaults
+        return "kvikio compat (POSIX)" if kvikio.defaults.is_compat_mode_preferred() else "kvikio GDS"
+    except ImportError:
+        return "posix (kvikio not installed)"
 
 
 def _pci_bus_id(device: torch.device) -> str:

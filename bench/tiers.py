@@ -35,11 +35,12 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
     """Seconds for one pinned copy of ``nbytes`` each way, and for both at once on two streams."""
-    if device.type != "cuda":
+    if device.type != "cuda":  # memcpy: whole buffer or page-sized pieces, whichever is faster here
         a, b = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
         a.fill_(1)
         b.copy_(a)  # touch both once
-        one = min(_timed(lambda: b.copy_(a)) for _ in range(3))
+        pieces = lambda: [b[o:o + CHUNK].copy_(a[o:o + CHUNK]) for o in range(0, nbytes, CHUNK)]
+        one = min(min(_timed(lambda: b.copy_(a)), _timed(pieces)) for _ in range(3))
         return {"down": one, "up": one, "both": 2 * one}
     dev = torch.empty(2 * nbytes, dtype=torch.uint8, device=device)
     host = torch.empty(2 * nbytes, dtype=torch.uint8, pin_memory=True)
@@ -64,8 +65,8 @@ def _pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
     return out
 
 
-def _disk_ceilings(directory: str, nbytes: int, threads: int) -> dict[str, float]:
-    """Seconds to write then read ``nbytes`` with O_DIRECT (buffered where refused), in 8 MiB pieces."""
+def _disk_ceilings(directory: str, nbytes: int, threads: int, chunk: int = CHUNK) -> dict[str, float]:
+    """Seconds to write then read ``nbytes`` with O_DIRECT (buffered where refused), in ``chunk`` pieces."""
     path = os.path.join(directory, f"kvtier-raw-{os.getpid()}.bin")
     buf_addr = map_anonymous(nbytes)
     buf = tensor_over(buf_addr, nbytes, torch.device("cpu"))
@@ -76,14 +77,14 @@ def _disk_ceilings(directory: str, nbytes: int, threads: int) -> dict[str, float
     except OSError:
         fd = os.open(path, flags)
     try:
-        os.ftruncate(fd, nbytes)
+        os.posix_fallocate(fd, 0, nbytes)  # allocated up front, as the NVMe tier's slots are once used
         from kvtier.tiering.nvme import _memoryview
-        views = [_memoryview(buf[o:o + CHUNK]) for o in range(0, nbytes, CHUNK)]
-        with cf.ThreadPoolExecutor(threads) as pool:  # best of two: a virtual disk's speed wanders
-            write = min(_timed(lambda: list(pool.map(lambda i: os.pwrite(fd, views[i], i * CHUNK),
-                                                     range(len(views))))) for _ in range(2))
-            read = min(_timed(lambda: list(pool.map(lambda i: os.preadv(fd, [views[i]], i * CHUNK),
-                                                    range(len(views))))) for _ in range(2))
+        views = [_memoryview(buf[o:o + chunk]) for o in range(0, nbytes, chunk)]
+        with cf.ThreadPoolExecutor(threads) as pool:  # best of three: a virtual disk's speed wanders
+            write = min(_timed(lambda: list(pool.map(lambda i: os.pwrite(fd, views[i], i * chunk),
+                                                     range(len(views))))) for _ in range(3))
+            read = min(_timed(lambda: list(pool.map(lambda i: os.preadv(fd, [views[i]], i * chunk),
+                                                    range(len(views))))) for _ in range(3))
     finally:
         os.close(fd)
         os.unlink(path)
@@ -151,8 +152,63 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
         add("nvme -> host (stage)", _timed(lambda: space.stage(["a"]).result()), disk["read"],
             "raw O_DIRECT read", ">= 0.85")
         space.ensure_resident(["a"])
+        disk_rows = [row for row in table.rows if "O_DIRECT" in row[4]]
+        for _ in range(3):  # the disk wanders: measure it again after, and again while kvtier beats it
+            again = _disk_ceilings(directory, nbytes, config.nvme_threads)
+            for row in disk_rows:
+                kind = "write" if "write" in row[4] else "read"
+                disk[kind] = min(disk[kind], again[kind])
+                row[2], row[3] = gb / disk[kind], disk[kind] / (gb / row[1])
+            if all(row[3] <= 1.0 for row in disk_rows):
+                break
+        for row in disk_rows:  # say so rather than print a ratio that only shows the disk's wandering
+            if row[3] > 1.05:
+                row[5] += " (ceiling unstable: disk)"
         if not torch.equal(space.kv(space.num_layers - 1)[1][ids], probe):
             raise AssertionError("data changed on its way through the tiers")
         table.notes.append(f"NVMe: {mgr.tiering.nvme.mode} in {directory}; ratio = ceiling time / kvtier time; "
                            "data verified after the round trips")
     return [table]
+
+
+def _naive(device: torch.device, nbytes: int) -> dict[str, float]:
+    """What users write without kvtier: ``tensor.cpu()`` into pageable memory and ``.cuda()`` back."""
+    if device.type != "cuda":
+        return {}
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    down = _timed(lambda: (dev.cpu(), torch.cuda.synchronize(device)))
+    host = dev.cpu()
+    up = _timed(lambda: (host.cuda(device), torch.cuda.synchronize(device)))
+    return {"down": down, "up": up}
+
+
+def sweep(device: str, token_counts: list[int], step: Any = None) -> Table:
+    """GPU <-> host bandwidth through kvtier vs transfer size (one whole sequence each), next to the pinned-copy
+    ceiling and the naive pageable copy of the same size."""
+    shape, per_token = dict(LLAMA8B), 2 * 32 * 8 * 128 * 2
+    largest = max(token_counts) * per_token
+    table = Table("GPU <-> host vs transfer size (one sequence, Llama-3-8B shape)",
+                  ["tokens", "MiB", "down GB/s", "down ceiling", "down ratio", "up GB/s", "up ceiling", "up ratio",
+                   "naive down", "naive up"])
+    config = Config(device=device, pool_budget=largest + 512 * MiB, pool_ready=largest + 256 * MiB,
+                    host_size=largest + 256 * MiB, host_chunk=256 * MiB, nvme_size=64 * MiB,
+                    background_demotion=False, space_reserve_pages=0)
+    with TierManager(config) as mgr:
+        mgr.tiering.host.wait_ready()
+        space = mgr.create_space("sweep", max_tokens=max(token_counts) + 8192, **shape)
+        for tokens in token_counts:
+            nbytes = tokens * per_token
+            space.allocate("s", tokens)
+            mgr.backend.synchronize()
+            down = _timed(lambda: space.offload("s", tier="host").result())
+            up = _timed(lambda: space.ensure_resident(["s"]))
+            space.free("s")
+            pcie, naive = _pcie_ceilings(mgr.device, nbytes), _naive(mgr.device, nbytes)
+            gb = nbytes / 1e9
+            table.add(tokens, nbytes // MiB, gb / down, gb / pcie["down"], pcie["down"] / down, gb / up,
+                      gb / pcie["up"], pcie["up"] / up, gb / naive["down"] if naive else 0.0,
+                      gb / naive["up"] if naive else 0.0)
+            if step:
+                step()
+    table.notes.append("ratio = pinned-copy time / kvtier time; naive = tensor.cpu() / .cuda() via pageable memory")
+    return table

@@ -48,54 +48,90 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option("--quick", is_flag=True, help="A short run (about a minute).")(fn)
     fn = click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
                       help="Also write the results to this JSON file.")(fn)
+    fn = click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
+                      help="Write PNG plots (bandwidth vs size, with the ceilings) into this directory.")(fn)
+    fn = click.option("--nvme-dir", type=click.Path(file_okay=False), help="Where NVMe files go (default: a "
+                      "temporary directory; point it at the NVMe you will deploy on).")(fn)
     return fn
 
 
-def _run_bench(name: str, device: str, json_path: str | None, run: Any) -> None:
-    """System header first, then each table; the same facts go to the JSON file."""
-    from kvtier.bench.common import system_info
+def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None) -> list[tuple[str, int, Any]]:
+    """(name, steps, run(step) -> tables) for each sub-benchmark asked for."""
+    from kvtier.bench import nvme, prefetch, tiers, vmm
     from kvtier.vmm import resolve_device
 
-    system = system_info(resolve_device(device))
+    cuda = resolve_device(device).type == "cuda"
+    tokens = ([2048, 8192] if quick else [1024, 4096, 16384, 32768]) if cuda else [4096]
+    threads, sizes = ([1, 4], [8 << 20]) if quick else ([1, 2, 4, 8], [1 << 20, 8 << 20, 32 << 20])
+    table = {
+        "vmm": (1, lambda step: vmm.run(device, quick=quick)),
+        "tiers": (1 + len(tokens), lambda step: tiers.run(device, quick=quick, nvme_dir=nvme_dir)
+                  + [tiers.sweep(device, tokens, step)]),
+        "prefetch": (len(tokens), lambda step: [prefetch.run(device, tokens, nvme_dir, step)]),
+        "nvme": (len(threads) * len(sizes), lambda step: [nvme.run((256 if quick else 1024) << 20, threads, sizes,
+                                                                   nvme_dir, step)]),
+    }
+    return [(name, *table[name]) for name in names]
+
+
+def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
+               nvme_dir: str | None) -> None:
+    """System header first, then each table (progress bars meanwhile); the same facts go to the JSON file."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvtier.bench.common import host_facts, system_info
+    from kvtier.vmm import resolve_device
+
+    dev = resolve_device(device)
+    system = {**system_info(dev), **host_facts(nvme_dir or "/tmp")}
     console.print("[bold]System[/bold]  " + escape("  ".join(f"{k}={v}" for k, v in system.items())))
-    tables = run()
-    for table in tables:
-        console.print(table.render())
+    tables: list[Any] = []
+    kinds: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        for name, steps, run in _parts(names, device, quick, nvme_dir):
+            task = progress.add_task(f"bench {name}", total=steps)
+            produced = run(lambda t=task: progress.advance(t))
+            progress.update(task, completed=steps)
+            for table in produced:
+                progress.console.print(table.render())
+            tables += produced
+            kinds.update({"sweep" if "transfer size" in t.title else name: t for t in produced})
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"benchmark": name, "system": system, "tables": [t.as_json() for t in tables]}, f, indent=1)
+            json.dump({"benchmark": names, "system": system, "tables": [t.as_json() for t in tables]}, f, indent=1)
+    if plot_dir:
+        from kvtier.bench import plots
+        title = f"{system.get('gpu', 'CPU backend')}"
+        for path in plots.write(kinds, plot_dir, title):
+            console.print(f"plot: {escape(path)}")
+
+
+ALL = ["vmm", "tiers", "prefetch", "nvme"]
 
 
 @main.group(invoke_without_command=True)
 @_bench_options
 @click.pass_context
-def bench(ctx: click.Context, device: str, quick: bool, json_path: str | None) -> None:
-    """Benchmarks; with no sub-command, run them all."""
+def bench(ctx: click.Context, device: str, quick: bool, json_path: str | None, plot_dir: str | None,
+          nvme_dir: str | None) -> None:
+    """Benchmarks; with no sub-command, run them all (vmm, tiers, prefetch, nvme)."""
     if ctx.invoked_subcommand is None:
-        from kvtier.bench import tiers, vmm
-
-        _run_bench("all", device, json_path,
-                   lambda: vmm.run(device, quick=quick) + tiers.run(device, quick=quick))
+        _run_bench(ALL, device, quick, json_path, plot_dir, nvme_dir)
 
 
-@bench.command("vmm")
-@_bench_options
-def bench_vmm(device: str, quick: bool, json_path: str | None) -> None:
-    """Map/unmap cost vs page size, allocate latency, decode-attention overhead."""
-    from kvtier.bench import vmm
+def _sub(name: str, doc: str) -> None:
+    @bench.command(name, help=doc)
+    @_bench_options
+    def command(device: str, quick: bool, json_path: str | None, plot_dir: str | None,
+                nvme_dir: str | None) -> None:
+        _run_bench([name], device, quick, json_path, plot_dir, nvme_dir)
 
-    _run_bench("vmm", device, json_path, lambda: vmm.run(device, quick=quick))
 
-
-@bench.command("tiers")
-@_bench_options
-@click.option("--nvme-dir", type=click.Path(file_okay=False), help="Where the NVMe tier's file goes (default: a "
-              "temporary directory; point it at the NVMe you will deploy on).")
-def bench_tiers(device: str, quick: bool, json_path: str | None, nvme_dir: str | None) -> None:
-    """Bandwidth of every tier path for a whole sequence, against same-run PCIe and disk ceilings."""
-    from kvtier.bench import tiers
-
-    _run_bench("tiers", device, json_path, lambda: tiers.run(device, quick=quick, nvme_dir=nvme_dir))
+_sub("vmm", "Map/unmap cost vs page size, allocate latency, decode-attention overhead.")
+_sub("tiers", "Every tier path for a whole sequence, and GPU<->host vs transfer size, against same-run ceilings.")
+_sub("prefetch", "Fault-back latency vs sequence length, mapping included.")
+_sub("nvme", "Disk throughput vs threads and I/O size; kvikio (GDS or compat) on GPU machines.")
 
 
 @main.group()

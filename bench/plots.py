@@ -1,0 +1,74 @@
+"""PNG plots for ``kvtier bench --plot DIR``: bandwidth vs transfer size per path with its ceiling drawn."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kvtier.bench.common import Table
+from kvtier.errors import ConfigError
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install 'kvtier[plot]'") from exc
+    return plt
+
+
+def _col(table: Table, name: str) -> list[Any]:
+    i = table.columns.index(name)
+    return [row[i] for row in table.rows]
+
+
+def write(tables: dict[str, Table], directory: str, title: str) -> list[str]:
+    """One PNG per table kind present; returns the paths written."""
+    plt = _pyplot()
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    if "sweep" in tables:
+        t = tables["sweep"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        mib = _col(t, "MiB")
+        for path, color in (("down", "tab:blue"), ("up", "tab:orange")):
+            ax.plot(mib, _col(t, f"{path} GB/s"), "o-", color=color, label=f"kvtier GPU {path}")
+            ax.plot(mib, _col(t, f"{path} ceiling"), "--", color=color, label=f"pinned copy {path} (ceiling)")
+            if any(_col(t, f"naive {path}")):
+                ax.plot(mib, _col(t, f"naive {path}"), ":", color=color, label=f"naive .cpu()/.cuda() {path}")
+        ax.set(xscale="log", xlabel="transfer (one sequence), MiB", ylabel="GB/s", title=f"GPU <-> host  {title}")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, directory, "tiers.png"))
+    if "prefetch" in tables:
+        t = tables["prefetch"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        mib = _col(t, "MiB")
+        ax.plot(mib, _col(t, "from host ms"), "o-", label="prefetch from host")
+        ax.plot(mib, _col(t, "pinned copy ms"), "--", label="pinned copy (ceiling)")
+        ax.plot(mib, _col(t, "from nvme ms"), "s-", label="prefetch from NVMe")
+        ax.plot(mib, _col(t, "raw read ms"), ":", label="raw O_DIRECT read (ceiling)")
+        ax.set(xscale="log", yscale="log", xlabel="sequence, MiB", ylabel="ms", title=f"fault-back  {title}")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, directory, "prefetch.png"))
+    if "nvme" in tables:
+        t = tables["nvme"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for size in sorted(set(_col(t, "I/O MiB"))):
+            rows = [r for r in t.rows if r[1] == size]
+            ax.plot([r[0] for r in rows], [r[3] for r in rows], "o-", label=f"raw read, {size} MiB I/O")
+            ax.plot([r[0] for r in rows], [r[2] for r in rows], "s--", label=f"raw write, {size} MiB I/O")
+            if any(r[5] for r in rows):
+                ax.plot([r[0] for r in rows], [r[5] for r in rows], "^:", label=f"kvikio read, {size} MiB")
+        ax.set(xlabel="threads", ylabel="GB/s", title=f"NVMe  {title}")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, directory, "nvme.png"))
+    return written
+
+
+def _save(fig: Any, directory: str, name: str) -> str:
+    path = os.path.join(directory, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
