@@ -149,7 +149,7 @@ class KVSpace(Placement):
                     policy.on_create(PageRef(self.name, p), self._seq_priority.get(seq_id, self.priority))
                 self._page_live[p] += 1
                 self._empty.pop(p, None)
-            for p in set(self._pages_of(np.asarray(held + blocks.tolist(), dtype=np.int64))):
+            for p in set(self._pages_of(blocks)):  # the rest of an active sequence is never a candidate
                 policy.on_use(PageRef(self.name, p))
             held = held + blocks.tolist()
             self._seqs[seq_id] = held
@@ -259,6 +259,8 @@ class KVSpace(Placement):
             self._offloaded.add(seq_id)
             self._offload_fence = self._mgr.backend.record_fence(stream)
             tiering = self._mgr.tiering
+            for p in set(self._pages_of(np.asarray(self._seqs[seq_id], dtype=np.int64))):
+                tiering.policy.on_use(PageRef(self.name, p))  # its last use: the policy ages it from here
             if tier is None:
                 tiering.poke()
                 return TransferHandle(tiering, "demote", [])
@@ -327,6 +329,8 @@ class KVSpace(Placement):
 
     def _idle_pages(self) -> list[int]:
         """GPU pages, not in flight, whose live blocks all belong to offloaded sequences."""
+        if not self._offloaded:  # the common case on the allocation path: nothing is idle
+            return []
         active = np.zeros(self.num_pages, dtype=bool)
         blocks = [b for q, bl in self._seqs.items() if q not in self._offloaded for b in bl]
         if blocks:
