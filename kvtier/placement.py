@@ -99,6 +99,22 @@ class Placement:
             allowed, sharing = mapped.copy(), True  # the reservation is short of fresh pages: share
             rest = take(allowed)
 
+    def _plan_range(self, first_block: int, held: int, need: int) -> tuple[np.ndarray, list[int]]:
+        """Blocks ``first_block + held ...`` for ``need`` more, and the vacant pages they touch. No side effects."""
+        from kvtier.errors import InvalidArgumentError
+        start, stop = first_block + held, first_block + held + need
+        if isinstance(first_block, bool) or not isinstance(first_block, int) or first_block < 0 or stop > self.num_blocks:
+            raise InvalidArgumentError(f"first_block {first_block!r}: blocks {start}..{stop - 1} are outside the "
+                                       f"space's 0..{self.num_blocks - 1}")
+        blocks = np.arange(start, stop, dtype=np.int64)
+        if not self._block_free[blocks].all():
+            raise SpaceFullError(f"space {self.name!r}: blocks {start}..{stop - 1} are not all free")
+        pages = sorted(set(self._pages_of(blocks)))
+        tier = self.pages.tier[pages]
+        if ((tier != 0) & ~self.pages.allocatable()[pages]).any():
+            raise SpaceFullError(f"space {self.name!r}: pages of blocks {start}..{stop - 1} hold data elsewhere")
+        return blocks, [p for p, t in zip(pages, tier) if t == 0]
+
     def _within_quota(self, new_pages: int) -> bool:
         return self.quota_bytes is None or (len(self.pages.handles) + new_pages) * self.page_bytes <= self.quota_bytes
 

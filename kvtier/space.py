@@ -110,11 +110,13 @@ class KVSpace(Placement):
                                        f"{self.num_layers} layers (0..{self.num_layers - 1})")
         return self._kv[layer]
 
-    def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
+    def allocate(self, seq_id: Hashable, num_tokens: int, first_block: int | None = None) -> list[int]:
         """Grow ``seq_id`` to hold ``num_tokens`` tokens in total; return all its block ids in order.
 
         A new ``seq_id`` starts empty. Asking for fewer tokens than the sequence holds changes nothing. On
-        :class:`OutOfPagesError` (pool, quota or reservation exhausted) nothing changed.
+        :class:`OutOfPagesError` (pool, quota or reservation exhausted) nothing changed. ``first_block`` pins the
+        sequence to consecutive blocks from there (so that its tokens are one strided view of ``kv(layer)``, as
+        contiguous-cache integrations need); those blocks must be free.
         """
         with self._mgr._lock:
             self._mgr._check_open(self)
@@ -131,7 +133,10 @@ class KVSpace(Placement):
                 self._seqs.setdefault(seq_id, held)
                 self._tokens[seq_id] = max(self._tokens.get(seq_id, 0), num_tokens)
                 return list(held)
-            blocks, new_pages = self._plan(held, need)
+            if first_block is None:
+                blocks, new_pages = self._plan(held, need)
+            else:
+                blocks, new_pages = self._plan_range(first_block, len(held), need)
             mapped_after = (len(self.pages.handles) + len(new_pages)) * self.page_bytes
             if not self._within_quota(len(new_pages)):
                 raise QuotaExceededError(

@@ -1,0 +1,1 @@
+"""Engine integrations: ``kvtier.integrations.transformers.TieredCache`` (needs transformers 5)."""

@@ -1,0 +1,177 @@
+"""A transformers ``Cache`` whose keys and values live in kvtier spaces::
+
+    cache = TieredCache(model.config, max_tokens=32768, resident_layers=None)
+    model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
+
+Each layer is a space of its own (one model layer: K and V regions), all sharing one manager's page pool, so a
+layer's pages can leave the GPU and come back independently of the others. Each batch row owns a fixed run of
+blocks, so a layer's past is one strided view of the space's tensor: ``update`` writes the new tokens in place
+and returns views -- no per-step copy of the cache.
+
+``resident_layers`` layers stay on the GPU (``None``: as many as the pool's budget holds at ``max_tokens``); the
+others stream: while layer ``l`` computes, layer ``l+1`` is prefetched, and layer ``l-1`` -- whose attention has
+been enqueued -- is offloaded (its copies wait on the compute stream, so they never race the kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvtier.config import Config
+from kvtier.errors import InvalidArgumentError
+from kvtier.manager import TierManager
+
+
+class TieredLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "TieredCache", index: int) -> None:
+        super().__init__()
+        self.cache, self.index, self.length = cache, index, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = self.cache._update(self, key_states, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.cache.max_tokens
+
+    def offload(self) -> None:  # the cache streams its pages itself
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    def reset(self) -> None:
+        self.cache._reset_layer(self)
+
+
+class TieredCache(Cache):
+    """See the module docstring. ``manager``: share an existing :class:`TierManager` (default: one is made on
+    the first update's device with ``config`` or defaults). ``offload_tier``: where streamed layers go
+    ("host" or "nvme")."""
+
+    def __init__(self, model_config: Any, max_tokens: int = 32768, batch_size: int = 1,
+                 manager: TierManager | None = None, config: Config | None = None,
+                 resident_layers: int | None = None, offload_tier: str = "host", block_size: int = 16,
+                 name: str = "tiered-cache") -> None:
+        num_layers = model_config.num_hidden_layers
+        super().__init__(layers=[TieredLayer(self, i) for i in range(num_layers)])
+        if offload_tier not in ("host", "nvme"):
+            raise InvalidArgumentError(f"offload_tier {offload_tier!r}: use 'host' or 'nvme'")
+        self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+        self.head_dim = getattr(model_config, "head_dim", None) or \
+            model_config.hidden_size // model_config.num_attention_heads
+        self.rows, self.block_size, self.name = batch_size, block_size, name  # Cache.batch_size reads layers
+        self.blocks_per_row = math.ceil(max_tokens / block_size)
+        self.max_tokens = self.blocks_per_row * block_size
+        self.manager, self._own_manager, self._config = manager, manager is None, config
+        self.resident_layers, self.offload_tier = resident_layers, offload_tier
+        self.spaces: list[Any] = []
+        self._pending: dict[int, Any] = {}  # layer -> prefetch handle
+        self._streamed: set[int] = set()
+
+    # --- set-up on the first update (the dtype and device come with the first key states) ------------------------
+    def _setup(self, key_states: torch.Tensor) -> None:
+        if self.manager is None:
+            device = str(key_states.device) if key_states.device.type == "cuda" else "cpu"
+            self.manager = TierManager((self._config or Config()).replace(device=device))
+        n = len(self.layers)
+        for i in range(n):
+            self.spaces.append(self.manager.create_space(
+                f"{self.name}.L{i}", num_layers=1, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                dtype=key_states.dtype, block_size=self.block_size, max_tokens=self.rows * self.max_tokens))
+        resident = self.resident_layers
+        if resident is None:  # as many layers as the pool holds at full length (a margin of two streamed layers)
+            per_layer = self.spaces[0].page_bytes * self.spaces[0].num_pages
+            resident = max(0, min(n, self.manager.pool.budget_pages * self.manager.page_size // per_layer - 2))
+        self._streamed = set(range(resident, n))
+
+    def _rows(self) -> range:
+        return range(self.rows)
+
+    # --- the step ---------------------------------------------------------------------------------------------------
+    def _update(self, layer: TieredLayer, key_states: torch.Tensor,
+                value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.spaces:
+            self._setup(key_states)
+        i, n = layer.index, len(self.layers)
+        batch, heads, new, dim = key_states.shape
+        if batch != self.rows:
+            raise InvalidArgumentError(f"TieredCache was made for batch_size {self.rows}, got {batch}")
+        space = self.spaces[i]
+        stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
+        pending = self._pending.pop(i, None)
+        if pending is not None:
+            pending.wait(stream)  # this layer's pages are on the GPU before its attention reads them
+        start, stop = layer.length, layer.length + new
+        if stop > self.max_tokens:
+            raise InvalidArgumentError(f"TieredCache holds {self.max_tokens} tokens a row; raise max_tokens")
+        for row in self._rows():
+            space.allocate(row, stop, first_block=row * self.blocks_per_row)
+        rows_k, rows_v = (t.view(self.rows, self.max_tokens, heads, dim) for t in space.kv(0))
+        rows_k[:, start:stop] = key_states.transpose(1, 2)
+        rows_v[:, start:stop] = value_states.transpose(1, 2)
+        layer.length = stop
+        if self._streamed:
+            previous, following = (i - 1) % n, (i + 1) % n
+            if previous in self._streamed and self.layers[previous].length:
+                for row in self._rows():  # its attention is enqueued on ``stream``: the copies wait for it
+                    self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
+            if following in self._streamed and self.layers[following].length and following != i:
+                self._pending[following] = self.spaces[following].prefetch(self._rows())
+        return rows_k[:, :stop].transpose(1, 2), rows_v[:, :stop].transpose(1, 2)
+
+    def _reset_layer(self, layer: TieredLayer) -> None:
+        if self.spaces:
+            handle = self._pending.pop(layer.index, None)
+            if handle is not None:
+                handle.result()
+            for row in self._rows():
+                if row in self.spaces[layer.index].sequences():
+                    self.spaces[layer.index].free(row)
+        layer.length = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+
+    def residency(self) -> dict[str, int]:
+        """Bytes of this cache per tier, over every layer and row."""
+        total = {"gpu": 0, "host": 0, "nvme": 0, "lost": 0}
+        for space in self.spaces:
+            for row in space.sequences():
+                for tier, nbytes in space.residency(row).items():
+                    total[tier] += nbytes
+        return total
+
+    def close(self) -> None:
+        """Give the pages back (and close the manager if this cache made it)."""
+        for handle in self._pending.values():
+            handle.result()
+        self._pending.clear()
+        if self.manager is not None:
+            if self._own_manager:
+                self.manager.close()
+            else:
+                for space in self.spaces:
+                    self.manager.drop_space(space.name)
+        self.spaces.clear()
