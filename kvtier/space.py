@@ -293,8 +293,14 @@ class KVSpace(Placement):
                         raise TransferError(f"space {self.name!r}: pages {lost} were lost (a read back failed); "
                                             "free and recompute these sequences", self._sequences_on(*lost))
                     below = [p for p in pages if self.pages.tier[p] in (HOST, NVME)]
-                    handle = self._mgr.tiering.promote(self, below)
+                    # active before promoting: making room must not demote pages these sequences share
+                    was_idle = self._offloaded.intersection(seqs)
                     self._offloaded.difference_update(seqs)
+                    try:
+                        handle = self._mgr.tiering.promote(self, below)
+                    except BaseException:
+                        self._offloaded.update(was_idle)
+                        raise
                     for p in pages:
                         self._mgr.tiering.policy.on_use(PageRef(self.name, p))
                     return handle
