@@ -57,7 +57,7 @@ def _bench_options(fn: Any) -> Any:
 
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each sub-benchmark asked for."""
-    from kvtier.bench import nvme, prefetch, tiers, vmm
+    from kvtier.bench import generate, nvme, prefetch, tiers, vmm
     from kvtier.vmm import resolve_device
 
     cuda = resolve_device(device).type == "cuda"
@@ -70,7 +70,14 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None) -> 
         "prefetch": (len(tokens), lambda step: [prefetch.run(device, tokens, nvme_dir, step)]),
         "nvme": (len(threads) * len(sizes), lambda step: [nvme.run((256 if quick else 1024) << 20, threads, sizes,
                                                                    nvme_dir, step)]),
+        "generate": (8, lambda step: [generate.run(device, quick=quick, step=step)]),
     }
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        if "generate" in names:
+            console.print("[yellow]skipping generate[/yellow]: needs transformers (pip install 'kvtier[transformers]')")
+            names = [n for n in names if n != "generate"]
     return [(name, *table[name]) for name in names]
 
 
@@ -107,7 +114,7 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
             console.print(f"plot: {escape(path)}")
 
 
-ALL = ["vmm", "tiers", "prefetch", "nvme"]
+ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
 
 
 @main.group(invoke_without_command=True)
@@ -115,7 +122,7 @@ ALL = ["vmm", "tiers", "prefetch", "nvme"]
 @click.pass_context
 def bench(ctx: click.Context, device: str, quick: bool, json_path: str | None, plot_dir: str | None,
           nvme_dir: str | None) -> None:
-    """Benchmarks; with no sub-command, run them all (vmm, tiers, prefetch, nvme)."""
+    """Benchmarks; with no sub-command, run them all (vmm, tiers, prefetch, nvme, generate)."""
     if ctx.invoked_subcommand is None:
         _run_bench(ALL, device, quick, json_path, plot_dir, nvme_dir)
 
@@ -132,6 +139,7 @@ _sub("vmm", "Map/unmap cost vs page size, allocate latency, decode-attention ove
 _sub("tiers", "Every tier path for a whole sequence, and GPU<->host vs transfer size, against same-run ceilings.")
 _sub("prefetch", "Fault-back latency vs sequence length, mapping included.")
 _sub("nvme", "Disk throughput vs threads and I/O size; kvikio (GDS or compat) on GPU machines.")
+_sub("generate", "transformers generate: DynamicCache vs its offloaded variant vs TieredCache (needs transformers).")
 
 
 @main.group()

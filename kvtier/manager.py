@@ -141,6 +141,7 @@ class TierManager:
                 "device": str(self.device), "backend": self.backend.name, "page_size": self.page_size,
                 "pool": {"budget_pages": pool.budget_pages, "pages_free": pool.free_pages,
                          "pages_in_use": pool.in_use_pages, "bytes_in_use": pool.in_use_pages * self.page_size,
+                         "peak_bytes_in_use": pool.peak_in_use * self.page_size,
                          "creations": pool.creations, "releases": pool.releases,
                          "create_seconds": pool.create_seconds},
                 "spaces": spaces,

@@ -31,3 +31,6 @@ def test_quick_bench_reports_every_path_within_its_ceilings(tmp_path):
     for row in tables["NVMe throughput vs threads and I/O size"]:
         assert row["raw write GB/s"] > 0 and row["raw read GB/s"] > 0
     assert {p.name for p in plots.iterdir()} == {"tiers.png", "prefetch.png", "nvme.png"}
+    generate = next(rows for title, rows in tables.items() if title.startswith("generate"))
+    assert {r["cache"] for r in generate} >= {"DynamicCache", "TieredCache, all resident"}
+    assert all(r["decode tok/s"] > 0 for r in generate)

@@ -33,6 +33,7 @@ class PagePool:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self.creations = self.releases = 0
+        self.peak_in_use = 0  # most pages ever taken at once
         self.create_seconds = 0.0
         self._worker: threading.Thread | None = None
         if self.ready_pages:
@@ -73,6 +74,7 @@ class PagePool:
             del self._free[len(self._free) - len(taken):]
             short = n - len(taken)
             self._creating += short  # held for this call under the same lock as the check
+            self.peak_in_use = max(self.peak_in_use, self._created + self._creating - len(self._free))
             if len(self._free) < self.ready_pages // 2:
                 self._wake.notify()
         if short > 0:  # the warm pool ran dry: create on the caller's path (and log it, it is slow)
