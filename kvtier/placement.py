@@ -8,7 +8,7 @@ later be demoted by whole pages, and short sequences share pages so that a page 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,9 +32,10 @@ class Placement:
     _page_live: np.ndarray
     pages: Any
 
-    def _pages_of(self, blocks: np.ndarray) -> list[int]: ...
+    if TYPE_CHECKING:  # provided by KVSpace; real stubs here would shadow its methods in the MRO
+        def _pages_of(self, blocks: np.ndarray) -> list[int]: ...
 
-    def _idle_pages(self) -> list[int]: ...
+        def _idle_pages(self) -> list[int]: ...
 
     def _plan(self, held: list[int], need: int) -> tuple[np.ndarray, list[int]]:
         """Pick ``need`` free blocks for a sequence holding ``held`` and the pages to map for them.
