@@ -36,6 +36,11 @@ class OutOfPagesError(KVTierError):
     """No physical page can be had: the pool's budget is exhausted. The engine can preempt, free or retry."""
 
 
+class PagesInFlight(OutOfPagesError):
+    """Internal: the pool is short, but pages on their way down will free enough. The call waits (releasing the
+    manager's lock so that the transfers can commit) and tries again; an engine never sees this one."""
+
+
 class QuotaExceededError(OutOfPagesError):
     """The space would exceed its ``quota_bytes``."""
 

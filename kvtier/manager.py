@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kvtier.config import Config
-from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError
+from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
 from kvtier.space import KVSpace, parse_dtype
 from kvtier.tiering import Tiering
 from kvtier.vmm import PagePool, open_backend, resolve_device
@@ -45,6 +45,7 @@ class TierManager:
         if budget_pages < 1:
             raise ConfigError(f"pool_budget: {budget_bytes} bytes is less than one page of {self.page_size} bytes")
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # notified when transfers commit (pages come free)
         self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
         self.spaces: dict[str, KVSpace] = {}
         self.closed = False
@@ -111,6 +112,8 @@ class TierManager:
                                        avoid_pages=keep)
                 short = n - self.pool.available()
         if short > reclaimable:
+            if short <= reclaimable + self.tiering.gpu_handles_leaving():
+                raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
             raise OutOfPagesError(
                 f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
                 f"{reclaimable} more could be reclaimed (budget {self.pool.budget_pages} pages of "
@@ -121,6 +124,21 @@ class TierManager:
             freed = other._reclaim(-(-short // other.num_regions), keep if other is space else set())
             short -= freed * other.num_regions
         return self.pool.take(n)
+
+    def _retrying(self, call: Any, timeout: float = 30.0) -> Any:
+        """Run ``call`` under the lock; while pages on their way down would make room, wait for them to land
+        (the wait releases the lock, so the transfers can commit) and run it again from the start."""
+        deadline = None
+        with self._lock:
+            while True:
+                try:
+                    return call()
+                except PagesInFlight as exc:
+                    import time
+                    deadline = deadline or time.monotonic() + timeout
+                    if time.monotonic() > deadline:
+                        raise OutOfPagesError(f"{exc}: still short after {timeout:.0f} s") from None
+                    self._changed.wait(0.05)
 
     def _release(self, handles: list[Any]) -> None:
         self.pool.give(handles)

@@ -112,7 +112,10 @@ class Placement:
             raise SpaceFullError(f"space {self.name!r}: blocks {start}..{stop - 1} are not all free")
         pages = sorted(set(self._pages_of(blocks)))
         tier = self.pages.tier[pages]
-        if ((tier != 0) & ~self.pages.allocatable()[pages]).any():
+        # a page on its way up is mapped already; writes ordered after the prefetch's wait(stream) land after it
+        moving = self.pages.moving
+        usable = self.pages.allocatable()[pages] | [p in moving and moving[p].kind == "promote" for p in pages]
+        if ((tier != 0) & ~usable).any():
             raise SpaceFullError(f"space {self.name!r}: pages of blocks {start}..{stop - 1} hold data elsewhere")
         return blocks, [p for p, t in zip(pages, tier) if t == 0]
 

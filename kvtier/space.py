@@ -118,51 +118,54 @@ class KVSpace(Placement, TierOps):
         sequence to consecutive blocks from there (so that its tokens are one strided view of ``kv(layer)``, as
         contiguous-cache integrations need); those blocks must be free.
         """
-        with self._mgr._lock:
-            self._mgr._check_open(self)
-            if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-                raise InvalidArgumentError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-            if num_tokens > self.max_tokens:
-                raise InvalidArgumentError(f"num_tokens {num_tokens} exceeds the space's max_tokens "
-                                           f"{self.max_tokens} (create the space with a larger max_tokens)")
-            if seq_id in self._offloaded:
-                raise InvalidArgumentError(f"sequence {seq_id!r} is offloaded: prefetch it before growing it")
-            held = self._seqs.get(seq_id, [])
-            need = math.ceil(num_tokens / self.block_size) - len(held)
-            if need <= 0:
-                self._seqs.setdefault(seq_id, held)
-                self._tokens[seq_id] = max(self._tokens.get(seq_id, 0), num_tokens)
-                return list(held)
-            if first_block is None:
-                blocks, new_pages = self._plan(held, need)
-            else:
-                blocks, new_pages = self._plan_range(first_block, len(held), need)
-            mapped_after = (len(self.pages.handles) + len(new_pages)) * self.page_bytes
-            if not self._within_quota(len(new_pages)):
-                raise QuotaExceededError(
-                    f"space {self.name!r}: {mapped_after} bytes would be mapped, over its quota of "
-                    f"{self.quota_bytes} bytes; free or offload sequences of this space, or raise quota_bytes")
-            if new_pages:
-                keep = set(self._pages_of(blocks))  # pages the plan counts on must not be reclaimed under it
-                self._map(new_pages, self._mgr._acquire(self, len(new_pages) * self.num_regions, keep))
-                self.pages.tier[new_pages] = GPU
-            self._block_free[blocks] = False
-            self._free_blocks -= len(blocks)
-            policy = self._mgr.tiering.policy
-            for p in self._pages_of(blocks):
-                if self._page_live[p] == 0:
-                    policy.on_create(PageRef(self.name, p), self._seq_priority.get(seq_id, self.priority))
-                self._page_live[p] += 1
-                self._empty.pop(p, None)
-            for p in set(self._pages_of(blocks)):  # the rest of an active sequence is never a candidate
-                policy.on_use(PageRef(self.name, p))
-            held = held + blocks.tolist()
-            self._seqs[seq_id] = held
-            self._tokens[seq_id] = num_tokens
-            self._trim()
-            if self._mgr.config.debug_checks:
-                self.check()
+        return self._mgr._retrying(lambda: self._allocate(seq_id, num_tokens, first_block))
+
+    def _allocate(self, seq_id: Hashable, num_tokens: int, first_block: int | None) -> list[int]:
+        """The body of :meth:`allocate`; runs under the manager's lock (``_retrying``)."""
+        self._mgr._check_open(self)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise InvalidArgumentError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if num_tokens > self.max_tokens:
+            raise InvalidArgumentError(f"num_tokens {num_tokens} exceeds the space's max_tokens "
+                                       f"{self.max_tokens} (create the space with a larger max_tokens)")
+        if seq_id in self._offloaded:
+            raise InvalidArgumentError(f"sequence {seq_id!r} is offloaded: prefetch it before growing it")
+        held = self._seqs.get(seq_id, [])
+        need = math.ceil(num_tokens / self.block_size) - len(held)
+        if need <= 0:
+            self._seqs.setdefault(seq_id, held)
+            self._tokens[seq_id] = max(self._tokens.get(seq_id, 0), num_tokens)
             return list(held)
+        if first_block is None:
+            blocks, new_pages = self._plan(held, need)
+        else:
+            blocks, new_pages = self._plan_range(first_block, len(held), need)
+        mapped_after = (len(self.pages.handles) + len(new_pages)) * self.page_bytes
+        if not self._within_quota(len(new_pages)):
+            raise QuotaExceededError(
+                f"space {self.name!r}: {mapped_after} bytes would be mapped, over its quota of "
+                f"{self.quota_bytes} bytes; free or offload sequences of this space, or raise quota_bytes")
+        if new_pages:
+            keep = set(self._pages_of(blocks))  # pages the plan counts on must not be reclaimed under it
+            self._map(new_pages, self._mgr._acquire(self, len(new_pages) * self.num_regions, keep))
+            self.pages.tier[new_pages] = GPU
+        self._block_free[blocks] = False
+        self._free_blocks -= len(blocks)
+        policy = self._mgr.tiering.policy
+        for p in self._pages_of(blocks):
+            if self._page_live[p] == 0:
+                policy.on_create(PageRef(self.name, p), self._seq_priority.get(seq_id, self.priority))
+            self._page_live[p] += 1
+            self._empty.pop(p, None)
+        for p in set(self._pages_of(blocks)):  # the rest of an active sequence is never a candidate
+            policy.on_use(PageRef(self.name, p))
+        held = held + blocks.tolist()
+        self._seqs[seq_id] = held
+        self._tokens[seq_id] = num_tokens
+        self._trim()
+        if self._mgr.config.debug_checks:
+            self.check()
+        return list(held)
 
     def free(self, seq_id: Hashable, stream: Any = None) -> None:
         """Release ``seq_id``'s blocks, in whatever tier they are. Pages left empty on the GPU are unmapped once

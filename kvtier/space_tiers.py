@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Iterable
 
 import numpy as np
 
-from kvtier.errors import InvalidArgumentError, TransferError
+from kvtier.errors import InvalidArgumentError, PagesInFlight, TransferError
 from kvtier.policies import PageRef
 from kvtier.tiering import GPU, HOST, LOST, NVME, TransferHandle
 
@@ -80,6 +80,10 @@ class TierOps:
                     self._offloaded.difference_update(seqs)
                     try:
                         handle = self._mgr.tiering.promote(self, below)
+                    except PagesInFlight:  # pages on their way down will make room: wait for them, start over
+                        self._offloaded.update(was_idle)
+                        self._mgr._changed.wait(0.05)
+                        continue
                     except BaseException:
                         self._offloaded.update(was_idle)
                         raise

@@ -60,3 +60,28 @@ def test_fully_resident_cache_moves_nothing():
         assert not cache.manager.stats()["tiers"]["paths"]
     finally:
         cache.close()
+
+
+def test_streaming_fits_a_pool_of_three_layers():
+    # eight layers, a pool that holds three: every step waits for layers on their way down to land before it
+    # maps the next ones (allocate and prefetch wait for pages in flight instead of failing)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 600))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        expected = model.generate(ids, past_key_values=transformers.DynamicCache(config=config), max_new_tokens=20,
+                                  do_sample=False)
+        page = 64 << 10  # a layer here is 4 handles (K and V, two pages each)
+        kcfg = kvtier.Config(device="cpu", page_size=page, pool_budget=12 * page, pool_ready=0,
+                             host_size=256 * page, host_chunk=64 * page, nvme_size=1024 * page)
+        cache = TieredCache(config, max_tokens=1024, config=kcfg, resident_layers=1)
+        try:
+            got = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False)
+            assert torch.equal(got, expected)
+            assert cache.manager.stats()["pool"]["peak_bytes_in_use"] <= 12 * page
+        finally:
+            cache.close()

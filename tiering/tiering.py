@@ -182,6 +182,7 @@ class Tiering:
                 self._undo_move(handle, m)
             else:
                 self._apply_move(m)
+        self.mgr._changed.notify_all()  # pages may have come free: waiting allocations try again
         if not final:
             return
         elapsed = time.perf_counter() - handle.started
@@ -191,6 +192,11 @@ class Tiering:
         self._inflight.discard(handle)
         if failed:
             log.warning("%s of %d page(s) failed: %s", handle.kind, len(handle.moves), handle.error)
+
+    def gpu_handles_leaving(self) -> int:
+        """GPU handles that transfers in flight will give back when they commit."""
+        return sum(m.space.num_regions for h in self._inflight if h.kind == "demote"
+                   for m in h.moves if m.src == "gpu" and id(m) not in h.done_moves)
 
     def _lower(self, tier: str) -> Any:
         return self.host.books if tier == "host" else self.nvme.books
