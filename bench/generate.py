@@ -13,6 +13,7 @@ import torch
 
 from kvtier.bench.common import Table
 from kvtier.config import Config
+from kvtier.manager import TierManager
 
 
 def _llama(cuda: bool, quick: bool) -> Any:
@@ -60,10 +61,33 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
     contexts = contexts or ([4096] if quick else [16384, 32768]) if cuda else [512]
     config = _llama(cuda, quick)
     torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if cuda else torch.float32).eval()
-    kv_config = Config(device=str(dev)) if cuda else Config(device="cpu", page_size=64 << 10, host_size=64 << 20,
-                                                            nvme_size=64 << 20)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)  # no fp32 copy of 8B weights on the way
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    kv_base = Config(device=str(dev)) if cuda else Config(device="cpu", page_size=64 << 10, host_size=64 << 20,
+                                                          nvme_size=64 << 20)
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = config.hidden_size // config.num_attention_heads
+    itemsize = 2 if cuda else 4
+
+    def tiered(ctx: int, resident: int | None) -> Any:
+        """A TieredCache on a manager of its own: all resident with the default budget, or streamed within a
+        pool of four layers (about what the offloaded DynamicCache keeps on the GPU), host memory for the rest."""
+        per_layer = 2 * (ctx + new_tokens + 16) * kv_heads * head_dim * itemsize
+        total = per_layer * config.num_hidden_layers
+        cfg = kv_base.replace(host_size=max(kv_base.host_size, int(1.25 * total)),
+                              host_chunk=max(kv_base.host_chunk, 256 << 20) if cuda else kv_base.host_chunk)
+        if resident is not None:
+            page_bytes = 2 * (cfg.page_size or (8 << 20))
+            cfg = cfg.replace(pool_budget=4 * max(per_layer, page_bytes) + 4 * page_bytes,
+                              pool_ready=2 * max(per_layer, page_bytes))
+        manager = TierManager(cfg)
+        manager.tiering.host.wait_ready()
+        return TieredCache(config, max_tokens=ctx + new_tokens + 16, manager=manager, resident_layers=resident)
     table = Table(f"generate: {config.num_hidden_layers}-layer Llama shape, random weights, {new_tokens} new tokens",
                   ["context", "cache", "prefill s", "decode tok/s", "peak GPU GiB", "tok/s vs DynamicCache"])
     for ctx in contexts:
@@ -71,10 +95,8 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
         caches: list[tuple[str, Callable[[], Any]]] = [
             ("DynamicCache", lambda: DynamicCache(config=config)),
             ("DynamicCache(offloading=True)", lambda: DynamicCache(config=config, offloading=True)),
-            ("TieredCache, all resident", lambda: TieredCache(config, max_tokens=ctx + new_tokens + 16,
-                                                              config=kv_config)),
-            ("TieredCache, 1 layer resident", lambda: TieredCache(config, max_tokens=ctx + new_tokens + 16,
-                                                                  config=kv_config, resident_layers=1)),
+            ("TieredCache, all resident", lambda: tiered(ctx, None)),
+            ("TieredCache, 1 layer resident", lambda: tiered(ctx, 1)),
         ]
         base = None
         for label, make in caches:
@@ -84,8 +106,9 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
             try:
                 got = _measure(model, ids, cache, new_tokens, dev)
             finally:
-                if hasattr(cache, "close"):
+                if isinstance(cache, TieredCache):
                     cache.close()
+                    cache.manager.close()  # the bench made this manager for it
                 del cache
                 if cuda:
                     torch.cuda.empty_cache()
