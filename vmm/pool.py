@@ -94,11 +94,6 @@ class PagePool:
             elif not self.ready_pages:
                 self._release_locked(len(self._free))
 
-    def shrink(self, keep: int = 0) -> int:
-        """Release unused pages down to ``keep``; returns how many were released."""
-        with self._lock:
-            return self._release_locked(max(0, len(self._free) - keep))
-
     # --- internals ---------------------------------------------------------------------------------------------
     def _create(self, n: int) -> None:
         """Create up to ``n`` pages, as the budget allows."""
