@@ -33,7 +33,8 @@ def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device:
     with torch.no_grad():
         sync()
         start = time.perf_counter()
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        # logits for the last position only: a 32k x 128k-vocab logits tensor would dwarf the KV in the peak
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         sync()
         prefill = time.perf_counter() - start
         token = logits.argmax(-1, keepdim=True)
