@@ -54,6 +54,10 @@ class Config:
         are free, the background demoter moves idle pages down until the high mark is free.
     host_high_watermark / host_low_watermark: fractions of the host tier; above the high mark its coldest
         pages cascade to NVMe until the low mark.
+    keep_copies: a page brought back up keeps its host/NVMe copy until a token is allocated in it again, so
+        offloading it once more unmaps it without copying (KV is append-only: an engine writes a token's K/V once,
+        after ``allocate`` covers it). Copies are dropped first whenever a tier runs short. Turn off for an engine
+        that rewrites K/V in place.
     demote_on_allocate: an ``allocate``/``prefetch`` that finds no page demotes idle pages synchronously
         instead of failing.
     background_demotion: run the background demoter.
@@ -80,6 +84,7 @@ class Config:
     gpu_high_watermark: float = 0.10
     host_high_watermark: float = 0.90
     host_low_watermark: float = 0.80
+    keep_copies: bool = True
     demote_on_allocate: bool = True
     background_demotion: bool = True
     policy: str = "lru"

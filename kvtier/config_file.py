@@ -58,6 +58,7 @@ class GpuSection(_Section):
 class HostSection(_Section):
     size: ByteSize = ByteSize(1 << 30)
     pin_chunk: ByteSize = ByteSize(128 << 20)
+    keep_copies: bool = True
     high_watermark: float = Field(0.90, ge=0, le=1)
     low_watermark: float = Field(0.80, ge=0, le=1)
 
@@ -99,7 +100,7 @@ class ConfigFile(_Section):
             pool_budget=budget, pool_ready=int(g.pool_ready), space_reserve_pages=g.reserve_pages,
             gpu_low_watermark=g.low_watermark, gpu_high_watermark=g.high_watermark,
             demote_on_allocate=g.demote_on_allocate, background_demotion=g.background_demotion,
-            debug_checks=g.debug_checks, host_size=int(h.size), host_chunk=int(h.pin_chunk),
+            debug_checks=g.debug_checks, keep_copies=h.keep_copies, host_size=int(h.size), host_chunk=int(h.pin_chunk),
             host_high_watermark=h.high_watermark, host_low_watermark=h.low_watermark, nvme_dir=n.directory,
             nvme_size=int(n.size), nvme_threads=n.threads, nvme_direct=n.direct, nvme_min_uses=n.min_uses,
             policy=p.name, policy_params=dict(p.model_extra or {}),

@@ -134,6 +134,7 @@ class KVSpace(Placement, TierOps):
         need = math.ceil(num_tokens / self.block_size) - len(held)
         if need <= 0:
             self._seqs.setdefault(seq_id, held)
+            self._written(held, self._tokens.get(seq_id, 0), num_tokens)
             self._tokens[seq_id] = max(self._tokens.get(seq_id, 0), num_tokens)
             return list(held)
         if first_block is None:
@@ -160,12 +161,20 @@ class KVSpace(Placement, TierOps):
         for p in set(self._pages_of(blocks)):  # the rest of an active sequence is never a candidate
             policy.on_use(PageRef(self.name, p))
         held = held + blocks.tolist()
+        self._written(held, self._tokens.get(seq_id, 0), num_tokens)
         self._seqs[seq_id] = held
         self._tokens[seq_id] = num_tokens
         self._trim()
         if self._mgr.config.debug_checks:
             self.check()
         return list(held)
+
+    def _written(self, blocks: list[int], old_tokens: int, new_tokens: int) -> None:
+        """Tokens ``old_tokens..new_tokens`` are about to be written: the pages they fall in lose their kept
+        copies, also pages still on their way up (a later offload must copy them)."""
+        if new_tokens > old_tokens and (self.pages.copies or self.pages.moving):
+            first, stop = old_tokens // self.block_size, -(-new_tokens // self.block_size)
+            self._mgr.tiering.drop_copies(self, self._pages_of(np.asarray(blocks[first:stop], dtype=np.int64)))
 
     def free(self, seq_id: Hashable, stream: Any = None) -> None:
         """Release ``seq_id``'s blocks, in whatever tier they are. Pages left empty on the GPU are unmapped once
@@ -200,6 +209,7 @@ class KVSpace(Placement, TierOps):
             code = int(self.pages.tier[p])
             if code == GPU:
                 self._empty[p] = fence
+                tiering.drop_copies(self, [p])
             elif code in (HOST, NVME):  # the copy below holds nothing live any more
                 books = tiering.host.books if code == HOST else tiering.nvme.books
                 books.give(self.pages.slots.pop(p))
@@ -324,6 +334,7 @@ class KVSpace(Placement, TierOps):
             self.unmap_calls += count * self.num_regions
         self.unmap_seconds += time.perf_counter() - start
         handles = []
+        self._mgr.tiering.drop_copies(self, pages)
         for p in pages:
             handles.extend(self.pages.handles.pop(p))
             self._empty.pop(p, None)

@@ -4,6 +4,10 @@ Every page is in exactly one tier: ``UNMAPPED`` (no data), ``GPU`` (mapped, ``ha
 handle per region), ``HOST`` or ``NVME`` (``slots`` holds one slot per region), or ``LOST`` (a read back failed;
 the sequences on it must be recomputed). A page in flight keeps its source tier -- its data stays valid there
 until the transfer commits -- and is listed in ``moving`` with the transfer's handle.
+
+A GPU page brought up from below may keep its old slots as a *copy* (``copies``: tier code and slots): the bytes
+there equal the page's until a token is written into it again, so offloading it once more only unmaps it. A copy
+is a cache: dropping it is always safe.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class PageTable:
         self.handles: dict[int, list[Any]] = {}
         self.slots: dict[int, list[int]] = {}
         self.moving: dict[int, Any] = {}
+        self.copies: dict[int, tuple[int, list[int]]] = {}
+        self.written_in_flight: set[int] = set()  # pages written while coming up: their old slots are no copy
 
     def moving_mask(self) -> np.ndarray:
         mask = np.zeros(len(self.tier), dtype=bool)
@@ -55,3 +61,7 @@ class PageTable:
         assert set(self.handles) == on_gpu | promoting, "handles held by pages not on (or coming to) the GPU"
         lower = set(np.flatnonzero((self.tier == HOST) | (self.tier == NVME)).tolist())
         assert set(self.slots) == lower, "slots held by pages not in a lower tier"
+        assert set(self.copies) <= on_gpu, "a copy kept for a page that is not on the GPU"
+        assert self.written_in_flight <= promoting, "a written mark on a page not coming up"
+        for p, (code, slots) in self.copies.items():
+            assert code in (HOST, NVME) and len(slots) == self.num_regions, f"copy of page {p}"

@@ -49,6 +49,7 @@ class Tiering:
         self.mover = Mover(mgr.device, self.host, self.nvme, gate=self._wait_gate)
         self.policy = make_policy(cfg.policy, nvme_min_uses=cfg.nvme_min_uses, **dict(cfg.policy_params))
         self.stall_seconds: list[float] = []
+        self.copies_reused = 0  # clean demotions: pages unmapped without a copy, their kept copy reused
         self._stall_events: list[tuple[Any, Any]] = []
         self.path_seconds: dict[str, float] = defaultdict(float)
         self._queue: queue.Queue[TransferHandle | None] = queue.Queue()
@@ -83,29 +84,63 @@ class Tiering:
     # --- starting transfers (the caller holds the lock) -----------------------------------------------------------
     def demote(self, space: Any, pages: Iterable[int], dst: str | None = None, after: Any = None,
                inline: bool = False) -> TransferHandle:
-        """Start moving ``pages`` of ``space`` one tier (or to ``dst``) down. Pages that fit nowhere stay."""
+        """Start moving ``pages`` of ``space`` one tier (or to ``dst``) down. Pages that fit nowhere stay. A GPU
+        page whose kept copy lies in the tier it goes to is a clean move: unmapped once ``after`` has passed,
+        nothing copied."""
         R, table = space.num_regions, space.pages
         moves: list[Move] = []
         pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]] = defaultdict(list)
         for p in pages:
             src = TIER_NAME[int(table.tier[p])]
-            room = src == "gpu" and self.host.books.can_take(R)
+            copy = table.copies.get(p)
+            room = src == "gpu" and (copy is not None and copy[0] == HOST or self._room("host", R, space, p))
             if dst is None:  # the policy decides (it may keep a page where it is)
                 want = self.policy.target_tier(PageRef(space.name, p), src, room)
             else:  # the engine asked; a full host tier still spills to NVMe
                 want = "nvme" if src == "host" or (dst == "host" and not room) else dst
             if want is None:
                 continue
-            books = self.host.books if want == "host" else self.nvme.books
-            if not books.can_take(R):
+            if copy is not None and TIER_NAME[copy[0]] == want:
+                del table.copies[p]
+                self.copies_reused += 1
+                moves.append(Move(space, p, src, want, copy[1], clean=True))
+                continue
+            self.drop_copies(space, [p])  # going elsewhere: the copy would be a stale second home
+            if not self._room(want, R, space, p):
                 log.debug("demote: no room below for page %d of %s", p, space.name)
                 continue
-            slots = books.take(R)
+            slots = self._lower(want).take(R)
             moves.append(Move(space, p, src, want, slots))
             for r in range(R):
                 source = space.region_view(r, p) if src == "gpu" else table.slots[p][r]
                 pairs[(src, want)].append((source, slots[r], moves[-1]))
-        return self._launch("demote", moves, pairs, after, inline)
+        work = Work(event=after) if any(m.clean for m in moves) else None  # unmap only after the step's kernels
+        return self._launch("demote", moves, pairs, after, inline, work)
+
+    # --- kept copies (see PageTable) ----------------------------------------------------------------------------------
+    def drop_copies(self, space: Any, pages: Iterable[int]) -> None:
+        """Forget the kept copies of ``pages`` (their bytes on the GPU changed, or they leave it). A page still
+        coming up keeps no copy when it lands."""
+        copies, moving = space.pages.copies, space.pages.moving
+        for p in pages:
+            if p in moving and moving[p].kind == "promote":
+                space.pages.written_in_flight.add(p)
+            copy = copies.pop(p, None)
+            if copy is not None:
+                self._lower(TIER_NAME[copy[0]]).give(copy[1])
+
+    def _room(self, tier: str, slots: int, space: Any = None, page: int = -1) -> bool:
+        """Whether ``tier`` can take ``slots`` more, dropping kept copies (other pages' first) to make it so."""
+        books = self._lower(tier)
+        if books.can_take(slots):
+            return True
+        code = TIER_CODE[tier]
+        for s in self.mgr.spaces.values():
+            for p in [p for p, (c, _) in s.pages.copies.items() if c == code and (s is not space or p != page)]:
+                self.drop_copies(s, [p])
+                if books.can_take(slots):
+                    return True
+        return False
 
     def promote(self, space: Any, pages: list[int], inline: bool = False) -> TransferHandle:
         """Map ``pages`` (in host or NVMe) and start copying them up. Raises OutOfPagesError, changing nothing,
@@ -131,7 +166,7 @@ class Tiering:
         moves: list[Move] = []
         pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]] = defaultdict(list)
         for p in pages:
-            if not self.host.books.can_take(R):
+            if not self._room("host", R):
                 break
             slots = self.host.books.take(R)
             moves.append(Move(space, p, "nvme", "host", slots))
@@ -204,12 +239,16 @@ class Tiering:
     def _apply_move(self, m: Move) -> None:
         space, p, table = m.space, m.page, m.space.pages
         table.moving.pop(p, None)
+        written = p in table.written_in_flight
+        table.written_in_flight.discard(p)
         if m.src == "gpu":
             if self.config.debug_checks:  # poison what stays behind: a missed copy up then reads garbage
                 for r in range(space.num_regions):
                     space.region_view(r, p).fill_(0xA5)
                 self.mgr.backend.synchronize()  # the fill must finish before the unmap
             space._unmap([p])
+        elif m.dst == "gpu" and self.config.keep_copies and not written:
+            table.copies[p] = (TIER_CODE[m.src], table.slots.pop(p))  # equal to the page's bytes until written
         else:
             self._lower(m.src).give(table.slots.pop(p))
         table.tier[p] = TIER_CODE[m.dst]
@@ -219,6 +258,7 @@ class Tiering:
     def _undo_move(self, handle: TransferHandle, m: Move) -> None:
         space, p, table = m.space, m.page, m.space.pages
         table.moving.pop(p, None)
+        table.written_in_flight.discard(p)
         if m.dst != "gpu":
             self._lower(m.dst).give(m.taken)
             return
@@ -307,7 +347,10 @@ class Tiering:
                     self.make_room(want, inline=False)
                 books = self.host.books
                 if books.total and books.used > cfg.host_high_watermark * books.total:
-                    self._cascade(books.used - int(cfg.host_low_watermark * books.total))
+                    excess = books.used - int(cfg.host_low_watermark * books.total)
+                    self._room("host", books.total - books.used + excess)  # kept copies go first: they cost nothing
+                    if books.used > cfg.host_high_watermark * books.total:
+                        self._cascade(books.used - int(cfg.host_low_watermark * books.total))
 
     def _cascade(self, slots: int) -> None:
         """Move the coldest host pages to NVMe until about ``slots`` host slots are on their way out."""
@@ -330,20 +373,29 @@ class Tiering:
         stalls = sorted(self.stalls())
         pct = (lambda q: stalls[min(len(stalls) - 1, int(q * (len(stalls) - 1)))] if stalls else 0.0)
         paths = {name: dict(v, seconds=self.path_seconds.get(name, 0.0)) for name, v in self.mover.paths.items()}
+        kept = sum(len(s.pages.copies) for s in self.mgr.spaces.values())
         return {"host": dict(self.host.describe(), slots_used=self.host.books.used),
                 "nvme": dict(self.nvme.describe(), slots_used=self.nvme.books.used),
                 "paths": paths, "in_flight": len(self._inflight),
+                "copies": {"kept_pages": kept, "reused_pages": self.copies_reused},
                 "stalls": {"count": len(stalls), "total_seconds": sum(stalls), "p50_seconds": pct(0.5),
                            "p99_seconds": pct(0.99)}}
 
     def check(self) -> None:
-        in_host = sum(len(s.pages.slots[p]) for s in self.mgr.spaces.values() for p in s.pages.slots
-                      if s.pages.tier[p] == HOST)
-        in_nvme = sum(len(s.pages.slots[p]) for s in self.mgr.spaces.values() for p in s.pages.slots
-                      if s.pages.tier[p] == NVME)
-        moving = [m for h in self._inflight for m in h.moves]
-        self.host.books.check(in_host + sum(len(m.taken) for m in moving if m.dst == "host"))
-        self.nvme.books.check(in_nvme + sum(len(m.taken) for m in moving if m.dst == "nvme"))
+        """Every slot taken is held by a page below, a kept copy, or a move in flight."""
+        held = {HOST: 0, NVME: 0}
+        for s in self.mgr.spaces.values():
+            for p, slots in s.pages.slots.items():
+                if s.pages.tier[p] in held:
+                    held[int(s.pages.tier[p])] += len(slots)
+            for code, slots in s.pages.copies.values():
+                held[code] += len(slots)
+        for h in self._inflight:
+            for m in h.moves:
+                if m.dst in ("host", "nvme") and id(m) not in h.done_moves:
+                    held[TIER_CODE[m.dst]] += len(m.taken)
+        self.host.books.check(held[HOST])
+        self.nvme.books.check(held[NVME])
 
     def stop(self) -> None:
         """Finish what is in flight and stop the threads. Call without holding the manager's lock."""

@@ -24,13 +24,15 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)  # compared and hashed by identity: each is one page's move
 class Move:
-    """One page of one space going from ``src`` to ``dst``; ``taken`` are the destination's resources."""
+    """One page of one space going from ``src`` to ``dst``; ``taken`` are the destination's resources. A
+    ``clean`` move copies nothing: ``taken`` already holds the page's bytes (a kept copy)."""
 
     space: Any
     page: int
     src: str
     dst: str
     taken: list[Any]
+    clean: bool = False
 
 
 @dataclass
