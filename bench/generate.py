@@ -1,11 +1,16 @@
-"""``kvtier bench generate``: one model and prompt, three caches -- transformers' DynamicCache (all on the GPU),
-its offloaded variant (``DynamicCache(offloading=True)``), and TieredCache (whole KV resident, and streamed with
-one resident layer). Prefill time, decode tokens/s and peak GPU memory (torch's allocator plus kvtier's mapped
-pages, which torch does not see). A Llama-3-8B-shaped model with random bf16 weights on a GPU; a tiny one on
-the CPU (``--quick`` there, just to run the path)."""
+"""``kvtier bench generate``: one model and prompt, several caches -- transformers' DynamicCache (all on the GPU),
+its offloaded variant (``DynamicCache(offloading=True)``), and TieredCache (whole KV resident, and streamed through
+host memory in a pool of two or three layers). Prefill time, decode tokens/s and peak GPU memory. A
+Llama-3-8B-shaped model with random bf16 weights on a GPU; a tiny one on the CPU (just to run the path).
+
+Peak GPU memory counts torch's allocator *and* kvtier's physical pages (which torch does not see), sampled
+together: hooks around every module close a window, and the peak of a run is the largest window's torch peak plus
+the pool's peak in that window (pages created, used or not). Decode speed is timed without the hooks.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -14,6 +19,8 @@ import torch
 from kvtier.bench.common import Table
 from kvtier.config import Config
 from kvtier.manager import TierManager
+
+HOOKED_STEPS = 2  # decode steps measured for memory (with hooks) before the timed ones
 
 
 def _llama(cuda: bool, quick: bool) -> Any:
@@ -26,10 +33,40 @@ def _llama(cuda: bool, quick: bool) -> Any:
                        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=65536)
 
 
-def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device: torch.device) -> dict[str, float]:
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
+class _PeakMemory:
+    """Peak of torch's allocated bytes plus the kvtier pool's created bytes, sampled at every module boundary."""
+
+    def __init__(self, model: Any, device: torch.device, pool: Any) -> None:
+        self.device, self.pool, self.peak = device, pool, 0
+        self.hooks = [h for m in model.modules()
+                      for h in (m.register_forward_pre_hook(self._sample), m.register_forward_hook(self._sample))]
         torch.cuda.reset_peak_memory_stats(device)
+        if pool is not None:
+            pool.reset_peak()
+
+    def _sample(self, *args: Any) -> None:
+        window = torch.cuda.max_memory_allocated(self.device)
+        if self.pool is not None:
+            window += self.pool.peak_created * self.pool.page_size
+            self.pool.reset_peak()
+        self.peak = max(self.peak, window)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def close(self) -> float:
+        self._sample()
+        for h in self.hooks:
+            h.remove()
+        return self.peak / 2**30
+
+
+def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device: torch.device) -> dict[str, float]:
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    manager = getattr(cache, "manager", None)
+    memory = _PeakMemory(model, device, manager.pool if manager else None) if cuda else None
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        return model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     with torch.no_grad():
         sync()
         start = time.perf_counter()
@@ -38,19 +75,19 @@ def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device:
         sync()
         prefill = time.perf_counter() - start
         token = logits.argmax(-1, keepdim=True)
+        for _ in range(HOOKED_STEPS):
+            token = step(token)
+        peak = memory.close() if memory else 0.0
+        sync()
         start = time.perf_counter()
         for _ in range(new_tokens):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = step(token)
         sync()
         decode = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    manager = getattr(cache, "manager", None)
-    if manager is not None:
-        peak += manager.stats()["pool"]["peak_bytes_in_use"]
-    return {"prefill s": prefill, "tok/s": new_tokens / decode, "peak GPU GiB": peak / 2**30}
+    return {"prefill s": prefill, "tok/s": new_tokens / decode, "peak GPU GiB": peak}
 
 
-def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = None, new_tokens: int = 32,
+def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = None, new_tokens: int | None = None,
         step: Any = None) -> Table:
     from transformers import DynamicCache, LlamaForCausalLM
 
@@ -60,6 +97,7 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     contexts = contexts or ([4096] if quick else [16384, 32768]) if cuda else [512]
+    new_tokens = new_tokens or (16 if quick or not cuda else 64)
     config = _llama(cuda, quick)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -74,30 +112,36 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
     kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = config.hidden_size // config.num_attention_heads
     itemsize = 2 if cuda else 4
+    page = kv_base.page_size or (8 << 20)
 
-    def tiered(ctx: int, resident: int | None) -> Any:
-        """A TieredCache on a manager of its own: all resident with the default budget, or streamed within a
-        pool of four layers (about what the offloaded DynamicCache keeps on the GPU), host memory for the rest."""
-        per_layer = 2 * (ctx + new_tokens + 16) * kv_heads * head_dim * itemsize
-        total = per_layer * config.num_hidden_layers
-        cfg = kv_base.replace(host_size=max(kv_base.host_size, int(1.25 * total)),
-                              host_chunk=max(kv_base.host_chunk, 256 << 20) if cuda else kv_base.host_chunk)
-        if resident is not None:
-            page_bytes = 2 * (cfg.page_size or (8 << 20))
-            cfg = cfg.replace(pool_budget=4 * max(per_layer, page_bytes) + 4 * page_bytes,
-                              pool_ready=2 * max(per_layer, page_bytes))
+    def tiered(ctx: int, pool_layers: int | None) -> Any:
+        """A TieredCache on a manager of its own: all resident, or every layer streamed through host memory
+        within a pool of ``pool_layers`` layers."""
+        tokens = ctx + new_tokens + HOOKED_STEPS
+        layer_handles = 2 * math.ceil(tokens * kv_heads * head_dim * itemsize / page)  # K and V regions
+        total = layer_handles * page * config.num_hidden_layers
+        cfg = kv_base.replace(host_size=max(kv_base.host_size, total + (64 << 20)),
+                              host_chunk=max(kv_base.host_chunk, 256 << 20) if cuda else kv_base.host_chunk,
+                              pool_ready=min(kv_base.pool_ready, 4 * page))
+        if pool_layers is not None:
+            cfg = cfg.replace(pool_budget=pool_layers * layer_handles * page, pool_ready=layer_handles * page)
         manager = TierManager(cfg)
         manager.tiering.host.wait_ready()
-        return TieredCache(config, max_tokens=ctx + new_tokens + 16, manager=manager, resident_layers=resident)
+        return TieredCache(config, max_tokens=tokens, manager=manager,
+                           resident_layers=None if pool_layers is None else 0)
     table = Table(f"generate: {config.num_hidden_layers}-layer Llama shape, random weights, {new_tokens} new tokens",
                   ["context", "cache", "prefill s", "decode tok/s", "peak GPU GiB", "tok/s vs DynamicCache"])
+    if cuda:  # warm up kernels and the allocator on a short prompt
+        _measure(model, torch.randint(0, config.vocab_size, (1, 512), device=dev), DynamicCache(config=config), 4,
+                 dev)
     for ctx in contexts:
         ids = torch.randint(0, config.vocab_size, (1, ctx), device=dev)
         caches: list[tuple[str, Callable[[], Any]]] = [
             ("DynamicCache", lambda: DynamicCache(config=config)),
             ("DynamicCache(offloading=True)", lambda: DynamicCache(config=config, offloading=True)),
             ("TieredCache, all resident", lambda: tiered(ctx, None)),
-            ("TieredCache, 1 layer resident", lambda: tiered(ctx, 1)),
+            ("TieredCache, streamed, pool of 2 layers", lambda: tiered(ctx, 2)),
+            ("TieredCache, streamed, pool of 3 layers", lambda: tiered(ctx, 3)),
         ]
         base = None
         for label, make in caches:
@@ -117,6 +161,7 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
             table.add(ctx, label, got["prefill s"], got["tok/s"], got["peak GPU GiB"], got["tok/s"] / base)
             if step:
                 step()
+    table.notes.append("peak GPU: torch's allocator plus kvtier's pages, sampled together at module boundaries")
     table.notes.append("targets (H100, 32k): TieredCache all resident within 5% of DynamicCache; at no more GPU "
                        "memory than the offloaded cache, >= 2x its tok/s")
     return table

@@ -34,6 +34,7 @@ class PagePool:
         self._closed = False
         self.creations = self.releases = 0
         self.peak_in_use = 0  # most pages ever taken at once
+        self.peak_created = 0  # most pages ever in existence at once (the GPU memory the pool held)
         self.create_seconds = 0.0
         self._worker: threading.Thread | None = None
         if self.ready_pages:
@@ -52,6 +53,15 @@ class PagePool:
 
     def _room(self) -> int:
         return self.budget_pages - self._created - self._creating
+
+    @property
+    def created_pages(self) -> int:
+        return self._created
+
+    def reset_peak(self) -> None:
+        """Start the peak counters afresh from now (like ``torch.cuda.reset_peak_memory_stats``)."""
+        with self._lock:
+            self.peak_created, self.peak_in_use = self._created, self.in_use_pages
 
     def available(self) -> int:
         """Pages a ``take`` could return now: ready ones plus those the budget still allows creating."""
@@ -116,6 +126,7 @@ class PagePool:
             with self._lock:
                 self._creating -= n
                 self._created += len(fresh)
+                self.peak_created = max(self.peak_created, self._created)
                 if into_free or not made_all:
                     self._free.extend(fresh)
                 self.creations += len(fresh)

@@ -9,8 +9,11 @@ blocks, so a layer's past is one strided view of the space's tensor: ``update`` 
 and returns views -- no per-step copy of the cache.
 
 ``resident_layers`` layers stay on the GPU (``None``: as many as the pool's budget holds at ``max_tokens``); the
-others stream: while layer ``l`` computes, layer ``l+1`` is prefetched, and layer ``l-1`` -- whose attention has
-been enqueued -- is offloaded (its copies wait on the compute stream, so they never race the kernels).
+others stream: when layer ``l`` starts, layer ``l-1`` -- whose attention has been enqueued -- is offloaded (its
+copies and unmaps wait on the compute stream, so they never race the kernels) and layer ``l+1`` is prefetched, to
+land while ``l`` computes. A pool of two streamed layers is enough (the prefetch then waits for ``l-1`` to leave).
+Pages keep their host copy when they come up (``Config.keep_copies``), so going down again copies only the pages
+the new tokens were written to: a decode step moves the streamed KV up once, and a few pages down.
 """
 
 from __future__ import annotations
@@ -120,26 +123,34 @@ class TieredCache(Cache):
             raise InvalidArgumentError(f"TieredCache was made for batch_size {self.rows}, got {batch}")
         space = self.spaces[i]
         stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
+        if self._streamed:
+            self._stream_around(i, stream)
         pending = self._pending.pop(i, None)
+        if pending is None and i in self._streamed and layer.length:  # not brought up ahead (first step, a reset)
+            pending = space.prefetch(self._rows())
         if pending is not None:
             pending.wait(stream)  # this layer's pages are on the GPU before its attention reads them
         start, stop = layer.length, layer.length + new
         if stop > self.max_tokens:
             raise InvalidArgumentError(f"TieredCache holds {self.max_tokens} tokens a row; raise max_tokens")
-        for row in self._rows():
+        for row in self._rows():  # also tells kvtier which pages change (their kept copies are stale now)
             space.allocate(row, stop, first_block=row * self.blocks_per_row)
         rows_k, rows_v = (t.view(self.rows, self.max_tokens, heads, dim) for t in space.kv(0))
         rows_k[:, start:stop] = key_states.transpose(1, 2)
         rows_v[:, start:stop] = value_states.transpose(1, 2)
         layer.length = stop
-        if self._streamed:
-            previous, following = (i - 1) % n, (i + 1) % n
-            if previous in self._streamed and self.layers[previous].length:
-                for row in self._rows():  # its attention is enqueued on ``stream``: the copies wait for it
-                    self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
-            if following in self._streamed and self.layers[following].length and following != i:
-                self._pending[following] = self.spaces[following].prefetch(self._rows())
         return rows_k[:, :stop].transpose(1, 2), rows_v[:, :stop].transpose(1, 2)
+
+    def _stream_around(self, i: int, stream: Any) -> None:
+        """Layer ``i`` is next: offload the one before (its attention is enqueued on ``stream``; the copies and
+        unmaps wait for it), then start bringing up the one after, so that it lands while ``i`` computes."""
+        n = len(self.layers)
+        previous, following = (i - 1) % n, (i + 1) % n
+        if previous in self._streamed and previous != i and self.layers[previous].length:
+            for row in self._rows():
+                self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
+        if following in self._streamed and following != i and self.layers[following].length:
+            self._pending[following] = self.spaces[following].prefetch(self._rows())
 
     def _reset_layer(self, layer: TieredLayer) -> None:
         if self.spaces:
