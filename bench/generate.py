@@ -120,7 +120,8 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
         tokens = ctx + new_tokens + HOOKED_STEPS
         layer_handles = 2 * math.ceil(tokens * kv_heads * head_dim * itemsize / page)  # K and V regions
         total = layer_handles * page * config.num_hidden_layers
-        cfg = kv_base.replace(host_size=max(kv_base.host_size, total + (64 << 20)),
+        # host room for all of it below the cascade's watermark (else the coldest pages would go on to NVMe)
+        cfg = kv_base.replace(host_size=max(kv_base.host_size, int(total / kv_base.host_low_watermark) + 4 * page),
                               host_chunk=max(kv_base.host_chunk, 256 << 20) if cuda else kv_base.host_chunk,
                               pool_ready=min(kv_base.pool_ready, 4 * page))
         if pool_layers is not None:
