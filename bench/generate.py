@@ -34,29 +34,35 @@ def _llama(cuda: bool, quick: bool) -> Any:
 
 
 class _PeakMemory:
-    """Peak of torch's allocated bytes plus the kvtier pool's created bytes, sampled at every module boundary."""
+    """Peak of torch's allocated bytes plus the kvtier pool's created bytes, sampled at every module boundary;
+    also torch's own peak (``torch_peak``) since ``decode()`` was called."""
 
     def __init__(self, model: Any, device: torch.device, pool: Any) -> None:
-        self.device, self.pool, self.peak = device, pool, 0
+        self.device, self.pool, self.peak, self.torch_peak, self._decoding = device, pool, 0, 0, False
         self.hooks = [h for m in model.modules()
                       for h in (m.register_forward_pre_hook(self._sample), m.register_forward_hook(self._sample))]
         torch.cuda.reset_peak_memory_stats(device)
         if pool is not None:
             pool.reset_peak()
 
+    def decode(self) -> None:
+        self._sample()
+        self._decoding = True
+
     def _sample(self, *args: Any) -> None:
         window = torch.cuda.max_memory_allocated(self.device)
+        if self._decoding:
+            self.torch_peak = max(self.torch_peak, window)
         if self.pool is not None:
             window += self.pool.peak_created * self.pool.page_size
             self.pool.reset_peak()
         self.peak = max(self.peak, window)
         torch.cuda.reset_peak_memory_stats(self.device)
 
-    def close(self) -> float:
+    def close(self) -> None:
         self._sample()
         for h in self.hooks:
             h.remove()
-        return self.peak / 2**30
 
 
 def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device: torch.device) -> dict[str, float]:
@@ -75,16 +81,20 @@ def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device:
         sync()
         prefill = time.perf_counter() - start
         token = logits.argmax(-1, keepdim=True)
+        if memory:
+            memory.decode()
         for _ in range(HOOKED_STEPS):
             token = step(token)
-        peak = memory.close() if memory else 0.0
+        if memory:
+            memory.close()
         sync()
         start = time.perf_counter()
         for _ in range(new_tokens):
             token = step(token)
         sync()
         decode = time.perf_counter() - start
-    return {"prefill s": prefill, "tok/s": new_tokens / decode, "peak GPU GiB": peak}
+    return {"prefill s": prefill, "tok/s": new_tokens / decode, "peak GPU GiB": memory.peak / 2**30 if memory else 0.0,
+            "decode torch bytes": memory.torch_peak if memory else 0}
 
 
 def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = None, new_tokens: int | None = None,
@@ -114,9 +124,9 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
     itemsize = 2 if cuda else 4
     page = kv_base.page_size or (8 << 20)
 
-    def tiered(ctx: int, pool_layers: int | None) -> Any:
-        """A TieredCache on a manager of its own: all resident, or every layer streamed through host memory
-        within a pool of ``pool_layers`` layers."""
+    def tiered(ctx: int, pool_layers: int | None = None, pool_bytes: int | None = None) -> Any:
+        """A TieredCache on a manager of its own: all resident, every layer streamed through host memory within
+        a pool of ``pool_layers`` layers, or as many layers resident as a pool of ``pool_bytes`` holds."""
         tokens = ctx + new_tokens + HOOKED_STEPS
         layer_handles = 2 * math.ceil(tokens * kv_heads * head_dim * itemsize / page)  # K and V regions
         total = layer_handles * page * config.num_hidden_layers
@@ -125,11 +135,13 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
                               host_chunk=max(kv_base.host_chunk, 256 << 20) if cuda else kv_base.host_chunk,
                               pool_ready=min(kv_base.pool_ready, 4 * page))
         if pool_layers is not None:
-            cfg = cfg.replace(pool_budget=pool_layers * layer_handles * page, pool_ready=layer_handles * page)
+            pool_bytes = pool_layers * layer_handles * page
+        if pool_bytes is not None:
+            cfg = cfg.replace(pool_budget=max(pool_bytes // page, 2 * layer_handles) * page)
         manager = TierManager(cfg)
         manager.tiering.host.wait_ready()
         return TieredCache(config, max_tokens=tokens, manager=manager,
-                           resident_layers=None if pool_layers is None else 0)
+                           resident_layers=0 if pool_layers is not None else None)
     table = Table(f"generate: {config.num_hidden_layers}-layer Llama shape, random weights, {new_tokens} new tokens",
                   ["context", "cache", "prefill s", "decode tok/s", "peak GPU GiB", "tok/s vs DynamicCache"])
     if cuda:  # warm up kernels and the allocator on a short prompt
@@ -140,14 +152,18 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
         caches: list[tuple[str, Callable[[], Any]]] = [
             ("DynamicCache", lambda: DynamicCache(config=config)),
             ("DynamicCache(offloading=True)", lambda: DynamicCache(config=config, offloading=True)),
-            ("TieredCache, all resident", lambda: tiered(ctx, None)),
-            ("TieredCache, streamed, pool of 2 layers", lambda: tiered(ctx, 2)),
-            ("TieredCache, streamed, pool of 3 layers", lambda: tiered(ctx, 3)),
+            ("TieredCache, all resident", lambda: tiered(ctx)),
+            # the offloaded cache's peak, less what torch itself peaks at while decoding with TieredCache: the
+            # pool then holds as many layers as fit (three streaming slots), and the prefill streams them all
+            ("TieredCache, in the offloaded cache's memory", lambda: tiered(ctx, pool_bytes=int(
+                seen["DynamicCache(offloading=True)"]["peak GPU GiB"] * 2**30
+                - seen["TieredCache, all resident"]["decode torch bytes"]) - (64 << 20))),
+            ("TieredCache, all streamed, pool of 3 layers", lambda: tiered(ctx, pool_layers=3)),
         ]
-        base = None
+        base, seen = None, {}
         for label, make in caches:
-            if not cuda and "offloading" in label:
-                continue  # transformers' offloading needs a CUDA stream
+            if not cuda and "offload" in label:
+                continue  # transformers' offloading needs a CUDA stream (and memory is measured on GPUs only)
             cache = make()
             try:
                 got = _measure(model, ids, cache, new_tokens, dev)
@@ -158,6 +174,7 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
                 del cache
                 if cuda:
                     torch.cuda.empty_cache()
+            seen[label] = got
             base = base or got["tok/s"]
             table.add(ctx, label, got["prefill s"], got["tok/s"], got["peak GPU GiB"], got["tok/s"] / base)
             if step:

@@ -150,6 +150,11 @@ class TierManager:
         if space is not None and space.closed:
             raise ClosedError(f"space {space.name!r} was dropped; create it again")
 
+    def drain(self) -> None:
+        """Block until every transfer started so far has landed and been committed (failures are reported to
+        whoever holds their handles)."""
+        self.tiering.drain()
+
     def stats(self) -> dict[str, Any]:
         """A plain dict: per-space pages and bytes, mapping counts and times; the pool's books."""
         with self._lock:

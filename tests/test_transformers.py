@@ -89,3 +89,25 @@ def test_streaming_fits_a_pool_of_two_layers():
             assert stats["tiers"]["copies"]["reused_pages"] > 0 and down < up / 3
         finally:
             cache.close()
+
+
+def test_prefill_leaves_room_for_activations_and_decode_brings_resident_layers_back():
+    model, config = _model()
+    ids = torch.randint(0, 128, (1, 300))
+    kcfg = kvtier.Config(device="cpu", page_size=16 << 10, host_size=4 << 20, nvme_size=4 << 20)
+    cache = TieredCache(config, max_tokens=512, config=kcfg, resident_layers=2)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            cache.manager.drain()
+            # after the prefill only the last layer is on the GPU: the others went down as the next one began
+            on_gpu = [cache.spaces[i].residency(0)["gpu"] > 0 for i in range(4)]
+            assert on_gpu == [False, False, False, True]
+            model(token, past_key_values=cache)
+            cache.manager.drain()
+            # one decode step later the two resident layers are back (and stay); the streamed ones come and go
+            on_gpu = [cache.spaces[i].residency(0)["gpu"] > 0 for i in range(4)]
+            assert on_gpu[:2] == [True, True] and on_gpu[2] is False
+    finally:
+        cache.close()

@@ -8,10 +8,13 @@ layer's pages can leave the GPU and come back independently of the others. Each 
 blocks, so a layer's past is one strided view of the space's tensor: ``update`` writes the new tokens in place
 and returns views -- no per-step copy of the cache.
 
-``resident_layers`` layers stay on the GPU (``None``: as many as the pool's budget holds at ``max_tokens``); the
-others stream: when layer ``l`` starts, layer ``l-1`` -- whose attention has been enqueued -- is offloaded (its
+``resident_layers`` layers stay on the GPU during decode (``None``: as many as the pool's budget holds at
+``max_tokens``, less three streaming slots); the others stream: when layer ``l`` starts, layer ``l-1`` -- whose attention has been enqueued -- is offloaded (its
 copies and unmaps wait on the compute stream, so they never race the kernels) and layer ``l+1`` is prefetched, to
 land while ``l`` computes. A pool of two streamed layers is enough (the prefetch then waits for ``l-1`` to leave).
+When not every layer is resident, a prefill (more than one new token) sends every layer down after use, so that
+its activations -- the peak of a long prompt -- have the GPU memory; the first decode step brings the resident
+layers back.
 Pages keep their host copy when they come up (``Config.keep_copies``), so going down again copies only the pages
 the new tokens were written to: a decode step moves the streamed KV up once, and a few pages down.
 """
@@ -91,7 +94,8 @@ class TieredCache(Cache):
         self.resident_layers, self.offload_tier = resident_layers, offload_tier
         self.spaces: list[Any] = []
         self._pending: dict[int, Any] = {}  # layer -> prefetch handle
-        self._streamed: set[int] = set()
+        self._streamed: set[int] = set()  # layers that stream during decode
+        self._down: set[int] = set()  # layers offloaded and not yet brought back
 
     # --- set-up on the first update (the dtype and device come with the first key states) ------------------------
     def _setup(self, key_states: torch.Tensor) -> None:
@@ -104,9 +108,10 @@ class TieredCache(Cache):
                 f"{self.name}.L{i}", num_layers=1, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                 dtype=key_states.dtype, block_size=self.block_size, max_tokens=self.rows * self.max_tokens))
         resident = self.resident_layers
-        if resident is None:  # as many layers as the pool holds at full length (a margin of two streamed layers)
+        if resident is None:  # as many layers as the pool holds at full length, less three streaming slots
             per_layer = self.spaces[0].page_bytes * self.spaces[0].num_pages
-            resident = max(0, min(n, self.manager.pool.budget_pages * self.manager.page_size // per_layer - 2))
+            fits = self.manager.pool.budget_pages * self.manager.page_size // per_layer
+            resident = n if fits >= n else max(0, fits - 3)
         self._streamed = set(range(resident, n))
 
     def _rows(self) -> range:
@@ -124,10 +129,11 @@ class TieredCache(Cache):
         space = self.spaces[i]
         stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
         if self._streamed:
-            self._stream_around(i, stream)
+            self._stream_around(i, stream, prefill=new > 1)
         pending = self._pending.pop(i, None)
-        if pending is None and i in self._streamed and layer.length:  # not brought up ahead (first step, a reset)
+        if pending is None and i in self._down:  # not brought up ahead (the first decode step, a reset)
             pending = space.prefetch(self._rows())
+            self._down.discard(i)
         if pending is not None:
             pending.wait(stream)  # this layer's pages are on the GPU before its attention reads them
         start, stop = layer.length, layer.length + new
@@ -141,18 +147,24 @@ class TieredCache(Cache):
         layer.length = stop
         return rows_k[:, :stop].transpose(1, 2), rows_v[:, :stop].transpose(1, 2)
 
-    def _stream_around(self, i: int, stream: Any) -> None:
+    def _stream_around(self, i: int, stream: Any, prefill: bool) -> None:
         """Layer ``i`` is next: offload the one before (its attention is enqueued on ``stream``; the copies and
-        unmaps wait for it), then start bringing up the one after, so that it lands while ``i`` computes."""
+        unmaps wait for it), then start bringing up the one after, so that it lands while ``i`` computes. During a
+        prefill every layer goes down after use (the activations need the room); decode brings the resident
+        layers back once and keeps them."""
         n = len(self.layers)
         previous, following = (i - 1) % n, (i + 1) % n
-        if previous in self._streamed and previous != i and self.layers[previous].length:
+        if previous != i and previous not in self._down and self.layers[previous].length and \
+                (prefill or previous in self._streamed):
             for row in self._rows():
                 self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
-        if following in self._streamed and following != i and self.layers[following].length:
+            self._down.add(previous)
+        if following != i and following in self._down and not prefill:
             self._pending[following] = self.spaces[following].prefetch(self._rows())
+            self._down.discard(following)
 
     def _reset_layer(self, layer: TieredLayer) -> None:
+        self._down.discard(layer.index)
         if self.spaces:
             handle = self._pending.pop(layer.index, None)
             if handle is not None:
