@@ -70,7 +70,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None) -> 
         "prefetch": (len(tokens), lambda step: [prefetch.run(device, tokens, nvme_dir, step)]),
         "nvme": (len(threads) * len(sizes), lambda step: [nvme.run((256 if quick else 1024) << 20, threads, sizes,
                                                                    nvme_dir, step)]),
-        "generate": (10, lambda step: [generate.run(device, quick=quick, step=step)]),
+        "generate": (20, lambda step: [generate.run(device, quick=quick, step=step)]),
     }
     try:
         import transformers  # noqa: F401

@@ -94,6 +94,7 @@ class TieredCache(Cache):
         self.resident_layers, self.offload_tier = resident_layers, offload_tier
         self.spaces: list[Any] = []
         self._pending: dict[int, Any] = {}  # layer -> prefetch handle
+        self._leaving: dict[int, list[Any]] = {}  # layer -> its offload handles, while a prefill runs
         self._streamed: set[int] = set()  # layers that stream during decode
         self._down: set[int] = set()  # layers offloaded and not yet brought back
 
@@ -154,10 +155,17 @@ class TieredCache(Cache):
         layers back once and keeps them."""
         n = len(self.layers)
         previous, following = (i - 1) % n, (i + 1) % n
+        if prefill:  # the host runs ahead of a long prefill: bound it to two layers' pages in use, as a
+            for handles in self._leaving.values():  # stream-ordered allocator would (the rest wait to be gone)
+                for handle in handles:
+                    handle.result()
+            self._leaving.clear()
         if previous != i and previous not in self._down and self.layers[previous].length and \
                 (prefill or previous in self._streamed):
-            for row in self._rows():
-                self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
+            handles = [self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
+                       for row in self._rows()]
+            if prefill:
+                self._leaving[previous] = handles
             self._down.add(previous)
         if following != i and following in self._down and not prefill:
             self._pending[following] = self.spaces[following].prefetch(self._rows())
@@ -188,9 +196,10 @@ class TieredCache(Cache):
 
     def close(self) -> None:
         """Give the pages back (and close the manager if this cache made it)."""
-        for handle in self._pending.values():
+        for handle in [*self._pending.values(), *(h for hs in self._leaving.values() for h in hs)]:
             handle.result()
         self._pending.clear()
+        self._leaving.clear()
         if self.manager is not None:
             if self._own_manager:
                 self.manager.close()
