@@ -111,3 +111,38 @@ def test_prefill_leaves_room_for_activations_and_decode_brings_resident_layers_b
             assert on_gpu[:2] == [True, True] and on_gpu[2] is False
     finally:
         cache.close()
+
+
+def test_mask_sizes_take_the_query_length_or_the_cache_positions():
+    model, config = _model()
+    cache = TieredCache(config, max_tokens=256, config=kvtier.Config(device="cpu", page_size=64 << 10,
+                                                                     host_size=4 << 20, nvme_size=4 << 20))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model(torch.randint(0, 128, (1, 24)), past_key_values=cache)
+        layer = cache.layers[0]
+        # transformers 5.2x passes the query length; earlier 5.x releases the new tokens' positions
+        assert layer.get_mask_sizes(1) == (25, 0)
+        assert layer.get_mask_sizes(torch.arange(24, 25)) == (25, 0)
+    finally:
+        cache.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("resident", [None, 1])
+def test_tiered_cache_on_the_gpu_generates_the_same_tokens(resident):
+    model, config = _model()
+    model = model.cuda()
+    ids = torch.randint(0, 128, (2, 40), device="cuda")
+    expected = _generate(model, ids, transformers.DynamicCache(config=config))
+    kcfg = kvtier.Config(device="cuda", pool_budget=64 << 20, pool_ready=8 << 20, host_size=64 << 20,
+                         nvme_size=64 << 20, debug_checks=True)
+    cache = TieredCache(config, max_tokens=512, batch_size=2, config=kcfg, resident_layers=resident)
+    try:
+        assert torch.equal(_generate(model, ids, cache), expected)
+        cache.manager.drain()
+        cache.manager.check()
+    finally:
+        cache.close()

@@ -52,8 +52,11 @@ class TieredLayer(CacheLayerMixin):
         self.keys, self.values = self.cache._update(self, key_states, value_states)
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers 5.2x passes the query length; earlier 5.x releases pass ``cache_position`` (the new tokens'
+        # positions), and a tensor here would cost a materialised mask -- or a wrong one -- on every layer
+        new = query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
+        return self.length + new, 0
 
     def get_seq_length(self) -> int:
         return self.length
@@ -94,7 +97,6 @@ class TieredCache(Cache):
         self.resident_layers, self.offload_tier = resident_layers, offload_tier
         self.spaces: list[Any] = []
         self._pending: dict[int, Any] = {}  # layer -> prefetch handle
-        self._leaving: dict[int, list[Any]] = {}  # layer -> its offload handles, while a prefill runs
         self._streamed: set[int] = set()  # layers that stream during decode
         self._down: set[int] = set()  # layers offloaded and not yet brought back
 
@@ -155,18 +157,14 @@ class TieredCache(Cache):
         layers back once and keeps them."""
         n = len(self.layers)
         previous, following = (i - 1) % n, (i + 1) % n
-        if prefill:  # the host runs ahead of a long prefill: bound it to two layers' pages in use, as a
-            for handles in self._leaving.values():  # stream-ordered allocator would (the rest wait to be gone)
-                for handle in handles:
-                    handle.result()
-            self._leaving.clear()
         if previous != i and previous not in self._down and self.layers[previous].length and \
                 (prefill or previous in self._streamed):
             handles = [self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
                        for row in self._rows()]
-            if prefill:
-                self._leaving[previous] = handles
             self._down.add(previous)
+            if prefill:  # the host runs ahead of a long prefill: wait for the layer to be gone, so that one
+                for handle in handles:  # layer's pages are in use beside the activations (the peak)
+                    handle.result()
         if following != i and following in self._down and not prefill:
             self._pending[following] = self.spaces[following].prefetch(self._rows())
             self._down.discard(following)
@@ -196,10 +194,9 @@ class TieredCache(Cache):
 
     def close(self) -> None:
         """Give the pages back (and close the manager if this cache made it)."""
-        for handle in [*self._pending.values(), *(h for hs in self._leaving.values() for h in hs)]:
+        for handle in self._pending.values():
             handle.result()
         self._pending.clear()
-        self._leaving.clear()
         if self.manager is not None:
             if self._own_manager:
                 self.manager.close()
