@@ -9,9 +9,11 @@ blocks, so a layer's past is one strided view of the space's tensor: ``update`` 
 and returns views -- no per-step copy of the cache.
 
 ``resident_layers`` layers stay on the GPU during decode (``None``: as many as the pool's budget holds at
-``max_tokens``, less three streaming slots); the others stream: when layer ``l`` starts, layer ``l-1`` -- whose attention has been enqueued -- is offloaded (its
-copies and unmaps wait on the compute stream, so they never race the kernels) and layer ``l+1`` is prefetched, to
-land while ``l`` computes. A pool of two streamed layers is enough (the prefetch then waits for ``l-1`` to leave).
+``max_tokens``, less three streaming slots); the others (``streamed_layers``, spread among the resident ones)
+stream: when layer ``l`` starts, layer ``l-1`` -- whose attention has been enqueued -- is offloaded if it streams
+(its copies and unmaps wait on the compute stream, so they never race the kernels), and the next streamed layers
+are prefetched, as many as the pool has room for, to land while the layers before them compute. A pool of two
+streamed layers is enough (a prefetch then waits for ``l-1`` to leave).
 When not every layer is resident, a prefill (more than one new token) sends every layer down after use, so that
 its activations -- the peak of a long prompt -- have the GPU memory; the first decode step brings the resident
 layers back.
@@ -98,6 +100,8 @@ class TieredCache(Cache):
         self.spaces: list[Any] = []
         self._pending: dict[int, Any] = {}  # layer -> prefetch handle
         self._streamed: set[int] = set()  # layers that stream during decode
+        self.streamed_layers: list[int] = []  # the same, in order (read-only)
+        self._lookahead = 1  # streamed layers brought up ahead of the one computing
         self._down: set[int] = set()  # layers offloaded and not yet brought back
 
     # --- set-up on the first update (the dtype and device come with the first key states) ------------------------
@@ -110,12 +114,16 @@ class TieredCache(Cache):
             self.spaces.append(self.manager.create_space(
                 f"{self.name}.L{i}", num_layers=1, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                 dtype=key_states.dtype, block_size=self.block_size, max_tokens=self.rows * self.max_tokens))
+        per_layer = self.spaces[0].page_bytes * self.spaces[0].num_pages
+        fits = self.manager.pool.budget_pages * self.manager.page_size // per_layer  # layers at full length
         resident = self.resident_layers
-        if resident is None:  # as many layers as the pool holds at full length, less three streaming slots
-            per_layer = self.spaces[0].page_bytes * self.spaces[0].num_pages
-            fits = self.manager.pool.budget_pages * self.manager.page_size // per_layer
+        if resident is None:  # as many as the pool holds, less three streaming slots
             resident = n if fits >= n else max(0, fits - 3)
-        self._streamed = set(range(resident, n))
+        streamed = n - min(n, resident)
+        # spread out, so that each streamed layer's copy overlaps the compute of the resident ones before it
+        self.streamed_layers = sorted({(2 * k + 1) * n // (2 * streamed) for k in range(streamed)})
+        self._streamed = set(self.streamed_layers)
+        self._lookahead = max(1, min(fits - (n - streamed) - 1, streamed - 1))
 
     def _rows(self) -> range:
         return range(self.rows)
@@ -151,12 +159,12 @@ class TieredCache(Cache):
         return rows_k[:, :stop].transpose(1, 2), rows_v[:, :stop].transpose(1, 2)
 
     def _stream_around(self, i: int, stream: Any, prefill: bool) -> None:
-        """Layer ``i`` is next: offload the one before (its attention is enqueued on ``stream``; the copies and
-        unmaps wait for it), then start bringing up the one after, so that it lands while ``i`` computes. During a
-        prefill every layer goes down after use (the activations need the room); decode brings the resident
-        layers back once and keeps them."""
+        """Layer ``i`` is next. Offload the one before (its attention is enqueued on ``stream``; the copies and
+        unmaps wait for it), then start bringing up the next streamed layers, as many as the pool has slots for,
+        so that each lands while the layers before it compute. During a prefill every layer goes down after use
+        (the activations need the room); the first decode step brings the resident layers back for good."""
         n = len(self.layers)
-        previous, following = (i - 1) % n, (i + 1) % n
+        previous = (i - 1) % n
         if previous != i and previous not in self._down and self.layers[previous].length and \
                 (prefill or previous in self._streamed):
             handles = [self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
@@ -165,9 +173,14 @@ class TieredCache(Cache):
             if prefill:  # the host runs ahead of a long prefill: wait for the layer to be gone, so that one
                 for handle in handles:  # layer's pages are in use beside the activations (the peak)
                     handle.result()
-        if following != i and following in self._down and not prefill:
-            self._pending[following] = self.spaces[following].prefetch(self._rows())
-            self._down.discard(following)
+        if prefill:
+            return
+        returning = sorted(self._down - self._streamed)
+        ahead = [j for j in ((i + k) % n for k in range(1, n)) if j in self._streamed][:self._lookahead]
+        for j in returning + ahead:
+            if j in self._down and self.layers[j].length:
+                self._pending[j] = self.spaces[j].prefetch(self._rows())
+                self._down.discard(j)
 
     def _reset_layer(self, layer: TieredLayer) -> None:
         self._down.discard(layer.index)
