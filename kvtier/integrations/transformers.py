@@ -102,6 +102,7 @@ class TieredCache(Cache):
         self._streamed: set[int] = set()  # layers that stream during decode
         self.streamed_layers: list[int] = []  # the same, in order (read-only)
         self._lookahead = 1  # streamed layers brought up ahead of the one computing
+        self._slots = 2  # layers the pool holds beside the resident ones
         self._down: set[int] = set()  # layers offloaded and not yet brought back
 
     # --- set-up on the first update (the dtype and device come with the first key states) ------------------------
@@ -123,7 +124,8 @@ class TieredCache(Cache):
         # spread out, so that each streamed layer's copy overlaps the compute of the resident ones before it
         self.streamed_layers = sorted({(2 * k + 1) * n // (2 * streamed) for k in range(streamed)})
         self._streamed = set(self.streamed_layers)
-        self._lookahead = max(1, min(fits - (n - streamed) - 1, streamed - 1))
+        self._slots = fits - (n - streamed)
+        self._lookahead = max(1, min(self._slots - 2, streamed - 1))  # a slot each for the current and the last
 
     def _rows(self) -> range:
         return range(self.rows)
@@ -164,6 +166,11 @@ class TieredCache(Cache):
         so that each lands while the layers before it compute. During a prefill every layer goes down after use
         (the activations need the room); the first decode step brings the resident layers back for good."""
         n = len(self.layers)
+        # map the next layers before the copies down start where the pool has room: mapping waits for copies
+        # down in flight, and those wait for the step's kernels
+        early = not prefill and self._slots >= self._lookahead + 2
+        if early:
+            self._bring_up(i)
         previous = (i - 1) % n
         if previous != i and previous not in self._down and self.layers[previous].length and \
                 (prefill or previous in self._streamed):
@@ -173,8 +180,12 @@ class TieredCache(Cache):
             if prefill:  # the host runs ahead of a long prefill: wait for the layer to be gone, so that one
                 for handle in handles:  # layer's pages are in use beside the activations (the peak)
                     handle.result()
-        if prefill:
-            return
+        if not prefill and not early:
+            self._bring_up(i)
+
+    def _bring_up(self, i: int) -> None:
+        """Prefetch the resident layers still down (the first decode step) and the next streamed ones."""
+        n = len(self.layers)
         returning = sorted(self._down - self._streamed)
         ahead = [j for j in ((i + k) % n for k in range(1, n)) if j in self._streamed][:self._lookahead]
         for j in returning + ahead:
