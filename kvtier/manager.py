@@ -165,7 +165,7 @@ class TierManager:
                 "pool": {"budget_pages": pool.budget_pages, "pages_free": pool.free_pages,
                          "pages_in_use": pool.in_use_pages, "bytes_in_use": pool.in_use_pages * self.page_size,
                          "peak_bytes_in_use": pool.peak_in_use * self.page_size,
-                         "bytes_created": pool._created * self.page_size,
+                         "bytes_created": pool.created_pages * self.page_size,
                          "peak_bytes_created": pool.peak_created * self.page_size,
                          "creations": pool.creations, "releases": pool.releases,
                          "create_seconds": pool.create_seconds},

@@ -347,8 +347,8 @@ class Tiering:
                     self.make_room(want, inline=False)
                 books = self.host.books
                 if books.total and books.used > cfg.host_high_watermark * books.total:
-                    excess = books.used - int(cfg.host_low_watermark * books.total)
-                    self._room("host", books.total - books.used + excess)  # kept copies go first: they cost nothing
+                    # kept copies go first (dropping them costs nothing), down to the low mark if they can
+                    self._room("host", books.total - int(cfg.host_low_watermark * books.total))
                     if books.used > cfg.host_high_watermark * books.total:
                         self._cascade(books.used - int(cfg.host_low_watermark * books.total))
 

@@ -100,7 +100,6 @@ class TieredCache(Cache):
         self.spaces: list[Any] = []
         self._pending: dict[int, Any] = {}  # layer -> prefetch handle
         self._streamed: set[int] = set()  # layers that stream during decode
-        self.streamed_layers: list[int] = []  # the same, in order (read-only)
         self._lookahead = 1  # streamed layers brought up ahead of the one computing
         self._slots = 2  # layers the pool holds beside the resident ones
         self._down: set[int] = set()  # layers offloaded and not yet brought back
@@ -122,10 +121,14 @@ class TieredCache(Cache):
             resident = n if fits >= n else max(0, fits - 3)
         streamed = n - min(n, resident)
         # spread out, so that each streamed layer's copy overlaps the compute of the resident ones before it
-        self.streamed_layers = sorted({(2 * k + 1) * n // (2 * streamed) for k in range(streamed)})
-        self._streamed = set(self.streamed_layers)
+        self._streamed = {(2 * k + 1) * n // (2 * streamed) for k in range(streamed)}
         self._slots = fits - (n - streamed)
         self._lookahead = max(1, min(self._slots - 2, streamed - 1))  # a slot each for the current and the last
+
+    @property
+    def streamed_layers(self) -> list[int]:
+        """The layers that stream during decode (known after the first update)."""
+        return sorted(self._streamed)
 
     def _rows(self) -> range:
         return range(self.rows)
