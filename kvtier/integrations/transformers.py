@@ -102,6 +102,7 @@ class TieredCache(Cache):
         self._streamed: set[int] = set()  # layers that stream during decode
         self._lookahead = 1  # streamed layers brought up ahead of the one computing
         self._slots = 2  # layers the pool holds beside the resident ones
+        self._ahead: list[list[int]] = []  # per layer: the streamed layers to bring up when it starts
         self._down: set[int] = set()  # layers offloaded and not yet brought back
 
     # --- set-up on the first update (the dtype and device come with the first key states) ------------------------
@@ -124,6 +125,8 @@ class TieredCache(Cache):
         self._streamed = {(2 * k + 1) * n // (2 * streamed) for k in range(streamed)}
         self._slots = fits - (n - streamed)
         self._lookahead = max(1, min(self._slots - 2, streamed - 1))  # a slot each for the current and the last
+        self._ahead = [[j for j in ((i + k) % n for k in range(1, n)) if j in self._streamed][:self._lookahead]
+                       for i in range(n)]
 
     @property
     def streamed_layers(self) -> list[int]:
@@ -188,10 +191,8 @@ class TieredCache(Cache):
 
     def _bring_up(self, i: int) -> None:
         """Prefetch the resident layers still down (the first decode step) and the next streamed ones."""
-        n = len(self.layers)
         returning = sorted(self._down - self._streamed)
-        ahead = [j for j in ((i + k) % n for k in range(1, n)) if j in self._streamed][:self._lookahead]
-        for j in returning + ahead:
+        for j in returning + self._ahead[i]:
             if j in self._down and self.layers[j].length:
                 self._pending[j] = self.spaces[j].prefetch(self._rows())
                 self._down.discard(j)
