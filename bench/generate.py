@@ -1,6 +1,6 @@
 """``kvtier bench generate``: one model and prompt, several caches -- transformers' DynamicCache (all on the GPU),
-its offloaded variant (``DynamicCache(offloading=True)``), and TieredCache (whole KV resident, and streamed through
-host memory in a pool of two or three layers). Prefill time, decode tokens/s and peak GPU memory. A
+its offloaded variant (``DynamicCache(offloading=True)``), and TieredCache (whole KV resident, in the offloaded
+cache's memory, and every layer streamed through host memory). Prefill time, decode tokens/s and peak GPU memory. A
 Llama-3-8B-shaped model with random bf16 weights on a GPU; a tiny one on the CPU (just to run the path).
 
 Peak GPU memory counts torch's allocator *and* kvtier's physical pages (which torch does not see), sampled
@@ -127,9 +127,9 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
     itemsize = 2 if cuda else 4
     page = kv_base.page_size or (8 << 20)
 
-    def tiered(ctx: int, pool_layers: int | None = None, pool_bytes: int | None = None) -> Any:
-        """A TieredCache on a manager of its own: all resident, every layer streamed through host memory within
-        a pool of ``pool_layers`` layers, or as many layers resident as a pool of ``pool_bytes`` holds."""
+    def tiered(ctx: int, streamed: bool = False, pool_bytes: int | None = None) -> Any:
+        """A TieredCache on a manager of its own: all resident, every layer streamed (in the pool that takes), or
+        as many layers resident as a pool of ``pool_bytes`` holds."""
         tokens = ctx + new_tokens
         layer_handles = 2 * math.ceil(tokens * kv_heads * head_dim * itemsize / page)  # K and V regions
         total = layer_handles * page * config.num_hidden_layers
@@ -137,14 +137,13 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
         cfg = kv_base.replace(host_size=max(kv_base.host_size, int(total / kv_base.host_low_watermark) + 4 * page),
                               host_chunk=max(kv_base.host_chunk, 256 << 20) if cuda else kv_base.host_chunk,
                               pool_ready=min(kv_base.pool_ready, 4 * page))
-        if pool_layers is not None:
-            pool_bytes = pool_layers * layer_handles * page
+        if streamed:
+            pool_bytes = TieredCache.pool_bytes(config, tokens, 0, page_size=page, itemsize=itemsize)
         if pool_bytes is not None:
             cfg = cfg.replace(pool_budget=max(pool_bytes // page, 2 * layer_handles) * page)
         manager = TierManager(cfg)
         manager.tiering.host.wait_ready()
-        return TieredCache(config, max_tokens=tokens, manager=manager,
-                           resident_layers=0 if pool_layers is not None else None)
+        return TieredCache(config, max_tokens=tokens, manager=manager, resident_layers=0 if streamed else None)
     table = Table(f"generate: {config.num_hidden_layers}-layer Llama shape, random weights, {new_tokens} new tokens",
                   ["context", "cache", "prefill s", "decode tok/s", "steady tok/s", "peak GPU GiB",
                    "tok/s vs DynamicCache"])
@@ -158,11 +157,11 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
             ("DynamicCache(offloading=True)", lambda: DynamicCache(config=config, offloading=True)),
             ("TieredCache, all resident", lambda: tiered(ctx)),
             # the offloaded cache's peak, less what torch itself peaks at while decoding with TieredCache: the
-            # pool then holds as many layers as fit (three streaming slots), and the prefill streams them all
+            # pool then holds as many layers as fit beside the ring and the streamed layers' last pages
             ("TieredCache, in the offloaded cache's memory", lambda: tiered(ctx, pool_bytes=int(
                 seen["DynamicCache(offloading=True)"]["peak GPU GiB"] * 2**30
                 - seen["TieredCache, all resident"]["decode torch bytes"]) - (64 << 20))),
-            ("TieredCache, all streamed, pool of 3 layers", lambda: tiered(ctx, pool_layers=3)),
+            ("TieredCache, all streamed", lambda: tiered(ctx, streamed=True)),
         ]
         seen: dict[str, dict[str, float]] = {}
         for _ in range(REPEATS if cuda and not quick else 1):  # interleaved, so that drift hits every cache alike

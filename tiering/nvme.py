@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import logging
+import mmap
 import os
 from typing import Any
 
@@ -29,6 +30,17 @@ def _memoryview(tensor: torch.Tensor) -> memoryview:
     array = np.ctypeslib.as_array((ctypes.c_uint8 * (tensor.numel() * tensor.element_size()))
                                   .from_address(tensor.data_ptr()))
     return memoryview(array).cast("B")
+
+
+ALIGN = 4096  # O_DIRECT wants buffers aligned to the logical block (our slots and tier memory are)
+
+
+def _read_bounced(fd: int, view: memoryview, offset: int) -> int:
+    """Read into an unaligned buffer through a page-aligned one (anonymous maps are page-aligned)."""
+    with mmap.mmap(-1, -(-len(view) // ALIGN) * ALIGN) as bounce:
+        done = min(os.preadv(fd, [bounce], offset), len(view))
+        view[:done] = bounce[:done]
+        return done
 
 
 class NvmeTier:
@@ -77,15 +89,17 @@ class NvmeTier:
         return self._io(False, slot, dst)
 
     def _io(self, write: bool, slot: int, buf: torch.Tensor) -> Any:
-        offset = slot * self.slot_size
+        offset, size = slot * self.slot_size, buf.numel() * buf.element_size()  # a read may take a prefix
         if self._kvikio is not None:
             target = buf if buf.is_cuda else buf.numpy()
             op = self._kvikio.pwrite if write else self._kvikio.pread
-            return _Checked(op(target, self.slot_size, offset), self.slot_size, write, slot)
+            return _Checked(op(target, size, offset), size, write, slot)
         view = _memoryview(buf)
         if write:
-            return _Checked(self._pool.submit(os.pwrite, self._fd, view, offset), self.slot_size, write, slot)
-        return _Checked(self._pool.submit(os.preadv, self._fd, [view], offset), self.slot_size, write, slot)
+            return _Checked(self._pool.submit(os.pwrite, self._fd, view, offset), size, write, slot)
+        if self.mode == "posix O_DIRECT" and buf.data_ptr() % ALIGN:  # an engine's buffer: through an aligned one
+            return _Checked(self._pool.submit(_read_bounced, self._fd, view, offset), size, write, slot)
+        return _Checked(self._pool.submit(os.preadv, self._fd, [view], offset), size, write, slot)
 
     def describe(self) -> dict[str, object]:
         return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": self.path, "mode": self.mode}

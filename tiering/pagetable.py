@@ -8,6 +8,9 @@ until the transfer commits -- and is listed in ``moving`` with the transfer's ha
 A GPU page brought up from below may keep its old slots as a *copy* (``copies``: tier code and slots): the bytes
 there equal the page's until a token is written into it again, so offloading it once more only unmaps it. A copy
 is a cache: dropping it is always safe.
+
+A lower page being *read* (copied into an engine's buffer, without mapping) is listed in ``reading`` until the
+read is done: it is not moved, freed or overwritten meanwhile.
 """
 
 from __future__ import annotations
@@ -30,11 +33,21 @@ class PageTable:
         self.moving: dict[int, Any] = {}
         self.copies: dict[int, tuple[int, list[int]]] = {}
         self.written_in_flight: set[int] = set()  # pages written while coming up: their old slots are no copy
+        self.reading: dict[int, Any] = {}  # lower pages a read is copying from: they stay until it is done
+
+    def reads_pending(self) -> dict[int, Any]:
+        """The lower pages still being read (finished reads are forgotten here)."""
+        for p in [p for p, h in self.reading.items() if h.ready()]:
+            del self.reading[p]
+        return self.reading
 
     def moving_mask(self) -> np.ndarray:
+        """Pages in flight or being read: no other transfer may start on them."""
         mask = np.zeros(len(self.tier), dtype=bool)
         if self.moving:
             mask[list(self.moving)] = True
+        if self.reading and self.reads_pending():
+            mask[list(self.reading)] = True
         return mask
 
     def allocatable(self) -> np.ndarray:

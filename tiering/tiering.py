@@ -159,6 +159,26 @@ class Tiering:
             work.io += step.io
         return self._launch("promote", moves, pairs, None, inline, work)
 
+    def read(self, space: Any, pages: list[int], target: Any, after: Any = None) -> TransferHandle:
+        """Start copying host and NVMe ``pages`` into the engine's buffers (``target(region, page)``: the device
+        view to fill), after ``after``; nothing is mapped or moved. The pages stay put until the read is done."""
+        table, work = space.pages, Work()
+        handle = TransferHandle(self, "read", [])
+        by_tier: dict[str, list[tuple[Any, Any, int]]] = defaultdict(list)
+        for p in pages:
+            by_tier[TIER_NAME[int(table.tier[p])]] += [(table.slots[p][r], target(r, p), p)
+                                                        for r in range(space.num_regions)]
+            table.reading[p] = handle
+        for src, items in by_tier.items():
+            step = self.mover.start(src, "gpu", [(a, b) for a, b, _ in items], after, tags=[p for *_, p in items],
+                                    label=f"{src}->read")
+            work.event = step.event or work.event
+            work.io += step.io
+        handle.attach(work)
+        if work.io:  # NVMe reads: run by the worker, in order with the transfers queued before
+            self._queue.put(handle)
+        return handle
+
     def stage(self, space: Any, pages: list[int]) -> TransferHandle:
         """Start reading NVMe ``pages`` up into host slots (so a later fault-back crosses PCIe only). Pages that
         find no host slot stay on NVMe."""

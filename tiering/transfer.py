@@ -44,8 +44,8 @@ class Work:
 
 
 class TransferHandle:
-    """Returned by ``offload`` and ``prefetch``. ``done()`` polls; ``wait(stream)`` makes ``stream`` wait on the
-    device (no host sync when the data comes from host memory; NVMe reads must land first, so for them it blocks
+    """Returned by ``offload``, ``prefetch`` and ``read``. ``done()`` polls; ``wait(stream)`` makes ``stream`` wait
+    on the device (no host sync when the data comes from host memory; NVMe reads must land first, so for them it blocks
     until they have); ``result()`` blocks until the transfer is complete and raises :class:`TransferError` if it
     failed."""
 
@@ -83,7 +83,7 @@ class TransferHandle:
     def done(self) -> bool:
         if not self.committed and self.ready():
             self._owner.commit(self)
-        return self.committed
+        return self.committed and self.ready()  # a read moves no page: it is committed from the start
 
     def wait(self, stream: Any = None) -> None:
         """Make ``stream`` (default: the current one) wait until the data has landed."""
@@ -136,11 +136,12 @@ class Mover:
         self.paths: dict[str, dict[str, float]] = defaultdict(lambda: {"pages": 0, "bytes": 0})
 
     def start(self, src: str, dst: str, pairs: list[tuple[Any, Any]], after: Any = None,
-              tags: list[Any] | None = None, on_done: Callable[[Any], None] | None = None) -> Work:
+              tags: list[Any] | None = None, on_done: Callable[[Any], None] | None = None,
+              label: str | None = None) -> Work:
         """Start moving ``pairs`` of (source, destination) buffers: device views (torch tensors) or slot ids.
         ``tags[i]`` names the page pair ``i`` belongs to; routes that finish pages progressively call
-        ``on_done(tag)`` once every pair of a tag has landed."""
-        path = self.paths[f"{src}->{dst}"]
+        ``on_done(tag)`` once every pair of a tag has landed. ``label``: the path's name in the stats."""
+        path = self.paths[label or f"{src}->{dst}"]
         path["pages"] += len(set(tags)) if tags else 1
         path["bytes"] += len(pairs) * self.host.slot_size
         return self.routes[(src, dst)](pairs, after, tags, on_done)
@@ -187,13 +188,16 @@ class Mover:
         return Work(io=[lambda: self._pipeline(submit, len(copies), tags, on_done)])
 
     def _host_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all."""
-        copies = [(self.host.view(slot), view) for slot, view in pairs]
+        """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. A view
+        shorter than a slot takes the slot's first bytes."""
+        copies = [(self.host.view(slot)[:view.numel()], view) for slot, view in pairs]
         if self.up is None:
             for src, dst in copies:
                 dst.copy_(src)
             return Work()
         with torch.cuda.stream(self.up):
+            if after is not None:
+                self.up.wait_event(after)  # the destination may still be read by the engine's kernels
             for src, dst in copies:
                 dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
@@ -218,7 +222,7 @@ class Mover:
         return self._io(ops, after, tags, on_done, gated=self.device.type == "cuda")
 
     def _nvme_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        return self._io([lambda v=view, s=slot: self.nvme.read(s, v) for slot, view in pairs])
+        return self._io([lambda v=view, s=slot: self.nvme.read(s, v) for slot, view in pairs], after)
 
     def _host_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.view(h)) for hs, ns in pairs])

@@ -9,20 +9,21 @@ blocks, so a layer's past is one strided view of the space's tensor: ``update`` 
 and returns views -- no per-step copy of the cache.
 
 ``resident_layers`` layers stay on the GPU during decode (``None``: as many as the pool's budget holds at
-``max_tokens``, less three streaming slots); the others (``streamed_layers``, spread among the resident ones)
-stream: when layer ``l`` starts, layer ``l-1`` -- whose attention has been enqueued -- is offloaded if it streams
-(its copies and unmaps wait on the compute stream, so they never race the kernels), and the next streamed layers
-are prefetched, as many as the pool has room for, to land while the layers before them compute. A pool of two
-streamed layers is enough (a prefetch then waits for ``l-1`` to leave).
-When not every layer is resident, a prefill (more than one new token) sends every layer down after use, so that
+``max_tokens`` beside the streaming ring). The others (``streamed_layers``, spread among the resident ones) keep
+only their last page per row on the GPU; the pages their tokens have filled go down to host memory once
+(``offload_prefix``) and are never written again. Each step, such a layer's past is *read* into one of two ring
+slots -- spaces mapped once -- without mapping anything: the pages below are copied up ahead (as soon as the
+slot's previous layer has run, on the transfer stream), and the GPU tail is copied in on the compute stream
+when the layer starts. A decode step thus crosses PCIe once per streamed byte, upwards only, and makes no driver
+calls.
+When not every layer is resident, a prefill (more than one new token) sends the layers down after use, so that
 its activations -- the peak of a long prompt -- have the GPU memory; the first decode step brings the resident
 layers back.
-Pages keep their host copy when they come up (``Config.keep_copies``), so going down again copies only the pages
-the new tokens were written to: a decode step moves the streamed KV up once, and a few pages down.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -32,6 +33,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvtier.config import Config
 from kvtier.errors import InvalidArgumentError
 from kvtier.manager import TierManager
+
+RING_SLOTS = 2  # one slot read by the layer computing, one filling for the next streamed layer
 
 
 class TieredLayer(CacheLayerMixin):
@@ -78,7 +81,7 @@ class TieredLayer(CacheLayerMixin):
 
 class TieredCache(Cache):
     """See the module docstring. ``manager``: share an existing :class:`TierManager` (default: one is made on
-    the first update's device with ``config`` or defaults). ``offload_tier``: where streamed layers go
+    the first update's device with ``config`` or defaults). ``offload_tier``: where streamed layers' pages go
     ("host" or "nvme")."""
 
     def __init__(self, model_config: Any, max_tokens: int = 32768, batch_size: int = 1,
@@ -89,21 +92,35 @@ class TieredCache(Cache):
         super().__init__(layers=[TieredLayer(self, i) for i in range(num_layers)])
         if offload_tier not in ("host", "nvme"):
             raise InvalidArgumentError(f"offload_tier {offload_tier!r}: use 'host' or 'nvme'")
-        self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-        self.head_dim = getattr(model_config, "head_dim", None) or \
-            model_config.hidden_size // model_config.num_attention_heads
+        self.num_kv_heads, self.head_dim = _kv_shape(model_config)
         self.rows, self.block_size, self.name = batch_size, block_size, name  # Cache.batch_size reads layers
         self.blocks_per_row = math.ceil(max_tokens / block_size)
         self.max_tokens = self.blocks_per_row * block_size
         self.manager, self._own_manager, self._config = manager, manager is None, config
         self.resident_layers, self.offload_tier = resident_layers, offload_tier
         self.spaces: list[Any] = []
-        self._pending: dict[int, Any] = {}  # layer -> prefetch handle
-        self._streamed: set[int] = set()  # layers that stream during decode
-        self._lookahead = 1  # streamed layers brought up ahead of the one computing
-        self._slots = 2  # layers the pool holds beside the resident ones
-        self._ahead: list[list[int]] = []  # per layer: the streamed layers to bring up when it starts
-        self._down: set[int] = set()  # layers offloaded and not yet brought back
+        self._ring: list[Any] = []  # the ring slots: spaces of one layer's shape, mapped while decoding
+        self._pending: dict[int, Any] = {}  # resident layer coming back -> its prefetch
+        self._down: set[int] = set()  # resident layers sent down by a prefill, not yet back
+        self._streamed: list[int] = []  # layers streamed during decode, in order
+        self._settled: dict[int, list[int]] = {}  # streamed layer -> per row, the tokens kept below
+        # streamed layer -> its ring slot, the reads ahead into it, and the tokens they cover per row
+        self._reads: dict[int, tuple[int, list[Any], list[int]]] = {}
+        self._slot_user: list[int | None] = [None] * RING_SLOTS  # the layer each ring slot is read for
+        self._last = -1  # the layer of the previous update: its attention is enqueued by the next one
+
+    @staticmethod
+    def pool_bytes(model_config: Any, max_tokens: int, resident_layers: int, batch_size: int = 1,
+                   page_size: int = 8 << 20, itemsize: int = 2, block_size: int = 16) -> int:
+        """GPU pool a cache with ``resident_layers`` resident needs while decoding at ``max_tokens``: those
+        layers whole, the ring, a last page per row of every streamed layer, and one spare page."""
+        heads, dim = _kv_shape(model_config)
+        layer, tail = _layer_bytes(heads * dim * itemsize, math.ceil(max_tokens / block_size) * block_size,
+                                   batch_size, page_size)
+        n = model_config.num_hidden_layers
+        if resident_layers >= n:
+            return n * layer
+        return (resident_layers + RING_SLOTS) * layer + (n - resident_layers) * tail + tail // batch_size
 
     # --- set-up on the first update (the dtype and device come with the first key states) ------------------------
     def _setup(self, key_states: torch.Tensor) -> None:
@@ -112,107 +129,166 @@ class TieredCache(Cache):
             self.manager = TierManager((self._config or Config()).replace(device=device))
         n = len(self.layers)
         for i in range(n):
-            self.spaces.append(self.manager.create_space(
-                f"{self.name}.L{i}", num_layers=1, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                dtype=key_states.dtype, block_size=self.block_size, max_tokens=self.rows * self.max_tokens))
-        per_layer = self.spaces[0].page_bytes * self.spaces[0].num_pages
-        fits = self.manager.pool.budget_pages * self.manager.page_size // per_layer  # layers at full length
+            self.spaces.append(self._new_space(f"{self.name}.L{i}", key_states.dtype))
+        layer, tail = _layer_bytes(self.spaces[0].block_bytes // self.block_size, self.max_tokens, self.rows,
+                                   self.manager.page_size)
+        budget = self.manager.pool.budget_pages * self.manager.page_size
         resident = self.resident_layers
-        if resident is None:  # as many as the pool holds, less three streaming slots
-            resident = n if fits >= n else max(0, fits - 3)
+        if resident is None:  # as many as the pool holds beside the ring and the streamed layers' last pages
+            spare = budget - RING_SLOTS * layer - n * tail - tail // self.rows
+            resident = n if n * layer <= budget else max(0, min(n - 1, spare // (layer - tail)))
         streamed = n - min(n, resident)
-        # spread out, so that each streamed layer's copy overlaps the compute of the resident ones before it
-        self._streamed = {(2 * k + 1) * n // (2 * streamed) for k in range(streamed)}
-        self._slots = fits - (n - streamed)
-        self._lookahead = max(1, min(self._slots - 2, streamed - 1))  # a slot each for the current and the last
-        self._ahead = [[j for j in ((i + k) % n for k in range(1, n)) if j in self._streamed][:self._lookahead]
-                       for i in range(n)]
+        # spread out, so that each streamed layer's read overlaps the compute of the resident ones before it
+        self._streamed = sorted({(2 * k + 1) * n // (2 * streamed) for k in range(streamed)})
+        self._settled = {i: [0] * self.rows for i in self._streamed}
+
+    def _new_space(self, name: str, dtype: torch.dtype) -> Any:
+        return self.manager.create_space(name, num_layers=1, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                         dtype=dtype, block_size=self.block_size,
+                                         max_tokens=self.rows * self.max_tokens)
 
     @property
     def streamed_layers(self) -> list[int]:
         """The layers that stream during decode (known after the first update)."""
-        return sorted(self._streamed)
+        return list(self._streamed)
 
     def _rows(self) -> range:
         return range(self.rows)
+
+    def _row_views(self, space: Any, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = (t.view(self.rows, self.max_tokens, self.num_kv_heads, self.head_dim) for t in space.kv(0))
+        return k[:, :stop].transpose(1, 2), v[:, :stop].transpose(1, 2)
 
     # --- the step ---------------------------------------------------------------------------------------------------
     def _update(self, layer: TieredLayer, key_states: torch.Tensor,
                 value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.spaces:
             self._setup(key_states)
-        i, n = layer.index, len(self.layers)
+        i = layer.index
         batch, heads, new, dim = key_states.shape
         if batch != self.rows:
             raise InvalidArgumentError(f"TieredCache was made for batch_size {self.rows}, got {batch}")
-        space = self.spaces[i]
-        stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
-        if self._streamed:
-            self._stream_around(i, stream, prefill=new > 1)
-        pending = self._pending.pop(i, None)
-        if pending is None and i in self._down:  # not brought up ahead (the first decode step, a reset)
-            pending = space.prefetch(self._rows())
-            self._down.discard(i)
-        if pending is not None:
-            pending.wait(stream)  # this layer's pages are on the GPU before its attention reads them
         start, stop = layer.length, layer.length + new
         if stop > self.max_tokens:
             raise InvalidArgumentError(f"TieredCache holds {self.max_tokens} tokens a row; raise max_tokens")
+        space = self.spaces[i]
+        stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
+        if self._streamed:
+            self._before(i, stream, prefill=new > 1)
+        pending = self._pending.pop(i, None)
+        if pending is not None:
+            pending.wait(stream)  # a resident layer's pages are back before its attention reads them
         for row in self._rows():  # also tells kvtier which pages change (their kept copies are stale now)
             space.allocate(row, stop, first_block=row * self.blocks_per_row)
         rows_k, rows_v = (t.view(self.rows, self.max_tokens, heads, dim) for t in space.kv(0))
         rows_k[:, start:stop] = key_states.transpose(1, 2)
         rows_v[:, start:stop] = value_states.transpose(1, 2)
         layer.length = stop
-        return rows_k[:, :stop].transpose(1, 2), rows_v[:, :stop].transpose(1, 2)
+        self._last = i
+        if i in self._settled and any(self._settled[i]):  # its past is partly below: read it into a ring slot
+            return self._read_streamed(i, stream, stop)
+        return self._row_views(space, stop)
 
-    def _stream_around(self, i: int, stream: Any, prefill: bool) -> None:
-        """Layer ``i`` is next. Offload the one before (its attention is enqueued on ``stream``; the copies and
-        unmaps wait for it), then start bringing up the next streamed layers, as many as the pool has slots for,
-        so that each lands while the layers before it compute. During a prefill every layer goes down after use
-        (the activations need the room); the first decode step brings the resident layers back for good."""
-        n = len(self.layers)
-        # map the next layers before the copies down start where the pool has room: mapping waits for copies
-        # down in flight, and those wait for the step's kernels
-        early = not prefill and self._slots >= self._lookahead + 2
-        if early:
-            self._bring_up(i)
-        previous = (i - 1) % n
-        if previous != i and previous not in self._down and self.layers[previous].length and \
-                (prefill or previous in self._streamed):
-            handles = [self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
-                       for row in self._rows()]
-            self._down.add(previous)
-            if prefill:  # the host runs ahead of a long prefill: wait for the layer to be gone, so that one
-                for handle in handles:  # layer's pages are in use beside the activations (the peak)
-                    handle.result()
-        if not prefill and not early:
-            self._bring_up(i)
-
-    def _bring_up(self, i: int) -> None:
-        """Prefetch the resident layers still down (the first decode step) and the next streamed ones."""
-        returning = sorted(self._down - self._streamed)
-        for j in returning + self._ahead[i]:
-            if j in self._down and self.layers[j].length:
+    def _before(self, i: int, stream: Any, prefill: bool) -> None:
+        """Layer ``i`` is next; the attention of the layer before is enqueued on ``stream``. Send that layer's
+        settled pages down (all of a resident layer's during a prefill, which needs the room), free its ring
+        slot, and read ahead into the free slots. The first decode step brings the resident layers back."""
+        previous = self._last
+        if previous >= 0 and self.layers[previous].length:
+            if previous in self._settled:
+                self._settle(previous, stream, wait=prefill)
+            elif prefill and previous not in self._down:
+                handles = [self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
+                           for row in self._rows()]
+                self._down.add(previous)
+                for handle in handles:  # the host runs ahead of a long prefill: wait for the layer to be gone,
+                    handle.result()     # so that one layer's pages are in use beside the activations (the peak)
+        self._slot_user = [None if user == previous else user for user in self._slot_user]
+        if prefill:
+            return
+        for j in sorted(self._down):  # the first decode step: the resident layers come back for good
+            if self.layers[j].length:
                 self._pending[j] = self.spaces[j].prefetch(self._rows())
-                self._down.discard(j)
+        self._down.clear()
+        self._read_ahead(i, stream, len(self._streamed))
+
+    def _read_ahead(self, i: int, stream: Any, count: int) -> None:
+        """Start reading the pages kept below of the next ``count`` streamed layers from ``i`` on (cyclic: those
+        before ``i`` for the next step) into free ring slots, in layer order, as far as slots are free."""
+        m, first = len(self._streamed), bisect.bisect_left(self._streamed, i)
+        for k in range(min(count, m)):
+            j = self._streamed[(first + k) % m]
+            if j in self._reads or not any(self._settled[j]):
+                continue  # read already, or nothing below (its attention reads the space itself)
+            if None not in self._slot_user:
+                return
+            slot = self._slot_user.index(None)
+            self._slot_user[slot] = j
+            below, ring = list(self._settled[j]), self._ring_kv(slot)
+            self._reads[j] = (slot, [self.spaces[j].read(row, [ring], stop=below[row], stream=stream)
+                                     for row in self._rows() if below[row]], below)
+
+    def _ring_kv(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a ring slot (the ring is mapped on first use)."""
+        if not self._ring:
+            dtype = self.spaces[0].dtype
+            self._ring = [self._new_space(f"{self.name}.ring{k}", dtype) for k in range(RING_SLOTS)]
+        for row in self._rows():
+            self._ring[slot].allocate(row, self.max_tokens, first_block=row * self.blocks_per_row)
+        return self._ring[slot].kv(0)
+
+    def _read_streamed(self, i: int, stream: Any, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i not in self._reads:  # not read ahead: a prefill over a past kept below
+            self._read_ahead(i, stream, 1)
+        slot, handles, below = self._reads.pop(i)
+        for handle in handles:
+            handle.wait(stream)
+        ring = self._ring_kv(slot)
+        for row in self._rows():  # the pages still on the GPU (the new tokens among them), on the step's stream
+            self.spaces[i].read(row, [ring], start=below[row], stop=stop, stream=stream)
+        return self._row_views(self._ring[slot], stop)
+
+    def _settle(self, j: int, stream: Any, wait: bool) -> None:
+        """Send down the pages of streamed layer ``j`` that its rows' tails have left (read from below from now
+        on). The copies wait for the kernels queued on ``stream``."""
+        token_bytes = self.spaces[j].block_bytes // self.block_size
+        page, length = self.manager.page_size, self.layers[j].length
+        for row in self._rows():
+            first = row * self.blocks_per_row * self.block_size  # the row's first token in the space
+            # the tokens below the page the next token goes to
+            cut = min(length, max(0, (first + length) * token_bytes // page * page // token_bytes - first))
+            if cut > self._settled[j][row]:
+                handle = self.spaces[j].offload_prefix(row, cut, tier=self.offload_tier, stream=stream)
+                self._settled[j][row] = cut
+                if wait:
+                    handle.result()
 
     def _reset_layer(self, layer: TieredLayer) -> None:
-        self._down.discard(layer.index)
+        i = layer.index
+        self._down.discard(i)
         if self.spaces:
-            handle = self._pending.pop(layer.index, None)
+            handle = self._pending.pop(i, None)
             if handle is not None:
                 handle.result()
+            for handle in self._reads.pop(i, (0, [], []))[1]:
+                handle.result()
             for row in self._rows():
-                if row in self.spaces[layer.index].sequences():
-                    self.spaces[layer.index].free(row)
+                if row in self.spaces[i].sequences():
+                    self.spaces[i].free(row)
+            if i in self._settled:
+                self._settled[i] = [0] * self.rows
+        if i == 0:  # a new generation: the ring is mapped again when a step needs it
+            self._slot_user, self._last = [None] * RING_SLOTS, -1
+            for ring in self._ring:
+                for row in ring.sequences():
+                    ring.free(row)
         layer.length = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
 
     def residency(self) -> dict[str, int]:
-        """Bytes of this cache per tier, over every layer and row."""
+        """Bytes of this cache per tier, over every layer and row (the ring's copies not counted)."""
         total = {"gpu": 0, "host": 0, "nvme": 0, "lost": 0}
         for space in self.spaces:
             for row in space.sequences():
@@ -224,11 +300,28 @@ class TieredCache(Cache):
         """Give the pages back (and close the manager if this cache made it)."""
         for handle in self._pending.values():
             handle.result()
+        for _, handles, _ in self._reads.values():
+            for handle in handles:
+                handle.result()
         self._pending.clear()
+        self._reads.clear()
         if self.manager is not None:
             if self._own_manager:
                 self.manager.close()
             else:
-                for space in self.spaces:
+                for space in self.spaces + self._ring:
                     self.manager.drop_space(space.name)
         self.spaces.clear()
+        self._ring.clear()
+
+
+def _kv_shape(model_config: Any) -> tuple[int, int]:
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return heads, dim
+
+
+def _layer_bytes(token_bytes: int, row_tokens: int, rows: int, page_size: int) -> tuple[int, int]:
+    """GPU bytes of one layer (K and V) at full length, and of a streamed layer's last page per row."""
+    pages = math.ceil(rows * row_tokens * token_bytes / page_size)
+    return 2 * pages * page_size, 2 * rows * page_size

@@ -1,0 +1,140 @@
+"""A sequence whose prefix lives below while it keeps growing on the GPU (``offload_prefix``), and ``read``: its
+bytes copied from every tier into the engine's buffers without mapping anything (CPU; CUDA under -m gpu).
+Every scenario checks the bytes read against what was written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.errors import InvalidArgumentError, UnknownSequenceError
+from tests.conftest import assert_seq, pattern
+
+BPP = 16  # blocks per page in the test shape
+
+
+def _space(mgr, make_manager):
+    return mgr.create_space("m", max_tokens=256 * make_manager.shape["block_size"], **make_manager.shape)
+
+
+def _write(space, seq, first_block=0):
+    """Write the pattern into ``seq``'s blocks from ``first_block`` on (those below may be unmapped)."""
+    for layer in range(space.num_layers):
+        for kv, tensor in enumerate(space.kv(layer)):
+            for i, b in enumerate(space.blocks(seq)[first_block:], start=first_block):
+                tensor[b] = pattern(space, seq, 0, i, layer, kv).to(tensor.device)
+
+
+def _buffers(space):
+    return [tuple(torch.zeros_like(t) for t in space.kv(layer)) for layer in range(space.num_layers)]
+
+
+def _assert_read(space, seq, dst, blocks):
+    for layer, pair in enumerate(dst):
+        for kv, tensor in enumerate(pair):
+            for i in blocks:
+                b = space.blocks(seq)[i]
+                assert torch.equal(tensor[b].cpu(), pattern(space, seq, 0, i, layer, kv)), f"block {i} differs"
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_a_prefix_kept_below_while_the_sequence_grows_reads_back_exactly(make_manager, tier):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    space.allocate("a", int(2.5 * BPP) * bs)
+    _write(space, "a")
+    # the two full pages go down; the third (the tokens still being written) stays
+    space.offload_prefix("a", 2 * BPP * bs, tier=tier).result()
+    assert space.page_residency("a") == {"gpu": 1, "host": 2 if tier == "host" else 0,
+                                         "nvme": 2 if tier == "nvme" else 0, "lost": 0}
+    # the sequence is still active: it grows on the GPU
+    space.allocate("a", 3 * BPP * bs + 3)
+    _write(space, "a", first_block=int(2.5 * BPP))
+    # a read copies every block into the engine's buffers, from both tiers, mapping nothing
+    mapped = space.stats()["pages_mapped"]
+    dst = _buffers(space)
+    space.read("a", dst).result()
+    if dst[0][0].is_cuda:
+        torch.cuda.synchronize()
+    _assert_read(space, "a", dst, range(len(space.blocks("a"))))
+    assert space.stats()["pages_mapped"] == mapped
+    # the prefix crossed down once; reading it again copies it up again, and only it
+    down = mgr.stats()["tiers"]["paths"][f"gpu->{tier}"]
+    assert down["pages"] == 2
+    dst = _buffers(space)
+    space.read("a", dst, stop=2 * BPP * bs).wait()
+    if dst[0][0].is_cuda:
+        torch.cuda.synchronize()
+    _assert_read(space, "a", dst, range(2 * BPP))
+    assert not dst[0][0][space.blocks("a")[2 * BPP]].any()  # the third page was not part of it
+    assert mgr.stats()["tiers"]["paths"][f"{tier}->read"]["pages"] == 4
+    mgr.check()
+    # and prefetch brings the prefix back into the space itself
+    space.ensure_resident(["a"])
+    assert space.page_residency("a")["gpu"] == 4
+    assert_seq(space, "a")
+    mgr.check()
+
+
+def test_pages_shared_or_still_written_stay(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    # two short sequences share the first page
+    space.allocate("a", 4 * bs)
+    space.allocate("b", 4 * bs)
+    assert space.page_residency("a")["gpu"] == space.page_residency("b")["gpu"] == 1
+    space.offload_prefix("a", 4 * bs).result()
+    assert space.page_residency("a")["gpu"] == 1
+    # a prefix short of a page boundary moves nothing either
+    space.allocate("c", 3 * BPP * bs)
+    space.offload_prefix("c", BPP * bs - 1).result()
+    assert space.page_residency("c")["gpu"] == 3
+    assert not mgr.stats()["tiers"]["paths"]
+    mgr.check()
+
+
+def test_bad_reads_and_prefixes_are_refused_and_change_nothing(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    space.allocate("a", 2 * BPP * bs)
+    _write(space, "a")
+    with pytest.raises(InvalidArgumentError, match="tokens must be an int"):
+        space.offload_prefix("a", 2 * BPP * bs + 1)
+    with pytest.raises(InvalidArgumentError, match="not a tier"):
+        space.offload_prefix("a", BPP * bs, tier="gpu")
+    with pytest.raises(UnknownSequenceError):
+        space.offload_prefix("zz", 0)
+    with pytest.raises(InvalidArgumentError, match="one \\(K, V\\) pair per layer"):
+        space.read("a", _buffers(space)[:1])
+    wrong = [tuple(t.float() for t in pair) for pair in _buffers(space)]
+    with pytest.raises(InvalidArgumentError, match="contiguous"):
+        space.read("a", wrong)
+    with pytest.raises(InvalidArgumentError, match="not within"):
+        space.read("a", _buffers(space), start=5, stop=4)
+    assert space.page_residency("a")["gpu"] == 2 and not mgr.stats()["tiers"]["paths"]
+    assert_seq(space, "a")
+    mgr.check()
+
+
+def test_freeing_waits_for_a_read_in_flight(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    space.allocate("a", 2 * BPP * bs + 1)
+    _write(space, "a")
+    space.offload_prefix("a", 2 * BPP * bs).result()
+    dst, blocks = _buffers(space), space.blocks("a")
+    if dst[0][0].is_cuda:
+        torch.cuda._sleep(50_000_000)  # the read's copies wait for the kernels queued before it
+    handle = space.read("a", dst)
+    # free must not give the slots back while they are still being copied from
+    space.free("a")
+    assert handle.done()
+    for layer, pair in enumerate(dst):
+        for kv, tensor in enumerate(pair):
+            for i in range(2 * BPP):
+                assert torch.equal(tensor[blocks[i]].cpu(), pattern(space, "a", 0, i, layer, kv))
+    mgr.check()
