@@ -21,7 +21,7 @@ from kvtier.config import Config
 from kvtier.manager import TierManager
 
 HOOKED_STEPS = 2  # the first decode steps, measured for memory too (with hooks)
-REPEATS = 2  # runs of each cache, interleaved; the table keeps the best speed and the highest peak
+REPEATS = 3  # runs of each cache, interleaved; the table keeps the best speed and the highest peak
 
 
 def _llama(cuda: bool, quick: bool) -> Any:

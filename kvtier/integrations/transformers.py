@@ -108,6 +108,8 @@ class TieredCache(Cache):
         self._reads: dict[int, tuple[int, list[Any], list[int]]] = {}
         self._slot_user: list[int | None] = [None] * RING_SLOTS  # the layer each ring slot is read for
         self._last = -1  # the layer of the previous update: its attention is enqueued by the next one
+        self._allocated = [0] * num_layers  # tokens a row each layer's space holds (whole blocks)
+        self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def pool_bytes(model_config: Any, max_tokens: int, resident_layers: int, batch_size: int = 1,
@@ -155,8 +157,16 @@ class TieredCache(Cache):
     def _rows(self) -> range:
         return range(self.rows)
 
+    def _rows_of(self, space: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a space as ``[rows, max_tokens, heads, dim]`` (made once: the step path is host-bound)."""
+        views = self._views.get(space.name)
+        if views is None:
+            k, v = (t.view(self.rows, self.max_tokens, self.num_kv_heads, self.head_dim) for t in space.kv(0))
+            views = self._views[space.name] = (k, v)
+        return views
+
     def _row_views(self, space: Any, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = (t.view(self.rows, self.max_tokens, self.num_kv_heads, self.head_dim) for t in space.kv(0))
+        k, v = self._rows_of(space)
         return k[:, :stop].transpose(1, 2), v[:, :stop].transpose(1, 2)
 
     # --- the step ---------------------------------------------------------------------------------------------------
@@ -178,9 +188,12 @@ class TieredCache(Cache):
         pending = self._pending.pop(i, None)
         if pending is not None:
             pending.wait(stream)  # a resident layer's pages are back before its attention reads them
-        for row in self._rows():  # also tells kvtier which pages change (their kept copies are stale now)
-            space.allocate(row, stop, first_block=row * self.blocks_per_row)
-        rows_k, rows_v = (t.view(self.rows, self.max_tokens, heads, dim) for t in space.kv(0))
+        if stop > self._allocated[i]:  # whole blocks at a time: one call per block, not per token
+            upto = min(self.max_tokens, -(-stop // self.block_size) * self.block_size)
+            for row in self._rows():  # also tells kvtier which pages change (their kept copies are stale now)
+                space.allocate(row, upto, first_block=row * self.blocks_per_row)
+            self._allocated[i] = upto
+        rows_k, rows_v = self._rows_of(space)
         rows_k[:, start:stop] = key_states.transpose(1, 2)
         rows_v[:, start:stop] = value_states.transpose(1, 2)
         layer.length = stop
@@ -233,9 +246,11 @@ class TieredCache(Cache):
         if not self._ring:
             dtype = self.spaces[0].dtype
             self._ring = [self._new_space(f"{self.name}.ring{k}", dtype) for k in range(RING_SLOTS)]
-        for row in self._rows():
-            self._ring[slot].allocate(row, self.max_tokens, first_block=row * self.blocks_per_row)
-        return self._ring[slot].kv(0)
+        ring = self._ring[slot]
+        if not ring.sequences():
+            for row in self._rows():
+                ring.allocate(row, self.max_tokens, first_block=row * self.blocks_per_row)
+        return ring.kv(0)
 
     def _read_streamed(self, i: int, stream: Any, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i not in self._reads:  # not read ahead: a prefill over a past kept below
@@ -277,6 +292,7 @@ class TieredCache(Cache):
                     self.spaces[i].free(row)
             if i in self._settled:
                 self._settled[i] = [0] * self.rows
+            self._allocated[i] = 0
         if i == 0:  # a new generation: the ring is mapped again when a step needs it
             self._slot_user, self._last = [None] * RING_SLOTS, -1
             for ring in self._ring:
@@ -313,6 +329,7 @@ class TieredCache(Cache):
                     self.manager.drop_space(space.name)
         self.spaces.clear()
         self._ring.clear()
+        self._views.clear()
 
 
 def _kv_shape(model_config: Any) -> tuple[int, int]:
