@@ -136,7 +136,7 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
         # host room for all of it below the cascade's watermark (else the coldest pages would go on to NVMe)
         cfg = kv_base.replace(host_size=max(kv_base.host_size, int(total / kv_base.host_low_watermark) + 4 * page),
                               host_chunk=max(kv_base.host_chunk, 256 << 20) if cuda else kv_base.host_chunk,
-                              pool_ready=min(kv_base.pool_ready, 4 * page))
+                              pool_ready=0)  # no pages kept ready: the peak counts them, and decode rarely maps
         if streamed:
             pool_bytes = TieredCache.pool_bytes(config, tokens, 0, page_size=page, itemsize=itemsize)
         if pool_bytes is not None:
