@@ -37,6 +37,7 @@ class TierOps:
     dtype: torch.dtype
     page_size: int
     _first_page: np.ndarray
+    _last_page: np.ndarray
     _page_live: np.ndarray
 
     if TYPE_CHECKING:  # provided by KVSpace; real stubs here would shadow its methods in the MRO
@@ -150,10 +151,11 @@ class TierOps:
                     raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not within the "
                                                f"{self._tokens[seq_id]} tokens {seq_id!r} holds")
                 blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
+                pages = np.unique(np.concatenate((self._first_page[blocks], self._last_page[blocks]))).tolist()
                 moving = self.pages.moving
-                pending = list({moving[p] for p in self._pages_of(blocks) if p in moving}) if moving else []
+                pending = list({moving[p] for p in pages if p in moving}) if moving else []
                 if not pending:
-                    return self._read_locked(sorted(set(self._pages_of(blocks))), dst, stream)
+                    return self._read_locked(pages, dst, stream)
             for handle in pending:  # outside the lock: the worker needs it to commit
                 _settle(handle)
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STALLS_KEPT = 100_000  # stall samples kept for the stats' percentiles
+STALL_EVENTS_PENDING = 256  # unread stall timings (event pairs) above which they are read as they complete
+
 
 class Tiering:
     def __init__(self, mgr: "TierManager") -> None:
@@ -48,9 +51,9 @@ class Tiering:
         self._mapping = 0
         self.mover = Mover(mgr.device, self.host, self.nvme, gate=self._wait_gate)
         self.policy = make_policy(cfg.policy, nvme_min_uses=cfg.nvme_min_uses, **dict(cfg.policy_params))
-        self.stall_seconds: list[float] = []
+        self.stall_seconds: deque[float] = deque(maxlen=STALLS_KEPT)
         self.copies_reused = 0  # clean demotions: pages unmapped without a copy, their kept copy reused
-        self._stall_events: list[tuple[Any, Any]] = []
+        self._stall_events: deque[tuple[Any, Any]] = deque()
         self.path_seconds: dict[str, float] = defaultdict(float)
         self._queue: queue.Queue[TransferHandle | None] = queue.Queue()
         self._inflight: set[TransferHandle] = set()
@@ -319,14 +322,19 @@ class Tiering:
         after.record(stream)
         with self.lock:
             self._stall_events.append((before, after))
+            if len(self._stall_events) > 2 * STALL_EVENTS_PENDING:  # a long decode: fold finished ones in
+                self._fold_stalls()
 
-    def stalls(self) -> list[float]:
-        """Seconds each step's stream waited on a fault-back (completed waits only)."""
-        done = [(b, a) for b, a in self._stall_events if a.query()]
-        for pair in done:
-            self._stall_events.remove(pair)
-            self.stall_seconds.append(pair[0].elapsed_time(pair[1]) / 1e3)
+    def stalls(self) -> deque[float]:
+        """Seconds each step's stream waited on a fault-back (completed waits only; the last ``STALLS_KEPT``)."""
+        with self.lock:
+            self._fold_stalls()
         return self.stall_seconds
+
+    def _fold_stalls(self) -> None:
+        while self._stall_events and self._stall_events[0][1].query():  # in stream order: oldest first
+            before, after = self._stall_events.popleft()
+            self.stall_seconds.append(before.elapsed_time(after) / 1e3)
 
     # --- background demotion ------------------------------------------------------------------------------------------
     def idle_pages(self) -> list[PageRef]:

@@ -228,6 +228,8 @@ class TieredCache(Cache):
     def _read_ahead(self, i: int, stream: Any, count: int) -> None:
         """Start reading the pages kept below of the next ``count`` streamed layers from ``i`` on (cyclic: those
         before ``i`` for the next step) into free ring slots, in layer order, as far as slots are free."""
+        if None not in self._slot_user:
+            return  # every slot is taken (the common case: this runs as every layer starts)
         m, first = len(self._streamed), bisect.bisect_left(self._streamed, i)
         for k in range(min(count, m)):
             j = self._streamed[(first + k) % m]
