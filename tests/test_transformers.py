@@ -51,6 +51,11 @@ def test_tiered_cache_generates_the_same_tokens_as_dynamic_cache(tier):
         assert paths[f"{tier}->read"]["pages"] >= 29 * 3 * 2
         assert cache.residency()[tier] == 3 * 2 * 2 * 2 * page  # K and V
         cache.manager.check()
+        # a reset cache generates the same again (reads ahead into the ring are settled, the ring given back)
+        cache.reset()
+        assert cache.residency() == {"gpu": 0, "host": 0, "nvme": 0, "lost": 0}
+        assert torch.equal(_generate(model, ids, cache), expected)
+        cache.manager.check()
     finally:
         cache.close()
 
@@ -149,14 +154,25 @@ def test_mask_sizes_take_the_query_length_or_the_cache_positions():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("resident", [None, 1])
 def test_tiered_cache_on_the_gpu_generates_the_same_tokens(resident):
-    model, config = _model()
-    model = model.cuda()
-    ids = torch.randint(0, 128, (2, 40), device="cuda")
+    torch.manual_seed(0)
+    # 4 KiB of K per token, so that 512 tokens fill a 2 MiB page and a 600-token prompt streams
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
+                                      max_position_embeddings=2048)
+    model = transformers.LlamaForCausalLM(config).eval().cuda()
+    ids = torch.randint(0, 128, (2, 600), device="cuda")
     expected = _generate(model, ids, transformers.DynamicCache(config=config))
-    kcfg = kvtier.Config(device="cuda", pool_budget=64 << 20, pool_ready=8 << 20, host_size=64 << 20,
-                         nvme_size=64 << 20, debug_checks=True)
-    cache = TieredCache(config, max_tokens=512, batch_size=2, config=kcfg, resident_layers=resident)
+    kcfg = kvtier.Config(device="cuda", page_size=2 << 20, pool_budget=128 << 20, pool_ready=8 << 20,
+                         host_size=128 << 20, nvme_size=64 << 20, debug_checks=True)
+    cache = TieredCache(config, max_tokens=1024, batch_size=2, config=kcfg, resident_layers=resident)
     try:
+        assert torch.equal(_generate(model, ids, cache), expected)
+        cache.manager.drain()
+        cache.manager.check()
+        read = cache.manager.stats()["tiers"]["paths"].get("host->read", {}).get("pages", 0)
+        # all four layers fit the pool; with one resident, three read their first page from host every step
+        assert read == 0 if resident is None else read >= 29 * 3 * 2
+        cache.reset()
         assert torch.equal(_generate(model, ids, cache), expected)
         cache.manager.drain()
         cache.manager.check()

@@ -257,6 +257,7 @@ class TieredCache(Cache):
     def _read_streamed(self, i: int, stream: Any, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i not in self._reads:  # not read ahead: a prefill over a past kept below
             self._read_ahead(i, stream, 1)
+        assert i in self._reads, "reads ahead are issued and consumed in layer order: a slot is free for i"
         slot, handles, below = self._reads.pop(i)
         for handle in handles:
             handle.wait(stream)
@@ -296,6 +297,10 @@ class TieredCache(Cache):
                 self._settled[i] = [0] * self.rows
             self._allocated[i] = 0
         if i == 0:  # a new generation: the ring is mapped again when a step needs it
+            for _, handles, _ in self._reads.values():  # reads ahead into the ring land before it is unmapped
+                for handle in handles:
+                    handle.result()
+            self._reads.clear()
             self._slot_user, self._last = [None] * RING_SLOTS, -1
             for ring in self._ring:
                 for row in ring.sequences():
