@@ -143,7 +143,7 @@ class Mover:
         ``on_done(tag)`` once every pair of a tag has landed. ``label``: the path's name in the stats."""
         path = self.paths[label or f"{src}->{dst}"]
         path["pages"] += len(set(tags)) if tags else 1
-        path["bytes"] += len(pairs) * self.host.slot_size
+        path["bytes"] += sum(_nbytes(a, b, self.host.slot_size) for a, b in pairs)
         return self.routes[(src, dst)](pairs, after, tags, on_done)
 
     def _pipeline(self, submit: Callable[[list[int]], Any], n: int, tags: list[Any] | None,
@@ -229,6 +229,12 @@ class Mover:
 
     def _nvme_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         return self._io([lambda n=ns, h=hs: self.nvme.read(n, self.host.view(h)) for ns, hs in pairs])
+
+
+def _nbytes(a: Any, b: Any, slot_size: int) -> int:
+    """Bytes a pair moves: the device view's size where there is one (a read may take a short last page)."""
+    view = a if isinstance(a, torch.Tensor) else b if isinstance(b, torch.Tensor) else None
+    return view.numel() * view.element_size() if view is not None else slot_size
 
 
 class _Done:
