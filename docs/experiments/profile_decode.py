@@ -2,7 +2,8 @@
 (all resident; 22 resident + 10 streamed), with PyTorch's default SDPA backends and without cuDNN attention.
 Prints ms/step (and the host's time to enqueue a step) per cache, twice each (the second run finds the kernels'
 per-shape set-up done), and cuDNN attention's host time per call. Run on a GPU machine: ``python
-docs/experiments/profile_decode.py 32768``."""
+docs/experiments/profile_decode.py 32768`` (add ``pairs`` for DynamicCache against TieredCache all resident, five
+times each, alternating)."""
 
 import contextlib
 import sys
@@ -38,10 +39,12 @@ def tiered(resident=None):
 caches = [("DynamicCache", lambda: DynamicCache(config=config)),
           ("offloaded", lambda: DynamicCache(config=config, offloading=True)),
           ("Tiered resident", tiered), ("Tiered 22+10", lambda: tiered(22))]
+if len(sys.argv) > 2 and sys.argv[2] == "pairs":  # DynamicCache and TieredCache all resident, alternating
+    caches = caches[0:1] + caches[2:3]
 rows = []
-for backends in ("default", "no cudnn"):
+for backends in ("default", "no cudnn") if len(sys.argv) <= 2 else ("default",):
     allowed = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    for repeat in range(2):
+    for repeat in range(2 if len(sys.argv) <= 2 else 5):
         for name, make in caches:
             cache = make()
             with torch.no_grad(), (sdpa_kernel(allowed) if backends == "no cudnn" else contextlib.nullcontext()):
