@@ -261,7 +261,7 @@ class TieredCache(Cache):
         slot, handles, below = self._reads.pop(i)
         for handle in handles:
             handle.wait(stream)
-        ring = self._ring_kv(slot)
+        ring = self._ring[slot].kv(0)  # mapped when the read into it was issued
         for row in self._rows():  # the pages still on the GPU (the new tokens among them), on the step's stream
             self.spaces[i].read(row, [ring], start=below[row], stop=stop, stream=stream)
         return self._row_views(self._ring[slot], stop)
