@@ -37,8 +37,14 @@ class OutOfPagesError(KVTierError):
 
 
 class PagesInFlight(OutOfPagesError):
-    """Internal: the pool is short, but pages on their way down will free enough. The call waits (releasing the
-    manager's lock so that the transfers can commit) and tries again; an engine never sees this one."""
+    """Internal: a plan cannot be carried out yet, and nothing was changed. ``handles``: the transfers on pages
+    it needs (wait for them); none: the pool is short, but pages on their way down will free enough. The
+    manager waits (releasing its lock so that the transfers can commit) and plans again; an engine never sees
+    this one."""
+
+    def __init__(self, message: str, handles: list | None = None) -> None:
+        self.handles = list(handles or [])
+        super().__init__(message)
 
 
 class QuotaExceededError(OutOfPagesError):

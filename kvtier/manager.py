@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from kvtier.config import Config
 from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
 from kvtier.space import KVSpace, parse_dtype
-from kvtier.tiering import Tiering
+from kvtier.tiering import DemotionPlan, Tiering
 from kvtier.vmm import PagePool, open_backend, resolve_device
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -23,15 +26,29 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+@dataclass
+class RoomPlan:
+    """How ``handles`` GPU handles will be had: from the pool, from empty pages spaces keep mapped
+    (``reclaim``: space and pages, in the order to take them), and by demoting idle pages (``demotion``)."""
+
+    handles: int
+    reclaim: list[tuple[KVSpace, list[int]]] = field(default_factory=list)
+    demotion: DemotionPlan | None = None
+
+
 class TierManager:
     """Owns one device's page pool; spaces made with :meth:`create_space` share it.
 
-    Use as a context manager or call :meth:`close`. Thread-safe: one lock guards the books of the pool and of
-    every space, so calls from several threads serialise (each call is short: planning plus driver calls).
+    Use as a context manager or call :meth:`close`. Thread-safe: one lock (``lock``) guards the books of the pool
+    and of every space, so calls from several threads serialise (each call is short: planning plus driver calls).
+
+    ``clock``: the policy's clock (seconds; default ``time.monotonic``), e.g. a trace's time in a replay.
     """
 
-    def __init__(self, config: Config | None = None, **overrides: Any) -> None:
+    def __init__(self, config: Config | None = None, clock: Callable[[], float] | None = None,
+                 **overrides: Any) -> None:
         self.config = (config or Config()).replace(**overrides) if overrides else (config or Config())
+        self.closed = True  # until everything below has started
         self.device = resolve_device(self.config.device)
         self.backend = open_backend(self.device)
         gran = self.backend.granularity
@@ -44,12 +61,16 @@ class TierManager:
         budget_pages = budget_bytes // self.page_size
         if budget_pages < 1:
             raise ConfigError(f"pool_budget: {budget_bytes} bytes is less than one page of {self.page_size} bytes")
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)  # notified when transfers commit (pages come free)
+        self.lock = threading.RLock()
+        self._changed = threading.Condition(self.lock)  # notified when transfers commit (pages come free)
         self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
         self.spaces: dict[str, KVSpace] = {}
+        try:
+            self.tiering = Tiering(self.config, self.device, self.backend, self.pool, self, clock)
+        except BaseException:
+            self.pool.close()
+            raise
         self.closed = False
-        self.tiering = Tiering(self)
         log.info("kvtier: %s backend on %s, page %d bytes, budget %d pages", self.backend.name, self.device,
                  self.page_size, budget_pages)
 
@@ -61,8 +82,8 @@ class TierManager:
         defaults = self.config.spaces.get(name, {}) if isinstance(name, str) else {}
         priority = defaults.get("priority", 0) if priority is None else priority
         quota_bytes = defaults.get("quota_bytes") if quota_bytes is None else quota_bytes
-        with self._lock:
-            self._check_open()
+        with self.lock:
+            self.check_open()
             if not isinstance(name, str) or not name:
                 raise InvalidArgumentError(f"space name must be a non-empty str, got {name!r}")
             if name in self.spaces:
@@ -80,75 +101,107 @@ class TierManager:
             return space
 
     def drop_space(self, name: str) -> None:
-        """Close one space: unmap its pages (after the device is idle) and give its range back."""
-        with self._lock:
-            self._check_open()
+        """Close one space: wait for its transfers, unmap its pages (after the device is idle), give its slots
+        and its range back."""
+        def drop() -> None:
+            self.check_open()
             if name not in self.spaces:
                 raise InvalidArgumentError(f"no space named {name!r} (spaces: {', '.join(self.spaces) or 'none'})")
-            self.spaces.pop(name)._close()
+            pending = self.spaces[name].in_flight()
+            if pending:
+                raise PagesInFlight(f"space {name!r}: transfers in flight", pending)
+            self.spaces.pop(name).close()
+        self.run_planned(drop)
 
-    # --- pages for spaces -------------------------------------------------------------------------------------------
-    def _can_back(self, space: KVSpace, pages: int) -> bool:
-        """Whether ``pages`` fresh pages of ``space`` could be mapped now (pool, reclaimable empties of other
-        spaces, quota) -- no side effects."""
-        if not space._within_quota(pages):
+    # --- the one wait-and-plan-again helper --------------------------------------------------------------------
+    def run_planned(self, attempt: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run ``attempt`` under the lock. It plans against the books and either commits and returns, or raises
+        :class:`PagesInFlight` having changed nothing: with handles, the pages it needs are in flight (wait for
+        those, without the lock, so the worker can commit them); without, the room it needs is on its way down
+        (wait until transfers commit, at most ``timeout`` seconds in all). Then it plans again from the start."""
+        deadline = None
+        while True:
+            with self.lock:
+                try:
+                    return attempt()
+                except PagesInFlight as wait:
+                    pending = wait.handles
+                    if not pending:
+                        deadline = deadline or time.monotonic() + timeout
+                        if time.monotonic() > deadline:
+                            raise OutOfPagesError(f"{wait}: still short after {timeout:.0f} s") from None
+                        self._changed.wait(0.05)
+                        continue
+            for handle in pending:
+                handle.settle()
+
+    # --- pages for spaces (under the lock) -----------------------------------------------------------------------
+    def can_back(self, space: KVSpace, pages: int) -> bool:
+        """Whether ``pages`` fresh pages of ``space`` could be mapped now (pool, empties of other spaces, idle
+        pages, quota). No side effects."""
+        if not space.within_quota(pages):
             return False
-        reclaimable = sum(len(s._empty) * s.num_regions for s in self.spaces.values() if s is not space)
+        reclaimable = sum(len(s.reclaimable()) * s.num_regions for s in self.spaces.values() if s is not space)
         if self.config.demote_on_allocate:
-            reclaimable += sum(len(s._idle_pages()) * s.num_regions for s in self.spaces.values())
+            reclaimable += sum(len(s.idle_pages()) * s.num_regions for s in self.spaces.values())
         return pages * space.num_regions <= self.pool.available() + reclaimable
 
-    def _acquire(self, space: KVSpace, n: int, keep: set[int]) -> list[Any]:
-        """``n`` handles for ``space``. When the pool is short: empty pages kept mapped by spaces are reclaimed
-        (other spaces first), then idle pages are demoted synchronously if ``demote_on_allocate``. Raises
-        OutOfPagesError and changes nothing if it is still short."""
+    def plan_room(self, space: KVSpace, n: int, keep: set[int]) -> RoomPlan:
+        """Plan how ``space`` gets ``n`` handles, with no side effect. When the pool is short: empty pages kept
+        mapped by spaces (lower priority first, ``space`` last and never its pages in ``keep``), then idle pages
+        demoted inline if ``demote_on_allocate`` (never ``space``'s pages in ``keep``). Raises OutOfPagesError
+        when that cannot be enough, PagesInFlight when demotions in flight will make it so."""
         short = n - self.pool.available()
-        reclaimable = sum(len(s._empty) * s.num_regions for s in self.spaces.values() if s is not space)
-        reclaimable += sum(1 for p in space._empty if p not in keep) * space.num_regions
+        if short <= 0:
+            return RoomPlan(n)
+        order = sorted(self.spaces.values(), key=lambda s: (s is space, s.priority))
+        empties = [(s, s.reclaimable(keep if s is space else ())) for s in order]
+        reclaimable = sum(len(pages) * s.num_regions for s, pages in empties)
+        demotion = None
         if short > reclaimable and self.config.demote_on_allocate:
-            demotable = sum(len(s._idle_pages()) * s.num_regions for s in self.spaces.values())
-            if short <= reclaimable + demotable:  # demote only when that will be enough
-                self.tiering.make_room(short - reclaimable, inline=True, avoid_space=space.name,
-                                       avoid_pages=keep)
-                short = n - self.pool.available()
-        if short > reclaimable:
-            if short <= reclaimable + self.tiering.gpu_handles_leaving():
+            plan = self.tiering.plan_room(short - reclaimable, avoid={(space.name, p) for p in keep})
+            if plan.gpu_handles >= short - reclaimable:  # demote only when that will be enough
+                demotion = plan
+        covered = reclaimable + (demotion.gpu_handles if demotion else 0)
+        if short > covered:
+            if short <= covered + self.tiering.gpu_handles_leaving():
                 raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
             raise OutOfPagesError(
                 f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
-                f"{reclaimable} more could be reclaimed (budget {self.pool.budget_pages} pages of "
+                f"{covered} more could be reclaimed or demoted (budget {self.pool.budget_pages} pages of "
                 f"{self.page_size} bytes); free or offload sequences, or raise pool_budget")
-        for other in sorted(self.spaces.values(), key=lambda s: (s is space, s.priority)):
+        return RoomPlan(n, [(s, pages) for s, pages in empties if pages], demotion)
+
+    def take_room(self, plan: RoomPlan) -> list[Any]:
+        """Carry out a room plan made under the same lock; return its handles."""
+        if plan.demotion is not None:
+            self.tiering.start_demotion(plan.demotion, inline=True)
+        short = plan.handles - self.pool.available()
+        for space, pages in plan.reclaim:
             if short <= 0:
                 break
-            freed = other._reclaim(-(-short // other.num_regions), keep if other is space else set())
-            short -= freed * other.num_regions
-        return self.pool.take(n)
+            take = pages[:-(-short // space.num_regions)]
+            space.reclaim(take)
+            short -= len(take) * space.num_regions
+        return self.pool.take(plan.handles)
 
-    def _retrying(self, call: Any, timeout: float = 30.0) -> Any:
-        """Run ``call`` under the lock; while pages on their way down would make room, wait for them to land
-        (the wait releases the lock, so the transfers can commit) and run it again from the start."""
-        deadline = None
-        with self._lock:
-            while True:
-                try:
-                    return call()
-                except PagesInFlight as exc:
-                    import time
-                    deadline = deadline or time.monotonic() + timeout
-                    if time.monotonic() > deadline:
-                        raise OutOfPagesError(f"{exc}: still short after {timeout:.0f} s") from None
-                    self._changed.wait(0.05)
-
-    def _release(self, handles: list[Any]) -> None:
+    def give_pages(self, handles: list[Any]) -> None:
         self.pool.give(handles)
 
+    # --- what tiering needs (kvtier.tiering.SpaceDirectory) ----------------------------------------------------------
+    def tiered_spaces(self) -> list[KVSpace]:
+        return list(self.spaces.values())
+
+    def tiered_space(self, name: str) -> KVSpace | None:
+        return self.spaces.get(name)
+
+    def pages_changed(self) -> None:
+        self._changed.notify_all()
+
     # --- lifecycle and stats --------------------------------------------------------------------------------------
-    def _check_open(self, space: KVSpace | None = None) -> None:
+    def check_open(self) -> None:
         if self.closed:
             raise ClosedError("this TierManager is closed; create a new one")
-        if space is not None and space.closed:
-            raise ClosedError(f"space {space.name!r} was dropped; create it again")
 
     def drain(self) -> None:
         """Block until every transfer started so far has landed and been committed (failures are reported to
@@ -157,7 +210,7 @@ class TierManager:
 
     def stats(self) -> dict[str, Any]:
         """A plain dict: per-space pages and bytes, mapping counts and times; the pool's books."""
-        with self._lock:
+        with self.lock:
             spaces = {name: s.stats() for name, s in self.spaces.items()}
             pool = self.pool
             return {
@@ -178,23 +231,23 @@ class TierManager:
 
     def check(self) -> None:
         """Integrity check of every book: each space's, the pool's, and that they agree."""
-        with self._lock:
+        with self.lock:
             for space in self.spaces.values():
                 space.check()
             self.pool.check()
             self.tiering.check()
-            in_spaces = sum(len(s.pages.handles) * s.num_regions for s in self.spaces.values())
+            in_spaces = sum(len(s.range.handles) * s.num_regions for s in self.spaces.values())
             assert in_spaces == self.pool.in_use_pages, (in_spaces, self.pool.in_use_pages)
 
     def close(self) -> None:
         """Drop every space and release every page. Tensors from ``space.kv`` must not be used afterwards."""
-        with self._lock:
+        with self.lock:
             if self.closed:
                 return
         self.tiering.stop()  # without the lock: the worker commits what is in flight
-        with self._lock:
+        with self.lock:
             for name in list(self.spaces):
-                self.spaces.pop(name)._close()
+                self.spaces.pop(name).close()
             self.tiering.close()
             self.pool.close()
             self.backend.close()

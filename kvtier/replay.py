@@ -76,10 +76,8 @@ def replay(trace: Trace, config: Config) -> dict[str, Any]:
     reports: dict[str, SpaceReport] = defaultdict(SpaceReport)
     timeline: list[tuple[float, int, int, int]] = []
     now = [0.0]
-    with TierManager(config) as mgr:
+    with TierManager(config, clock=lambda: now[0]) as mgr:  # the policy ages on the trace's clock
         mgr.tiering.host.wait_ready()
-        policy = mgr.tiering.policy
-        getattr(policy, "inner", policy)._clock = lambda: now[0]  # the policy ages on the trace's clock
         spaces = {name: mgr.create_space(name, **shape) for name, shape in trace.spaces.items()}
         where: dict[str, str] = {}
         tokens: dict[str, int] = {}

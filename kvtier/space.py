@@ -6,6 +6,11 @@ num_kv_heads, head_dim]`` -- the shape paged-attention kernels take. A *page* ``
 blocks ``p * page_size // block_bytes ...`` usable in every layer at once. Per-layer regions keep a layer's blocks
 dense (kvcached's cross-layer layout cost 31% decode throughput).
 
+Composition. A space is three sets of books, each with its own state: ``block_books`` (:class:`BlockBooks`: free
+blocks, sequences, live blocks per page), ``range`` (:class:`kvtier.vmm.MappedRange`: the reservation, what is
+mapped, the tensors over it) and ``pages`` (:class:`kvtier.tiering.PageTable`: where each page's data is).
+Placement (``kvtier.placement``) plans against them; the space commits.
+
 Residency. Reading a block whose page is not mapped faults (a CUDA kernel that does so kills the context). The
 space guarantees that every block ``allocate`` returned stays mapped until ``free``; ``check_resident`` (and
 ``Config.debug_checks``) verifies block ids before a step.
@@ -18,18 +23,19 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from kvtier.errors import InvalidArgumentError, NotResidentError, QuotaExceededError, UnknownSequenceError
-from kvtier.placement import Placement
-from kvtier.space_tiers import TierOps, _settle
+from kvtier.blocks import BlockBooks
+from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, PagesInFlight, QuotaExceededError,
+                           TransferError)
+from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
-from kvtier.tiering import GPU, HOST, LOST, NVME, PageTable
+from kvtier.tiering import LOWER, STORAGE, PageTable, Tier, TransferHandle
+from kvtier.vmm import MappedRange
 
 if TYPE_CHECKING:
     from kvtier.manager import TierManager
@@ -47,64 +53,46 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return SUPPORTED_DTYPES[name]
 
 
-def _runs(sorted_pages: Sequence[int]) -> list[tuple[int, int]]:
-    """Consecutive runs of a sorted page list, as (first page, count)."""
-    runs: list[tuple[int, int]] = []
-    for p in sorted_pages:
-        if runs and runs[-1][0] + runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p, 1))
-    return runs
+def _offload_tier(tier: str | None, allowed: tuple[str | None, ...]) -> Tier | None:
+    if tier not in allowed:
+        names = ", ".join(repr(t) for t in allowed)
+        raise InvalidArgumentError(f"tier {tier!r} is not a tier to offload to (use {names})")
+    return None if tier is None else Tier.named(tier)
 
 
-class KVSpace(Placement, TierOps):
+class KVSpace:
     """Made by :meth:`TierManager.create_space`; see the module docstring for the layout and guarantees."""
 
     def __init__(self, manager: "TierManager", name: str, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, block_size: int, max_tokens: int, priority: int, quota_bytes: int | None):
-        self._mgr, self.name, self.priority, self.quota_bytes = manager, name, priority, quota_bytes
+        self._mgr, self._lock, self._tiering = manager, manager.lock, manager.tiering
+        self.name, self.priority, self.quota_bytes = name, priority, quota_bytes
         self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
         self.block_size, self.max_tokens = block_size, max_tokens
-        backend, P = manager.backend, manager.page_size
-        self.page_size = P
+        self.page_size = P = manager.page_size
         self.block_bytes = block_size * num_kv_heads * head_dim * dtype.itemsize
         self.num_blocks = math.ceil(max_tokens / block_size)
         self.num_regions = 2 * num_layers
-        self.num_pages = math.ceil(self.num_blocks * self.block_bytes / P)
-        self.region_bytes = self.num_pages * P
+        self.block_books = BlockBooks(name, self.num_blocks, self.block_bytes, block_size, P)
+        self.num_pages = self.block_books.num_pages
         self.page_bytes = self.num_regions * P  # physical bytes one page of the space maps
-        b = np.arange(self.num_blocks, dtype=np.int64)
-        self._first_page = b * self.block_bytes // P
-        self._last_page = ((b + 1) * self.block_bytes - 1) // P
-        # --- books (the single source of truth; check() verifies them) ---
-        self._block_free = np.ones(self.num_blocks, dtype=bool)
-        self._free_blocks = self.num_blocks
-        self._page_live = np.zeros(self.num_pages, dtype=np.int32)   # live blocks touching each page
-        self.pages = PageTable(self.num_pages, self.num_regions)      # where each page's data lives
-        self._empty: OrderedDict[int, Any] = OrderedDict()             # mapped pages with no live block -> fence
-        self._seqs: dict[Hashable, list[int]] = {}
-        self._tokens: dict[Hashable, int] = {}
-        self._offloaded: set[Hashable] = set()                         # idle sequences, demotable
-        self._seq_priority: dict[Hashable, int] = {}                   # set_priority overrides
-        self._offload_fence: Any = None                                # after the last offload's kernels
-        self.map_calls = self.unmap_calls = 0
-        self.map_seconds = self.unmap_seconds = 0.0
+        self.pages = PageTable(self.num_pages, self.num_regions)
+        self.range = MappedRange(manager.backend, self.num_regions, self.num_pages, P, gate=self._tiering.mapping)
+        self.region_bytes = self.range.region_bytes
+        self._empty: OrderedDict[int, Any] = OrderedDict()  # mapped pages with no live block -> fence
+        self._offloaded: set[Hashable] = set()               # idle sequences, demotable
+        self._seq_priority: dict[Hashable, int] = {}         # set_priority overrides
+        self.idle_fence: Any = None                          # after the last offload's kernels
         self.closed = False
-        # --- the reservation and the tensors over it (their data pointers never change) ---
-        self._reserved = self.num_regions * self.region_bytes
-        self.base = backend.reserve(self._reserved, P)
-        self._whole = whole = backend.tensor(self.base, self._reserved)
         shape = (self.num_blocks, block_size, num_kv_heads, head_dim)
         used = self.num_blocks * self.block_bytes
-        regions = [whole[r * self.region_bytes: r * self.region_bytes + used].view(dtype).view(shape)
-                   for r in range(self.num_regions)]
+        regions = [self.range.region(r, used).view(dtype).view(shape) for r in range(self.num_regions)]
         self._kv = [(regions[2 * layer], regions[2 * layer + 1]) for layer in range(num_layers)]
 
     # --- engine-facing ------------------------------------------------------------------------------------------
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``layer``: ``[num_blocks, block_size, num_kv_heads, head_dim]`` views that never move."""
-        self._mgr._check_open(self)
+        self._check_open()
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise InvalidArgumentError(f"layer {layer!r} is out of range: space {self.name!r} has "
                                        f"{self.num_layers} layers (0..{self.num_layers - 1})")
@@ -118,11 +106,10 @@ class KVSpace(Placement, TierOps):
         sequence to consecutive blocks from there (so that its tokens are one strided view of ``kv(layer)``, as
         contiguous-cache integrations need); those blocks must be free.
         """
-        return self._mgr._retrying(lambda: self._allocate(seq_id, num_tokens, first_block))
+        return self._mgr.run_planned(lambda: self._allocate(seq_id, num_tokens, first_block))
 
     def _allocate(self, seq_id: Hashable, num_tokens: int, first_block: int | None) -> list[int]:
-        """The body of :meth:`allocate`; runs under the manager's lock (``_retrying``)."""
-        self._mgr._check_open(self)
+        self._check_open()
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise InvalidArgumentError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         if num_tokens > self.max_tokens:
@@ -130,268 +117,387 @@ class KVSpace(Placement, TierOps):
                                        f"{self.max_tokens} (create the space with a larger max_tokens)")
         if seq_id in self._offloaded:
             raise InvalidArgumentError(f"sequence {seq_id!r} is offloaded: prefetch it before growing it")
-        held = self._seqs.get(seq_id, [])
-        need = math.ceil(num_tokens / self.block_size) - len(held)
+        books = self.block_books
+        held, old_tokens = books.seqs.get(seq_id, []), books.tokens.get(seq_id, 0)
+        need = books.blocks_needed(seq_id, num_tokens)
         if need <= 0:
-            self._seqs.setdefault(seq_id, held)
-            self._written(held, self._tokens.get(seq_id, 0), num_tokens)
-            self._tokens[seq_id] = max(self._tokens.get(seq_id, 0), num_tokens)
+            books.seqs.setdefault(seq_id, held)
+            self._written(held, old_tokens, num_tokens)
+            books.tokens[seq_id] = max(old_tokens, num_tokens)
             return list(held)
+        # plan: blocks, pages to map, room for them -- nothing changes until all three are known to hold
+        masks = self._masks()
         if first_block is None:
-            blocks, new_pages = self._plan(held, need)
+            blocks, new_pages = plan_blocks(books, held, need, masks, lambda n: self._mgr.can_back(self, n))
         else:
-            blocks, new_pages = self._plan_range(first_block, len(held), need)
-        mapped_after = (len(self.pages.handles) + len(new_pages)) * self.page_bytes
-        if not self._within_quota(len(new_pages)):
+            blocks, new_pages = plan_range(books, first_block, len(held), need, masks)
+        if not self.within_quota(len(new_pages)):
             raise QuotaExceededError(
-                f"space {self.name!r}: {mapped_after} bytes would be mapped, over its quota of "
-                f"{self.quota_bytes} bytes; free or offload sequences of this space, or raise quota_bytes")
-        if new_pages:
-            keep = set(self._pages_of(blocks))  # pages the plan counts on must not be reclaimed under it
-            self._map(new_pages, self._mgr._acquire(self, len(new_pages) * self.num_regions, keep))
-            self.pages.tier[new_pages] = GPU
-        self._block_free[blocks] = False
-        self._free_blocks -= len(blocks)
-        policy = self._mgr.tiering.policy
-        for p in self._pages_of(blocks):
-            if self._page_live[p] == 0:
-                policy.on_create(PageRef(self.name, p), self._seq_priority.get(seq_id, self.priority))
-            self._page_live[p] += 1
+                f"space {self.name!r}: {(len(self.range.handles) + len(new_pages)) * self.page_bytes} bytes would "
+                f"be mapped, over its quota of {self.quota_bytes} bytes; free or offload sequences of this space, "
+                "or raise quota_bytes")
+        room = self._mgr.plan_room(self, len(new_pages) * self.num_regions, keep=set(books.pages_of(blocks))) \
+            if new_pages else None
+        # commit
+        if room is not None:
+            self.map_pages(new_pages, self._mgr.take_room(room))
+            self.pages.tier[new_pages] = Tier.GPU
+        policy, priority = self._tiering.policy, self._seq_priority.get(seq_id, self.priority)
+        for p in books.grow(seq_id, blocks, num_tokens):
+            policy.on_create(PageRef(self.name, p), priority)
             self._empty.pop(p, None)
-        for p in set(self._pages_of(blocks)):  # the rest of an active sequence is never a candidate
+        for p in set(books.pages_of(blocks)):  # the rest of an active sequence is never a candidate
             policy.on_use(PageRef(self.name, p))
-        held = held + blocks.tolist()
-        self._written(held, self._tokens.get(seq_id, 0), num_tokens)
-        self._seqs[seq_id] = held
-        self._tokens[seq_id] = num_tokens
+        self._written(books.seqs[seq_id], old_tokens, num_tokens)
         self._trim()
-        if self._mgr.config.debug_checks:
-            self.check()
-        return list(held)
+        self._debug_check()
+        return list(books.seqs[seq_id])
+
+    def _masks(self) -> PageMasks:
+        table = self.pages
+        promoting = np.zeros(self.num_pages, dtype=bool)
+        if table.moving:
+            promoting[[p for p, h in table.moving.items() if h.kind == "promote"]] = True
+        idle = np.zeros(self.num_pages, dtype=bool)
+        idle[self.idle_pages()] = True
+        return PageMasks(allocatable=table.allocatable(), idle=idle, vacant=table.vacant(), promoting=promoting)
 
     def _written(self, blocks: list[int], old_tokens: int, new_tokens: int) -> None:
         """Tokens ``old_tokens..new_tokens`` are about to be written: the pages they fall in lose their kept
         copies, also pages still on their way up (a later offload must copy them)."""
         if new_tokens > old_tokens and (self.pages.copies or self.pages.moving):
             first, stop = old_tokens // self.block_size, -(-new_tokens // self.block_size)
-            self._mgr.tiering.drop_copies(self, self._pages_of(np.asarray(blocks[first:stop], dtype=np.int64)))
+            self._tiering.drop_copies(self, self.block_books.pages_of(np.asarray(blocks[first:stop], dtype=np.int64)))
 
     def free(self, seq_id: Hashable, stream: Any = None) -> None:
         """Release ``seq_id``'s blocks, in whatever tier they are. Pages left empty on the GPU are unmapped once
         the work queued on ``stream`` (default: the current stream) has finished; up to ``space_reserve_pages``
         of them stay mapped. Transfers in flight for its pages are waited for first."""
-        while True:
-            with self._mgr._lock:
-                self._mgr._check_open(self)
-                blocks = np.asarray(self._blocks_of(seq_id), dtype=np.int64)
-                pending = self._in_flight(blocks)
-                if not pending:
-                    self._free_locked(seq_id, blocks, stream)
-                    return
-            for handle in pending:  # outside the lock: the worker needs it to commit
-                _settle(handle)
+        self._mgr.run_planned(lambda: self._free(seq_id, stream))
 
-    def _free_locked(self, seq_id: Hashable, blocks: np.ndarray, stream: Any) -> None:
-        del self._seqs[seq_id], self._tokens[seq_id]
+    def _free(self, seq_id: Hashable, stream: Any) -> None:
+        self._check_open()
+        pending = self.pages.in_flight(self.block_books.pages_of(np.asarray(self.block_books.blocks_of(seq_id), np.int64)))
+        if pending:
+            raise PagesInFlight(f"space {self.name!r}: {seq_id!r} has pages in flight", pending)
+        emptied = self.block_books.release(seq_id)
         self._offloaded.discard(seq_id)
         self._seq_priority.pop(seq_id, None)
-        self._block_free[blocks] = True
-        self._free_blocks += len(blocks)
-        emptied = []
-        for p in self._pages_of(blocks):
-            self._page_live[p] -= 1
-            if self._page_live[p] == 0:
-                emptied.append(p)
         fence = self._mgr.backend.record_fence(stream) if emptied else None
-        tiering = self._mgr.tiering
         for p in emptied:
-            tiering.policy.on_remove(PageRef(self.name, p))
-            code = int(self.pages.tier[p])
-            if code == GPU:
+            self._tiering.policy.on_remove(PageRef(self.name, p))
+            if self.pages.tier_of(p) == Tier.GPU:
                 self._empty[p] = fence
-                tiering.drop_copies(self, [p])
-            elif code in (HOST, NVME):  # the copy below holds nothing live any more
-                books = tiering.host.books if code == HOST else tiering.nvme.books
-                books.give(self.pages.slots.pop(p))
-                self.pages.tier[p] = 0
-            elif code == LOST:
-                self.pages.tier[p] = 0
+        self._tiering.release(self, emptied)
         self._trim()
-        if self._mgr.config.debug_checks:
-            self.check()
+        self._debug_check()
 
     def set_priority(self, seq_id: Hashable, priority: int) -> None:
         """Set a sequence's priority (default: the space's), e.g. for requests under a tight latency objective.
         A page's priority is the highest of the sequences on it; the ``priority`` policy demotes low first."""
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
-        with self._mgr._lock:
-            self._mgr._check_open(self)
-            blocks = np.asarray(self._blocks_of(seq_id), dtype=np.int64)
+        with self._lock:
+            self._check_open()
+            pages = self.block_books.pages_of_seqs([seq_id])
             self._seq_priority[seq_id] = priority
-            policy = self._mgr.tiering.policy
-            for p in set(self._pages_of(blocks)):
-                page_priority = max(self._seq_priority.get(q, self.priority) for q in self._sequences_on(p))
-                policy.on_priority(PageRef(self.name, p), page_priority)
+            for p in pages:
+                page_priority = max(self._seq_priority.get(q, self.priority) for q in self.sequences_on([p]))
+                self._tiering.policy.on_priority(PageRef(self.name, p), page_priority)
 
     def blocks(self, seq_id: Hashable) -> list[int]:
         """The block ids of ``seq_id`` in order."""
-        with self._mgr._lock:
-            return list(self._blocks_of(seq_id))
+        with self._lock:
+            return list(self.block_books.blocks_of(seq_id))
 
     def num_tokens(self, seq_id: Hashable) -> int:
-        with self._mgr._lock:
-            self._blocks_of(seq_id)
-            return self._tokens[seq_id]
+        with self._lock:
+            self.block_books.blocks_of(seq_id)
+            return self.block_books.tokens[seq_id]
 
     def sequences(self) -> list[Hashable]:
-        with self._mgr._lock:
-            return list(self._seqs)
+        with self._lock:
+            return list(self.block_books.seqs)
 
     def check_resident(self, block_ids: Iterable[int]) -> None:
         """Raise :class:`NotResidentError` unless every block is live and its pages are mapped (a debug check
         to run before a step: a kernel reading an unmapped page would kill the CUDA context)."""
-        with self._mgr._lock:
+        with self._lock:
             ids = np.asarray(list(block_ids), dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
                 raise NotResidentError(f"space {self.name!r}: block ids must lie in 0..{self.num_blocks - 1}")
             mapped = np.zeros(self.num_pages, dtype=bool)
-            if self.pages.handles:
-                mapped[list(self.pages.handles)] = True
-            bad = ids[self._block_free[ids] | ~mapped[self._first_page[ids]] | ~mapped[self._last_page[ids]]]
+            if self.range.handles:
+                mapped[list(self.range.handles)] = True
+            b = self.block_books
+            bad = ids[b.free[ids] | ~mapped[b.first_page[ids]] | ~mapped[b.last_page[ids]]]
             if bad.size:
                 raise NotResidentError(f"space {self.name!r}: blocks {bad[:8].tolist()} are not allocated and "
                                        "mapped; allocate (or prefetch) them before the step")
 
     def region_view(self, region: int, page: int) -> torch.Tensor:
         """The bytes of one page in one (layer, K|V) region, as a ``uint8`` tensor on the device."""
-        start = region * self.region_bytes + page * self.page_size
-        return self._whole[start:start + self.page_size]
+        return self.range.region_view(region, page)
 
     def stats(self) -> dict[str, Any]:
-        with self._mgr._lock:
-            t = self.pages
-            return {"pages_mapped": len(t.handles), "pages_empty": len(self._empty),
-                    "pages_host": t.count(HOST), "pages_nvme": t.count(NVME), "pages_lost": t.count(LOST),
-                    "pages_reserved": self.num_pages, "bytes_mapped": len(t.handles) * self.page_bytes,
-                    "bytes_reserved": self._reserved, "blocks_used": self.num_blocks - self._free_blocks,
-                    "blocks_total": self.num_blocks, "sequences": len(self._seqs),
-                    "sequences_offloaded": len(self._offloaded),
-                    "map_calls": self.map_calls, "map_seconds": self.map_seconds,
-                    "unmap_calls": self.unmap_calls, "unmap_seconds": self.unmap_seconds}
+        with self._lock:
+            t, mapped = self.pages, len(self.range.handles)
+            return {"pages_mapped": mapped, "pages_empty": len(self._empty),
+                    "pages_host": t.count(Tier.HOST), "pages_nvme": t.count(Tier.NVME),
+                    "pages_lost": t.count(Tier.LOST), "pages_reserved": self.num_pages,
+                    "bytes_mapped": mapped * self.page_bytes, "bytes_reserved": self.range.size,
+                    "blocks_used": self.num_blocks - self.block_books.free_count, "blocks_total": self.num_blocks,
+                    "sequences": len(self.block_books.seqs), "sequences_offloaded": len(self._offloaded),
+                    **self.range.stats()}
 
-    def _pages_of(self, blocks: np.ndarray) -> list[int]:
-        """Pages touched by each block, once per (block, page) pair."""
-        first, last = self._first_page[blocks], self._last_page[blocks]
-        pages = first.tolist()
-        straddling = np.flatnonzero(last != first)
-        pages.extend(last[straddling].tolist())
-        return pages
+    # --- tiers ------------------------------------------------------------------------------------------------------
+    def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
+        """Mark ``seq_id`` idle (e.g. waiting for its next turn). With ``tier=None`` the policy decides when and
+        where its pages go (under GPU pressure); with ``"host"`` or ``"nvme"`` they start going there now.
+        Pages it shares with active sequences stay. ``stream``: where its last kernels ran (default: current);
+        demotion copies wait for them."""
+        dst = _offload_tier(tier, (None, "host", "nvme"))
+        with self._lock:
+            self._check_open()
+            pages = self.block_books.pages_of_seqs([seq_id])
+            self._offloaded.add(seq_id)
+            self.idle_fence = self._mgr.backend.record_fence(stream)
+            for p in pages:
+                self._tiering.policy.on_use(PageRef(self.name, p))  # its last use: the policy ages it from here
+            if dst is None:
+                self._tiering.poke()
+                return TransferHandle(self._tiering, "demote", [])
+            movable = set(self.idle_pages())
+            if dst == Tier.NVME:  # pages already in host memory go on down too
+                movable |= set(np.flatnonzero((self.pages.tier == Tier.HOST) & ~self.pages.moving_mask()).tolist())
+            plan = self._tiering.plan_demote(self, [p for p in pages if p in movable], dst)
+            return self._start(plan, self.idle_fence)
 
-    def _blocks_of(self, seq_id: Hashable) -> list[int]:
-        try:
-            return self._seqs[seq_id]
-        except (KeyError, TypeError):
-            raise UnknownSequenceError(f"space {self.name!r} has no sequence {seq_id!r}") from None
+    def offload_prefix(self, seq_id: Hashable, tokens: int, tier: str = "host", stream: Any = None) -> TransferHandle:
+        """Start moving down the pages that hold only ``seq_id``'s first ``tokens`` tokens, while the sequence
+        stays active: it keeps growing in its later pages, and :meth:`read` copies the prefix into the engine's
+        buffer when a step needs it (a layer streamed through host memory, whose past is never written again).
+        A page holding later tokens or another sequence's blocks stays. ``stream``: where the kernels that wrote
+        (or copied) the prefix ran; the copies down wait for them."""
+        dst = _offload_tier(tier, ("host", "nvme"))
+        with self._lock:
+            self._check_open()
+            b = self.block_books
+            blocks = np.asarray(b.blocks_of(seq_id), dtype=np.int64)
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= b.tokens[seq_id]:
+                raise InvalidArgumentError(f"tokens must be an int in 0..{b.tokens[seq_id]} (the tokens "
+                                           f"{seq_id!r} holds), got {tokens!r}")
+            cut = tokens // self.block_size  # blocks wholly below ``tokens``
+            ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.num_pages)
+            later = set(b.pages_of(blocks[cut:]))
+            movable = self.pages.allocatable()
+            pages = [p for p in np.flatnonzero(ours).tolist()
+                     if ours[p] == b.live[p] and p not in later and movable[p]]
+            plan = self._tiering.plan_demote(self, pages, dst)
+            return self._start(plan, self._mgr.backend.record_fence(stream))
 
-    # --- mapping ------------------------------------------------------------------------------------------------
-    def _region_address(self, region: int, page: int) -> int:
-        return self.base + region * self.region_bytes + page * self.page_size
+    def _start(self, plan: Any, after: Any) -> TransferHandle:
+        handles = self._tiering.start_demotion(plan, after=after)
+        return handles[0] if handles else TransferHandle(self._tiering, "demote", [])
 
-    def _map(self, pages: list[int], handles: list[Any]) -> None:
-        """Map ``pages`` (sorted) with ``handles`` (``num_regions`` per page); all or nothing."""
-        backend, R = self._mgr.backend, self.num_regions
-        per_page = {p: handles[i * R:(i + 1) * R] for i, p in enumerate(pages)}
-        done: list[tuple[int, int, int]] = []
-        start = time.perf_counter()
-        try:
-            with self._mgr.tiering.mapping():
-                self._map_runs(pages, per_page, done)
-        except Exception:
-            for r, first, count in done:
-                backend.unmap(self._region_address(r, first), count * self.page_size)
-            self._mgr._release(handles)
-            raise
-        finally:
-            self.map_seconds += time.perf_counter() - start
-        self.pages.handles.update(per_page)
+    def prefetch(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start bringing every page of ``seq_ids`` to the GPU; they become active again. The handle's
+        ``wait(stream)`` makes the step's stream wait on the device; ``result()`` blocks. Raises OutOfPagesError
+        (nothing started) when the GPU cannot take them even after demoting idle pages."""
+        if isinstance(seq_ids, (str, bytes)):
+            raise InvalidArgumentError(f"prefetch takes a list of sequence ids, got the string {seq_ids!r} "
+                                       f"(write prefetch([{seq_ids!r}]))")
+        seqs = list(seq_ids)
+        return self._mgr.run_planned(lambda: self._prefetch(seqs))
 
-    def _map_runs(self, pages: list[int], per_page: dict[int, list[Any]], done: list[tuple[int, int, int]]) -> None:
-        for first, count in _runs(pages):
-            for r in range(self.num_regions):
-                run_handles = [per_page[first + j][r] for j in range(count)]
-                self._mgr.backend.map(self._region_address(r, first), self.page_size, run_handles)
-                done.append((r, first, count))
-                self.map_calls += count
-
-    def _unmap(self, pages: list[int]) -> None:
-        """Unmap ``pages`` (empty, fences complete) and give their handles back to the pool."""
-        backend, pages = self._mgr.backend, sorted(pages)
-        start = time.perf_counter()
-        for first, count in _runs(pages):
-            for r in range(self.num_regions):
-                backend.unmap(self._region_address(r, first), count * self.page_size)
-            self.unmap_calls += count * self.num_regions
-        self.unmap_seconds += time.perf_counter() - start
-        handles = []
-        self._mgr.tiering.drop_copies(self, pages)
+    def _prefetch(self, seqs: list[Hashable]) -> TransferHandle:
+        self._check_open()
+        pages = self.block_books.pages_of_seqs(seqs)
+        pending = self.pages.in_flight(pages)
+        if pending:
+            raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
+        self._refuse_lost(pages)
+        below = [p for p in pages if self.pages.tier[p] in LOWER]
+        room = self._mgr.plan_room(self, len(below) * self.num_regions, keep=set(pages)) if below else None
+        # commit
+        handles = self._mgr.take_room(room) if room is not None else []
+        self._offloaded.difference_update(seqs)
+        handle = self._tiering.promote(self, below, handles)
         for p in pages:
-            handles.extend(self.pages.handles.pop(p))
+            self._tiering.policy.on_use(PageRef(self.name, p))
+        return handle
+
+    def _refuse_lost(self, pages: Sequence[int]) -> None:
+        lost = [p for p in pages if self.pages.tier[p] == Tier.LOST]
+        if lost:
+            raise TransferError(f"space {self.name!r}: pages {lost} were lost (a read back failed); free and "
+                                "recompute these sequences", self.sequences_on(lost))
+
+    def read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0,
+             stop: int | None = None, stream: Any = None) -> TransferHandle:
+        """Copy the KV of ``seq_id``'s tokens ``start..stop`` (default: all) into ``dst`` -- one (K, V) pair per
+        layer, shaped and typed like :meth:`kv`, on the space's device -- at the same block positions, from
+        whichever tier each page is in. Nothing is mapped: this is how a step reads a prefix kept below (see
+        :meth:`offload_prefix`). Whole pages are copied (the bytes of other blocks on them come along).
+
+        GPU pages are copied on ``stream`` (default: current) at once; host and NVMe pages on the transfer
+        stream (NVMe: by the I/O worker), after the work queued on ``stream`` so far, which may still read
+        ``dst``. ``handle.wait(stream)`` orders the step after them. Pages in flight are waited for first; the
+        pages read stay where they are until the read is done. Raises TransferError for lost pages."""
+        self._check_read_target(dst)
+        return self._mgr.run_planned(lambda: self._read(seq_id, dst, start, stop, stream))
+
+    def _read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int,
+              stop: int | None, stream: Any) -> TransferHandle:
+        self._check_open()
+        b = self.block_books
+        held = b.blocks_of(seq_id)
+        stop = b.tokens[seq_id] if stop is None else stop
+        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
+                not isinstance(stop, int) or not 0 <= start <= stop <= b.tokens[seq_id]:
+            raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not within the "
+                                       f"{b.tokens[seq_id]} tokens {seq_id!r} holds")
+        blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
+        pages = np.unique(np.concatenate((b.first_page[blocks], b.last_page[blocks]))).tolist()
+        moving = self.pages.moving
+        pending = list({moving[p] for p in pages if p in moving}) if moving else []
+        if pending:
+            raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
+        self._refuse_lost(pages)
+        flat = [t.view(torch.uint8).view(-1) for pair in dst for t in pair]
+        used, P = flat[0].numel(), self.page_size
+
+        def target(region: int, page: int) -> torch.Tensor:  # the page's bytes in dst (the last page is short)
+            return flat[region][page * P: min((page + 1) * P, used)]
+        return self._tiering.read(self, pages, target, stream)
+
+    def _check_read_target(self, dst: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        tensors = [t for pair in dst for t in pair] if len(dst) == self.num_layers else []
+        device = self.range.whole.device
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.dtype or \
+                    t.device.type != device.type or not t.is_contiguous():
+                tensors = []
+                break
+        if len(tensors) != self.num_regions:
+            raise InvalidArgumentError(f"read needs one (K, V) pair per layer ({self.num_layers}), each a "
+                                       f"contiguous {self.dtype} tensor of shape {list(shape)} on {device} "
+                                       "(like kv(layer))")
+
+    def stage(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start reading the NVMe pages of ``seq_ids`` into host memory, ahead of a ``prefetch`` (which then
+        crosses PCIe only). Pages for which the host tier has no room stay on NVMe."""
+        with self._lock:
+            self._check_open()
+            moving = self.pages.moving_mask()
+            pages = [p for p in self.block_books.pages_of_seqs(seq_ids) if self.pages.tier[p] == Tier.NVME and not moving[p]]
+            return self._tiering.stage(self, pages)
+
+    def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
+        """``prefetch(seq_ids).result()``: blocks until every page is on the GPU."""
+        self.prefetch(seq_ids).result()
+
+    def residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Bytes of ``seq_id``'s blocks per tier (``gpu``, ``host``, ``nvme``, ``lost``)."""
+        with self._lock:
+            blocks = np.asarray(self.block_books.blocks_of(seq_id), dtype=np.int64)
+            tiers = self.pages.tier[self.block_books.first_page[blocks]]
+            per_block = self.block_bytes * self.num_regions
+            return {t.label: int((tiers == t).sum()) * per_block for t in (*STORAGE, Tier.LOST)}
+
+    def page_residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Distinct pages holding ``seq_id``'s blocks, per tier (pages may be shared with other sequences)."""
+        with self._lock:
+            tiers = self.pages.tier[self.block_books.pages_of_seqs([seq_id])]
+            return {t.label: int((tiers == t).sum()) for t in (*STORAGE, Tier.LOST)}
+
+    # --- what tiering needs (kvtier.tiering.TieredSpace) ----------------------------------------------------------
+    def idle_pages(self) -> list[int]:
+        """GPU pages, not in flight, whose live blocks all belong to offloaded sequences."""
+        if not self._offloaded:  # the common case on the allocation path: nothing is idle
+            return []
+        active = self.block_books.pages_used_by(q for q in self.block_books.seqs if q not in self._offloaded)
+        return np.flatnonzero(self.pages.allocatable() & (self.block_books.live > 0) & ~active).tolist()
+
+    def sequences_on(self, pages: Iterable[int]) -> list[Hashable]:
+        return self.block_books.sequences_on(pages)
+
+    def map_pages(self, pages: list[int], handles: list[Any]) -> None:
+        """Map vacant ``pages`` with ``handles``; all or nothing (on failure the handles go back to the pool)."""
+        try:
+            self.range.map(pages, handles)
+        except BaseException:
+            self._mgr.give_pages(handles)
+            raise
+
+    def unmap_pages(self, pages: list[int]) -> None:
+        """Unmap GPU ``pages`` (their readers are done) and give their handles back; they become vacant."""
+        self._tiering.drop_copies(self, pages)
+        self._mgr.give_pages(self.range.unmap(pages))
+        for p in pages:
             self._empty.pop(p, None)
-        self.pages.tier[pages] = 0
-        self._mgr._release(handles)
+        self.pages.tier[list(pages)] = Tier.UNMAPPED
+
+    # --- what the manager needs: quota and empty pages -------------------------------------------------------------
+    def within_quota(self, new_pages: int) -> bool:
+        return self.quota_bytes is None or (len(self.range.handles) + new_pages) * self.page_bytes <= self.quota_bytes
+
+    def reclaimable(self, keep: Iterable[int] = ()) -> list[int]:
+        """Empty mapped pages (not in ``keep``) the pool may take back when it runs short."""
+        keep = set(keep)
+        return [p for p in self._empty if p not in keep]
+
+    def reclaim(self, pages: list[int]) -> None:
+        """Unmap empty ``pages``, waiting for their fences."""
+        for p in pages:
+            fence = self._empty[p]
+            if fence is not None:
+                fence.synchronize()
+        if pages:
+            self.unmap_pages(pages)
 
     def _trim(self) -> None:
         """Unmap empty pages beyond the reserve whose fences have completed (never waits)."""
         excess = len(self._empty) - self._mgr.config.space_reserve_pages
-        if excess <= 0:
-            return
-        done = [p for p, fence in list(self._empty.items())[:excess] if fence is None or fence.query()]
-        if done:
-            self._unmap(done)
+        if excess > 0:
+            done = [p for p, fence in list(self._empty.items())[:excess] if fence is None or fence.query()]
+            if done:
+                self.unmap_pages(done)
 
-    def _reclaim(self, pages_wanted: int, keep: set[int] = frozenset()) -> int:  # type: ignore[assignment]
-        """Unmap up to ``pages_wanted`` empty pages not in ``keep``, waiting on their fences; returns pages
-        unmapped."""
-        victims = [(p, f) for p, f in self._empty.items() if p not in keep][:pages_wanted]
-        for _, fence in victims:
-            if fence is not None:
-                fence.synchronize()
-        if victims:
-            self._unmap([p for p, _ in victims])
-        return len(victims)
+    def in_flight(self) -> list[TransferHandle]:
+        """Transfers and reads under way on any page of this space."""
+        return self.pages.in_flight(range(self.num_pages))
 
-    def _close(self) -> None:
-        self._reclaim(len(self._empty))
-        if self.pages.handles:  # live pages: unmap them too, once the device is done with them
+    def close(self) -> None:
+        """Unmap every page (after the device is idle), give every slot back, free the reservation. The
+        manager calls it once no transfer of this space is in flight."""
+        self.reclaim(list(self._empty))
+        if self.range.handles:  # live pages: unmap them too, once the device is done with them
             self._mgr.backend.synchronize()
-            self._unmap(list(self.pages.handles))
-        tiering = self._mgr.tiering
-        for p, slots in list(self.pages.slots.items()):
-            (tiering.host.books if self.pages.tier[p] == HOST else tiering.nvme.books).give(slots)
-        self.pages.slots.clear()
-        self._mgr.backend.free_reservation(self.base, self._reserved)
-        self._seqs.clear()
-        self._tokens.clear()
+            self.unmap_pages(list(self.range.handles))
+        self._tiering.close_space(self)
+        self.range.close()
+        self.block_books.seqs.clear()
+        self.block_books.tokens.clear()
         self.closed = True
 
+    def _check_open(self) -> None:
+        self._mgr.check_open()
+        if self.closed:
+            raise ClosedError(f"space {self.name!r} was dropped; create it again")
+
     # --- integrity ------------------------------------------------------------------------------------------------
+    def _debug_check(self) -> None:
+        if self._mgr.config.debug_checks:
+            self.check()
+
     def check(self) -> None:
         """Verify the books (AssertionError on a broken invariant)."""
-        live = np.zeros(self.num_pages, dtype=np.int32)
-        seen = np.zeros(self.num_blocks, dtype=bool)
-        for seq, blocks in self._seqs.items():
-            b = np.asarray(blocks, dtype=np.int64)
-            assert len(blocks) == math.ceil(self._tokens[seq] / self.block_size), (seq, len(blocks))
-            assert not seen[b].any() and not self._block_free[b].any(), f"block owned twice or free: {seq}"
-            seen[b] = True
-            np.add.at(live, self._pages_of(b), 1)
-        assert (seen == ~self._block_free).all() and self._free_blocks == int(self._block_free.sum())
-        assert (live == self._page_live).all(), "page live counts disagree with the sequences' blocks"
-        self.pages.check(live)
-        on_gpu = self.pages.tier == GPU
-        assert (self.pages.tier[live > 0] != 0).all(), "a live block sits on a page with no data anywhere"
+        live = self.block_books.check()
+        self.pages.check(live, self.range.handles)
+        on_gpu = self.pages.tier == Tier.GPU
+        assert (self.pages.tier[live > 0] != Tier.UNMAPPED).all(), "a live block sits on a page with no data"
         assert set(self._empty) == set(np.flatnonzero(on_gpu & (live == 0)).tolist()), "empty pages"
-        assert not (self.pages.tier[live == 0] > GPU).any(), "a lower tier holds a page with no live block"
-        assert self._offloaded <= set(self._seqs)
-
+        assert not np.isin(self.pages.tier[live == 0], LOWER).any(), "a lower tier holds a page with no live block"
+        assert self._offloaded <= set(self.block_books.seqs)

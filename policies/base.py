@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,10 @@ class PageRef:
 
 
 class Policy(Protocol):
+    """Constructors take the policy's own parameters (from ``[policy]`` in the config) and ``clock``: a
+    function returning seconds, ``time.monotonic`` unless the caller passes another (the replay passes the
+    trace's clock)."""
+
     name: str
 
     def on_create(self, ref: PageRef, priority: int) -> None:
@@ -46,11 +50,11 @@ class BookkeepingPolicy:
 
     name = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._last: dict[PageRef, float] = {}
         self._uses: dict[PageRef, int] = {}
         self._priority: dict[PageRef, int] = {}
-        self._clock = time.monotonic
+        self._clock = clock
 
     def on_create(self, ref: PageRef, priority: int) -> None:
         self._last[ref] = self._clock()

@@ -7,6 +7,8 @@ again, as it would under LRU. Counts halve every ``half_life`` seconds, so old p
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 from kvtier.errors import ConfigError
 from kvtier.policies.base import BookkeepingPolicy, PageRef
@@ -17,8 +19,8 @@ from kvtier.policies.registry import register_policy
 class LFUPolicy(BookkeepingPolicy):
     name = "lfu"
 
-    def __init__(self, half_life: float = 300.0) -> None:
-        super().__init__()
+    def __init__(self, half_life: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
         if not half_life > 0:
             raise ConfigError(f"[policy] half_life: {half_life!r} must be > 0 seconds")
         self.half_life = half_life

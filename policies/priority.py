@@ -7,6 +7,9 @@ evicted again and again.
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 from kvtier.errors import ConfigError
 from kvtier.policies.base import BookkeepingPolicy, PageRef
 from kvtier.policies.registry import register_policy
@@ -16,8 +19,8 @@ from kvtier.policies.registry import register_policy
 class PriorityPolicy(BookkeepingPolicy):
     name = "priority"
 
-    def __init__(self, aging_seconds: float = 60.0) -> None:
-        super().__init__()
+    def __init__(self, aging_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
         if not aging_seconds > 0:
             raise ConfigError(f"[policy] aging_seconds: {aging_seconds!r} must be > 0 seconds")
         self.aging_seconds = aging_seconds

@@ -43,11 +43,12 @@ def _resolve(name: str) -> Callable[..., Any]:
                       "or give a 'module:Class' path)")
 
 
-def make_policy(name: str, nvme_min_uses: int = 0, **params: Any) -> Any:
-    """The policy ``name`` built with ``params``, wrapped in the NVMe admission filter if ``nvme_min_uses``."""
+def make_policy(name: str, nvme_min_uses: int = 0, clock: Callable[[], float] | None = None, **params: Any) -> Any:
+    """The policy ``name`` built with ``params`` (and ``clock`` when given), wrapped in the NVMe admission
+    filter if ``nvme_min_uses``."""
     cls = _resolve(name)
     try:
-        policy = cls(**params)
+        policy = cls(**params) if clock is None else cls(clock=clock, **params)
     except TypeError as exc:
         raise ConfigError(f"[policy] {name}: bad parameters {sorted(params)} ({exc})") from exc
     if nvme_min_uses:

@@ -119,7 +119,7 @@ def test_a_page_written_while_coming_up_keeps_no_copy(make_manager):
     space.offload("a", tier="host").result()
     # holding the manager's lock keeps the worker from committing: the page is still on its way up when the
     # engine allocates and writes one more block in it (allowed once its wait(stream) is ordered first)
-    with mgr._lock:
+    with mgr.lock:
         handle = space.prefetch(["a"])
         handle.wait()
         space.allocate("a", BPP * space.block_size)

@@ -17,10 +17,8 @@ class Clock:
 
 
 def _policy(name: str, **params):
-    policy = make_policy(name, **params)
     clock = Clock()
-    (getattr(policy, "inner", policy))._clock = clock
-    return policy, clock
+    return make_policy(name, clock=clock, **params), clock
 
 
 A, B, C, D = (PageRef("m", i) for i in range(4))

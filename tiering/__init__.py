@@ -1,7 +1,13 @@
-"""Tiers below the GPU (pinned host slots, NVMe slots), the page table, transfers and background demotion."""
+"""Tiers below the GPU (pinned host slots, NVMe slots), the page table, demotion plans, transfers and background
+demotion. Imports only ``kvtier.vmm``, ``kvtier.policies``, ``kvtier.errors`` and ``kvtier.config``; what it
+needs from the layer above is stated by the Protocols in ``interfaces``."""
 
-from kvtier.tiering.pagetable import GPU, HOST, LOST, NVME, UNMAPPED, PageTable
+from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
+from kvtier.tiering.pagetable import PageTable
+from kvtier.tiering.plans import DemotionPlan, PlannedMove
+from kvtier.tiering.tier import LOWER, STORAGE, LowerTier, Tier
 from kvtier.tiering.tiering import Tiering
 from kvtier.tiering.transfer import Move, Mover, TransferHandle
 
-__all__ = ["GPU", "HOST", "LOST", "NVME", "UNMAPPED", "PageTable", "Tiering", "Move", "Mover", "TransferHandle"]
+__all__ = ["LOWER", "STORAGE", "DemotionPlan", "LowerTier", "Move", "Mover", "PageTable", "PlannedMove",
+           "SpaceDirectory", "Tier", "TieredSpace", "Tiering", "TransferHandle"]

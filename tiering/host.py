@@ -15,6 +15,7 @@ import time
 import torch
 
 from kvtier.tiering.slots import SlotBooks
+from kvtier.tiering.tier import Tier
 from kvtier.vmm.base import Backend
 from kvtier.vmm.host import map_anonymous, unmap_anonymous
 from kvtier.vmm.tensor import tensor_over
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class HostTier:
+    tier = Tier.HOST
     name = "host"
 
     def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kvtier.tiering.slots import SlotBooks
+from kvtier.tiering.tier import Tier
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def _read_bounced(fd: int, view: memoryview, offset: int) -> int:
 
 
 class NvmeTier:
+    tier = Tier.NVME
     name = "nvme"
 
     def __init__(self, device: torch.device, slot_size: int, directory: str, size: int, threads: int,

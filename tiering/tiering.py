@@ -1,15 +1,21 @@
-"""The tiering engine of one manager: starts demotions and promotions, commits them, and keeps the GPU pool
-between its watermarks in the background.
+"""The tiering engine of one manager: carries out demotion plans, promotions, stages and reads, and commits them.
 
-Locking: every method that reads or changes page tables runs under the manager's lock. The worker runs NVMe I/O
+Two phases. Whoever moves pages first plans against the books with no side effect (``plan_demote``,
+``plan_room``; the space plans promotions and reads itself), then commits the plan in the same critical section
+(``start_demotion``, ``promote``, ``stage``, ``read``): slots are taken, copies are enqueued, and the pages are
+listed as in flight. The bytes land later; the worker (or ``TransferHandle.result``) then commits the moves to the
+page tables: the destination becomes the truth and the source is released. A failed transfer leaves the source
+the truth, or reports the page lost.
+
+Locking: every method that reads or changes page tables runs under the directory's lock. The worker runs NVMe I/O
 and waits on device events *without* the lock and takes it only to commit, and no code waits on the worker while
-holding the lock, so the two cannot deadlock. Transfers started by ``allocate`` to make room run inline.
+holding the lock, so the two cannot deadlock. Transfers started inline (to make room for an ``allocate``) run and
+commit under the lock.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import shutil
 import tempfile
@@ -17,20 +23,20 @@ import threading
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 
-
+from kvtier.config import Config
 from kvtier.policies import PageRef, make_policy
+from kvtier.tiering.background import Demoter
 from kvtier.tiering.host import HostTier
+from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
 from kvtier.tiering.nvme import NvmeTier
-from kvtier.tiering.pagetable import HOST, LOST, NVME, TIER_CODE, TIER_NAME
+from kvtier.tiering.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
+from kvtier.tiering.tier import LOWER, LowerTier, Tier
 from kvtier.tiering.transfer import Move, Mover, TransferHandle, Work
-
-if TYPE_CHECKING:
-    from kvtier.manager import TierManager
+from kvtier.vmm import Backend, PagePool
 
 log = logging.getLogger(__name__)
 
@@ -39,32 +45,36 @@ STALL_EVENTS_PENDING = 256  # unread stall timings (event pairs) above which the
 
 
 class Tiering:
-    def __init__(self, mgr: "TierManager") -> None:
-        cfg = mgr.config
-        self.mgr, self.lock, self.config = mgr, mgr._lock, cfg
-        self.host = HostTier(mgr.backend, mgr.page_size, cfg.host_size, cfg.host_chunk)
-        self._own_dir = cfg.nvme_dir is None
-        directory = cfg.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
-        self.nvme = NvmeTier(mgr.device, mgr.page_size, directory, cfg.nvme_size, cfg.nvme_threads,
-                             cfg.nvme_direct)
+    def __init__(self, config: Config, device: torch.device, backend: Backend, pool: PagePool,
+                 directory: SpaceDirectory, clock: Callable[[], float] | None = None) -> None:
+        self.config, self.device, self.backend, self.pool = config, device, backend, pool
+        self.directory, self.lock = directory, directory.lock
+        self.policy = make_policy(config.policy, nvme_min_uses=config.nvme_min_uses, clock=clock,
+                                  **dict(config.policy_params))
+        self.host = HostTier(backend, pool.page_size, config.host_size, config.host_chunk)
+        self._own_dir = config.nvme_dir is None
+        directory_path = config.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
+        try:
+            self.nvme = NvmeTier(device, pool.page_size, directory_path, config.nvme_size, config.nvme_threads,
+                                 config.nvme_direct)
+        except BaseException:
+            self.host.close()
+            if self._own_dir:
+                shutil.rmtree(directory_path, ignore_errors=True)
+            raise
+        self.tiers: dict[Tier, LowerTier] = {Tier.HOST: self.host, Tier.NVME: self.nvme}
         self._gate = threading.Condition()
         self._mapping = 0
-        self.mover = Mover(mgr.device, self.host, self.nvme, gate=self._wait_gate)
-        self.policy = make_policy(cfg.policy, nvme_min_uses=cfg.nvme_min_uses, **dict(cfg.policy_params))
+        self.mover = Mover(device, self.host, self.nvme, gate=self._wait_gate)
         self.stall_seconds: deque[float] = deque(maxlen=STALLS_KEPT)
         self.copies_reused = 0  # clean demotions: pages unmapped without a copy, their kept copy reused
         self._stall_events: deque[tuple[Any, Any]] = deque()
         self.path_seconds: dict[str, float] = defaultdict(float)
         self._queue: queue.Queue[TransferHandle | None] = queue.Queue()
         self._inflight: set[TransferHandle] = set()
-        self._closed = False
-        self._wake = threading.Event()
         self._worker = threading.Thread(target=self._work, name="kvtier-transfers", daemon=True)
         self._worker.start()
-        self._demoter = None
-        if cfg.background_demotion:
-            self._demoter = threading.Thread(target=self._keep_watermarks, name="kvtier-demoter", daemon=True)
-            self._demoter.start()
+        self.demoter = Demoter(self, config) if config.background_demotion else None
 
     # --- the mapping gate (see Mover) -------------------------------------------------------------------------------
     @contextmanager
@@ -84,97 +94,121 @@ class Tiering:
             while self._mapping:
                 self._gate.wait()
 
-    # --- starting transfers (the caller holds the lock) -----------------------------------------------------------
-    def demote(self, space: Any, pages: Iterable[int], dst: str | None = None, after: Any = None,
-               inline: bool = False) -> TransferHandle:
-        """Start moving ``pages`` of ``space`` one tier (or to ``dst``) down. Pages that fit nowhere stay. A GPU
-        page whose kept copy lies in the tier it goes to is a clean move: unmapped once ``after`` has passed,
-        nothing copied."""
+    def books(self, tier: Tier) -> Any:
+        return self.tiers[tier].books
+
+    def poke(self) -> None:
+        """A sequence went idle: let the background demoter look now."""
+        if self.demoter is not None:
+            self.demoter.poke()
+
+    # --- plans (no side effects) -------------------------------------------------------------------------------
+    def _free_slots(self) -> dict[Tier, int]:
+        return {t: self.books(t).free for t in LOWER}
+
+    def plan_demote(self, space: TieredSpace, pages: Iterable[int], dst: Tier | None = None) -> DemotionPlan:
+        """Where ``pages`` of ``space`` would go one tier down (or to ``dst``), and which find room."""
+        return plan_demotion([(space, p) for p in pages], dst, self.policy, self.directory.tiered_spaces(),
+                             self._free_slots())
+
+    def plan_room(self, handles_needed: int, avoid: set[tuple[str, int]] = frozenset()) -> DemotionPlan:  # type: ignore[assignment]
+        """Idle GPU pages to demote, coldest first per the policy, until ``handles_needed`` GPU handles would
+        come free (fewer if the tiers below cannot take enough). ``(space name, page)`` pairs in ``avoid`` stay."""
+        spaces = {s.name: s for s in self.directory.tiered_spaces()}
+        refs = [PageRef(s.name, p) for s in spaces.values() for p in s.idle_pages() if (s.name, p) not in avoid]
+        picks = [(spaces[r.space], r.page) for r in self.policy.victims(refs, len(refs))]
+        plan = plan_demotion(picks, None, self.policy, spaces.values(), self._free_slots())
+        return plan.cut(handles_needed)
+
+    def gpu_handles_leaving(self) -> int:
+        """GPU handles that transfers in flight will give back when they commit."""
+        return sum(m.space.num_regions for h in self._inflight if h.kind == "demote"
+                   for m in h.moves if m.src == Tier.GPU and id(m) not in h.done_moves)
+
+    # --- commits: starting transfers (the caller holds the lock) ---------------------------------------------------
+    def start_demotion(self, plan: DemotionPlan, after: Any = None, inline: bool = False) -> list[TransferHandle]:
+        """Carry out a plan made under the same lock: one transfer per space. Copies from a GPU page wait for
+        ``after`` (default: the space's ``idle_fence``); a clean move unmaps once it has passed."""
+        exclude = {(m.space.name, m.page) for m in plan.moves}
+        return [self._demote(space, moves, after if after is not None else space.idle_fence, inline, exclude)
+                for space, moves in plan.by_space().values()]
+
+    def _demote(self, space: TieredSpace, planned: list[PlannedMove], after: Any, inline: bool,
+                exclude: set[tuple[str, int]]) -> TransferHandle:
         R, table = space.num_regions, space.pages
         moves: list[Move] = []
-        pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]] = defaultdict(list)
-        for p in pages:
-            src = TIER_NAME[int(table.tier[p])]
-            copy = table.copies.get(p)
-            room = src == "gpu" and (copy is not None and copy[0] == HOST or self._room("host", R, space, p))
-            if dst is None:  # the policy decides (it may keep a page where it is)
-                want = self.policy.target_tier(PageRef(space.name, p), src, room)
-            else:  # the engine asked; a full host tier still spills to NVMe
-                want = "nvme" if src == "host" or (dst == "host" and not room) else dst
-            if want is None:
-                continue
-            if copy is not None and TIER_NAME[copy[0]] == want:
-                del table.copies[p]
+        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move]]] = defaultdict(list)
+        for pm in planned:
+            p = pm.page
+            if pm.clean:
+                _, slots = table.copies.pop(p)
                 self.copies_reused += 1
-                moves.append(Move(space, p, src, want, copy[1], clean=True))
+                moves.append(Move(space, p, pm.src, pm.dst, slots, clean=True))
                 continue
             self.drop_copies(space, [p])  # going elsewhere: the copy would be a stale second home
-            if not self._room(want, R, space, p):
-                log.debug("demote: no room below for page %d of %s", p, space.name)
-                continue
-            slots = self._lower(want).take(R)
-            moves.append(Move(space, p, src, want, slots))
+            self._drop_copies_for(pm.dst, R, exclude)
+            slots = self.books(pm.dst).take(R)  # the plan counted this room: it cannot fail here
+            moves.append(Move(space, p, pm.src, pm.dst, slots))
             for r in range(R):
-                source = space.region_view(r, p) if src == "gpu" else table.slots[p][r]
-                pairs[(src, want)].append((source, slots[r], moves[-1]))
+                source = space.region_view(r, p) if pm.src == Tier.GPU else table.slots[p][r]
+                pairs[(pm.src, pm.dst)].append((source, slots[r], moves[-1]))
         work = Work(event=after) if any(m.clean for m in moves) else None  # unmap only after the step's kernels
         return self._launch("demote", moves, pairs, after, inline, work)
 
-    # --- kept copies (see PageTable) ----------------------------------------------------------------------------------
-    def drop_copies(self, space: Any, pages: Iterable[int]) -> None:
-        """Forget the kept copies of ``pages`` (their bytes on the GPU changed, or they leave it). A page still
-        coming up keeps no copy when it lands."""
-        copies, moving = space.pages.copies, space.pages.moving
-        for p in pages:
-            if p in moving and moving[p].kind == "promote":
-                space.pages.written_in_flight.add(p)
-            copy = copies.pop(p, None)
-            if copy is not None:
-                self._lower(TIER_NAME[copy[0]]).give(copy[1])
-
-    def _room(self, tier: str, slots: int, space: Any = None, page: int = -1) -> bool:
-        """Whether ``tier`` can take ``slots`` more, dropping kept copies (other pages' first) to make it so."""
-        books = self._lower(tier)
-        if books.can_take(slots):
-            return True
-        code = TIER_CODE[tier]
-        for s in self.mgr.spaces.values():
-            for p in [p for p, (c, _) in s.pages.copies.items() if c == code and (s is not space or p != page)]:
-                self.drop_copies(s, [p])
-                if books.can_take(slots):
-                    return True
-        return False
-
-    def promote(self, space: Any, pages: list[int], inline: bool = False) -> TransferHandle:
-        """Map ``pages`` (in host or NVMe) and start copying them up. Raises OutOfPagesError, changing nothing,
-        when no GPU page can be had. Pages are mapped one by one, each copy enqueued right after its mapping, so
-        the driver's mapping work overlaps the copies already running."""
+    def promote(self, space: TieredSpace, pages: list[int], handles: list[Any]) -> TransferHandle:
+        """Map ``pages`` (in host or NVMe; not in flight) with ``handles`` (``num_regions`` per page) and start
+        copying them up. Pages are mapped one by one, each copy enqueued right after its mapping, so the driver's
+        mapping work overlaps the copies already running."""
         R, table = space.num_regions, space.pages
-        handles = self.mgr._acquire(space, len(pages) * R, keep=set(pages))
-        moves, pairs = [], defaultdict(list)
+        moves: list[Move] = []
         work = Work()
         for i, p in enumerate(pages):
-            src = TIER_NAME[int(table.tier[p])]
-            space._map([p], handles[i * R:(i + 1) * R])
-            moves.append(Move(space, p, src, "gpu", []))
-            step = self.mover.start(src, "gpu", [(table.slots[p][r], space.region_view(r, p)) for r in range(R)])
+            src = table.tier_of(p)
+            space.map_pages([p], handles[i * R:(i + 1) * R])
+            moves.append(Move(space, p, src, Tier.GPU, []))
+            step = self.mover.start(src, Tier.GPU, [(table.slots[p][r], space.region_view(r, p)) for r in range(R)])
             work.event = step.event or work.event  # one stream: the last event covers every earlier copy
             work.io += step.io
-        return self._launch("promote", moves, pairs, None, inline, work)
+        return self._launch("promote", moves, {}, None, False, work)
 
-    def read(self, space: Any, pages: list[int], target: Any, after: Any = None) -> TransferHandle:
-        """Start copying host and NVMe ``pages`` into the engine's buffers (``target(region, page)``: the device
-        view to fill), after ``after``; nothing is mapped or moved. The pages stay put until the read is done."""
-        table, work = space.pages, Work()
-        handle = TransferHandle(self, "read", [])
-        by_tier: dict[str, list[tuple[Any, Any, int]]] = defaultdict(list)
+    def stage(self, space: TieredSpace, pages: list[int]) -> TransferHandle:
+        """Start reading NVMe ``pages`` up into host slots (so a later fault-back crosses PCIe only). Pages past
+        the host tier's room (free slots and droppable copies) stay on NVMe."""
+        R, table = space.num_regions, space.pages
+        room = room_below(self.directory.tiered_spaces(), self._free_slots(), set())[Tier.HOST]
+        pages = pages[:room // R]
+        moves: list[Move] = []
+        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move]]] = defaultdict(list)
         for p in pages:
-            by_tier[TIER_NAME[int(table.tier[p])]] += [(table.slots[p][r], target(r, p), p)
-                                                        for r in range(space.num_regions)]
+            self._drop_copies_for(Tier.HOST, R, set())
+            slots = self.host.books.take(R)
+            moves.append(Move(space, p, Tier.NVME, Tier.HOST, slots))
+            pairs[(Tier.NVME, Tier.HOST)] += [(a, b, moves[-1]) for a, b in zip(table.slots[p], slots)]
+        return self._launch("stage", moves, pairs, None, False)
+
+    def read(self, space: TieredSpace, pages: list[int], target: Callable[[int, int], torch.Tensor],
+             stream: Any = None) -> TransferHandle:
+        """Copy ``pages`` (none in flight, none lost) into the engine's buffers, ``target(region, page)`` being
+        the view to fill. GPU pages are copied on ``stream`` at once; host and NVMe pages after the work queued
+        on ``stream`` so far. Nothing is mapped or moved; the lower pages stay put until the read is done."""
+        table, R = space.pages, space.num_regions
+        table.forget_finished_reads()
+        tiers = table.tier[pages]
+        self.mover.copy_on(stream, [(space.region_view(r, p), target(r, p))
+                                    for p, t in zip(pages, tiers) if t == Tier.GPU for r in range(R)])
+        lower = [p for p, t in zip(pages, tiers) if t != Tier.GPU]
+        handle = TransferHandle(self, "read", [])
+        if not lower:
+            return handle
+        after = self.backend.record_fence(stream)
+        work = Work()
+        by_tier: dict[Tier, list[tuple[Any, Any, int]]] = defaultdict(list)
+        for p in lower:
+            by_tier[table.tier_of(p)] += [(table.slots[p][r], target(r, p), p) for r in range(R)]
             table.reading[p] = handle
         for src, items in by_tier.items():
-            step = self.mover.start(src, "gpu", [(a, b) for a, b, _ in items], after, tags=[p for *_, p in items],
-                                    label=f"{src}->read")
+            step = self.mover.start(src, Tier.GPU, [(a, b) for a, b, _ in items], after,
+                                    tags=[p for *_, p in items], label=f"{src.label}->read")
             work.event = step.event or work.event
             work.io += step.io
         handle.attach(work)
@@ -182,26 +216,12 @@ class Tiering:
             self._queue.put(handle)
         return handle
 
-    def stage(self, space: Any, pages: list[int]) -> TransferHandle:
-        """Start reading NVMe ``pages`` up into host slots (so a later fault-back crosses PCIe only). Pages that
-        find no host slot stay on NVMe."""
-        R, table = space.num_regions, space.pages
-        moves: list[Move] = []
-        pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]] = defaultdict(list)
-        for p in pages:
-            if not self._room("host", R):
-                break
-            slots = self.host.books.take(R)
-            moves.append(Move(space, p, "nvme", "host", slots))
-            pairs[("nvme", "host")] += [(a, b, moves[-1]) for a, b in zip(table.slots[p], slots)]
-        return self._launch("stage", moves, pairs, None, False)
-
-    def _launch(self, kind: str, moves: list[Move], pairs: dict[tuple[str, str], list[tuple[Any, Any, Move]]],
+    def _launch(self, kind: str, moves: list[Move], pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move]]],
                 after: Any, inline: bool, work: Work | None = None) -> TransferHandle:
         handle = TransferHandle(self, kind, moves)
         work = work or Work()
         for (src, dst), prs in pairs.items():
-            step = self.mover.start(src, dst, [(a, b) for a, b, _ in prs], after if src == "gpu" else None,
+            step = self.mover.start(src, dst, [(a, b) for a, b, _ in prs], after if src == Tier.GPU else None,
                                     tags=[m for _, _, m in prs], on_done=lambda m: self.commit(handle, [m]))
             work.event = step.event or work.event
             work.io += step.io
@@ -218,6 +238,60 @@ class Tiering:
             else:
                 self._queue.put(handle)
         return handle
+
+    # --- kept copies (see PageTable) ----------------------------------------------------------------------------------
+    def drop_copies(self, space: TieredSpace, pages: Iterable[int]) -> None:
+        """Forget the kept copies of ``pages`` (their bytes on the GPU changed, or they leave it). A page still
+        coming up keeps no copy when it lands."""
+        copies, moving = space.pages.copies, space.pages.moving
+        for p in pages:
+            if p in moving and moving[p].kind == "promote":
+                space.pages.written_in_flight.add(p)
+            copy = copies.pop(p, None)
+            if copy is not None:
+                self.books(copy[0]).give(copy[1])
+
+    def drop_copies_until(self, tier: Tier, free_slots: int, exclude: set[tuple[str, int]] = frozenset()) -> bool:  # type: ignore[assignment]
+        """Drop kept copies in ``tier`` (pages not in ``exclude``) until it has ``free_slots`` free slots; whether
+        it has them."""
+        books = self.books(tier)
+        for s in self.directory.tiered_spaces():
+            if books.can_take(free_slots):
+                return True
+            for p in [p for p, (t, _) in s.pages.copies.items() if t == tier and (s.name, p) not in exclude]:
+                self.drop_copies(s, [p])
+                if books.can_take(free_slots):
+                    return True
+        return books.can_take(free_slots)
+
+    def _drop_copies_for(self, tier: Tier, slots: int, exclude: set[tuple[str, int]]) -> None:
+        if not self.drop_copies_until(tier, slots, exclude):
+            raise AssertionError(f"a plan counted room in the {tier.label} tier that is not there")
+
+    # --- pages that hold nothing live any more ------------------------------------------------------------------------
+    def release(self, space: TieredSpace, pages: Iterable[int]) -> None:
+        """``pages`` lost their last live block: their copies and lower slots go back; lower and lost pages
+        become vacant. (GPU pages stay mapped: the space unmaps them once their readers are done.)"""
+        table = space.pages
+        for p in pages:
+            tier = table.tier_of(p)
+            if tier == Tier.GPU:
+                self.drop_copies(space, [p])
+            elif tier in LOWER:
+                self.books(tier).give(table.slots.pop(p))
+                table.tier[p] = Tier.UNMAPPED
+            elif tier == Tier.LOST:
+                table.tier[p] = Tier.UNMAPPED
+
+    def close_space(self, space: TieredSpace) -> None:
+        """Give back every slot ``space`` holds below (its transfers have been waited for)."""
+        table = space.pages
+        for p, slots in list(table.slots.items()):
+            self.books(table.tier_of(p)).give(slots)
+        for tier, slots in table.copies.values():
+            self.books(tier).give(slots)
+        table.slots.clear()
+        table.copies.clear()
 
     # --- committing -------------------------------------------------------------------------------------------------
     def commit(self, handle: TransferHandle, moves: list[Move] | None = None) -> None:
@@ -240,57 +314,49 @@ class Tiering:
                 self._undo_move(handle, m)
             else:
                 self._apply_move(m)
-        self.mgr._changed.notify_all()  # pages may have come free: waiting allocations try again
+        self.directory.pages_changed()  # pages may have come free: waiting callers plan again
         if not final:
             return
         elapsed = time.perf_counter() - handle.started
-        for path in {f"{m.src}->{m.dst}" for m in handle.moves}:
+        for path in {m.path for m in handle.moves}:
             self.path_seconds[path] += elapsed
         handle.committed = True
         self._inflight.discard(handle)
         if failed:
             log.warning("%s of %d page(s) failed: %s", handle.kind, len(handle.moves), handle.error)
 
-    def gpu_handles_leaving(self) -> int:
-        """GPU handles that transfers in flight will give back when they commit."""
-        return sum(m.space.num_regions for h in self._inflight if h.kind == "demote"
-                   for m in h.moves if m.src == "gpu" and id(m) not in h.done_moves)
-
-    def _lower(self, tier: str) -> Any:
-        return self.host.books if tier == "host" else self.nvme.books
-
     def _apply_move(self, m: Move) -> None:
         space, p, table = m.space, m.page, m.space.pages
         table.moving.pop(p, None)
         written = p in table.written_in_flight
         table.written_in_flight.discard(p)
-        if m.src == "gpu":
+        if m.src == Tier.GPU:
             if self.config.debug_checks:  # poison what stays behind: a missed copy up then reads garbage
                 for r in range(space.num_regions):
                     space.region_view(r, p).fill_(0xA5)
-                self.mgr.backend.synchronize()  # the fill must finish before the unmap
-            space._unmap([p])
-        elif m.dst == "gpu" and self.config.keep_copies and not written:
-            table.copies[p] = (TIER_CODE[m.src], table.slots.pop(p))  # equal to the page's bytes until written
+                self.backend.synchronize()  # the fill must finish before the unmap
+            space.unmap_pages([p])
+        elif m.dst == Tier.GPU and self.config.keep_copies and not written:
+            table.copies[p] = (m.src, table.slots.pop(p))  # equal to the page's bytes until written
         else:
-            self._lower(m.src).give(table.slots.pop(p))
-        table.tier[p] = TIER_CODE[m.dst]
-        if m.dst != "gpu":
+            self.books(m.src).give(table.slots.pop(p))
+        table.tier[p] = m.dst
+        if m.dst != Tier.GPU:
             table.slots[p] = m.taken
 
     def _undo_move(self, handle: TransferHandle, m: Move) -> None:
         space, p, table = m.space, m.page, m.space.pages
         table.moving.pop(p, None)
         table.written_in_flight.discard(p)
-        if m.dst != "gpu":
-            self._lower(m.dst).give(m.taken)
+        if m.dst != Tier.GPU:
+            self.books(m.dst).give(m.taken)
             return
-        space._unmap([p])
-        table.tier[p] = TIER_CODE[m.src]  # _unmap cleared it; the data is still below
-        if m.src == "nvme":  # the bytes on disk could not be read back: the page is lost
-            self._lower("nvme").give(table.slots.pop(p))
-            table.tier[p] = LOST
-            handle.lost += [q for q in space._sequences_on(p) if q not in handle.lost]
+        space.unmap_pages([p])
+        table.tier[p] = m.src  # unmapping cleared it; the data is still below
+        if m.src == Tier.NVME:  # the bytes on disk could not be read back: the page is lost
+            self.books(Tier.NVME).give(table.slots.pop(p))
+            table.tier[p] = Tier.LOST
+            handle.lost += [q for q in space.sequences_on([p]) if q not in handle.lost]
 
     def _work(self) -> None:
         while True:
@@ -307,15 +373,12 @@ class Tiering:
         with self.lock:
             pending = list(self._inflight)
         for handle in pending:
-            try:
-                handle.result()
-            except Exception:  # noqa: BLE001 - the handle's owner sees it; draining must go on
-                pass
+            handle.settle()
 
     # --- stalls ------------------------------------------------------------------------------------------------------
     def stream_wait(self, stream: Any, event: Any) -> None:
         """Device-side wait of ``stream`` on ``event``, timed with two events around it (read lazily)."""
-        stream = stream or torch.cuda.current_stream(self.mgr.device)
+        stream = stream or torch.cuda.current_stream(self.device)
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record(stream)
         stream.wait_event(event)
@@ -325,85 +388,24 @@ class Tiering:
             if len(self._stall_events) > 2 * STALL_EVENTS_PENDING:  # a long decode: fold finished ones in
                 self._fold_stalls()
 
-    def stalls(self) -> deque[float]:
+    def stalls(self) -> list[float]:
         """Seconds each step's stream waited on a fault-back (completed waits only; the last ``STALLS_KEPT``)."""
         with self.lock:
             self._fold_stalls()
-        return self.stall_seconds
+            return list(self.stall_seconds)
 
     def _fold_stalls(self) -> None:
         while self._stall_events and self._stall_events[0][1].query():  # in stream order: oldest first
             before, after = self._stall_events.popleft()
             self.stall_seconds.append(before.elapsed_time(after) / 1e3)
 
-    # --- background demotion ------------------------------------------------------------------------------------------
-    def idle_pages(self) -> list[PageRef]:
-        return [PageRef(s.name, p) for s in self.mgr.spaces.values() for p in s._idle_pages()]
-
-    def make_room(self, handles_needed: int, inline: bool, avoid_space: str | None = None,
-                  avoid_pages: Iterable[int] = ()) -> int:
-        """Demote idle pages (coldest first, per the policy) until ``handles_needed`` GPU handles are freed or
-        on their way; returns how many. Pages ``avoid_pages`` of space ``avoid_space`` stay."""
-        avoid = set(avoid_pages)
-        refs = [r for r in self.idle_pages() if not (r.space == avoid_space and r.page in avoid)]
-        spaces = self.mgr.spaces
-        victims = self.policy.victims(refs, len(refs))
-        chosen: dict[str, list[int]] = defaultdict(list)
-        freed = 0
-        for ref in victims:
-            if freed >= handles_needed:
-                break
-            chosen[ref.space].append(ref.page)
-            freed += spaces[ref.space].num_regions
-        for name, pages in chosen.items():
-            space = spaces[name]
-            self.demote(space, pages, after=space._offload_fence, inline=inline)
-        return freed
-
-    def _keep_watermarks(self) -> None:
-        cfg = self.config
-        while not self._closed:
-            self._wake.wait(0.02)
-            self._wake.clear()
-            with self.lock:
-                if self._closed:
-                    return
-                pool = self.mgr.pool
-                free = pool.available()
-                if free < cfg.gpu_low_watermark * pool.budget_pages:
-                    want = math.ceil(cfg.gpu_high_watermark * pool.budget_pages) - free
-                    self.make_room(want, inline=False)
-                books = self.host.books
-                if books.total and books.used > cfg.host_high_watermark * books.total:
-                    # kept copies go first (dropping them costs nothing), down to the low mark if they can
-                    self._room("host", books.total - int(cfg.host_low_watermark * books.total))
-                    if books.used > cfg.host_high_watermark * books.total:
-                        self._cascade(books.used - int(cfg.host_low_watermark * books.total))
-
-    def _cascade(self, slots: int) -> None:
-        """Move the coldest host pages to NVMe until about ``slots`` host slots are on their way out."""
-        refs = [PageRef(s.name, int(p)) for s in self.mgr.spaces.values()
-                for p in np.flatnonzero((s.pages.tier == HOST) & ~s.pages.moving_mask())]
-        chosen: dict[str, list[int]] = defaultdict(list)
-        for ref in self.policy.victims(refs, len(refs)):
-            if slots <= 0:
-                break
-            chosen[ref.space].append(ref.page)
-            slots -= self.mgr.spaces[ref.space].num_regions
-        for name, pages in chosen.items():
-            self.demote(self.mgr.spaces[name], pages)
-
-    def poke(self) -> None:
-        self._wake.set()
-
     # --- books and lifecycle --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         stalls = sorted(self.stalls())
         pct = (lambda q: stalls[min(len(stalls) - 1, int(q * (len(stalls) - 1)))] if stalls else 0.0)
         paths = {name: dict(v, seconds=self.path_seconds.get(name, 0.0)) for name, v in self.mover.paths.items()}
-        kept = sum(len(s.pages.copies) for s in self.mgr.spaces.values())
-        return {"host": dict(self.host.describe(), slots_used=self.host.books.used),
-                "nvme": dict(self.nvme.describe(), slots_used=self.nvme.books.used),
+        kept = sum(len(s.pages.copies) for s in self.directory.tiered_spaces())
+        return {**{t.label: dict(self.tiers[t].describe(), slots_used=self.books(t).used) for t in LOWER},
                 "paths": paths, "in_flight": len(self._inflight),
                 "copies": {"kept_pages": kept, "reused_pages": self.copies_reused},
                 "stalls": {"count": len(stalls), "total_seconds": sum(stalls), "p50_seconds": pct(0.5),
@@ -411,29 +413,26 @@ class Tiering:
 
     def check(self) -> None:
         """Every slot taken is held by a page below, a kept copy, or a move in flight."""
-        held = {HOST: 0, NVME: 0}
-        for s in self.mgr.spaces.values():
+        held = {t: 0 for t in LOWER}
+        for s in self.directory.tiered_spaces():
             for p, slots in s.pages.slots.items():
-                if s.pages.tier[p] in held:
-                    held[int(s.pages.tier[p])] += len(slots)
-            for code, slots in s.pages.copies.values():
-                held[code] += len(slots)
+                held[s.pages.tier_of(p)] += len(slots)
+            for tier, slots in s.pages.copies.values():
+                held[tier] += len(slots)
         for h in self._inflight:
             for m in h.moves:
-                if m.dst in ("host", "nvme") and id(m) not in h.done_moves:
-                    held[TIER_CODE[m.dst]] += len(m.taken)
-        self.host.books.check(held[HOST])
-        self.nvme.books.check(held[NVME])
+                if m.dst in LOWER and id(m) not in h.done_moves:
+                    held[m.dst] += len(m.taken)
+        for t in LOWER:
+            self.books(t).check(held[t])
 
     def stop(self) -> None:
-        """Finish what is in flight and stop the threads. Call without holding the manager's lock."""
+        """Finish what is in flight and stop the threads. Call without holding the directory's lock."""
         self.drain()
-        self._closed = True
-        self._wake.set()
+        if self.demoter is not None:
+            self.demoter.stop()
         self._queue.put(None)
         self._worker.join()
-        if self._demoter is not None:
-            self._demoter.join()
 
     def close(self) -> None:
         """Release the host memory and the NVMe file (after :meth:`stop`, once the spaces are closed)."""

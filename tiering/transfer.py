@@ -2,11 +2,16 @@
 
 A transfer has a device part (copies enqueued on a dedicated stream, ending in an event) and/or a host part (NVMe
 I/O, run by the tiering worker). Routes are looked up by ``(source tier, destination tier)``, so a new tier adds
-handlers, not branches.
+handlers (``Mover.register``), not branches.
+
+Two phases: whoever starts a transfer has already planned it against the books; the handle's moves are committed
+to the page tables by the tiering worker (or by ``result()``) once the bytes have landed. Queries (``ready``,
+``done``) only report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import defaultdict, deque
@@ -17,9 +22,13 @@ import torch
 
 from kvtier.errors import TransferError
 
+from kvtier.tiering.tier import Tier
+
 if TYPE_CHECKING:
     from kvtier.tiering.host import HostTier
     from kvtier.tiering.nvme import NvmeTier
+
+Route = Callable[..., "Work"]
 
 
 @dataclass(eq=False)  # compared and hashed by identity: each is one page's move
@@ -29,10 +38,14 @@ class Move:
 
     space: Any
     page: int
-    src: str
-    dst: str
+    src: Tier
+    dst: Tier
     taken: list[Any]
     clean: bool = False
+
+    @property
+    def path(self) -> str:
+        return f"{self.src.label}->{self.dst.label}"
 
 
 @dataclass
@@ -81,9 +94,15 @@ class TransferHandle:
         return self._io_done.is_set() and (self._event is None or self._event.query())
 
     def done(self) -> bool:
-        if not self.committed and self.ready():
-            self._owner.commit(self)
+        """Whether the transfer has landed and its moves are in the books (a report: it commits nothing)."""
         return self.committed and self.ready()  # a read moves no page: it is committed from the start
+
+    def settle(self) -> None:
+        """Wait for a transfer someone else started; its failure is reported to whoever holds the handle."""
+        try:
+            self.result()
+        except TransferError:
+            pass
 
     def wait(self, stream: Any = None) -> None:
         """Make ``stream`` (default: the current one) wait until the data has landed."""
@@ -128,23 +147,38 @@ class Mover:
         cuda = device.type == "cuda"
         self.down = torch.cuda.Stream(device) if cuda else None
         self.up = torch.cuda.Stream(device) if cuda else None
-        self.routes: dict[tuple[str, str], Callable[..., Work]] = {
-            ("gpu", "host"): self._gpu_host, ("host", "gpu"): self._host_gpu,
-            ("gpu", "nvme"): self._gpu_nvme, ("nvme", "gpu"): self._nvme_gpu,
-            ("host", "nvme"): self._host_nvme, ("nvme", "host"): self._nvme_host,
-        }
+        self.routes: dict[tuple[Tier, Tier], Route] = {}
+        G, H, N = Tier.GPU, Tier.HOST, Tier.NVME
+        for src, dst, route in ((G, H, self._gpu_host), (H, G, self._host_gpu), (G, N, self._gpu_nvme),
+                                (N, G, self._nvme_gpu), (H, N, self._host_nvme), (N, H, self._nvme_host)):
+            self.register(src, dst, route)
         self.paths: dict[str, dict[str, float]] = defaultdict(lambda: {"pages": 0, "bytes": 0})
 
-    def start(self, src: str, dst: str, pairs: list[tuple[Any, Any]], after: Any = None,
+    def register(self, src: Tier, dst: Tier, route: Route) -> None:
+        """Serve copies from ``src`` to ``dst`` with ``route(pairs, after, tags, on_done) -> Work``."""
+        self.routes[(src, dst)] = route
+
+    def start(self, src: Tier, dst: Tier, pairs: list[tuple[Any, Any]], after: Any = None,
               tags: list[Any] | None = None, on_done: Callable[[Any], None] | None = None,
               label: str | None = None) -> Work:
         """Start moving ``pairs`` of (source, destination) buffers: device views (torch tensors) or slot ids.
         ``tags[i]`` names the page pair ``i`` belongs to; routes that finish pages progressively call
         ``on_done(tag)`` once every pair of a tag has landed. ``label``: the path's name in the stats."""
-        path = self.paths[label or f"{src}->{dst}"]
+        path = self.paths[label or f"{src.label}->{dst.label}"]
         path["pages"] += len(set(tags)) if tags else 1
         path["bytes"] += sum(_nbytes(a, b, self.host.slot_size) for a, b in pairs)
         return self.routes[(src, dst)](pairs, after, tags, on_done)
+
+    @staticmethod
+    def copy_on(stream: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Device-to-device copies of (source, destination) views enqueued on ``stream`` (default: current); a
+        destination shorter than its source takes the source's first bytes."""
+        if not pairs:
+            return
+        cuda = pairs[0][1].is_cuda
+        with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
+            for src, dst in pairs:
+                dst.copy_(src[:dst.numel()], non_blocking=cuda)
 
     def _pipeline(self, submit: Callable[[list[int]], Any], n: int, tags: list[Any] | None,
                   on_done: Callable[[Any], None] | None) -> None:

@@ -8,9 +8,16 @@ from kvtier.errors import DeviceError
 from kvtier.vmm import cuda as _cuda
 from kvtier.vmm.base import Backend, Fence, Handle
 from kvtier.vmm.host import HostBackend
+from kvtier.vmm.mapped_range import MappedRange, runs
 from kvtier.vmm.pool import PagePool
 
-__all__ = ["Backend", "Fence", "Handle", "HostBackend", "PagePool", "open_backend", "resolve_device"]
+__all__ = ["Backend", "Fence", "Handle", "HostBackend", "MappedRange", "PagePool", "cuda_unavailable_reason",
+           "open_backend", "resolve_device", "runs"]
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot be used here, or None when it can."""
+    return _cuda.unavailable_reason()
 
 
 def resolve_device(device: str) -> torch.device:

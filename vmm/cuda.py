@@ -26,6 +26,15 @@ def available() -> bool:
     return _drv is not None and torch.cuda.is_available()
 
 
+def unavailable_reason() -> str | None:
+    """Why this backend cannot run here, or None."""
+    if _drv is None:
+        return "cuda-python is not installed (install kvtier[cu12] or kvtier[cu13])"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
 def _check(call: str, result: Any) -> Any:
     """Unpack a cuda-python result tuple, raising CudaError on failure."""
     err, *values = result if isinstance(result, tuple) else (result,)
@@ -75,7 +84,7 @@ class CudaBackend:
         access.location.type = _drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         access.location.id = index
         access.flags = _drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self._access = [access]
+        self.access = [access]  # public: raw-driver ceilings in the benchmarks use it
 
     def _bind(self) -> None:
         # Driver calls act on the calling thread's current context; make it torch's primary one once per thread.
@@ -118,7 +127,7 @@ class CudaBackend:
             for i, handle in enumerate(handles):
                 _check("cuMemMap", _drv.cuMemMap(address + i * page_size, page_size, 0, handle, 0))
                 mapped += 1
-            _check("cuMemSetAccess", _drv.cuMemSetAccess(address, mapped * page_size, self._access, 1))
+            _check("cuMemSetAccess", _drv.cuMemSetAccess(address, mapped * page_size, self.access, 1))
         except CudaError:
             if mapped:  # leave nothing half-mapped behind: the caller's books say "unmapped"
                 _drv.cuMemUnmap(address, mapped * page_size)

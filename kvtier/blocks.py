@@ -1,0 +1,110 @@
+"""The block books of one space: which blocks are free, which sequence holds which, and how many live blocks lie
+on each page.
+
+Blocks are ``block_bytes`` slices of a region; pages are ``page_size`` slices. A block may straddle two pages
+when the sizes do not divide, so every block has a first and a last page. These books know nothing of tiers or
+mapping: the space combines them with its page table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Hashable, Iterable
+
+import numpy as np
+
+from kvtier.errors import UnknownSequenceError
+
+
+class BlockBooks:
+    def __init__(self, space_name: str, num_blocks: int, block_bytes: int, block_size: int, page_size: int) -> None:
+        self.space_name, self.num_blocks, self.block_bytes = space_name, num_blocks, block_bytes
+        self.block_size, self.page_size = block_size, page_size
+        self.num_pages = math.ceil(num_blocks * block_bytes / page_size)
+        b = np.arange(num_blocks, dtype=np.int64)
+        self.first_page = b * block_bytes // page_size
+        self.last_page = ((b + 1) * block_bytes - 1) // page_size
+        self.free = np.ones(num_blocks, dtype=bool)
+        self.free_count = num_blocks
+        self.live = np.zeros(self.num_pages, dtype=np.int32)  # live blocks touching each page
+        self.seqs: dict[Hashable, list[int]] = {}
+        self.tokens: dict[Hashable, int] = {}
+
+    # --- queries -----------------------------------------------------------------------------------------------
+    def pages_of(self, blocks: np.ndarray) -> list[int]:
+        """Pages touched by each block, once per (block, page) pair."""
+        first, last = self.first_page[blocks], self.last_page[blocks]
+        pages = first.tolist()
+        pages.extend(last[np.flatnonzero(last != first)].tolist())
+        return pages
+
+    def pages_of_seqs(self, seq_ids: Iterable[Hashable]) -> list[int]:
+        """The distinct pages the blocks of ``seq_ids`` lie on, sorted."""
+        blocks = [b for q in seq_ids for b in self.blocks_of(q)]
+        return sorted(set(self.pages_of(np.asarray(blocks, dtype=np.int64))))
+
+    def blocks_of(self, seq_id: Hashable) -> list[int]:
+        try:
+            return self.seqs[seq_id]
+        except (KeyError, TypeError):
+            raise UnknownSequenceError(f"space {self.space_name!r} has no sequence {seq_id!r}") from None
+
+    def sequences_on(self, pages: Iterable[int]) -> list[Hashable]:
+        wanted = set(pages)
+        return [q for q, bl in self.seqs.items() if wanted & set(self.pages_of(np.asarray(bl, dtype=np.int64)))]
+
+    def pages_used_by(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
+        """A mask of the pages holding blocks of ``seq_ids``."""
+        mask = np.zeros(self.num_pages, dtype=bool)
+        blocks = [b for q in seq_ids for b in self.seqs[q]]
+        if blocks:
+            mask[self.pages_of(np.asarray(blocks, dtype=np.int64))] = True
+        return mask
+
+    def blocks_needed(self, seq_id: Hashable, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size) - len(self.seqs.get(seq_id, ()))
+
+    def fresh_pages_needed(self, blocks: int) -> int:
+        return math.ceil(blocks * self.block_bytes / self.page_size)
+
+    # --- commands ----------------------------------------------------------------------------------------------
+    def grow(self, seq_id: Hashable, blocks: np.ndarray, num_tokens: int) -> list[int]:
+        """Give ``blocks`` (free) to ``seq_id``, now holding ``num_tokens``; return the pages that had no live
+        block before (once each)."""
+        self.free[blocks] = False
+        self.free_count -= len(blocks)
+        fresh = []
+        for p in self.pages_of(blocks):
+            if self.live[p] == 0:
+                fresh.append(p)
+            self.live[p] += 1
+        self.seqs[seq_id] = self.seqs.get(seq_id, []) + blocks.tolist()
+        self.tokens[seq_id] = num_tokens
+        return fresh
+
+    def release(self, seq_id: Hashable) -> list[int]:
+        """Free every block of ``seq_id``; return the pages left with no live block."""
+        blocks = np.asarray(self.seqs.pop(seq_id), dtype=np.int64)
+        del self.tokens[seq_id]
+        self.free[blocks] = True
+        self.free_count += len(blocks)
+        emptied = []
+        for p in self.pages_of(blocks):
+            self.live[p] -= 1
+            if self.live[p] == 0:
+                emptied.append(p)
+        return emptied
+
+    def check(self) -> np.ndarray:
+        """Verify the books (AssertionError on a broken invariant); return live blocks per page."""
+        live = np.zeros(self.num_pages, dtype=np.int32)
+        seen = np.zeros(self.num_blocks, dtype=bool)
+        for seq, blocks in self.seqs.items():
+            b = np.asarray(blocks, dtype=np.int64)
+            assert len(blocks) == math.ceil(self.tokens[seq] / self.block_size), (seq, len(blocks))
+            assert not seen[b].any() and not self.free[b].any(), f"block owned twice or free: {seq}"
+            seen[b] = True
+            np.add.at(live, self.pages_of(b), 1)
+        assert (seen == ~self.free).all() and self.free_count == int(self.free.sum())
+        assert (live == self.live).all(), "page live counts disagree with the sequences' blocks"
+        return live

@@ -1,0 +1,87 @@
+"""Background demotion: a thread that keeps the GPU pool and the host tier between their watermarks.
+
+GPU: when fewer than ``gpu_low_watermark`` of the pool's pages are free, idle pages go down (policy order) until
+``gpu_high_watermark`` is free. Host: above ``host_high_watermark`` kept copies are dropped first (it costs
+nothing), then the coldest host pages cascade to NVMe until ``host_low_watermark``. Every move is planned and
+committed under the manager's lock, like any other.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvtier.config import Config
+from kvtier.policies import PageRef
+from kvtier.tiering.plans import plan_demotion
+from kvtier.tiering.tier import Tier
+
+if TYPE_CHECKING:
+    from kvtier.tiering.tiering import Tiering
+
+
+class Demoter:
+    PERIOD = 0.02  # seconds between checks when nobody pokes it
+
+    def __init__(self, tiering: "Tiering", config: Config) -> None:
+        self.tiering, self.config = tiering, config
+        self._closed = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvtier-demoter", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Check now (a sequence went idle)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.PERIOD)
+            self._wake.clear()
+            with self.tiering.lock:
+                if self._closed:
+                    return
+                self._keep_gpu()
+                self._keep_host()
+
+    def _keep_gpu(self) -> None:
+        cfg, pool = self.config, self.tiering.pool
+        free = pool.available()
+        if free < cfg.gpu_low_watermark * pool.budget_pages:
+            want = math.ceil(cfg.gpu_high_watermark * pool.budget_pages) - free
+            plan = self.tiering.plan_room(want)
+            if plan.moves:
+                self.tiering.start_demotion(plan)
+
+    def _keep_host(self) -> None:
+        cfg, books = self.config, self.tiering.host.books
+        if not books.total or books.used <= cfg.host_high_watermark * books.total:
+            return
+        low = int(cfg.host_low_watermark * books.total)
+        self.tiering.drop_copies_until(Tier.HOST, books.total - low)  # copies first, down to the low mark if they can
+        if books.used > cfg.host_high_watermark * books.total:
+            self._cascade(books.used - low)
+
+    def _cascade(self, slots: int) -> None:
+        """Move the coldest host pages to NVMe until about ``slots`` host slots are on their way out."""
+        t = self.tiering
+        spaces = {s.name: s for s in t.directory.tiered_spaces()}
+        refs = [PageRef(s.name, int(p)) for s in spaces.values()
+                for p in np.flatnonzero((s.pages.tier == Tier.HOST) & ~s.pages.moving_mask())]
+        picks = []
+        for ref in t.policy.victims(refs, len(refs)):
+            if slots <= 0:
+                break
+            picks.append((spaces[ref.space], ref.page))
+            slots -= spaces[ref.space].num_regions
+        plan = plan_demotion(picks, None, t.policy, spaces.values(), {tier: t.books(tier).free for tier in t.tiers})
+        if plan.moves:
+            t.start_demotion(plan)
+
+    def stop(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join()

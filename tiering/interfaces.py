@@ -1,0 +1,63 @@
+"""What the tiering layer needs from the layer above it, as Protocols it owns.
+
+The tiering layer never imports the manager or the space: the manager hands it a :class:`SpaceDirectory` and
+each space satisfies :class:`TieredSpace`. Both contracts are small on purpose; everything else about a space
+(its blocks, its sequences' growth, its quota) stays above.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Hashable, Iterable, Protocol
+
+import torch
+
+from kvtier.tiering.pagetable import PageTable
+
+
+class TieredSpace(Protocol):
+    """One space's pages, as tiering sees them.
+
+    - ``pages`` is the space's page table; tiering changes it only under the directory's ``lock``.
+    - ``region_view(region, page)`` is the device memory of one mapped page in one region.
+    - ``map_pages(pages, handles)`` maps vacant pages with ``num_regions`` handles each (page after page): all or
+      nothing, and on failure the handles go back to the pool.
+    - ``unmap_pages(pages)`` unmaps GPU pages whose last reader has finished and gives their handles back to the
+      pool; the page table entries become ``Tier.UNMAPPED`` (the caller sets where the data went).
+    - ``sequences_on(pages)`` names the sequences with blocks on any of ``pages`` (to report lost pages).
+    - ``idle_pages()`` lists GPU pages, not in flight, whose live blocks all belong to idle sequences.
+    - ``idle_fence`` is a fence after the kernels of the space's last offload: copies down wait for it.
+    """
+
+    name: str
+    num_regions: int
+    pages: PageTable
+    idle_fence: Any
+
+    def region_view(self, region: int, page: int) -> torch.Tensor: ...
+
+    def map_pages(self, pages: list[int], handles: list[Any]) -> None: ...
+
+    def unmap_pages(self, pages: list[int]) -> None: ...
+
+    def sequences_on(self, pages: Iterable[int]) -> list[Hashable]: ...
+
+    def idle_pages(self) -> list[int]: ...
+
+
+class SpaceDirectory(Protocol):
+    """The manager, as tiering sees it.
+
+    - ``lock`` guards every page table and the pool's books; tiering takes it to commit transfers.
+    - ``tiered_spaces()`` lists the open spaces; ``tiered_space(name)`` finds one (None once it was dropped).
+    - ``pages_changed()`` is called (under the lock) whenever committed transfers may have made room, so that
+      callers waiting for pages plan again.
+    """
+
+    lock: threading.RLock
+
+    def tiered_spaces(self) -> list[TieredSpace]: ...
+
+    def tiered_space(self, name: str) -> TieredSpace | None: ...
+
+    def pages_changed(self) -> None: ...

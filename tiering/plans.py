@@ -1,0 +1,96 @@
+"""Demotion plans: which pages go down, where, and with which room below -- worked out with no side effect.
+
+A plan is made against the books under the manager's lock and committed in the same critical section
+(``Tiering.start_demotion``), so the books it counted on cannot change in between. A plan that cannot be
+carried out whole is cut short or refused before anything moves: the caller sees ``gpu_handles`` and decides.
+
+Room below a GPU page counts a tier's free slots plus the slots of kept copies (``PageTable.copies``) of pages
+outside the plan, which may be dropped to make room (a copy is a cache). A page of the plan that keeps a copy in
+the tier it goes to moves *clean*: its copy becomes its home and nothing is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from kvtier.policies import PageRef
+from kvtier.tiering.interfaces import TieredSpace
+from kvtier.tiering.tier import LOWER, Tier
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    space: TieredSpace
+    page: int
+    src: Tier
+    dst: Tier
+    clean: bool  # the page's kept copy in ``dst`` becomes its home: nothing to copy
+
+
+@dataclass
+class DemotionPlan:
+    moves: list[PlannedMove] = field(default_factory=list)
+
+    @property
+    def gpu_handles(self) -> int:
+        """GPU handles the plan gives back to the pool once its moves commit."""
+        return sum(m.space.num_regions for m in self.moves if m.src == Tier.GPU)
+
+    def cut(self, handles_needed: int) -> "DemotionPlan":
+        """The shortest prefix that frees ``handles_needed`` GPU handles (all of it if it cannot). Room below is
+        counted in order, so any prefix is a valid plan."""
+        moves, freed = [], 0
+        for m in self.moves:
+            if freed >= handles_needed:
+                break
+            moves.append(m)
+            freed += m.space.num_regions if m.src == Tier.GPU else 0
+        return DemotionPlan(moves)
+
+    def by_space(self) -> dict[str, tuple[TieredSpace, list[PlannedMove]]]:
+        out: dict[str, tuple[TieredSpace, list[PlannedMove]]] = {}
+        for m in self.moves:
+            out.setdefault(m.space.name, (m.space, []))[1].append(m)
+        return out
+
+
+def room_below(spaces: Iterable[TieredSpace], free: Mapping[Tier, int], exclude: set[tuple[str, int]]) -> dict[Tier, int]:
+    """Slots each lower tier can give: free ones plus kept copies of pages not in ``exclude``."""
+    room = {t: free[t] for t in LOWER}
+    for s in spaces:
+        for p, (tier, slots) in s.pages.copies.items():
+            if (s.name, p) not in exclude:
+                room[tier] += len(slots)
+    return room
+
+
+def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: Tier | None, policy: Any,
+                  spaces: Iterable[TieredSpace], free: Mapping[Tier, int]) -> DemotionPlan:
+    """Plan moving each ``(space, page)`` of ``picks`` one tier down, in order: to ``dst`` if given (a GPU page
+    spills to NVMe when the host has no room; a host page goes to NVMe), else where ``policy.target_tier`` says
+    (it may keep a page where it is). Pages that find no room stay. No side effects."""
+    planned = {(s.name, p) for s, p in picks}
+    room = room_below(spaces, free, planned)
+    plan = DemotionPlan()
+    for space, p in picks:
+        R, table = space.num_regions, space.pages
+        src, copy = table.tier_of(p), table.copies.get(p)
+        host_room = src == Tier.GPU and ((copy is not None and copy[0] == Tier.HOST) or room[Tier.HOST] >= R)
+        if dst is None:
+            label = policy.target_tier(PageRef(space.name, p), src.label, host_room)
+            want = Tier.named(label) if label is not None else None
+        else:
+            want = Tier.NVME if src == Tier.HOST or (dst == Tier.HOST and not host_room) else dst
+        if want is None or want == src:
+            continue
+        if copy is not None and copy[0] == want:
+            plan.moves.append(PlannedMove(space, p, src, want, clean=True))
+            continue
+        if copy is not None:  # going elsewhere: its copy is dropped, and its slots are room
+            room[copy[0]] += len(copy[1])
+        if room[want] < R:
+            continue  # no room below: the page stays
+        room[want] -= R
+        plan.moves.append(PlannedMove(space, p, src, want, clean=False))
+    return plan

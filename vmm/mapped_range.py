@@ -1,0 +1,111 @@
+"""A reserved virtual range whose pages are mapped on demand, in runs of handles.
+
+The range holds ``num_regions`` regions of ``num_pages * page_size`` bytes each. *Page* ``p`` of the range is the
+same ``page_size`` slice of every region, so mapping it takes one physical handle per region. The range is
+reserved once and never moves: tensors over it keep their data pointers for its whole life.
+
+The range keeps the books of what is mapped (``handles``); it does not own the handles' budget: ``map`` takes
+handles from its caller and ``unmap`` hands them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+from kvtier.vmm.base import Backend, Handle
+
+
+def runs(sorted_pages: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of a sorted page list, as (first page, count)."""
+    out: list[tuple[int, int]] = []
+    for p in sorted_pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+class MappedRange:
+    """``num_regions`` regions of ``num_pages`` pages over one reservation.
+
+    ``gate``: a context manager held while pages are being mapped. The tiering layer passes one that keeps new
+    device-to-host copies from starting meanwhile (cuMemMap waits for those in flight; see ``tiering.transfer``).
+    """
+
+    def __init__(self, backend: Backend, num_regions: int, num_pages: int, page_size: int,
+                 gate: Callable[[], ContextManager[None]] = contextlib.nullcontext) -> None:
+        self.backend, self.num_regions, self.num_pages, self.page_size = backend, num_regions, num_pages, page_size
+        self.region_bytes = num_pages * page_size
+        self.size = num_regions * self.region_bytes
+        self._gate = gate
+        self.handles: dict[int, list[Handle]] = {}  # mapped page -> one handle per region
+        self.map_calls = self.unmap_calls = 0
+        self.map_seconds = self.unmap_seconds = 0.0
+        self.base = backend.reserve(self.size, page_size)
+        self.whole = backend.tensor(self.base, self.size)
+
+    def region(self, region: int, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of one region, as a ``uint8`` tensor (a view that never moves)."""
+        start = region * self.region_bytes
+        return self.whole[start:start + nbytes]
+
+    def region_view(self, region: int, page: int) -> torch.Tensor:
+        """The bytes of one page in one region."""
+        start = region * self.region_bytes + page * self.page_size
+        return self.whole[start:start + self.page_size]
+
+    def is_mapped(self, page: int) -> bool:
+        return page in self.handles
+
+    def _address(self, region: int, page: int) -> int:
+        return self.base + region * self.region_bytes + page * self.page_size
+
+    def map(self, pages: Sequence[int], handles: Sequence[Handle]) -> None:
+        """Map ``pages`` (sorted, unmapped) with ``handles`` (``num_regions`` per page, page after page); one
+        driver map per handle and one set-access per run. All or nothing: on failure every run mapped so far is
+        unmapped again and the handles stay the caller's."""
+        R = self.num_regions
+        assert len(handles) == len(pages) * R, (len(handles), len(pages), R)
+        per_page = {p: list(handles[i * R:(i + 1) * R]) for i, p in enumerate(pages)}
+        done: list[tuple[int, int, int]] = []
+        start = time.perf_counter()
+        try:
+            with self._gate():
+                for first, count in runs(pages):
+                    for r in range(R):
+                        self.backend.map(self._address(r, first), self.page_size,
+                                         [per_page[first + j][r] for j in range(count)])
+                        done.append((r, first, count))
+                        self.map_calls += count
+        except BaseException:
+            for r, first, count in done:
+                self.backend.unmap(self._address(r, first), count * self.page_size)
+            raise
+        finally:
+            self.map_seconds += time.perf_counter() - start
+        self.handles.update(per_page)
+
+    def unmap(self, pages: Sequence[int]) -> list[Handle]:
+        """Unmap ``pages`` (mapped; no kernel may still read them) and return their handles."""
+        pages = sorted(pages)
+        start = time.perf_counter()
+        for first, count in runs(pages):
+            for r in range(self.num_regions):
+                self.backend.unmap(self._address(r, first), count * self.page_size)
+            self.unmap_calls += count * self.num_regions
+        self.unmap_seconds += time.perf_counter() - start
+        return [h for p in pages for h in self.handles.pop(p)]
+
+    def stats(self) -> dict[str, float]:
+        return {"map_calls": self.map_calls, "map_seconds": self.map_seconds, "unmap_calls": self.unmap_calls,
+                "unmap_seconds": self.unmap_seconds}
+
+    def close(self) -> None:
+        """Give the reservation back; every page must have been unmapped."""
+        assert not self.handles, f"{len(self.handles)} page(s) still mapped"
+        self.backend.free_reservation(self.base, self.size)
