@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from kvtier.bench.common import Table, io_mode
-from kvtier.bench.tiers import _disk_ceilings
+from kvtier.bench.tiers import disk_ceilings
 from kvtier.config import MiB
 
 
@@ -50,7 +50,7 @@ def run(nbytes: int, threads: list[int], sizes: list[int], nvme_dir: str | None 
     gb = nbytes / 1e9
     for t in threads:
         for size in sizes:
-            raw = _disk_ceilings(directory, nbytes, t, size)
+            raw = disk_ceilings(directory, nbytes, t, size)
             kv = _kvikio(directory, nbytes, t, size)
             table.add(t, size // MiB, gb / raw["write"], gb / raw["read"], gb / kv[0] if kv else 0.0,
                       gb / kv[1] if kv else 0.0, raw["read"] / kv[1] if kv else 0.0)

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from kvtier.bench.common import Table
-from kvtier.bench.tiers import _disk_ceilings, _pcie_ceilings
+from kvtier.bench.tiers import disk_ceilings, pcie_ceilings
 from kvtier.bench.vmm import LLAMA8B
 from kvtier.config import Config, MiB
 from kvtier.manager import TierManager
@@ -34,7 +34,7 @@ def run(device: str, token_counts: list[int], nvme_dir: str | None = None, step:
         space = mgr.create_space("prefetch", max_tokens=max(token_counts) + 8192, **LLAMA8B)
         for tokens in token_counts:
             nbytes = tokens * PER_TOKEN
-            read = _disk_ceilings(directory, nbytes, config.nvme_threads)["read"]  # before and after: the best
+            read = disk_ceilings(directory, nbytes, config.nvme_threads)["read"]  # before and after: the best
             space.allocate("s", tokens)
             space.offload("s", tier="host").result()
             before = space.stats()["map_seconds"]
@@ -47,9 +47,9 @@ def run(device: str, token_counts: list[int], nvme_dir: str | None = None, step:
             space.ensure_resident(["s"])
             from_nvme = time.perf_counter() - start
             space.free("s")
-            copy = _pcie_ceilings(mgr.device, nbytes)["up"]
+            copy = pcie_ceilings(mgr.device, nbytes)["up"]
             for _ in range(3):  # measured after too, and again while kvtier beats it: the disk wanders
-                read = min(read, _disk_ceilings(directory, nbytes, config.nvme_threads)["read"])
+                read = min(read, disk_ceilings(directory, nbytes, config.nvme_threads)["read"])
                 if read <= from_nvme:
                     break
             table.add(tokens, nbytes // MiB, from_host * 1e3, copy * 1e3, copy / from_host, mapping * 1e3,

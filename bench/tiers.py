@@ -33,7 +33,7 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
+def pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
     """Seconds for one pinned copy of ``nbytes`` each way, and for both at once on two streams."""
     if device.type != "cuda":  # memcpy: whole buffer or page-sized pieces, whichever is faster here
         a, b = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
@@ -65,7 +65,7 @@ def _pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
     return out
 
 
-def _disk_ceilings(directory: str, nbytes: int, threads: int, chunk: int = CHUNK) -> dict[str, float]:
+def disk_ceilings(directory: str, nbytes: int, threads: int, chunk: int = CHUNK) -> dict[str, float]:
     """Seconds to write then read ``nbytes`` with O_DIRECT (buffered where refused), in ``chunk`` pieces."""
     path = os.path.join(directory, f"kvtier-raw-{os.getpid()}.bin")
     buf_addr = map_anonymous(nbytes)
@@ -78,8 +78,8 @@ def _disk_ceilings(directory: str, nbytes: int, threads: int, chunk: int = CHUNK
         fd = os.open(path, flags)
     try:
         os.posix_fallocate(fd, 0, nbytes)  # allocated up front, as the NVMe tier's slots are once used
-        from kvtier.tiering.nvme import _memoryview
-        views = [_memoryview(buf[o:o + chunk]) for o in range(0, nbytes, chunk)]
+        from kvtier.vmm.tensor import memoryview_over
+        views = [memoryview_over(buf[o:o + chunk]) for o in range(0, nbytes, chunk)]
         with cf.ThreadPoolExecutor(threads) as pool:  # best of three: a virtual disk's speed wanders
             write = min(_timed(lambda: list(pool.map(lambda i: os.pwrite(fd, views[i], i * chunk),
                                                      range(len(views))))) for _ in range(3))
@@ -116,8 +116,8 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
             for t in space.kv(layer):
                 t[both] = torch.randn(t[both].shape, device=dev, dtype=t.dtype)
         probe = space.kv(space.num_layers - 1)[1][ids].clone()
-        pcie = _pcie_ceilings(dev, nbytes)
-        disk = _disk_ceilings(directory, nbytes, config.nvme_threads)
+        pcie = pcie_ceilings(dev, nbytes)
+        disk = disk_ceilings(directory, nbytes, config.nvme_threads)
         gb = nbytes / 1e9
 
         def sync() -> None:
@@ -154,7 +154,7 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
         space.ensure_resident(["a"])
         disk_rows = [row for row in table.rows if "O_DIRECT" in row[4]]
         for _ in range(3):  # the disk wanders: measure it again after, and again while kvtier beats it
-            again = _disk_ceilings(directory, nbytes, config.nvme_threads)
+            again = disk_ceilings(directory, nbytes, config.nvme_threads)
             for row in disk_rows:
                 kind = "write" if "write" in row[4] else "read"
                 disk[kind] = min(disk[kind], again[kind])
@@ -203,7 +203,7 @@ def sweep(device: str, token_counts: list[int], step: Any = None) -> Table:
             down = _timed(lambda: space.offload("s", tier="host").result())
             up = _timed(lambda: space.ensure_resident(["s"]))
             space.free("s")
-            pcie, naive = _pcie_ceilings(mgr.device, nbytes), _naive(mgr.device, nbytes)
+            pcie, naive = pcie_ceilings(mgr.device, nbytes), _naive(mgr.device, nbytes)
             gb = nbytes / 1e9
             table.add(tokens, nbytes // MiB, gb / down, gb / pcie["down"], pcie["down"] / down, gb / up,
                       gb / pcie["up"], pcie["up"] / up, gb / naive["down"] if naive else 0.0,

@@ -31,7 +31,7 @@ def _raw_map_unmap(mgr: TierManager, page_size: int, n: int) -> tuple[float, flo
     try:
         if backend.name == "cuda":
             from cuda.bindings import driver as drv
-            access = backend._access
+            access = backend.access
             start = time.perf_counter()
             for i, h in enumerate(handles):
                 drv.cuMemMap(base + i * page_size, page_size, 0, h, 0)

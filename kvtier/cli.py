@@ -16,14 +16,12 @@ console = Console()
 
 
 def _device_facts(device: str) -> dict[str, Any]:
-    from kvtier.vmm import cuda as vmm_cuda
-    from kvtier.vmm import open_backend, resolve_device
+    from kvtier.vmm import cuda_unavailable_reason, open_backend, resolve_device
 
     dev = resolve_device(device)
     facts = open_backend(dev).describe()
     if dev.type == "cpu" and device == "auto":
-        facts["why"] = ("cuda-python is not installed (install kvtier[cu12] or kvtier[cu13])"
-                        if vmm_cuda._drv is None else "torch sees no CUDA device")
+        facts["why"] = cuda_unavailable_reason()
     return facts
 
 
@@ -166,20 +164,18 @@ def config_check(files: tuple[str, ...]) -> None:
 
 
 @config.command("show")
-@click.argument("file", type=click.Path(dir_okay=False))
-def config_show(file: str) -> None:
-    """Every setting FILE gives, with the defaults filled in."""
-    import dataclasses
-
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+def config_show(file: str | None) -> None:
+    """Every setting FILE gives (none: the defaults), with the defaults and the environment (KVTIER_*) filled
+    in, as a TOML file that ``config check`` accepts."""
     from kvtier.config import Config
 
     try:
-        cfg = Config.from_file(file)
+        cfg = Config.from_file(file) if file else Config()
     except kvtier.ConfigError as exc:
         console.print(f"[red]bad[/red] {escape(str(exc))}")
         raise SystemExit(1) from None
-    for f in dataclasses.fields(cfg):
-        console.print(f"{f.name:>22} = {escape(repr(getattr(cfg, f.name)))}")
+    click.echo(cfg.to_toml(), nl=False)
 
 
 @main.command()

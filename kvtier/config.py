@@ -1,149 +1,338 @@
-"""One immutable configuration object for a :class:`kvtier.TierManager`.
+"""One immutable configuration object for a :class:`kvtier.TierManager`, and its one schema.
 
-Every field has a default, so ``Config()`` works anywhere. Settings that operators flip without touching code
-also read an environment variable, named next to each field (the variable only changes the default; an explicit
-keyword wins).
+Each setting is declared once, below: its type and validation, its default, its TOML section (the key is the
+field's name less the section's prefix: ``host_size`` is ``[host] size``, ``gpu_low_watermark`` is
+``[gpu] low_watermark``) and its environment variable (``KVTIER_`` + the name in capitals; ``KVTIER_DEBUG`` for
+``debug_checks``). ``Config(...)``, ``Config.from_dict`` and ``Config.from_file`` all go through it, and apply
+the environment the same way: a variable replaces the default; a value given explicitly (keyword or file) wins.
+
+Sizes are bytes or strings such as ``"8GiB"``; ``kvtier config show`` prints a config back as TOML in the same
+keys and units.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+import re
+import sys
+from typing import Annotated, Any, Iterator, Mapping
+
+from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError
 
 from kvtier.errors import ConfigError
 
-MiB = 1 << 20
-GiB = 1 << 30
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+def _size(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size (use e.g. \"12GiB\" or a number of bytes)")
+    if isinstance(value, str):
+        try:
+            return int(_BYTE_SIZE.validate_python(value))
+        except ValidationError:
+            raise ValueError(f"\"{value}\" is not a size (use e.g. \"12GiB\" or a number of bytes)") from None
+    return value
 
 
-@dataclass(frozen=True)
-class Config:
-    """Settings of one manager (one device's page pool and the spaces on it).
+def _budget(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return _size(value)
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(f"fraction {value} is outside (0, 1] (use e.g. 0.9, or a size such as \"60GiB\")")
+    return value
 
-    device: ``"auto"`` (the current CUDA device when a usable one is present, else ``"cpu"``), ``"cuda"``,
-        ``"cuda:N"`` or ``"cpu"``. Env ``KVTIER_DEVICE``.
-    page_size: bytes of one physical page (one handle). A multiple of the backend's granularity (2 MiB on CUDA,
-        4 KiB on the CPU backend). ``None`` takes the backend's default, 8 MiB, chosen by measurement (README):
-        bigger pages map faster (the driver's cost is per handle), smaller pages evict finer.
-    pool_budget: the most memory the page pool may hold: bytes (int), or a fraction (float in (0, 1]) of the
-        device's free memory when the manager starts.
-    pool_ready: bytes of created-but-unused pages the pool keeps ahead of need, so that creating handles
-        (slow on CUDA) stays off the allocation path. The pool refills below half of it and releases above
-        twice of it (hysteresis). 0 turns ahead-of-need creation off.
-    space_reserve_pages: empty pages a space keeps mapped after its sequences free them, to avoid churn.
-        The pool reclaims them when it runs short.
-    debug_checks: check residency of every block handed to ``space.check_resident`` and the books after
-        every operation. Env ``KVTIER_DEBUG``.
 
-    Tiers below the GPU (the defaults give a working three-tier setup anywhere):
-    host_size: bytes of page-locked host memory for demoted pages; pinned in ``host_chunk`` pieces by a
-        background thread, usable while it grows.
-    nvme_dir: directory of the NVMe slot file (``None``: a fresh temporary directory, removed at close).
-        Env ``KVTIER_NVME_DIR``. nvme_size: its size cap. nvme_threads: I/O threads (kvikio's pool on GPU
-        machines, a POSIX pool elsewhere). nvme_direct: use O_DIRECT where the filesystem allows it.
-    gpu_low_watermark / gpu_high_watermark: fractions of the pool budget. When fewer pages than the low mark
-        are free, the background demoter moves idle pages down until the high mark is free.
-    host_high_watermark / host_low_watermark: fractions of the host tier; above the high mark its coldest
-        pages cascade to NVMe until the low mark.
-    keep_copies: a page brought back up keeps its host/NVMe copy until a token is allocated in it again, so
-        offloading it once more unmaps it without copying (KV is append-only: an engine writes a token's K/V once,
-        after ``allocate`` covers it). Copies are dropped first whenever a tier runs short. Turn off for an engine
-        that rewrites K/V in place.
-    demote_on_allocate: an ``allocate``/``prefetch`` that finds no page demotes idle pages synchronously
-        instead of failing.
-    background_demotion: run the background demoter.
-    policy: the eviction policy: a registered name (``lru``, ``lfu``, ``priority``, entry-point plug-ins) or a
-        ``module:Class`` path; policy_params: its keyword arguments. nvme_min_uses: NVMe admission filter, only
-        pages used at least this often go to NVMe (0: off).
-    spaces: per-space defaults by space name, ``{"name": {"quota_bytes": ..., "priority": ...}}``, used by
-        ``create_space`` when it is not given them.
-    """
+def _device(value: Any) -> Any:
+    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value)):
+        raise ValueError(f"{value!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')")
+    return value
 
-    device: str = field(default_factory=lambda: os.environ.get("KVTIER_DEVICE", "auto"))
-    page_size: int | None = None
-    pool_budget: int | float = 0.9
-    pool_ready: int = 256 * MiB
-    space_reserve_pages: int = 2
-    debug_checks: bool = field(default_factory=lambda: _env_bool("KVTIER_DEBUG", False))
-    host_size: int = 1 * GiB
-    host_chunk: int = 128 * MiB
-    nvme_dir: str | None = field(default_factory=lambda: os.environ.get("KVTIER_NVME_DIR"))
-    nvme_size: int = 4 * GiB
-    nvme_threads: int = 4
-    nvme_direct: bool = True
-    gpu_low_watermark: float = 0.05
-    gpu_high_watermark: float = 0.10
-    host_high_watermark: float = 0.90
-    host_low_watermark: float = 0.80
-    keep_copies: bool = True
-    demote_on_allocate: bool = True
-    background_demotion: bool = True
-    policy: str = "lru"
-    policy_params: Mapping[str, Any] = field(default_factory=dict)
-    nvme_min_uses: int = 0
-    spaces: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.device, str) or not self.device:
-            raise ConfigError(f"device: {self.device!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')")
-        if self.page_size is not None and (not _is_int(self.page_size) or self.page_size <= 0):
-            raise ConfigError(f"page_size: {self.page_size!r} is not a positive number of bytes (e.g. {2 * MiB})")
-        budget = self.pool_budget
-        if isinstance(budget, float):
-            if not 0.0 < budget <= 1.0:
-                raise ConfigError(f"pool_budget: fraction {budget} is outside (0, 1] (use e.g. 0.9, or bytes)")
-        elif not _is_int(budget) or budget <= 0:
-            raise ConfigError(f"pool_budget: {budget!r} is neither bytes > 0 nor a fraction in (0, 1]")
-        if not _is_int(self.pool_ready) or self.pool_ready < 0:
-            raise ConfigError(f"pool_ready: {self.pool_ready!r} is not a number of bytes >= 0")
-        if not _is_int(self.space_reserve_pages) or self.space_reserve_pages < 0:
-            raise ConfigError(f"space_reserve_pages: {self.space_reserve_pages!r} is not a count >= 0")
-        for name in ("host_size", "host_chunk", "nvme_size"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not a number of bytes >= 0")
-        if not _is_int(self.nvme_threads) or self.nvme_threads < 1:
-            raise ConfigError(f"nvme_threads: {self.nvme_threads!r} is not a count >= 1")
+Size = Annotated[int, BeforeValidator(_size), Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def _setting(default: Any, section: str, doc: str, env: str | None = "", size: bool = False, **checks: Any) -> Any:
+    """A field of the schema: its TOML section, environment variable and whether it is a size (printed with
+    units) ride along as metadata."""
+    return Field(default, description=doc, json_schema_extra={"section": section, "env": env, "size": size},
+                 **checks)
+
+
+class Config(BaseModel):
+    """Settings of one manager (one device's page pool and the spaces on it). Every field has a default, so
+    ``Config()`` works anywhere; ``config.replace(...)`` makes a changed copy (validated like a new one)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # [gpu]
+    device: Annotated[str, BeforeValidator(_device)] = _setting(
+        "auto", "gpu", "auto (CUDA when usable, else cpu), cpu, cuda or cuda:N")
+    page_size: Size | None = _setting(
+        None, "gpu", "bytes per physical page (handle), a multiple of the backend's granularity (2 MiB on CUDA); "
+        "unset: 8 MiB, chosen by measurement (README): bigger maps faster, smaller evicts finer",
+        size=True)
+    pool_budget: Annotated[float | int, BeforeValidator(_budget)] = _setting(
+        0.9, "gpu", "the most memory the page pool holds: bytes, or a fraction of the device's free memory at start",
+        size=True)
+    pool_ready: Size = _setting(256 * MiB, "gpu", "unused pages kept created ahead of need (refill below half, "
+                                "release above twice); 0 turns it off", size=True)
+    space_reserve_pages: int = _setting(2, "gpu", "empty pages a space keeps mapped (reclaimed under pressure)", ge=0,
+                                        strict=True)
+    gpu_low_watermark: Fraction = _setting(0.05, "gpu", "free-pool fraction below which the demoter starts")
+    gpu_high_watermark: Fraction = _setting(0.10, "gpu", "free-pool fraction the demoter stops at")
+    demote_on_allocate: bool = _setting(True, "gpu", "an allocate/prefetch short of pages demotes idle pages first",
+                                        strict=True)
+    background_demotion: bool = _setting(True, "gpu", "run the background demoter thread", strict=True)
+    debug_checks: bool = _setting(False, "gpu", "verify the books after every call; poison demoted GPU pages",
+                                  env="KVTIER_DEBUG", strict=True)
+    # [host]
+    host_size: Size = _setting(1 * GiB, "host", "pinned host tier, pinned chunk by chunk in the background",
+                               size=True)
+    host_chunk: Size = _setting(128 * MiB, "host", "bytes pinned at a time", size=True)
+    keep_copies: bool = _setting(True, "host", "a page brought back up keeps its lower copy until a token is "
+                                 "allocated in it; offloading it again then copies nothing", strict=True)
+    host_high_watermark: Fraction = _setting(0.90, "host", "host fraction above which pages cascade to NVMe")
+    host_low_watermark: Fraction = _setting(0.80, "host", "host fraction the cascade stops at")
+    # [nvme]
+    nvme_dir: str | None = _setting(None, "nvme", "directory of the slot file (unset: a temporary directory, "
+                                    "removed at close)")
+    nvme_size: Size = _setting(4 * GiB, "nvme", "slot file size cap", size=True)
+    nvme_threads: int = _setting(4, "nvme", "I/O threads (kvikio's pool, or a POSIX pool)", ge=1, strict=True)
+    nvme_direct: bool = _setting(True, "nvme", "O_DIRECT where the filesystem allows it", strict=True)
+    nvme_min_uses: int = _setting(0, "nvme", "admission filter: only pages used this often go to NVMe (0: off)",
+                                  ge=0, strict=True)
+    # [policy]: ``name`` and the policy's own parameters
+    policy: str = _setting("lru", "policy", "eviction policy: lru, lfu, priority, a plug-in or module:Class")
+    policy_params: dict[str, Any] = _setting({}, "policy", "the policy's keyword arguments", env=None)
+    # [spaces.NAME]
+    spaces: dict[str, "SpaceDefaults"] = _setting({}, "spaces", "create_space defaults by space name", env=None)
+
+    def __init__(self, **data: Any) -> None:
+        origin = {name: "arg" for name in data}
+        for name, var in _env_vars():
+            if name not in data and var in os.environ:
+                data[name], origin[name] = _from_env(name, os.environ[var]), var
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _problems(exc, origin) from None
+        problems = self._cross_checks()
+        if problems:
+            raise ConfigError(_render(problems), problems)
+
+    def _cross_checks(self) -> list[tuple[str, str]]:
+        problems = []
         for low, high in (("gpu_low_watermark", "gpu_high_watermark"), ("host_low_watermark", "host_high_watermark")):
-            lo, hi = getattr(self, low), getattr(self, high)
-            if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo <= hi <= 1):
-                raise ConfigError(f"{low}/{high}: {lo!r}/{hi!r} must be fractions with 0 <= low <= high <= 1")
+            if getattr(self, low) > getattr(self, high):
+                problems.append((low, f"{getattr(self, low)} is above the high watermark {getattr(self, high)}"))
+        if isinstance(self.pool_budget, int) and self.pool_budget < (self.page_size or 2 * MiB):
+            problems.append(("pool_budget", f"{self.pool_budget} bytes is less than one page (for a fraction "
+                                            "write e.g. 0.9, for bytes a size such as \"60GiB\")"))
+        from kvtier.policies import make_policy
+        try:
+            make_policy(self.policy, self.nvme_min_uses, **self.policy_params)  # checks the policy's parameters
+        except ConfigError as exc:
+            problems.append(("", str(exc)))
+        return problems
 
+    # --- other ways in -----------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str, **overrides: Any) -> "Config":
         """Load a TOML config file (see ``configs/``); unknown keys and bad values raise ConfigError naming the
-        file and the key. Keyword ``overrides`` win over the file."""
-        from kvtier.config_file import load_file
-        return cls._checked(load_file(path), str(path), overrides)
+        file and the key (every problem, one per line). Keyword ``overrides`` win over the file."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, str(path), **overrides)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", **overrides: Any) -> "Config":
         """The same, from a mapping shaped like the file (``{"gpu": {...}, "host": {...}, ...}``)."""
-        from kvtier.config_file import parse_config
-        return cls._checked(parse_config(data, source), source, overrides)
+        flat, problems = _flatten(data)
+        if not problems:
+            try:
+                return cls(**{**flat, **overrides})
+            except ConfigError as exc:
+                problems = [(_toml_name(name), msg) for name, msg in exc.problems]
+        raise ConfigError(_render(problems, f"{source}: "), problems)
 
-    @classmethod
-    def _checked(cls, kwargs: dict[str, Any], source: str, overrides: Mapping[str, Any]) -> "Config":
-        from kvtier.policies import make_policy
-        try:
-            config = cls(**{**kwargs, **overrides})
-            make_policy(config.policy, config.nvme_min_uses, **dict(config.policy_params))  # checks its params
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        return config
-
-    def replace(self, **changes: object) -> "Config":
+    def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated like a new one)."""
-        return dataclasses.replace(self, **changes)
+        return Config(**{**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
+
+    def to_toml(self) -> str:
+        """The config as a TOML file in the file's own keys and units (``config check`` accepts it)."""
+        import tomli_w
+        sections: dict[str, dict[str, Any]] = {}
+        unset = []
+        for name, section, key, value in _items(self):
+            if value is None:
+                unset.append(f"# [{section}] {key}: unset")
+            elif name == "policy_params":
+                sections.setdefault(section, {}).update(value)
+            elif name == "spaces":
+                if value:
+                    sections[section] = {n: _space_toml(s) for n, s in value.items()}
+            else:
+                sections.setdefault(section, {})[key] = _human(value) if _meta(name)["size"] and isinstance(value, int) else value
+        return "\n".join(unset + [""]) + tomli_w.dumps(sections)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class SpaceDefaults(BaseModel):
+    """``[spaces.NAME]``: what ``create_space(NAME)`` takes when not given it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    quota_bytes: Size | None = None
+    priority: int = 0
+
+    def get(self, key: str, default: Any = None) -> Any:  # dict-like, as the manager reads it
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self.model_dump() == dict(other)
+        return super().__eq__(other)
+
+
+Config.model_rebuild()
+_ALIASES = {("host", "pin_chunk"): "chunk", ("nvme", "directory"): "dir", ("gpu", "reserve_pages"): "space_reserve_pages"}
+_SPACE_ALIASES = {"quota": "quota_bytes"}
+
+
+def _meta(name: str) -> dict[str, Any]:
+    return Config.model_fields[name].json_schema_extra  # type: ignore[return-value]
+
+
+def _env_vars() -> Iterator[tuple[str, str]]:
+    for name in Config.model_fields:
+        env = _meta(name)["env"]
+        if env is not None:
+            yield name, env or f"KVTIER_{name.upper()}"
+
+
+def _from_env(name: str, raw: str) -> Any:
+    kind = Config.model_fields[name].annotation
+    if kind is int and raw.strip().lstrip("-").isdigit():
+        return int(raw)
+    if kind is bool:
+        word = raw.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off", ""):
+            return False
+    return raw  # validated (and refused, naming the variable) like any other value
+
+
+def _toml_key(name: str) -> tuple[str, str]:
+    section = _meta(name)["section"]
+    return section, "name" if name == "policy" else name.removeprefix(section + "_")
+
+
+def _toml_name(name: str) -> str:
+    if name.startswith("KVTIER_") or not name:
+        return name
+    field, _, rest = name.partition(".")
+    if field == "spaces" and rest:
+        space, _, key = rest.partition(".")
+        return f"[spaces.{space}] {key}".rstrip()
+    section, key = _toml_key(field)
+    return f"[{section}] {key}"
+
+
+def _items(config: Config) -> Iterator[tuple[str, str, str, Any]]:
+    for name in Config.model_fields:
+        yield (name, *_toml_key(name), getattr(config, name))
+
+
+def _flatten(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """File-shaped data -> Config keywords, and the problems found (unknown sections and keys)."""
+    by_key = {_toml_key(name): name for name in Config.model_fields if name not in ("policy_params", "spaces")}
+    sections = sorted({s for s, _ in by_key} | {"spaces"})
+    flat: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for section, values in data.items():
+        if section not in sections:
+            problems.append((f"[{section}]", f"unknown key (known: {', '.join(sections)})"))
+        elif not isinstance(values, Mapping):
+            problems.append((f"[{section}]", f"{values!r}: a section (a table) is wanted"))
+        elif section == "spaces":
+            flat["spaces"] = {n: {_SPACE_ALIASES.get(k, k): v for k, v in (s.items() if isinstance(s, Mapping) else s)}
+                              for n, s in values.items()}
+        else:
+            for key, value in values.items():
+                if (section, key) in _ALIASES:
+                    log.warning("config: [%s] %s is now spelt %s", section, key, _ALIASES[(section, key)])
+                    key = _ALIASES[(section, key)]
+                if (section, key) in by_key:
+                    flat[by_key[(section, key)]] = value
+                elif section == "policy":
+                    flat.setdefault("policy_params", {})[key] = value
+                else:
+                    known = ", ".join(k for s, k in by_key if s == section)
+                    problems.append((f"[{section}] {key}", f"unknown key (known: {known})"))
+    return flat, problems
+
+
+def _problems(exc: ValidationError, origin: Mapping[str, str]) -> ConfigError:
+    """One (field, message) per key, rendered with field names (or the environment variable it came from)."""
+    seen, problems = set(), []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and (x in ("float", "int", "str", "none")
+                                                                            or "[" in x or x.startswith("function-")))]
+        name = ".".join(loc)
+        if name in seen:  # a union reports each branch; one line per key is enough
+            continue
+        seen.add(name)
+        value, msg = err.get("input"), err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown setting (known: {', '.join(Config.model_fields)})" if len(loc) == 1 else "unknown key"
+        elif not msg.startswith(("fraction", "\"", repr(value))):
+            msg = f"{value!r}: {msg}"
+        key = origin.get(loc[0], "arg") if loc else "arg"
+        problems.append((key if key != "arg" else name, msg))
+    return ConfigError(_render(problems), problems)
+
+
+def _render(problems: list[tuple[str, str]], source: str = "") -> str:
+    return "\n".join(f"{source}{where}{': ' if where else ''}{msg}" for where, msg in problems)
+
+
+def _human(nbytes: int) -> int | str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if nbytes and nbytes % size == 0:
+            return f"{nbytes // size}{unit}"
+    return nbytes
+
+
+def _space_toml(space: SpaceDefaults) -> dict[str, Any]:
+    out: dict[str, Any] = {"priority": space.priority}
+    if space.quota_bytes is not None:
+        out["quota_bytes"] = _human(space.quota_bytes)
+    return out
+
+
+def describe_settings() -> list[tuple[str, str, str, Any, str]]:
+    """(field, ``[section] key``, environment variable, default, meaning) for every setting: the README table."""
+    env = dict(_env_vars())
+    return [(name, _toml_name(name) if name not in ("policy_params", "spaces") else f"[{_meta(name)['section']}]",
+             env.get(name, ""), f.default, f.description or "") for name, f in Config.model_fields.items()]
+

@@ -13,7 +13,12 @@ class KVTierError(Exception):
 
 
 class ConfigError(KVTierError, ValueError):
-    """A configuration value is invalid; the message names the field and what to use instead."""
+    """A configuration value is invalid; the message names the field and what to use instead. ``problems``:
+    (setting, message) pairs, one per bad setting (the setting is empty where the message names it)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        self.problems = list(problems) if problems is not None else [("", message)]
+        super().__init__(message)
 
 
 class InvalidArgumentError(KVTierError, ValueError):

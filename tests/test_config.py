@@ -23,7 +23,7 @@ def test_every_example_config_is_valid(path):
 def test_sizes_sections_spaces_and_policy_parameters_load(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text('[gpu]\npool_budget = "6GiB"\n[host]\nsize = "2GiB"\n[nvme]\nmin_uses = 2\n'
-                    '[policy]\nname = "priority"\naging_seconds = 5.0\n[spaces.chat]\nquota = "1GiB"\npriority = 4\n')
+                    '[policy]\nname = "priority"\naging_seconds = 5.0\n[spaces.chat]\nquota_bytes = "1GiB"\npriority = 4\n')
     config = kvtier.Config.from_file(str(path))
     assert config.pool_budget == 6 << 30 and config.host_size == 2 << 30 and config.nvme_min_uses == 2
     assert config.policy_params == {"aging_seconds": 5.0}
@@ -36,12 +36,16 @@ def test_sizes_sections_spaces_and_policy_parameters_load(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('[host]\nsize = "12 gigs"\n', '[host] size: "12 gigs" is not a size (use e.g. "12GiB"'),
-    ('[host]\nsise = 3\n', "[host] sise: unknown key (known: size, pin_chunk"),
+    ('[host]\nsise = 3\n', "[host] sise: unknown key (known: size, chunk"),
     ('[tiers]\nx = 1\n', "[tiers]: unknown key (known: gpu, host, nvme, policy, spaces)"),
-    ('[gpu]\npool_budget = 1.5\n', "[gpu] pool_budget: 1.5: a fraction must lie in (0, 1]"),
-    ('[gpu]\nlow_watermark = 0.5\nhigh_watermark = 0.2\n', "[gpu]: low_watermark 0.5 is above high_watermark"),
+    ('[gpu]\npool_budget = 1.5\n', "[gpu] pool_budget: fraction 1.5 is outside (0, 1]"),
+    ('[gpu]\npool_budget = 1\n', "[gpu] pool_budget: 1 bytes is less than one page"),
+    ('[gpu]\ndevice = "gpu"\n', "[gpu] device: 'gpu' is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')"),
+    ('[host]\nkeep_copies = "no"\n', "[host] keep_copies: 'no': Input should be a valid boolean"),
+    ('[gpu]\nlow_watermark = 0.5\nhigh_watermark = 0.2\n', "[gpu] low_watermark: 0.5 is above the high watermark 0.2"),
     ('[nvme]\nthreads = 0\n', "[nvme] threads: 0: Input should be greater than or equal to 1"),
-    ('[spaces.chat]\nquota = "lots"\n', '[spaces.chat] quota: "lots" is not a size'),
+    ('[spaces.chat]\nquota_bytes = "lots"\n', '[spaces.chat] quota_bytes: "lots" is not a size'),
+    ('[spaces.chat]\nquota_byte = 1\n', '[spaces.chat] quota_byte: unknown key'),
     ('[policy]\nname = "mru"\n', "[policy] name: 'mru' is unknown (known: lfu, lru, priority"),
     ('[policy]\nname = "lfu"\nhalf_life = -1\n', "[policy] half_life: -1 must be > 0"),
     ('[gpu\n', "not valid TOML"),
@@ -70,5 +74,47 @@ def test_config_check_command(tmp_path):
     assert ok.returncode == 0 and ok.stdout.count("ok") == len(good)
     failed = run("check", str(bad))
     assert failed.returncode == 1 and "is not a size" in failed.stdout
-    shown = run("show", good[0])
-    assert shown.returncode == 0 and "host_size" in shown.stdout and "policy" in shown.stdout
+    # show prints TOML in the file's own keys and units, which check accepts and which loads back the same
+    for path in good:
+        shown = run("show", path)
+        assert shown.returncode == 0 and "[host]\nsize = " in shown.stdout and "[policy]\nname = " in shown.stdout
+        again = tmp_path / "again.toml"
+        again.write_text(shown.stdout)
+        assert run("check", str(again)).returncode == 0
+        assert kvtier.Config.from_file(str(again)) == kvtier.Config.from_file(path)
+
+
+def test_one_schema_environment_applies_the_same_way_to_all_three(tmp_path, monkeypatch):
+    # a variable replaces the default, in code, from a mapping and from a file alike
+    monkeypatch.setenv("KVTIER_DEBUG", "1")
+    monkeypatch.setenv("KVTIER_NVME_DIR", str(tmp_path))
+    monkeypatch.setenv("KVTIER_HOST_SIZE", "2GiB")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    for config in (kvtier.Config(), kvtier.Config.from_dict({}), kvtier.Config.from_file(str(empty))):
+        assert config.debug_checks is True and config.nvme_dir == str(tmp_path) and config.host_size == 2 << 30
+    # a value given explicitly wins over the variable: a keyword, a key of the file
+    assert kvtier.Config(host_size=1 << 30).host_size == 1 << 30
+    assert kvtier.Config.from_dict({"host": {"size": "1GiB"}}).host_size == 1 << 30
+    # a bad variable is named in the error
+    monkeypatch.setenv("KVTIER_NVME_THREADS", "many")
+    with pytest.raises(kvtier.ConfigError, match="KVTIER_NVME_THREADS"):
+        kvtier.Config()
+
+
+def test_code_and_file_name_the_same_setting_the_same_way():
+    # every field's TOML key is its name less the section prefix; both spellings reach the same value
+    config = kvtier.Config.from_dict({"gpu": {"space_reserve_pages": 5, "low_watermark": 0.01},
+                                      "host": {"chunk": "64MiB"}, "nvme": {"dir": "/tmp/x", "min_uses": 2}})
+    assert config == kvtier.Config(space_reserve_pages=5, gpu_low_watermark=0.01, host_chunk=64 << 20,
+                                   nvme_dir="/tmp/x", nvme_min_uses=2)
+    # the keys of earlier releases still load
+    old = kvtier.Config.from_dict({"gpu": {"reserve_pages": 5}, "host": {"pin_chunk": "64MiB"},
+                                   "nvme": {"directory": "/tmp/x"}, "spaces": {"a": {"quota": "1GiB"}}})
+    assert (old.space_reserve_pages, old.host_chunk, old.nvme_dir) == (5, 64 << 20, "/tmp/x")
+    assert old.spaces["a"].quota_bytes == 1 << 30
+    # and code gets the same checks the file gets
+    with pytest.raises(kvtier.ConfigError, match="keep_copies"):
+        kvtier.Config(keep_copies="no")
+    with pytest.raises(kvtier.ConfigError, match="device: 'gpu' is not a device"):
+        kvtier.Config(device="gpu")

@@ -225,8 +225,10 @@ def test_bad_input_raises_specific_errors_and_keeps_state(make_manager):
 
 
 def test_bad_device_and_config():
-    with pytest.raises(kvtier.DeviceError):
-        kvtier.TierManager(device="cuda:97" if torch.cuda.is_available() else "tpu")
+    with pytest.raises(kvtier.DeviceError):  # a device this machine lacks
+        kvtier.TierManager(device="cuda:97")
+    with pytest.raises(kvtier.ConfigError, match="'tpu' is not a device"):  # no device at all: refused up front
+        kvtier.TierManager(device="tpu")
     with pytest.raises(kvtier.ConfigError, match="page_size"):
         kvtier.Config(page_size=-4)
     with pytest.raises(kvtier.ConfigError, match="pool_budget"):

@@ -11,26 +11,18 @@ Every read and write checks its byte count: a short transfer is an error, never 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import logging
 import mmap
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from kvtier.tiering.slots import SlotBooks
+from kvtier.vmm.tensor import memoryview_over
 from kvtier.tiering.tier import Tier
 
 log = logging.getLogger(__name__)
-
-
-def _memoryview(tensor: torch.Tensor) -> memoryview:
-    """A writable buffer over a contiguous CPU tensor's bytes (no copy)."""
-    array = np.ctypeslib.as_array((ctypes.c_uint8 * (tensor.numel() * tensor.element_size()))
-                                  .from_address(tensor.data_ptr()))
-    return memoryview(array).cast("B")
 
 
 ALIGN = 4096  # O_DIRECT wants buffers aligned to the logical block (our slots and tier memory are)
@@ -96,7 +88,7 @@ class NvmeTier:
             target = buf if buf.is_cuda else buf.numpy()
             op = self._kvikio.pwrite if write else self._kvikio.pread
             return _Checked(op(target, size, offset), size, write, slot)
-        view = _memoryview(buf)
+        view = memoryview_over(buf)
         if write:
             return _Checked(self._pool.submit(os.pwrite, self._fd, view, offset), size, write, slot)
         if self.mode == "posix O_DIRECT" and buf.data_ptr() % ALIGN:  # an engine's buffer: through an aligned one

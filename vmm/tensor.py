@@ -80,3 +80,9 @@ def tensor_over(address: int, nbytes: int, device: torch.device) -> torch.Tensor
         _live[ctypes.addressof(managed)] = (managed, shape)
     capsule = _PyCapsule_New(ctypes.addressof(managed), b"dltensor", None)
     return torch.utils.dlpack.from_dlpack(capsule)
+
+
+def memoryview_over(tensor: torch.Tensor) -> memoryview:
+    """A writable buffer over a contiguous CPU tensor's bytes (no copy), for POSIX I/O."""
+    array = (ctypes.c_uint8 * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
