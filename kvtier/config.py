@@ -83,7 +83,7 @@ class Config(BaseModel):
         "auto", "gpu", "auto (CUDA when usable, else cpu), cpu, cuda or cuda:N")
     page_size: Size | None = _setting(
         None, "gpu", "bytes per physical page (handle), a multiple of the backend's granularity (2 MiB on CUDA); "
-        "unset: 8 MiB, chosen by measurement (README): bigger maps faster, smaller evicts finer",
+        "unset: 8 MiB (see Choosing the page size)",
         size=True)
     pool_budget: Annotated[float | int, BeforeValidator(_budget)] = _setting(
         0.9, "gpu", "the most memory the page pool holds: bytes, or a fraction of the device's free memory at start",
@@ -117,9 +117,11 @@ class Config(BaseModel):
                                   ge=0, strict=True)
     # [policy]: ``name`` and the policy's own parameters
     policy: str = _setting("lru", "policy", "eviction policy: lru, lfu, priority, a plug-in or module:Class")
-    policy_params: dict[str, Any] = _setting({}, "policy", "the policy's keyword arguments", env=None)
+    policy_params: dict[str, Any] = _setting({}, "policy", "the policy's own parameters (the other keys of "
+                                             "[policy])", env=None)
     # [spaces.NAME]
-    spaces: dict[str, "SpaceDefaults"] = _setting({}, "spaces", "create_space defaults by space name", env=None)
+    spaces: dict[str, "SpaceDefaults"] = _setting({}, "spaces", "per space name: quota_bytes, priority (the "
+                                                  "defaults of create_space(NAME))", env=None)
 
     def __init__(self, **data: Any) -> None:
         origin = {name: "arg" for name in data}
@@ -192,7 +194,8 @@ class Config(BaseModel):
                 if value:
                     sections[section] = {n: _space_toml(s) for n, s in value.items()}
             else:
-                sections.setdefault(section, {})[key] = _human(value) if _meta(name)["size"] and isinstance(value, int) else value
+                sized = _meta(name)["size"] and isinstance(value, int)
+                sections.setdefault(section, {})[key] = _human(value) if sized else value
         return "\n".join(unset + [""]) + tomli_w.dumps(sections)
 
 
@@ -214,7 +217,9 @@ class SpaceDefaults(BaseModel):
 
 
 Config.model_rebuild()
-_ALIASES = {("host", "pin_chunk"): "chunk", ("nvme", "directory"): "dir", ("gpu", "reserve_pages"): "space_reserve_pages"}
+# keys of earlier releases, still read (with a warning)
+_ALIASES = {("host", "pin_chunk"): "chunk", ("nvme", "directory"): "dir",
+            ("gpu", "reserve_pages"): "space_reserve_pages"}
 _SPACE_ALIASES = {"quota": "quota_bytes"}
 
 
@@ -330,9 +335,16 @@ def _space_toml(space: SpaceDefaults) -> dict[str, Any]:
     return out
 
 
-def describe_settings() -> list[tuple[str, str, str, Any, str]]:
-    """(field, ``[section] key``, environment variable, default, meaning) for every setting: the README table."""
+def settings_table() -> str:
+    """The README's table of every setting: name in code, key in the file, environment variable, default."""
     env = dict(_env_vars())
-    return [(name, _toml_name(name) if name not in ("policy_params", "spaces") else f"[{_meta(name)['section']}]",
-             env.get(name, ""), f.default, f.description or "") for name, f in Config.model_fields.items()]
+    rows = ["| setting | file | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for name, f in Config.model_fields.items():
+        where = {"policy_params": "[policy] ...", "spaces": "[spaces.NAME]"}.get(name) or _toml_name(name)
+        value = f.default
+        shown = ("unset" if value is None else f"`{str(value).lower()}`" if isinstance(value, bool)
+                 else f"`{_human(value)}`" if _meta(name)["size"] and isinstance(value, int) else f"`{value}`")
+        rows.append(f"| `{name}` | `{where}` | {f'`{env[name]}`' if name in env else ''} | {shown} | "
+                    f"{f.description} |")
+    return "\n".join(rows)
 

@@ -177,7 +177,7 @@ class KVSpace:
 
     def _free(self, seq_id: Hashable, stream: Any) -> None:
         self._check_open()
-        pending = self.pages.in_flight(self.block_books.pages_of(np.asarray(self.block_books.blocks_of(seq_id), np.int64)))
+        pending = self.pages.in_flight(self.block_books.pages_of_seqs([seq_id]))
         if pending:
             raise PagesInFlight(f"space {self.name!r}: {seq_id!r} has pages in flight", pending)
         emptied = self.block_books.release(seq_id)
@@ -391,7 +391,8 @@ class KVSpace:
         with self._lock:
             self._check_open()
             moving = self.pages.moving_mask()
-            pages = [p for p in self.block_books.pages_of_seqs(seq_ids) if self.pages.tier[p] == Tier.NVME and not moving[p]]
+            pages = [p for p in self.block_books.pages_of_seqs(seq_ids)
+                     if self.pages.tier[p] == Tier.NVME and not moving[p]]
             return self._tiering.stage(self, pages)
 
     def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:

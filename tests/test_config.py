@@ -118,3 +118,10 @@ def test_code_and_file_name_the_same_setting_the_same_way():
         kvtier.Config(keep_copies="no")
     with pytest.raises(kvtier.ConfigError, match="device: 'gpu' is not a device"):
         kvtier.Config(device="gpu")
+
+
+def test_the_readme_lists_every_setting_as_the_schema_declares_it():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    from kvtier.config import settings_table
+    for row in settings_table().splitlines():
+        assert row in readme, f"README's settings table is out of date (regenerate it with settings_table()): {row}"

@@ -55,7 +55,8 @@ class DemotionPlan:
         return out
 
 
-def room_below(spaces: Iterable[TieredSpace], free: Mapping[Tier, int], exclude: set[tuple[str, int]]) -> dict[Tier, int]:
+def room_below(spaces: Iterable[TieredSpace], free: Mapping[Tier, int],
+               exclude: set[tuple[str, int]]) -> dict[Tier, int]:
     """Slots each lower tier can give: free ones plus kept copies of pages not in ``exclude``."""
     room = {t: free[t] for t in LOWER}
     for s in spaces:

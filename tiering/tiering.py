@@ -23,7 +23,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import torch
 
@@ -111,7 +111,7 @@ class Tiering:
         return plan_demotion([(space, p) for p in pages], dst, self.policy, self.directory.tiered_spaces(),
                              self._free_slots())
 
-    def plan_room(self, handles_needed: int, avoid: set[tuple[str, int]] = frozenset()) -> DemotionPlan:  # type: ignore[assignment]
+    def plan_room(self, handles_needed: int, avoid: Collection[tuple[str, int]] = ()) -> DemotionPlan:
         """Idle GPU pages to demote, coldest first per the policy, until ``handles_needed`` GPU handles would
         come free (fewer if the tiers below cannot take enough). ``(space name, page)`` pairs in ``avoid`` stay."""
         spaces = {s.name: s for s in self.directory.tiered_spaces()}
@@ -251,7 +251,7 @@ class Tiering:
             if copy is not None:
                 self.books(copy[0]).give(copy[1])
 
-    def drop_copies_until(self, tier: Tier, free_slots: int, exclude: set[tuple[str, int]] = frozenset()) -> bool:  # type: ignore[assignment]
+    def drop_copies_until(self, tier: Tier, free_slots: int, exclude: Collection[tuple[str, int]] = ()) -> bool:
         """Drop kept copies in ``tier`` (pages not in ``exclude``) until it has ``free_slots`` free slots; whether
         it has them."""
         books = self.books(tier)
