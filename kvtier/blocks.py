@@ -29,6 +29,7 @@ class BlockBooks:
         self.live = np.zeros(self.num_pages, dtype=np.int32)  # live blocks touching each page
         self.seqs: dict[Hashable, list[int]] = {}
         self.tokens: dict[Hashable, int] = {}
+        self.tail = np.zeros(self.num_pages, dtype=np.int32)  # sequences whose last block touches each page
 
     # --- queries -----------------------------------------------------------------------------------------------
     def pages_of(self, blocks: np.ndarray) -> list[int]:
@@ -68,9 +69,14 @@ class BlockBooks:
         return math.ceil(blocks * self.block_bytes / self.page_size)
 
     # --- commands ----------------------------------------------------------------------------------------------
+    def _tail_pages(self, seq_id: Hashable) -> list[int]:
+        held = self.seqs.get(seq_id)
+        return self.pages_of(np.asarray(held[-1:], dtype=np.int64)) if held else []
+
     def grow(self, seq_id: Hashable, blocks: np.ndarray, num_tokens: int) -> list[int]:
         """Give ``blocks`` (free) to ``seq_id``, now holding ``num_tokens``; return the pages that had no live
         block before (once each)."""
+        np.subtract.at(self.tail, self._tail_pages(seq_id), 1)
         self.free[blocks] = False
         self.free_count -= len(blocks)
         fresh = []
@@ -80,10 +86,12 @@ class BlockBooks:
             self.live[p] += 1
         self.seqs[seq_id] = self.seqs.get(seq_id, []) + blocks.tolist()
         self.tokens[seq_id] = num_tokens
+        np.add.at(self.tail, self._tail_pages(seq_id), 1)
         return fresh
 
     def release(self, seq_id: Hashable) -> list[int]:
         """Free every block of ``seq_id``; return the pages left with no live block."""
+        np.subtract.at(self.tail, self._tail_pages(seq_id), 1)
         blocks = np.asarray(self.seqs.pop(seq_id), dtype=np.int64)
         del self.tokens[seq_id]
         self.free[blocks] = True
@@ -107,4 +115,8 @@ class BlockBooks:
             np.add.at(live, self.pages_of(b), 1)
         assert (seen == ~self.free).all() and self.free_count == int(self.free.sum())
         assert (live == self.live).all(), "page live counts disagree with the sequences' blocks"
+        tail = np.zeros(self.num_pages, dtype=np.int32)
+        for seq in self.seqs:
+            np.add.at(tail, self._tail_pages(seq), 1)
+        assert (tail == self.tail).all(), "the books of last blocks disagree with the sequences"
         return live

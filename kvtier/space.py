@@ -162,6 +162,23 @@ class KVSpace:
         idle[self.idle_pages()] = True
         return PageMasks(allocatable=table.allocatable(), idle=idle, vacant=table.vacant(), promoting=promoting)
 
+    def mark_written(self, seq_id: Hashable, start: int, stop: int) -> None:
+        """Tokens ``start..stop`` of ``seq_id`` were written (or rewritten) through the tensors: the pages they lie
+        on lose their kept copies below, so that going down again copies the new bytes. Engines that write only
+        a sequence's newest tokens after ``allocate`` need not call it (the last block's page keeps no copy);
+        engines that rewrite earlier tokens (beam reordering, in-place edits) must."""
+        if not self.pages.copies and not self.pages.moving:  # the common case: nothing kept, nothing coming up
+            return
+        with self._lock:
+            self._check_open()
+            b = self.block_books
+            held = b.blocks_of(seq_id)
+            if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
+                    not isinstance(stop, int) or not 0 <= start <= stop:
+                raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of {seq_id!r}'s tokens")
+            blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
+            self._tiering.drop_copies(self, b.pages_of(blocks))
+
     def _written(self, blocks: list[int], old_tokens: int, new_tokens: int) -> None:
         """Tokens ``old_tokens..new_tokens`` are about to be written: the pages they fall in lose their kept
         copies, also pages still on their way up (a later offload must copy them)."""
@@ -423,6 +440,10 @@ class KVSpace:
 
     def sequences_on(self, pages: Iterable[int]) -> list[Hashable]:
         return self.block_books.sequences_on(pages)
+
+    def takes_writes(self, page: int) -> bool:
+        """Whether a sequence's last block lies on ``page``: engines fill it token by token without telling."""
+        return bool(self.block_books.tail[page])
 
     def map_pages(self, pages: list[int], handles: list[Any]) -> None:
         """Map vacant ``pages`` with ``handles``; all or nothing (on failure the handles go back to the pool)."""

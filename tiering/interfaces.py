@@ -26,6 +26,8 @@ class TieredSpace(Protocol):
       pool; the page table entries become ``Tier.UNMAPPED`` (the caller sets where the data went).
     - ``sequences_on(pages)`` names the sequences with blocks on any of ``pages`` (to report lost pages).
     - ``idle_pages()`` lists GPU pages, not in flight, whose live blocks all belong to idle sequences.
+    - ``takes_writes(page)`` says whether an engine may write into the page without a call that tells (it holds
+      a sequence's last block, which fills token by token): such a page keeps no copy below when it comes up.
     - ``idle_fence`` is a fence after the kernels of the space's last offload: copies down wait for it.
     """
 
@@ -43,6 +45,8 @@ class TieredSpace(Protocol):
     def sequences_on(self, pages: Iterable[int]) -> list[Hashable]: ...
 
     def idle_pages(self) -> list[int]: ...
+
+    def takes_writes(self, page: int) -> bool: ...
 
 
 class SpaceDirectory(Protocol):

@@ -336,7 +336,7 @@ class Tiering:
                     space.region_view(r, p).fill_(0xA5)
                 self.backend.synchronize()  # the fill must finish before the unmap
             space.unmap_pages([p])
-        elif m.dst == Tier.GPU and self.config.keep_copies and not written:
+        elif m.dst == Tier.GPU and self.config.keep_copies and not written and not space.takes_writes(p):
             table.copies[p] = (m.src, table.slots.pop(p))  # equal to the page's bytes until written
         else:
             self.books(m.src).give(table.slots.pop(p))
