@@ -1,7 +1,7 @@
 """A transformers ``Cache`` whose keys and values live in kvtier spaces::
 
     cache = TieredCache(model.config, max_tokens=32768, resident_layers=None)
-    model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
+    model.generate(input_ids, cache=cache, max_new_tokens=256)   # past_key_values= before transformers 5.2x
 
 Each layer is a space of its own (one model layer: K and V regions), all sharing one manager's page pool, so a
 layer's pages can leave the GPU and come back independently of the others. Each batch row owns a fixed run of
@@ -16,16 +16,24 @@ slots -- spaces mapped once -- without mapping anything: the pages below are cop
 slot's previous layer has run, on the transfer stream), and the GPU tail is copied in on the compute stream
 when the layer starts. A decode step thus crosses PCIe once per streamed byte, upwards only, and makes no driver
 calls.
-When not every layer is resident, a prefill (more than one new token) sends the layers down after use, so that
-its activations -- the peak of a long prompt -- have the GPU memory; the first decode step brings the resident
-layers back.
+When not every layer is resident, a prefill into an empty cache sends the layers down after use, so that its
+activations -- the peak of a long prompt -- have the GPU memory; the next step (a decode step, or the next chunk of
+a chunked prefill) brings the resident layers back.
+
+The whole Cache contract: the batch is learned from the first update; ``reorder_cache`` (beam search),
+``batch_select_indices``, ``batch_repeat_interleave`` and ``crop`` (assisted and prompt-lookup decoding) work as
+DynamicCache's do. They bring a streamed layer's pages up one layer at a time, rewrite its rows on the GPU and
+send them down again, so they cost a PCIe round trip of the streamed layers (beam search over streamed layers is
+correct, not fast). ``layers[i].keys`` / ``.values`` are always safe to read: views of the resident pages, or a
+fresh copy when the layer's past lies below.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -38,13 +46,33 @@ RING_SLOTS = 2  # one slot read by the layer computing, one filling for the next
 
 
 class TieredLayer(CacheLayerMixin):
+    # Sliding-window layers keep their whole context (the model's mask applies the window), so they answer as
+    # full layers do; keeping only the window is not done yet.
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, cache: "TieredCache", index: int) -> None:
-        super().__init__()
         self.cache, self.index, self.length = cache, index, 0
+        super().__init__()
+
+    # The data lives in the cache's spaces: ``keys`` and ``values`` are read from there, never kept here, so they
+    # cannot dangle (a layer's pages move between tiers, and ``reset`` frees them).
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.cache._layer_kv(self)[0]
+
+    @keys.setter
+    def keys(self, value: Any) -> None:
+        pass
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.cache._layer_kv(self)[1]
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        pass
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -54,8 +82,7 @@ class TieredLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self.values = self.cache._update(self, key_states, value_states)
-        return self.keys, self.values
+        return self.cache._update(self, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         # transformers 5.2x passes the query length; earlier 5.x releases pass ``cache_position`` (the new tokens'
@@ -78,22 +105,42 @@ class TieredLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.cache._reset_layer(self)
 
+    # batch operations and crop act on every layer at once (TieredCache overrides the Cache-level calls)
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.cache._remap_layer(self.index, beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.cache._remap_layer(self.index, self.cache._indices(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.cache._remap_layer(self.index, torch.arange(self.cache.rows).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.cache._crop_layer(self.index, tokens_to_remove)
+
 
 class TieredCache(Cache):
-    """See the module docstring. ``manager``: share an existing :class:`TierManager` (default: one is made on
-    the first update's device with ``config`` or defaults). ``offload_tier``: where streamed layers' pages go
-    ("host" or "nvme")."""
+    """See the module docstring. ``batch_size``: the rows to reserve room for (default: the first update's
+    batch; a larger batch later is taken too, at the cost of rebuilding the spaces). ``manager``: share an
+    existing :class:`TierManager` (default: one is made on the first update's device with ``config`` or
+    defaults). ``offload_tier``: where streamed layers' pages go ("host" or "nvme")."""
 
-    def __init__(self, model_config: Any, max_tokens: int = 32768, batch_size: int = 1,
+    def __init__(self, model_config: Any, max_tokens: int = 32768, batch_size: int | None = None,
                  manager: TierManager | None = None, config: Config | None = None,
                  resident_layers: int | None = None, offload_tier: str = "host", block_size: int = 16,
                  name: str = "tiered-cache") -> None:
+        model_config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") \
+            else model_config
         num_layers = model_config.num_hidden_layers
         super().__init__(layers=[TieredLayer(self, i) for i in range(num_layers)])
         if offload_tier not in ("host", "nvme"):
             raise InvalidArgumentError(f"offload_tier {offload_tier!r}: use 'host' or 'nvme'")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise InvalidArgumentError(f"batch_size must be a positive int or None, got {batch_size!r}")
         self.num_kv_heads, self.head_dim = _kv_shape(model_config)
-        self.rows, self.block_size, self.name = batch_size, block_size, name  # Cache.batch_size reads layers
+        self.rows, self.block_size, self.name = batch_size or 0, block_size, name  # Cache.batch_size reads layers
+        self.capacity = self.rows  # rows each space has room for
         self.blocks_per_row = math.ceil(max_tokens / block_size)
         self.max_tokens = self.blocks_per_row * block_size
         self.manager, self._own_manager, self._config = manager, manager is None, config
@@ -110,6 +157,7 @@ class TieredCache(Cache):
         self._last = -1  # the layer of the previous update: its attention is enqueued by the next one
         self._allocated = [0] * num_layers  # tokens a row each layer's space holds (whole blocks)
         self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._generation = 0  # spaces made so far (their names must differ on a shared manager)
 
     @staticmethod
     def pool_bytes(model_config: Any, max_tokens: int, resident_layers: int, batch_size: int = 1,
@@ -130,6 +178,9 @@ class TieredCache(Cache):
             device = str(key_states.device) if key_states.device.type == "cuda" else "cpu"
             self.manager = TierManager((self._config or Config()).replace(device=device))
         n = len(self.layers)
+        self.rows = key_states.shape[0]
+        self.capacity = max(self.capacity, self.rows)
+        self._generation += 1
         for i in range(n):
             self.spaces.append(self._new_space(f"{self.name}.L{i}", key_states.dtype))
         layer, tail = _layer_bytes(self.spaces[0].block_bytes // self.block_size, self.max_tokens, self.rows,
@@ -145,9 +196,25 @@ class TieredCache(Cache):
         self._settled = {i: [0] * self.rows for i in self._streamed}
 
     def _new_space(self, name: str, dtype: torch.dtype) -> Any:
-        return self.manager.create_space(name, num_layers=1, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                                         dtype=dtype, block_size=self.block_size,
-                                         max_tokens=self.rows * self.max_tokens)
+        name = name if self._generation == 1 else f"{name}.g{self._generation}"  # a name may be in use still
+        return self.manager.create_space(name, num_layers=1, num_kv_heads=self.num_kv_heads,
+                                         head_dim=self.head_dim, dtype=dtype, block_size=self.block_size,
+                                         max_tokens=self.capacity * self.max_tokens)
+
+    def _teardown(self) -> None:
+        """Give every space back (the cache is empty, or about to be rebuilt)."""
+        self._settle_reads()
+        for handle in self._pending.values():
+            handle.result()
+        self._pending.clear()
+        if self.manager is not None:
+            for space in self.spaces + self._ring:
+                self.manager.drop_space(space.name)
+        self.spaces, self._ring = [], []
+        self._views.clear()
+        self._down.clear()
+        self._allocated = [0] * len(self.layers)
+        self._slot_user, self._last = [None] * RING_SLOTS, -1
 
     @property
     def streamed_layers(self) -> list[int]:
@@ -161,7 +228,8 @@ class TieredCache(Cache):
         """K and V of a space as ``[rows, max_tokens, heads, dim]`` (made once: the step path is host-bound)."""
         views = self._views.get(space.name)
         if views is None:
-            k, v = (t.view(self.rows, self.max_tokens, self.num_kv_heads, self.head_dim) for t in space.kv(0))
+            k, v = (t.view(self.capacity, self.max_tokens, self.num_kv_heads, self.head_dim).narrow(0, 0, self.rows)
+                    for t in space.kv(0))
             views = self._views[space.name] = (k, v)
         return views
 
@@ -172,22 +240,28 @@ class TieredCache(Cache):
     # --- the step ---------------------------------------------------------------------------------------------------
     def _update(self, layer: TieredLayer, key_states: torch.Tensor,
                 value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, new, dim = key_states.shape
+        if self.spaces and batch != self.rows:
+            if any(layer.length for layer in self.layers):
+                raise InvalidArgumentError(f"TieredCache holds {self.rows} rows; got a batch of {batch}: reset() it "
+                                           "first, or use batch_select_indices / batch_repeat_interleave")
+            self._teardown()  # an empty cache takes the new batch (a smaller one keeps the room reserved)
         if not self.spaces:
             self._setup(key_states)
         i = layer.index
-        batch, heads, new, dim = key_states.shape
-        if batch != self.rows:
-            raise InvalidArgumentError(f"TieredCache was made for batch_size {self.rows}, got {batch}")
         start, stop = layer.length, layer.length + new
         if stop > self.max_tokens:
             raise InvalidArgumentError(f"TieredCache holds {self.max_tokens} tokens a row; raise max_tokens")
         space = self.spaces[i]
         stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
         if self._streamed:
-            self._before(i, stream, prefill=new > 1)
+            self._before(i, stream, new, first_fill=start == 0)
         pending = self._pending.pop(i, None)
         if pending is not None:
             pending.wait(stream)  # a resident layer's pages are back before its attention reads them
+        if i in self._down and start:  # a later chunk over a layer the first one sent down: it comes back
+            self._down.discard(i)
+            space.prefetch(self._rows()).wait(stream)
         if stop > self._allocated[i]:  # whole blocks at a time: one call per block, not per token
             upto = min(self.max_tokens, -(-stop // self.block_size) * self.block_size)
             for row in self._rows():  # also tells kvtier which pages change (their kept copies are stale now)
@@ -196,21 +270,25 @@ class TieredCache(Cache):
         rows_k, rows_v = self._rows_of(space)
         rows_k.narrow(1, start, new).copy_(key_states.transpose(1, 2))  # narrow: cheaper on the host than [:, a:b]
         rows_v.narrow(1, start, new).copy_(value_states.transpose(1, 2))
+        for row in self._rows():  # pages brought back up keep no stale copy of what was just written
+            space.mark_written(row, start, stop)
         layer.length = stop
         self._last = i
         if i in self._settled and any(self._settled[i]):  # its past is partly below: read it into a ring slot
             return self._read_streamed(i, stream, stop)
         return self._row_views(space, stop)
 
-    def _before(self, i: int, stream: Any, prefill: bool) -> None:
-        """Layer ``i`` is next; the attention of the layer before is enqueued on ``stream``. Send that layer's
-        settled pages down (all of a resident layer's during a prefill, which needs the room), free its ring
-        slot, and read ahead into the free slots. The first decode step brings the resident layers back."""
+    def _before(self, i: int, stream: Any, new: int, first_fill: bool) -> None:
+        """Layer ``i`` is next, with ``new`` tokens; the attention of the layer before is enqueued on ``stream``.
+        Send that layer's settled pages down (all of a resident layer's during a prefill into an empty cache,
+        which needs the room), free its ring slot, and read ahead into the free slots. The first decode step
+        brings the resident layers back."""
+        prefill = new > 1
         previous = self._last
         if previous >= 0 and self.layers[previous].length:
             if previous in self._settled:
                 self._settle(previous, stream, wait=prefill)
-            elif prefill and previous not in self._down:
+            elif prefill and first_fill and previous not in self._down:
                 handles = [self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
                            for row in self._rows()]
                 self._down.add(previous)
@@ -310,6 +388,149 @@ class TieredCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
 
+    # --- the rest of the Cache contract ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """(keys, values, ...) per layer, shaped as DynamicCache's iteration yields them."""
+        for layer in self.layers:
+            yield (*self._layer_kv(layer), None)[:_dynamic_cache_item_arity()]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (an index or boolean tensor), in that order."""
+        self._remap(self._indices(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row ``repeats`` times, each copy next to its original."""
+        self._remap(torch.arange(self.rows).repeat_interleave(repeats))
+
+    def _indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.rows)[torch.as_tensor(indices).cpu()]
+
+    def _layer_kv(self, layer: TieredLayer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A layer's K and V as ``[rows, heads, length, dim]``: views when its pages are all on the GPU, else a
+        copy read from every tier (slow, but never a view of memory that may be unmapped or reused)."""
+        if not self.spaces or not layer.length:
+            return None, None
+        i, space, length = layer.index, self.spaces[layer.index], layer.length
+        pending = self._pending.pop(i, None)
+        if pending is not None:
+            pending.result()
+        if i not in self._down and not any(self._settled.get(i, ())):
+            return self._row_views(space, length)
+        k_buf, v_buf = (torch.empty_like(t) for t in space.kv(0))
+        for handle in [space.read(row, [(k_buf, v_buf)], stop=length) for row in self._rows()]:
+            handle.result()
+        shape = (self.capacity, self.max_tokens, self.num_kv_heads, self.head_dim)
+        return tuple(t.view(shape)[:self.rows, :length].transpose(1, 2) for t in (k_buf, v_buf))  # type: ignore
+
+    def _crop_layer(self, i: int, tokens_to_remove: int) -> None:
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise InvalidArgumentError(f"crop takes the number of tokens to remove as a negative int, got "
+                                       f"{tokens_to_remove!r} (as DynamicCache does)")
+        layer = self.layers[i]
+        if not tokens_to_remove or not layer.length:
+            return
+        length = max(0, layer.length + tokens_to_remove)
+        if i in self._settled and max(self._settled[i]) > length:
+            self._materialize(i)  # tokens that will be written again lie below: bring them back
+        layer.length = length
+
+    def _remap_layer(self, i: int, src: torch.Tensor) -> None:
+        """A per-layer batch call (``Cache`` iterates its layers): allowed when it keeps the number of rows."""
+        if len(src) != self.rows:
+            raise InvalidArgumentError("batch_select_indices / batch_repeat_interleave change the number of rows: "
+                                       "call them on the TieredCache, not on one of its layers")
+        self._remap_rows(i, src.cpu().long())
+
+    def _remap(self, src: torch.Tensor) -> None:
+        """Row ``r`` of every layer becomes old row ``src[r]`` (beam reordering, selecting, repeating)."""
+        src = src.cpu().long()
+        if not self.spaces or not any(layer.length for layer in self.layers):
+            if self.spaces:
+                self._teardown()  # nothing stored: the next update sets the batch up afresh
+            return
+        self._settle_reads()  # reads ahead are for the old rows
+        if len(src) > self.capacity:  # more rows than the spaces have room for: new spaces
+            self._grow(len(src))
+        for i in range(len(self.layers)):
+            self._remap_rows(i, src)
+        for i in self._settled:
+            self._settled[i] = [0] * len(src)
+        for space in self.spaces:  # rows no longer used give their pages back
+            for row in [r for r in space.sequences() if r >= len(src)]:
+                space.free(row)
+        self.rows = len(src)
+        self._views.clear()
+        for i in self._settled:  # streamed layers send their past down again
+            if self.layers[i].length:
+                self._settle(i, None, wait=True)
+
+    def _remap_rows(self, i: int, src: torch.Tensor) -> None:
+        layer, space = self.layers[i], self.spaces[i]
+        if not layer.length:
+            return
+        self._materialize(i)
+        k, v = self._rows_of(space)
+        length, device = layer.length, k.device
+        new_k, new_v = (t[:, :length].index_select(0, src.to(device)) for t in (k, v))  # copies
+        upto = self._allocated[i]
+        for row in range(len(src)):
+            if row >= self.rows or row not in space.sequences():
+                space.allocate(row, upto, first_block=row * self.blocks_per_row)
+        shape = (self.capacity, self.max_tokens, self.num_kv_heads, self.head_dim)
+        for t, new in zip(space.kv(0), (new_k, new_v)):
+            t.view(shape)[:len(src), :length].copy_(new)
+        for row in range(len(src)):
+            space.mark_written(row, 0, length)
+
+    def _grow(self, rows: int) -> None:
+        """New spaces with room for ``rows`` rows, holding what the old ones held (one layer at a time)."""
+        old_capacity, self.capacity = self.capacity, rows
+        self._generation += 1
+        for ring in self._ring:
+            self.manager.drop_space(ring.name)
+        self._ring = []
+        for i, old in enumerate(self.spaces):
+            length = self.layers[i].length
+            if length:
+                self._materialize(i)
+            new = self._new_space(f"{self.name}.L{i}", old.dtype)
+            if length:
+                shape_old = (old_capacity, self.max_tokens, self.num_kv_heads, self.head_dim)
+                shape_new = (rows, self.max_tokens, self.num_kv_heads, self.head_dim)
+                for row in range(self.rows):
+                    new.allocate(row, self._allocated[i], first_block=row * self.blocks_per_row)
+                for t_new, t_old in zip(new.kv(0), old.kv(0)):
+                    t_new.view(shape_new)[:self.rows, :length].copy_(t_old.view(shape_old)[:self.rows, :length])
+            self.manager.drop_space(old.name)
+            self.spaces[i] = new
+        self._views.clear()
+
+    def _materialize(self, i: int) -> None:
+        """Bring all of layer ``i`` onto the GPU, in its space (rows rewritten there are sent down again by the
+        caller or by the next step)."""
+        pending = self._pending.pop(i, None)
+        if pending is not None:
+            pending.result()
+        read = self._reads.pop(i, None)
+        if read is not None:
+            for handle in read[1]:
+                handle.result()
+            self._slot_user[read[0]] = None
+        below = i in self._down or any(self._settled.get(i, ()))
+        self._down.discard(i)
+        if below:
+            self.spaces[i].prefetch(self._rows()).result()
+        if i in self._settled:
+            self._settled[i] = [0] * self.rows
+
+    def _settle_reads(self) -> None:
+        """Let every read ahead land and free the ring."""
+        for _, handles, _ in self._reads.values():
+            for handle in handles:
+                handle.result()
+        self._reads.clear()
+        self._slot_user = [None] * RING_SLOTS
+
     def residency(self) -> dict[str, int]:
         """Bytes of this cache per tier, over every layer and row (the ring's copies not counted)."""
         total = {"gpu": 0, "host": 0, "nvme": 0, "lost": 0}
@@ -321,22 +542,23 @@ class TieredCache(Cache):
 
     def close(self) -> None:
         """Give the pages back (and close the manager if this cache made it)."""
-        for handle in self._pending.values():
-            handle.result()
-        for _, handles, _ in self._reads.values():
-            for handle in handles:
-                handle.result()
-        self._pending.clear()
-        self._reads.clear()
-        if self.manager is not None:
+        if self.manager is not None and not self.manager.closed:
+            self._teardown()
             if self._own_manager:
                 self.manager.close()
-            else:
-                for space in self.spaces + self._ring:
-                    self.manager.drop_space(space.name)
-        self.spaces.clear()
-        self._ring.clear()
+        self.spaces, self._ring = [], []
         self._views.clear()
+        for layer in self.layers:
+            layer.length = 0
+
+
+@functools.cache
+def _dynamic_cache_item_arity() -> int:
+    """How many items DynamicCache's iteration yields per layer in the installed transformers (2 or 3)."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 0)
+    return len(next(iter(cache)))
 
 
 def _kv_shape(model_config: Any) -> tuple[int, int]:

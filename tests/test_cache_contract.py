@@ -1,0 +1,304 @@
+"""TieredCache against DynamicCache, differentially: transformers' own generation modes and hand-written loops, on
+tiny random models of several architectures, with every layer resident, some streamed through host memory, or
+none resident and streamed through NVMe. Tokens (and, where a loop reads them, keys) must be equal.
+CPU here; a subset on the GPU under -m gpu."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import kvtier
+
+transformers = pytest.importorskip("transformers")
+from transformers.generation import utils as generation_utils  # noqa: E402
+
+from kvtier.integrations.transformers import TieredCache  # noqa: E402
+
+CACHE_KW = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+PAGE = 4 << 10  # 32 tokens of one row's K (or V) of a layer at 2 heads x 16 dims in fp32
+TIERS = {  # name: (resident_layers, offload_tier)
+    "resident": (None, "host"),
+    "some-host": (1, "host"),
+    "none-nvme": (0, "nvme"),
+}
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
+
+
+def _arch(name: str):
+    torch.manual_seed(0)
+    if name == "llama":
+        config = transformers.LlamaConfig(**SMALL)
+        return transformers.LlamaForCausalLM(config).eval(), config
+    if name == "qwen2":
+        config = transformers.Qwen2Config(**SMALL)
+        return transformers.Qwen2ForCausalLM(config).eval(), config
+    if name == "qwen3":
+        config = transformers.Qwen3Config(**SMALL, head_dim=16)
+        return transformers.Qwen3ForCausalLM(config).eval(), config
+    if name == "mistral-window":
+        config = transformers.MistralConfig(**SMALL, sliding_window=24)
+        return transformers.MistralForCausalLM(config).eval(), config
+    if name == "gemma2":
+        config = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=24)
+        return transformers.Gemma2ForCausalLM(config).eval(), config
+    if name == "gemma3":
+        config = transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=24)
+        return transformers.Gemma3ForCausalLM(config).eval(), config
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=2048)
+        return transformers.GPT2LMHeadModel(config).eval(), config
+    raise AssertionError(name)
+
+
+def _tiered(config, tier: str, **kwargs) -> TieredCache:
+    resident, offload = TIERS[tier]
+    kcfg = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=2048 * PAGE, pool_ready=0,
+                         host_size=1024 * PAGE, host_chunk=256 * PAGE, nvme_size=2048 * PAGE, debug_checks=True)
+    return TieredCache(config, max_tokens=512, config=kcfg, resident_layers=resident, offload_tier=offload, **kwargs)
+
+
+def _generate(model, ids, cache, **kwargs):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(ids, **{CACHE_KW: cache}, pad_token_id=0, **kwargs)
+
+
+def _both(model, config, tier, run):
+    """``run(cache)`` with a DynamicCache and with a TieredCache; the TieredCache's books are checked."""
+    expected = run(transformers.DynamicCache(config=config))
+    cache = _tiered(config, tier)
+    try:
+        got = run(cache)
+        if cache.manager is not None:
+            cache.manager.check()
+    finally:
+        cache.close()
+    return expected, got
+
+
+def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- generation modes (Llama), every tier setting --------------------------------------------------------------
+def _greedy(model, cache):
+    return _generate(model, _ids(2, 40), cache, max_new_tokens=16, do_sample=False)
+
+
+def _sampling(model, cache):
+    torch.manual_seed(7)
+    return _generate(model, _ids(2, 40), cache, max_new_tokens=16, do_sample=True, top_k=20)
+
+
+def _left_padded(model, cache):
+    ids = _ids(3, 36)
+    mask = torch.ones_like(ids)
+    mask[0, :9], mask[2, :20] = 0, 0
+    ids[mask == 0] = 0
+    return _generate(model, ids, cache, attention_mask=mask, max_new_tokens=14, do_sample=False)
+
+
+def _beam_search(model, cache):
+    return _generate(model, _ids(2, 40), cache, max_new_tokens=10, num_beams=3, do_sample=False)
+
+
+def _return_sequences(model, cache):
+    torch.manual_seed(3)
+    return _generate(model, _ids(1, 40), cache, max_new_tokens=10, do_sample=True, num_return_sequences=3)
+
+
+def _chunked_prefill(model, cache):
+    return _generate(model, _ids(2, 90), cache, max_new_tokens=12, do_sample=False, prefill_chunk_size=32)
+
+
+def _chat(model, cache, reply: int = 4, turns: int = 4):
+    ids, out = _ids(1, 30), []
+    for turn in range(turns):
+        ids = _generate(model, ids, cache, max_new_tokens=reply, do_sample=False)
+        out.append(ids)
+        ids = torch.cat([ids, _ids(1, 1 + turn % 2, seed=10 + turn)], dim=1)  # a one- or two-token user turn
+    return torch.cat([o.flatten() for o in out])
+
+
+def _chat_long_replies(model, cache):
+    return _chat(model, cache, reply=40, turns=3)
+
+
+def _prompt_lookup(model, cache):
+    ids = torch.cat([_ids(1, 20)] * 3, dim=1)  # repeats, so that the lookup finds candidates
+    return _generate(model, ids, cache, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3)
+
+
+MODES = [_greedy, _sampling, _left_padded, _beam_search, _return_sequences, _chunked_prefill, _chat,
+         _chat_long_replies, _prompt_lookup]
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__.strip("_"))
+def test_llama_generation_modes_give_dynamic_cache_tokens(mode, tier):
+    model, config = _arch("llama")
+    expected, got = _both(model, config, tier, lambda cache: mode(model, cache))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_assisted_decoding_gives_dynamic_cache_tokens(tier):
+    model, config = _arch("llama")
+    torch.manual_seed(1)
+    assistant = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})).eval()
+    run = lambda cache: _generate(model, _ids(1, 40), cache, max_new_tokens=16, do_sample=False,  # noqa: E731
+                                  assistant_model=assistant)
+    expected, got = _both(model, config, tier, run)
+    assert torch.equal(got, expected)
+
+
+# --- architectures, a few modes each ------------------------------------------------------------------------------
+@pytest.mark.parametrize("tier", sorted(TIERS))
+@pytest.mark.parametrize("mode", [_greedy, _beam_search, _chunked_prefill, _chat], ids=lambda m: m.__name__.strip("_"))
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral-window", "gemma2", "gemma3", "gpt2"])
+def test_architectures_give_dynamic_cache_tokens(arch, mode, tier):
+    model, config = _arch(arch)
+    expected, got = _both(model, config, tier, lambda cache: mode(model, cache))
+    assert torch.equal(got, expected)
+
+
+# --- hand-written loops: 1- and k-token steps, crop, iteration, keys -----------------------------------------------
+def _loop(model, cache, steps=(40, 1, 1, 3, 1, 5, 1, 1, -4, 1, 2, 1, -1, 1), ids=None):
+    """Feed the model chunks of ``k`` tokens (``-k``: crop k tokens and go on from there); return every logit
+    row's argmax, and each layer's keys at the end."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = _ids(2, 80, seed=5) if ids is None else ids
+        tokens, pos = [], 0
+        for k in steps:
+            if k < 0:
+                cache.crop(k)
+                pos += k
+                continue
+            out = model(ids[:, pos:pos + k], **{CACHE_KW: cache}, use_cache=True)
+            tokens.append(out.logits.argmax(-1))
+            pos += k
+        assert cache.get_seq_length() == pos
+        keys = [item[0].clone() for item in cache]
+        return torch.cat(tokens, dim=1), keys
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_a_manual_loop_with_k_token_steps_and_crops(tier):
+    model, config = _arch("llama")
+    (expected, keys), (got, got_keys) = _both(model, config, tier, lambda cache: _loop(model, cache))
+    assert torch.equal(got, expected)
+    assert len(got_keys) == len(keys) and all(torch.equal(a, b) for a, b in zip(got_keys, keys))
+
+
+def test_keys_and_values_stay_readable_after_reset_and_after_a_prefill_sent_layers_down():
+    model, config = _arch("llama")
+    cache = _tiered(config, "some-host")
+    try:
+        with torch.no_grad():
+            model(_ids(1, 100), **{CACHE_KW: cache})
+        reference = transformers.DynamicCache(config=config)
+        with torch.no_grad():
+            model(_ids(1, 100), **{CACHE_KW: reference})
+        # after the prefill, resident layers are down and streamed ones partly below: keys are read back whole
+        for layer, ref in zip(cache.layers, reference.layers):
+            assert torch.equal(layer.keys, ref.keys) and torch.equal(layer.values, ref.values)
+        cache.reset()
+        assert all(layer.keys is None and layer.values is None for layer in cache.layers)
+        assert cache.get_seq_length() == 0
+    finally:
+        cache.close()
+
+
+def test_the_batch_is_learned_from_the_first_update_and_may_change_after_reset():
+    model, config = _arch("llama")
+    cache = _tiered(config, "some-host")
+    try:
+        for batch in (2, 4, 1):
+            expected = _generate(model, _ids(batch, 40), transformers.DynamicCache(config=config),
+                                 max_new_tokens=8, do_sample=False)
+            assert torch.equal(_generate(model, _ids(batch, 40), cache, max_new_tokens=8, do_sample=False), expected)
+            assert cache.rows == batch
+            cache.reset()
+        # a different batch while the cache holds tokens is refused, saying what to do
+        with torch.no_grad():
+            model(_ids(2, 10), **{CACHE_KW: cache})
+        with pytest.raises(kvtier.InvalidArgumentError, match="reset"):
+            with torch.no_grad():
+                model(_ids(3, 1), **{CACHE_KW: cache})
+    finally:
+        cache.close()
+
+
+def test_batch_select_and_repeat_keep_each_rows_past():
+    model, config = _arch("llama")
+    for tier in sorted(TIERS):
+        reference, cache = transformers.DynamicCache(config=config), _tiered(config, tier)
+        try:
+            with torch.no_grad():
+                for c in (reference, cache):
+                    model(_ids(3, 70), **{CACHE_KW: c})
+                    c.batch_select_indices(torch.tensor([2, 0]))
+                    c.batch_repeat_interleave(2)  # four rows: 2, 2, 0, 0 -- more than the cache first held
+                    model(_ids(4, 1), **{CACHE_KW: c})
+            for (k, v, *_), (rk, rv, *_) in zip(cache, reference):
+                assert torch.equal(k, rk) and torch.equal(v, rv)
+            cache.manager.check()
+        finally:
+            cache.close()
+
+
+def test_a_positive_crop_is_refused_as_dynamic_cache_refuses_it():
+    model, config = _arch("llama")
+    cache = _tiered(config, "resident")
+    try:
+        with torch.no_grad():
+            model(_ids(1, 10), **{CACHE_KW: cache})
+        with pytest.raises(ValueError):
+            cache.crop(3)
+        assert cache.get_seq_length() == 10
+    finally:
+        cache.close()
+
+
+# --- on the GPU: a subset, with a model whose prompt fills 2 MiB pages ----------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["beam", "chunked", "chat", "loop"])
+@pytest.mark.parametrize("resident", [None, 1])
+def test_modes_on_the_gpu(mode, resident):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
+                                      max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(config).eval().cuda()
+    ids = _ids(2, 600).cuda()
+    runs = {
+        "beam": lambda c: _generate(model, ids, c, max_new_tokens=8, num_beams=2, do_sample=False),
+        "chunked": lambda c: _generate(model, ids, c, max_new_tokens=8, do_sample=False, prefill_chunk_size=256),
+        "chat": lambda c: _gpu_chat(model, ids[:1], c),
+        "loop": lambda c: _loop(model, c, steps=(600, 1, 3, 1, -2, 1, 1), ids=_ids(2, 620).cuda())[0],
+    }
+    expected = runs[mode](transformers.DynamicCache(config=config))
+    kcfg = kvtier.Config(device="cuda", page_size=2 << 20, pool_budget=160 << 20, pool_ready=8 << 20,
+                         host_size=256 << 20, nvme_size=64 << 20, debug_checks=True)
+    cache = TieredCache(config, max_tokens=2048, config=kcfg, resident_layers=resident)
+    try:
+        assert torch.equal(runs[mode](cache), expected)
+        cache.manager.drain()
+        cache.manager.check()
+    finally:
+        cache.close()
+
+
+def _gpu_chat(model, ids, cache):
+    out = []
+    for turn in range(3):
+        ids = _generate(model, ids, cache, max_new_tokens=4, do_sample=False)
+        out.append(ids)
+        ids = torch.cat([ids, _ids(1, 1 + turn % 2, seed=10 + turn).cuda()], dim=1)
+    return torch.cat([o.flatten() for o in out])
