@@ -67,18 +67,19 @@ class _PeakMemory:
 
 
 def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device: torch.device) -> dict[str, float]:
+    from kvtier.integrations.transformers import cache_kwarg
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     manager = getattr(cache, "manager", None)
     memory = _PeakMemory(model, device, manager.pool if manager else None) if cuda else None
 
     def step(token: torch.Tensor) -> torch.Tensor:
-        return model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        return model(token, **{cache_kwarg(): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     with torch.no_grad():
         sync()
         start = time.perf_counter()
         # logits for the last position only: a 32k x 128k-vocab logits tensor would dwarf the KV in the peak
-        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(ids, **{cache_kwarg(): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         sync()
         prefill = time.perf_counter() - start
         token = logits.argmax(-1, keepdim=True)
@@ -101,7 +102,7 @@ def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device:
 
 
 def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = None, new_tokens: int | None = None,
-        step: Any = None) -> Table:
+        step: Any = None, repeats: int | None = None) -> Table:
     from transformers import DynamicCache, LlamaForCausalLM
 
     from kvtier.integrations.transformers import TieredCache
@@ -144,9 +145,10 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
         manager = TierManager(cfg)
         manager.tiering.host.wait_ready()
         return TieredCache(config, max_tokens=tokens, manager=manager, resident_layers=0 if streamed else None)
+    repeats = repeats or (REPEATS if cuda and not quick else 1)
     table = Table(f"generate: {config.num_hidden_layers}-layer Llama shape, random weights, {new_tokens} new tokens",
                   ["context", "cache", "prefill s", "decode tok/s", "steady tok/s", "peak GPU GiB",
-                   "tok/s vs DynamicCache"])
+                   "tok/s vs DynamicCache", "median of pairs", "pairs min-max"])
     if cuda:  # warm up kernels and the allocator on a short prompt
         _measure(model, torch.randint(0, config.vocab_size, (1, 512), device=dev), DynamicCache(config=config), 4,
                  dev)
@@ -164,7 +166,8 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
             ("TieredCache, all streamed", lambda: tiered(ctx, streamed=True)),
         ]
         seen: dict[str, dict[str, float]] = {}
-        for _ in range(REPEATS if cuda and not quick else 1):  # interleaved, so that drift hits every cache alike
+        runs: dict[str, list[float]] = {}  # tok/s of every run, in order: run r of each cache is a pair
+        for _ in range(repeats):  # interleaved, so that drift hits every cache alike
             for label, make in caches:
                 if not cuda and "offload" in label:
                     continue  # transformers' offloading needs a CUDA stream (and memory is measured on GPUs only)
@@ -178,6 +181,7 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
                     del cache
                     if cuda:
                         torch.cuda.empty_cache()
+                runs.setdefault(label, []).append(got["tok/s"])
                 best = seen.setdefault(label, got)  # best speed, highest peak over the repeats
                 best.update({"prefill s": min(best["prefill s"], got["prefill s"]),
                              "tok/s": max(best["tok/s"], got["tok/s"]),
@@ -187,10 +191,12 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
                     step()
         base = seen["DynamicCache"]["tok/s"]
         for label, got in seen.items():
+            pairs = sorted(a / b for a, b in zip(runs[label], runs["DynamicCache"]))
             table.add(ctx, label, got["prefill s"], got["tok/s"], got["steady tok/s"], got["peak GPU GiB"],
-                      got["tok/s"] / base)
-    table.notes.append(f"best of {REPEATS} interleaved runs on a GPU (decode speed drifts between runs); decode "
-                       f"tok/s: all {new_tokens} steps after the prefill; steady: the last three quarters")
+                      got["tok/s"] / base, pairs[len(pairs) // 2], f"{pairs[0]:.2f}-{pairs[-1]:.2f}")
+    table.notes.append(f"best of {repeats} interleaved runs on a GPU (decode speed drifts between runs); decode "
+                       f"tok/s: all {new_tokens} steps after the prefill; steady: the last three quarters; pairs: "
+                       "each run's tok/s over DynamicCache's run of the same round (median, and the spread)")
     table.notes.append("peak GPU: torch's allocator plus kvtier's pages, sampled together at module boundaries")
     table.notes.append("targets (H100, 32k): TieredCache all resident within 5% of DynamicCache; at no more GPU "
                        "memory than the offloaded cache, >= 2x its tok/s")

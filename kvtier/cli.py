@@ -50,12 +50,15 @@ def _bench_options(fn: Any) -> Any:
                       help="Write PNG plots (bandwidth vs size, with the ceilings) into this directory.")(fn)
     fn = click.option("--nvme-dir", type=click.Path(file_okay=False), help="Where NVMe files go (default: a "
                       "temporary directory; point it at the NVMe you will deploy on).")(fn)
+    fn = click.option("--repeats", type=click.IntRange(1), default=None,
+                      help="generate: interleaved runs of each cache (default 3 on a GPU).")(fn)
     return fn
 
 
-def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None) -> list[tuple[str, int, Any]]:
+def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
+           repeats: int | None = None) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each sub-benchmark asked for."""
-    from kvtier.bench import generate, nvme, prefetch, tiers, vmm
+    from kvtier.bench import generate, long_context, nvme, prefetch, tiers, vmm
     from kvtier.vmm import resolve_device
 
     cuda = resolve_device(device).type == "cuda"
@@ -68,19 +71,20 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None) -> 
         "prefetch": (len(tokens), lambda step: [prefetch.run(device, tokens, nvme_dir, step)]),
         "nvme": (len(threads) * len(sizes), lambda step: [nvme.run((256 if quick else 1024) << 20, threads, sizes,
                                                                    nvme_dir, step)]),
-        "generate": (20, lambda step: [generate.run(device, quick=quick, step=step)]),
+        "generate": (20, lambda step: [generate.run(device, quick=quick, step=step, repeats=repeats)]),
+        "long-context": (3, lambda step: [long_context.run(device, quick=quick, step=step)]),
     }
     try:
         import transformers  # noqa: F401
     except ImportError:
-        if "generate" in names:
-            console.print("[yellow]skipping generate[/yellow]: needs transformers (pip install 'kvtier[transformers]')")
-            names = [n for n in names if n != "generate"]
+        for name in [n for n in names if n in ("generate", "long-context")]:
+            console.print(f"[yellow]skipping {name}[/yellow]: needs transformers (pip install 'kvtier[transformers]')")
+            names.remove(name)
     return [(name, *table[name]) for name in names]
 
 
 def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-               nvme_dir: str | None) -> None:
+               nvme_dir: str | None, repeats: int | None = None) -> None:
     """System header first, then each table (progress bars meanwhile); the same facts go to the JSON file."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -94,7 +98,7 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
     kinds: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
-        for name, steps, run in _parts(names, device, quick, nvme_dir):
+        for name, steps, run in _parts(names, device, quick, nvme_dir, repeats):
             task = progress.add_task(f"bench {name}", total=steps)
             produced = run(lambda t=task: progress.advance(t))
             progress.update(task, completed=steps)
@@ -119,18 +123,19 @@ ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
 @_bench_options
 @click.pass_context
 def bench(ctx: click.Context, device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-          nvme_dir: str | None) -> None:
-    """Benchmarks; with no sub-command, run them all (vmm, tiers, prefetch, nvme, generate)."""
+          nvme_dir: str | None, repeats: int | None) -> None:
+    """Benchmarks; with no sub-command, run them all (vmm, tiers, prefetch, nvme, generate; long-context only when
+    named: it needs host memory for 80 GiB of KV)."""
     if ctx.invoked_subcommand is None:
-        _run_bench(ALL, device, quick, json_path, plot_dir, nvme_dir)
+        _run_bench(ALL, device, quick, json_path, plot_dir, nvme_dir, repeats)
 
 
 def _sub(name: str, doc: str) -> None:
     @bench.command(name, help=doc)
     @_bench_options
     def command(device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-                nvme_dir: str | None) -> None:
-        _run_bench([name], device, quick, json_path, plot_dir, nvme_dir)
+                nvme_dir: str | None, repeats: int | None) -> None:
+        _run_bench([name], device, quick, json_path, plot_dir, nvme_dir, repeats)
 
 
 _sub("vmm", "Map/unmap cost vs page size, allocate latency, decode-attention overhead.")
@@ -138,6 +143,8 @@ _sub("tiers", "Every tier path for a whole sequence, and GPU<->host vs transfer 
 _sub("prefetch", "Fault-back latency vs sequence length, mapping included.")
 _sub("nvme", "Disk throughput vs threads and I/O size; kvikio (GDS or compat) on GPU machines.")
 _sub("generate", "transformers generate: DynamicCache vs its offloaded variant vs TieredCache (needs transformers).")
+_sub("long-context", "A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (needs "
+     "transformers).")
 
 
 @main.group()

@@ -284,9 +284,11 @@ def test_modes_on_the_gpu(mode, resident):
         "loop": lambda c: _loop(model, c, steps=(600, 1, 3, 1, -2, 1, 1), ids=_ids(2, 620).cuda())[0],
     }
     expected = runs[mode](transformers.DynamicCache(config=config))
-    kcfg = kvtier.Config(device="cuda", page_size=2 << 20, pool_budget=160 << 20, pool_ready=8 << 20,
+    # a layer holds 4 rows (2 prompts x 2 beams) of 1024 tokens: 32 MiB; all four fit the pool, or one beside the
+    # ring (two layers) and the three streamed layers' last pages
+    kcfg = kvtier.Config(device="cuda", page_size=2 << 20, pool_budget=256 << 20, pool_ready=8 << 20,
                          host_size=256 << 20, nvme_size=64 << 20, debug_checks=True)
-    cache = TieredCache(config, max_tokens=2048, config=kcfg, resident_layers=resident)
+    cache = TieredCache(config, max_tokens=1024, config=kcfg, resident_layers=resident)
     try:
         assert torch.equal(runs[mode](cache), expected)
         cache.manager.drain()

@@ -553,6 +553,14 @@ class TieredCache(Cache):
 
 
 @functools.cache
+def cache_kwarg() -> str:
+    """The keyword that hands a cache to ``model(...)`` / ``generate(...)`` in the installed transformers: ``cache``
+    from 5.2x on, ``past_key_values`` before (still taken, with a deprecation warning)."""
+    from transformers.generation import utils
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+@functools.cache
 def _dynamic_cache_item_arity() -> int:
     """How many items DynamicCache's iteration yields per layer in the installed transformers (2 or 3)."""
     from transformers import DynamicCache

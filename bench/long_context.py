@@ -1,0 +1,152 @@
+"""``kvtier bench long-context``: a context whose KV does not fit beside the weights on the GPU.
+
+A Llama-2-7B-shaped model (MHA: 512 KiB of KV per token) with random bf16 weights, and a prompt of ``tokens``
+tokens (160k: 80 GiB of KV) fed in chunks. DynamicCache and its offloaded variant are tried first (they run out
+of memory, or crawl: each is given ``deadline`` seconds), then TieredCache: as many layers resident as the pool
+holds beside the weights, the rest streamed through pinned host memory and read every step. Reported: prefill
+time, decode tokens/s, peak GPU memory, bytes below, and the decode step against its physical limit -- the bytes
+read from below each step over the host-to-device bandwidth of a pinned copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from kvtier.bench.common import Table
+from kvtier.bench.tiers import pcie_ceilings
+from kvtier.config import Config, GiB, MiB
+from kvtier.integrations.transformers import cache_kwarg
+from kvtier.manager import TierManager
+
+CHUNK = 8192  # prefill chunk: its activations stay small beside the weights
+
+
+def _llama2_7b(cuda: bool, quick: bool) -> Any:
+    from transformers import LlamaConfig
+    if cuda and not quick:
+        return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=262144)
+    return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=1024, max_position_embeddings=262144)
+
+
+def _run(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, chunk: int, deadline: float,
+         sync: Callable[[], None]) -> dict[str, Any]:
+    """Chunked prefill, then greedy decode; stops early (``done`` tokens) past ``deadline`` seconds."""
+    out: dict[str, Any] = {"done": 0}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, first:first + chunk], **{cache_kwarg(): cache}, use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
+            sync()
+            out["done"] = min(ids.shape[1], first + chunk)
+            if time.perf_counter() - start > deadline:
+                out["prefill s"] = time.perf_counter() - start
+                return out
+        out["prefill s"] = time.perf_counter() - start
+        token = logits.argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(token, **{cache_kwarg(): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        out["step s"] = (time.perf_counter() - start) / new_tokens
+    return out
+
+
+def run(device: str = "auto", quick: bool = False, tokens: int | None = None, new_tokens: int | None = None,
+        deadline: float = 60.0, step: Any = None) -> Table:
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from kvtier.integrations.transformers import TieredCache
+    from kvtier.vmm import resolve_device
+
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    tokens = tokens or (163840 if cuda and not quick else 2048)
+    new_tokens = new_tokens or (8 if cuda else 4)
+    chunk = CHUNK if cuda and not quick else 256
+    config = _llama2_7b(cuda, quick)
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    itemsize = 2 if cuda else 4
+    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * \
+        (config.hidden_size // config.num_attention_heads) * itemsize
+    ids = torch.randint(0, config.vocab_size, (1, tokens), device=dev)
+    table = Table(f"long context: Llama-2-7B shape ({token_bytes // 1024} KiB of KV a token), {tokens} tokens "
+                  f"({tokens * token_bytes / GiB:.1f} GiB of KV), prefill in chunks of {chunk}, {new_tokens} new",
+                  ["cache", "outcome", "prefill s", "decode tok/s", "peak GPU GiB", "GiB below", "step limit s",
+                   "limit / step"])
+
+    def peak() -> float:
+        return torch.cuda.max_memory_allocated(dev) / GiB if cuda else 0.0
+
+    for label, make in (("DynamicCache", lambda: DynamicCache(config=config)),
+                        ("DynamicCache(offloading=True)", lambda: DynamicCache(config=config, offloading=True))):
+        if not cuda and "offload" in label:
+            continue  # transformers' offloading needs a CUDA stream
+        cache = make()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            got = _run(model, ids, cache, new_tokens, chunk, deadline, sync)
+            outcome = "ok" if "step s" in got else f"crawls: {got['done']} tokens in {got['prefill s']:.0f} s"
+            table.add(label, outcome, got["prefill s"], 1 / got["step s"] if "step s" in got else 0.0, peak(),
+                      0.0, 0.0, 0.0)
+        except torch.OutOfMemoryError:
+            table.add(label, f"out of GPU memory at {cache.get_seq_length()} tokens", 0.0, 0.0, peak(), 0.0, 0.0, 0.0)
+        finally:
+            del cache
+            if cuda:
+                torch.cuda.empty_cache()
+        if step:
+            step()
+
+    # TieredCache: the pool gets what the GPU has left beside the weights and the activations of a chunk
+    kv_bytes = tokens * token_bytes
+    base = Config(device=str(dev)) if cuda else Config(device="cpu", page_size=64 << 10)
+    if cuda:
+        budget = max(torch.cuda.mem_get_info(dev)[0] - (6 * GiB if not quick else 256 * MiB), 64 * MiB)
+    else:  # one layer resident, so that the CPU run streams the others too
+        budget = TieredCache.pool_bytes(config, tokens + new_tokens, 1, page_size=base.page_size, itemsize=itemsize)
+    cfg = base.replace(pool_budget=budget, pool_ready=0,
+                       host_size=kv_bytes + 4 * GiB if cuda else 4 * kv_bytes, host_chunk=1 * GiB if cuda else 4 * MiB,
+                       host_high_watermark=1.0, host_low_watermark=1.0)  # the host tier holds it all: no cascade
+    manager = TierManager(cfg)
+    try:
+        pin = time.perf_counter()
+        manager.tiering.host.wait_ready()
+        pin = time.perf_counter() - pin
+        up = pcie_ceilings(dev, 1 * GiB if cuda else 64 * MiB)["up"] / (1 * GiB if cuda else 64 * MiB)
+        cache = TieredCache(config, max_tokens=tokens + new_tokens, manager=manager)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            got = _run(model, ids, cache, new_tokens, chunk, float("inf"), sync)
+            below = cache.residency()["host"] + cache.residency()["nvme"]
+            limit = below * up  # seconds a step needs to read what lies below, at the pinned-copy bandwidth
+            pool_peak = manager.pool.peak_created * manager.page_size / GiB
+            table.add(f"TieredCache ({len(cache.streamed_layers)} of {config.num_hidden_layers} layers streamed)",
+                      "ok", got["prefill s"], 1 / got["step s"], peak() + pool_peak, below / GiB, limit,
+                      limit / got["step s"])
+            table.notes.append(f"host tier pinned in {pin:.0f} s before the run; H2D pinned copy "
+                               f"{1 / up / 1e9:.1f} GB/s in the same run; peak GPU = torch's peak + kvtier's pages")
+        finally:
+            cache.close()
+    finally:
+        manager.close()
+    if step:
+        step()
+    table.notes.append("limit / step: the decode step against the time to read the bytes below once over PCIe "
+                       "(1.0 = the step is the copy)")
+    return table
