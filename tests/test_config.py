@@ -23,7 +23,8 @@ def test_every_example_config_is_valid(path):
 def test_sizes_sections_spaces_and_policy_parameters_load(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text('[gpu]\npool_budget = "6GiB"\n[host]\nsize = "2GiB"\n[nvme]\nmin_uses = 2\n'
-                    '[policy]\nname = "priority"\naging_seconds = 5.0\n[spaces.chat]\nquota_bytes = "1GiB"\npriority = 4\n')
+                    '[policy]\nname = "priority"\naging_seconds = 5.0\n'
+                    '[spaces.chat]\nquota_bytes = "1GiB"\npriority = 4\n')
     config = kvtier.Config.from_file(str(path))
     assert config.pool_budget == 6 << 30 and config.host_size == 2 << 30 and config.nvme_min_uses == 2
     assert config.policy_params == {"aging_seconds": 5.0}
