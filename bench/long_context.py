@@ -24,7 +24,7 @@ from kvtier.manager import TierManager
 
 log = logging.getLogger(__name__)
 
-CHUNK = 8192  # prefill chunk: its activations stay small beside the weights
+CHUNK = 4096  # prefill chunk: its activations (and its mask over the whole context) stay small
 
 
 def _llama2_7b(cuda: bool, quick: bool) -> Any:
@@ -99,7 +99,8 @@ def run(device: str = "auto", quick: bool = False, tokens: int | None = None, ne
     kv_bytes = tokens * token_bytes
     base = Config(device=str(dev)) if cuda else Config(device="cpu", page_size=64 << 10)
     if cuda:
-        budget = max(torch.cuda.mem_get_info(dev)[0] - (6 * GiB if not quick else 256 * MiB), 64 * MiB)
+        # what torch needs beside the pool at 160k: a chunk's activations and its mask over the whole context
+        budget = max(torch.cuda.mem_get_info(dev)[0] - (12 * GiB if not quick else 256 * MiB), 64 * MiB)
     else:  # one layer resident, so that the CPU run streams the others too
         budget = TieredCache.pool_bytes(config, tokens + new_tokens, 1, page_size=base.page_size, itemsize=itemsize)
     cfg = base.replace(pool_budget=budget, pool_ready=0,

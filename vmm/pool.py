@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Sequence
 
-from kvtier.errors import OutOfPagesError
+from kvtier.errors import CudaError, OutOfPagesError
 from kvtier.vmm.base import Backend, Handle
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,14 @@ class PagePool:
             log.debug("pool: creating %d page(s) on the allocation path", short)
             try:
                 taken += self._make(short, into_free=False)
+            except CudaError as exc:
+                self.give(taken)
+                if exc.code != "CUDA_ERROR_OUT_OF_MEMORY":
+                    raise
+                raise OutOfPagesError(  # the budget allowed it, but others (torch's allocator) hold the memory
+                    f"page pool: the device is out of memory after {self._created} pages of {self.page_size} bytes "
+                    f"(budget {self.budget_pages}): other allocations hold the rest; lower pool_budget or free "
+                    "memory") from exc
             except Exception:
                 self.give(taken)
                 raise
