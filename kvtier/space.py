@@ -261,7 +261,8 @@ class KVSpace:
             t, mapped = self.pages, len(self.range.handles)
             return {"pages_mapped": mapped, "pages_empty": len(self._empty),
                     "pages_host": t.count(Tier.HOST), "pages_nvme": t.count(Tier.NVME),
-                    "pages_lost": t.count(Tier.LOST), "pages_reserved": self.num_pages,
+                    "pages_lost": t.count(Tier.LOST), "pages_dropped": t.count(Tier.DROPPED),
+                    "pages_reserved": self.num_pages,
                     "bytes_mapped": mapped * self.page_bytes, "bytes_reserved": self.range.size,
                     "blocks_used": self.num_blocks - self.block_books.free_count, "blocks_total": self.num_blocks,
                     "sequences": len(self.block_books.seqs), "sequences_offloaded": len(self._offloaded),
@@ -311,6 +312,29 @@ class KVSpace:
             pages = [p for p in np.flatnonzero(ours).tolist()
                      if ours[p] == b.live[p] and p not in later and movable[p]]
             plan = self._tiering.plan_demote(self, pages, dst)
+            return self._start(plan, self._mgr.backend.record_fence(stream))
+
+    def drop_prefix(self, seq_id: Hashable, tokens: int, stream: Any = None) -> TransferHandle:
+        """Drop the pages that hold only ``seq_id``'s first ``tokens`` tokens: tokens the engine will never read
+        again (they fell out of a sliding window). The sequence keeps its blocks and goes on growing; the pages'
+        memory goes back (a GPU page once the kernels queued on ``stream`` are done, a page below at once). A
+        dropped token is gone: ``read`` and ``check_resident`` refuse it, ``prefetch`` skips it."""
+        with self._lock:
+            self._check_open()
+            b = self.block_books
+            blocks = np.asarray(b.blocks_of(seq_id), dtype=np.int64)
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= b.tokens[seq_id]:
+                raise InvalidArgumentError(f"tokens must be an int in 0..{b.tokens[seq_id]} (the tokens "
+                                           f"{seq_id!r} holds), got {tokens!r}")
+            cut = tokens // self.block_size
+            ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.num_pages)
+            later = set(b.pages_of(blocks[cut:]))
+            moving = self.pages.moving_mask()
+            pages = [p for p in np.flatnonzero(ours).tolist()
+                     if ours[p] == b.live[p] and p not in later and not moving[p]]
+            tiers = self.pages.tier[pages] if pages else np.zeros(0, dtype=np.int8)
+            self._tiering.drop_below(self, [p for p, t in zip(pages, tiers) if t in LOWER])
+            plan = self._tiering.plan_drop(self, [p for p, t in zip(pages, tiers) if t == Tier.GPU])
             return self._start(plan, self._mgr.backend.record_fence(stream))
 
     def _start(self, plan: Any, after: Any) -> TransferHandle:
@@ -381,6 +405,9 @@ class KVSpace:
         if pending:
             raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
         self._refuse_lost(pages)
+        if (self.pages.tier[pages] == Tier.DROPPED).any():
+            raise InvalidArgumentError(f"space {self.name!r}: tokens {start}..{stop} of {seq_id!r} include dropped "
+                                       "ones (drop_prefix); read only the tokens kept")
         flat = [t.view(torch.uint8).view(-1) for pair in dst for t in pair]
         used, P = flat[0].numel(), self.page_size
 

@@ -166,6 +166,51 @@ def test_architectures_give_dynamic_cache_tokens(arch, mode, tier):
     assert torch.equal(got, expected)
 
 
+# --- sliding windows: only about two windows are kept ---------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["mistral-window", "gemma2"])
+@pytest.mark.parametrize("mode", ["greedy", "beam", "loop"])
+def test_sliding_layers_keep_only_their_window(arch, mode):
+    model, config = _arch(arch)  # a window of 24 tokens; 32 tokens a page
+    runs = {
+        "greedy": lambda c: _generate(model, _ids(2, 200), c, max_new_tokens=40, do_sample=False),
+        "beam": lambda c: _generate(model, _ids(1, 200), c, max_new_tokens=12, num_beams=2, do_sample=False),
+        "loop": lambda c: _loop(model, c, steps=(150, 1, 3, 1, -2, 1, 5, -4, 1, 1), ids=_ids(2, 170, seed=4)),
+    }
+    expected = runs[mode](transformers.DynamicCache(config=config))
+    cache = _tiered(config, "some-host")
+    try:
+        got = runs[mode](cache)
+        if mode == "loop":  # tokens, and every layer's keys (a sliding layer's: its last window - 1 tokens)
+            assert torch.equal(got[0], expected[0])
+            assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+        else:
+            assert torch.equal(got, expected)
+        cache.manager.drain()
+        stats = cache.manager.stats()["spaces"]
+        sliding = [i for i, layer in enumerate(cache.layers) if layer.is_sliding]
+        assert sliding and all(layer.is_sliding == (cache.layers[i].window is not None)
+                               for i, layer in enumerate(cache.layers))
+        for i in sliding:  # old pages dropped: what stays mapped is about two windows a row
+            s = stats[cache.spaces[i].name]
+            assert s["pages_dropped"] > 0 and s["pages_mapped"] <= 4 * cache.rows, s
+        cache.manager.check()
+    finally:
+        cache.close()
+
+
+def test_a_sliding_layer_refuses_a_crop_past_what_it_kept():
+    model, config = _arch("mistral-window")
+    cache = _tiered(config, "resident")
+    try:
+        with torch.no_grad():
+            model(_ids(1, 200), **{CACHE_KW: cache})
+        cache.crop(-10)  # within the slack: fine
+        with pytest.raises(kvtier.InvalidArgumentError, match="cannot be cropped back"):
+            cache.crop(-60)
+    finally:
+        cache.close()
+
+
 # --- hand-written loops: 1- and k-token steps, crop, iteration, keys -----------------------------------------------
 def _loop(model, cache, steps=(40, 1, 1, 3, 1, 5, 1, 1, -4, 1, 2, 1, -1, 1), ids=None):
     """Feed the model chunks of ``k`` tokens (``-k``: crop k tokens and go on from there); return every logit
@@ -174,6 +219,8 @@ def _loop(model, cache, steps=(40, 1, 1, 3, 1, 5, 1, 1, -4, 1, 2, 1, -1, 1), ids
         warnings.simplefilter("ignore")
         ids = _ids(2, 80, seed=5) if ids is None else ids
         tokens, pos = [], 0
+        if any(cache.is_sliding) and hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()  # DynamicCache's sliding layers refuse a crop past the window otherwise
         for k in steps:
             if k < 0:
                 cache.crop(k)
@@ -183,6 +230,7 @@ def _loop(model, cache, steps=(40, 1, 1, 3, 1, 5, 1, 1, -4, 1, 2, 1, -1, 1), ids
             tokens.append(out.logits.argmax(-1))
             pos += k
         assert cache.get_seq_length() == pos
+        cache.crop(0)  # DynamicCache's sliding layers recording their past go back to their window
         keys = [item[0].clone() for item in cache]
         return torch.cat(tokens, dim=1), keys
 
@@ -304,3 +352,27 @@ def _gpu_chat(model, ids, cache):
         out.append(ids)
         ids = torch.cat([ids, _ids(1, 1 + turn % 2, seed=10 + turn).cuda()], dim=1)
     return torch.cat([o.flatten() for o in out])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sliding_window_on_the_gpu():
+    # a window of 512 tokens, 512 tokens a 2 MiB page: a 1500-token prompt drops its oldest pages as it decodes
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                                        num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
+                                        max_position_embeddings=4096, sliding_window=512)
+    model = transformers.MistralForCausalLM(config).eval().cuda()
+    ids = _ids(2, 1500).cuda()
+    run = lambda c: _generate(model, ids, c, max_new_tokens=24, do_sample=False)  # noqa: E731
+    expected = run(transformers.DynamicCache(config=config))
+    kcfg = kvtier.Config(device="cuda", page_size=2 << 20, pool_budget=256 << 20, pool_ready=8 << 20,
+                         host_size=256 << 20, nvme_size=64 << 20, debug_checks=True)
+    cache = TieredCache(config, max_tokens=2048, config=kcfg)
+    try:
+        assert torch.equal(run(cache), expected)
+        cache.manager.drain()
+        assert all(cache.manager.stats()["spaces"][s.name]["pages_dropped"] > 0 for s in cache.spaces)
+        cache.manager.check()
+    finally:
+        cache.close()

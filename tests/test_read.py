@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvtier.errors import InvalidArgumentError, UnknownSequenceError
-from tests.conftest import assert_seq, pattern
+import kvtier
+from tests.conftest import assert_seq, pattern, write_seq
 
 BPP = 16  # blocks per page in the test shape
 
@@ -137,4 +138,37 @@ def test_freeing_waits_for_a_read_in_flight(make_manager):
         for kv, tensor in enumerate(pair):
             for i in range(2 * BPP):
                 assert torch.equal(tensor[blocks[i]].cpu(), pattern(space, "a", 0, i, layer, kv))
+    mgr.check()
+
+
+def test_dropped_tokens_give_their_memory_back_and_are_never_read(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=256 * make_manager.shape["block_size"], **make_manager.shape)
+    bpp = 16  # blocks per page in the test shape
+    space.allocate("a", 3 * bpp * space.block_size)
+    write_seq(space, "a")
+    space.offload_prefix("a", bpp * space.block_size, tier="host").result()  # page 0 below, pages 1-2 on the GPU
+    # the tokens of pages 0 and 1 fall out of a window: dropped, below and on the GPU alike
+    space.drop_prefix("a", 2 * bpp * space.block_size + 3).result()
+    mgr.drain()
+    stats = space.stats()
+    assert stats["pages_dropped"] == 2 and stats["pages_host"] == 0 and stats["pages_mapped"] == 1
+    assert mgr.stats()["tiers"]["host"]["slots_used"] == 0
+    # the kept tokens read back exact; the dropped ones are refused, and check_resident refuses their blocks
+    dst = [tuple(torch.empty_like(t) for t in space.kv(layer)) for layer in range(space.num_layers)]
+    space.read("a", dst, start=2 * bpp * space.block_size).result()
+    blocks = space.blocks("a")
+    for i in range(2 * bpp, 3 * bpp):
+        assert torch.equal(dst[0][0][blocks[i]].cpu(), pattern(space, "a", 0, i, 0, 0))
+    with pytest.raises(kvtier.InvalidArgumentError, match="dropped"):
+        space.read("a", dst, start=0)
+    with pytest.raises(kvtier.NotResidentError):
+        space.check_resident(blocks[:1])
+    # the sequence grows on, goes down and comes back without its dropped pages, and is freed whole
+    space.allocate("a", 3 * bpp * space.block_size + 1)
+    space.offload("a", tier="nvme").result()
+    space.ensure_resident(["a"])
+    assert space.page_residency("a")["gpu"] == 2 and space.stats()["pages_dropped"] == 2
+    space.free("a")
+    assert space.stats()["pages_dropped"] == 0
     mgr.check()

@@ -29,6 +29,7 @@ class Tier(IntEnum):
     HOST = 2      # pinned host slots, one per region
     NVME = 3      # slots of the NVMe file, one per region
     LOST = 4      # a read back failed: the sequences on it must be recomputed
+    DROPPED = 5   # the engine dropped the data on purpose (tokens it will never read again, e.g. out of a window)
 
     @property
     def label(self) -> str:

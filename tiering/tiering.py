@@ -111,6 +111,18 @@ class Tiering:
         return plan_demotion([(space, p) for p in pages], dst, self.policy, self.directory.tiered_spaces(),
                              self._free_slots())
 
+    def plan_drop(self, space: TieredSpace, pages: Iterable[int]) -> DemotionPlan:
+        """GPU ``pages`` whose data the engine will never read again: unmapped (after the fence the plan is
+        started with), nothing copied. Lower pages are dropped at once by :meth:`drop_below`."""
+        return DemotionPlan([PlannedMove(space, p, Tier.GPU, Tier.DROPPED, clean=True) for p in pages])
+
+    def drop_below(self, space: TieredSpace, pages: Iterable[int]) -> None:
+        """Lower ``pages`` (not in flight) whose data the engine will never read again: their slots go back."""
+        table = space.pages
+        for p in pages:
+            self.books(table.tier_of(p)).give(table.slots.pop(p))
+            table.tier[p] = Tier.DROPPED
+
     def plan_room(self, handles_needed: int, avoid: Collection[tuple[str, int]] = ()) -> DemotionPlan:
         """Idle GPU pages to demote, coldest first per the policy, until ``handles_needed`` GPU handles would
         come free (fewer if the tiers below cannot take enough). ``(space name, page)`` pairs in ``avoid`` stay."""
@@ -140,6 +152,10 @@ class Tiering:
         pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move]]] = defaultdict(list)
         for pm in planned:
             p = pm.page
+            if pm.dst == Tier.DROPPED:
+                self.drop_copies(space, [p])
+                moves.append(Move(space, p, pm.src, pm.dst, [], clean=True))  # unmapped after ``after``
+                continue
             if pm.clean:
                 _, slots = table.copies.pop(p)
                 self.copies_reused += 1
@@ -280,7 +296,7 @@ class Tiering:
             elif tier in LOWER:
                 self.books(tier).give(table.slots.pop(p))
                 table.tier[p] = Tier.UNMAPPED
-            elif tier == Tier.LOST:
+            elif tier in (Tier.LOST, Tier.DROPPED):
                 table.tier[p] = Tier.UNMAPPED
 
     def close_space(self, space: TieredSpace) -> None:
@@ -341,7 +357,7 @@ class Tiering:
         else:
             self.books(m.src).give(table.slots.pop(p))
         table.tier[p] = m.dst
-        if m.dst != Tier.GPU:
+        if m.dst in LOWER:
             table.slots[p] = m.taken
 
     def _undo_move(self, handle: TransferHandle, m: Move) -> None:
@@ -349,7 +365,8 @@ class Tiering:
         table.moving.pop(p, None)
         table.written_in_flight.discard(p)
         if m.dst != Tier.GPU:
-            self.books(m.dst).give(m.taken)
+            if m.dst in LOWER:
+                self.books(m.dst).give(m.taken)
             return
         space.unmap_pages([p])
         table.tier[p] = m.src  # unmapping cleared it; the data is still below

@@ -46,14 +46,16 @@ RING_SLOTS = 2  # one slot read by the layer computing, one filling for the next
 
 
 class TieredLayer(CacheLayerMixin):
-    # Sliding-window layers keep their whole context (the model's mask applies the window), so they answer as
-    # full layers do; keeping only the window is not done yet.
-    is_sliding = False
+    """One model layer. A sliding-window layer (``window``: the model's sliding window) answers as
+    DynamicSlidingWindowLayer does -- its mask sizes, and its keys (the last ``window - 1`` tokens) -- and keeps
+    only about two windows of tokens: older pages are dropped (``KVSpace.drop_prefix``)."""
+
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache: "TieredCache", index: int) -> None:
-        self.cache, self.index, self.length = cache, index, 0
+    def __init__(self, cache: "TieredCache", index: int, window: int | None = None) -> None:
+        self.cache, self.index, self.length, self.window = cache, index, 0, window
+        self.is_sliding = window is not None
         super().__init__()
 
     # The data lives in the cache's spaces: ``keys`` and ``values`` are read from there, never kept here, so they
@@ -88,7 +90,15 @@ class TieredLayer(CacheLayerMixin):
         # transformers 5.2x passes the query length; earlier 5.x releases pass ``cache_position`` (the new tokens'
         # positions), and a tensor here would cost a materialised mask -- or a wrong one -- on every layer
         new = query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
-        return self.length + new, 0
+        if self.window is None:
+            return self.length + new, 0
+        offset = max(self.length - self.window + 1, 0)  # as DynamicSlidingWindowLayer: the window and the new
+        return (self.window - 1 + new if self.length >= self.window else self.length + new), offset
+
+    def visible_from(self, length: int | None = None) -> int:
+        """The first token a step after ``length`` tokens attends to (0 unless the layer slides)."""
+        length = self.length if length is None else length
+        return 0 if self.window is None else max(0, length - (self.window - 1))
 
     def get_seq_length(self) -> int:
         return self.length
@@ -132,7 +142,7 @@ class TieredCache(Cache):
         model_config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") \
             else model_config
         num_layers = model_config.num_hidden_layers
-        super().__init__(layers=[TieredLayer(self, i) for i in range(num_layers)])
+        super().__init__(layers=[TieredLayer(self, i, w) for i, w in enumerate(_windows(model_config, num_layers))])
         if offload_tier not in ("host", "nvme"):
             raise InvalidArgumentError(f"offload_tier {offload_tier!r}: use 'host' or 'nvme'")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -158,6 +168,7 @@ class TieredCache(Cache):
         self._allocated = [0] * num_layers  # tokens a row each layer's space holds (whole blocks)
         self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._generation = 0  # spaces made so far (their names must differ on a shared manager)
+        self._dropped = [[0] * self.rows for _ in range(num_layers)]  # sliding layers: tokens dropped, per row
 
     @staticmethod
     def pool_bytes(model_config: Any, max_tokens: int, resident_layers: int, batch_size: int = 1,
@@ -183,16 +194,23 @@ class TieredCache(Cache):
         self._generation += 1
         for i in range(n):
             self.spaces.append(self._new_space(f"{self.name}.L{i}", key_states.dtype))
-        layer, tail = _layer_bytes(self.spaces[0].block_bytes // self.block_size, self.max_tokens, self.rows,
-                                   self.manager.page_size)
-        budget = self.manager.pool.budget_pages * self.manager.page_size
-        resident = self.resident_layers
-        if resident is None:  # as many as the pool holds beside the ring and the streamed layers' last pages
-            spare = budget - RING_SLOTS * layer - n * tail - tail // self.rows
-            resident = n if n * layer <= budget else max(0, min(n - 1, spare // (layer - tail)))
-        streamed = n - min(n, resident)
+        self._dropped = [[0] * self.rows for _ in range(n)]
+        page, token_bytes = self.manager.page_size, self.spaces[0].block_bytes // self.block_size
+        layer, tail = _layer_bytes(token_bytes, self.max_tokens, self.rows, page)
+        # sliding layers stay resident: they keep about two windows (and the pages those straddle)
+        full = [i for i in range(n) if self.layers[i].window is None]
+        sliding = sum(_layer_bytes(token_bytes, min(self.max_tokens, 2 * self.layers[i].window + 2 * page //
+                                                    token_bytes), self.rows, page)[0]
+                      for i in range(n) if i not in full)
+        budget = self.manager.pool.budget_pages * page - sliding
+        m = len(full)
+        if self.resident_layers is None:  # as many as the pool holds beside the ring and the streamed last pages
+            spare = budget - RING_SLOTS * layer - m * tail - tail // self.rows
+            streamed = 0 if m * layer <= budget else m - max(0, min(m - 1, spare // (layer - tail)))
+        else:
+            streamed = min(m, n - min(n, self.resident_layers))
         # spread out, so that each streamed layer's read overlaps the compute of the resident ones before it
-        self._streamed = sorted({(2 * k + 1) * n // (2 * streamed) for k in range(streamed)})
+        self._streamed = sorted({full[(2 * k + 1) * m // (2 * streamed)] for k in range(streamed)})
         self._settled = {i: [0] * self.rows for i in self._streamed}
 
     def _new_space(self, name: str, dtype: torch.dtype) -> Any:
@@ -233,9 +251,21 @@ class TieredCache(Cache):
             views = self._views[space.name] = (k, v)
         return views
 
-    def _row_views(self, space: Any, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_views(self, space: Any, stop: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._rows_of(space)
-        return k.narrow(1, 0, stop).transpose(1, 2), v.narrow(1, 0, stop).transpose(1, 2)
+        return k.narrow(1, first, stop - first).transpose(1, 2), v.narrow(1, first, stop - first).transpose(1, 2)
+
+    def _drop_old(self, i: int, stream: Any) -> None:
+        """A sliding layer keeps about two windows (so that a crop of up to one window can be undone): the pages
+        of older tokens are dropped once a whole page has fallen out, after the kernels queued on ``stream`` (the
+        layer's attention, which may still read them: this runs as the next layer starts)."""
+        layer, space = self.layers[i], self.spaces[i]
+        keep = layer.length - 2 * layer.window
+        if keep - min(self._dropped[i]) < self.manager.page_size // (space.block_bytes // self.block_size):
+            return
+        for row in self._rows():
+            space.drop_prefix(row, keep, stream=stream)
+            self._dropped[i][row] = keep
 
     # --- the step ---------------------------------------------------------------------------------------------------
     def _update(self, layer: TieredLayer, key_states: torch.Tensor,
@@ -254,6 +284,9 @@ class TieredCache(Cache):
             raise InvalidArgumentError(f"TieredCache holds {self.max_tokens} tokens a row; raise max_tokens")
         space = self.spaces[i]
         stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
+        previous = self.layers[self._last] if self._last >= 0 else None
+        if previous is not None and previous.window is not None and previous.length:
+            self._drop_old(previous.index, stream)  # its attention is enqueued: tokens out of its window can go
         if self._streamed:
             self._before(i, stream, new, first_fill=start == 0)
         pending = self._pending.pop(i, None)
@@ -274,6 +307,8 @@ class TieredCache(Cache):
             space.mark_written(row, start, stop)
         layer.length = stop
         self._last = i
+        if layer.window is not None:  # the window and the new tokens, as DynamicSlidingWindowLayer returns them
+            return self._row_views(space, stop, layer.visible_from(start))
         if i in self._settled and any(self._settled[i]):  # its past is partly below: read it into a ring slot
             return self._read_streamed(i, stream, stop)
         return self._row_views(space, stop)
@@ -373,6 +408,7 @@ class TieredCache(Cache):
                     self.spaces[i].free(row)
             if i in self._settled:
                 self._settled[i] = [0] * self.rows
+            self._dropped[i] = [0] * self.rows
             self._allocated[i] = 0
         if i == 0:  # a new generation: the ring is mapped again when a step needs it
             for _, handles, _ in self._reads.values():  # reads ahead into the ring land before it is unmapped
@@ -411,16 +447,17 @@ class TieredCache(Cache):
         if not self.spaces or not layer.length:
             return None, None
         i, space, length = layer.index, self.spaces[layer.index], layer.length
+        first = layer.visible_from()  # a sliding layer keeps the last window - 1 tokens, as DynamicCache's does
         pending = self._pending.pop(i, None)
         if pending is not None:
             pending.result()
         if i not in self._down and not any(self._settled.get(i, ())):
-            return self._row_views(space, length)
+            return self._row_views(space, length, first)
         k_buf, v_buf = (torch.empty_like(t) for t in space.kv(0))
-        for handle in [space.read(row, [(k_buf, v_buf)], stop=length) for row in self._rows()]:
+        for handle in [space.read(row, [(k_buf, v_buf)], start=first, stop=length) for row in self._rows()]:
             handle.result()
         shape = (self.capacity, self.max_tokens, self.num_kv_heads, self.head_dim)
-        return tuple(t.view(shape)[:self.rows, :length].transpose(1, 2) for t in (k_buf, v_buf))  # type: ignore
+        return tuple(t.view(shape)[:self.rows, first:length].transpose(1, 2) for t in (k_buf, v_buf))  # type: ignore
 
     def _crop_layer(self, i: int, tokens_to_remove: int) -> None:
         if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
@@ -430,6 +467,10 @@ class TieredCache(Cache):
         if not tokens_to_remove or not layer.length:
             return
         length = max(0, layer.length + tokens_to_remove)
+        if layer.window is not None and layer.visible_from(length) < max(self._dropped[i]):
+            raise InvalidArgumentError(f"layer {i} slides over {layer.window} tokens and keeps about two windows: "
+                                       f"it cannot be cropped back {-tokens_to_remove} tokens (its older tokens "
+                                       "were dropped)")
         if i in self._settled and max(self._settled[i]) > length:
             self._materialize(i)  # tokens that will be written again lie below: bring them back
         layer.length = length
@@ -470,17 +511,18 @@ class TieredCache(Cache):
             return
         self._materialize(i)
         k, v = self._rows_of(space)
-        length, device = layer.length, k.device
-        new_k, new_v = (t[:, :length].index_select(0, src.to(device)) for t in (k, v))  # copies
+        length, device, kept = layer.length, k.device, max(self._dropped[i])  # tokens before ``kept`` are gone
+        new_k, new_v = (t[:, kept:length].index_select(0, src.to(device)) for t in (k, v))  # copies
         upto = self._allocated[i]
         for row in range(len(src)):
             if row >= self.rows or row not in space.sequences():
                 space.allocate(row, upto, first_block=row * self.blocks_per_row)
         shape = (self.capacity, self.max_tokens, self.num_kv_heads, self.head_dim)
         for t, new in zip(space.kv(0), (new_k, new_v)):
-            t.view(shape)[:len(src), :length].copy_(new)
+            t.view(shape)[:len(src), kept:length].copy_(new)
         for row in range(len(src)):
-            space.mark_written(row, 0, length)
+            space.mark_written(row, kept, length)
+        self._dropped[i] = [self._dropped[i][r] if r < self.rows else 0 for r in range(len(src))]
 
     def _grow(self, rows: int) -> None:
         """New spaces with room for ``rows`` rows, holding what the old ones held (one layer at a time)."""
@@ -497,10 +539,12 @@ class TieredCache(Cache):
             if length:
                 shape_old = (old_capacity, self.max_tokens, self.num_kv_heads, self.head_dim)
                 shape_new = (rows, self.max_tokens, self.num_kv_heads, self.head_dim)
+                kept = max(self._dropped[i])
                 for row in range(self.rows):
                     new.allocate(row, self._allocated[i], first_block=row * self.blocks_per_row)
                 for t_new, t_old in zip(new.kv(0), old.kv(0)):
-                    t_new.view(shape_new)[:self.rows, :length].copy_(t_old.view(shape_old)[:self.rows, :length])
+                    t_new.view(shape_new)[:self.rows, kept:length].copy_(t_old.view(shape_old)[:self.rows, kept:length])
+                self._dropped[i] = [0] * self.rows  # the new space maps them all: dropped again as it grows
             self.manager.drop_space(old.name)
             self.spaces[i] = new
         self._views.clear()
@@ -550,6 +594,18 @@ class TieredCache(Cache):
         self._views.clear()
         for layer in self.layers:
             layer.length = 0
+
+
+def _windows(model_config: Any, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as DynamicCache lays the model's layers out."""
+    from transformers import DynamicCache
+    try:
+        layers = DynamicCache(config=model_config).layers
+    except Exception:  # noqa: BLE001 - a config DynamicCache cannot lay out: full attention everywhere
+        return [None] * num_layers
+    windows = [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+               for layer in layers]
+    return windows if len(windows) == num_layers else [None] * num_layers
 
 
 @functools.cache
