@@ -3,8 +3,9 @@
 Every page is in exactly one :class:`Tier`: ``UNMAPPED`` (no data), ``GPU`` (mapped; the space's range holds
 its handles), ``HOST`` or ``NVME`` (``slots`` holds one slot per region), ``LOST`` (a read back failed; the
 sequences on it must be recomputed), or ``DROPPED`` (the engine dropped tokens it will never read again: the
-blocks stay their sequence's, the data is gone and nothing is held for it). A page in flight keeps its source tier -- its data stays valid there until
-the transfer commits -- and is listed in ``moving`` with the transfer's handle.
+blocks stay their sequence's, the data is gone and nothing is held for it). A page in flight keeps its source
+tier -- its data stays valid there until the transfer commits -- and is listed in ``moving`` with the transfer's
+handle.
 
 A GPU page brought up from below may keep its old slots as a *copy* (``copies``: tier and slots): the bytes
 there equal the page's until a token is written into it again, so offloading it once more only unmaps it. A copy
