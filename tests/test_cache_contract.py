@@ -357,11 +357,11 @@ def _gpu_chat(model, ids, cache):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sliding_window_on_the_gpu():
-    # a window of 512 tokens, 512 tokens a 2 MiB page: a 1500-token prompt drops its oldest pages as it decodes
+    # a window of 256 tokens, 512 tokens a 2 MiB page: a 1500-token prompt keeps about two windows, drops the rest
     torch.manual_seed(0)
     config = transformers.MistralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
                                         num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
-                                        max_position_embeddings=4096, sliding_window=512)
+                                        max_position_embeddings=4096, sliding_window=256)
     model = transformers.MistralForCausalLM(config).eval().cuda()
     ids = _ids(2, 1500).cuda()
     run = lambda c: _generate(model, ids, c, max_new_tokens=24, do_sample=False)  # noqa: E731
@@ -372,6 +372,7 @@ def test_sliding_window_on_the_gpu():
     try:
         assert torch.equal(run(cache), expected)
         cache.manager.drain()
+        assert all(layer.is_sliding for layer in cache.layers)
         assert all(cache.manager.stats()["spaces"][s.name]["pages_dropped"] > 0 for s in cache.spaces)
         cache.manager.check()
     finally:
