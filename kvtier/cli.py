@@ -51,14 +51,15 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option("--nvme-dir", type=click.Path(file_okay=False), help="Where NVMe files go (default: a "
                       "temporary directory; point it at the NVMe you will deploy on).")(fn)
     fn = click.option("--repeats", type=click.IntRange(1), default=None,
-                      help="generate: interleaved runs of each cache (default 3 on a GPU).")(fn)
+                      help="generate: interleaved runs of each cache (default 3 on a GPU); decode-pairs: rounds "
+                      "(default 30).")(fn)
     return fn
 
 
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
            repeats: int | None = None) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each sub-benchmark asked for."""
-    from kvtier.bench import generate, long_context, nvme, prefetch, tiers, vmm
+    from kvtier.bench import generate, long_context, nvme, pairs, prefetch, tiers, vmm
     from kvtier.vmm import resolve_device
 
     cuda = resolve_device(device).type == "cuda"
@@ -73,11 +74,13 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
                                                                    nvme_dir, step)]),
         "generate": (20, lambda step: [generate.run(device, quick=quick, step=step, repeats=repeats)]),
         "long-context": (3, lambda step: [long_context.run(device, quick=quick, step=step)]),
+        "decode-pairs": (repeats or (30 if cuda else 4),
+                         lambda step: [pairs.run(device, quick=quick, rounds=repeats, step=step)]),
     }
     try:
         import transformers  # noqa: F401
     except ImportError:
-        for name in [n for n in names if n in ("generate", "long-context")]:
+        for name in [n for n in names if n in ("generate", "long-context", "decode-pairs")]:
             console.print(f"[yellow]skipping {name}[/yellow]: needs transformers (pip install 'kvtier[transformers]')")
             names.remove(name)
     return [(name, *table[name]) for name in names]
@@ -143,6 +146,8 @@ _sub("tiers", "Every tier path for a whole sequence, and GPU<->host vs transfer 
 _sub("prefetch", "Fault-back latency vs sequence length, mapping included.")
 _sub("nvme", "Disk throughput vs threads and I/O size; kvikio (GDS or compat) on GPU machines.")
 _sub("generate", "transformers generate: DynamicCache vs its offloaded variant vs TieredCache (needs transformers).")
+_sub("decode-pairs", "TieredCache all resident against DynamicCache in alternating blocks of decode steps: the "
+     "median and spread of the pairs (--repeats rounds; needs transformers).")
 _sub("long-context", "A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (needs "
      "transformers).")
 
