@@ -47,7 +47,7 @@ def run(device: str = "auto", quick: bool = False, context: int | None = None, r
               "TieredCache, all resident": TieredCache(config, max_tokens=tokens, manager=manager)}
     ids = torch.randint(0, config.vocab_size, (1, context), device=dev)
     times: dict[str, list[float]] = {name: [] for name in caches}
-    cpu: dict[str, list[float]] = {name: [] for name in caches}  # the main thread's CPU time: the host's work
+    cpu: dict[str, list[float]] = {name: [] for name in caches}  # the main thread's CPU time: the host's own work
     try:
         with torch.no_grad():
             last = {}
@@ -86,5 +86,6 @@ def run(device: str = "auto", quick: bool = False, context: int | None = None, r
     table.notes.append("each round runs both caches back to back (the order alternates); a pair is DynamicCache's "
                        "ms/step over the other's in the same round. 'within 5%': the inter-quartile range of the pairs "
                        "lies above 0.95 (yes), below it (no), or straddles it (unsettled). host CPU: the main "
-                       "thread's CPU time to launch a step (the decode is host-bound), immune to the VM's stalls")
+                       "thread's CPU time to launch a step (the decode is host-bound): when it tracks the wall time, "
+                       "the spread is the host's own speed, not stalls")
     return table
