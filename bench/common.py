@@ -71,6 +71,20 @@ def _pci_bus_id(device: torch.device) -> str:
         return "unknown"
 
 
+def random_model(config: Any, device: torch.device) -> Any:
+    """A LlamaForCausalLM with random weights: bf16 made on the GPU (no fp32 copy of billions of weights on the
+    way), fp32 on the CPU."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]

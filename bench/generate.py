@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from kvtier.bench.common import Table
+from kvtier.bench.common import Table, random_model
 from kvtier.config import Config
 from kvtier.manager import TierManager
 
@@ -103,7 +103,7 @@ def _measure(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, device:
 
 def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = None, new_tokens: int | None = None,
         step: Any = None, repeats: int | None = None) -> Table:
-    from transformers import DynamicCache, LlamaForCausalLM
+    from transformers import DynamicCache
 
     from kvtier.integrations.transformers import TieredCache
     from kvtier.vmm import resolve_device
@@ -113,14 +113,7 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
     contexts = contexts or ([4096] if quick else [16384, 32768]) if cuda else [512]
     new_tokens = new_tokens or (16 if quick or not cuda else 64)
     config = _llama(cuda, quick)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)  # no fp32 copy of 8B weights on the way
-    try:
-        with torch.device(dev):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = random_model(config, dev)
     kv_base = Config(device=str(dev)) if cuda else Config(device="cpu", page_size=64 << 10, host_size=64 << 20,
                                                           nvme_size=64 << 20)
     kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)

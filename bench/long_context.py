@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from kvtier.bench.common import Table
+from kvtier.bench.common import Table, random_model
 from kvtier.bench.tiers import pcie_ceilings
 from kvtier.config import Config, GiB, MiB
 from kvtier.integrations.transformers import cache_kwarg
@@ -63,7 +63,7 @@ def _run(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, chunk: int,
 
 def run(device: str = "auto", quick: bool = False, tokens: int | None = None, new_tokens: int | None = None,
         deadline: float = 30.0, step: Any = None) -> Table:
-    from transformers import DynamicCache, LlamaForCausalLM
+    from transformers import DynamicCache
 
     from kvtier.integrations.transformers import TieredCache
     from kvtier.vmm import resolve_device
@@ -75,14 +75,7 @@ def run(device: str = "auto", quick: bool = False, tokens: int | None = None, ne
     chunk = CHUNK if cuda and not quick else 256
     config = _llama2_7b(cuda, quick)
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
-    try:
-        with torch.device(dev):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = random_model(config, dev)
     itemsize = 2 if cuda else 4
     token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * \
         (config.hidden_size // config.num_attention_heads) * itemsize

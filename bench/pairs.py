@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kvtier.bench.common import Table, percentile
+from kvtier.bench.common import Table, random_model, percentile
 from kvtier.bench.generate import _llama
 from kvtier.config import Config, GiB
 from kvtier.manager import TierManager
@@ -21,7 +21,7 @@ from kvtier.manager import TierManager
 
 def run(device: str = "auto", quick: bool = False, context: int | None = None, rounds: int | None = None,
         steps: int = 8, step: Any = None) -> Table:
-    from transformers import DynamicCache, LlamaForCausalLM
+    from transformers import DynamicCache
 
     from kvtier.integrations.transformers import TieredCache, cache_kwarg
     from kvtier.vmm import resolve_device
@@ -31,14 +31,7 @@ def run(device: str = "auto", quick: bool = False, context: int | None = None, r
     context = context or (32768 if cuda and not quick else 512)
     rounds = rounds or (30 if cuda and not quick else 4)
     config = _llama(cuda, quick)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
-    try:
-        with torch.device(dev):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = random_model(config, dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     tokens = context + 2 * rounds * steps + 1
     kv = Config(device=str(dev), pool_ready=0) if cuda else Config(device="cpu", page_size=64 << 10)

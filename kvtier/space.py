@@ -300,19 +300,23 @@ class KVSpace:
         dst = _offload_tier(tier, ("host", "nvme"))
         with self._lock:
             self._check_open()
-            b = self.block_books
-            blocks = np.asarray(b.blocks_of(seq_id), dtype=np.int64)
-            if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= b.tokens[seq_id]:
-                raise InvalidArgumentError(f"tokens must be an int in 0..{b.tokens[seq_id]} (the tokens "
-                                           f"{seq_id!r} holds), got {tokens!r}")
-            cut = tokens // self.block_size  # blocks wholly below ``tokens``
-            ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.num_pages)
-            later = set(b.pages_of(blocks[cut:]))
             movable = self.pages.allocatable()
-            pages = [p for p in np.flatnonzero(ours).tolist()
-                     if ours[p] == b.live[p] and p not in later and movable[p]]
+            pages = [p for p in self._prefix_pages(seq_id, tokens) if movable[p]]
             plan = self._tiering.plan_demote(self, pages, dst)
             return self._start(plan, self._mgr.backend.record_fence(stream))
+
+    def _prefix_pages(self, seq_id: Hashable, tokens: int) -> list[int]:
+        """The pages that hold nothing but ``seq_id``'s first ``tokens`` tokens (whole blocks below ``tokens``; no
+        later block of it, no block of another sequence)."""
+        b = self.block_books
+        blocks = np.asarray(b.blocks_of(seq_id), dtype=np.int64)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= b.tokens[seq_id]:
+            raise InvalidArgumentError(f"tokens must be an int in 0..{b.tokens[seq_id]} (the tokens "
+                                       f"{seq_id!r} holds), got {tokens!r}")
+        cut = tokens // self.block_size  # blocks wholly below ``tokens``
+        ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.num_pages)
+        later = set(b.pages_of(blocks[cut:]))
+        return [p for p in np.flatnonzero(ours).tolist() if ours[p] == b.live[p] and p not in later]
 
     def drop_prefix(self, seq_id: Hashable, tokens: int, stream: Any = None) -> TransferHandle:
         """Drop the pages that hold only ``seq_id``'s first ``tokens`` tokens: tokens the engine will never read
@@ -321,17 +325,8 @@ class KVSpace:
         dropped token is gone: ``read`` and ``check_resident`` refuse it, ``prefetch`` skips it."""
         with self._lock:
             self._check_open()
-            b = self.block_books
-            blocks = np.asarray(b.blocks_of(seq_id), dtype=np.int64)
-            if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= b.tokens[seq_id]:
-                raise InvalidArgumentError(f"tokens must be an int in 0..{b.tokens[seq_id]} (the tokens "
-                                           f"{seq_id!r} holds), got {tokens!r}")
-            cut = tokens // self.block_size
-            ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.num_pages)
-            later = set(b.pages_of(blocks[cut:]))
             moving = self.pages.moving_mask()
-            pages = [p for p in np.flatnonzero(ours).tolist()
-                     if ours[p] == b.live[p] and p not in later and not moving[p]]
+            pages = [p for p in self._prefix_pages(seq_id, tokens) if not moving[p]]
             tiers = self.pages.tier[pages] if pages else np.zeros(0, dtype=np.int8)
             self._tiering.drop_below(self, [p for p, t in zip(pages, tiers) if t in LOWER])
             plan = self._tiering.plan_drop(self, [p for p, t in zip(pages, tiers) if t == Tier.GPU])
