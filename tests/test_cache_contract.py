@@ -235,10 +235,14 @@ def _loop(model, cache, steps=(40, 1, 1, 3, 1, 5, 1, 1, -4, 1, 2, 1, -1, 1), ids
         return torch.cat(tokens, dim=1), keys
 
 
+@pytest.mark.parametrize("steps", [(40, 1, 1, 3, 1, 5, 1, 1, -4, 1, 2, 1, -1, 1),
+                                   # a crop back below tokens a streamed layer keeps below, then rewritten
+                                   (64, 1, 1, -5, 3, 1, 1, 30, 1, -3, 2, 1)], ids=["crops", "crop-below"])
 @pytest.mark.parametrize("tier", sorted(TIERS))
-def test_a_manual_loop_with_k_token_steps_and_crops(tier):
+def test_a_manual_loop_with_k_token_steps_and_crops(tier, steps):
     model, config = _arch("llama")
-    (expected, keys), (got, got_keys) = _both(model, config, tier, lambda cache: _loop(model, cache))
+    run = lambda cache: _loop(model, cache, steps, ids=_ids(2, 120, seed=5))  # noqa: E731
+    (expected, keys), (got, got_keys) = _both(model, config, tier, run)
     assert torch.equal(got, expected)
     assert len(got_keys) == len(keys) and all(torch.equal(a, b) for a, b in zip(got_keys, keys))
 

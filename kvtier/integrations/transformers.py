@@ -169,6 +169,7 @@ class TieredCache(Cache):
         self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._generation = 0  # spaces made so far (their names must differ on a shared manager)
         self._dropped = [[0] * self.rows for _ in range(num_layers)]  # sliding layers: tokens dropped, per row
+        self._high = [0] * num_layers  # the furthest token each layer has written since the last reset
 
     @staticmethod
     def pool_bytes(model_config: Any, max_tokens: int, resident_layers: int, batch_size: int = 1,
@@ -232,6 +233,7 @@ class TieredCache(Cache):
         self._views.clear()
         self._down.clear()
         self._allocated = [0] * len(self.layers)
+        self._high = [0] * len(self.layers)
         self._slot_user, self._last = [None] * RING_SLOTS, -1
 
     @property
@@ -303,8 +305,10 @@ class TieredCache(Cache):
         rows_k, rows_v = self._rows_of(space)
         rows_k.narrow(1, start, new).copy_(key_states.transpose(1, 2))  # narrow: cheaper on the host than [:, a:b]
         rows_v.narrow(1, start, new).copy_(value_states.transpose(1, 2))
-        for row in self._rows():  # pages brought back up keep no stale copy of what was just written
-            space.mark_written(row, start, stop)
+        if start < self._high[i]:  # rewriting tokens (after a crop): their pages' copies below are stale now
+            for row in self._rows():
+                space.mark_written(row, start, stop)
+        self._high[i] = max(self._high[i], stop)  # appending needs no call: the last block's page keeps no copy
         layer.length = stop
         self._last = i
         if layer.window is not None:  # the window and the new tokens, as DynamicSlidingWindowLayer returns them
@@ -410,6 +414,7 @@ class TieredCache(Cache):
                 self._settled[i] = [0] * self.rows
             self._dropped[i] = [0] * self.rows
             self._allocated[i] = 0
+            self._high[i] = 0
         if i == 0:  # a new generation: the ring is mapped again when a step needs it
             for _, handles, _ in self._reads.values():  # reads ahead into the ring land before it is unmapped
                 for handle in handles:
