@@ -57,6 +57,9 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
     own = np.zeros(books.num_pages, dtype=bool)
     if held:
         own[books.pages_of(np.asarray(held, dtype=np.int64))] = True
+        # never a block on a page whose data is elsewhere (its prefix sent down, say): it is not mapped. A page on
+        # its way up is (writes ordered after the prefetch's wait(stream) land after it)
+        own &= masks.allocatable | masks.promoting
     mapped = masks.allocatable & ~masks.idle
     allowed = own
     rest = take(allowed)

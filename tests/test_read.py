@@ -172,3 +172,22 @@ def test_dropped_tokens_give_their_memory_back_and_are_never_read(make_manager):
     space.free("a")
     assert space.stats()["pages_dropped"] == 0
     mgr.check()
+
+
+def test_growing_never_hands_out_a_free_block_on_a_page_sent_down(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=256 * make_manager.shape["block_size"], **make_manager.shape)
+    bs, bpp = space.block_size, 16
+    # "a" fills page 0 but for one block that "b" held and gave back, then all of page 1
+    space.allocate("a", 10 * bs)
+    space.allocate("b", bs)
+    space.allocate("a", 31 * bs)
+    space.free("b")
+    assert space.blocks("a")[-1] == 2 * bpp - 1
+    # page 0 (with its free block) goes down as "a"'s prefix; "a" grows by one block
+    space.offload_prefix("a", 15 * bs).result()
+    assert space.page_residency("a")["host"] == 1
+    blocks = space.allocate("a", 32 * bs)
+    space.check_resident(blocks[15:])  # the new block is on a mapped page, not on page 0 below
+    assert blocks[-1] >= 2 * bpp
+    mgr.check()
