@@ -18,6 +18,7 @@ from kvtier.vmm import PagePool, open_backend, resolve_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_BLOCKS = 1 << 32  # blocks a space may have: ~40 GiB of host books, and 2^36 16-token blocks of reservation
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -95,6 +96,11 @@ class TierManager:
                 raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
             if quota_bytes is not None:
                 _positive_int("quota_bytes", quota_bytes)
+            blocks = -(-max_tokens // block_size)
+            if blocks > MAX_BLOCKS:  # its books (a few bytes a block) and its reservation would not fit
+                raise InvalidArgumentError(f"max_tokens {max_tokens} is {blocks} blocks of {block_size} tokens, more "
+                                           f"than the {MAX_BLOCKS} a space may have; lower max_tokens or raise "
+                                           "block_size")
             space = KVSpace(self, name, num_layers, num_kv_heads, head_dim, parse_dtype(dtype), block_size,
                             max_tokens, priority, quota_bytes)
             self.spaces[name] = space

@@ -110,6 +110,10 @@ class KVSpace:
 
     def _allocate(self, seq_id: Hashable, num_tokens: int, first_block: int | None) -> list[int]:
         self._check_open()
+        try:
+            hash(seq_id)
+        except TypeError:
+            raise InvalidArgumentError(f"sequence id {seq_id!r} is not hashable (use an int or a str)") from None
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise InvalidArgumentError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         if num_tokens > self.max_tokens:
@@ -225,21 +229,25 @@ class KVSpace:
     def blocks(self, seq_id: Hashable) -> list[int]:
         """The block ids of ``seq_id`` in order."""
         with self._lock:
+            self._check_open()
             return list(self.block_books.blocks_of(seq_id))
 
     def num_tokens(self, seq_id: Hashable) -> int:
         with self._lock:
+            self._check_open()
             self.block_books.blocks_of(seq_id)
             return self.block_books.tokens[seq_id]
 
     def sequences(self) -> list[Hashable]:
         with self._lock:
+            self._check_open()
             return list(self.block_books.seqs)
 
     def check_resident(self, block_ids: Iterable[int]) -> None:
         """Raise :class:`NotResidentError` unless every block is live and its pages are mapped (a debug check
         to run before a step: a kernel reading an unmapped page would kill the CUDA context)."""
         with self._lock:
+            self._check_open()
             ids = np.asarray(list(block_ids), dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
                 raise NotResidentError(f"space {self.name!r}: block ids must lie in 0..{self.num_blocks - 1}")
@@ -441,6 +449,7 @@ class KVSpace:
     def residency(self, seq_id: Hashable) -> dict[str, int]:
         """Bytes of ``seq_id``'s blocks per tier (``gpu``, ``host``, ``nvme``, ``lost``)."""
         with self._lock:
+            self._check_open()
             blocks = np.asarray(self.block_books.blocks_of(seq_id), dtype=np.int64)
             tiers = self.pages.tier[self.block_books.first_page[blocks]]
             per_block = self.block_bytes * self.num_regions
@@ -449,6 +458,7 @@ class KVSpace:
     def page_residency(self, seq_id: Hashable) -> dict[str, int]:
         """Distinct pages holding ``seq_id``'s blocks, per tier (pages may be shared with other sequences)."""
         with self._lock:
+            self._check_open()
             tiers = self.pages.tier[self.block_books.pages_of_seqs([seq_id])]
             return {t.label: int((tiers == t).sum()) for t in (*STORAGE, Tier.LOST)}
 

@@ -21,8 +21,8 @@ class LFUPolicy(BookkeepingPolicy):
 
     def __init__(self, half_life: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
-        if not half_life > 0:
-            raise ConfigError(f"[policy] half_life: {half_life!r} must be > 0 seconds")
+        if isinstance(half_life, bool) or not isinstance(half_life, (int, float)) or not half_life > 0:
+            raise ConfigError(f"[policy] half_life: {half_life!r} must be a number of seconds > 0")
         self.half_life = half_life
 
     def _key(self, ref: PageRef, now: float) -> tuple:

@@ -21,8 +21,8 @@ class PriorityPolicy(BookkeepingPolicy):
 
     def __init__(self, aging_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
-        if not aging_seconds > 0:
-            raise ConfigError(f"[policy] aging_seconds: {aging_seconds!r} must be > 0 seconds")
+        if isinstance(aging_seconds, bool) or not isinstance(aging_seconds, (int, float)) or not aging_seconds > 0:
+            raise ConfigError(f"[policy] aging_seconds: {aging_seconds!r} must be a number of seconds > 0")
         self.aging_seconds = aging_seconds
 
     def effective_priority(self, ref: PageRef, now: float) -> float:

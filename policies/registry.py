@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -47,6 +48,11 @@ def make_policy(name: str, nvme_min_uses: int = 0, clock: Callable[[], float] | 
     """The policy ``name`` built with ``params`` (and ``clock`` when given), wrapped in the NVMe admission
     filter if ``nvme_min_uses``."""
     cls = _resolve(name)
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "clock", "args", "kwargs")]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()):
+        raise ConfigError(f"[policy] {', '.join(unknown)}: not a parameter of the {name!r} policy (its parameters: "
+                          f"{', '.join(accepted) or 'none'})")
     try:
         policy = cls(**params) if clock is None else cls(clock=clock, **params)
     except TypeError as exc:

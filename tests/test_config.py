@@ -48,7 +48,11 @@ def test_sizes_sections_spaces_and_policy_parameters_load(tmp_path):
     ('[spaces.chat]\nquota_bytes = "lots"\n', '[spaces.chat] quota_bytes: "lots" is not a size'),
     ('[spaces.chat]\nquota_byte = 1\n', '[spaces.chat] quota_byte: unknown key'),
     ('[policy]\nname = "mru"\n', "[policy] name: 'mru' is unknown (known: lfu, lru, priority"),
-    ('[policy]\nname = "lfu"\nhalf_life = -1\n', "[policy] half_life: -1 must be > 0"),
+    ('[policy]\nname = "lfu"\nhalf_life = -1\n', "[policy] half_life: -1 must be a number of seconds > 0"),
+    ('[policy]\nname = "lfu"\nhalf_life = "ten"\n', "[policy] half_life: 'ten' must be a number of seconds > 0"),
+    ('[policy]\nname = "lfu"\nhalf_lif = 3\n', "[policy] half_lif: not a parameter of the 'lfu' policy (its "
+                                                "parameters: half_life)"),
+    ('[spaces.chat]\npriority = "high"\n', "[spaces.chat] priority: 'high': Input should be a valid integer"),
     ('[gpu\n', "not valid TOML"),
 ])
 def test_errors_name_file_key_and_remedy(tmp_path, text, message):

@@ -107,7 +107,7 @@ def test_registry_errors_list_known_policies_and_load_paths():
     assert make_policy("kvtier.policies.lru:LRUPolicy").name == "lru"
     with pytest.raises(kvtier.ConfigError, match="cannot be loaded"):
         make_policy("no_such_module:Policy")
-    with pytest.raises(kvtier.ConfigError, match="bad parameters"):
+    with pytest.raises(kvtier.ConfigError, match=r"not a parameter of the .priority. policy \(its parameters: aging"):
         make_policy("priority", aging=3)
 
 

@@ -259,3 +259,23 @@ def test_stats_count_pages_bytes_and_calls(make_manager):
     assert stats["spaces"]["m"]["bytes_mapped"] == 2 * space.page_bytes
     assert stats["total"]["map_calls"] == 2 * space.num_regions
     assert stats["pool"]["pages_in_use"] == 2 * space.num_regions
+
+
+def test_more_bad_input_gets_specific_errors(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    # an id that cannot be a dict key, a string where a list of ids belongs, a reservation too large to book
+    with pytest.raises(kvtier.InvalidArgumentError, match="not hashable"):
+        space.allocate(["x"], 16)
+    with pytest.raises(kvtier.InvalidArgumentError, match="list of sequence ids"):
+        space.prefetch("seq")
+    with pytest.raises(kvtier.InvalidArgumentError, match="lower max_tokens"):
+        mgr.create_space("big", max_tokens=2**50, **make_manager.shape)
+    space.allocate("a", 16)
+    mgr.check()
+    # after close, every call says so
+    mgr.close()
+    for call in (lambda: space.blocks("a"), space.sequences, lambda: space.residency("a"),
+                 lambda: space.allocate("a", 32), lambda: space.check_resident([0])):
+        with pytest.raises(kvtier.ClosedError):
+            call()
