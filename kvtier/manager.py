@@ -198,9 +198,6 @@ class TierManager:
     def tiered_spaces(self) -> list[KVSpace]:
         return list(self.spaces.values())
 
-    def tiered_space(self, name: str) -> KVSpace | None:
-        return self.spaces.get(name)
-
     def pages_changed(self) -> None:
         self._changed.notify_all()
 

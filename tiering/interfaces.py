@@ -53,7 +53,7 @@ class SpaceDirectory(Protocol):
     """The manager, as tiering sees it.
 
     - ``lock`` guards every page table and the pool's books; tiering takes it to commit transfers.
-    - ``tiered_spaces()`` lists the open spaces; ``tiered_space(name)`` finds one (None once it was dropped).
+    - ``tiered_spaces()`` lists the open spaces.
     - ``pages_changed()`` is called (under the lock) whenever committed transfers may have made room, so that
       callers waiting for pages plan again.
     """
@@ -61,7 +61,5 @@ class SpaceDirectory(Protocol):
     lock: threading.RLock
 
     def tiered_spaces(self) -> list[TieredSpace]: ...
-
-    def tiered_space(self, name: str) -> TieredSpace | None: ...
 
     def pages_changed(self) -> None: ...
