@@ -52,6 +52,17 @@ class TierManager:
         self.closed = True  # until everything below has started
         self.device = resolve_device(self.config.device)
         self.backend = open_backend(self.device)
+        try:  # a manager that fails to start leaves nothing behind: pool, threads, pinned memory, files, backend
+            self._start(clock)
+        except BaseException:
+            self.backend.close()
+            raise
+        self.closed = False
+        log.info("kvtier: %s backend on %s, page %d bytes, budget %d pages", self.backend.name, self.device,
+                 self.page_size, self.pool.budget_pages)
+
+    def _start(self, clock: Callable[[], float] | None) -> None:
+        """Everything a manager holds, in order; a failure closes what was opened before it."""
         gran = self.backend.granularity
         self.page_size = self.config.page_size or self.backend.default_page_size
         if self.page_size % gran:
@@ -64,16 +75,13 @@ class TierManager:
             raise ConfigError(f"pool_budget: {budget_bytes} bytes is less than one page of {self.page_size} bytes")
         self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)  # notified when transfers commit (pages come free)
-        self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
         self.spaces: dict[str, KVSpace] = {}
+        self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
         try:
             self.tiering = Tiering(self.config, self.device, self.backend, self.pool, self, clock)
         except BaseException:
             self.pool.close()
             raise
-        self.closed = False
-        log.info("kvtier: %s backend on %s, page %d bytes, budget %d pages", self.backend.name, self.device,
-                 self.page_size, budget_pages)
 
     def create_space(self, name: str, num_layers: int, num_kv_heads: int, head_dim: int,
                      dtype: torch.dtype | str = torch.bfloat16, block_size: int = 16, max_tokens: int = 131072,

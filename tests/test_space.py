@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -279,3 +281,20 @@ def test_more_bad_input_gets_specific_errors(make_manager):
                  lambda: space.allocate("a", 32), lambda: space.check_resident([0])):
         with pytest.raises(kvtier.ClosedError):
             call()
+
+
+def test_a_manager_that_fails_to_start_leaves_nothing_behind(tmp_path):
+    # a file where the NVMe directory should be, a host tier larger than this machine's memory, a page the
+    # backend cannot map: each a ConfigError naming the setting; threads and file descriptors stay as they were
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    bad = [dict(nvme_dir=str(blocker)), dict(host_size=1 << 60), dict(page_size=5000)]
+    base = dict(device="cpu", page_size=64 << 10, pool_budget=64 << 20, host_size=1 << 20, nvme_size=1 << 20)
+    import threading
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        for change in bad:
+            with pytest.raises(kvtier.ConfigError, match="nvme_dir|host_size|page_size"):
+                kvtier.TierManager(kvtier.Config(**{**base, **change}))
+    assert threading.active_count() == threads and len(os.listdir("/proc/self/fd")) == fds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-dir"]

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from kvtier.errors import ConfigError
 from kvtier.tiering.slots import SlotBooks
 from kvtier.tiering.tier import Tier
 from kvtier.vmm.base import Backend
@@ -23,11 +24,38 @@ from kvtier.vmm.tensor import tensor_over
 log = logging.getLogger(__name__)
 
 
+def memory_limit() -> tuple[int, str]:
+    """Bytes of host memory this process may still take, and where the figure comes from: the smaller of the
+    kernel's MemAvailable and what the cgroup (v2 ``memory.max``, v1 ``limit_in_bytes``) leaves."""
+    limit, what = 1 << 62, "no limit found"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limit, what = int(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    for path, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(path) as f, open(used) as g:
+                raw = f.read().strip()
+                if raw != "max" and int(raw) - int(g.read()) < limit:
+                    limit, what = int(raw) - int(open(used).read()), f"the cgroup's limit ({path})"
+        except (OSError, ValueError):
+            continue
+    return limit, what
+
+
 class HostTier:
     tier = Tier.HOST
     name = "host"
 
     def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int) -> None:
+        limit, what = memory_limit()
+        if size > limit:  # pinned later, in the background: too late to fail cleanly (the OOM killer would)
+            raise ConfigError(f"host_size: {size} bytes is more than the {limit} bytes this process may use "
+                              f"({what}); lower host_size")
         self.backend, self.slot_size = backend, slot_size
         self.slots_per_chunk = max(1, chunk // slot_size)
         total = size // slot_size

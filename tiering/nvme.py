@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvtier.errors import ConfigError
 from kvtier.tiering.slots import SlotBooks
 from kvtier.vmm.tensor import memoryview_over
 from kvtier.tiering.tier import Tier
@@ -45,11 +46,19 @@ class NvmeTier:
         self.slot_size = slot_size
         self.books = SlotBooks("nvme", size // slot_size)
         self.books.grow(0, self.books.total)
-        os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"kvtier-{os.getpid()}-{id(self):x}.slots")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, self.books.total * slot_size)
-        os.close(fd)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, self.books.total * slot_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            raise ConfigError(f"nvme_dir: cannot make the slot file in {directory!r} ({exc.strerror or exc}); "
+                              "point it at a writable directory with room for nvme_size") from None
         self._kvikio = None
         if device.type == "cuda":
             try:
