@@ -39,9 +39,9 @@ def memory_limit() -> tuple[int, str]:
                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
             with open(path) as f, open(used) as g:
-                raw = f.read().strip()
-                if raw != "max" and int(raw) - int(g.read()) < limit:
-                    limit, what = int(raw) - int(open(used).read()), f"the cgroup's limit ({path})"
+                raw, taken = f.read().strip(), int(g.read())
+            if raw != "max" and int(raw) - taken < limit:
+                limit, what = int(raw) - taken, f"the cgroup's limit ({path})"
         except (OSError, ValueError):
             continue
     return limit, what
