@@ -105,6 +105,8 @@ class Config(BaseModel):
     host_chunk: Size = _setting(128 * MiB, "host", "bytes pinned at a time", size=True)
     keep_copies: bool = _setting(True, "host", "a page brought back up keeps its lower copy until a token is "
                                  "allocated in it; offloading it again then copies nothing", strict=True)
+    host_checksums: bool = _setting(False, "host", "a digest of each page written to host memory, verified before "
+                                    "it goes back up or down to NVMe (NVMe pages always have one)", strict=True)
     host_high_watermark: Fraction = _setting(0.90, "host", "host fraction above which pages cascade to NVMe")
     host_low_watermark: Fraction = _setting(0.80, "host", "host fraction the cascade stops at")
     # [nvme]

@@ -13,7 +13,7 @@ import torch
 from kvtier.config import Config
 from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
 from kvtier.space import KVSpace, parse_dtype
-from kvtier.tiering import DemotionPlan, Tiering
+from kvtier.tiering import DemotionPlan, FileLayer, Tiering
 from kvtier.vmm import PagePool, open_backend, resolve_device
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,18 @@ class TierManager:
     and of every space, so calls from several threads serialise (each call is short: planning plus driver calls).
 
     ``clock``: the policy's clock (seconds; default ``time.monotonic``), e.g. a trace's time in a replay.
+    ``files``: the file layer under the NVMe tier's POSIX path (default: the operating system's calls); tests pass
+    one that fails on cue. Given, it is used on every backend (kvikio is not).
     """
 
     def __init__(self, config: Config | None = None, clock: Callable[[], float] | None = None,
-                 **overrides: Any) -> None:
+                 files: FileLayer | None = None, **overrides: Any) -> None:
         self.config = (config or Config()).replace(**overrides) if overrides else (config or Config())
         self.closed = True  # until everything below has started
         self.device = resolve_device(self.config.device)
         self.backend = open_backend(self.device)
         try:  # a manager that fails to start leaves nothing behind: pool, threads, pinned memory, files, backend
-            self._start(clock)
+            self._start(clock, files)
         except BaseException:
             self.backend.close()
             raise
@@ -61,7 +63,7 @@ class TierManager:
         log.info("kvtier: %s backend on %s, page %d bytes, budget %d pages", self.backend.name, self.device,
                  self.page_size, self.pool.budget_pages)
 
-    def _start(self, clock: Callable[[], float] | None) -> None:
+    def _start(self, clock: Callable[[], float] | None, files: FileLayer | None) -> None:
         """Everything a manager holds, in order; a failure closes what was opened before it."""
         gran = self.backend.granularity
         self.page_size = self.config.page_size or self.backend.default_page_size
@@ -78,7 +80,7 @@ class TierManager:
         self.spaces: dict[str, KVSpace] = {}
         self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
         try:
-            self.tiering = Tiering(self.config, self.device, self.backend, self.pool, self, clock)
+            self.tiering = Tiering(self.config, self.device, self.backend, self.pool, self, clock, files)
         except BaseException:
             self.pool.close()
             raise

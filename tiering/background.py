@@ -68,6 +68,8 @@ class Demoter:
     def _cascade(self, slots: int) -> None:
         """Move the coldest host pages to NVMe until about ``slots`` host slots are on their way out."""
         t = self.tiering
+        if t.health[Tier.NVME].backing_off():  # its writes keep failing: not every tick (see tiering.health)
+            return
         spaces = {s.name: s for s in t.directory.tiered_spaces()}
         refs = [PageRef(s.name, int(p)) for s in spaces.values()
                 for p in np.flatnonzero((s.pages.tier == Tier.HOST) & ~s.pages.moving_mask())]
@@ -77,7 +79,7 @@ class Demoter:
                 break
             picks.append((spaces[ref.space], ref.page))
             slots -= spaces[ref.space].num_regions
-        plan = plan_demotion(picks, None, t.policy, spaces.values(), {tier: t.books(tier).free for tier in t.tiers})
+        plan = plan_demotion(picks, None, t.policy, spaces.values(), t.free_for_automatic())
         if plan.moves:
             t.start_demotion(plan)
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from kvtier.errors import ConfigError
+from kvtier.tiering.digest import Digests
 from kvtier.tiering.slots import SlotBooks
 from kvtier.tiering.tier import Tier
 from kvtier.vmm.base import Backend
@@ -51,7 +52,7 @@ class HostTier:
     tier = Tier.HOST
     name = "host"
 
-    def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int) -> None:
+    def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int, checksums: bool = False) -> None:
         limit, what = memory_limit()
         if size > limit:  # pinned later, in the background: too late to fail cleanly (the OOM killer would)
             raise ConfigError(f"host_size: {size} bytes is more than the {limit} bytes this process may use "
@@ -60,6 +61,7 @@ class HostTier:
         self.slots_per_chunk = max(1, chunk // slot_size)
         total = size // slot_size
         self.books = SlotBooks("host", total)
+        self.digests = Digests(total) if checksums else None  # host checksums: an option (they cost CPU time)
         self._chunks: list[tuple[int, int, torch.Tensor]] = []  # (address, bytes, uint8 view)
         self._closed = False
         self.pin_seconds = 0.0
@@ -97,7 +99,8 @@ class HostTier:
 
     def describe(self) -> dict[str, object]:
         return {"slots": self.books.total, "slot_bytes": self.slot_size, "ready_slots": self.books.capacity,
-                "pinned": self.backend.name == "cuda", "pin_seconds": self.pin_seconds}
+                "pinned": self.backend.name == "cuda", "pin_seconds": self.pin_seconds,
+                "checksums": self.digests.counts() if self.digests is not None else "off"}
 
     def close(self) -> None:
         self._closed = True

@@ -3,38 +3,92 @@
 On a CUDA machine the I/O goes through kvikio's ``CuFile`` -- GPUDirect Storage where the driver has it, kvikio's
 POSIX compatibility mode otherwise (``mode`` says which) -- and can read and write device pages directly. Where
 there is no CUDA driver kvikio cannot run at all, so the CPU backend uses POSIX ``pread``/``pwrite`` on a thread
-pool, with ``O_DIRECT`` where the filesystem allows it (not on tmpfs).
+pool (through a :class:`FileLayer`, which tests replace with one that fails on cue), with ``O_DIRECT`` where the
+filesystem allows it (not on tmpfs).
 
-Every read and write checks its byte count: a short transfer is an error, never silently accepted.
+Every read and write checks its byte count, and every slot carries a digest of what was written (see
+:mod:`kvtier.tiering.digest`): a short transfer or bytes that changed at rest are errors, never data.
+
+Owners: the slot file is locked (``flock``) by the process that made it for as long as it lives, so a manager
+starting on a directory removes the slot files no live process holds -- those of killed processes, whose KV
+would otherwise stay readable there -- and never touches a live one's. A lock file serialises that scan with
+the making of new slot files.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import fcntl
+import glob
 import logging
-import mmap
 import os
-from typing import Any
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
 from kvtier.errors import ConfigError
+from kvtier.tiering.digest import ChecksumMismatch, Digests, side_stream
 from kvtier.tiering.slots import SlotBooks
-from kvtier.vmm.tensor import memoryview_over
 from kvtier.tiering.tier import Tier
+from kvtier.vmm.tensor import memoryview_over
 
 log = logging.getLogger(__name__)
-
 
 ALIGN = 4096  # O_DIRECT wants buffers aligned to the logical block (our slots and tier memory are)
 
 
-def _read_bounced(fd: int, view: memoryview, offset: int) -> int:
-    """Read into an unaligned buffer through a page-aligned one (anonymous maps are page-aligned)."""
-    with mmap.mmap(-1, -(-len(view) // ALIGN) * ALIGN) as bounce:
-        done = min(os.preadv(fd, [bounce], offset), len(view))
-        view[:done] = bounce[:done]
-        return done
+class FileLayer(Protocol):
+    """Positioned I/O on an open file, as ``os.pwrite`` / ``os.preadv`` do it: return the bytes moved, raise
+    ``OSError`` on failure."""
+
+    def pwrite(self, fd: int, view: memoryview, offset: int) -> int: ...
+
+    def pread(self, fd: int, view: memoryview, offset: int) -> int: ...
+
+
+class PosixFiles:
+    """The file layer of the POSIX path: the operating system's calls."""
+
+    def pwrite(self, fd: int, view: memoryview, offset: int) -> int:
+        return os.pwrite(fd, view, offset)
+
+    def pread(self, fd: int, view: memoryview, offset: int) -> int:
+        return os.preadv(fd, [view], offset)
+
+
+@contextlib.contextmanager
+def _directory_locked(directory: str) -> Iterator[None]:
+    fd = os.open(os.path.join(directory, ".kvtier.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def reclaim_dead_owners(directory: str) -> list[str]:
+    """Remove the slot files in ``directory`` whose owner is gone (nobody holds their lock); return their
+    paths. Call with the directory locked."""
+    removed = []
+    for path in glob.glob(os.path.join(directory, "kvtier-*.slots")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live owner holds it
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 class NvmeTier:
@@ -42,25 +96,16 @@ class NvmeTier:
     name = "nvme"
 
     def __init__(self, device: torch.device, slot_size: int, directory: str, size: int, threads: int,
-                 direct: bool) -> None:
+                 direct: bool, files: FileLayer | None = None) -> None:
         self.slot_size = slot_size
         self.books = SlotBooks("nvme", size // slot_size)
         self.books.grow(0, self.books.total)
+        self.digests = Digests(self.books.total)
+        self.files = files or PosixFiles()
         self.path = os.path.join(directory, f"kvtier-{os.getpid()}-{id(self):x}.slots")
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, self.books.total * slot_size)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            if os.path.exists(self.path):
-                os.unlink(self.path)
-            raise ConfigError(f"nvme_dir: cannot make the slot file in {directory!r} ({exc.strerror or exc}); "
-                              "point it at a writable directory with room for nvme_size") from None
+        self._owner_fd = self._make_slot_file(directory)
         self._kvikio = None
-        if device.type == "cuda":
+        if device.type == "cuda" and files is None:
             try:
                 import kvikio
                 import kvikio.defaults
@@ -76,6 +121,29 @@ class NvmeTier:
             self._fd, self.mode = self._open_posix(direct)
             self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="kvtier-nvme")
 
+    def _make_slot_file(self, directory: str) -> int:
+        """Create and lock the slot file (after removing dead owners' files); return the fd holding the lock."""
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with _directory_locked(directory):
+                removed = reclaim_dead_owners(directory)
+                if removed:
+                    log.info("nvme tier: removed %d slot file(s) of processes that are gone: %s", len(removed),
+                             ", ".join(os.path.basename(p) for p in removed))
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                os.ftruncate(fd, self.books.total * self.slot_size)
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
+        except OSError as exc:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            raise ConfigError(f"nvme_dir: cannot make the slot file in {directory!r} ({exc.strerror or exc}); "
+                              "point it at a writable directory with room for nvme_size") from None
+
     def _open_posix(self, direct: bool) -> tuple[int, str]:
         if direct and hasattr(os, "O_DIRECT"):
             try:
@@ -84,28 +152,44 @@ class NvmeTier:
                 log.info("nvme tier: O_DIRECT refused on %s (%s); using buffered I/O", self.path, exc)
         return os.open(self.path, os.O_RDWR), "posix buffered"
 
-    # --- I/O: each returns a future whose result() is the byte count (checked here) ----------------------------
-    def write(self, slot: int, src: torch.Tensor) -> Any:
-        return self._io(True, slot, src)
+    # --- I/O: each returns a future whose result() is the byte count, checked, and the data verified ------------
+    def write(self, slot: int, src: torch.Tensor, expect: tuple[int, int] | None = None) -> Any:
+        """Write a whole slot from ``src``. ``expect``: the digest ``src`` must have (its own tier's), so bytes
+        that went bad there are refused rather than sealed anew here."""
+        self.digests.open(slot)
+        value = self.digests.compute(src)
+        if expect is not None and value != expect:
+            raise ChecksumMismatch(f"slot {slot}: the bytes to write changed at rest in the tier above")
+        return _Checked(self._submit(True, slot, src), self.slot_size, True, slot,
+                        then=lambda: self.digests.seal(slot, value))
 
-    def read(self, slot: int, dst: torch.Tensor) -> Any:
-        return self._io(False, slot, dst)
+    def read(self, slot: int, dst: torch.Tensor, then: Callable[[tuple[int, int]], None] | None = None) -> Any:
+        """Read the slot into ``dst`` (a prefix when ``dst`` is shorter), verified against its digest before the
+        future completes; ``then(digest)`` runs after."""
+        size = dst.numel() * dst.element_size()
+        align = 8 if dst.is_cuda or self.mode != "posix O_DIRECT" else ALIGN  # the digest's words; O_DIRECT's blocks
+        whole = size == self.slot_size and dst.data_ptr() % align == 0
+        buf = dst if whole else _aligned(self.slot_size, dst.device)  # the digest covers the whole slot
 
-    def _io(self, write: bool, slot: int, buf: torch.Tensor) -> Any:
-        offset, size = slot * self.slot_size, buf.numel() * buf.element_size()  # a read may take a prefix
+        def verify() -> None:
+            value = self.digests.verify(slot, buf, "nvme")
+            if not whole:
+                _copy_prefix(buf, dst)
+            if then is not None:
+                then(value)
+        return _Checked(self._submit(False, slot, buf), self.slot_size, False, slot, then=verify)
+
+    def _submit(self, write: bool, slot: int, buf: torch.Tensor) -> Any:
+        offset, size = slot * self.slot_size, buf.numel() * buf.element_size()
         if self._kvikio is not None:
             target = buf if buf.is_cuda else buf.numpy()
-            op = self._kvikio.pwrite if write else self._kvikio.pread
-            return _Checked(op(target, size, offset), size, write, slot)
-        view = memoryview_over(buf)
-        if write:
-            return _Checked(self._pool.submit(os.pwrite, self._fd, view, offset), size, write, slot)
-        if self.mode == "posix O_DIRECT" and buf.data_ptr() % ALIGN:  # an engine's buffer: through an aligned one
-            return _Checked(self._pool.submit(_read_bounced, self._fd, view, offset), size, write, slot)
-        return _Checked(self._pool.submit(os.preadv, self._fd, [view], offset), size, write, slot)
+            return (self._kvikio.pwrite if write else self._kvikio.pread)(target, size, offset)
+        op = self.files.pwrite if write else self.files.pread
+        return self._pool.submit(op, self._fd, memoryview_over(buf), offset)
 
     def describe(self) -> dict[str, object]:
-        return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": self.path, "mode": self.mode}
+        return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": self.path, "mode": self.mode,
+                "checksums": self.digests.counts()}
 
     def close(self) -> None:
         if self._kvikio is not None:
@@ -117,17 +201,40 @@ class NvmeTier:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        os.close(self._owner_fd)  # after the unlink: no scan may see a file without its owner's lock
+
+
+def _aligned(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A scratch buffer of ``nbytes`` aligned for O_DIRECT and GPUDirect Storage."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=device)
+    skip = -raw.data_ptr() % ALIGN
+    return raw[skip:skip + nbytes]
+
+
+def _copy_prefix(src: torch.Tensor, dst: torch.Tensor) -> None:
+    flat = dst.view(torch.uint8).view(-1)
+    if not flat.is_cuda:
+        flat.copy_(src[:flat.numel()])
+        return
+    stream = side_stream(flat.device)  # not the I/O thread's default stream, which would wait for the engine's
+    with torch.cuda.stream(stream):
+        flat.copy_(src[:flat.numel()], non_blocking=True)
+    stream.synchronize()  # landed before the read reports done
 
 
 class _Checked:
-    """A kvikio IOFuture or concurrent future, whose ``result()`` raises OSError on a short transfer."""
+    """A kvikio IOFuture or concurrent future, whose ``result()`` raises OSError on a short transfer and runs
+    ``then`` (verification) once the bytes are there."""
 
-    def __init__(self, future: Any, expected: int, write: bool, slot: int) -> None:
-        self._future, self._expected, self._write, self._slot = future, expected, write, slot
+    def __init__(self, future: Any, expected: int, write: bool, slot: int,
+                 then: Callable[[], None] | None = None) -> None:
+        self._future, self._expected, self._write, self._slot, self._then = future, expected, write, slot, then
 
     def result(self) -> int:
         done = self._future.get() if hasattr(self._future, "get") else self._future.result()
         if done != self._expected:
             what = "write to" if self._write else "read from"
             raise OSError(f"short {what} NVMe slot {self._slot}: {done} of {self._expected} bytes")
+        if self._then is not None:
+            self._then()
         return done

@@ -40,8 +40,8 @@ class PageTable:
         return Tier(int(self.tier[page]))
 
     def reads_pending(self) -> dict[int, Any]:
-        """The lower pages still being read."""
-        return {p: h for p, h in self.reading.items() if not h.ready()} if self.reading else {}
+        """The lower pages still being read (until the read has landed and been committed)."""
+        return {p: h for p, h in self.reading.items() if not h.done()} if self.reading else {}
 
     def moving_mask(self) -> np.ndarray:
         """Pages in flight or being read: no other transfer may start on them."""
@@ -77,7 +77,7 @@ class PageTable:
 
     # --- commands -------------------------------------------------------------------------------------------------
     def forget_finished_reads(self) -> None:
-        for p in [p for p, h in self.reading.items() if h.ready()]:
+        for p in [p for p, h in self.reading.items() if h.done()]:
             del self.reading[p]
 
     def check(self, live: np.ndarray, mapped: Iterable[int]) -> None:

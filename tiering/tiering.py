@@ -32,7 +32,9 @@ from kvtier.policies import PageRef, make_policy
 from kvtier.tiering.background import Demoter
 from kvtier.tiering.host import HostTier
 from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
-from kvtier.tiering.nvme import NvmeTier
+from kvtier.tiering.digest import ChecksumMismatch
+from kvtier.tiering.health import WriteHealth
+from kvtier.tiering.nvme import FileLayer, NvmeTier
 from kvtier.tiering.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
 from kvtier.tiering.tier import LOWER, LowerTier, Tier
 from kvtier.tiering.transfer import Move, Mover, TransferHandle, Work
@@ -46,23 +48,25 @@ STALL_EVENTS_PENDING = 256  # unread stall timings (event pairs) above which the
 
 class Tiering:
     def __init__(self, config: Config, device: torch.device, backend: Backend, pool: PagePool,
-                 directory: SpaceDirectory, clock: Callable[[], float] | None = None) -> None:
+                 directory: SpaceDirectory, clock: Callable[[], float] | None = None,
+                 files: FileLayer | None = None) -> None:
         self.config, self.device, self.backend, self.pool = config, device, backend, pool
         self.directory, self.lock = directory, directory.lock
         self.policy = make_policy(config.policy, nvme_min_uses=config.nvme_min_uses, clock=clock,
                                   **dict(config.policy_params))
-        self.host = HostTier(backend, pool.page_size, config.host_size, config.host_chunk)
+        self.host = HostTier(backend, pool.page_size, config.host_size, config.host_chunk, config.host_checksums)
         self._own_dir = config.nvme_dir is None
         directory_path = config.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
         try:
             self.nvme = NvmeTier(device, pool.page_size, directory_path, config.nvme_size, config.nvme_threads,
-                                 config.nvme_direct)
+                                 config.nvme_direct, files)
         except BaseException:
             self.host.close()
             if self._own_dir:
                 shutil.rmtree(directory_path, ignore_errors=True)
             raise
         self.tiers: dict[Tier, LowerTier] = {Tier.HOST: self.host, Tier.NVME: self.nvme}
+        self.health = {t: WriteHealth(t.label) for t in self.tiers}
         self._gate = threading.Condition()
         self._mapping = 0
         self.mover = Mover(device, self.host, self.nvme, gate=self._wait_gate)
@@ -103,8 +107,12 @@ class Tiering:
             self.demoter.poke()
 
     # --- plans (no side effects) -------------------------------------------------------------------------------
-    def _free_slots(self) -> dict[Tier, int]:
-        return {t: self.books(t).free for t in LOWER}
+    def _free_slots(self, automatic: bool = False) -> dict[Tier, int]:
+        """Free slots per lower tier; for ``automatic`` plans, none in a tier backing off after failed writes."""
+        return {t: 0 if automatic and self.health[t].backing_off() else self.books(t).free for t in LOWER}
+
+    def free_for_automatic(self) -> dict[Tier, int]:
+        return self._free_slots(automatic=True)
 
     def plan_demote(self, space: TieredSpace, pages: Iterable[int], dst: Tier | None = None) -> DemotionPlan:
         """Where ``pages`` of ``space`` would go one tier down (or to ``dst``), and which find room."""
@@ -129,7 +137,7 @@ class Tiering:
         spaces = {s.name: s for s in self.directory.tiered_spaces()}
         refs = [PageRef(s.name, p) for s in spaces.values() for p in s.idle_pages() if (s.name, p) not in avoid]
         picks = [(spaces[r.space], r.page) for r in self.policy.victims(refs, len(refs))]
-        plan = plan_demotion(picks, None, self.policy, spaces.values(), self._free_slots())
+        plan = plan_demotion(picks, None, self.policy, spaces.values(), self._free_slots(automatic=True))
         return plan.cut(handles_needed)
 
     def gpu_handles_leaving(self) -> int:
@@ -182,7 +190,8 @@ class Tiering:
             src = table.tier_of(p)
             space.map_pages([p], handles[i * R:(i + 1) * R])
             moves.append(Move(space, p, src, Tier.GPU, []))
-            step = self.mover.start(src, Tier.GPU, [(table.slots[p][r], space.region_view(r, p)) for r in range(R)])
+            step = self.mover.start(src, Tier.GPU, [(table.slots[p][r], space.region_view(r, p)) for r in range(R)],
+                                    tags=[moves[-1]] * R)
             work.event = step.event or work.event  # one stream: the last event covers every earlier copy
             work.io += step.io
         return self._launch("promote", moves, {}, None, False, work)
@@ -214,6 +223,7 @@ class Tiering:
                                     for p, t in zip(pages, tiers) if t == Tier.GPU for r in range(R)])
         lower = [p for p, t in zip(pages, tiers) if t != Tier.GPU]
         handle = TransferHandle(self, "read", [])
+        handle.source = (space, lower)
         if not lower:
             return handle
         after = self.backend.record_fence(stream)
@@ -228,7 +238,8 @@ class Tiering:
             work.event = step.event or work.event
             work.io += step.io
         handle.attach(work)
-        if work.io:  # NVMe reads: run by the worker, in order with the transfers queued before
+        if work.io:  # NVMe reads (or failed checks): run by the worker, in order with the transfers queued before
+            handle.committed = False  # pages that fail to read are marked lost when it commits
             self._queue.put(handle)
         return handle
 
@@ -320,14 +331,19 @@ class Tiering:
         truth (a failed NVMe read loses the page: its sequences are reported in ``handle.lost``)."""
         if handle.committed:
             return
+        if handle.kind == "read":
+            self._commit_read(handle)
+            return
         final = moves is None
-        failed = final and handle.error is not None
         for m in handle.moves if final else moves:
             if id(m) in handle.done_moves:
                 continue
             handle.done_moves.add(id(m))
-            if failed:
-                self._undo_move(handle, m)
+            error = handle.failure(m) if final else None
+            if m.dst in LOWER and not m.clean and not isinstance(error, ChecksumMismatch):
+                self.health[m.dst].failed(error) if error is not None else self.health[m.dst].succeeded()
+            if error is not None:
+                self._undo_move(handle, m, error)
             else:
                 self._apply_move(m)
         self.directory.pages_changed()  # pages may have come free: waiting callers plan again
@@ -338,7 +354,7 @@ class Tiering:
             self.path_seconds[path] += elapsed
         handle.committed = True
         self._inflight.discard(handle)
-        if failed:
+        if handle.error is not None and handle.kind != "demote":  # failed writes: see self.health
             log.warning("%s of %d page(s) failed: %s", handle.kind, len(handle.moves), handle.error)
 
     def _apply_move(self, m: Move) -> None:
@@ -360,20 +376,44 @@ class Tiering:
         if m.dst in LOWER:
             table.slots[p] = m.taken
 
-    def _undo_move(self, handle: TransferHandle, m: Move) -> None:
+    def _undo_move(self, handle: TransferHandle, m: Move, error: BaseException) -> None:
+        """The move did not land: the source stays the truth -- unless its bytes are known bad (they failed their
+        checksum) or could not be read back from NVMe into the GPU; then the page is lost."""
         space, p, table = m.space, m.page, m.space.pages
         table.moving.pop(p, None)
         table.written_in_flight.discard(p)
-        if m.dst != Tier.GPU:
-            if m.dst in LOWER:
-                self.books(m.dst).give(m.taken)
-            return
-        space.unmap_pages([p])
-        table.tier[p] = m.src  # unmapping cleared it; the data is still below
-        if m.src == Tier.NVME:  # the bytes on disk could not be read back: the page is lost
-            self.books(Tier.NVME).give(table.slots.pop(p))
+        if m.dst in LOWER:
+            self.books(m.dst).give(m.taken)
+        elif m.dst == Tier.GPU:
+            space.unmap_pages([p])
+            table.tier[p] = m.src  # unmapping cleared it; the data is still below
+        if isinstance(error, ChecksumMismatch) or (m.src == Tier.NVME and m.dst == Tier.GPU):
+            self._lose(handle, space, [p])
+
+    def _lose(self, handle: TransferHandle, space: TieredSpace, pages: list[int]) -> None:
+        """``pages`` (in a lower tier, not in flight) hold data that cannot be had back: their slots go back, they
+        are LOST, and the sequences on them are reported in ``handle.lost``."""
+        table = space.pages
+        for p in pages:
+            self.books(table.tier_of(p)).give(table.slots.pop(p))
             table.tier[p] = Tier.LOST
-            handle.lost += [q for q in space.sequences_on([p]) if q not in handle.lost]
+        handle.lost += [q for q in space.sequences_on(pages) if q not in handle.lost]
+
+    def _commit_read(self, handle: TransferHandle) -> None:
+        """A read that failed for some pages: those from NVMe, or whose bytes failed their checksum, are lost
+        (their data cannot be had back); a read never changes the pages it read from otherwise."""
+        handle.committed = True  # its pages stay listed as being read until now (PageTable.reads_pending)
+        if handle.error is None:
+            return
+        space, pages = handle.source
+        if space.name not in {s.name for s in self.directory.tiered_spaces()}:
+            return  # dropped meanwhile
+        table = space.pages
+        bad = [p for p in pages if table.tier_of(p) in LOWER and p not in table.moving and
+               (isinstance(handle.failure(p), ChecksumMismatch) or
+                (handle.failure(p) is not None and table.tier_of(p) == Tier.NVME))]
+        if bad:
+            self._lose(handle, space, bad)
 
     def _work(self) -> None:
         while True:

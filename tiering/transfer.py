@@ -31,6 +31,23 @@ if TYPE_CHECKING:
 Route = Callable[..., "Work"]
 
 
+class PairsFailed(Exception):
+    """Some pairs of a transfer failed: ``failures`` maps each failed pair's tag (its page's move, or its page)
+    to why. The other pairs landed."""
+
+    def __init__(self, failures: dict[Any, BaseException]) -> None:
+        self.failures = failures
+        first = next(iter(failures.values()))
+        super().__init__(f"{len(failures)} page(s) failed, e.g.: {first}")
+
+    @staticmethod
+    def merge(errors: list[BaseException]) -> BaseException:
+        """One error for several steps' failures: per pair where every one says which pairs failed."""
+        if len(errors) == 1 or not all(isinstance(e, PairsFailed) for e in errors):
+            return errors[0]
+        return PairsFailed({tag: exc for e in errors for tag, exc in e.failures.items()})  # type: ignore[attr-defined]
+
+
 @dataclass(eq=False)  # compared and hashed by identity: each is one page's move
 class Move:
     """One page of one space going from ``src`` to ``dst``; ``taken`` are the destination's resources. A
@@ -72,6 +89,7 @@ class TransferHandle:
         self.error: BaseException | None = None
         self.lost: list[Any] = []
         self.committed = not moves
+        self.source: Any = None  # a read's (space, pages read from below)
         self.started = time.perf_counter()
 
     def attach(self, work: Work) -> None:
@@ -81,14 +99,25 @@ class TransferHandle:
             self._io_done.clear()
 
     def run_io(self) -> None:
-        """Run the host part (NVMe I/O). Called once, by the tiering worker or inline."""
+        """Run the host part (NVMe I/O): every step, even after one failed (each page stands alone). Called once,
+        by the tiering worker or inline."""
+        errors: list[BaseException] = []
         try:
             for step in self._io:
-                step()
-        except BaseException as exc:  # noqa: BLE001 - reported through result()
-            self.error = exc
+                try:
+                    step()
+                except BaseException as exc:  # noqa: BLE001 - reported through result()
+                    errors.append(exc)
         finally:
+            if errors:
+                self.error = PairsFailed.merge(errors)
             self._io_done.set()
+
+    def failure(self, tag: Any) -> BaseException | None:
+        """Why the pairs tagged ``tag`` failed, or None if they landed."""
+        if isinstance(self.error, PairsFailed):
+            return self.error.failures.get(tag)
+        return self.error  # not said per pair: every pair not committed yet counts as failed
 
     def ready(self) -> bool:
         return self._io_done.is_set() and (self._event is None or self._event.query())
@@ -181,29 +210,51 @@ class Mover:
                 dst.copy_(src[:dst.numel()], non_blocking=cuda)
 
     def _pipeline(self, submit: Callable[[list[int]], Any], n: int, tags: list[Any] | None,
-                  on_done: Callable[[Any], None] | None) -> None:
-        """Submit ``n`` items in gated batches, ``DEPTH`` in flight; ``submit(indices)`` returns something with
-        ``synchronize()``; report each tag done when its last item's batch has completed."""
-        last = {tag: i for i, tag in enumerate(tags)} if tags and on_done else {}
-        inflight: deque[tuple[Any, list[Any]]] = deque()
+                  on_done: Callable[[Any], None] | None, landed: Callable[[list[int]], None] | None = None) -> None:
+        """Submit ``n`` items in gated batches, ``DEPTH`` in flight; ``submit(indices)`` returns something whose
+        ``synchronize()`` returns the failed indices ({index: error}); ``landed(indices)`` runs on each batch's
+        items that succeeded, then each tag is reported done when its last item has landed and none failed. Raises
+        :class:`PairsFailed` at the end if any item failed."""
+        tags = tags if tags is not None else list(range(n))
+        last = {tag: i for i, tag in enumerate(tags)}
+        failed: dict[Any, BaseException] = {}
+        inflight: deque[tuple[Any, list[int]]] = deque()
 
         def retire() -> None:
-            waiter, finished = inflight.popleft()
-            waiter.synchronize()
-            for tag in finished:
-                on_done(tag)  # type: ignore[misc]
+            waiter, indices = inflight.popleft()
+            errors = waiter.synchronize() or {}
+            for i, exc in errors.items():
+                failed.setdefault(tags[i], exc)
+            good = [i for i in indices if i not in errors]
+            if landed is not None and good:
+                try:
+                    landed(good)
+                except Exception as exc:  # noqa: BLE001 - those pages failed
+                    for i in good:
+                        failed.setdefault(tags[i], exc)
+            for i in good:
+                if on_done is not None and last[tags[i]] == i and tags[i] not in failed:
+                    on_done(tags[i])
 
         for first in range(0, n, self.BATCH):
             while len(inflight) >= self.DEPTH:
                 retire()
             self.gate()
             indices = list(range(first, min(first + self.BATCH, n)))
-            inflight.append((submit(indices), [tags[i] for i in indices if last.get(tags[i]) == i] if last else []))
+            inflight.append((submit(indices), indices))
         while inflight:
             retire()
+        if failed:
+            raise PairsFailed(failed)
 
     def _gpu_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         stream, copies = self.down, [(view, self.host.view(slot)) for view, slot in pairs]
+        digests = self.host.digests
+        landed = None
+        if digests is not None:  # host checksums: taken of the bytes as they landed
+            for _, slot in pairs:
+                digests.open(slot)
+            landed = lambda idx: [digests.seal(pairs[i][1], digests.compute(copies[i][1])) for i in idx]
 
         def submit(indices: list[int]) -> Any:
             if stream is None:  # CPU backend: plain memcpy, done when it returns
@@ -219,16 +270,20 @@ class Mover:
                 event.record(stream)
             return event
 
-        return Work(io=[lambda: self._pipeline(submit, len(copies), tags, on_done)])
+        return Work(io=[lambda: self._pipeline(submit, len(copies), tags, on_done, landed)])
 
     def _host_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. A view
-        shorter than a slot takes the slot's first bytes."""
-        copies = [(self.host.view(slot)[:view.numel()], view) for slot, view in pairs]
+        shorter than a slot takes the slot's first bytes. With host checksums, each slot is verified first (on
+        the host, before anything is enqueued); pairs that fail are not copied and are reported by an I/O step."""
+        failed = self._verify_host([slot for slot, _ in pairs], tags)
+        copies = [(self.host.view(slot)[:view.numel()], view) for i, (slot, view) in enumerate(pairs)
+                  if (tags[i] if tags is not None else i) not in failed]
+        report = [lambda: _raise(PairsFailed(failed))] if failed else []
         if self.up is None:
             for src, dst in copies:
                 dst.copy_(src)
-            return Work()
+            return Work(io=report)
         with torch.cuda.stream(self.up):
             if after is not None:
                 self.up.wait_event(after)  # the destination may still be read by the engine's kernels
@@ -236,19 +291,36 @@ class Mover:
                 dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.up)
-        return Work(event=event)
+        return Work(event=event, io=report)
+
+    def _verify_host(self, slots: list[int], tags: list[Any] | None) -> dict[Any, BaseException]:
+        """Tags of the host slots whose bytes no longer match their digest (host checksums on), and why."""
+        digests, failed = self.host.digests, {}
+        if digests is None:
+            return failed
+        for i, slot in enumerate(slots):
+            tag = tags[i] if tags is not None else i
+            if tag not in failed:
+                try:
+                    digests.verify(slot, self.host.view(slot), "host")
+                except OSError as exc:
+                    failed[tag] = exc
+        return failed
 
     def _io(self, ops: list[Callable[[], Any]], after: Any = None, tags: Any = None, on_done: Any = None,
             gated: bool = False) -> Work:
+        """Host steps running ``ops`` (each starts one slot's I/O and returns its future); a pair whose op or
+        future fails is reported in :class:`PairsFailed`, the others land."""
         def run() -> None:
             if after is not None:
                 after.synchronize()  # the kernels that wrote the page are done before the disk reads it
             if gated:  # reads from device pages: device-to-host traffic, fed like the copies down
-                self._pipeline(lambda idx: _Futures([ops[i]() for i in idx]), len(ops), tags, on_done)
+                self._pipeline(lambda idx: _Futures({i: ops[i] for i in idx}), len(ops), tags, on_done)
                 return
-            futures = [op() for op in ops]  # all submitted first: kvikio / the pool run them in parallel
-            for f in futures:
-                f.result()
+            batch = _Futures({i: op for i, op in enumerate(ops)})  # all submitted first: they run in parallel
+            errors = batch.synchronize()
+            if errors:
+                raise PairsFailed({(tags[i] if tags is not None else i): exc for i, exc in errors.items()})
         return Work(io=[run])
 
     def _gpu_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
@@ -256,13 +328,21 @@ class Mover:
         return self._io(ops, after, tags, on_done, gated=self.device.type == "cuda")
 
     def _nvme_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        return self._io([lambda v=view, s=slot: self.nvme.read(s, v) for slot, view in pairs], after)
+        return self._io([lambda v=view, s=slot: self.nvme.read(s, v) for slot, view in pairs], after, tags)
 
     def _host_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.view(h)) for hs, ns in pairs])
+        digests = self.host.digests  # with host checksums, bytes that went bad in host memory are not sealed below
+        return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.view(h), digests and digests.value(h))
+                         for hs, ns in pairs], tags=tags)
 
     def _nvme_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        return self._io([lambda n=ns, h=hs: self.nvme.read(n, self.host.view(h)) for ns, hs in pairs])
+        digests = self.host.digests
+        for _, hs in pairs:
+            if digests is not None:
+                digests.open(hs)
+        seal = (lambda h: (lambda value: digests.seal(h, value))) if digests is not None else (lambda h: None)
+        return self._io([lambda n=ns, h=hs: self.nvme.read(n, self.host.view(h), seal(h)) for ns, hs in pairs],
+                        tags=tags)
 
 
 def _nbytes(a: Any, b: Any, slot_size: int) -> int:
@@ -271,23 +351,32 @@ def _nbytes(a: Any, b: Any, slot_size: int) -> int:
     return view.numel() * view.element_size() if view is not None else slot_size
 
 
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
 class _Done:
-    def synchronize(self) -> None:
-        return None
+    def synchronize(self) -> dict[int, BaseException]:
+        return {}
 
 
 class _Futures:
-    """A batch of I/O futures waited on together (raises the first failure after all have finished)."""
+    """A batch of I/O started together (``ops[i]()`` starts item ``i`` and returns its future); ``synchronize``
+    waits for all of them and returns the failed items' errors, by index."""
 
-    def __init__(self, futures: list[Any]) -> None:
-        self.futures = futures
+    def __init__(self, ops: dict[int, Callable[[], Any]]) -> None:
+        self.futures: dict[int, Any] = {}
+        self.errors: dict[int, BaseException] = {}
+        for i, op in ops.items():
+            try:
+                self.futures[i] = op()
+            except Exception as exc:  # noqa: BLE001 - this item failed to start; the others run
+                self.errors[i] = exc
 
-    def synchronize(self) -> None:
-        errors = []
-        for f in self.futures:
+    def synchronize(self) -> dict[int, BaseException]:
+        for i, f in self.futures.items():
             try:
                 f.result()
             except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+                self.errors[i] = exc
+        return self.errors
