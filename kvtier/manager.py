@@ -45,7 +45,7 @@ class TierManager:
 
     ``clock``: the policy's clock (seconds; default ``time.monotonic``), e.g. a trace's time in a replay.
     ``files``: the file layer under the NVMe tier's POSIX path (default: the operating system's calls); tests pass
-    one that fails on cue. Given, it is used on every backend (kvikio is not).
+    one that fails on cue (CPU backend only: on CUDA the tier's I/O is kvikio's).
     """
 
     def __init__(self, config: Config | None = None, clock: Callable[[], float] | None = None,

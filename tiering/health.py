@@ -5,7 +5,8 @@ fill the log (measured before this: 244 warnings in 5 s). After a failed page wr
 automatic plans (the background demoter, room for an allocate) see no room in it until a back-off has passed --
 20 ms, doubling per failure up to 30 s -- then one try goes through. An engine's explicit ``offload`` still tries,
 and hears of a failure through its handle. The log says it once when it starts and once when it ends, with
-counts; ``mgr.stats()["tiers"][tier]["health"]`` shows it meanwhile.
+counts (a tier that fails again within a minute of recovering is not said again: it flaps, it does not
+change); ``mgr.stats()["tiers"][tier]["health"]`` shows it meanwhile.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 class WriteHealth:
     FIRST, LONGEST = 0.02, 30.0  # back-off after the first failure, and its cap (seconds)
+    QUIET = 60.0  # seconds after a warning during which a new streak of failures is not said again
 
     def __init__(self, tier: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.tier, self.clock = tier, clock
@@ -27,6 +29,8 @@ class WriteHealth:
         self.since = 0.0         # when the streak began
         self.retry_at = 0.0
         self.last_error = ""
+        self._said_at: float | None = None  # when the last "failing" warning was logged
+        self._said = False  # whether this streak was said
 
     @property
     def degraded(self) -> bool:
@@ -43,15 +47,19 @@ class WriteHealth:
         self.last_error = str(error)
         if self.streak == 1:
             self.since = now
-            log.warning("%s tier: writes are failing (%s); backing off (up to %.0f s between tries), counting "
-                        "failures in stats()['tiers']['%s']['health']", self.tier, error, self.LONGEST, self.tier)
+            self._said = self._said_at is None or now - self._said_at >= self.QUIET
+            if self._said:
+                self._said_at = now
+                log.warning("%s tier: writes are failing (%s; %d failed page write(s) so far); backing off (up to "
+                            "%.0f s between tries), counting failures in stats()['tiers']['%s']['health']",
+                            self.tier, error, self.failures, self.LONGEST, self.tier)
         self.retry_at = now + min(self.LONGEST, self.FIRST * 2 ** min(self.streak - 1, 20))
 
     def succeeded(self) -> None:
-        if self.streak:
+        if self.streak and self._said:
             log.warning("%s tier: writes succeed again, after %d failed page write(s) over %.1f s (last: %s)",
                         self.tier, self.streak, self.clock() - self.since, self.last_error)
-            self.streak = 0
+        self.streak = 0
 
     def describe(self) -> dict[str, object]:
         return {"degraded": self.degraded, "failed_writes": self.failures, "failing_since_seconds":

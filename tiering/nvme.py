@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from kvtier.errors import ConfigError
-from kvtier.tiering.digest import ChecksumMismatch, Digests, side_stream
+from kvtier.tiering.digest import Digests, side_stream
 from kvtier.tiering.slots import SlotBooks
 from kvtier.tiering.tier import Tier
 from kvtier.vmm.tensor import memoryview_over
@@ -101,6 +101,9 @@ class NvmeTier:
         self.books = SlotBooks("nvme", size // slot_size)
         self.books.grow(0, self.books.total)
         self.digests = Digests(self.books.total)
+        if files is not None and device.type == "cuda":
+            raise ConfigError("files: a file layer replaces the POSIX I/O of the CPU backend; on CUDA the NVMe tier "
+                              "reads and writes device pages through kvikio")
         self.files = files or PosixFiles()
         self.path = os.path.join(directory, f"kvtier-{os.getpid()}-{id(self):x}.slots")
         self._owner_fd = self._make_slot_file(directory)
@@ -153,13 +156,10 @@ class NvmeTier:
         return os.open(self.path, os.O_RDWR), "posix buffered"
 
     # --- I/O: each returns a future whose result() is the byte count, checked, and the data verified ------------
-    def write(self, slot: int, src: torch.Tensor, expect: tuple[int, int] | None = None) -> Any:
-        """Write a whole slot from ``src``. ``expect``: the digest ``src`` must have (its own tier's), so bytes
-        that went bad there are refused rather than sealed anew here."""
+    def write(self, slot: int, src: torch.Tensor, value: tuple[int, int] | None = None) -> Any:
+        """Write a whole slot from ``src``; ``value``: its digest where the caller has it (verified above)."""
         self.digests.open(slot)
-        value = self.digests.compute(src)
-        if expect is not None and value != expect:
-            raise ChecksumMismatch(f"slot {slot}: the bytes to write changed at rest in the tier above")
+        value = value or self.digests.compute(src)
         return _Checked(self._submit(True, slot, src), self.slot_size, True, slot,
                         then=lambda: self.digests.seal(slot, value))
 

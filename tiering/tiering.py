@@ -462,7 +462,8 @@ class Tiering:
         pct = (lambda q: stalls[min(len(stalls) - 1, int(q * (len(stalls) - 1)))] if stalls else 0.0)
         paths = {name: dict(v, seconds=self.path_seconds.get(name, 0.0)) for name, v in self.mover.paths.items()}
         kept = sum(len(s.pages.copies) for s in self.directory.tiered_spaces())
-        return {**{t.label: dict(self.tiers[t].describe(), slots_used=self.books(t).used) for t in LOWER},
+        return {**{t.label: dict(self.tiers[t].describe(), slots_used=self.books(t).used,
+                                 health=self.health[t].describe()) for t in LOWER},
                 "paths": paths, "in_flight": len(self._inflight),
                 "copies": {"kept_pages": kept, "reused_pages": self.copies_reused},
                 "stalls": {"count": len(stalls), "total_seconds": sum(stalls), "p50_seconds": pct(0.5),

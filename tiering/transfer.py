@@ -332,8 +332,9 @@ class Mover:
 
     def _host_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         digests = self.host.digests  # with host checksums, bytes that went bad in host memory are not sealed below
-        return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.view(h), digests and digests.value(h))
-                         for hs, ns in pairs], tags=tags)
+        verified = (lambda h: digests.verify(h, self.host.view(h), "host")) if digests else (lambda h: None)
+        return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.view(h), verified(h)) for hs, ns in pairs],
+                        tags=tags)
 
     def _nvme_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         digests = self.host.digests

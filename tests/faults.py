@@ -1,0 +1,86 @@
+"""A file layer that fails on cue: the storage edge of the NVMe tier's POSIX path, for tests on CPU.
+
+Each rule matches an operation (``"read"`` or ``"write"``) and optionally one slot, and does one thing: raise an
+``OSError`` with an errno, shorten the transfer to half, or corrupt one byte (a write puts the corrupt bytes on
+disk; a read hands them back). ``times``: how many matching calls it fires for (None: for ever). Every call is
+counted and timed, fired or not.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+
+@dataclass
+class Rule:
+    op: str
+    action: str            # "errno", "short" or "corrupt"
+    errno: int = 0
+    slot: int | None = None
+    times: int | None = None
+
+
+class FaultyFiles:
+    def __init__(self, slot_size: int) -> None:
+        self.slot_size = slot_size
+        self.rules: list[Rule] = []
+        self.calls: Counter[str] = Counter()
+        self.fired: Counter[str] = Counter()
+        self.times: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
+
+    # --- cues ------------------------------------------------------------------------------------------------------
+    def fail(self, op: str, errno: int, slot: int | None = None, times: int | None = None) -> None:
+        self.rules.append(Rule(op, "errno", errno, slot, times))
+
+    def shorten(self, op: str, slot: int | None = None, times: int | None = None) -> None:
+        self.rules.append(Rule(op, "short", 0, slot, times))
+
+    def corrupt(self, op: str, slot: int | None = None, times: int | None = None) -> None:
+        self.rules.append(Rule(op, "corrupt", 0, slot, times))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rules.clear()
+
+    def _rule(self, op: str, offset: int) -> Rule | None:
+        with self._lock:
+            self.calls[op] += 1
+            self.times.append((op, time.monotonic()))
+            for rule in self.rules:
+                if rule.op == op and rule.slot in (None, offset // self.slot_size) and rule.times != 0:
+                    if rule.times is not None:
+                        rule.times -= 1
+                    self.fired[f"{op} {rule.action}"] += 1
+                    return rule
+        return None
+
+    # --- the file layer ----------------------------------------------------------------------------------------------
+    def pwrite(self, fd: int, view: memoryview, offset: int) -> int:
+        rule = self._rule("write", offset)
+        if rule is None:
+            return os.pwrite(fd, view, offset)
+        if rule.action == "errno":
+            raise OSError(rule.errno, os.strerror(rule.errno))
+        if rule.action == "short":
+            return os.pwrite(fd, view[:len(view) // 2], offset)
+        with mmap.mmap(-1, len(view)) as bad:  # page-aligned, as O_DIRECT wants
+            bad[:] = view
+            bad[len(view) // 3] ^= 0x40
+            return os.pwrite(fd, bad, offset)
+
+    def pread(self, fd: int, view: memoryview, offset: int) -> int:
+        rule = self._rule("read", offset)
+        if rule is not None and rule.action == "errno":
+            raise OSError(rule.errno, os.strerror(rule.errno))
+        if rule is not None and rule.action == "short":
+            return os.preadv(fd, [view[:len(view) // 2]], offset)
+        done = os.preadv(fd, [view], offset)
+        if rule is not None:
+            view[len(view) // 3] ^= 0x40
+        return done

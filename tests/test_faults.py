@@ -1,0 +1,195 @@
+"""Faults at the storage edge (a file layer failing on cue, a slot file changed at rest, memory changed at rest):
+each is a clear error or a reported loss of exactly the pages it hit, never wrong bytes, and the books balance."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.tiering import Tier
+from tests.conftest import PAGE, assert_seq, write_seq
+from tests.faults import FaultyFiles
+
+BPP = 16  # blocks per page with the test shapes
+
+
+def _space(mgr, make_manager, blocks=512):
+    return mgr.create_space("m", max_tokens=blocks * make_manager.shape["block_size"], **make_manager.shape)
+
+
+def _slots(space, seq):
+    """The lower-tier slots of ``seq``'s pages, in page order."""
+    return [s for p in space.block_books.pages_of_seqs([seq]) for s in space.pages.slots.get(p, [])]
+
+
+def _two_on_nvme(mgr, make_manager):
+    space = _space(mgr, make_manager)
+    for seq in ("a", "b"):
+        space.allocate(seq, 2 * BPP * space.block_size)
+        write_seq(space, seq, salt=len(seq))
+        space.offload(seq, tier="nvme").result()
+    return space
+
+
+def test_a_slot_file_overwritten_at_rest_is_a_lost_page_never_a_hit(make_manager):
+    mgr = make_manager()
+    space = _two_on_nvme(mgr, make_manager)
+    # someone overwrites one of a's slots in the file (the issue's attack): same length, other bytes
+    slot = _slots(space, "a")[1]
+    with open(mgr.tiering.nvme.path, "r+b") as f:
+        f.seek(slot * mgr.page_size + 100)
+        f.write(os.urandom(4096))
+    # bringing a back reports it lost; b comes back whole; nothing stale is served
+    with pytest.raises(kvtier.TransferError) as failure:
+        space.ensure_resident(["a", "b"])
+    assert failure.value.lost == ["a"]
+    assert_seq(space, "b", salt=1)
+    assert space.residency("a")["lost"] > 0
+    assert mgr.stats()["tiers"]["nvme"]["checksums"]["mismatches"] == 1
+    space.free("a")
+    mgr.check()
+
+
+def test_corrupt_and_short_reads_lose_only_the_pages_they_hit(make_manager):
+    if make_manager.name != "cpu":
+        pytest.skip("the file layer is the POSIX path's")
+    files = FaultyFiles(PAGE["cpu"])
+    mgr = make_manager(files=files)
+    space = _two_on_nvme(mgr, make_manager)
+    # a read of one of b's slots hands back a flipped byte
+    files.corrupt("read", slot=_slots(space, "b")[0], times=1)
+    with pytest.raises(kvtier.TransferError) as failure:
+        space.ensure_resident(["a", "b"])
+    assert failure.value.lost == ["b"]
+    assert_seq(space, "a", salt=1)
+    space.free("b")
+    mgr.check()
+    # a short read while staging: the page stays on NVMe (the bytes there are good), and comes up later
+    space.offload("a", tier="nvme").result()
+    files.shorten("read", times=1)
+    with pytest.raises(kvtier.TransferError):
+        space.stage(["a"]).result()
+    assert space.residency("a")["nvme"] > 0 and space.residency("a")["lost"] == 0
+    space.ensure_resident(["a"])
+    assert_seq(space, "a", salt=1)
+    mgr.check()
+
+
+def test_a_corrupt_read_into_an_engine_buffer_is_a_loss_not_data(make_manager):
+    if make_manager.name != "cpu":
+        pytest.skip("the file layer is the POSIX path's")
+    files = FaultyFiles(PAGE["cpu"])
+    mgr = make_manager(files=files)
+    space = _two_on_nvme(mgr, make_manager)
+    dst = [tuple(torch.zeros_like(t) for t in space.kv(layer)) for layer in range(space.num_layers)]
+    files.corrupt("read", times=1)
+    handle = space.read("a", dst)
+    with pytest.raises(kvtier.TransferError) as failure:
+        handle.wait()
+    assert failure.value.lost == ["a"]
+    assert space.residency("a")["lost"] > 0 and space.residency("b")["nvme"] > 0
+    mgr.check()
+
+
+@pytest.mark.parametrize("fault", ["eio", "enospc", "short", "corrupt"])
+def test_a_failed_write_leaves_the_page_where_it_was(make_manager, fault):
+    if make_manager.name != "cpu":
+        pytest.skip("the file layer is the POSIX path's")
+    files = FaultyFiles(PAGE["cpu"])
+    mgr = make_manager(files=files)
+    space = _space(mgr, make_manager)
+    space.allocate("a", 2 * BPP * space.block_size)
+    write_seq(space, "a")
+    # the disk fails one write: that page stays on the GPU (the offload says so); the other goes down
+    if fault == "short":
+        files.shorten("write", times=1)
+    elif fault == "corrupt":
+        files.corrupt("write", times=1)  # lands, but bad: found when read back, and reported lost
+    else:
+        files.fail("write", errno.EIO if fault == "eio" else errno.ENOSPC, times=1)
+    handle = space.offload("a", tier="nvme")
+    if fault == "corrupt":
+        handle.result()
+        with pytest.raises(kvtier.TransferError) as failure:
+            space.ensure_resident(["a"])
+        assert failure.value.lost == ["a"]
+        space.free("a")
+    else:
+        with pytest.raises(kvtier.TransferError):
+            handle.result()
+        assert space.page_residency("a") == {"gpu": 1, "host": 0, "nvme": 1, "lost": 0}
+        mgr.check()
+        space.ensure_resident(["a"])
+        assert_seq(space, "a")
+        assert mgr.stats()["tiers"]["nvme"]["health"]["failed_writes"] == 1
+        space.offload("a", tier="nvme").result()  # the disk is well again
+        assert not mgr.stats()["tiers"]["nvme"]["health"]["degraded"]
+        space.ensure_resident(["a"])
+        assert_seq(space, "a")
+    mgr.check()
+
+
+def test_a_full_disk_under_the_cascade_is_backed_off_said_once_and_shown(make_manager, caplog):
+    if make_manager.name != "cpu":
+        pytest.skip("the file layer is the POSIX path's")
+    files = FaultyFiles(PAGE["cpu"])
+    mgr = make_manager(files=files, host_size=32 * PAGE["cpu"], background_demotion=True, host_high_watermark=0.5,
+                       host_low_watermark=0.25)
+    space = _space(mgr, make_manager)
+    # the host tier fills past its high watermark while every NVMe write fails with ENOSPC
+    files.fail("write", errno.ENOSPC)
+    caplog.set_level(logging.WARNING, logger="kvtier")
+    space.allocate("a", 5 * BPP * space.block_size)  # 20 of the host's 32 slots (4 regions a page)
+    write_seq(space, "a")
+    space.offload("a", tier="host").result()
+    time.sleep(1.5)
+    # the demoter tried a few rounds, not one every tick (75 at 20 ms), and said so once
+    rounds = 1 + sum(1 for (_, t0), (_, t1) in zip(files.times, files.times[1:]) if t1 - t0 > 0.01)
+    assert 1 <= rounds <= 12, rounds
+    said = [r for r in caplog.records if "writes are failing" in r.getMessage()]
+    assert len(said) == 1 and "No space left" in said[0].getMessage()
+    health = mgr.stats()["tiers"]["nvme"]["health"]
+    assert health["degraded"] and health["failed_writes"] >= 2
+    assert space.residency("a")["host"] == 5 * BPP * space.block_bytes * space.num_regions
+    # the disk has room again: a later try succeeds, the cascade goes on, the log says it once more
+    files.clear()
+    deadline = time.monotonic() + 60
+    while mgr.stats()["tiers"]["nvme"]["health"]["degraded"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mgr.stats()["tiers"]["nvme"]["health"]["degraded"]
+    assert any("writes succeed again" in r.getMessage() for r in caplog.records)
+    mgr.drain()
+    assert space.residency("a")["nvme"] > 0
+    space.ensure_resident(["a"])
+    assert_seq(space, "a")
+    mgr.check()
+
+
+def test_host_checksums_catch_host_memory_changed_at_rest(make_manager):
+    mgr = make_manager(host_checksums=True)
+    space = _space(mgr, make_manager)
+    for seq in ("a", "b", "c"):
+        space.allocate(seq, BPP * space.block_size)
+        write_seq(space, seq, salt=len(seq) + 7)
+        space.offload(seq, tier="host").result()
+    # a stray write into a's host slot; b's is left alone
+    mgr.tiering.host.view(_slots(space, "a")[0])[5] ^= 1
+    with pytest.raises(kvtier.TransferError) as failure:
+        space.ensure_resident(["a", "b"])
+    assert failure.value.lost == ["a"]
+    assert_seq(space, "b", salt=8)
+    # nor is a bad host page laundered into a good digest on its way to NVMe
+    mgr.tiering.host.view(_slots(space, "c")[1])[7] ^= 1
+    with pytest.raises(kvtier.TransferError) as failure:
+        space.offload("c", tier="nvme").result()
+    assert space.residency("c")["lost"] > 0
+    assert mgr.stats()["tiers"]["host"]["checksums"]["mismatches"] == 2
+    for seq in ("a", "c"):
+        space.free(seq)
+    mgr.check()

@@ -1,0 +1,54 @@
+"""Slot files and their owners: a killed process's file (its KV, readable) is removed by the next manager that
+starts on the directory; a live process's file is never touched (liveness by the lock its owner holds)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import kvtier
+
+OWNER = textwrap.dedent("""
+    import sys, time, kvtier
+    mgr = kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
+                             nvme_size=1 << 20, nvme_dir=sys.argv[1])
+    print(mgr.tiering.nvme.path, flush=True)
+    time.sleep(120)
+""")
+
+
+def _owner(directory: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, directory], stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def _start(directory: str) -> kvtier.TierManager:
+    return kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
+                              nvme_size=1 << 20, nvme_dir=directory)
+
+
+def test_a_dead_owners_slot_file_is_removed_and_a_live_ones_kept(tmp_path):
+    directory = str(tmp_path)
+    dead, dead_file = _owner(directory)
+    live, live_file = _owner(directory)
+    try:
+        # one owner is killed (no close, no cleanup): its slot file stays behind
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        assert os.path.exists(dead_file) and os.path.exists(live_file)
+        # a manager starting on the directory removes the dead one's file, keeps the live one's
+        with _start(directory) as mgr:
+            assert not os.path.exists(dead_file)
+            assert os.path.exists(live_file) and os.path.exists(mgr.tiering.nvme.path)
+            # and a second manager in this process does not take the first one's file for dead
+            with _start(directory) as other:
+                assert os.path.exists(mgr.tiering.nvme.path) and os.path.exists(other.tiering.nvme.path)
+    finally:
+        live.kill()
+        live.wait()
+    # closed managers leave only the directory's lock file; the killed live one's file goes at the next start
+    _start(directory).close()
+    assert os.listdir(directory) == [".kvtier.lock"]
