@@ -1,0 +1,48 @@
+"""The soak: a seeded random walk, several threads, tight tiers, every policy, background demotion on and off
+(tests/soak.py). A bounded run in the default suite; ``pytest -m soak`` runs a long one (at least a million page
+round trips) and prints its counts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import PAGE
+from tests.soak import soak
+
+POLICIES = ["lru", "lfu", "priority"]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_bounded_soak_keeps_every_byte(make_manager, policy, background):
+    # host checksums ride along with background demotion: both settings' paths are walked
+    counts = soak(make_manager, make_manager.shape, PAGE[make_manager.name], policy, background, threads=3,
+                  steps=300, seed=len(policy), host_checksums=background)
+    assert not counts.errors, counts.errors[:5]
+    assert counts.mismatches == 0
+    assert counts.pages_up > 0 and counts.bytes_verified > 0
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_long_soak(make_manager, policy, background, capsys):
+    target = int(os.environ.get("KVTIER_SOAK_ROUND_TRIPS", 1_000_000)) // (2 * len(POLICIES))
+    total = None
+    seed = 0
+    while total is None or total.pages_up < target:
+        counts = soak(make_manager, make_manager.shape, PAGE[make_manager.name], policy, background, threads=4,
+                      steps=2000, seed=seed, host_checksums=background)
+        assert not counts.errors, counts.errors[:5]
+        assert counts.mismatches == 0
+        if total is None:
+            total = counts
+        else:
+            total.add(counts)
+        seed += 1
+    with capsys.disabled():
+        print(f"\nsoak {make_manager.name} {policy} {'background' if background else 'inline'}: {total.steps} steps, "
+              f"{total.pages_up} page round trips ({total.pages_down} pages down), {total.bytes_verified} bytes "
+              f"verified, {total.mismatches} mismatches, {total.refused} calls refused (no room)")
