@@ -159,15 +159,21 @@ def config() -> None:
 
 @config.command("check")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def config_check(files: tuple[str, ...]) -> None:
-    """Validate FILES; print every problem with its file and key; exit 1 if any file is bad."""
-    from kvtier.config import Config
+@click.option("--schema-only", is_flag=True, help="Check what the files say, not whether this machine takes them.")
+def config_check(files: tuple[str, ...], schema_only: bool) -> None:
+    """Pre-flight FILES: the schema, then this machine (device, page size, memory, NVMe directory; a manager is
+    started and closed). Print every problem with its file and key; exit 1 if any file is bad."""
+    from kvtier.config import Config, render_problems
+    from kvtier.preflight import machine_problems
 
     bad = 0
     for path in files:
         try:
-            Config.from_file(path)
-            console.print(f"[green]ok[/green]  {escape(path)}")
+            config = Config.from_file(path)
+            problems = [] if schema_only else machine_problems(config)
+            if problems:
+                raise kvtier.ConfigError(render_problems(problems, f"{path} on this machine: "), problems)
+            console.print(f"[green]ok[/green]  {escape(path)}" + ("" if schema_only else " (on this machine)"))
         except kvtier.ConfigError as exc:
             bad += 1
             console.print(f"[red]bad[/red] {escape(str(exc))}")

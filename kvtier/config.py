@@ -133,7 +133,13 @@ class Config(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _problems(exc, origin) from None
+            error = _problems(exc, origin)
+            policy = _policy_problem(data) if not any(n.startswith(("policy", "nvme_min_uses"))
+                                                      for n, _ in error.problems) else None
+            if policy is None:
+                raise error from None
+            problems = error.problems + [policy]  # every problem at once, the policy's parameters too
+            raise ConfigError(_render(problems), problems) from None
         problems = self._cross_checks()
         if problems:
             raise ConfigError(_render(problems), problems)
@@ -146,12 +152,9 @@ class Config(BaseModel):
         if isinstance(self.pool_budget, int) and self.pool_budget < (self.page_size or 2 * MiB):
             problems.append(("pool_budget", f"{self.pool_budget} bytes is less than one page (for a fraction "
                                             "write e.g. 0.9, for bytes a size such as \"60GiB\")"))
-        from kvtier.policies import make_policy
-        try:
-            make_policy(self.policy, self.nvme_min_uses, **self.policy_params)  # checks the policy's parameters
-        except ConfigError as exc:
-            problems.append(("", str(exc)))
-        return problems
+        policy = _policy_problem({"policy": self.policy, "nvme_min_uses": self.nvme_min_uses,
+                                  "policy_params": self.policy_params})
+        return problems + ([policy] if policy else [])
 
     # --- other ways in -----------------------------------------------------------------------------------------
     @classmethod
@@ -317,6 +320,23 @@ def _problems(exc: ValidationError, origin: Mapping[str, str]) -> ConfigError:
         key = origin.get(loc[0], "arg") if loc else "arg"
         problems.append((key if key != "arg" else name, msg))
     return ConfigError(_render(problems), problems)
+
+
+def _policy_problem(data: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The policy named in ``data`` built with its parameters: None, or what is wrong (name or parameters)."""
+    from kvtier.policies import make_policy
+    try:
+        make_policy(data.get("policy", "lru"), data.get("nvme_min_uses", 0), **dict(data.get("policy_params", {})))
+    except ConfigError as exc:
+        return ("", str(exc))
+    except Exception:  # noqa: BLE001 - a value of the wrong type: the schema reports that one
+        return None
+    return None
+
+
+def render_problems(problems: list[tuple[str, str]], source: str = "") -> str:
+    """(setting, message) pairs as lines in the file's own names (``[gpu] page_size: ...``)."""
+    return _render([(_toml_name(name), msg) for name, msg in problems], source)
 
 
 def _render(problems: list[tuple[str, str]], source: str = "") -> str:

@@ -38,15 +38,43 @@ class Trace:
 
 
 def load_trace(path: str) -> Trace:
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    if not lines or "spaces" not in lines[0]:
-        raise ConfigError(f"{path}: the first line must describe the spaces: {{\"spaces\": {{...}}}}")
-    events = lines[1:]
-    for i, e in enumerate(events, start=2):
-        if e.get("op") not in OPS or "seq" not in e or "t" not in e:
-            raise ConfigError(f"{path}:{i}: an event needs t, seq and op (one of {', '.join(OPS)}), got {e}")
-    return Trace(lines[0]["spaces"], events)
+    """Read a trace file, checking every line; a bad one raises ConfigError naming the file and the line."""
+    try:
+        with open(path) as f:
+            numbered = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the trace ({exc})") from None
+    lines = []
+    for i, line in numbered:
+        try:
+            lines.append((i, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{i}: not a JSON object ({exc.msg}); is the line cut short?") from None
+    head = lines[0][1] if lines else None
+    if not isinstance(head, dict) or not isinstance(head.get("spaces"), dict) or \
+            not all(isinstance(shape, dict) for shape in head["spaces"].values()):
+        raise ConfigError(f"{path}:1: the first line must describe the spaces: "
+                          "{\"spaces\": {\"NAME\": {\"num_layers\": ..., ...}}}")
+    spaces = head["spaces"]
+    for i, e in lines[1:]:
+        problem = _event_problem(e, spaces)
+        if problem:
+            raise ConfigError(f"{path}:{i}: {problem}")
+    return Trace(spaces, [e for _, e in lines[1:]])
+
+
+def _event_problem(e: Any, spaces: dict[str, Any]) -> str | None:
+    if not isinstance(e, dict) or e.get("op") not in OPS or "seq" not in e or "t" not in e:
+        return f"an event needs t, seq and op (one of {', '.join(OPS)}), got {e}"
+    if isinstance(e["t"], bool) or not isinstance(e["t"], (int, float)):
+        return f"t must be a number of seconds, got {e['t']!r}"
+    tokens = e.get("tokens", 0)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        return f"tokens must be an int >= 0, got {tokens!r}"
+    if e["op"] == "arrive" and e.get("space") not in spaces:
+        return (f"arrive names space {e.get('space')!r}, which the first line does not declare (declared: "
+                f"{', '.join(spaces) or 'none'})")
+    return None
 
 
 def save_trace(trace: Trace, path: str) -> None:
@@ -78,7 +106,13 @@ def replay(trace: Trace, config: Config) -> dict[str, Any]:
     now = [0.0]
     with TierManager(config, clock=lambda: now[0]) as mgr:  # the policy ages on the trace's clock
         mgr.tiering.host.wait_ready()
-        spaces = {name: mgr.create_space(name, **shape) for name, shape in trace.spaces.items()}
+        spaces = {}
+        for name, shape in trace.spaces.items():
+            try:
+                spaces[name] = mgr.create_space(name, **shape)
+            except TypeError as exc:  # a key create_space does not take
+                raise ConfigError(f"the trace's space {name!r}: {exc} (keys: num_layers, num_kv_heads, head_dim, "
+                                  "dtype, block_size, max_tokens, priority, quota_bytes)") from None
         where: dict[str, str] = {}
         tokens: dict[str, int] = {}
         for e in trace.events:

@@ -75,7 +75,7 @@ def test_config_check_command(tmp_path):
     bad.write_text('[host]\nsize = "12 gigs"\n')
     run = lambda *a: subprocess.run([sys.executable, "-m", "kvtier.cli", "config", *a], capture_output=True,
                                     text=True, timeout=120)
-    ok = run("check", *good)
+    ok = run("check", "--schema-only", *good)  # some are for GPU machines: what they say is checked here
     assert ok.returncode == 0 and ok.stdout.count("ok") == len(good)
     failed = run("check", str(bad))
     assert failed.returncode == 1 and "is not a size" in failed.stdout
@@ -85,7 +85,7 @@ def test_config_check_command(tmp_path):
         assert shown.returncode == 0 and "[host]\nsize = " in shown.stdout and "[policy]\nname = " in shown.stdout
         again = tmp_path / "again.toml"
         again.write_text(shown.stdout)
-        assert run("check", str(again)).returncode == 0
+        assert run("check", "--schema-only", str(again)).returncode == 0
         assert kvtier.Config.from_file(str(again)) == kvtier.Config.from_file(path)
 
 
@@ -130,3 +130,38 @@ def test_the_readme_lists_every_setting_as_the_schema_declares_it():
     from kvtier.config import settings_table
     for row in settings_table().splitlines():
         assert row in readme, f"README's settings table is out of date (regenerate it with settings_table()): {row}"
+
+
+def test_config_check_is_a_full_pre_flight_on_this_machine(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kvtier.cli", "config", "check", *a], capture_output=True,
+                                    text=True, timeout=120)
+    # a file the schema takes but this machine does not: every problem at once, each under its key
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = tmp_path / "big.toml"
+    bad.write_text(f'[gpu]\ndevice = "cpu"\npool_budget = "64PiB"\n[host]\nsize = "64PiB"\n'
+                   f'[nvme]\ndir = "{blocker}/slots"\n')
+    said = run(str(bad))
+    out = " ".join(said.stdout.split())
+    assert said.returncode == 1, out
+    for key in ("[gpu] pool_budget", "[host] size", "[nvme] dir"):
+        assert key in out, (key, out)
+    assert not said.stdout.startswith("ok") and run("--schema-only", str(bad)).returncode == 0
+    # a file it takes is ok: a manager was started with it
+    good = tmp_path / "good.toml"
+    good.write_text(f'[gpu]\ndevice = "cpu"\npool_budget = "64MiB"\n[host]\nsize = "8MiB"\n'
+                    f'[nvme]\nsize = "16MiB"\ndir = "{tmp_path}/slots"\n')
+    assert run(str(good)).stdout.startswith("ok")
+    assert sorted(os.listdir(tmp_path / "slots")) == [".kvtier.lock"]  # it closed, leaving no slot file
+
+
+def test_every_problem_is_said_at_once_the_policys_too(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[gpu]\ndevice = "gpu"\n[policy]\nname = "lfu"\nhalf_lif = 3\n[spaces.a]\npriority = "high"\n')
+    with pytest.raises(kvtier.ConfigError) as err:
+        kvtier.Config.from_file(str(path))
+    said = " ".join(str(err.value).split())
+    assert len(err.value.problems) == 3
+    for part in ("[gpu] device: 'gpu' is not a device", "[spaces.a] priority: 'high'",
+                 "half_lif: not a parameter of the 'lfu' policy (its parameters: half_life)"):
+        assert part in said, (part, said)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+
+import pytest
 
 import kvtier
 from kvtier.replay import load_trace, replay, save_trace
@@ -61,3 +64,24 @@ def test_trace_and_replay_commands(tmp_path):
     done = run("replay", str(out), "--device", "cpu", "--plot", str(png))
     assert done.returncode == 0, done.stderr
     assert "stall p99 ms" in done.stdout and png.stat().st_size > 10_000
+
+
+def test_a_bad_trace_is_refused_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = chat_trace(2)
+    save_trace(good, str(path))
+    lines = path.read_text().splitlines()
+    run = lambda: subprocess.run([sys.executable, "-m", "kvtier.cli", "replay", str(path), "--device", "cpu"],
+                                 capture_output=True, text=True, timeout=300)
+    space = next(iter(good.spaces))
+    for broken, said in (
+            (lines[:3] + [lines[3][:len(lines[3]) // 2]], f"{path}:4: not a JSON object"),  # cut short
+            (lines[:1] + [lines[1].replace(f'"{space}"', '"nobody"')], f"{path}:2: arrive names space 'nobody'"),
+            (["[1, 2]"] + lines[1:], f"{path}:1: the first line must describe the spaces"),
+            (lines[:1] + ['{"t": "soon", "seq": "x", "op": "finish"}'], f"{path}:2: t must be a number")):
+        path.write_text("\n".join(broken) + "\n")
+        with pytest.raises(kvtier.ConfigError, match=re.escape(said)):
+            load_trace(str(path))
+        done = run()
+        assert done.returncode == 2 and said in " ".join(done.stdout.split()), done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
