@@ -167,8 +167,43 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
         if not torch.equal(space.kv(space.num_layers - 1)[1][ids], probe):
             raise AssertionError("data changed on its way through the tiers")
         table.notes.append(f"NVMe: {mgr.tiering.nvme.mode} in {directory}; ratio = ceiling time / kvtier time; "
-                           "data verified after the round trips")
+                           "data verified after the round trips; NVMe rows include their checksums (always on)")
+        table.notes.append(_digest_speed(dev, mgr.page_size))
+    _with_host_checksums(table, config.replace(host_checksums=True), shape, tokens, pcie, gb)
     return [table]
+
+
+def _digest_speed(device: torch.device, page: int) -> str:
+    """GB/s of the page digest on the device and on the host (best of five over 32 pages)."""
+    from kvtier.tiering.digest import digest
+    speeds = []
+    for dev in dict.fromkeys([device, torch.device("cpu")]):
+        pages = [torch.randint(0, 256, (page,), dtype=torch.uint8).to(dev) for _ in range(32)]
+        seconds = min(_timed(lambda: [digest(p) for p in pages]) for _ in range(5))
+        speeds.append(f"{dev.type} {32 * page / seconds / 1e9:.1f} GB/s")
+    return "checksums: a page digest runs at " + ", ".join(speeds)
+
+
+def _with_host_checksums(table: Table, config: Config, shape: dict, tokens: int, pcie: dict[str, float],
+                         gb: float) -> None:
+    """The two PCIe paths again with host checksums on (an option), to show what they cost."""
+    with TierManager(config) as mgr:
+        mgr.tiering.host.wait_ready()
+        space = mgr.create_space("bench", max_tokens=tokens + 8192, **shape)
+        ids = torch.tensor(space.allocate("a", tokens), device=mgr.device)
+        for layer in range(space.num_layers):
+            for t in space.kv(layer):
+                t[ids] = torch.randn(t[ids].shape, device=mgr.device, dtype=t.dtype)
+        probe = space.kv(space.num_layers - 1)[1][ids].clone()
+        mgr.backend.synchronize()
+        down = _timed(lambda: space.offload("a", tier="host").result())
+        up = _timed(lambda: space.ensure_resident(["a"]))
+        if not torch.equal(space.kv(space.num_layers - 1)[1][ids], probe):
+            raise AssertionError("host checksums: data changed on its way through the host tier")
+    table.add("gpu -> host, host checksums", gb / down, gb / pcie["down"], pcie["down"] / down, "pinned copy",
+              "(option: its cost)")
+    table.add("host -> gpu, host checksums", gb / up, gb / pcie["up"], pcie["up"] / up, "pinned copy",
+              "(option: its cost)")
 
 
 def _naive(device: torch.device, nbytes: int) -> dict[str, float]:

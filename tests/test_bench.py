@@ -19,7 +19,8 @@ def test_quick_bench_reports_every_path_within_its_ceilings(tmp_path):
     tables = {t["title"].split(",")[0].split(" (")[0]: t["rows"] for t in result["tables"]}
     paths = {row["path"]: row for row in tables["Tier paths"]}
     assert set(paths) == {"gpu -> host", "host -> gpu (prefetch)", "both at once", "gpu -> nvme", "nvme -> gpu",
-                          "host -> nvme", "nvme -> host (stage)"}
+                          "host -> nvme", "nvme -> host (stage)", "gpu -> host, host checksums",
+                          "host -> gpu, host checksums"}
     for row in paths.values():
         assert row["kvtier GB/s"] > 0 and row["ceiling GB/s"] > 0 and row["ratio"] > 0, row
     for row in tables["GPU <-> host vs transfer size"]:
