@@ -17,6 +17,16 @@ SHAPE = {"cpu": dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bflo
          "cuda": dict(num_layers=2, num_kv_heads=8, head_dim=256, dtype=torch.bfloat16, block_size=32)}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests run only when asked for by name (``-m soak``): ``-m gpu`` would otherwise select their cuda
+    variants, which take many minutes."""
+    if "soak" not in (config.getoption("markexpr") or ""):
+        kept = [item for item in items if item.get_closest_marker("soak") is None]
+        if len(kept) < len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+            items[:] = kept
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend_name(request: pytest.FixtureRequest) -> str:
     if request.param == "cuda" and not vmm_cuda.available():
