@@ -103,8 +103,9 @@ class Config(BaseModel):
     host_size: Size = _setting(1 * GiB, "host", "pinned host tier, pinned chunk by chunk in the background",
                                size=True)
     host_chunk: Size = _setting(128 * MiB, "host", "bytes pinned at a time", size=True)
-    keep_copies: bool = _setting(True, "host", "a page brought back up keeps its lower copy until a token is "
-                                 "allocated in it; offloading it again then copies nothing", strict=True)
+    keep_copies: bool = _setting(True, "host", "a page brought back up keeps its lower copy until it may be "
+                                 "written (a token allocated in it, its sequence's last block on it, mark_written); "
+                                 "offloading it again then copies nothing", strict=True)
     host_checksums: bool = _setting(False, "host", "a digest of each page written to host memory, verified before "
                                     "it goes back up or down to NVMe (NVMe pages always have one)", strict=True)
     host_high_watermark: Fraction = _setting(0.90, "host", "host fraction above which pages cascade to NVMe")
