@@ -193,3 +193,33 @@ def test_host_checksums_catch_host_memory_changed_at_rest(make_manager):
     for seq in ("a", "c"):
         space.free(seq)
     mgr.check()
+
+
+def test_write_health_backs_off_per_try_and_says_a_streak_once(caplog):
+    from kvtier.tiering.health import WriteHealth
+    now = [100.0]
+    health = WriteHealth("nvme", clock=lambda: now[0])  # a fake clock: the back-off is arithmetic
+    caplog.set_level(logging.WARNING, logger="kvtier")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    # one try of 8 pages fails: one back-off step (20 ms), not eight
+    for _ in range(8):
+        health.failed(full)
+    assert health.degraded and health.backing_off() and health.retry_at == pytest.approx(100.02)
+    # each later try doubles it, up to 30 s
+    waits = []
+    for _ in range(14):
+        now[0] = health.retry_at
+        assert not health.backing_off()
+        health.failed(full)
+        waits.append(round(health.retry_at - now[0], 3))
+    assert waits[:4] == [0.04, 0.08, 0.16, 0.32] and waits[-1] == 30.0
+    assert health.describe()["failed_writes"] == 22
+    # recovered, then failing again within the minute: flapping, not said again
+    health.succeeded()
+    assert not health.degraded and not health.backing_off()
+    now[0] += 5
+    health.failed(full)
+    health.succeeded()
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "writes are failing" in m]) == 1
+    assert len([m for m in said if "succeed again" in m]) == 1

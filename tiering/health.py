@@ -3,7 +3,7 @@
 A full or failing disk fails every write the host->NVMe cascade tries; retried each tick it would burn I/O and
 fill the log (measured before this: 244 warnings in 5 s). After a failed page write the tier is *degraded*:
 automatic plans (the background demoter, room for an allocate) see no room in it until a back-off has passed --
-20 ms, doubling per failure up to 30 s -- then one try goes through. An engine's explicit ``offload`` still tries,
+20 ms, doubling per failed try up to 30 s -- then one try goes through. An engine's explicit ``offload`` still tries,
 and hears of a failure through its handle. The log says it once when it starts and once when it ends, with
 counts (a tier that fails again within a minute of recovering is not said again: it flaps, it does not
 change); ``mgr.stats()["tiers"][tier]["health"]`` shows it meanwhile.
@@ -26,6 +26,7 @@ class WriteHealth:
         self.tier, self.clock = tier, clock
         self.failures = 0        # failed page writes, ever
         self.streak = 0          # failed since the last success
+        self.tries = 0           # tries that failed since the last success (the pages of one try fail together)
         self.since = 0.0         # when the streak began
         self.retry_at = 0.0
         self.last_error = ""
@@ -53,13 +54,16 @@ class WriteHealth:
                 log.warning("%s tier: writes are failing (%s; %d failed page write(s) so far); backing off (up to "
                             "%.0f s between tries), counting failures in stats()['tiers']['%s']['health']",
                             self.tier, error, self.failures, self.LONGEST, self.tier)
-        self.retry_at = now + min(self.LONGEST, self.FIRST * 2 ** min(self.streak - 1, 20))
+        if now >= self.retry_at:  # a new try, not another page of the same one: back off further
+            self.tries += 1
+            self.retry_at = now + min(self.LONGEST, self.FIRST * 2 ** min(self.tries - 1, 20))
 
     def succeeded(self) -> None:
         if self.streak and self._said:
             log.warning("%s tier: writes succeed again, after %d failed page write(s) over %.1f s (last: %s)",
                         self.tier, self.streak, self.clock() - self.since, self.last_error)
-        self.streak = 0
+        self.streak = self.tries = 0
+        self.retry_at = 0.0
 
     def describe(self) -> dict[str, object]:
         return {"degraded": self.degraded, "failed_writes": self.failures, "failing_since_seconds":
