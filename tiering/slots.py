@@ -17,6 +17,7 @@ class SlotBooks:
     def __init__(self, tier: str, total: int) -> None:
         self.tier, self.total = tier, total
         self.capacity = 0
+        self.lent = 0  # slots lent as scratch space to transfers in flight
         self._free: list[int] = []
         self._lock = threading.Lock()
 
@@ -49,7 +50,22 @@ class SlotBooks:
         with self._lock:
             self._free.extend(slots)
 
+    def lend(self, n: int) -> list[int]:
+        """Up to ``n`` free slots as scratch space for a transfer (they hold no page); back with :meth:`give_lent`."""
+        with self._lock:
+            n = min(n, len(self._free))
+            taken = self._free[len(self._free) - n:]
+            del self._free[len(self._free) - n:]
+            self.lent += n
+            return taken
+
+    def give_lent(self, slots: list[int]) -> None:
+        with self._lock:
+            self._free.extend(slots)
+            self.lent -= len(slots)
+
     def check(self, in_use: int) -> None:
         with self._lock:
             assert len(set(self._free)) == len(self._free), f"{self.tier}: a slot is free twice"
-            assert self.capacity - len(self._free) == in_use, (self.tier, self.capacity, len(self._free), in_use)
+            assert self.capacity - len(self._free) == in_use + self.lent, \
+                (self.tier, self.capacity, len(self._free), in_use, self.lent)

@@ -69,7 +69,7 @@ class Tiering:
         self.health = {t: WriteHealth(t.label) for t in self.tiers}
         self._gate = threading.Condition()
         self._mapping = 0
-        self.mover = Mover(device, self.host, self.nvme, gate=self._wait_gate)
+        self.mover = Mover(device, self.host, self.nvme, gate=self._wait_gate, lend=self._lend_host)
         self.stall_seconds: deque[float] = deque(maxlen=STALLS_KEPT)
         self.copies_reused = 0  # clean demotions: pages unmapped without a copy, their kept copy reused
         self._stall_events: deque[tuple[Any, Any]] = deque()
@@ -97,6 +97,11 @@ class Tiering:
         with self._gate:
             while self._mapping:
                 self._gate.wait()
+
+    def _lend_host(self, n: int) -> list[int]:
+        """Free host slots as a transfer's scratch space; under the lock, so that no plan counts them meanwhile."""
+        with self.lock:
+            return self.host.books.lend(n)
 
     def books(self, tier: Tier) -> Any:
         return self.tiers[tier].books

@@ -171,8 +171,9 @@ class Mover:
     DEPTH = 4   # 256 MiB in flight: a mapper waits ~5 ms at most; commits between batches do not drain it
 
     def __init__(self, device: torch.device, host: "HostTier", nvme: "NvmeTier",
-                 gate: Callable[[], None] = lambda: None) -> None:
-        self.device, self.host, self.nvme, self.gate = device, host, nvme, gate
+                 gate: Callable[[], None] = lambda: None,
+                 lend: Callable[[int], list[int]] = lambda n: []) -> None:
+        self.device, self.host, self.nvme, self.gate, self.lend = device, host, nvme, gate, lend
         cuda = device.type == "cuda"
         self.down = torch.cuda.Stream(device) if cuda else None
         self.up = torch.cuda.Stream(device) if cuda else None
@@ -210,7 +211,8 @@ class Mover:
                 dst.copy_(src[:dst.numel()], non_blocking=cuda)
 
     def _pipeline(self, submit: Callable[[list[int]], Any], n: int, tags: list[Any] | None,
-                  on_done: Callable[[Any], None] | None, landed: Callable[[list[int]], None] | None = None) -> None:
+                  on_done: Callable[[Any], None] | None, landed: Callable[[list[int]], None] | None = None,
+                  batch: int | None = None) -> None:
         """Submit ``n`` items in gated batches, ``DEPTH`` in flight; ``submit(indices)`` returns something whose
         ``synchronize()`` returns the failed indices ({index: error}); ``landed(indices)`` runs on each batch's
         items that succeeded, then each tag is reported done when its last item has landed and none failed. Raises
@@ -236,11 +238,12 @@ class Mover:
                 if on_done is not None and last[tags[i]] == i and tags[i] not in failed:
                     on_done(tags[i])
 
-        for first in range(0, n, self.BATCH):
+        batch = batch or self.BATCH
+        for first in range(0, n, batch):
             while len(inflight) >= self.DEPTH:
                 retire()
             self.gate()
-            indices = list(range(first, min(first + self.BATCH, n)))
+            indices = list(range(first, min(first + batch, n)))
             inflight.append((submit(indices), indices))
         while inflight:
             retire()
@@ -324,8 +327,45 @@ class Mover:
         return Work(io=[run])
 
     def _gpu_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
+        """Device pages to disk. Without GPUDirect Storage they are staged through free pinned host slots (lent
+        for the transfer): a copy down at PCIe speed, then the write from pinned memory. Measured on an H100
+        (kvikio compat mode, ext4): kvikio's own bounce reached 0.56-0.66 of a raw O_DIRECT write; host -> NVMe
+        from pinned slots 0.92."""
+        if self.device.type == "cuda" and self.nvme.mode != "kvikio-gds":
+            return Work(io=[lambda: self._gpu_nvme_staged(pairs, after, tags, on_done)])
         ops = [lambda v=view, s=slot: self.nvme.write(s, v) for view, slot in pairs]
         return self._io(ops, after, tags, on_done, gated=self.device.type == "cuda")
+
+    def _gpu_nvme_staged(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> None:
+        """``DEPTH`` batches in flight, each copied down into its own lent slots, then written from them; the
+        digest is taken of the device page, so the disk is checked against the GPU's bytes."""
+        if after is not None:
+            after.synchronize()
+        lent = self.lend(self.DEPTH * self.BATCH)
+        if len(lent) < self.DEPTH:  # the host tier is full: kvikio's own bounce, page by page
+            self.host.books.give_lent(lent)
+            ops = [lambda v=view, s=slot: self.nvme.write(s, v) for view, slot in pairs]
+            self._pipeline(lambda idx: _Futures({i: ops[i] for i in idx}), len(ops), tags, on_done)
+            return
+        batch, rounds = len(lent) // self.DEPTH, [0]
+
+        def submit(indices: list[int]) -> Any:
+            ring = lent[(rounds[0] % self.DEPTH) * batch:][:batch]  # free again: batch - DEPTH has retired
+            rounds[0] += 1
+            views = [pairs[i][0] for i in indices]
+            values = [self.nvme.digests.compute(v) for v in views]
+            with torch.cuda.stream(self.down):
+                for v, slot in zip(views, ring):
+                    self.host.view(slot)[:v.numel()].copy_(v.view(-1), non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record(self.down)
+            landed.synchronize()
+            return _Futures({i: (lambda i=i, k=k: self.nvme.write(pairs[i][1], self.host.view(ring[k]), values[k]))
+                             for k, i in enumerate(indices)})
+        try:
+            self._pipeline(submit, len(pairs), tags, on_done, batch=batch)
+        finally:
+            self.host.books.give_lent(lent)
 
     def _nvme_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         return self._io([lambda v=view, s=slot: self.nvme.read(s, v) for slot, view in pairs], after, tags)
