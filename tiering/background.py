@@ -58,12 +58,13 @@ class Demoter:
 
     def _keep_host(self) -> None:
         cfg, books = self.config, self.tiering.host.books
-        if not books.total or books.used <= cfg.host_high_watermark * books.total:
+        used = lambda: books.used - books.lent  # slots lent to a transfer as scratch come back by themselves
+        if not books.total or used() <= cfg.host_high_watermark * books.total:
             return
         low = int(cfg.host_low_watermark * books.total)
         self.tiering.drop_copies_until(Tier.HOST, books.total - low)  # copies first, down to the low mark if they can
-        if books.used > cfg.host_high_watermark * books.total:
-            self._cascade(books.used - low)
+        if used() > cfg.host_high_watermark * books.total:
+            self._cascade(used() - low)
 
     def _cascade(self, slots: int) -> None:
         """Move the coldest host pages to NVMe until about ``slots`` host slots are on their way out."""
