@@ -113,7 +113,11 @@ class Config(BaseModel):
     # [nvme]
     nvme_dir: str | None = _setting(None, "nvme", "directory of the slot file (unset: a temporary directory, "
                                     "removed at close)")
-    nvme_size: Size = _setting(4 * GiB, "nvme", "slot file size cap", size=True)
+    nvme_size: Size = _setting(4 * GiB, "nvme", "slot file size (reserved on disk at start, see preallocate)",
+                               size=True)
+    nvme_preallocate: bool = _setting(True, "nvme", "reserve nvme_size on disk at start (first writes run at full "
+                                      "speed; a disk short of room is refused at start, not met later); false: a "
+                                      "sparse file", strict=True)
     nvme_threads: int = _setting(4, "nvme", "I/O threads (kvikio's pool, or a POSIX pool)", ge=1, strict=True)
     nvme_direct: bool = _setting(True, "nvme", "O_DIRECT where the filesystem allows it", strict=True)
     nvme_min_uses: int = _setting(0, "nvme", "admission filter: only pages used this often go to NVMe (0: off)",

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Hashable
 
+import os
+
 import pytest
 import torch
 
 import kvtier
 from kvtier.vmm import cuda as vmm_cuda
+
+# The suite makes hundreds of managers, most with the default 4 GiB NVMe tier: their slot files stay sparse
+# (test_slot_files.py checks that preallocation reserves the disk, and that a disk short of room is refused).
+os.environ.setdefault("KVTIER_NVME_PREALLOCATE", "0")
 
 # Per backend: the smallest page it can map, and a space shape giving 16 blocks per page on both, so that the
 # same scripted scenarios cross page boundaries at the same block ids.

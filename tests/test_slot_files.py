@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import kvtier
 
 OWNER = textwrap.dedent("""
@@ -52,3 +54,14 @@ def test_a_dead_owners_slot_file_is_removed_and_a_live_ones_kept(tmp_path):
     # closed managers leave only the directory's lock file; the killed live one's file goes at the next start
     _start(directory).close()
     assert os.listdir(directory) == [".kvtier.lock"]
+
+
+def test_the_slot_file_is_reserved_on_disk_and_a_disk_short_of_room_is_refused_at_start(tmp_path):
+    size = 8 << 20
+    with kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
+                            nvme_size=size, nvme_dir=str(tmp_path), nvme_preallocate=True) as mgr:
+        assert os.stat(mgr.tiering.nvme.path).st_blocks * 512 >= size  # blocks allocated, not a sparse file
+    with pytest.raises(kvtier.ConfigError, match="nvme_dir: cannot make the slot file"):
+        kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
+                           nvme_size=1 << 60, nvme_dir=str(tmp_path), nvme_preallocate=True)
+    assert sorted(os.listdir(tmp_path)) == [".kvtier.lock"]

@@ -59,7 +59,7 @@ class Tiering:
         directory_path = config.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
         try:
             self.nvme = NvmeTier(device, pool.page_size, directory_path, config.nvme_size, config.nvme_threads,
-                                 config.nvme_direct, files)
+                                 config.nvme_direct, files, config.nvme_preallocate)
         except BaseException:
             self.host.close()
             if self._own_dir:
