@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -85,6 +89,27 @@ def random_model(config: Any, device: torch.device) -> Any:
         torch.set_default_dtype(default)
 
 
+def with_scratch_dir(run: Callable[..., Any]) -> Callable[..., Any]:
+    """For a bench's ``run(..., nvme_dir=None)``: without a directory given, a temporary one, removed after."""
+    @functools.wraps(run)
+    def wrapped(*args: Any, nvme_dir: str | None = None, **kwargs: Any) -> Any:
+        with _scratch(nvme_dir) as directory:
+            return run(*args, nvme_dir=directory, **kwargs)
+    return wrapped
+
+
+@contextlib.contextmanager
+def _scratch(given: str | None) -> Iterator[str]:
+    if given:
+        yield given
+        return
+    directory = tempfile.mkdtemp(prefix="kvtier-bench-")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -137,8 +162,8 @@ class Table:
     def render(self) -> Any:
         from rich.table import Table as RichTable
         table = RichTable(title=self.title, title_justify="left")
-        for c in self.columns:
-            table.add_column(c, justify="right" if c != self.columns[0] else "left")
+        for c in self.columns:  # fold, never cut: a narrow terminal wraps a header instead of "map+acce…"
+            table.add_column(c, justify="right" if c != self.columns[0] else "left", overflow="fold")
         for r in self.rows:
             table.add_row(*[_fmt(v) for v in r])
         if self.notes:
@@ -148,6 +173,10 @@ class Table:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # not measurable on this machine (e.g. kvikio without a CUDA driver)
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)

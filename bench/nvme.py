@@ -4,13 +4,12 @@ reading and writing device memory, in GDS or compat mode as the machine allows."
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Any
 
 import torch
 
-from kvtier.bench.common import Table, io_mode
+from kvtier.bench.common import Table, io_mode, with_scratch_dir
 from kvtier.bench.tiers import disk_ceilings
 from kvtier.config import MiB
 
@@ -41,8 +40,9 @@ def _kvikio(directory: str, nbytes: int, threads: int, task: int) -> tuple[float
     return mid - start, end - mid
 
 
+@with_scratch_dir
 def run(nbytes: int, threads: list[int], sizes: list[int], nvme_dir: str | None = None, step: Any = None) -> Table:
-    directory = nvme_dir or tempfile.mkdtemp(prefix="kvtier-bench-")
+    directory = nvme_dir  # given, or a temporary one (with_scratch_dir)
     mode = io_mode(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     table = Table(f"NVMe throughput vs threads and I/O size ({nbytes // MiB} MiB; {mode})",
                   ["threads", "I/O MiB", "raw write GB/s", "raw read GB/s", "kvikio write GB/s",
@@ -52,9 +52,9 @@ def run(nbytes: int, threads: list[int], sizes: list[int], nvme_dir: str | None 
         for size in sizes:
             raw = disk_ceilings(directory, nbytes, t, size)
             kv = _kvikio(directory, nbytes, t, size)
-            table.add(t, size // MiB, gb / raw["write"], gb / raw["read"], gb / kv[0] if kv else 0.0,
-                      gb / kv[1] if kv else 0.0, raw["read"] / kv[1] if kv else 0.0)
+            table.add(t, size // MiB, gb / raw["write"], gb / raw["read"], gb / kv[0] if kv else None,
+                      gb / kv[1] if kv else None, raw["read"] / kv[1] if kv else None)
             if step:
                 step()
-    table.notes.append(f"files in {directory}; kvikio columns are 0 where no CUDA driver is present")
+    table.notes.append(f"files in {directory}; kvikio columns are n/a where no CUDA driver is present")
     return table

@@ -7,11 +7,10 @@ measured in the same run.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from typing import Any
 
-from kvtier.bench.common import Table
+from kvtier.bench.common import Table, with_scratch_dir
 from kvtier.bench.tiers import disk_ceilings, pcie_ceilings
 from kvtier.bench.vmm import LLAMA8B
 from kvtier.config import Config, MiB
@@ -20,9 +19,10 @@ from kvtier.manager import TierManager
 PER_TOKEN = 2 * 32 * 8 * 128 * 2
 
 
+@with_scratch_dir
 def run(device: str, token_counts: list[int], nvme_dir: str | None = None, step: Any = None) -> Table:
     largest = max(token_counts) * PER_TOKEN
-    directory = nvme_dir or tempfile.mkdtemp(prefix="kvtier-bench-")
+    directory = nvme_dir  # given, or a temporary one (with_scratch_dir)
     table = Table("Fault-back latency vs sequence length (prefetch().result(), mapping included)",
                   ["tokens", "MiB", "from host ms", "pinned copy ms", "host ratio", "map ms", "from nvme ms",
                    "raw read ms", "nvme ratio"])

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import tempfile
+import re
 import time
 from typing import Any, Callable
 
 import torch
 
-from kvtier.bench.common import Table
+from kvtier.bench.common import Table, with_scratch_dir
 from kvtier.bench.vmm import LLAMA8B
 from kvtier.config import Config, MiB
 from kvtier.manager import TierManager
@@ -92,11 +92,12 @@ def disk_ceilings(directory: str, nbytes: int, threads: int, chunk: int = CHUNK)
     return {"write": write, "read": read}
 
 
+@with_scratch_dir
 def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) -> list[Table]:
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     # at least a page's worth of tokens (4096 here), so the sequence owns its pages and moves whole
     tokens = (4096 if quick else 32768) if cuda else (4096 if quick else 8192)
-    directory = nvme_dir or tempfile.mkdtemp(prefix="kvtier-bench-")
+    directory = nvme_dir  # given, or a temporary one (with_scratch_dir)
     shape = dict(LLAMA8B)
     per_token = 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * 2
     nbytes = tokens * per_token
@@ -170,7 +171,22 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
                            "data verified after the round trips; NVMe rows include their checksums (always on)")
         table.notes.append(_digest_speed(dev, mgr.page_size))
     _with_host_checksums(table, config.replace(host_checksums=True), shape, tokens, pcie, gb)
+    table.columns.append("met")
+    for row in table.rows:
+        row.append(_met(row[3], row[5]))
     return [table]
+
+
+def _met(ratio: float, target: str) -> bool | None:
+    """Whether ``ratio`` meets ``target`` (">= 0.90", or ">= 1.4x one way (1.13x)" where the factor is in the
+    parentheses); None where the row has no target."""
+    wanted = re.match(r">= ([\d.]+)(x?)", target)
+    if not wanted:
+        return None
+    if wanted.group(2):
+        got = re.search(r"\(([\d.]+)x\)", target)
+        return bool(got) and float(got.group(1)) >= float(wanted.group(1))
+    return ratio >= float(wanted.group(1))
 
 
 def _digest_speed(device: torch.device, page: int) -> str:
@@ -241,8 +257,8 @@ def sweep(device: str, token_counts: list[int], step: Any = None) -> Table:
             pcie, naive = pcie_ceilings(mgr.device, nbytes), _naive(mgr.device, nbytes)
             gb = nbytes / 1e9
             table.add(tokens, nbytes // MiB, gb / down, gb / pcie["down"], pcie["down"] / down, gb / up,
-                      gb / pcie["up"], pcie["up"] / up, gb / naive["down"] if naive else 0.0,
-                      gb / naive["up"] if naive else 0.0)
+                      gb / pcie["up"], pcie["up"] / up, gb / naive["down"] if naive else None,
+                      gb / naive["up"] if naive else None)
             if step:
                 step()
     table.notes.append("ratio = pinned-copy time / kvtier time; naive = tensor.cpu() / .cuda() via pageable memory")

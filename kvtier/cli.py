@@ -13,6 +13,8 @@ from rich.markup import escape
 import kvtier
 
 console = Console()
+if not console.is_terminal:  # to a file or a pipe: wide enough that no table is folded
+    console = Console(width=200)
 
 
 def _device_facts(device: str) -> dict[str, Any]:
@@ -69,9 +71,9 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "vmm": (1, lambda step: vmm.run(device, quick=quick)),
         "tiers": (1 + len(tokens), lambda step: tiers.run(device, quick=quick, nvme_dir=nvme_dir)
                   + [tiers.sweep(device, tokens, step)]),
-        "prefetch": (len(tokens), lambda step: [prefetch.run(device, tokens, nvme_dir, step)]),
+        "prefetch": (len(tokens), lambda step: [prefetch.run(device, tokens, nvme_dir=nvme_dir, step=step)]),
         "nvme": (len(threads) * len(sizes), lambda step: [nvme.run((256 if quick else 1024) << 20, threads, sizes,
-                                                                   nvme_dir, step)]),
+                                                                   nvme_dir=nvme_dir, step=step)]),
         "generate": (20, lambda step: [generate.run(device, quick=quick, step=step, repeats=repeats)]),
         "long-context": (3, lambda step: [long_context.run(device, quick=quick, step=step)]),
         "decode-pairs": (repeats or (30 if cuda else 4),

@@ -10,9 +10,11 @@ import sys
 
 def test_quick_bench_reports_every_path_within_its_ceilings(tmp_path):
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    before = set(_scratch_dirs())
     done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "--quick", "--device", "cpu", "--json",
                            str(out), "--plot", str(plots)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert set(_scratch_dirs()) <= before  # it removed the temporary directories it made
     result = json.loads(out.read_text())
     # the system header: what the figures were measured on
     assert {"device", "torch", "nvme_io", "host_memory_gib", "filesystem"} <= set(result["system"])
@@ -23,12 +25,17 @@ def test_quick_bench_reports_every_path_within_its_ceilings(tmp_path):
                           "host -> gpu, host checksums"}
     for row in paths.values():
         assert row["kvtier GB/s"] > 0 and row["ceiling GB/s"] > 0 and row["ratio"] > 0, row
+        assert row["met"] in (True, False, None), row  # every row says whether its target is met
+    assert paths["gpu -> host, host checksums"]["met"] is None  # an option's cost: no target
+    # a reader's output: nothing cut short, nothing shown as 0 that does not exist here (n/a)
+    assert "…" not in done.stdout and " n/a " in done.stdout
     for row in tables["GPU <-> host vs transfer size"]:
         assert row["down ratio"] > 0 and row["up ratio"] > 0, row
     for row in tables["Fault-back latency vs sequence length"]:
         assert row["host ratio"] > 0 and row["nvme ratio"] > 0, row
     for row in tables["NVMe throughput vs threads and I/O size"]:
         assert row["raw write GB/s"] > 0 and row["raw read GB/s"] > 0
+        assert row["kvikio read GB/s"] is None  # no CUDA driver here: not measured, not 0
     assert {p.name for p in plots.iterdir()} == {"tiers.png", "prefetch.png", "nvme.png"}
     generate = next(rows for title, rows in tables.items() if title.startswith("generate"))
     assert {r["cache"] for r in generate} >= {"DynamicCache", "TieredCache, all resident"}
@@ -44,3 +51,9 @@ def test_long_context_bench_runs_the_path_on_the_cpu(tmp_path):
     rows = {r["cache"].split(" (")[0]: r for r in json.loads(out.read_text())["tables"][0]["rows"]}
     assert rows["DynamicCache"]["outcome"] == "ok" and rows["TieredCache"]["outcome"] == "ok"
     assert rows["TieredCache"]["decode tok/s"] > 0 and rows["TieredCache"]["GiB below"] > 0
+
+
+def _scratch_dirs() -> list[str]:
+    import glob
+    import tempfile
+    return glob.glob(f"{tempfile.gettempdir()}/kvtier-bench-*")
