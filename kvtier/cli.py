@@ -37,10 +37,40 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
-def info(device: str) -> None:
-    """The backend kvtier would use here, and the facts about it."""
-    for key, value in _device_facts(device).items():
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="A config file (default: Config(), with the KVTIER_* environment applied).")
+def info(device: str, config_path: str | None) -> None:
+    """The backend kvtier would use here, the facts about it, and the tiers a manager would have."""
+    from kvtier.bench.common import io_mode
+    from kvtier.config import Config
+    from kvtier.tiering.host import memory_limit
+    from kvtier.vmm import open_backend, resolve_device
+
+    config = Config.from_file(config_path) if config_path else Config()
+    facts = _device_facts(device)
+    dev = resolve_device(device)
+    backend = open_backend(dev)
+    try:
+        page = config.page_size or backend.default_page_size
+    finally:
+        backend.close()
+    limit, where = memory_limit()
+    facts.update({
+        "page size": f"{page >> 20} MiB" if page % (1 << 20) == 0 else f"{page} bytes",
+        "pool budget": f"{config.pool_budget:g} of the device's free memory at start"
+                       if isinstance(config.pool_budget, float) else _size(config.pool_budget),
+        "host tier": f"{_size(config.host_size)} ({'pinned' if dev.type == 'cuda' else 'plain memory'}, "
+                     f"checksums {'on' if config.host_checksums else 'off'}; this process may use "
+                     f"{_size(limit)}: {where})",
+        "nvme tier": f"{_size(config.nvme_size)} in {config.nvme_dir or 'a temporary directory'} "
+                     f"({'reserved' if config.nvme_preallocate else 'sparse'}; I/O: {io_mode(dev)})",
+        "policy": config.policy})
+    for key, value in facts.items():
         console.print(f"[bold]{key:>14}[/bold]  {escape(str(value))}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.3g} MiB"
 
 
 def _bench_options(fn: Any) -> Any:
@@ -226,10 +256,12 @@ def replay(trace: str, configs: tuple[str, ...], device: str | None, plot_path: 
     console.print(table.render())
     if plot_path:
         plot(results, plot_path)
+        console.print(f"plot written to {escape(plot_path)}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({label: {k: v for k, v in r.items() if k != "timeline"} for label, r in results.items()}, f,
                       indent=1)
+        console.print(f"figures written to {escape(json_path)}")
 
 
 @main.command("trace")

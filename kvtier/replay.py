@@ -183,13 +183,20 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _shown(metric: str, row: dict[str, Any]) -> Any:
+    """A hit rate as a percentage (n/a where the space had no returns); other metrics as they are."""
+    if not metric.startswith("hit "):
+        return row[metric]
+    return f"{100 * row[metric]:.1f}%" if row["returns"] else None
+
+
 def side_by_side(results: dict[str, dict[str, Any]]) -> Iterable[list[Any]]:
     """Rows (space, metric, value per config) for a table."""
     labels = list(results)
     first = results[labels[0]]
     for space in first["spaces"]:
         for metric in first["spaces"][space]:
-            yield [space, metric, *[results[lab]["spaces"][space][metric] for lab in labels]]
+            yield [space, metric, *[_shown(metric, results[lab]["spaces"][space]) for lab in labels]]
     for path in sorted({p for r in results.values() for p in r["bytes"]}):
         yield ["(all)", f"GB {path}", *[results[lab]["bytes"].get(path, 0) / 1e9 for lab in labels]]
     for tier in ("gpu", "host", "nvme"):

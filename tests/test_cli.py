@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import kvtier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _kvtier(*args: str) -> str:
@@ -19,6 +22,11 @@ def test_version_and_info():
     assert kvtier.__version__ in _kvtier("--version")
     out = _kvtier("info", "--device", "cpu")
     assert "host" in out and "granularity" in out
+    # the tiers a manager would have here, from the defaults or a config file
+    for key in ("page size", "pool budget", "host tier", "nvme tier", "policy"):
+        assert key in out, (key, out)
+    out = _kvtier("info", "--device", "cpu", "--config", os.path.join(ROOT, "configs", "cpu-dev.toml"))
+    assert "MiB" in out and "nvme tier" in out
 
 
 def test_bench_vmm_quick_writes_json(tmp_path):

@@ -64,6 +64,8 @@ def test_trace_and_replay_commands(tmp_path):
     done = run("replay", str(out), "--device", "cpu", "--plot", str(png))
     assert done.returncode == 0, done.stderr
     assert "stall p99 ms" in done.stdout and png.stat().st_size > 10_000
+    assert f"plot written to {png}" in " ".join(done.stdout.split())
+    assert "%" in done.stdout  # hit rates as percentages
 
 
 def test_a_bad_trace_is_refused_naming_the_file_and_line(tmp_path):
