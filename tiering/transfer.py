@@ -277,38 +277,35 @@ class Mover:
 
     def _host_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. A view
-        shorter than a slot takes the slot's first bytes. With host checksums, each slot is verified first (on
-        the host, before anything is enqueued); pairs that fail are not copied and are reported by an I/O step."""
-        failed = self._verify_host([slot for slot, _ in pairs], tags)
-        copies = [(self.host.view(slot)[:view.numel()], view) for i, (slot, view) in enumerate(pairs)
-                  if (tags[i] if tags is not None else i) not in failed]
-        report = [lambda: _raise(PairsFailed(failed))] if failed else []
-        if self.up is None:
-            for src, dst in copies:
-                dst.copy_(src)
-            return Work(io=report)
-        with torch.cuda.stream(self.up):
-            if after is not None:
+        shorter than a slot takes the slot's first bytes. With host checksums each slot is verified on the host
+        just before its copy is enqueued (so the copies run while the next slots are checked); a page that
+        fails is copied no further, and an I/O step reports it."""
+        failed: dict[Any, BaseException] = {}
+        cuda = self.up is not None
+        with torch.cuda.stream(self.up) if cuda else contextlib.nullcontext():
+            if cuda and after is not None:
                 self.up.wait_event(after)  # the destination may still be read by the engine's kernels
-            for src, dst in copies:
-                dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.up)
-        return Work(event=event, io=report)
+            for i, (slot, view) in enumerate(pairs):
+                tag = tags[i] if tags is not None else i
+                if tag in failed or self._bad_host_slot(slot, tag, failed):
+                    continue
+                view.copy_(self.host.view(slot)[:view.numel()], non_blocking=cuda)
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record(self.up)
+        return Work(event=event, io=[lambda: _raise(PairsFailed(failed))] if failed else [])
 
-    def _verify_host(self, slots: list[int], tags: list[Any] | None) -> dict[Any, BaseException]:
-        """Tags of the host slots whose bytes no longer match their digest (host checksums on), and why."""
-        digests, failed = self.host.digests, {}
-        if digests is None:
-            return failed
-        for i, slot in enumerate(slots):
-            tag = tags[i] if tags is not None else i
-            if tag not in failed:
-                try:
-                    digests.verify(slot, self.host.view(slot), "host")
-                except OSError as exc:
-                    failed[tag] = exc
-        return failed
+    def _bad_host_slot(self, slot: int, tag: Any, failed: dict[Any, BaseException]) -> bool:
+        """With host checksums: whether the slot's bytes changed at rest (then ``failed[tag]`` says so)."""
+        if self.host.digests is None:
+            return False
+        try:
+            self.host.digests.verify(slot, self.host.view(slot), "host")
+            return False
+        except OSError as exc:
+            failed[tag] = exc
+            return True
 
     def _io(self, ops: list[Callable[[], Any]], after: Any = None, tags: Any = None, on_done: Any = None,
             gated: bool = False) -> Work:
