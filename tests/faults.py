@@ -8,8 +8,10 @@ counted and timed, fired or not.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import random
 import threading
 import time
 from collections import Counter
@@ -33,6 +35,7 @@ class FaultyFiles:
         self.fired: Counter[str] = Counter()
         self.times: list[tuple[str, float]] = []
         self._lock = threading.Lock()
+        self._chaos: tuple[float, random.Random] | None = None
 
     # --- cues ------------------------------------------------------------------------------------------------------
     def fail(self, op: str, errno: int, slot: int | None = None, times: int | None = None) -> None:
@@ -44,14 +47,24 @@ class FaultyFiles:
     def corrupt(self, op: str, slot: int | None = None, times: int | None = None) -> None:
         self.rules.append(Rule(op, "corrupt", 0, slot, times))
 
+    def chaos(self, rate: float, seed: int = 0) -> None:
+        """From now on, each call fails at random with probability ``rate``: EIO, a short transfer or a corrupt
+        byte, one third each (seeded)."""
+        self._chaos = (rate, random.Random(seed))
+
     def clear(self) -> None:
         with self._lock:
             self.rules.clear()
+            self._chaos = None
 
     def _rule(self, op: str, offset: int) -> Rule | None:
         with self._lock:
             self.calls[op] += 1
             self.times.append((op, time.monotonic()))
+            if self._chaos is not None and self._chaos[1].random() < self._chaos[0]:
+                action = self._chaos[1].choice(["errno", "short", "corrupt"])
+                self.fired[f"{op} {action}"] += 1
+                return Rule(op, action, errno.EIO)
             for rule in self.rules:
                 if rule.op == op and rule.slot in (None, offset // self.slot_size) and rule.times != 0:
                     if rule.times is not None:

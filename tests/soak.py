@@ -30,13 +30,16 @@ class Counts:
     steps: int = 0
     refused: int = 0
     bytes_verified: int = 0
-    mismatches: int = 0
+    mismatches: int = 0  # wrong bytes handed back: must stay 0
+    lost: int = 0        # sequences reported lost (under injected faults) and freed
+    caught: int = 0      # bad bytes the tiers' checksums caught (under injected faults)
     pages_down: int = 0
     pages_up: int = 0   # pages brought back (prefetch) or read from below: page round trips
     errors: list[str] = field(default_factory=list)
 
     def add(self, other: "Counts") -> None:
-        for name in ("steps", "refused", "bytes_verified", "mismatches", "pages_down", "pages_up"):
+        for name in ("steps", "refused", "bytes_verified", "mismatches", "lost", "caught", "pages_down",
+                     "pages_up"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors += other.errors
 
@@ -50,7 +53,9 @@ class Seq:
 
 
 class Walker:
-    def __init__(self, index: int, spaces: list[Any], bank: torch.Tensor, seed: int, max_blocks: int) -> None:
+    def __init__(self, index: int, spaces: list[Any], bank: torch.Tensor, seed: int, max_blocks: int,
+                 faulty: bool = False) -> None:
+        self.faulty = faulty  # faults are injected below: TransferError is expected (and must never mean bad bytes)
         self.rng = random.Random(seed * 1000 + index)
         self.bank, self.max_blocks = bank, max_blocks
         self.counts = Counts()
@@ -122,11 +127,24 @@ class Walker:
                     torch.cuda.current_stream(dst[0][0].device).synchronize()
                 self._verify(seq, dst)
             elif op == "free" and seq.salts:
-                space.free(seq.name)
-                self.born += 1
-                seq.name, seq.salts, seq.resident = f"{seq.name.rsplit('#', 1)[0]}#{self.born}", [], True
+                self._forget(seq)
         except (kvtier.OutOfPagesError, kvtier.TierFullError):
             self.counts.refused += 1
+        except kvtier.TransferError as failure:
+            if not self.faulty:
+                raise
+            # an injected fault: a failed write left the pages where they were; what was lost is freed, never read
+            mine = {s.name: s for s in self.seqs}
+            for name in failure.lost:
+                if name in mine:
+                    self._forget(mine[name])
+                    self.counts.lost += 1
+
+    def _forget(self, seq: Seq) -> None:
+        """Free ``seq`` (lost, or done with) and start a new one in its place."""
+        seq.space.free(seq.name)
+        self.born += 1
+        seq.name, seq.salts, seq.resident = f"{seq.name.rsplit('#', 1)[0]}#{self.born}", [], True
 
     def run(self, steps: int) -> None:
         try:
@@ -147,7 +165,8 @@ def soak(make: Any, shape: dict, page: int, policy: str, background: bool, threa
     block_elems = shape["block_size"] * shape["num_kv_heads"] * shape["head_dim"]
     gen = torch.Generator().manual_seed(seed)
     bank = torch.randn(BANK, block_elems, generator=gen).to(shape["dtype"]).to(mgr.device)
-    walkers = [Walker(k, spaces, bank, seed, max_blocks=96) for k in range(threads)]
+    walkers = [Walker(k, spaces, bank, seed, max_blocks=96, faulty=config.get("files") is not None)
+               for k in range(threads)]
     workers = [threading.Thread(target=w.run, args=(steps,)) for w in walkers]
     for t in workers:
         t.start()
@@ -166,6 +185,6 @@ def soak(make: Any, shape: dict, page: int, policy: str, background: bool, threa
     paths = stats["paths"]
     counts.pages_down = sum(v["pages"] for k, v in paths.items() if k.startswith("gpu->"))
     counts.pages_up = sum(v["pages"] for k, v in paths.items() if k.endswith("->gpu") or k.endswith("->read"))
-    counts.mismatches += sum(stats[t]["checksums"]["mismatches"] for t in ("host", "nvme")
-                             if isinstance(stats[t]["checksums"], dict))
+    counts.caught = sum(stats[t]["checksums"]["mismatches"] for t in ("host", "nvme")
+                        if isinstance(stats[t]["checksums"], dict))
     return counts
