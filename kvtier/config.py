@@ -122,6 +122,11 @@ class Config(BaseModel):
     nvme_direct: bool = _setting(True, "nvme", "O_DIRECT where the filesystem allows it", strict=True)
     nvme_min_uses: int = _setting(0, "nvme", "admission filter: only pages used this often go to NVMe (0: off)",
                                   ge=0, strict=True)
+    # [metrics]
+    metrics_port: int | None = _setting(None, "metrics", "serve Prometheus metrics on this port (0: any free "
+                                        "one; unset: no endpoint); needs kvtier[metrics]", ge=0, le=65535,
+                                        strict=True)
+    metrics_addr: str = _setting("127.0.0.1", "metrics", "the address the metrics endpoint listens on")
     # [policy]: ``name`` and the policy's own parameters
     policy: str = _setting("lru", "policy", "eviction policy: lru, lfu, priority, a plug-in or module:Class")
     policy_params: dict[str, Any] = _setting({}, "policy", "the policy's own parameters (the other keys of "

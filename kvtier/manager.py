@@ -12,6 +12,7 @@ import torch
 
 from kvtier.config import Config
 from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
+from kvtier.metrics import MetricsServer
 from kvtier.space import KVSpace, parse_dtype
 from kvtier.tiering import DemotionPlan, FileLayer, Tiering
 from kvtier.vmm import PagePool, open_backend, resolve_device
@@ -84,6 +85,15 @@ class TierManager:
         except BaseException:
             self.pool.close()
             raise
+        self.metrics: MetricsServer | None = None
+        if self.config.metrics_port is not None:
+            try:
+                self.metrics = MetricsServer(self, self.config.metrics_port, self.config.metrics_addr)
+            except BaseException:
+                self.tiering.stop()
+                self.tiering.close()
+                self.pool.close()
+                raise
 
     def create_space(self, name: str, num_layers: int, num_kv_heads: int, head_dim: int,
                      dtype: torch.dtype | str = torch.bfloat16, block_size: int = 16, max_tokens: int = 131072,
@@ -257,6 +267,8 @@ class TierManager:
         with self.lock:
             if self.closed:
                 return
+        if self.metrics is not None:
+            self.metrics.close()
         self.tiering.stop()  # without the lock: the worker commits what is in flight
         with self.lock:
             for name in list(self.spaces):

@@ -15,6 +15,7 @@ commit under the lock.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import shutil
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STALLS_KEPT = 100_000  # stall samples kept for the stats' percentiles
 STALL_EVENTS_PENDING = 256  # unread stall timings (event pairs) above which they are read as they complete
+STALL_BUCKETS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5, 1.0)  # seconds (metrics histogram)
 
 
 class Tiering:
@@ -71,6 +73,9 @@ class Tiering:
         self._mapping = 0
         self.mover = Mover(device, self.host, self.nvme, gate=self._wait_gate, lend=self._lend_host)
         self.stall_seconds: deque[float] = deque(maxlen=STALLS_KEPT)
+        self.stall_counts = [0] * (len(STALL_BUCKETS) + 1)  # every stall ever, per bucket (the last: above all)
+        self.stall_sum = 0.0
+        self.pages_lost = 0  # pages ever lost (a read back failed, or bytes failed their checksum)
         self.copies_reused = 0  # clean demotions: pages unmapped without a copy, their kept copy reused
         self._stall_events: deque[tuple[Any, Any]] = deque()
         self.path_seconds: dict[str, float] = defaultdict(float)
@@ -402,6 +407,7 @@ class Tiering:
         for p in pages:
             self.books(table.tier_of(p)).give(table.slots.pop(p))
             table.tier[p] = Tier.LOST
+        self.pages_lost += len(pages)
         handle.lost += [q for q in space.sequences_on(pages) if q not in handle.lost]
 
     def _commit_read(self, handle: TransferHandle) -> None:
@@ -459,7 +465,10 @@ class Tiering:
     def _fold_stalls(self) -> None:
         while self._stall_events and self._stall_events[0][1].query():  # in stream order: oldest first
             before, after = self._stall_events.popleft()
-            self.stall_seconds.append(before.elapsed_time(after) / 1e3)
+            seconds = before.elapsed_time(after) / 1e3
+            self.stall_seconds.append(seconds)
+            self.stall_counts[bisect.bisect_left(STALL_BUCKETS, seconds)] += 1
+            self.stall_sum += seconds
 
     # --- books and lifecycle --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -470,7 +479,9 @@ class Tiering:
         return {**{t.label: dict(self.tiers[t].describe(), slots_used=self.books(t).used,
                                  health=self.health[t].describe()) for t in LOWER},
                 "paths": paths, "in_flight": len(self._inflight),
-                "copies": {"kept_pages": kept, "reused_pages": self.copies_reused},
+                "copies": {"kept_pages": kept, "reused_pages": self.copies_reused}, "lost_pages": self.pages_lost,
+                "stall_histogram": {"le": list(STALL_BUCKETS), "counts": list(self.stall_counts),
+                                    "sum_seconds": self.stall_sum},
                 "stalls": {"count": len(stalls), "total_seconds": sum(stalls), "p50_seconds": pct(0.5),
                            "p99_seconds": pct(0.99)}}
 
