@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import kvtier
-from kvtier.tiering import Tier
 from tests.conftest import PAGE, assert_seq, write_seq
 from tests.faults import FaultyFiles
 

@@ -9,7 +9,8 @@ from kvtier.tiering.pagetable import PageTable
 from kvtier.tiering.plans import DemotionPlan, PlannedMove
 from kvtier.tiering.tier import LOWER, STORAGE, LowerTier, Tier
 from kvtier.tiering.tiering import Tiering
-from kvtier.tiering.transfer import Move, Mover, TransferHandle
+from kvtier.tiering.mover import Mover
+from kvtier.tiering.transfer import Move, TransferHandle
 
 __all__ = ["LOWER", "STORAGE", "ChecksumMismatch", "DemotionPlan", "FileLayer", "LowerTier", "Move", "Mover", "PageTable", "PlannedMove", "PosixFiles",
            "SpaceDirectory", "Tier", "TieredSpace", "Tiering", "TransferHandle"]

@@ -38,7 +38,8 @@ from kvtier.tiering.health import WriteHealth
 from kvtier.tiering.nvme import FileLayer, NvmeTier
 from kvtier.tiering.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
 from kvtier.tiering.tier import LOWER, LowerTier, Tier
-from kvtier.tiering.transfer import Move, Mover, TransferHandle, Work
+from kvtier.tiering.mover import Mover
+from kvtier.tiering.transfer import Move, TransferHandle, Work
 from kvtier.vmm import Backend, PagePool
 
 log = logging.getLogger(__name__)
