@@ -105,9 +105,10 @@ class Tiering:
                 self._gate.wait()
 
     def _lend_host(self, n: int) -> list[int]:
-        """Free host slots as a transfer's scratch space; under the lock, so that no plan counts them meanwhile."""
+        """Up to ``n`` free host slots, at most half of those free (the other half stays for pages), as a
+        transfer's scratch space; under the lock, so that no plan counts them meanwhile."""
         with self.lock:
-            return self.host.books.lend(n)
+            return self.host.books.lend(min(n, self.host.books.free // 2))
 
     def books(self, tier: Tier) -> Any:
         return self.tiers[tier].books
