@@ -255,7 +255,7 @@ def replay(trace: str, configs: tuple[str, ...], device: str | None, plot_path: 
         table.add(*row)
     console.print(table.render())
     if plot_path:
-        plot(results, plot_path)
+        plot(results, plot_path, {name: shape.get("priority", 0) for name, shape in tr.spaces.items()})
         console.print(f"plot written to {escape(plot_path)}")
     if json_path:
         with open(json_path, "w") as f:

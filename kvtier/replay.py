@@ -157,26 +157,40 @@ def replay(trace: Trace, config: Config) -> dict[str, Any]:
             "timeline": occupancy.tolist(), "stalls": {n: reports[n].stalls for n in trace.spaces}}
 
 
-def plot(results: dict[str, dict[str, Any]], path: str) -> None:
-    """Tier occupancy over trace time, and the stall distributions, one colour per config."""
+def plot(results: dict[str, dict[str, Any]], path: str, priorities: dict[str, int] | None = None) -> None:
+    """Tier occupancy over trace time, and the headline: the stall distribution of each space under each config
+    (one line style per config, one colour per space), with the p99 of the highest-priority space in the title."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigError("--plot needs matplotlib: pip install matplotlib") from exc
-    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, res in results.items():
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles = ["-", "--", ":", "-."]
+    spaces = sorted({name for res in results.values() for name in res["stalls"]},
+                    key=lambda n: -(priorities or {}).get(n, 0))
+    colours = {name: f"C{i}" for i, name in enumerate(spaces)}
+    for (label, res), style in zip(results.items(), styles * len(results)):
         tl = np.array(res["timeline"])
         if len(tl):
-            for col, tier, style in ((1, "gpu", "-"), (2, "host", "--"), (3, "nvme", ":")):
-                ax_t.plot(tl[:, 0], tl[:, col], style, label=f"{label}: {tier}")
-        stalls = sorted(s * 1e3 for v in res["stalls"].values() for s in v)
-        if stalls:
-            ax_s.plot(stalls, np.linspace(0, 1, len(stalls)), label=label)
+            for col, tier, colour in ((1, "gpu", "C0"), (2, "host", "C1"), (3, "nvme", "C2")):
+                ax_t.plot(tl[:, 0], tl[:, col], style, color=colour, label=f"{label}: {tier}")
+        for name in spaces:
+            stalls = sorted(s * 1e3 for s in res["stalls"].get(name, []))
+            if stalls:
+                ax_s.plot(stalls, np.linspace(0, 1, len(stalls)), style, color=colours[name], label=f"{label}: {name}")
+    top = spaces[0] if spaces and priorities else None
+    headline = [f"{label}: {np.percentile(res['stalls'][top], 99) * 1e3:.2f} ms"
+                for label, res in results.items() if top and res["stalls"].get(top)]
+    if headline:
+        ax_s.text(0.02, 0.97, f"p99 stall of {top} (highest priority)\n" + "\n".join(headline),
+                  transform=ax_s.transAxes, va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8})
+    every = [s for res in results.values() for v in res["stalls"].values() for s in v if s > 0]
+    wide = bool(every) and max(every) / min(every) > 20  # a log axis only where the stalls span decades
     ax_t.set(xlabel="trace time (s)", ylabel="pages", title="tier occupancy")
-    ax_s.set(xlabel="fault-back stall (ms)", ylabel="fraction of returns", title="stall distribution (CDF)",
-             xscale="symlog")
+    ax_s.set(xlabel="fault-back stall (ms)", ylabel="fraction of returns", title="stalls per space (CDF)",
+             xscale="log" if wide else "linear")
     ax_t.legend(fontsize=7)
     ax_s.legend(fontsize=7)
     fig.tight_layout()
