@@ -352,8 +352,11 @@ class Tiering:
                 continue
             handle.done_moves.add(id(m))
             error = handle.failure(m) if final else None
-            if m.dst in LOWER and not m.clean and not isinstance(error, ChecksumMismatch):
-                self.health[m.dst].failed(error) if error is not None else self.health[m.dst].succeeded()
+            if m.dst in LOWER and not m.clean and not isinstance(error, ChecksumMismatch):  # how the tier's writes go
+                if error is None:
+                    self.health[m.dst].succeeded()
+                else:
+                    self.health[m.dst].failed(error)
             if error is not None:
                 self._undo_move(handle, m, error)
             else:
