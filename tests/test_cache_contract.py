@@ -381,3 +381,39 @@ def test_sliding_window_on_the_gpu():
         cache.manager.check()
     finally:
         cache.close()
+
+
+# --- the real client under disk faults ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fault", ["write-eio", "write-short", "write-corrupt", "read-corrupt", "read-eio"])
+def test_generate_under_disk_faults_gives_the_same_tokens_or_a_clear_error(fault):
+    # every layer streamed through NVMe while the disk fails on cue: a failed write leaves the page on the GPU
+    # (same tokens); bad bytes read back are a lost sequence (TransferError), never different tokens
+    from tests.faults import FaultyFiles
+    import errno
+    model, config = _arch("llama")
+    expected = _greedy(model, transformers.DynamicCache(config=config))
+    files = FaultyFiles(PAGE)
+    op, kind = fault.split("-")
+    if kind == "corrupt":
+        files.corrupt(op, times=2)
+    elif kind == "short":
+        files.shorten(op, times=2)
+    else:
+        files.fail(op, errno.EIO, times=2)
+    kcfg = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=2048 * PAGE, pool_ready=0, host_size=1024 * PAGE,
+                         host_chunk=256 * PAGE, nvme_size=2048 * PAGE, debug_checks=True)
+    mgr = kvtier.TierManager(kcfg, files=files)
+    cache = TieredCache(config, max_tokens=512, manager=mgr, resident_layers=0, offload_tier="nvme")
+    try:
+        try:
+            got = _greedy(model, cache)
+        except kvtier.TransferError as failure:
+            assert op == "read" or kind == "corrupt", f"a failed write must not lose data: {failure}"
+            assert failure.lost, "a failed read names what was lost"
+        else:
+            assert torch.equal(got, expected)
+        assert sum(files.fired.values()) > 0, "the fault never fired: the test tested nothing"
+        mgr.check()
+    finally:
+        cache.close()
+        mgr.close()

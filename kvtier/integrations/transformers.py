@@ -39,11 +39,21 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtier.config import Config
-from kvtier.errors import InvalidArgumentError
+from kvtier.errors import InvalidArgumentError, TransferError
 from kvtier.manager import TierManager
 
 RING_SLOTS = 2  # one slot read by the layer computing, one filling for the next streamed layer
 
+
+
+def _wait_down(handle: Any) -> None:
+    """Wait for pages on their way down. A failed write leaves them where they were (the GPU), which is no error
+    for a cache -- they are read from there; data lost (``TransferError.lost``) is, and propagates."""
+    try:
+        handle.result()
+    except TransferError as failure:
+        if failure.lost:
+            raise
 
 class TieredLayer(CacheLayerMixin):
     """One model layer. A sliding-window layer (``window``: the model's sliding window) answers as
@@ -332,7 +342,7 @@ class TieredCache(Cache):
                            for row in self._rows()]
                 self._down.add(previous)
                 for handle in handles:  # the host runs ahead of a long prefill: wait for the layer to be gone,
-                    handle.result()     # so that one layer's pages are in use beside the activations (the peak)
+                    _wait_down(handle)  # so that one layer's pages are in use beside the activations (the peak)
         self._slot_user = [None if user == previous else user for user in self._slot_user]
         if prefill:
             return
@@ -394,9 +404,9 @@ class TieredCache(Cache):
             cut = min(length, max(0, (first + length) * token_bytes // page * page // token_bytes - first))
             if cut > self._settled[j][row]:
                 handle = self.spaces[j].offload_prefix(row, cut, tier=self.offload_tier, stream=stream)
-                self._settled[j][row] = cut
+                self._settled[j][row] = cut  # pages whose write fails stay on the GPU: read() reads them there
                 if wait:
-                    handle.result()
+                    _wait_down(handle)
 
     def _reset_layer(self, layer: TieredLayer) -> None:
         i = layer.index
