@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
+import errno
 import fcntl
 import glob
 import logging
@@ -35,6 +37,7 @@ from kvtier.vmm.tensor import memoryview_over
 
 log = logging.getLogger(__name__)
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
 ALIGN = 4096  # O_DIRECT wants buffers aligned to the logical block (our slots and tier memory are)
 
 
@@ -65,6 +68,23 @@ def _directory_locked(directory: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _reserve(fd: int, size: int) -> bool:
+    """Allocate the file's blocks with ``fallocate(2)`` (no zeroing); False where the filesystem cannot, rather
+    than glibc's ``posix_fallocate`` fallback, which writes every block (hours for a large tier on some filesystems).
+    A disk short of room raises ``OSError`` (ENOSPC)."""
+    call = getattr(_LIBC, "fallocate64", None) or getattr(_LIBC, "fallocate", None)
+    if call is None:
+        return False
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if call(fd, 0, 0, size) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        log.info("nvme tier: this filesystem cannot reserve the slot file's blocks; it stays sparse")
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def reclaim_dead_owners(directory: str) -> list[str]:
@@ -147,9 +167,7 @@ class NvmeTier:
             size = self.slots * self.slot_size
             try:  # reserved: on the H100 VM (ext4) first writes into a sparse file ran at ~0.7 of a raw write
                 # into allocated blocks, rewrites at 0.98; and a full disk is found now, not by the cascade later
-                if preallocate and size:
-                    os.posix_fallocate(fd, 0, size)
-                else:
+                if not (preallocate and size and _reserve(fd, size)):
                     os.ftruncate(fd, size)
             except OSError:
                 os.close(fd)
