@@ -12,5 +12,5 @@ from kvtier.tiering.tiering import Tiering
 from kvtier.tiering.mover import Mover
 from kvtier.tiering.transfer import Move, TransferHandle
 
-__all__ = ["LOWER", "STORAGE", "ChecksumMismatch", "DemotionPlan", "FileLayer", "LowerTier", "Move", "Mover", "PageTable", "PlannedMove", "PosixFiles",
-           "SpaceDirectory", "Tier", "TieredSpace", "Tiering", "TransferHandle"]
+__all__ = ["LOWER", "STORAGE", "ChecksumMismatch", "DemotionPlan", "FileLayer", "LowerTier", "Move", "Mover",
+           "PageTable", "PlannedMove", "PosixFiles", "SpaceDirectory", "Tier", "TieredSpace", "Tiering", "TransferHandle"]
