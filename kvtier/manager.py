@@ -185,13 +185,17 @@ class TierManager:
         reclaimable = sum(len(pages) * s.num_regions for s, pages in empties)
         demotion = None
         if short > reclaimable and self.config.demote_on_allocate:
-            plan = self.tiering.plan_room(short - reclaimable, avoid={(space.name, p) for p in keep})
+            plan = self.tiering.plan_room(short - reclaimable, avoid={(space.name, p) for p in keep}, on_demand=True)
             if plan.gpu_handles >= short - reclaimable:  # demote only when that will be enough
                 demotion = plan
         covered = reclaimable + (demotion.gpu_handles if demotion else 0)
         if short > covered:
             if short <= covered + self.tiering.gpu_handles_leaving():
                 raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
+            if demotion is None and self.config.demote_on_allocate and self.tiering.backing_off(on_demand=True) \
+                    and any(s.idle_pages() for s in self.spaces.values()):
+                # room may be below, in a tier whose writes just failed: wait for its next try (bounded)
+                raise PagesInFlight(f"space {space.name!r}: waiting for a tier that failed writes to be tried again")
             raise OutOfPagesError(
                 f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
                 f"{covered} more could be reclaimed or demoted (budget {self.pool.budget_pages} pages of "
@@ -199,7 +203,10 @@ class TierManager:
         return RoomPlan(n, [(s, pages) for s, pages in empties if pages], demotion)
 
     def take_room(self, plan: RoomPlan) -> list[Any]:
-        """Carry out a room plan made under the same lock; return its handles."""
+        """Carry out a room plan made under the same lock; return its handles. If an inline demotion's write
+        failed (a disk error), its pages stayed on the GPU and the room is short: raises PagesInFlight, so that
+        the caller plans again from the books as they now are (the demoted pages' moves are consistent; the
+        failing tier is backed off from, so the next plan looks elsewhere or says OutOfPagesError)."""
         if plan.demotion is not None:
             self.tiering.start_demotion(plan.demotion, inline=True)
         short = plan.handles - self.pool.available()
@@ -209,6 +216,8 @@ class TierManager:
             take = pages[:-(-short // space.num_regions)]
             space.reclaim(take)
             short -= len(take) * space.num_regions
+        if not self.pool.can_take(plan.handles):
+            raise PagesInFlight("room fell short: a demotion made for it failed; planning again")
         return self.pool.take(plan.handles)
 
     def give_pages(self, handles: list[Any]) -> None:

@@ -3,8 +3,9 @@
 A full or failing disk fails every write the host->NVMe cascade tries; retried each tick it would burn I/O and
 fill the log (measured before this: 244 warnings in 5 s). After a failed page write the tier is *degraded*:
 automatic plans (the background demoter, room for an allocate) see no room in it until a back-off has passed --
-20 ms, doubling per failed try up to 30 s -- then one try goes through. An engine's explicit ``offload`` still tries,
-and hears of a failure through its handle. The log says it once when it starts and once when it ends, with
+20 ms, doubling per failed try up to 30 s -- then one try goes through. Room made for an allocate or a prefetch
+still tries the tier until three tries have failed; an engine's explicit ``offload`` always tries, and hears of a
+failure through its handle. The log says it once when it starts and once when it ends, with
 counts (a tier that fails again within a minute of recovering is not said again: it flaps, it does not
 change); ``mgr.stats()["tiers"][tier]["health"]`` shows it meanwhile.
 """
@@ -37,8 +38,14 @@ class WriteHealth:
     def degraded(self) -> bool:
         return self.streak > 0
 
-    def backing_off(self) -> bool:
-        """Whether automatic plans should leave this tier alone for now."""
+    PATIENT = 3  # failed tries after which even a request waiting for room leaves the tier alone while it backs off
+
+    def backing_off(self, on_demand: bool = False) -> bool:
+        """Whether plans should leave this tier alone for now: the background demoter's after one failed try; a
+        request that needs room (``on_demand``: an allocate, a prefetch) tries again until ``PATIENT`` tries
+        have failed -- one bad write on a flaky disk should not refuse it, a dead disk should not hold it up."""
+        if on_demand and self.tries < self.PATIENT:
+            return False
         return self.streak > 0 and self.clock() < self.retry_at
 
     def failed(self, error: BaseException) -> None:

@@ -119,9 +119,14 @@ class Tiering:
             self.demoter.poke()
 
     # --- plans (no side effects) -------------------------------------------------------------------------------
-    def _free_slots(self, automatic: bool = False) -> dict[Tier, int]:
-        """Free slots per lower tier; for ``automatic`` plans, none in a tier backing off after failed writes."""
-        return {t: 0 if automatic and self.health[t].backing_off() else self.books(t).free for t in LOWER}
+    def _free_slots(self, automatic: bool = False, on_demand: bool = False) -> dict[Tier, int]:
+        """Free slots per lower tier; for ``automatic`` plans, none in a tier backing off after failed writes
+        (``on_demand``: room a request waits for, see ``WriteHealth.backing_off``)."""
+        return {t: 0 if automatic and self.health[t].backing_off(on_demand) else self.books(t).free for t in LOWER}
+
+    def backing_off(self, on_demand: bool = False) -> bool:
+        """Whether a lower tier is being left alone after failed writes (see ``WriteHealth.backing_off``)."""
+        return any(h.backing_off(on_demand) for h in self.health.values())
 
     def free_for_automatic(self) -> dict[Tier, int]:
         return self._free_slots(automatic=True)
@@ -143,13 +148,16 @@ class Tiering:
             self.books(table.tier_of(p)).give(table.slots.pop(p))
             table.tier[p] = Tier.DROPPED
 
-    def plan_room(self, handles_needed: int, avoid: Collection[tuple[str, int]] = ()) -> DemotionPlan:
+    def plan_room(self, handles_needed: int, avoid: Collection[tuple[str, int]] = (),
+                  on_demand: bool = False) -> DemotionPlan:
         """Idle GPU pages to demote, coldest first per the policy, until ``handles_needed`` GPU handles would
-        come free (fewer if the tiers below cannot take enough). ``(space name, page)`` pairs in ``avoid`` stay."""
+        come free (fewer if the tiers below cannot take enough). ``(space name, page)`` pairs in ``avoid`` stay.
+        ``on_demand``: for a request waiting for the room (not the background demoter)."""
         spaces = {s.name: s for s in self.directory.tiered_spaces()}
         refs = [PageRef(s.name, p) for s in spaces.values() for p in s.idle_pages() if (s.name, p) not in avoid]
         picks = [(spaces[r.space], r.page) for r in self.policy.victims(refs, len(refs))]
-        plan = plan_demotion(picks, None, self.policy, spaces.values(), self._free_slots(automatic=True))
+        plan = plan_demotion(picks, None, self.policy, spaces.values(),
+                             self._free_slots(automatic=True, on_demand=on_demand))
         return plan.cut(handles_needed)
 
     def gpu_handles_leaving(self) -> int:

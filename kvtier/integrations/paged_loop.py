@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.config import Config
+from kvtier.errors import TransferError
 from kvtier.manager import TierManager
 
 
@@ -73,12 +74,15 @@ def decode_step(model: ToyModel, space: Any, tokens: torch.Tensor, positions: li
     return (x @ w["head"]).argmax(-1)
 
 
-def run(config: Config, prompts: dict[str, list[int]], steps: int,
-        idle_every: int = 3) -> tuple[dict[str, list[int]], dict[str, Any]]:
+def run(config: Config, prompts: dict[str, list[int]], steps: int, idle_every: int = 3,
+        files: Any = None) -> tuple[dict[str, list[int]], dict[str, Any]]:
     """Serve ``prompts`` for ``steps`` decode steps. Every ``idle_every`` steps half of the sequences go idle
     (``offload``) and the other half come back (``prefetch`` before the step, ``wait`` on the step's stream).
-    Returns every sequence's generated tokens, and the manager's stats at the end."""
-    with TierManager(config) as mgr:
+    A sequence whose pages were lost below (a failed read, bytes that failed their checksum) is freed and
+    recomputed from its tokens, as an engine recomputes a preempted request. Returns every sequence's generated
+    tokens, and the manager's stats at the end (``recomputed``: how many sequences were). ``files``: the NVMe
+    tier's file layer (tests)."""
+    with TierManager(config, files=files) as mgr:
         model = ToyModel().to(mgr.device)
         space = mgr.create_space("toy", num_layers=model.layers, num_kv_heads=model.kv_heads, head_dim=model.dim,
                                  dtype=torch.float32, block_size=16, max_tokens=8192)
@@ -87,11 +91,16 @@ def run(config: Config, prompts: dict[str, list[int]], steps: int,
         history = {s: list(p) for s, p in prompts.items()}
         generated: dict[str, list[int]] = {s: [] for s in names}
         active, idle = set(names), set()
-        for s in names:  # prefill, one token at a time (a real engine batches this)
+        recomputed = 0
+
+        def prefill(s: str) -> None:  # one token at a time (a real engine batches this)
             space.allocate(s, len(history[s]))
             for pos in range(len(history[s]) - 1):
                 decode_step(model, space, torch.tensor([history[s][pos]], device=mgr.device), [pos],
                             [space.blocks(s)])
+
+        for s in names:
+            prefill(s)
         for step in range(steps):
             if step and step % idle_every == 0:  # turn-taking: half go idle, the idle ones come back
                 leaving = sorted(active)[: len(active) // 2]
@@ -99,7 +108,13 @@ def run(config: Config, prompts: dict[str, list[int]], steps: int,
                     space.offload(s, stream=stream)     # the policy moves it down when memory is short
                 returning = sorted(idle)
                 if returning:
-                    space.prefetch(returning).wait(stream)  # before the step; the stream waits, the host does not
+                    try:
+                        space.prefetch(returning).wait(stream)  # before the step; the stream waits, not the host
+                    except TransferError as failure:  # lost below: the others came up; recompute these
+                        for s in failure.lost:
+                            space.free(s)
+                            prefill(s)
+                            recomputed += 1
                 active, idle = (active - set(leaving)) | set(returning), (idle - set(returning)) | set(leaving)
             batch = sorted(active)
             positions = [len(history[s]) - 1 for s in batch]
@@ -110,7 +125,7 @@ def run(config: Config, prompts: dict[str, list[int]], steps: int,
             for s, token in zip(batch, decode_step(model, space, tokens, positions, tables).tolist()):
                 history[s].append(token)
                 generated[s].append(token)
-        return generated, mgr.stats()
+        return generated, dict(mgr.stats(), recomputed=recomputed)
 
 
 if __name__ == "__main__":  # pragma: no cover
