@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -16,14 +17,21 @@ import kvtier
 OWNER = textwrap.dedent("""
     import sys, time, kvtier
     mgr = kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
-                             nvme_size=1 << 20, nvme_dir=sys.argv[1])
+                             nvme_size=4 << 20, nvme_dir=sys.argv[1])
     print(mgr.tiering.nvme.path, flush=True)
+    if sys.argv[2] == "busy":  # writing to its slot file when it is killed
+        space = mgr.create_space("m", num_layers=2, num_kv_heads=2, head_dim=64, max_tokens=4096)
+        space.allocate("a", 2048)
+        while True:
+            space.offload("a", tier="nvme").result()
+            space.ensure_resident(["a"])
     time.sleep(120)
 """)
 
 
-def _owner(directory: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", OWNER, directory], stdout=subprocess.PIPE, text=True)
+def _owner(directory: str, busy: bool = False) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, directory, "busy" if busy else "idle"],
+                            stdout=subprocess.PIPE, text=True)
     return proc, proc.stdout.readline().strip()
 
 
@@ -34,10 +42,11 @@ def _start(directory: str) -> kvtier.TierManager:
 
 def test_a_dead_owners_slot_file_is_removed_and_a_live_ones_kept(tmp_path):
     directory = str(tmp_path)
-    dead, dead_file = _owner(directory)
+    dead, dead_file = _owner(directory, busy=True)
     live, live_file = _owner(directory)
     try:
-        # one owner is killed (no close, no cleanup): its slot file stays behind
+        # one owner is killed in the middle of its writes (no close, no cleanup): its slot file stays behind
+        time.sleep(1.0)
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         assert os.path.exists(dead_file) and os.path.exists(live_file)
