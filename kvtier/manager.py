@@ -192,9 +192,10 @@ class TierManager:
         if short > covered:
             if short <= covered + self.tiering.gpu_handles_leaving():
                 raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
-            if demotion is None and self.config.demote_on_allocate and self.tiering.backing_off(on_demand=True) \
+            if demotion is None and self.config.demote_on_allocate and self.tiering.retry_soon() \
                     and any(s.idle_pages() for s in self.spaces.values()):
-                # room may be below, in a tier whose writes just failed: wait for its next try (bounded)
+                # room may be below, in a tier whose writes just failed: wait for its next try if it comes soon
+                # (a flaky disk); a dead one, backed off for longer, is not waited for
                 raise PagesInFlight(f"space {space.name!r}: waiting for a tier that failed writes to be tried again")
             raise OutOfPagesError(
                 f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "

@@ -201,16 +201,20 @@ def test_write_health_backs_off_per_try_and_says_a_streak_once(caplog):
     caplog.set_level(logging.WARNING, logger="kvtier")
     full = OSError(errno.ENOSPC, "No space left on device")
     # one try of 8 pages fails: one back-off step (20 ms), not eight
+    first = object()
     for _ in range(8):
-        health.failed(full)
+        health.failed(full, attempt=first)
     assert health.degraded and health.backing_off() and health.retry_at == pytest.approx(100.02)
+    assert not health.backing_off(on_demand=True)  # a request waiting for room still tries it...
     # each later try doubles it, up to 30 s
     waits = []
     for _ in range(14):
         now[0] = health.retry_at
         assert not health.backing_off()
-        health.failed(full)
+        health.failed(full, attempt=object())
         waits.append(round(health.retry_at - now[0], 3))
+    assert health.backing_off(on_demand=True)  # ...until three tries have failed
+    assert not health.retry_soon()  # and a 30 s back-off is not worth a request's wait
     assert waits[:4] == [0.04, 0.08, 0.16, 0.32] and waits[-1] == 30.0
     assert health.describe()["failed_writes"] == 22
     health.succeeded()
@@ -225,3 +229,39 @@ def test_write_health_backs_off_per_try_and_says_a_streak_once(caplog):
     said = [r.getMessage() for r in caplog.records]
     assert len([m for m in said if "writes are failing" in m]) == 1
     assert len([m for m in said if "succeed again" in m]) == 1
+
+
+def test_an_allocate_that_needs_a_dead_disk_fails_cleanly_and_keeps_every_byte(make_manager):
+    if make_manager.name != "cpu":
+        pytest.skip("the file layer is the POSIX path's")
+    files = FaultyFiles(PAGE["cpu"])
+    mgr = make_manager(pages=16, files=files, host_size=0)  # no host tier: room must come from NVMe
+    space = _space(mgr, make_manager)
+    # the pool is full of an idle sequence; the disk refuses every write
+    space.allocate("a", 4 * BPP * space.block_size)
+    write_seq(space, "a")
+    space.offload("a")  # idle: the policy may move it when room is needed
+    files.fail("write", errno.ENOSPC)
+    # an allocate that needs a's pages to go down tries, backs off, and says OutOfPagesError
+    with pytest.raises(kvtier.OutOfPagesError):
+        space.allocate("b", 2 * BPP * space.block_size)
+    assert "b" not in space.sequences()
+    assert mgr.stats()["tiers"]["nvme"]["health"]["degraded"]
+    # a stayed where it was, every byte of it
+    assert space.residency("a")["gpu"] == 4 * BPP * space.block_bytes * space.num_regions
+    space.ensure_resident(["a"])
+    assert_seq(space, "a")
+    mgr.check()
+    # the disk has room again: the same allocate succeeds
+    files.clear()
+    space.offload("a")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            space.allocate("b", 2 * BPP * space.block_size)
+            break
+        except kvtier.OutOfPagesError:
+            assert time.monotonic() < deadline, "the tier was never tried again"
+            time.sleep(0.05)
+    assert space.residency("a")["nvme"] > 0
+    mgr.check()

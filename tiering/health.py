@@ -33,6 +33,7 @@ class WriteHealth:
         self.last_error = ""
         self._said_at: float | None = None  # when the last "failing" warning was logged
         self._said = False  # whether this streak was said
+        self._attempt: object = None  # the try the last failure was part of
 
     @property
     def degraded(self) -> bool:
@@ -48,7 +49,15 @@ class WriteHealth:
             return False
         return self.streak > 0 and self.clock() < self.retry_at
 
-    def failed(self, error: BaseException) -> None:
+    def retry_soon(self, within: float = 1.0) -> bool:
+        """Whether the tier is backing off but will be tried again within ``within`` seconds: worth a request's
+        wait (a flaky disk), where a long back-off (a dead one) is not."""
+        now = self.clock()
+        return self.streak > 0 and now < self.retry_at <= now + within
+
+    def failed(self, error: BaseException, attempt: object = None) -> None:
+        """A page write failed; ``attempt`` names the try it was part of (its transfer): the pages of one try
+        count as one failed try."""
         now = self.clock()
         self.failures += 1
         self.streak += 1
@@ -61,7 +70,8 @@ class WriteHealth:
                 log.warning("%s tier: writes are failing (%s; %d failed page write(s) so far); backing off (up to "
                             "%.0f s between tries), counting failures in stats()['tiers']['%s']['health']",
                             self.tier, error, self.failures, self.LONGEST, self.tier)
-        if now >= self.retry_at:  # a new try, not another page of the same one: back off further
+        if attempt is None or attempt is not self._attempt:  # a new try, not another page of the same one
+            self._attempt = attempt
             self.tries += 1
             self.retry_at = now + min(self.LONGEST, self.FIRST * 2 ** min(self.tries - 1, 20))
 
@@ -71,6 +81,7 @@ class WriteHealth:
                         self.tier, self.streak, self.clock() - self.since, self.last_error)
         self.streak = self.tries = 0
         self.retry_at = 0.0
+        self._attempt = None
 
     def describe(self) -> dict[str, object]:
         return {"degraded": self.degraded, "failed_writes": self.failures, "failing_since_seconds":

@@ -124,9 +124,9 @@ class Tiering:
         (``on_demand``: room a request waits for, see ``WriteHealth.backing_off``)."""
         return {t: 0 if automatic and self.health[t].backing_off(on_demand) else self.books(t).free for t in LOWER}
 
-    def backing_off(self, on_demand: bool = False) -> bool:
-        """Whether a lower tier is being left alone after failed writes (see ``WriteHealth.backing_off``)."""
-        return any(h.backing_off(on_demand) for h in self.health.values())
+    def retry_soon(self) -> bool:
+        """Whether a lower tier left alone after failed writes will be tried again shortly (worth waiting for)."""
+        return any(h.retry_soon() for h in self.health.values())
 
     def free_for_automatic(self) -> dict[Tier, int]:
         return self._free_slots(automatic=True)
@@ -364,7 +364,7 @@ class Tiering:
                 if error is None:
                     self.health[m.dst].succeeded()
                 else:
-                    self.health[m.dst].failed(error)
+                    self.health[m.dst].failed(error, attempt=handle)
             if error is not None:
                 self._undo_move(handle, m, error)
             else:
