@@ -1,13 +1,13 @@
 """How writes into a lower tier are going, so that a tier that keeps failing is backed off from, not hammered.
 
 A full or failing disk fails every write the host->NVMe cascade tries; retried each tick it would burn I/O and
-fill the log (measured before this: 244 warnings in 5 s). After a failed page write the tier is *degraded*:
-the background demoter sees no room in it until a back-off has passed --
-20 ms, doubling per failed try up to 30 s -- then one try goes through. Room made for an allocate or a prefetch
-still tries the tier until three tries have failed, then waits for its next try only when that is under a second
-away (``retry_soon``); an engine's explicit ``offload`` always tries, and hears of a failure through its handle. The log says it once when it starts and once when it ends, with
-counts (a tier that fails again within a minute of recovering is not said again: it flaps, it does not
-change); ``mgr.stats()["tiers"][tier]["health"]`` shows it meanwhile.
+fill the log (measured before this: 244 warnings in 5 s). After a failed page write the tier is *degraded*: the
+background demoter sees no room in it until a back-off has passed -- 20 ms, doubling per failed try up to 30 s --
+then one try goes through. Room made for an allocate or a prefetch still tries the tier until three tries have
+failed, then waits for its next try only when that is under a second away (``retry_soon``); an engine's explicit
+``offload`` always tries, and hears of a failure through its handle. The log says it once when it starts and once
+when it ends, with counts (a tier that fails again within a minute of recovering is not said again: it flaps, it
+does not change); ``mgr.stats()["tiers"][tier]["health"]`` shows it meanwhile.
 """
 
 from __future__ import annotations
