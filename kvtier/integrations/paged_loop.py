@@ -107,14 +107,19 @@ def run(config: Config, prompts: dict[str, list[int]], steps: int, idle_every: i
                 for s in leaving:
                     space.offload(s, stream=stream)     # the policy moves it down when memory is short
                 returning = sorted(idle)
-                if returning:
+                pending = returning
+                while pending:
                     try:
-                        space.prefetch(returning).wait(stream)  # before the step; the stream waits, not the host
-                    except TransferError as failure:  # lost below: the others came up; recompute these
+                        space.prefetch(pending).wait(stream)  # before the step; the stream waits, not the host
+                        break
+                    except TransferError as failure:  # lost below: recompute those, bring up the rest
+                        if not failure.lost:
+                            raise  # nothing lost, nothing to recompute: not a failure this loop knows
                         for s in failure.lost:
                             space.free(s)
                             prefill(s)
                             recomputed += 1
+                        pending = [s for s in pending if s not in failure.lost]
                 active, idle = (active - set(leaving)) | set(returning), (idle - set(returning)) | set(leaving)
             batch = sorted(active)
             positions = [len(history[s]) - 1 for s in batch]
