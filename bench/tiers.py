@@ -124,12 +124,16 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
         def sync() -> None:
             mgr.backend.synchronize()
 
-        def add(path: str, seconds: float, ceiling: float, what: str, target: str, moved: float = gb) -> None:
-            table.add(path, moved / seconds, moved / ceiling, ceiling / seconds, what, target)
-            where = path.split()[2]
-            for seq in ("a", "b") if path == "both at once" else ("a",):
+        def moved_wholly(path: str, seqs: tuple[str, ...] = ("a",)) -> None:
+            where = path.split()[-1] if "->" not in path else path.split()[2]
+            for seq in seqs:
                 if space.residency(seq).get(where, 0) != nbytes:  # a benchmark that moved nothing must fail
                     raise AssertionError(f"{path}: {seq} is not wholly in {where}: {space.residency(seq)}")
+
+        def add(path: str, seconds: float, ceiling: float, what: str, target: str, moved: float = gb) -> None:
+            table.add(path, moved / seconds, moved / ceiling, ceiling / seconds, what, target)
+            if "nvme" not in path:  # the NVMe rows are checked as they run, rounds apart
+                moved_wholly(path, ("a", "b") if path == "both at once" else ("a",))
 
         sync()
         add("gpu -> host", _timed(lambda: space.offload("a", tier="host").result()), pcie["down"],
@@ -148,16 +152,19 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
         if space.residency("a")["gpu"] != nbytes or space.residency("b")["host"] != nbytes:
             raise AssertionError("both at once: the sequences did not move wholly")
         space.ensure_resident(["b"])
-        add("gpu -> nvme", _timed(lambda: space.offload("a", tier="nvme").result()), disk["write"],
-            "raw O_DIRECT write", ">= 0.85")
-        add("nvme -> gpu", _timed(lambda: space.ensure_resident(["a"])), disk["read"], "raw O_DIRECT read",
-            ">= 0.85")
-        space.offload("a", tier="host").result()
-        add("host -> nvme", _timed(lambda: space.offload("a", tier="nvme").result()), disk["write"],
-            "raw O_DIRECT write", ">= 0.85")
-        add("nvme -> host (stage)", _timed(lambda: space.stage(["a"]).result()), disk["read"],
-            "raw O_DIRECT read", ">= 0.85")
-        space.ensure_resident(["a"])
+        best: dict[str, float] = {}
+        for _ in range(1 if quick else 2):  # best of rounds, as the disk's ceilings are: the same statistic
+            for path, fn in (("gpu -> nvme", lambda: space.offload("a", tier="nvme").result()),
+                             ("nvme -> gpu", lambda: space.ensure_resident(["a"])),
+                             ("host", lambda: space.offload("a", tier="host").result()),
+                             ("host -> nvme", lambda: space.offload("a", tier="nvme").result()),
+                             ("nvme -> host (stage)", lambda: space.stage(["a"]).result()),
+                             ("gpu", lambda: space.ensure_resident(["a"]))):
+                best[path] = min(best.get(path, float("inf")), _timed(fn))
+                moved_wholly(path)
+        for path in ("gpu -> nvme", "nvme -> gpu", "host -> nvme", "nvme -> host (stage)"):
+            kind = "write" if path.endswith("nvme") else "read"
+            add(path, best[path], disk[kind], f"raw O_DIRECT {kind}", ">= 0.85")
         disk_rows = [row for row in table.rows if "O_DIRECT" in row[4]]
         for _ in range(3):  # the disk wanders: measure it again after, and again while kvtier beats it
             again = disk_ceilings(directory, nbytes, config.nvme_threads)

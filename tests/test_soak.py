@@ -5,6 +5,7 @@ round trips) and prints its counts."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -48,9 +49,11 @@ def test_a_soak_under_disk_faults_loses_pages_but_never_hands_back_a_wrong_byte(
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_long_soak(make_manager, policy, background, capsys):
     target = int(os.environ.get("KVTIER_SOAK_ROUND_TRIPS", 1_000_000)) // (2 * len(POLICIES))
+    # a wall-clock bound for a machine lent by the minute: the counts are printed for what ran
+    deadline = time.monotonic() + float(os.environ.get("KVTIER_SOAK_SECONDS", "inf"))
     total = None
-    seed = 0
-    while total is None or total.pages_up < target:
+    seed = int(os.environ.get("KVTIER_SOAK_FIRST_SEED", 0))
+    while total is None or (total.pages_up < target and time.monotonic() < deadline):
         counts = soak(make_manager, make_manager.shape, PAGE[make_manager.name], policy, background, threads=4,
                       steps=2000, seed=seed, host_checksums=background)
         assert not counts.errors, counts.errors[:5]
