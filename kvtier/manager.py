@@ -13,6 +13,7 @@ import torch
 from kvtier.config import Config
 from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
 from kvtier.metrics import MetricsServer
+from kvtier.buffer import ElasticBuffer
 from kvtier.space import KVSpace, parse_dtype
 from kvtier.tiering import DemotionPlan, FileLayer, Tiering
 from kvtier.vmm import PagePool, open_backend, resolve_device
@@ -79,6 +80,7 @@ class TierManager:
         self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)  # notified when transfers commit (pages come free)
         self.spaces: dict[str, KVSpace] = {}
+        self.buffers: dict[str, ElasticBuffer] = {}
         self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
         try:
             self.tiering = Tiering(self.config, self.device, self.backend, self.pool, self, clock, files)
@@ -125,6 +127,24 @@ class TierManager:
                             max_tokens, priority, quota_bytes)
             self.spaces[name] = space
             return space
+
+    def create_buffer(self, name: str, nbytes: int, priority: int = 0, reserve_pages: int = 0,
+                      max_pages: int | None = None) -> ElasticBuffer:
+        """Reserve a flat ``nbytes`` range whose pages are mapped from the pool while spans of it are acquired
+        (see :class:`~kvtier.buffer.ElasticBuffer`): for an engine whose cache has a layout of its own."""
+        with self.lock:
+            self.check_open()
+            if not isinstance(name, str) or not name:
+                raise InvalidArgumentError(f"buffer name must be a non-empty str, got {name!r}")
+            if name in self.buffers or name in self.spaces:
+                raise InvalidArgumentError(f"a space or buffer named {name!r} exists already; pick another name")
+            _positive_int("nbytes", nbytes)
+            if reserve_pages < 0 or (max_pages is not None and max_pages < 1):
+                raise InvalidArgumentError(f"buffer {name!r}: reserve_pages must be >= 0 and max_pages >= 1, got "
+                                           f"{reserve_pages} and {max_pages}")
+            buffer = ElasticBuffer(self, name, nbytes, priority, reserve_pages, max_pages)
+            self.buffers[name] = buffer
+            return buffer
 
     def drop_space(self, name: str) -> None:
         """Close one space: wait for its transfers, unmap its pages (after the device is idle), give its slots
@@ -256,6 +276,7 @@ class TierManager:
                          "creations": pool.creations, "releases": pool.releases,
                          "create_seconds": pool.create_seconds},
                 "spaces": spaces,
+                "buffers": {name: b.stats() for name, b in self.buffers.items()},
                 "tiers": self.tiering.stats(),
                 "total": {key: sum(s[key] for s in spaces.values())
                           for key in ("pages_mapped", "bytes_mapped", "map_calls", "map_seconds", "unmap_calls",
@@ -269,7 +290,10 @@ class TierManager:
                 space.check()
             self.pool.check()
             self.tiering.check()
+            for buffer in self.buffers.values():
+                buffer.check()
             in_spaces = sum(len(s.range.handles) * s.num_regions for s in self.spaces.values())
+            in_spaces += sum(b.mapped_pages for b in self.buffers.values())
             assert in_spaces == self.pool.in_use_pages, (in_spaces, self.pool.in_use_pages)
 
     def close(self) -> None:
@@ -283,6 +307,8 @@ class TierManager:
         with self.lock:
             for name in list(self.spaces):
                 self.spaces.pop(name).close()
+            for buffer in list(self.buffers.values()):
+                buffer.close()
             self.tiering.close()
             self.pool.close()
             self.backend.close()

@@ -1,0 +1,168 @@
+"""transformers' continuous batching engine (``generate_batch``) on kvtier, differentially: the same tokens as the
+engine as shipped, with preemption forced by a tiny KV budget, requests preempted to host and to NVMe, a sliding
+window model, two models on one pool at once. Tiny models with random weights: no downloads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.errors import ConfigError
+from tests.conftest import PAGE
+
+transformers = pytest.importorskip("transformers")
+cb_integration = pytest.importorskip("kvtier.integrations.continuous_batching")
+if ".".join(transformers.__version__.split(".")[:2]) not in cb_integration.SUPPORTED_VERSIONS:
+    pytest.skip(f"transformers {transformers.__version__} is not a version the integration supports",
+                allow_module_level=True)
+from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
+
+kvtier_engine = cb_integration.kvtier_engine
+TOKENS_PER_BLOCK = 16
+PROMPT_LENGTHS = (5, 17, 30, 9, 44, 12)
+
+
+def _model(backend: str, kind: str = "llama", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    if kind == "mistral-window":  # every layer slides: the engine's sliding-window allocator
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=24, **common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    model.config._attn_implementation = "sdpa"
+    return model.eval().to(backend)
+
+
+def _block_bytes(model: torch.nn.Module) -> int:
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4 * TOKENS_PER_BLOCK  # fp32
+
+
+def _prompts(seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def _generate(model: torch.nn.Module, prompts: list[list[int]], num_blocks: int | None,
+              max_new_tokens: int = 40) -> dict[str, list[int]]:
+    gen = transformers.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1,
+                                        pad_token_id=0)
+    cb = ContinuousBatchingConfig(page_size=TOKENS_PER_BLOCK, num_blocks=num_blocks, max_batch_tokens=64,
+                                  allow_block_sharing=False, auto_switch_to_flash=False, use_cuda_graph=False)
+    out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb)
+    return {rid: list(result.generated_tokens) for rid, result in out.items()}
+
+
+def _manager(backend: str, pages: int = 16, **overrides: object) -> kvtier.TierManager:
+    page = PAGE[backend]
+    options = dict(device=backend, page_size=page, pool_budget=pages * page, pool_ready=0, host_size=16 * page,
+                   host_chunk=4 * page, nvme_size=64 * page, debug_checks=True)
+    options.update(overrides)
+    return kvtier.TierManager(kvtier.Config(**options))
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+@pytest.mark.parametrize("kind", ["llama", "mistral-window"])
+def test_preempted_requests_go_down_and_come_back_with_the_engines_tokens(backend_name, kind, tier):
+    model = _model(backend_name, kind)
+    prompts = _prompts()
+    # the engine as shipped, with room for everything: no preemption
+    expected = _generate(model, prompts, num_blocks=64)
+    blocks = 8  # room for 128 tokens of the ~360 the six requests reach: the engine must preempt
+    with _manager(backend_name) as mgr:
+        with kvtier_engine(model, mgr, name="m", capacity_bytes=blocks * _block_bytes(model),
+                           staging_bytes=2 * _block_bytes(model), swap_tier=tier) as engine:
+            got = _generate(model, prompts, num_blocks=None)
+            stats = engine.stats()
+            mgr.drain()
+            paths = mgr.stats()["tiers"]["paths"]
+        # the same tokens; requests were preempted to the tier, every one came back, none recomputed
+        assert got == expected
+        assert stats["preempted_to_tiers"] > 0 and stats["restored"] == stats["preempted_to_tiers"]
+        assert stats["soft_resets"] == 0
+        assert paths[f"gpu->{tier}"]["pages"] > 0
+        # the engine is gone: its buffer and swap spaces too, every page back in the pool
+        assert mgr.stats()["buffers"] == {} and mgr.stats()["spaces"] == {}
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+
+
+def test_an_idle_engine_holds_only_its_pad_sectors(backend_name):
+    model = _model(backend_name)
+    prompts = _prompts(2)
+    expected = _generate(model, prompts, num_blocks=64)
+    gen = transformers.GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(page_size=TOKENS_PER_BLOCK, max_batch_tokens=64, allow_block_sharing=False,
+                                  auto_switch_to_flash=False, use_cuda_graph=False)
+    with _manager(backend_name, pages=32) as mgr, kvtier_engine(model, mgr, name="m") as engine:
+        with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb) as m:
+            # started, no request: the two pad sectors' page(s) and nothing else
+            idle = engine.cache.buffer.mapped_pages
+            assert 1 <= idle <= 2
+            ids = m.add_requests(inputs=prompts, max_new_tokens=40)
+            results = {}
+            while len(results) < len(ids):
+                result = m.get_result(timeout=10)
+                assert result is not None, "the engine stopped answering"
+                if result.is_finished():
+                    results[result.request_id] = list(result.generated_tokens)
+            # every request finished: their pages went back to the pool
+            assert engine.cache.buffer.mapped_pages == idle
+            assert engine.stats()["peak_bytes_mapped"] > idle * mgr.page_size
+        assert results == expected
+        mgr.check()
+    assert engine.stats()["bytes_mapped"] == 0
+
+
+def test_two_models_share_one_pool_at_once(backend_name):
+    models = [_model(backend_name, "llama", seed=0), _model(backend_name, "mistral-window", seed=3)]
+    prompts = [_prompts(4), _prompts(5)]
+    expected = [_generate(m, p, num_blocks=64) for m, p in zip(models, prompts)]
+    got: list[dict | None] = [None, None]
+    errors: list[BaseException] = []
+    block = _block_bytes(models[0])
+    # one pool for both, smaller than what both would use at their peaks: they take turns with its pages
+    page = PAGE[backend_name]
+    pages = max(2, -(-12 * block // page)) + 2
+    with _manager(backend_name, pages=pages) as mgr:
+        with kvtier_engine(models[0], mgr, name="a", staging_bytes=2 * block) as a, \
+                kvtier_engine(models[1], mgr, name="b", staging_bytes=2 * block) as b:
+
+            def run(i: int) -> None:
+                try:
+                    got[i] = _generate(models[i], prompts[i], num_blocks=None)
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=600)
+            assert not errors, errors
+            assert got == expected
+            assert a.stats()["peak_bytes_mapped"] > 0 and b.stats()["peak_bytes_mapped"] > 0
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+
+
+def test_unsupported_versions_and_a_foreign_cached_manager_are_refused(monkeypatch):
+    model = _model("cpu")
+    with _manager("cpu") as mgr:
+        monkeypatch.setattr(transformers, "__version__", "5.17.0")
+        with pytest.raises(ConfigError, match="supports transformers 5.24"):
+            kvtier_engine(model, mgr)
+        monkeypatch.undo()
+        with pytest.raises(ConfigError, match="swap_tier"):
+            kvtier_engine(model, mgr, swap_tier="disk")
+        model._cached_continuous_batching_manager = object.__new__(
+            transformers.generation.continuous_batching.ContinuousBatchingManager)
+        with pytest.raises(ConfigError, match="destroy_cached_continuous_batching_manager"):
+            with kvtier_engine(model, mgr):
+                pass
+        del model._cached_continuous_batching_manager
