@@ -64,7 +64,8 @@ class ElasticSectors(CachePool):
 
     def __init__(self, buffer: ElasticBuffer, bytes_per_sector: int, num_sectors: int, num_allocators: int) -> None:
         self.buffer, self.bytes_per_sector = buffer, bytes_per_sector
-        self.held: set[int] = set()
+        self.held: set[int] = set()  # data sectors handed out (the pad sectors are not in it)
+        self.peak_held = 0
         self.stream: Any = None  # the engine's compute stream: pages go back after its queued work
         super().__init__(num_sectors, num_allocators)
         buffer.acquire([self.span(0), self.span(1)])  # the pad sectors (read and write trash): always there
@@ -96,6 +97,7 @@ class ElasticSectors(CachePool):
         self.buffer.acquire([self.span(sector)])  # OutOfPagesError: nothing changed
         self.free_sectors.remove(sector)
         self.held.add(sector)
+        self.peak_held = max(self.peak_held, len(self.held))
         self._free_blocks[index].add_tree(sector)
 
     def try_to_free_sectors(self) -> None:
@@ -351,7 +353,8 @@ class KVTierEngine:
                 dtype.itemsize * page_size)
 
     def make_buffer(self, nbytes: int) -> ElasticBuffer:
-        reserve = -(-self.staging_bytes // self.manager.page_size)
+        # a swap chunk of staging_bytes is half in its space's K region and half in V, each maybe straddling a page
+        reserve = 2 * (-(-self.staging_bytes // (2 * self.manager.page_size)) + 1)
         return self.manager.create_buffer(f"{self.name}/kv", nbytes, self.priority, reserve_pages=reserve)
 
     def attach(self, cache: ElasticCache, offloading: TieredOffloading) -> None:
@@ -367,7 +370,9 @@ class KVTierEngine:
     def stats(self) -> dict[str, Any]:
         live = self.cache.buffer.stats() if self.cache is not None else {}
         peak = max(self._peak_bytes, live.get("peak_bytes_mapped", 0))
-        return {"bytes_mapped": live.get("bytes_mapped", 0), "peak_bytes_mapped": peak, **self.counts}
+        sectors = {"sectors_held": len(self.cache.pool.held), "peak_sectors_held": self.cache.pool.peak_held} \
+            if self.cache is not None else {}
+        return {"bytes_mapped": live.get("bytes_mapped", 0), "peak_bytes_mapped": peak, **sectors, **self.counts}
 
 
 class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_grad
