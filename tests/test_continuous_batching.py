@@ -128,7 +128,7 @@ def test_two_models_share_one_pool_at_once(backend_name):
     block = _block_bytes(models[0])
     # one pool for both, smaller than what both would use at their peaks: they take turns with its pages
     page = PAGE[backend_name]
-    pages = max(2, -(-12 * block // page)) + 2
+    pages = max(2, -(-12 * block // page)) + 2 + 4  # + the staging room left to preemption (4 pages)
     with _manager(backend_name, pages=pages) as mgr:
         with kvtier_engine(models[0], mgr, name="a", staging_bytes=2 * block) as a, \
                 kvtier_engine(models[1], mgr, name="b", staging_bytes=2 * block) as b:
@@ -160,6 +160,8 @@ def test_unsupported_versions_and_a_foreign_cached_manager_are_refused(monkeypat
         monkeypatch.undo()
         with pytest.raises(ConfigError, match="swap_tier"):
             kvtier_engine(model, mgr, swap_tier="disk")
+        with pytest.raises(ConfigError, match="leave none for the cache"):
+            kvtier_engine(model, mgr, staging_bytes=12 * mgr.page_size)
         model._cached_continuous_batching_manager = object.__new__(
             transformers.generation.continuous_batching.ContinuousBatchingManager)
         with pytest.raises(ConfigError, match="destroy_cached_continuous_batching_manager"):

@@ -342,6 +342,10 @@ class KVTierEngine:
         if self.capacity_bytes <= 0 or self.staging_bytes <= 0:
             raise ConfigError(f"kvtier_engine {name!r}: capacity_bytes ({self.capacity_bytes}) and staging_bytes "
                               f"({self.staging_bytes}) must be positive and fit the pool ({budget} bytes)")
+        if manager.pool.budget_pages < self.staging_pages() + 2:
+            raise ConfigError(f"kvtier_engine {name!r}: the pool's {manager.pool.budget_pages} pages leave none for the "
+                              f"cache beside the {self.staging_pages()} kept for staging preempted requests; raise "
+                              "pool_budget or lower staging_bytes")
         self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "bytes_down": 0}
         self.cache: ElasticCache | None = None
         self.offloading: TieredOffloading | None = None
@@ -352,10 +356,12 @@ class KVTierEngine:
         return (config.num_hidden_layers * 2 * find_num_key_value_heads(config) * find_head_dim(config) *
                 dtype.itemsize * page_size)
 
-    def make_buffer(self, nbytes: int) -> ElasticBuffer:
+    def staging_pages(self) -> int:
         # a swap chunk of staging_bytes is half in its space's K region and half in V, each maybe straddling a page
-        reserve = 2 * (-(-self.staging_bytes // (2 * self.manager.page_size)) + 1)
-        return self.manager.create_buffer(f"{self.name}/kv", nbytes, self.priority, reserve_pages=reserve)
+        return 2 * (-(-self.staging_bytes // (2 * self.manager.page_size)) + 1)
+
+    def make_buffer(self, nbytes: int) -> ElasticBuffer:
+        return self.manager.create_buffer(f"{self.name}/kv", nbytes, self.priority, reserve_pages=self.staging_pages())
 
     def attach(self, cache: ElasticCache, offloading: TieredOffloading) -> None:
         self.cache, self.offloading = cache, offloading
