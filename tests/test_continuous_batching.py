@@ -161,7 +161,7 @@ def test_unsupported_versions_and_a_foreign_cached_manager_are_refused(monkeypat
         with pytest.raises(ConfigError, match="swap_tier"):
             kvtier_engine(model, mgr, swap_tier="disk")
         with pytest.raises(ConfigError, match="leave none for the cache"):
-            kvtier_engine(model, mgr, staging_bytes=12 * mgr.page_size)
+            kvtier_engine(model, mgr, staging_bytes=13 * mgr.page_size)
         model._cached_continuous_batching_manager = object.__new__(
             transformers.generation.continuous_batching.ContinuousBatchingManager)
         with pytest.raises(ConfigError, match="destroy_cached_continuous_batching_manager"):
