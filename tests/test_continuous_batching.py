@@ -58,8 +58,8 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], num_blocks: int 
     return {rid: list(result.generated_tokens) for rid, result in out.items()}
 
 
-def _manager(backend: str, pages: int = 16, **overrides: object) -> kvtier.TierManager:
-    page = PAGE[backend]
+def _manager(backend: str, pages: int = 16, page: int | None = None, **overrides: object) -> kvtier.TierManager:
+    page = page or PAGE[backend]
     options = dict(device=backend, page_size=page, pool_budget=pages * page, pool_ready=0, host_size=16 * page,
                    host_chunk=4 * page, nvme_size=64 * page, debug_checks=True)
     options.update(overrides)
@@ -69,12 +69,23 @@ def _manager(backend: str, pages: int = 16, **overrides: object) -> kvtier.TierM
 @pytest.mark.parametrize("tier", ["host", "nvme"])
 @pytest.mark.parametrize("kind", ["llama", "mistral-window"])
 def test_preempted_requests_go_down_and_come_back_with_the_engines_tokens(backend_name, kind, tier):
+    _preempt_and_compare(backend_name, kind, tier)
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_preemption_with_pages_much_larger_than_blocks(tier):
+    # CUDA's 2 MiB pages hold hundreds of these blocks: each chunk swapped out keeps a swap page to itself until
+    # it comes back (the swap space's room must count that, or requests get recomputed)
+    _preempt_and_compare("cpu", "llama", tier, page=2 << 20)
+
+
+def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | None = None) -> None:
     model = _model(backend_name, kind)
     prompts = _prompts()
     # the engine as shipped, with room for everything: no preemption
     expected = _generate(model, prompts, num_blocks=64)
     blocks = 8  # room for 128 tokens of the ~360 the six requests reach: the engine must preempt
-    with _manager(backend_name) as mgr:
+    with _manager(backend_name, page=page) as mgr:
         with kvtier_engine(model, mgr, name="m", capacity_bytes=blocks * _block_bytes(model),
                            staging_bytes=2 * _block_bytes(model), swap_tier=tier) as engine:
             got = _generate(model, prompts, num_blocks=None)

@@ -153,11 +153,12 @@ class TieredOffloading(OffloadingManager):
         super().__init__(cache, scheduler, 0.0, 1.0, compute_stream, distributed_helper)  # no pinned pool
         self.engine = engine
         mgr = engine.manager
-        # a page below takes no new blocks, so requests swapped one after another leave gaps: the (virtual) swap
-        # space is made larger than the engine's cache
+        # a page below takes no new blocks, so each chunk swapped out may leave the rest of its last page unused
+        # until it comes back: the (virtual) swap space holds the engine's blocks plus a page's worth per block
         self.swap = {name: mgr.create_space(f"{engine.name}/swap/{name}", num_layers=1, num_kv_heads=1,
                                             head_dim=a.bytes_per_block // 4, dtype=torch.float16, block_size=1,
-                                            max_tokens=8 * a.num_blocks + 1024, priority=engine.priority)
+                                            max_tokens=a.num_blocks * (2 + 2 * mgr.page_size // a.bytes_per_block),
+                                            priority=engine.priority)
                      for name, a in cache.cache_allocators.items()}
         self.chunk_blocks = {name: max(1, engine.staging_bytes // a.bytes_per_block)
                              for name, a in cache.cache_allocators.items()}
