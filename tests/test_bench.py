@@ -53,6 +53,21 @@ def test_long_context_bench_runs_the_path_on_the_cpu(tmp_path):
     assert rows["TieredCache"]["decode tok/s"] > 0 and rows["TieredCache"]["GiB below"] > 0
 
 
+def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
+    # the engine as shipped and the engine on kvtier serve the same requests under the same KV budget: both
+    # preempt, kvtier keeps what it preempted, and every output equals the other run's
+    out = tmp_path / "serve.json"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "serve", "--quick", "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["engine"]: r for r in json.loads(out.read_text())["tables"][0]["rows"]}
+    shipped, ours = rows["engine as shipped: soft reset"], rows["engine on kvtier"]
+    assert shipped["preempted: recomputed"] > 0 and shipped["preempted: kept"] == 0
+    assert ours["preempted: kept"] > 0 and ours["preempted: recomputed"] == 0
+    assert shipped["same tokens"] and ours["same tokens"]
+    assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
+
+
 def _scratch_dirs() -> list[str]:
     import glob
     import tempfile

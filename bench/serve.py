@@ -1,0 +1,198 @@
+"""``kvtier bench serve``: transformers' continuous-batching engine under a KV budget that forces preemption.
+
+One model with random weights, one seeded workload (prompt and output lengths uniform in a range, Poisson
+arrivals), served three ways in the same run: the engine as shipped recomputing preempted requests (soft reset),
+the engine as shipped with its static pinned swap pool (GPU only), and the engine on kvtier (elastic cache,
+preempted requests through the tiers). Each serves the same requests with the same KV budget. Reported: output
+tokens/s, time to first token and time per output token (p50, p99), preemptions, peak GPU memory (torch's
+allocator plus kvtier's pages), and whether every request's tokens equal the first run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from kvtier.bench.common import Table, percentile, random_model
+from kvtier.config import Config, GiB, MiB
+from kvtier.manager import TierManager
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    new_tokens: list[int]
+    arrivals: list[float]  # seconds after the start
+    page_size: int  # tokens a block holds
+    budget_blocks: int  # the KV budget every engine gets, in blocks
+
+    @classmethod
+    def make(cls, n: int, prompt: tuple[int, int], output: tuple[int, int], rate: float, vocab: int,
+             page_size: int, budget_share: float, seed: int = 0) -> "Workload":
+        gen = torch.Generator().manual_seed(seed)
+
+        def uniform(lo: int, hi: int) -> int:
+            return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+        prompts = [torch.randint(1, vocab, (uniform(*prompt),), generator=gen).tolist() for _ in range(n)]
+        new_tokens = [uniform(*output) for _ in range(n)]
+        gaps = torch.empty(n).exponential_(rate, generator=gen).tolist()
+        arrivals = [sum(gaps[:i]) for i in range(n)]
+        total_blocks = sum(-(-(len(p) + m) // page_size) for p, m in zip(prompts, new_tokens))
+        return cls(prompts, new_tokens, arrivals, page_size, max(4, int(total_blocks * budget_share)))
+
+
+class _Preemptions(logging.Handler):
+    """The engine as shipped says what it preempted only in its log: count from there."""
+
+    PATTERN = re.compile(r"Offloaded (\d+) requests \((\d+) to CPU, (\d+) soft reset\)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.to_cpu = self.soft_resets = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.PATTERN.search(record.getMessage())
+        if match:
+            self.to_cpu += int(match.group(2))
+            self.soft_resets += int(match.group(3))
+
+
+def _serve(model: Any, work: Workload, cb: Any, timeout: float) -> dict[str, Any]:
+    """Submit the workload at its arrival times; return per-request outputs and timings."""
+    from transformers import GenerationConfig
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(work.new_tokens))
+    arrived: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb) as manager:
+        start = time.perf_counter()
+
+        def submit() -> None:
+            for i, (prompt, n, at) in enumerate(zip(work.prompts, work.new_tokens, work.arrivals)):
+                time.sleep(max(0.0, start + at - time.perf_counter()))
+                arrived[f"r{i}"] = time.perf_counter()
+                manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n, record_timestamps=True)
+
+        feeder = threading.Thread(target=submit, name="bench-serve-arrivals", daemon=True)
+        feeder.start()
+        deadline = start + timeout
+        while len(results) < len(work.prompts) and time.perf_counter() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                results[result.request_id] = result
+        feeder.join()
+    if len(results) < len(work.prompts):
+        raise TimeoutError(f"bench serve: {len(results)} of {len(work.prompts)} requests done in {timeout:.0f} s")
+    ttft, tpot, tokens = [], [], 0
+    for rid, r in results.items():
+        stamps = r.timestamps or []
+        tokens += len(r.generated_tokens)
+        if stamps:
+            ttft.append(stamps[0] - arrived[rid])
+            if len(stamps) > 1:
+                tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    end = max(r.timestamps[-1] for r in results.values() if r.timestamps)
+    return {"tokens": {rid: list(r.generated_tokens) for rid, r in results.items()},
+            "errors": sum(r.error is not None for r in results.values()),
+            "tok_s": tokens / (end - start), "ttft": ttft, "tpot": tpot}
+
+
+def _cb_config(work: Workload, num_blocks: int | None, cpu_offload_gib: float, cuda: bool) -> Any:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    return ContinuousBatchingConfig(page_size=work.page_size, num_blocks=num_blocks, max_batch_tokens=2048 if cuda
+                                    else 128, allow_block_sharing=False, auto_switch_to_flash=False,
+                                    use_cuda_graph=False, cpu_offload_space=cpu_offload_gib)
+
+
+def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None) -> Table:
+    from transformers import LlamaConfig
+
+    from kvtier.integrations.continuous_batching import kvtier_engine
+    from kvtier.vmm import resolve_device
+
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    if cuda:  # a Llama-3.2-1B shape: 32 KiB of KV a token
+        config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192)
+        work = Workload.make(32 if quick else 96, (256, 1024), (32, 256), rate=16.0, vocab=32000, page_size=256,
+                             budget_share=0.25)
+    else:
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
+        # all at once (a burst): the same schedule whatever the machine's speed, so the CPU run preempts alike
+        work = Workload.make(8 if quick else 16, (8, 48), (8, 32), rate=1e6, vocab=128, page_size=16,
+                             budget_share=0.3)
+    model = random_model(config, dev)
+    model.config._attn_implementation = "sdpa"
+    block_bytes = (config.num_hidden_layers * 2 * config.num_key_value_heads *
+                   (config.hidden_size // config.num_attention_heads) * model.dtype.itemsize * work.page_size)
+    budget = work.budget_blocks * block_bytes
+    timeout = 600.0 if cuda else 120.0
+    table = Table(f"Serving {len(work.prompts)} requests ({config.num_hidden_layers}-layer Llama, "
+                  f"{block_bytes / work.page_size / 1024:g} KiB of KV a token) with KV for "
+                  f"{work.budget_blocks} blocks of {work.page_size} tokens ({budget / MiB:.1f} MiB)",
+                  ["engine", "output tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms",
+                   "preempted: kept", "preempted: recomputed", "peak GPU GiB", "same tokens"])
+    engine_log = logging.getLogger("ContinuousBatchingLogger")
+    first: dict[str, list[int]] | None = None
+
+    def measure(label: str, serve: Callable[[], tuple[dict[str, Any], int, int, int]]) -> None:
+        nonlocal first
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        out, kept, recomputed, extra = serve()
+        peak = (torch.cuda.max_memory_allocated() + extra) / GiB if cuda else None
+        first = first or out["tokens"]
+        table.add(label, out["tok_s"], percentile(out["ttft"], 50), percentile(out["ttft"], 99),
+                  percentile(out["tpot"], 50) * 1e3, percentile(out["tpot"], 99) * 1e3, kept, recomputed, peak,
+                  out["tokens"] == first and out["errors"] == 0)
+        if step:
+            step()
+
+    def stock(offload_gib: float) -> tuple[dict[str, Any], int, int, int]:
+        # its INFO records reach our counter only; its own handlers keep their level
+        counter, level = _Preemptions(), engine_log.level
+        quiet = [(h, h.level) for h in engine_log.handlers]
+        for handler, was in quiet:
+            handler.setLevel(max(was, logging.WARNING))
+        engine_log.addHandler(counter)
+        engine_log.setLevel(logging.INFO)
+        try:
+            out = _serve(model, work, _cb_config(work, work.budget_blocks, offload_gib, cuda), timeout)
+        finally:
+            engine_log.removeHandler(counter)
+            engine_log.setLevel(level)
+            for handler, was in quiet:
+                handler.setLevel(was)
+        return out, counter.to_cpu, counter.soft_resets, 0
+
+    def on_kvtier() -> tuple[dict[str, Any], int, int, int]:
+        staging = max(64 * MiB, 4 * block_bytes) if cuda else 4 * block_bytes
+        kcfg = Config(device=str(dev), pool_budget=budget + 2 * staging + 64 * MiB, pool_ready=0,
+                      host_size=max(budget, 256 * MiB) if cuda else 64 * MiB, host_chunk=64 * MiB if cuda else 4 * MiB,
+                      nvme_size=256 * MiB, page_size=None if cuda else 64 << 10)
+        with TierManager(kcfg) as mgr, kvtier_engine(model, mgr, name="bench", capacity_bytes=budget,
+                                                     staging_bytes=staging) as engine:
+            out = _serve(model, work, _cb_config(work, None, 0.0, cuda), timeout)
+            stats = engine.stats()
+            created = mgr.pool.peak_created * mgr.page_size
+        return out, stats["preempted_to_tiers"], stats["soft_resets"], created
+
+    measure("engine as shipped: soft reset", lambda: stock(0.0))
+    if cuda:
+        measure("engine as shipped: pinned swap pool", lambda: stock(2 * budget / GiB + 0.5))
+    measure("engine on kvtier", on_kvtier)
+    table.notes.append("same workload and KV budget for each (seeded lengths and Poisson arrivals); TTFT from "
+                       "arrival to first token; peak GPU = torch's allocator peak plus kvtier's created pages; "
+                       "same tokens = every request's output equals the first run's")
+    if not cuda:
+        table.notes.append("CPU backend: tiny model, not GPU figures; the pinned swap pool needs a GPU")
+    return table
