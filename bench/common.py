@@ -152,12 +152,16 @@ class Table:
     columns: list[str]
     rows: list[list[Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # name -> (x, y) points, for plots
 
     def add(self, *row: Any) -> None:
         self.rows.append(list(row))
 
     def as_json(self) -> dict[str, Any]:
-        return {"title": self.title, "rows": [dict(zip(self.columns, r)) for r in self.rows], "notes": self.notes}
+        out = {"title": self.title, "rows": [dict(zip(self.columns, r)) for r in self.rows], "notes": self.notes}
+        if self.series:
+            out["series"] = self.series
+        return out
 
     def render(self) -> Any:
         from rich.table import Table as RichTable

@@ -64,6 +64,15 @@ def write(tables: dict[str, Table], directory: str, title: str) -> list[str]:
         ax.set(xlabel="threads", ylabel="GB/s", title=f"NVMe  {title}")
         ax.legend(fontsize=7)
         written.append(_save(fig, directory, "nvme.png"))
+    if "colocated" in tables:
+        t = tables["colocated"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, points in t.series.items():
+            style = "--" if name.startswith("static") else "-"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{name} (KV mapped)")
+        ax.set(xlabel="seconds", ylabel="MiB", title=f"two models, one budget  {title}")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, directory, "colocated.png"))
     return written
 
 

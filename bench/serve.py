@@ -34,7 +34,7 @@ class Workload:
 
     @classmethod
     def make(cls, n: int, prompt: tuple[int, int], output: tuple[int, int], rate: float, vocab: int,
-             page_size: int, budget_share: float, seed: int = 0) -> "Workload":
+             page_size: int, budget_share: float, seed: int = 0, start: float = 0.0) -> "Workload":
         gen = torch.Generator().manual_seed(seed)
 
         def uniform(lo: int, hi: int) -> int:
@@ -43,7 +43,7 @@ class Workload:
         prompts = [torch.randint(1, vocab, (uniform(*prompt),), generator=gen).tolist() for _ in range(n)]
         new_tokens = [uniform(*output) for _ in range(n)]
         gaps = torch.empty(n).exponential_(rate, generator=gen).tolist()
-        arrivals = [sum(gaps[:i]) for i in range(n)]
+        arrivals = [start + sum(gaps[:i]) for i in range(n)]
         total_blocks = sum(-(-(len(p) + m) // page_size) for p, m in zip(prompts, new_tokens))
         return cls(prompts, new_tokens, arrivals, page_size, max(4, int(total_blocks * budget_share)))
 
@@ -100,7 +100,7 @@ def _serve(model: Any, work: Workload, cb: Any, timeout: float) -> dict[str, Any
     end = max(r.timestamps[-1] for r in results.values() if r.timestamps)
     return {"tokens": {rid: list(r.generated_tokens) for rid, r in results.items()},
             "errors": sum(r.error is not None for r in results.values()),
-            "tok_s": tokens / (end - start), "ttft": ttft, "tpot": tpot}
+            "tok_s": tokens / (end - start), "ttft": ttft, "tpot": tpot, "end": end - start}
 
 
 def _cb_config(work: Workload, num_blocks: int | None, cpu_offload_gib: float, cuda: bool) -> Any:

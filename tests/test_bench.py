@@ -68,6 +68,21 @@ def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
     assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
 
 
+def test_colocated_bench_serves_two_models_both_ways_on_the_cpu(tmp_path):
+    out = tmp_path / "colocated.json"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "colocated", "--quick", "--device", "cpu",
+                           "--json", str(out), "--plot", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"][0]
+    rows = {(r["memory"], r["model"]): r for r in table["rows"]}
+    assert set(rows) == {(m, x) for m in ("static equal split", "kvtier shared pool") for x in "AB"}
+    assert all(r["output tok/s"] > 0 for r in rows.values())
+    assert all(rows[("kvtier shared pool", x)]["preempted: recomputed"] == 0 for x in "AB")
+    # memory over time: each model's, both ways, and the plot of it
+    assert set(table["series"]) == {"static A", "static B", "kvtier A", "kvtier B"}
+    assert (tmp_path / "colocated.png").exists()
+
+
 def _scratch_dirs() -> list[str]:
     import glob
     import tempfile

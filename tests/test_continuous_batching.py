@@ -79,13 +79,22 @@ def test_preemption_with_pages_much_larger_than_blocks(tier):
     _preempt_and_compare("cpu", "llama", tier, page=2 << 20)
 
 
-def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | None = None) -> None:
+def test_preempted_requests_spill_to_nvme_when_the_host_is_full(backend_name):
+    # the default tier is the host; with room there for one chunk, the others go straight on to NVMe (a chunk
+    # left on the GPU would keep the very pages the preemption was for)
+    paths = _preempt_and_compare(backend_name, "llama", "host", host_pages=2)
+    assert paths["gpu->host"]["pages"] > 0 and paths["gpu->nvme"]["pages"] > 0
+
+
+def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | None = None,
+                         host_pages: int = 16) -> dict:
     model = _model(backend_name, kind)
     prompts = _prompts()
     # the engine as shipped, with room for everything: no preemption
     expected = _generate(model, prompts, num_blocks=64)
     blocks = 8  # room for 128 tokens of the ~360 the six requests reach: the engine must preempt
-    with _manager(backend_name, page=page) as mgr:
+    with _manager(backend_name, page=page, host_size=host_pages * (page or PAGE[backend_name]),
+                  host_chunk=host_pages * (page or PAGE[backend_name])) as mgr:
         with kvtier_engine(model, mgr, name="m", capacity_bytes=blocks * _block_bytes(model),
                            staging_bytes=2 * _block_bytes(model), swap_tier=tier) as engine:
             got = _generate(model, prompts, num_blocks=None)
@@ -101,6 +110,7 @@ def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | No
         assert mgr.stats()["buffers"] == {} and mgr.stats()["spaces"] == {}
         assert mgr.pool.in_use_pages == 0
         mgr.check()
+    return paths
 
 
 def test_an_idle_engine_holds_only_its_pad_sectors(backend_name):

@@ -113,6 +113,10 @@ class Tiering:
     def books(self, tier: Tier) -> Any:
         return self.tiers[tier].books
 
+    def free_slots(self, tier: str) -> int:
+        """Slots free now in the ``"host"`` or ``"nvme"`` tier (a page of one region takes one)."""
+        return self.books(Tier.named(tier)).free
+
     def poke(self) -> None:
         """A sequence went idle: let the background demoter look now."""
         if self.demoter is not None:

@@ -172,6 +172,7 @@ class TieredOffloading(OffloadingManager):
         finally:
             self.cache.holding = False
             self.cache.pool.try_to_free_sectors()  # after the copies were queued: the fences cover them
+            self.stage_waiting()
 
     def _offload_to_cpu(self, victims: list[Any], victim_block_tables: dict[str, dict[str, list[int]]]) -> set[str]:
         done = set()
@@ -237,6 +238,34 @@ class TieredOffloading(OffloadingManager):
                     full = state.position_offset // allocator.tokens_per_page
                     if full:
                         future_state.complete_blocks[name] = future_state.complete_blocks.get(name, 0) + full
+        self.stage_waiting()
+
+    def stage_waiting(self) -> None:
+        """Start reading the swapped requests next in the engine's line (it schedules them before fresh ones)
+        from NVMe into host memory, within the host's free slots and never waiting: their restore then crosses
+        PCIe only. (Not up to the GPU: a chunk brought up is active again, and the next chunk swapped out would
+        share its page and stay up with it.)"""
+        if not self.swapped:  # the common step: nothing swapped, nothing to look at
+            return
+        mgr = self.engine.manager
+        with mgr.lock:
+            if any(space.in_flight() for space in self.swap.values()):
+                return  # chunks still on their way down (or up): staging now would wait for them
+            room = mgr.tiering.free_slots("host")
+            for request_id in self.scheduler.waiting_requests_order:
+                state = self.scheduler.waiting_requests.get(request_id)
+                if state is None or not state.is_cpu_offloaded:
+                    continue
+                chunks = [(self.swap[name], seq) for name, seq, _ in self.swapped.get(request_id, [])]
+                need = sum(space.page_residency(seq)["nvme"] * space.num_regions for space, seq in chunks)
+                if need == 0:
+                    continue
+                if need > room:
+                    return
+                for space, seq in chunks:
+                    space.stage([seq])  # a page lost below is met again, and reported, by the restore
+                room -= need
+                self.engine.counts["staged"] += 1
 
     # --- cleanup ---------------------------------------------------------------------------------------------
     def _free_swapped(self, request_id: str) -> None:
@@ -331,10 +360,11 @@ class KVTierEngine:
     """What ``kvtier_engine`` returns: the settings, the live cache and its counts."""
 
     def __init__(self, model: Any, manager: TierManager, name: str, priority: int, capacity_bytes: int | None,
-                 staging_bytes: int | None, swap_tier: str | None) -> None:
+                 staging_bytes: int | None, swap_tier: str) -> None:
         check_version()
-        if swap_tier not in (None, "host", "nvme"):
-            raise ConfigError(f"swap_tier must be None (the tiers' policy), 'host' or 'nvme', got {swap_tier!r}")
+        if swap_tier not in ("host", "nvme"):
+            raise ConfigError(f"swap_tier must be 'host' (cascading to NVMe as the host fills) or 'nvme', got "
+                              f"{swap_tier!r}")
         self.model, self.manager, self.name, self.priority = model, manager, name, priority
         self.swap_tier = swap_tier
         budget = manager.pool.budget_pages * manager.page_size
@@ -347,7 +377,7 @@ class KVTierEngine:
             raise ConfigError(f"kvtier_engine {name!r}: the pool's {manager.pool.budget_pages} pages leave none for the "
                               f"cache beside the {self.staging_pages()} kept for staging preempted requests; raise "
                               "pool_budget or lower staging_bytes")
-        self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "bytes_down": 0}
+        self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "staged": 0, "bytes_down": 0}
         self.cache: ElasticCache | None = None
         self.offloading: TieredOffloading | None = None
         self._peak_bytes = 0
@@ -388,11 +418,11 @@ class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_g
     ``capacity_bytes``: the most KV the engine's cache may map (default: the pool's budget less the staging);
     ``staging_bytes``: pool room left to the engine's preemptions (default: a sixteenth of the budget);
     ``priority``: the swap spaces' priority under the tiers' policy; ``swap_tier``: where preempted requests go
-    (``None``: the tiers' policy, host first, then NVMe as the host fills)."""
+    at once (``"host"``, whence the host's cascade takes them on to NVMe as it fills; or ``"nvme"``)."""
 
     def __init__(self, model: Any, manager: TierManager, name: str | None = None, priority: int = 0,
                  capacity_bytes: int | None = None, staging_bytes: int | None = None,
-                 swap_tier: str | None = None) -> None:
+                 swap_tier: str = "host") -> None:
         self.engine = KVTierEngine(model, manager, name or f"{model.config.model_type}-{id(model):x}", priority,
                                    capacity_bytes, staging_bytes, swap_tier)
 
