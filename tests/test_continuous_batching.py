@@ -113,6 +113,31 @@ def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | No
     return paths
 
 
+def test_requests_whose_swapped_kv_is_lost_below_are_recomputed():
+    # every read of the NVMe tier hands back a corrupt byte: each swapped request's checksum fails when it is
+    # read back (ahead of its turn), so it is recomputed from its tokens -- the same output, nothing wrong served
+    from tests.faults import FaultyFiles
+    model = _model("cpu")
+    prompts = _prompts()
+    expected = _generate(model, prompts, num_blocks=64)
+    files = FaultyFiles(PAGE["cpu"])
+    files.corrupt("read")
+    page = PAGE["cpu"]
+    config = kvtier.Config(device="cpu", page_size=page, pool_budget=16 * page, pool_ready=0, host_size=16 * page,
+                           host_chunk=4 * page, nvme_size=64 * page, debug_checks=True)
+    with kvtier.TierManager(config, files=files) as mgr:
+        with kvtier_engine(model, mgr, name="m", capacity_bytes=8 * _block_bytes(model),
+                           staging_bytes=2 * _block_bytes(model), swap_tier="nvme") as engine:
+            got = _generate(model, prompts, num_blocks=None)
+            stats = engine.stats()
+        assert got == expected
+        assert stats["preempted_to_tiers"] > 0 and stats["lost"] > 0
+        assert stats["lost"] + stats["restored"] == stats["preempted_to_tiers"]
+        assert mgr.stats()["tiers"]["nvme"]["checksums"]["mismatches"] > 0
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+
+
 def test_an_idle_engine_holds_only_its_pad_sectors(backend_name):
     model = _model(backend_name)
     prompts = _prompts(2)

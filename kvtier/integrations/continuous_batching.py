@@ -38,11 +38,12 @@ from transformers.generation.continuous_batching.continuous_api import (Continuo
                                                                         ContinuousBatchProcessor)
 from transformers.generation.continuous_batching.initialization import update_cb_config_after_cache_creation
 from transformers.generation.continuous_batching.offloading_manager import OffloadingManager
+from transformers.generation.continuous_batching.requests import RequestStatus
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads, stream_context
 
 from kvtier.buffer import ElasticBuffer
-from kvtier.errors import ConfigError, OutOfPagesError
+from kvtier.errors import ConfigError, OutOfPagesError, TransferError
 from kvtier.manager import TierManager
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class TieredOffloading(OffloadingManager):
         self.chunk_blocks = {name: max(1, engine.staging_bytes // a.bytes_per_block)
                              for name, a in cache.cache_allocators.items()}
         self.swapped: dict[str, list[tuple[str, Hashable, int]]] = {}  # request -> (allocator, swap seq, offset)
+        self.going_down: dict[str, list[Any]] = {}  # request -> its chunks' transfers down
 
     # --- down -------------------------------------------------------------------------------------------------
     def offload_requests(self) -> bool:
@@ -195,7 +197,7 @@ class TieredOffloading(OffloadingManager):
 
     def _swap_out(self, request_id: str, table: dict[str, list[int]]) -> None:
         chunks = self.swapped.setdefault(request_id, [])
-        handles = []
+        handles = self.going_down.setdefault(request_id, [])
         for name, blocks in table.items():
             space, allocator, step = self.swap[name], self.cache.cache_allocators[name], self.chunk_blocks[name]
             for offset in range(0, len(blocks), step):
@@ -204,9 +206,7 @@ class TieredOffloading(OffloadingManager):
                 try:
                     dst = space.allocate(seq, len(part))
                 except OutOfPagesError:  # the staging room is on its way down with the previous chunks
-                    for handle in handles:
-                        handle.result()
-                    handles.clear()
+                    _settle(handles)
                     dst = space.allocate(seq, len(part))
                 chunks.append((name, seq, offset))
                 with stream_context(self._compute_stream):
@@ -217,6 +217,9 @@ class TieredOffloading(OffloadingManager):
 
     # --- up ---------------------------------------------------------------------------------------------------
     def restore_scheduled_requests(self, requests_in_batch: list[Any]) -> None:
+        # the batch is made (its token counts fixed): a request that lost its KV here can only fail, with the
+        # engine's error; stage_waiting reads swapped requests up ahead of their turn so that losses are met
+        # there, while a request can still be recomputed
         for future_state in requests_in_batch:
             state = future_state.state
             if not state.is_cpu_offloaded:
@@ -240,35 +243,57 @@ class TieredOffloading(OffloadingManager):
                         future_state.complete_blocks[name] = future_state.complete_blocks.get(name, 0) + full
         self.stage_waiting()
 
+    @staticmethod
+    def _stage_now(chunks: list[tuple[Any, Hashable]], room: int) -> int:
+        """Bring ``chunks`` into host memory, if ``room`` host slots hold them, and wait; return the slots used.
+        A failed read marks the pages lost; the caller looks."""
+        # not wholly in host memory: on NVMe, or still on its way down (a wait for the write, then the read)
+        below = [(space, seq) for space, seq in chunks if space.residency(seq)["nvme"]]
+        need = sum(space.page_residency(seq)["nvme"] * space.num_regions for space, seq in below)
+        if not below or need > room:
+            return 0
+        for space, seq in below:
+            try:
+                space.stage([seq]).result()
+            except TransferError:
+                pass
+        return need
+
+    def _recompute(self, state: Any) -> None:
+        """``state`` lost its swapped KV: in the waiting line, it becomes a request for its whole context."""
+        self._free_swapped(state.request_id)
+        fresh = state.create_equivalent_initial_request()
+        state._status = RequestStatus.FINISHED  # the engine's own way to retire a state it replaces
+        state.is_cpu_offloaded = False
+        self.scheduler.waiting_requests[state.request_id] = fresh
+        self.engine.counts["soft_resets"] += 1
+        self.engine.counts["lost"] += 1
+
     def stage_waiting(self) -> None:
-        """Start reading the swapped requests next in the engine's line (it schedules them before fresh ones)
-        from NVMe into host memory, within the host's free slots and never waiting: their restore then crosses
-        PCIe only. (Not up to the GPU: a chunk brought up is active again, and the next chunk swapped out would
-        share its page and stay up with it.)"""
+        """Read the swapped requests in the engine's line from NVMe into host memory now, within the host's free
+        slots: the read their restore would do, a step ahead, so that their restore crosses PCIe only and a
+        request whose KV was lost below (a failing disk) is found while it can still be recomputed -- it becomes
+        a request for its whole context. (Not up to the GPU: a chunk brought up is active again, and the next
+        chunk swapped out would share its page and stay up with it.) Not under the manager's lock: a wait for a
+        read lets the transfer worker commit."""
         if not self.swapped:  # the common step: nothing swapped, nothing to look at
             return
-        mgr = self.engine.manager
-        with mgr.lock:
-            if any(space.in_flight() for space in self.swap.values()):
-                return  # chunks still on their way down (or up): staging now would wait for them
-            room = mgr.tiering.free_slots("host")
-            for request_id in self.scheduler.waiting_requests_order:
-                state = self.scheduler.waiting_requests.get(request_id)
-                if state is None or not state.is_cpu_offloaded:
-                    continue
-                chunks = [(self.swap[name], seq) for name, seq, _ in self.swapped.get(request_id, [])]
-                need = sum(space.page_residency(seq)["nvme"] * space.num_regions for space, seq in chunks)
-                if need == 0:
-                    continue
-                if need > room:
-                    return
-                for space, seq in chunks:
-                    space.stage([seq])  # a page lost below is met again, and reported, by the restore
-                room -= need
-                self.engine.counts["staged"] += 1
+        room = self.engine.manager.tiering.free_slots("host")
+        for request_id in list(self.scheduler.waiting_requests_order):
+            state = self.scheduler.waiting_requests.get(request_id)
+            if state is None or not state.is_cpu_offloaded:
+                continue
+            chunks = [(self.swap[name], seq) for name, seq, _ in self.swapped.get(request_id, [])]
+            _settle(self.going_down.pop(request_id, []))  # landed (or stayed up, if a write failed)
+            room -= self._stage_now(chunks, room)
+            if any(space.residency(seq)["lost"] for space, seq in chunks):
+                log.warning("continuous batching %r: waiting request %s lost its swapped KV; it is recomputed",
+                            self.engine.name, request_id)
+                self._recompute(state)
 
     # --- cleanup ---------------------------------------------------------------------------------------------
     def _free_swapped(self, request_id: str) -> None:
+        _settle(self.going_down.pop(request_id, []))
         for name, seq, _ in self.swapped.pop(request_id, []):
             self.swap[name].free(seq)
 
@@ -286,6 +311,16 @@ class TieredOffloading(OffloadingManager):
         self.reset()
         for space in self.swap.values():
             self.engine.manager.drop_space(space.name)
+
+
+def _settle(handles: list[Any]) -> None:
+    """Wait for transfers down; a write that failed left its pages where they were (nothing lost)."""
+    for handle in handles:
+        try:
+            handle.result()
+        except TransferError:
+            pass
+    handles.clear()
 
 
 def _halves(space: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +412,8 @@ class KVTierEngine:
             raise ConfigError(f"kvtier_engine {name!r}: the pool's {manager.pool.budget_pages} pages leave none for the "
                               f"cache beside the {self.staging_pages()} kept for staging preempted requests; raise "
                               "pool_budget or lower staging_bytes")
-        self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "staged": 0, "bytes_down": 0}
+        self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "staged": 0, "lost": 0,
+                       "bytes_down": 0}
         self.cache: ElasticCache | None = None
         self.offloading: TieredOffloading | None = None
         self._peak_bytes = 0
