@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: ``--version``, ``info`` and ``bench``."""
+"""The ``kvtier`` command: ``--version``, ``info``, ``bench``, ``config``, ``replay``, ``ls``, ``top``, ``limit``."""
 
 from __future__ import annotations
 
@@ -284,6 +284,86 @@ def make_trace(kind: str, out: str, seed: int, size: int | None) -> None:
     trace = make(size, seed=seed) if size else make(seed=seed)
     save_trace(trace, out)
     console.print(f"{out}: {len(trace.events)} events in {len(trace.spaces)} space(s)")
+
+
+_LEDGER_DIR = click.option("--ledger-dir", default="/dev/shm", show_default=True, envvar="KVTIER_LEDGER_DIR",
+                           type=click.Path(file_okay=False), help="Where the processes' ledgers are (ledger_dir).")
+
+
+def _ledger_table() -> Any:
+    """Every ledger under the directory: its processes, their pages and shares."""
+    from rich.table import Table as RichTable
+
+    from kvtier.vmm.ledger import ledgers, snapshot
+
+    def table(directory: str) -> Any:
+        out = RichTable(title=f"kvtier processes (ledgers in {directory})", title_justify="left")
+        for column in ("device", "pid", "name", "priority", "pages", "GPU memory", "limit", "of the device"):
+            out.add_column(column, justify="left" if column in ("device", "name") else "right")
+        for path in ledgers(directory):
+            books = snapshot(path)
+            device, page = path.rsplit("kvtier-ledger-", 1)[1], books.get("page_size", 0)
+            budget = books.get("budget_pages", 0)
+            for proc in sorted(books["procs"].values(), key=lambda p: (-p["priority"], p["pid"])):
+                limit = proc["limit_pages"]
+                out.add_row(device, str(proc["pid"]), escape(proc["name"]), str(proc["priority"]), str(proc["pages"]),
+                            _size(proc["pages"] * page), "none" if limit is None else _size(limit * page),
+                            f"{proc['pages'] / budget:.0%}" if budget else "n/a")
+            used = sum(p["pages"] for p in books["procs"].values())
+            out.add_row(device, "", "[bold]all[/bold]", "", str(used), _size(used * page), _size(budget * page),
+                        f"{used / budget:.0%}" if budget else "n/a", end_section=True)
+        return out
+    return table
+
+
+@main.command("ls")
+@_LEDGER_DIR
+def ls_command(ledger_dir: str) -> None:
+    """The kvtier processes sharing each device (from the ledgers): pages, limits, priorities."""
+    console.print(_ledger_table()(ledger_dir))
+
+
+@main.command("top")
+@_LEDGER_DIR
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05), help="Seconds between "
+              "refreshes.")
+@click.option("--count", default=0, type=click.IntRange(0), help="Stop after this many refreshes (0: never).")
+def top_command(ledger_dir: str, interval: float, count: int) -> None:
+    """kvtier ls, refreshed until interrupted."""
+    import time
+
+    from rich.live import Live
+
+    render, shown = _ledger_table(), 0
+    with Live(render(ledger_dir), console=console, refresh_per_second=max(1, int(1 / interval))) as live:
+        while count == 0 or shown < count:
+            time.sleep(interval)
+            live.update(render(ledger_dir))
+            shown += 1
+
+
+@main.command("limit")
+@click.argument("pid", type=int)
+@click.argument("size")
+@_LEDGER_DIR
+def limit_command(pid: int, size: str, ledger_dir: str) -> None:
+    """Set process PID's share of its device to SIZE (e.g. 20GiB; "none": no limit beyond its pool_budget). A
+    lower share takes effect as its unused pages go back; pages in use go as they come free."""
+    from kvtier.config import _size as parse_size
+    from kvtier.vmm.ledger import ledgers, read_books, set_limit
+
+    matched = 0
+    for path in ledgers(ledger_dir):
+        page = read_books(path).get("page_size") or 1
+        try:
+            pages = None if size == "none" else int(parse_size(size)) // page
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="SIZE") from None
+        matched += set_limit(path, pid, pages)
+    if not matched:
+        raise click.ClickException(f"no live kvtier process with pid {pid} in the ledgers under {ledger_dir} "
+                                   "(kvtier ls lists them)")
+    console.print(f"pid {pid}: limit {size}")
 
 
 def run() -> None:

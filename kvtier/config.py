@@ -127,6 +127,15 @@ class Config(BaseModel):
                                         "one; unset: no endpoint); needs kvtier[metrics]", ge=0, le=65535,
                                         strict=True)
     metrics_addr: str = _setting("127.0.0.1", "metrics", "the address the metrics endpoint listens on")
+    # [ledger]
+    ledger_dir: str | None = _setting(None, "ledger", "share the device's pages with the machine's other kvtier "
+                                      "processes through a ledger in this directory (e.g. /dev/shm); unset: this "
+                                      "process alone")
+    ledger_budget: Size | None = _setting(None, "ledger", "the device's budget for all processes together (the "
+                                          "first process sets it; unset: its pool_budget); each process's own "
+                                          "pool_budget is its limit", size=True)
+    ledger_priority: int = _setting(0, "ledger", "this process's priority among the ledger's processes", strict=True)
+    ledger_name: str | None = _setting(None, "ledger", "this process's name in kvtier ls (unset: its pid)")
     # [policy]: ``name`` and the policy's own parameters
     policy: str = _setting("lru", "policy", "eviction policy: lru, lfu, priority, a plug-in or module:Class")
     policy_params: dict[str, Any] = _setting({}, "policy", "the policy's own parameters (the other keys of "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from kvtier.config import Config
 from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
 from kvtier.metrics import MetricsServer
 from kvtier.buffer import ElasticBuffer
+from kvtier.vmm.ledger import Ledger
 from kvtier.space import KVSpace, parse_dtype
 from kvtier.tiering import DemotionPlan, FileLayer, Tiering
 from kvtier.vmm import PagePool, open_backend, resolve_device
@@ -81,11 +83,18 @@ class TierManager:
         self._changed = threading.Condition(self.lock)  # notified when transfers commit (pages come free)
         self.spaces: dict[str, KVSpace] = {}
         self.buffers: dict[str, ElasticBuffer] = {}
-        self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size)
+        ledger = self._join_ledger(budget_pages)
+        try:
+            self.pool = PagePool(self.backend, self.page_size, budget_pages, self.config.pool_ready // self.page_size,
+                                 ledger)
+        except BaseException:
+            if ledger is not None:
+                ledger.close()
+            raise
         try:
             self.tiering = Tiering(self.config, self.device, self.backend, self.pool, self, clock, files)
         except BaseException:
-            self.pool.close()
+            self._close_pool()
             raise
         self.metrics: MetricsServer | None = None
         if self.config.metrics_port is not None:
@@ -94,8 +103,23 @@ class TierManager:
             except BaseException:
                 self.tiering.stop()
                 self.tiering.close()
-                self.pool.close()
+                self._close_pool()
                 raise
+
+    def _join_ledger(self, budget_pages: int) -> Ledger | None:
+        """The device's ledger shared with the machine's other kvtier processes (``ledger_dir``), if set: this
+        process's pool budget is its limit there."""
+        cfg = self.config
+        if cfg.ledger_dir is None:
+            return None
+        device_budget = budget_pages if cfg.ledger_budget is None else cfg.ledger_budget // self.page_size
+        return Ledger(cfg.ledger_dir, self.backend.device_key, device_budget, self.page_size,
+                      cfg.ledger_name or f"pid {os.getpid()}", cfg.ledger_priority, limit_pages=budget_pages)
+
+    def _close_pool(self) -> None:
+        self.pool.close()
+        if self.pool.ledger is not None:
+            self.pool.ledger.close()
 
     def create_space(self, name: str, num_layers: int, num_kv_heads: int, head_dim: int,
                      dtype: torch.dtype | str = torch.bfloat16, block_size: int = 16, max_tokens: int = 131072,
@@ -217,10 +241,13 @@ class TierManager:
                 # room may be below, in a tier whose writes just failed: wait for its next try if it comes soon
                 # (a flaky disk); a dead one, backed off for longer, is not waited for
                 raise PagesInFlight(f"space {space.name!r}: waiting for a tier that failed writes to be tried again")
+            shared = "" if self.pool.ledger is None else (
+                f"; the device's ledger, shared with other processes, leaves this one {self.pool.ledger.room()} "
+                "more (kvtier ls shows who holds the rest)")
             raise OutOfPagesError(
                 f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
                 f"{covered} more could be reclaimed or demoted (budget {self.pool.budget_pages} pages of "
-                f"{self.page_size} bytes); free or offload sequences, or raise pool_budget")
+                f"{self.page_size} bytes{shared}); free or offload sequences, or raise pool_budget")
         return RoomPlan(n, [(s, pages) for s, pages in empties if pages], demotion)
 
     def take_room(self, plan: RoomPlan) -> list[Any]:
@@ -310,7 +337,7 @@ class TierManager:
             for buffer in list(self.buffers.values()):
                 buffer.close()
             self.tiering.close()
-            self.pool.close()
+            self._close_pool()
             self.backend.close()
             self.closed = True
 

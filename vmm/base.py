@@ -23,6 +23,7 @@ class Fence(Protocol):
 
 class Backend(Protocol):
     name: str                 # "cuda" or "host"
+    device_key: str           # names the physical device across processes (the ledger's key)
     device: torch.device
     granularity: int          # smallest page size the backend can map, bytes
     default_page_size: int    # page size chosen by measurement for this backend

@@ -55,6 +55,7 @@ class HostBackend:
     name = "host"
     granularity = mmap.PAGESIZE
     default_page_size = 8 << 20  # same as the CUDA default, so CPU runs mirror the GPU's page counts
+    device_key = "host"
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")

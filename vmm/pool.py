@@ -18,13 +18,19 @@ from typing import Sequence
 
 from kvtier.errors import CudaError, OutOfPagesError
 from kvtier.vmm.base import Backend, Handle
+from kvtier.vmm.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
+LIMIT_CHECK_S = 0.1
+
 
 class PagePool:
-    def __init__(self, backend: Backend, page_size: int, budget_pages: int, ready_pages: int) -> None:
+    def __init__(self, backend: Backend, page_size: int, budget_pages: int, ready_pages: int,
+                 ledger: Ledger | None = None) -> None:
         self.backend, self.page_size = backend, page_size
+        self.ledger = ledger  # the device's budget shared with other processes: pages are reserved there first
+        self._limit_checked = -1.0
         self.budget_pages, self.ready_pages = budget_pages, min(ready_pages, budget_pages)
         self._free: list[Handle] = []
         self._created = 0            # pages that exist
@@ -52,7 +58,8 @@ class PagePool:
         return self._created - len(self._free)
 
     def _room(self) -> int:
-        return self.budget_pages - self._created - self._creating
+        own = self.budget_pages - self._created - self._creating
+        return min(own, self.ledger.room()) if self.ledger is not None and own > 0 else own
 
     @property
     def created_pages(self) -> int:
@@ -80,6 +87,11 @@ class PagePool:
                     f"page pool exhausted: {n} page(s) of {self.page_size} bytes wanted, {len(self._free)} free "
                     f"and {self._room()} more allowed by the budget of {self.budget_pages} "
                     "pages; free or offload sequences, or raise pool_budget")
+            short = n - len(self._free)
+            if short > 0 and self.ledger is not None and not self.ledger.reserve(short):
+                raise OutOfPagesError(  # another process took the room since _room() looked
+                    f"page pool: {short} page(s) to create, but the device's ledger has no room for them now "
+                    "(other processes hold it); free or offload sequences, or raise the ledger's budget")
             taken = self._free[len(self._free) - min(n, len(self._free)):]
             del self._free[len(self._free) - len(taken):]
             short = n - len(taken)
@@ -107,16 +119,31 @@ class PagePool:
     def give(self, handles: Sequence[Handle]) -> None:
         with self._lock:
             self._free.extend(handles)
+            if self.ledger is not None:
+                self._give_back_over_limit()
             if self.ready_pages and len(self._free) > 2 * self.ready_pages:
                 self._wake.notify()
             elif not self.ready_pages:
                 self._release_locked(len(self._free))
 
+    def _give_back_over_limit(self) -> None:
+        """``kvtier limit`` lowered this process's share below what it holds: release unused pages down to it
+        (looked at most every ``LIMIT_CHECK_S``; pages in use go when they come back)."""
+        now = time.monotonic()
+        if now - self._limit_checked < LIMIT_CHECK_S:
+            return
+        self._limit_checked = now
+        over = self.ledger.over_limit()
+        if over:
+            self._release_locked(min(over, len(self._free)))
+
     # --- internals ---------------------------------------------------------------------------------------------
     def _create(self, n: int) -> None:
-        """Create up to ``n`` pages, as the budget allows."""
+        """Create up to ``n`` pages, as the budget (and the device's ledger) allows."""
         with self._lock:
-            n = min(n, self._room())
+            n = max(0, min(n, self.budget_pages - self._created - self._creating))
+            if n and self.ledger is not None:
+                n = self.ledger.reserve(n, partial=True)
             self._creating += n
         self._make(n)
 
@@ -134,6 +161,8 @@ class PagePool:
             with self._lock:
                 self._creating -= n
                 self._created += len(fresh)
+                if self.ledger is not None and len(fresh) < n:
+                    self.ledger.release(n - len(fresh))
                 self.peak_created = max(self.peak_created, self._created)
                 if into_free or not made_all:
                     self._free.extend(fresh)
@@ -146,6 +175,8 @@ class PagePool:
             self.backend.release(self._free.pop())
         self._created -= n
         self.releases += n
+        if self.ledger is not None and n:
+            self.ledger.release(n)
         return n
 
     def _keep_ready(self) -> None:

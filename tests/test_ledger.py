@@ -1,0 +1,158 @@
+"""The per-device ledger shared by kvtier processes: one budget, reservations that cannot race, a killed
+process's pages taken back, limits changed at run time, and ``kvtier ls`` / ``limit`` / ``top`` over it. Real
+processes (subprocesses) where processes are the point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kvtier
+from kvtier.cli import main
+from kvtier.errors import OutOfPagesError
+from kvtier.vmm.ledger import Ledger, ledgers, snapshot
+
+PAGE = 64 << 10
+
+
+def _books(directory: str) -> dict:
+    return snapshot(ledgers(directory)[0])
+
+
+def test_reservations_share_one_budget_within_limits(tmp_path):
+    a = Ledger(str(tmp_path), "host", budget_pages=10, page_size=PAGE, name="a")
+    b = Ledger(str(tmp_path), "host", budget_pages=10, page_size=PAGE, name="b", limit_pages=4)
+    try:
+        # a takes 6 of the 10; b may hold 4 at most: all or nothing, unless partial
+        assert a.reserve(6) == 6
+        assert b.reserve(5) == 0 and b.reserve(5, partial=True) == 4
+        assert a.room() == 0 and b.room() == 0
+        assert sum(p["pages"] for p in _books(str(tmp_path))["procs"].values()) == 10
+        # a gives back: b is still at its limit, a may take them again
+        a.release(6)
+        assert b.room() == 0 and a.reserve(6) == 6
+        a.release(6)
+        b.release(4)
+    finally:
+        a.close()
+        b.close()
+    assert _books(str(tmp_path))["procs"] == {}
+    assert not [n for n in os.listdir(ledgers(str(tmp_path))[0]) if n.endswith(".alive")]
+
+
+HAMMER = textwrap.dedent("""
+    import random, sys
+    from kvtier.vmm.ledger import Ledger, ledgers, snapshot
+    directory, seed = sys.argv[1], int(sys.argv[2])
+    ledger = Ledger(directory, "host", budget_pages=32, page_size=65536, name=f"hammer {seed}")
+    rng, held, worst = random.Random(seed), 0, 0
+    for _ in range(300):
+        if held and rng.random() < 0.45:
+            n = rng.randint(1, held)
+            ledger.release(n)
+            held -= n
+        else:
+            held += ledger.reserve(rng.randint(1, 8), partial=rng.random() < 0.5)
+        worst = max(worst, sum(p["pages"] for p in snapshot(ledgers(directory)[0])["procs"].values()))
+    ledger.release(held)
+    ledger.close()
+    print(worst)
+""")
+
+
+def test_processes_hammering_one_ledger_never_exceed_its_budget(tmp_path):
+    # four processes reserve and release at random against a budget of 32 pages: after every step the books,
+    # read under the lock, hold no more than 32, and at the end nothing is left on them
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, str(tmp_path), str(seed)], stdout=subprocess.PIPE,
+                              text=True) for seed in range(4)]
+    worst = []
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0
+        worst.append(int(out.strip()))
+    assert max(worst) <= 32 and max(worst) > 16  # they did compete for it
+    assert _books(str(tmp_path))["procs"] == {}
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from kvtier.vmm.ledger import Ledger
+    ledger = Ledger(sys.argv[1], "host", budget_pages=10, page_size=65536, name="doomed")
+    ledger.reserve(7)
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_killed_processes_pages_are_taken_back(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        me = Ledger(str(tmp_path), "host", budget_pages=10, page_size=PAGE, name="me")
+        # alive: its 7 pages are its own, and its books entry stays
+        assert me.reserve(4) == 0 and me.room() == 3
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        # dead (its lock went with it): the next look takes its pages off the books
+        assert me.reserve(10) == 10
+        assert [p["name"] for p in _books(str(tmp_path))["procs"].values()] == ["me"]
+        me.release(10)
+        me.close()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _manager(tmp_path, name: str, pool_pages: int, **overrides) -> kvtier.TierManager:
+    config = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=pool_pages * PAGE, pool_ready=0,
+                           host_size=4 * PAGE, host_chunk=4 * PAGE, nvme_size=8 * PAGE, ledger_dir=str(tmp_path),
+                           ledger_budget=8 * PAGE, ledger_name=name, space_reserve_pages=0, **overrides)
+    return kvtier.TierManager(config)
+
+
+def test_two_managers_share_the_devices_budget_and_pages_flow_back(tmp_path):
+    shape = dict(num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
+    with _manager(tmp_path, "a", 8) as a, _manager(tmp_path, "b", 8) as b:
+        sa, sb = a.create_space("s", **shape), b.create_space("s", **shape)
+        blocks_per_page = PAGE // (16 * 2 * 64 * 2)
+        # a maps 3 pages (6 handles: K and V); b, with its own budget of 8, finds only 2 left on the device
+        sa.allocate("x", 3 * blocks_per_page * 16)
+        with pytest.raises(OutOfPagesError):
+            sb.allocate("y", 2 * blocks_per_page * 16)
+        sb.allocate("y", 1 * blocks_per_page * 16)
+        # a frees: its pages go back to the device (pool_ready=0), and b can grow into them
+        sa.free("x")
+        sa.check()
+        sb.allocate("z", 3 * blocks_per_page * 16)
+        books = _books(str(tmp_path))
+        assert {p["name"]: p["pages"] for p in books["procs"].values()} == {"a": 0, "b": 8}
+        a.check()
+        b.check()
+    assert _books(str(tmp_path))["procs"] == {}
+
+
+def test_ls_and_limit_show_and_change_a_share(tmp_path):
+    runner = CliRunner()
+    with _manager(tmp_path, "model-a", 8, ledger_priority=3) as a:
+        space = a.create_space("s", num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
+        space.allocate("x", 16)
+        out = runner.invoke(main, ["ls", "--ledger-dir", str(tmp_path)])
+        assert out.exit_code == 0, out.output
+        assert "model-a" in out.output and str(os.getpid()) in out.output
+        # a lower limit: refused beyond it from now on
+        out = runner.invoke(main, ["limit", str(os.getpid()), f"{3 * PAGE}", "--ledger-dir", str(tmp_path)])
+        assert out.exit_code == 0, out.output
+        assert a.pool.ledger.room() <= 1
+        with pytest.raises(OutOfPagesError):
+            space.allocate("y", 4 * 16 * 16)
+        out = runner.invoke(main, ["limit", "999999999", "1GiB", "--ledger-dir", str(tmp_path)])
+        assert out.exit_code != 0 and "no live kvtier process" in out.output
+        out = runner.invoke(main, ["top", "--ledger-dir", str(tmp_path), "--interval", "0.05", "--count", "2"])
+        assert out.exit_code == 0 and "model-a" in out.output
