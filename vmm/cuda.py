@@ -86,7 +86,8 @@ class CudaBackend:
         access.flags = _drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self.access = [access]  # public: raw-driver ceilings in the benchmarks use it
         # the GPU's UUID: the same device whatever CUDA_VISIBLE_DEVICES numbers it in each process
-        self.device_key = f"cuda-{torch.cuda.get_device_properties(self.device).uuid}"
+        props = torch.cuda.get_device_properties(self.device)
+        self.device_key = f"cuda-{getattr(props, 'uuid', None) or f'{index}-{props.name}'}"
 
     def _bind(self) -> None:
         # Driver calls act on the calling thread's current context; make it torch's primary one once per thread.
