@@ -118,7 +118,11 @@ class ElasticCache(PagedAttentionCache):
         self.device = device
         bps = self.bytes_per_sector
         self.buffer = engine.make_buffer((self.num_sectors + 2) * bps)
-        self.pool = ElasticSectors(self.buffer, bps, self.num_sectors, len(self.cache_allocators))
+        try:
+            self.pool = ElasticSectors(self.buffer, bps, self.num_sectors, len(self.cache_allocators))
+        except BaseException:  # no room even for the pad sectors: nothing is left behind
+            self.buffer.close()
+            raise
         self.cache_tensor = self.buffer.tensor
         for allocator in self.cache_allocators.values():
             allocator.register_cache_tensor(bps, self.num_sectors * bps, self.cache_tensor, self.pool)
@@ -381,7 +385,12 @@ class KVTierBatchingManager(ContinuousBatchingManager):
             model_dtype=model.dtype, scheduler=scheduler, distributed_helper=self.distributed_helper)
         stream = processor.inputs_and_outputs.compute_stream
         cache.pool.stream = stream
-        processor.offloading_manager = TieredOffloading(cache, scheduler, stream, self.distributed_helper, engine)
+        try:
+            processor.offloading_manager = TieredOffloading(cache, scheduler, stream, self.distributed_helper,
+                                                            engine)
+        except BaseException:
+            cache.close()
+            raise
         engine.attach(cache, processor.offloading_manager)
         return processor
 
