@@ -241,6 +241,12 @@ class TierManager:
                 # room may be below, in a tier whose writes just failed: wait for its next try if it comes soon
                 # (a flaky disk); a dead one, backed off for longer, is not waited for
                 raise PagesInFlight(f"space {space.name!r}: waiting for a tier that failed writes to be tried again")
+            ledger = self.pool.ledger
+            if ledger is not None and ledger.others_idle() > 0:
+                # other processes on the device hold idle pages: their demoters give them back (see the ledger)
+                ledger.want(short - covered)
+                raise PagesInFlight(f"space {space.name!r}: waiting for other processes on the device to give "
+                                    "idle pages back")
             shared = "" if self.pool.ledger is None else (
                 f"; the device's ledger, shared with other processes, leaves this one {self.pool.ledger.room()} "
                 "more (kvtier ls shows who holds the rest)")

@@ -156,3 +156,83 @@ def test_ls_and_limit_show_and_change_a_share(tmp_path):
         assert out.exit_code != 0 and "no live kvtier process" in out.output
         out = runner.invoke(main, ["top", "--ledger-dir", str(tmp_path), "--interval", "0.05", "--count", "2"])
         assert out.exit_code == 0 and "model-a" in out.output
+
+
+IDLE_HOLDER = textwrap.dedent("""
+    import sys, time, torch, kvtier
+    PAGE = 65536
+    directory, budget, priority, pages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    config = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=budget * PAGE, pool_ready=0,
+                           host_size=16 * PAGE, host_chunk=16 * PAGE, nvme_size=8 * PAGE, ledger_dir=directory,
+                           ledger_budget=budget * PAGE, ledger_name=f"idle model {priority}", ledger_priority=priority,
+                           space_reserve_pages=0, gpu_low_watermark=0.0, gpu_high_watermark=0.0)
+    with kvtier.TierManager(config) as mgr:
+        space = mgr.create_space("s", num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
+        space.allocate("old", pages * 16 * 16)  # pages of the space: twice as many handles (K and V)
+        k, v = space.kv(0)
+        ids = torch.tensor(space.blocks("old"))
+        k[ids] = torch.arange(k[ids].numel(), dtype=torch.float32).reshape(k[ids].shape).to(k.dtype)
+        expected = k[ids].clone()
+        space.offload("old")  # idle: it stays on the GPU until someone needs the room
+        time.sleep(0.5)  # its demoter says so in the ledger within 50 ms (until then no one waits for it)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        where = space.residency("old")
+        space.ensure_resident(["old"])
+        print("ok" if torch.equal(space.kv(0)[0][ids], expected) else "WRONG", where["host"] > 0, flush=True)
+""")
+
+
+def _holder(tmp_path, budget: int, priority: int, pages: int) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", IDLE_HOLDER, str(tmp_path), str(budget), str(priority),
+                               str(pages)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+def _check(holder: subprocess.Popen) -> bool:
+    """The holder brings its sequence back and compares it; returns whether it had been sent below."""
+    holder.stdin.write("check\n")
+    holder.stdin.flush()
+    ok, went_below = holder.stdout.readline().split()
+    assert ok == "ok" and holder.wait(timeout=60) == 0
+    return went_below == "True"
+
+
+def _take(tmp_path, handles: int) -> None:
+    with _manager(tmp_path, "busy model", 12, ledger_priority=5, gpu_low_watermark=0.0,
+                  gpu_high_watermark=0.0) as a:
+        space = a.create_space("s", num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
+        space.allocate("new", handles // 2 * 16 * 16)
+        assert {p["name"]: p["pages"] for p in _books(str(tmp_path))["procs"].values()}["busy model"] == handles
+        space.free("new")
+        a.check()
+
+
+def test_a_process_short_of_pages_gets_another_processes_idle_ones(tmp_path):
+    # B holds 8 of the device's 10 pages for a sequence it set idle; A needs 6: it says so in the ledger and waits,
+    # B's demoter sends B's idle pages to its host tier and releases them; A's allocate goes through. Afterwards B
+    # brings its sequence back, every byte as it was
+    holders = []
+    try:
+        holders.append(_holder(tmp_path, budget=10, priority=0, pages=4))
+        _take(tmp_path, 6)
+        assert _check(holders[0])
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+
+
+def test_the_lowest_priority_processes_idle_pages_go_first(tmp_path):
+    # two processes hold idle pages, 4 each of 12; A needs 6 (4 are free): only the lower priority one gives
+    holders = []
+    try:
+        holders.append(_holder(tmp_path, budget=12, priority=2, pages=2))
+        holders.append(_holder(tmp_path, budget=12, priority=0, pages=2))
+        _take(tmp_path, 6)
+        assert [_check(h) for h in holders] == [False, True]
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()

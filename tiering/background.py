@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,10 +26,12 @@ if TYPE_CHECKING:
 
 class Demoter:
     PERIOD = 0.02  # seconds between checks when nobody pokes it
+    PRESSURE_PERIOD = 0.05  # seconds between looks at the device's ledger (other processes short of pages)
 
     def __init__(self, tiering: "Tiering", config: Config) -> None:
         self.tiering, self.config = tiering, config
         self._closed = False
+        self._pressure_at = -1.0
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-demoter", daemon=True)
         self._thread.start()
@@ -46,6 +49,7 @@ class Demoter:
                     return
                 self._keep_gpu()
                 self._keep_host()
+                self._answer_pressure()
 
     def _keep_gpu(self) -> None:
         cfg, pool = self.config, self.tiering.pool
@@ -53,6 +57,25 @@ class Demoter:
         if free < cfg.gpu_low_watermark * pool.budget_pages:
             want = math.ceil(cfg.gpu_high_watermark * pool.budget_pages) - free
             plan = self.tiering.plan_room(want)
+            if plan.moves:
+                self.tiering.start_demotion(plan)
+
+    def _answer_pressure(self) -> None:
+        """Other processes on the device short of pages (the ledger): give back unused pages, then demote idle
+        ones, when this process is next in line (lowest priority with idle pages). At most every
+        ``PRESSURE_PERIOD``; each process moves only its own data."""
+        pool = self.tiering.pool
+        now = time.monotonic()
+        if pool.ledger is None or now - self._pressure_at < self.PRESSURE_PERIOD:
+            return
+        self._pressure_at = now
+        idle = self.tiering.plan_room(pool.budget_pages)  # what could go down now (no side effect)
+        wanted = pool.ledger.pressure(idle.gpu_handles + pool.free_pages)
+        if wanted <= 0:
+            return
+        wanted -= pool.release_free(wanted)
+        if wanted > 0:
+            plan = self.tiering.plan_room(wanted)  # its pages come back to the pool, and go at the next look
             if plan.moves:
                 self.tiering.start_demotion(plan)
 

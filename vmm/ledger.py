@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BOOKS, LOCK = "ledger.json", "ledger.lock"
 ROOM_TTL_S = 0.002
+WANT_TTL_S = 1.0
 
 
 def ledger_path(directory: str, device_key: str) -> str:
@@ -83,7 +84,10 @@ class Ledger:
             grant = min(n, _room(books, self.id))
             if grant < n and not partial:
                 return 0
-            self._mine(books)["pages"] += grant
+            mine = self._mine(books)
+            mine["pages"] += grant
+            if grant:
+                mine.pop("wants", None)  # got pages: whatever it still lacks it says again when it plans again
             self._room_at = -1.0
             return grant
 
@@ -112,6 +116,37 @@ class Ledger:
     def reserved(self) -> int:
         with self._books(write=False) as books:
             return self._mine(books)["pages"]
+
+    # --- pressure across processes ----------------------------------------------------------------------------------
+    def want(self, n: int) -> None:
+        """Say this process is short of ``n`` pages now (others' demoters may give theirs back). A want lapses
+        after ``WANT_TTL_S`` unless said again: a waiting process says it each time it plans again."""
+        with self._books() as books:
+            self._mine(books)["wants"] = [n, time.time()]
+
+    def others_idle(self) -> int:
+        """Pages the other processes said (within ``WANT_TTL_S``) they could give back: worth waiting for."""
+        with self._books(write=False) as books:
+            now = time.time()
+            return sum(p["idle"][0] for pid, p in books["procs"].items()
+                       if pid != self.id and p.get("idle") and now - p["idle"][1] < WANT_TTL_S)
+
+    def pressure(self, idle_pages: int) -> int:
+        """Publish this process's idle pages; return how many pages it should give back now: what others want,
+        if it is the lowest-priority process with idle pages besides them (a lower priority's idle go first)."""
+        with self._books() as books:
+            mine = self._mine(books)
+            now = time.time()
+            mine["idle"] = [idle_pages, now]
+            wanting = [p for pid, p in books["procs"].items() if pid != self.id
+                       and p.get("wants") and now - p["wants"][1] < WANT_TTL_S]
+            if not wanting:
+                return 0
+            wanters = {id(p) for p in wanting}
+            lower = [p for p in books["procs"].values() if id(p) not in wanters and p is not mine
+                     and p["priority"] < mine["priority"] and p.get("idle") and p["idle"][0] > 0
+                     and now - p["idle"][1] < WANT_TTL_S]
+            return 0 if lower else sum(p["wants"][0] for p in wanting)
 
     def close(self) -> None:
         """Leave the books (every page this process reserved must have been released or died with it)."""

@@ -126,6 +126,11 @@ class PagePool:
             elif not self.ready_pages:
                 self._release_locked(len(self._free))
 
+    def release_free(self, n: int) -> int:
+        """Release up to ``n`` unused pages now (another process on the device wants them); return how many."""
+        with self._lock:
+            return self._release_locked(min(n, len(self._free)))
+
     def _give_back_over_limit(self) -> None:
         """``kvtier limit`` lowered this process's share below what it holds: release unused pages down to it
         (looked at most every ``LIMIT_CHECK_S``; pages in use go when they come back)."""
