@@ -133,20 +133,22 @@ class Ledger:
 
     def pressure(self, idle_pages: int) -> int:
         """Publish this process's idle pages; return how many pages it should give back now: what others want,
-        if it is the lowest-priority process with idle pages besides them (a lower priority's idle go first)."""
-        with self._books() as books:
+        if it is the lowest-priority process with idle pages besides them (a lower priority's idle go first).
+        Read-mostly: the books are rewritten only when the count changed or half its life has passed."""
+        now = time.time()
+        with self._books(write=False) as books:
             mine = self._mine(books)
-            now = time.time()
-            mine["idle"] = [idle_pages, now]
+            said = mine.get("idle")
+            stale = not said or said[0] != idle_pages or now - said[1] > WANT_TTL_S / 2
             wanting = [p for pid, p in books["procs"].items() if pid != self.id
                        and p.get("wants") and now - p["wants"][1] < WANT_TTL_S]
-            if not wanting:
-                return 0
-            wanters = {id(p) for p in wanting}
-            lower = [p for p in books["procs"].values() if id(p) not in wanters and p is not mine
+            lower = [p for pid, p in books["procs"].items() if pid != self.id and p not in wanting
                      and p["priority"] < mine["priority"] and p.get("idle") and p["idle"][0] > 0
                      and now - p["idle"][1] < WANT_TTL_S]
-            return 0 if lower else sum(p["wants"][0] for p in wanting)
+        if stale:
+            with self._books() as books:
+                self._mine(books)["idle"] = [idle_pages, now]
+        return 0 if not wanting or lower else sum(p["wants"][0] for p in wanting)
 
     def close(self) -> None:
         """Leave the books (every page this process reserved must have been released or died with it)."""
