@@ -519,6 +519,23 @@ class KVSpace:
             if done:
                 self.unmap_pages(done)
 
+    def map_ahead(self) -> int:
+        """Map fresh pages as empties, up to ``space_reserve_pages``, from what the pool has free now (no
+        reclaim, no demotion): the next allocations book blocks on them without a driver call. The background
+        demoter calls it under the lock when ``map_ahead`` is on; returns the pages mapped."""
+        want = self._mgr.config.space_reserve_pages - len(self._empty)
+        if want <= 0 or self.closed or not self._mgr.pool.can_take(self.num_regions):
+            return 0
+        want = min(want, self._mgr.pool.available() // self.num_regions)
+        pages = np.flatnonzero(self.pages.vacant())[:want].tolist()
+        if not pages or not self.within_quota(len(pages)):
+            return 0
+        self.map_pages(pages, self._mgr.pool.take(len(pages) * self.num_regions))
+        self.pages.tier[pages] = Tier.GPU
+        for p in pages:
+            self._empty[p] = None
+        return len(pages)
+
     def in_flight(self) -> list[TransferHandle]:
         """Transfers and reads under way on any page of this space."""
         return self.pages.in_flight(range(self.num_pages))

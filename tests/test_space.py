@@ -307,3 +307,36 @@ def test_a_manager_that_fails_to_start_leaves_nothing_behind(tmp_path):
 def _mapped() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _wait_for(predicate, seconds: float = 5.0) -> bool:
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_map_ahead_maps_the_reserve_before_it_is_needed(make_manager):
+    mgr = make_manager(pages=32, background_demotion=True, map_ahead=True, space_reserve_pages=2)
+    space = mgr.create_space("s", max_tokens=64 * BPP * 16, **make_manager.shape)
+    per_page = BPP * space.block_size
+    # the demoter maps two empty pages into the new space, off any allocate path
+    assert _wait_for(lambda: space.stats()["pages_empty"] == 2)
+    calls = space.stats()["map_calls"]
+    # a sequence of two pages lands on them: the allocate maps nothing, and its data round-trips
+    space.allocate("a", 2 * per_page)
+    assert space.stats()["map_calls"] == calls
+    write_seq(space, "a")
+    assert_seq(space, "a")
+    # and the reserve is topped up again behind it
+    assert _wait_for(lambda: space.stats()["pages_empty"] == 2)
+    mgr.check()
+    # another space short of pages takes the empties back (they are room, not a claim)
+    other = mgr.create_space("t", max_tokens=64 * BPP * 16, **make_manager.shape)
+    # (a space page is a handle per region: 4 here) 5 pages are 20 handles; 32 - 8 (a) - 8 (the reserve) leaves 16
+    other.allocate("b", 5 * per_page)
+    assert_seq(space, "a")
+    mgr.check()

@@ -50,6 +50,8 @@ class Demoter:
                 self._keep_gpu()
                 self._keep_host()
                 self._answer_pressure()
+                if self.config.map_ahead:
+                    self._map_ahead()
 
     def _keep_gpu(self) -> None:
         cfg, pool = self.config, self.tiering.pool
@@ -59,6 +61,15 @@ class Demoter:
             plan = self.tiering.plan_room(want)
             if plan.moves:
                 self.tiering.start_demotion(plan)
+
+    def _map_ahead(self) -> None:
+        """Top each space's empty pages up to its reserve while the pool stays above its low watermark (mapping
+        here, off the allocate path; cuMemMap waits for device-to-host copies in flight, this thread may)."""
+        pool = self.tiering.pool
+        for space in self.tiering.directory.tiered_spaces():
+            if pool.available() - space.num_regions < self.config.gpu_low_watermark * pool.budget_pages:
+                return
+            space.map_ahead()
 
     def _answer_pressure(self) -> None:
         """Other processes on the device short of pages (the ledger): give back unused pages, then demote idle
