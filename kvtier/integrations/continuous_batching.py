@@ -68,6 +68,8 @@ class ElasticSectors(CachePool):
         self.held: set[int] = set()  # data sectors handed out (the pad sectors are not in it)
         self.peak_held = 0
         self.stream: Any = None  # the engine's compute stream: pages go back after its queued work
+        self._counted: tuple[Any, int] = (None, 0)  # (what num_free_sectors depended on, its answer)
+        self._changes = 0  # bumped whenever the free sectors change
         super().__init__(num_sectors, num_allocators)
         buffer.acquire([self.span(0), self.span(1)])  # the pad sectors (read and write trash): always there
 
@@ -79,24 +81,31 @@ class ElasticSectors(CachePool):
 
     def reset(self) -> None:
         super().reset()
+        self._changes = getattr(self, "_changes", 0) + 1
         if getattr(self, "held", None):
             self.buffer.release([self.span(s) for s in self.held], self.stream)
             self.held.clear()
 
     @property
     def num_free_sectors(self) -> int:
-        room, count = self.buffer.available(), 0
-        for cost in sorted(self._cost(s) for s in self.free_sectors):  # sectors on mapped pages cost nothing
-            if cost > room:
-                break
-            room, count = room - cost, count + 1
-        return count
+        # the scheduler asks per request per step: counted again only when what it depends on changed
+        room = self.buffer.available()
+        key = (room, self.buffer.mapped_pages, self._changes)
+        if key != self._counted[0]:
+            count = 0
+            for cost in sorted(self._cost(s) for s in self.free_sectors):  # sectors on mapped pages cost nothing
+                if cost > room:
+                    break
+                room, count = room - cost, count + 1
+            self._counted = (key, count)
+        return self._counted[1]
 
     def allocate_sector(self, index: int) -> None:
         # the cheapest free sector (on pages mapped already), the most recently freed among equals
         sector = min(reversed(self.free_sectors), key=self._cost)
         self.buffer.acquire([self.span(sector)])  # OutOfPagesError: nothing changed
         self.free_sectors.remove(sector)
+        self._changes += 1
         self.held.add(sector)
         self.peak_held = max(self.peak_held, len(self.held))
         self._free_blocks[index].add_tree(sector)
@@ -106,6 +115,7 @@ class ElasticSectors(CachePool):
         super().try_to_free_sectors()
         freed = self.free_sectors[before:]
         if freed:
+            self._changes += 1
             self.held.difference_update(freed)
             self.buffer.release([self.span(s) for s in freed], self.stream)
 
@@ -131,7 +141,10 @@ class ElasticCache(PagedAttentionCache):
 
     def can_store_request_tokens(self, *args: Any, **kwargs: Any) -> bool:
         with self._lock:  # check and allocation at once: another engine on the pool cannot come between
-            return super().can_store_request_tokens(*args, **kwargs)
+            try:
+                return super().can_store_request_tokens(*args, **kwargs)
+            except OutOfPagesError:  # the pool moved under the count (another process): no room, as the engine
+                return False         # would say; sectors handed out before it stay its free blocks
 
     def prepare_fork_request(self, *args: Any, **kwargs: Any) -> list[str]:
         with self._lock:
