@@ -49,11 +49,13 @@ def _prompts(seed: int = 1) -> list[list[int]]:
 
 
 def _generate(model: torch.nn.Module, prompts: list[list[int]], num_blocks: int | None,
-              max_new_tokens: int = 40) -> dict[str, list[int]]:
-    gen = transformers.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1,
-                                        pad_token_id=0)
+              max_new_tokens: int = 40, sharing: bool = False, forks: int = 1) -> dict[str, list[int]]:
+    # forks > 1: sampling with top_k=1, which forks each request (num_return_sequences) and stays exact whatever
+    # the order of random draws (the engine's own sampled outputs change with its schedule)
+    sample = dict(do_sample=True, top_k=1, num_return_sequences=forks) if forks > 1 else dict(do_sample=False)
+    gen = transformers.GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=-1, pad_token_id=0, **sample)
     cb = ContinuousBatchingConfig(page_size=TOKENS_PER_BLOCK, num_blocks=num_blocks, max_batch_tokens=64,
-                                  allow_block_sharing=False, auto_switch_to_flash=False, use_cuda_graph=False)
+                                  allow_block_sharing=sharing, auto_switch_to_flash=False, use_cuda_graph=False)
     out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb)
     return {rid: list(result.generated_tokens) for rid, result in out.items()}
 
@@ -111,6 +113,28 @@ def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | No
         assert mgr.pool.in_use_pages == 0
         mgr.check()
     return paths
+
+
+@pytest.mark.parametrize("sharing, forks", [(True, 1), (False, 2), (True, 2)],
+                         ids=["prefix-sharing", "forks", "forks-and-sharing"])
+def test_shared_prefixes_and_forked_requests_survive_preemption(backend_name, sharing, forks):
+    # the engine's defaults: blocks of a common prefix shared between requests (and kept cached once freed), and
+    # num_return_sequences forking a request's blocks into its children (the fork allocates sectors too)
+    model = _model(backend_name)
+    base = _prompts()
+    prompts = [base[4][:2 * TOKENS_PER_BLOCK] + p for p in base]  # two full blocks in common
+    expected = _generate(model, prompts, num_blocks=96, sharing=sharing, forks=forks)
+    assert len(expected) == len(prompts) * forks
+    with _manager(backend_name) as mgr:
+        with kvtier_engine(model, mgr, name="m", capacity_bytes=12 * _block_bytes(model),
+                           staging_bytes=2 * _block_bytes(model)) as engine:
+            got = _generate(model, prompts, num_blocks=None, sharing=sharing, forks=forks)
+            stats = engine.stats()
+        assert got == expected
+        assert stats["preempted_to_tiers"] > 0 and stats["restored"] == stats["preempted_to_tiers"]
+        assert stats["soft_resets"] == 0
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
 
 
 def test_requests_whose_swapped_kv_is_lost_below_are_recomputed():

@@ -65,7 +65,6 @@ class ElasticSectors(CachePool):
 
     def __init__(self, buffer: ElasticBuffer, bytes_per_sector: int, num_sectors: int, num_allocators: int) -> None:
         self.buffer, self.bytes_per_sector = buffer, bytes_per_sector
-        self.held: set[int] = set()  # data sectors handed out (the pad sectors are not in it)
         self.peak_held = 0
         self.stream: Any = None  # the engine's compute stream: pages go back after its queued work
         self._counted: tuple[Any, int] = (None, 0)  # (what num_free_sectors depended on, its answer)
@@ -79,12 +78,18 @@ class ElasticSectors(CachePool):
     def _cost(self, sector: int) -> int:
         return self.buffer.missing([self.span(sector)])
 
+    @property
+    def held(self) -> int:
+        """Data sectors handed out: those not free (the two pad sectors are never in the free list)."""
+        return self.num_sectors - len(self.free_sectors)
+
     def reset(self) -> None:
+        free = set(getattr(self, "free_sectors", range(2, self.num_sectors + 2)))  # CachePool's __init__ resets too
+        taken = [s for s in range(2, self.num_sectors + 2) if s not in free]
         super().reset()
         self._changes = getattr(self, "_changes", 0) + 1
-        if getattr(self, "held", None):
-            self.buffer.release([self.span(s) for s in self.held], self.stream)
-            self.held.clear()
+        if taken:
+            self.buffer.release([self.span(s) for s in taken], self.stream)
 
     @property
     def num_free_sectors(self) -> int:
@@ -106,8 +111,7 @@ class ElasticSectors(CachePool):
         self.buffer.acquire([self.span(sector)])  # OutOfPagesError: nothing changed
         self.free_sectors.remove(sector)
         self._changes += 1
-        self.held.add(sector)
-        self.peak_held = max(self.peak_held, len(self.held))
+        self.peak_held = max(self.peak_held, self.held)
         self._free_blocks[index].add_tree(sector)
 
     def try_to_free_sectors(self) -> None:
@@ -116,7 +120,6 @@ class ElasticSectors(CachePool):
         freed = self.free_sectors[before:]
         if freed:
             self._changes += 1
-            self.held.difference_update(freed)
             self.buffer.release([self.span(s) for s in freed], self.stream)
 
 
@@ -465,7 +468,7 @@ class KVTierEngine:
     def stats(self) -> dict[str, Any]:
         live = self.cache.buffer.stats() if self.cache is not None else {}
         peak = max(self._peak_bytes, live.get("peak_bytes_mapped", 0))
-        sectors = {"sectors_held": len(self.cache.pool.held), "peak_sectors_held": self.cache.pool.peak_held} \
+        sectors = {"sectors_held": self.cache.pool.held, "peak_sectors_held": self.cache.pool.peak_held} \
             if self.cache is not None else {}
         return {"bytes_mapped": live.get("bytes_mapped", 0), "peak_bytes_mapped": peak, **sectors, **self.counts}
 
