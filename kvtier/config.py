@@ -97,7 +97,7 @@ class Config(BaseModel):
     demote_on_allocate: bool = _setting(True, "gpu", "an allocate/prefetch short of pages demotes idle pages first",
                                         strict=True)
     background_demotion: bool = _setting(True, "gpu", "run the background demoter thread", strict=True)
-    map_ahead: bool = _setting(False, "gpu", "the demoter maps fresh empty pages into each space, up to "
+    map_ahead: bool = _setting(True, "gpu", "the demoter maps fresh empty pages into each space, up to "
                                "space_reserve_pages, so that allocations find them mapped (no driver call on the "
                                "allocate path); needs background_demotion", strict=True)
     debug_checks: bool = _setting(False, "gpu", "verify the books after every call; poison demoted GPU pages",

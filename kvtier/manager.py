@@ -123,9 +123,11 @@ class TierManager:
 
     def create_space(self, name: str, num_layers: int, num_kv_heads: int, head_dim: int,
                      dtype: torch.dtype | str = torch.bfloat16, block_size: int = 16, max_tokens: int = 131072,
-                     priority: int | None = None, quota_bytes: int | None = None) -> KVSpace:
+                     priority: int | None = None, quota_bytes: int | None = None,
+                     map_ahead: bool | None = None) -> KVSpace:
         """Reserve virtual space for ``max_tokens`` tokens of one model (no memory is used until allocate).
-        ``priority`` and ``quota_bytes`` default to the config's ``spaces[name]`` entry, else 0 and no quota."""
+        ``priority`` and ``quota_bytes`` default to the config's ``spaces[name]`` entry, else 0 and no quota;
+        ``map_ahead`` to the config's (off for a space whose owner maps ahead of need itself)."""
         defaults = self.config.spaces.get(name, {}) if isinstance(name, str) else {}
         priority = defaults.get("priority", 0) if priority is None else priority
         quota_bytes = defaults.get("quota_bytes") if quota_bytes is None else quota_bytes
@@ -142,6 +144,8 @@ class TierManager:
                 raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
             if quota_bytes is not None:
                 _positive_int("quota_bytes", quota_bytes)
+            if map_ahead is not None and not isinstance(map_ahead, bool):
+                raise InvalidArgumentError(f"map_ahead must be a bool or None (the config's), got {map_ahead!r}")
             blocks = -(-max_tokens // block_size)
             if blocks > MAX_BLOCKS:  # its books (a few bytes a block) and its reservation would not fit
                 raise InvalidArgumentError(f"max_tokens {max_tokens} is {blocks} blocks of {block_size} tokens, more "
@@ -149,6 +153,7 @@ class TierManager:
                                            "block_size")
             space = KVSpace(self, name, num_layers, num_kv_heads, head_dim, parse_dtype(dtype), block_size,
                             max_tokens, priority, quota_bytes)
+            space.maps_ahead = self.config.map_ahead if map_ahead is None else map_ahead
             self.spaces[name] = space
             return space
 

@@ -83,6 +83,7 @@ class KVSpace:
         self._offloaded: set[Hashable] = set()               # idle sequences, demotable
         self._seq_priority: dict[Hashable, int] = {}         # set_priority overrides
         self.idle_fence: Any = None                          # after the last offload's kernels
+        self.maps_ahead = manager.config.map_ahead           # the demoter tops up its reserve (create_space sets it)
         self.closed = False
         shape = (self.num_blocks, block_size, num_kv_heads, head_dim)
         used = self.num_blocks * self.block_bytes

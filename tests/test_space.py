@@ -340,3 +340,19 @@ def test_map_ahead_maps_the_reserve_before_it_is_needed(make_manager):
     other.allocate("b", 5 * per_page)
     assert_seq(space, "a")
     mgr.check()
+
+
+def test_a_space_may_opt_out_of_map_ahead(make_manager):
+    # an owner that maps ahead of need itself (a layer-streaming cache, a staging space) turns it off per space
+    mgr = make_manager(pages=32, background_demotion=True, map_ahead=True, space_reserve_pages=2)
+    own = mgr.create_space("own", max_tokens=64 * BPP * 16, map_ahead=False, **make_manager.shape)
+    other = mgr.create_space("other", max_tokens=64 * BPP * 16, **make_manager.shape)
+    # the demoter tops up the other space's reserve, never this one's
+    assert _wait_for(lambda: other.stats()["pages_empty"] == 2)
+    mgr.tiering.poke()
+    assert not _wait_for(lambda: own.stats()["pages_empty"] > 0, seconds=0.3)
+    assert own.stats()["map_calls"] == 0
+    # not a bool: refused, saying what it takes
+    with pytest.raises(kvtier.errors.InvalidArgumentError, match="map_ahead must be a bool"):
+        mgr.create_space("bad", max_tokens=64, map_ahead="yes", **make_manager.shape)
+    mgr.check()

@@ -67,6 +67,8 @@ class Demoter:
         here, off the allocate path; cuMemMap waits for device-to-host copies in flight, this thread may)."""
         pool = self.tiering.pool
         for space in self.tiering.directory.tiered_spaces():
+            if not space.maps_ahead:
+                continue
             if pool.available() - space.num_regions < self.config.gpu_low_watermark * pool.budget_pages:
                 return
             space.map_ahead()

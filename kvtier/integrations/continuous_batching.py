@@ -179,7 +179,8 @@ class TieredOffloading(OffloadingManager):
         self.swap = {name: mgr.create_space(f"{engine.name}/swap/{name}", num_layers=1, num_kv_heads=1,
                                             head_dim=a.bytes_per_block // 4, dtype=torch.float16, block_size=1,
                                             max_tokens=a.num_blocks * (2 + 2 * mgr.page_size // a.bytes_per_block),
-                                            priority=engine.priority)
+                                            priority=engine.priority,
+                                            map_ahead=False)  # staging room only while a chunk goes down
                      for name, a in cache.cache_allocators.items()}
         self.chunk_blocks = {name: max(1, engine.staging_bytes // a.bytes_per_block)
                              for name, a in cache.cache_allocators.items()}
@@ -225,8 +226,9 @@ class TieredOffloading(OffloadingManager):
                 seq = (request_id, name, offset)
                 try:
                     dst = space.allocate(seq, len(part))
-                except OutOfPagesError:  # the staging room is on its way down with the previous chunks
-                    _settle(handles)
+                except OutOfPagesError:  # the staging room is on its way down with earlier chunks: this
+                    for earlier in self.going_down.values():  # request's, or another victim's of this step
+                        _settle(earlier)
                     dst = space.allocate(seq, len(part))
                 chunks.append((name, seq, offset))
                 with stream_context(self._compute_stream):

@@ -228,7 +228,10 @@ class TieredCache(Cache):
         name = name if self._generation == 1 else f"{name}.g{self._generation}"  # a name may be in use still
         return self.manager.create_space(name, num_layers=1, num_kv_heads=self.num_kv_heads,
                                          head_dim=self.head_dim, dtype=dtype, block_size=self.block_size,
-                                         max_tokens=self.capacity * self.max_tokens)
+                                         max_tokens=self.capacity * self.max_tokens,
+                                         # the pool is sized to what the cache maps (pool_bytes): pages mapped
+                                         # ahead into one layer would be unmapped again by the next layer's read
+                                         map_ahead=False)
 
     def _teardown(self) -> None:
         """Give every space back (the cache is empty, or about to be rebuilt)."""
