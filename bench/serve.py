@@ -23,6 +23,8 @@ from kvtier.bench.common import Table, percentile, random_model
 from kvtier.config import Config, GiB, MiB
 from kvtier.manager import TierManager
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Workload:
@@ -81,11 +83,19 @@ def _serve(model: Any, work: Workload, cb: Any, timeout: float) -> dict[str, Any
 
         feeder = threading.Thread(target=submit, name="bench-serve-arrivals", daemon=True)
         feeder.start()
-        deadline = start + timeout
+        deadline, told = start + timeout, start
         while len(results) < len(work.prompts) and time.perf_counter() < deadline:
             result = manager.get_result(timeout=1)
             if result is not None and result.is_finished():
                 results[result.request_id] = result
+            elif result is None and not manager.is_running():  # its loop died: say why, rather than wait it out
+                fatal = manager.background_thread_status.fatal_error
+                raise RuntimeError(f"bench serve: the engine stopped after {len(results)} of {len(work.prompts)} "
+                                   f"requests: {fatal!r}") from fatal
+            if time.perf_counter() - told > 10:
+                told = time.perf_counter()
+                log.info("bench serve: %d of %d requests done after %.0f s", len(results), len(work.prompts),
+                         told - start)
         feeder.join()
     if len(results) < len(work.prompts):
         raise TimeoutError(f"bench serve: {len(results)} of {len(work.prompts)} requests done in {timeout:.0f} s")
