@@ -32,7 +32,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     if cuda:  # two Llama-3.2-1B shapes (32 KiB of KV a token)
         config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192)
-        n, prompt, output, rate, page, gap = (24 if quick else 48), (128, 512), (128, 512), 64.0, 256, 10.0
+        n, prompt, output, rate, page, gap = (12 if quick else 24), (64, 256), (128, 256), 64.0, 256, 10.0
     else:
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
@@ -49,7 +49,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     block_bytes = (config.num_hidden_layers * 2 * config.num_key_value_heads *
                    (config.hidden_size // config.num_attention_heads) * models[0].dtype.itemsize * page)
     budget = budget_blocks * block_bytes
-    timeout = 900.0 if cuda else 120.0
+    timeout = 300.0 if cuda else 120.0
     table = Table(f"Two models, one KV budget of {budget_blocks} blocks ({budget / MiB:.1f} MiB), bursts {gap:g} s "
                   f"apart ({n} requests each)",
                   ["memory", "model", "output tok/s", "TTFT p50 s", "TTFT p99 s", "preempted: kept",

@@ -120,12 +120,22 @@ def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | No
 def test_shared_prefixes_and_forked_requests_survive_preemption(backend_name, sharing, forks):
     # the engine's defaults: blocks of a common prefix shared between requests (and kept cached once freed), and
     # num_return_sequences forking a request's blocks into its children (the fork allocates sectors too)
+    _share_fork_and_compare(backend_name, sharing, forks)
+
+
+def test_swapped_requests_may_hold_more_blocks_than_the_cache():
+    # twelve forked requests preempted in turn hold more blocks below than the cache has, each chunk on a page of
+    # its own (CUDA's 2 MiB pages: a swap space sized by the cache's blocks ran out of room, H100, b962292)
+    _share_fork_and_compare("cpu", True, 2, page=2 << 20)
+
+
+def _share_fork_and_compare(backend_name: str, sharing: bool, forks: int, page: int | None = None) -> None:
     model = _model(backend_name)
     base = _prompts()
     prompts = [base[4][:2 * TOKENS_PER_BLOCK] + p for p in base]  # two full blocks in common
     expected = _generate(model, prompts, num_blocks=96, sharing=sharing, forks=forks)
     assert len(expected) == len(prompts) * forks
-    with _manager(backend_name) as mgr:
+    with _manager(backend_name, page=page) as mgr:
         with kvtier_engine(model, mgr, name="m", capacity_bytes=12 * _block_bytes(model),
                            staging_bytes=2 * _block_bytes(model)) as engine:
             got = _generate(model, prompts, num_blocks=None, sharing=sharing, forks=forks)

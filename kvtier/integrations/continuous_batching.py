@@ -169,16 +169,16 @@ class ElasticCache(PagedAttentionCache):
 class TieredOffloading(OffloadingManager):
     """Preempted requests go down through kvtier's tiers instead of the engine's static swap pool."""
 
+    MAX_SWAP_BLOCKS = 1 << 20  # ~10 MB of books a swap space at most
+
     def __init__(self, cache: ElasticCache, scheduler: Any, compute_stream: Any, distributed_helper: Any,
                  engine: "KVTierEngine") -> None:
         super().__init__(cache, scheduler, 0.0, 1.0, compute_stream, distributed_helper)  # no pinned pool
         self.engine = engine
         mgr = engine.manager
-        # a page below takes no new blocks, so each chunk swapped out may leave the rest of its last page unused
-        # until it comes back: the (virtual) swap space holds the engine's blocks plus a page's worth per block
         self.swap = {name: mgr.create_space(f"{engine.name}/swap/{name}", num_layers=1, num_kv_heads=1,
                                             head_dim=a.bytes_per_block // 4, dtype=torch.float16, block_size=1,
-                                            max_tokens=a.num_blocks * (2 + 2 * mgr.page_size // a.bytes_per_block),
+                                            max_tokens=self._swap_tokens(a.bytes_per_block, a.num_blocks),
                                             priority=engine.priority,
                                             map_ahead=False)  # staging room only while a chunk goes down
                      for name, a in cache.cache_allocators.items()}
@@ -186,6 +186,17 @@ class TieredOffloading(OffloadingManager):
                              for name, a in cache.cache_allocators.items()}
         self.swapped: dict[str, list[tuple[str, Hashable, int]]] = {}  # request -> (allocator, swap seq, offset)
         self.going_down: dict[str, list[Any]] = {}  # request -> its chunks' transfers down
+
+    def _swap_tokens(self, bytes_per_block: int, num_blocks: int) -> int:
+        """Blocks the (virtual) swap space of one allocator is sized for. Requests swapped out may together hold
+        far more blocks than the cache (each was preempted for the next), and a page below takes no new blocks, so
+        each chunk keeps a page to itself until it comes back: room for every page the tiers below can hold plus
+        the staging pages, in blocks -- capped, since the space's books cost a few bytes a block (past the cap, a
+        swap-out finds no room and the request is recomputed: the engine's own fallback)."""
+        mgr = self.engine.manager
+        slots = sum(t.books.total for t in mgr.tiering.tiers.values())  # a slot is one page of one region
+        pages = slots // 2 + self.engine.staging_pages() + 2 * num_blocks
+        return max(num_blocks, min(pages * 2 * mgr.page_size // bytes_per_block, self.MAX_SWAP_BLOCKS))
 
     # --- down -------------------------------------------------------------------------------------------------
     def offload_requests(self) -> bool:
