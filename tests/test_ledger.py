@@ -18,6 +18,7 @@ import kvtier
 from kvtier.cli import main
 from kvtier.errors import OutOfPagesError
 from kvtier.vmm.ledger import Ledger, ledgers, snapshot
+from tests.conftest import PAGE as PAGE_OF
 
 PAGE = 64 << 10
 
@@ -110,18 +111,19 @@ def test_a_killed_processes_pages_are_taken_back(tmp_path):
         holder.wait()
 
 
-def _manager(tmp_path, name: str, pool_pages: int, **overrides) -> kvtier.TierManager:
-    config = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=pool_pages * PAGE, pool_ready=0,
-                           host_size=4 * PAGE, host_chunk=4 * PAGE, nvme_size=8 * PAGE, ledger_dir=str(tmp_path),
-                           ledger_budget=8 * PAGE, ledger_name=name, space_reserve_pages=0, **overrides)
+def _manager(tmp_path, name: str, pool_pages: int, backend: str = "cpu", **overrides) -> kvtier.TierManager:
+    page = PAGE_OF[backend]
+    config = kvtier.Config(device=backend, page_size=page, pool_budget=pool_pages * page, pool_ready=0,
+                           host_size=4 * page, host_chunk=4 * page, nvme_size=8 * page, ledger_dir=str(tmp_path),
+                           ledger_budget=8 * page, ledger_name=name, space_reserve_pages=0, **overrides)
     return kvtier.TierManager(config)
 
 
-def test_two_managers_share_the_devices_budget_and_pages_flow_back(tmp_path):
+def test_two_managers_share_the_devices_budget_and_pages_flow_back(tmp_path, backend_name):
     shape = dict(num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
-    with _manager(tmp_path, "a", 8) as a, _manager(tmp_path, "b", 8) as b:
+    with _manager(tmp_path, "a", 8, backend_name) as a, _manager(tmp_path, "b", 8, backend_name) as b:
         sa, sb = a.create_space("s", **shape), b.create_space("s", **shape)
-        blocks_per_page = PAGE // (16 * 2 * 64 * 2)
+        blocks_per_page = PAGE_OF[backend_name] // (16 * 2 * 64 * 2)
         # a maps 3 pages (6 handles: K and V); b, with its own budget of 8, finds only 2 left on the device
         sa.allocate("x", 3 * blocks_per_page * 16)
         with pytest.raises(OutOfPagesError):
@@ -160,18 +162,18 @@ def test_ls_and_limit_show_and_change_a_share(tmp_path):
 
 IDLE_HOLDER = textwrap.dedent("""
     import sys, time, torch, kvtier
-    PAGE = 65536
     directory, budget, priority, pages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    config = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=budget * PAGE, pool_ready=0,
+    device, PAGE = sys.argv[5], int(sys.argv[6])
+    config = kvtier.Config(device=device, page_size=PAGE, pool_budget=budget * PAGE, pool_ready=0,
                            host_size=16 * PAGE, host_chunk=16 * PAGE, nvme_size=8 * PAGE, ledger_dir=directory,
                            ledger_budget=budget * PAGE, ledger_name=f"idle model {priority}", ledger_priority=priority,
                            space_reserve_pages=0, gpu_low_watermark=0.0, gpu_high_watermark=0.0)
     with kvtier.TierManager(config) as mgr:
         space = mgr.create_space("s", num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
-        space.allocate("old", pages * 16 * 16)  # pages of the space: twice as many handles (K and V)
+        space.allocate("old", pages * PAGE // (2 * 64 * 2))  # pages of the space: twice as many handles (K, V)
         k, v = space.kv(0)
-        ids = torch.tensor(space.blocks("old"))
-        k[ids] = torch.arange(k[ids].numel(), dtype=torch.float32).reshape(k[ids].shape).to(k.dtype)
+        ids = torch.tensor(space.blocks("old"), device=device)
+        k[ids] = torch.arange(k[ids].numel(), dtype=torch.float32).reshape(k[ids].shape).to(k.device, k.dtype)
         expected = k[ids].clone()
         space.offload("old")  # idle: it stays on the GPU until someone needs the room
         time.sleep(0.5)  # its demoter says so in the ledger within 50 ms (until then no one waits for it)
@@ -183,9 +185,10 @@ IDLE_HOLDER = textwrap.dedent("""
 """)
 
 
-def _holder(tmp_path, budget: int, priority: int, pages: int) -> subprocess.Popen:
+def _holder(tmp_path, budget: int, priority: int, pages: int, backend: str) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", IDLE_HOLDER, str(tmp_path), str(budget), str(priority),
-                               str(pages)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                               str(pages), backend, str(PAGE_OF[backend])], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "ready"
     return holder
 
@@ -199,24 +202,24 @@ def _check(holder: subprocess.Popen) -> bool:
     return went_below == "True"
 
 
-def _take(tmp_path, handles: int) -> None:
-    with _manager(tmp_path, "busy model", 12, ledger_priority=5, gpu_low_watermark=0.0,
+def _take(tmp_path, handles: int, backend: str) -> None:
+    with _manager(tmp_path, "busy model", 12, backend, ledger_priority=5, gpu_low_watermark=0.0,
                   gpu_high_watermark=0.0) as a:
         space = a.create_space("s", num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
-        space.allocate("new", handles // 2 * 16 * 16)
+        space.allocate("new", handles // 2 * PAGE_OF[backend] // (2 * 64 * 2))
         assert {p["name"]: p["pages"] for p in _books(str(tmp_path))["procs"].values()}["busy model"] == handles
         space.free("new")
         a.check()
 
 
-def test_a_process_short_of_pages_gets_another_processes_idle_ones(tmp_path):
+def test_a_process_short_of_pages_gets_another_processes_idle_ones(tmp_path, backend_name):
     # B holds 8 of the device's 10 pages for a sequence it set idle; A needs 6: it says so in the ledger and waits,
     # B's demoter sends B's idle pages to its host tier and releases them; A's allocate goes through. Afterwards B
     # brings its sequence back, every byte as it was
     holders = []
     try:
-        holders.append(_holder(tmp_path, budget=10, priority=0, pages=4))
-        _take(tmp_path, 6)
+        holders.append(_holder(tmp_path, budget=10, priority=0, pages=4, backend=backend_name))
+        _take(tmp_path, 6, backend_name)
         assert _check(holders[0])
     finally:
         for h in holders:
@@ -224,13 +227,13 @@ def test_a_process_short_of_pages_gets_another_processes_idle_ones(tmp_path):
             h.wait()
 
 
-def test_the_lowest_priority_processes_idle_pages_go_first(tmp_path):
+def test_the_lowest_priority_processes_idle_pages_go_first(tmp_path, backend_name):
     # two processes hold idle pages, 4 each of 12; A needs 6 (4 are free): only the lower priority one gives
     holders = []
     try:
-        holders.append(_holder(tmp_path, budget=12, priority=2, pages=2))
-        holders.append(_holder(tmp_path, budget=12, priority=0, pages=2))
-        _take(tmp_path, 6)
+        holders.append(_holder(tmp_path, budget=12, priority=2, pages=2, backend=backend_name))
+        holders.append(_holder(tmp_path, budget=12, priority=0, pages=2, backend=backend_name))
+        _take(tmp_path, 6, backend_name)
         assert [_check(h) for h in holders] == [False, True]
     finally:
         for h in holders:
