@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from kvtier.bench.common import Table, percentile, random_model
@@ -21,14 +22,37 @@ from kvtier.manager import TierManager
 SAMPLE_S = 0.05
 
 
-def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None) -> Table:
+@dataclass
+class Setup:
+    """What the two-model benches share: the model shape, each model's workload, the KV budget for both."""
+    config: Any
+    works: list[Workload]
+    budget_blocks: int
+    block_bytes: int
+    gap: float
+    n: int
+
+    @property
+    def budget(self) -> int:
+        return self.budget_blocks * self.block_bytes
+
+    def staging(self, cuda: bool) -> int:
+        return max(64 * MiB, 4 * self.block_bytes) if cuda else 4 * self.block_bytes
+
+    def pool_bytes(self, cuda: bool) -> int:
+        """The pages both engines draw on: the budget, each engine's staging room, a little slack."""
+        return self.budget + 2 * self.staging(cuda) + (64 * MiB if cuda else 256 << 10)
+
+    def kvtier_config(self, dev: Any, **more: Any) -> Config:
+        cuda = dev.type == "cuda"
+        return Config(device=str(dev), pool_budget=self.pool_bytes(cuda), pool_ready=0,
+                      host_size=max(self.budget, 256 * MiB) if cuda else 64 * MiB,
+                      host_chunk=64 * MiB if cuda else 4 * MiB, nvme_size=256 * MiB,
+                      page_size=None if cuda else 64 << 10, **more)
+
+
+def setup(cuda: bool, quick: bool) -> Setup:
     from transformers import LlamaConfig
-
-    from kvtier.integrations.continuous_batching import kvtier_engine
-    from kvtier.vmm import resolve_device
-
-    dev = resolve_device(device)
-    cuda = dev.type == "cuda"
     if cuda:  # two Llama-3.2-1B shapes (32 KiB of KV a token)
         config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192)
@@ -37,18 +61,30 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
         n, prompt, output, rate, page, gap = (6 if quick else 12), (8, 48), (8, 32), 1e6, 16, 0.5
-    models = [random_model(config, dev) for _ in range(2)]
-    for m in models:
-        m.config._attn_implementation = "sdpa"
     # A's burst at 0, B's after ``gap`` seconds; the budget: a third of one burst's peak, for both models
     works = [Workload.make(n, prompt, output, rate, config.vocab_size, page, 1 / 3, seed=i, start=i * gap)
              for i in range(2)]
     # ... but never so small that half of it cannot hold one request whole (the static split would refuse it)
     largest = max(-(-(len(p) + m) // page) for w in works for p, m in zip(w.prompts, w.new_tokens))
     budget_blocks = max(works[0].budget_blocks, 2 * largest + 2)
+    itemsize = 2 if cuda else 4  # random_model: bf16 on a GPU, fp32 on the CPU
     block_bytes = (config.num_hidden_layers * 2 * config.num_key_value_heads *
-                   (config.hidden_size // config.num_attention_heads) * models[0].dtype.itemsize * page)
-    budget = budget_blocks * block_bytes
+                   (config.hidden_size // config.num_attention_heads) * itemsize * page)
+    return Setup(config, works, budget_blocks, block_bytes, gap, n)
+
+
+def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None) -> Table:
+    from kvtier.integrations.continuous_batching import kvtier_engine
+    from kvtier.vmm import resolve_device
+
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    s = setup(cuda, quick)
+    config, works, budget_blocks, block_bytes, budget, n, gap = (s.config, s.works, s.budget_blocks, s.block_bytes,
+                                                                s.budget, s.n, s.gap)
+    models = [random_model(config, dev) for _ in range(2)]
+    for m in models:
+        m.config._attn_implementation = "sdpa"
     timeout = 300.0 if cuda else 120.0
     table = Table(f"Two models, one KV budget of {budget_blocks} blocks ({budget / MiB:.1f} MiB), bursts {gap:g} s "
                   f"apart ({n} requests each)",
@@ -85,11 +121,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         step()
 
     # kvtier's shared pool: both engines on one manager whose pool is the budget (plus the staging room)
-    staging = max(64 * MiB, 4 * block_bytes) if cuda else 4 * block_bytes
-    kcfg = Config(device=str(dev), pool_budget=budget + 2 * staging + (64 * MiB if cuda else 256 << 10),
-                  pool_ready=0, host_size=max(budget, 256 * MiB) if cuda else 64 * MiB,
-                  host_chunk=64 * MiB if cuda else 4 * MiB, nvme_size=256 * MiB, page_size=None if cuda else 64 << 10)
-    with TierManager(kcfg) as mgr, kvtier_engine(models[0], mgr, name="A", capacity_bytes=budget,
+    staging = s.staging(cuda)
+    with TierManager(s.kvtier_config(dev)) as mgr, kvtier_engine(models[0], mgr, name="A", capacity_bytes=budget,
                                                  staging_bytes=staging) as a, \
             kvtier_engine(models[1], mgr, name="B", capacity_bytes=budget, staging_bytes=staging) as b:
         samples: dict[str, list[tuple[float, float]]] = {"kvtier A": [], "kvtier B": []}

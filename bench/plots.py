@@ -64,15 +64,17 @@ def write(tables: dict[str, Table], directory: str, title: str) -> list[str]:
         ax.set(xlabel="threads", ylabel="GB/s", title=f"NVMe  {title}")
         ax.legend(fontsize=7)
         written.append(_save(fig, directory, "nvme.png"))
-    if "colocated" in tables:
-        t = tables["colocated"]
+    for kind, what, held in (("colocated", "two models, one budget", "KV mapped"),
+                             ("processes", "two engine processes, one device budget", "pages held")):
+        if kind not in tables:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, points in t.series.items():
+        for name, points in tables[kind].series.items():
             style = "--" if name.startswith("static") else "-"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{name} (KV mapped)")
-        ax.set(xlabel="seconds", ylabel="MiB", title=f"two models, one budget  {title}")
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{name} ({held})")
+        ax.set(xlabel="seconds", ylabel="MiB", title=f"{what}  {title}")
         ax.legend(fontsize=7)
-        written.append(_save(fig, directory, "colocated.png"))
+        written.append(_save(fig, directory, f"{kind}.png"))
     return written
 
 

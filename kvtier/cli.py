@@ -91,7 +91,7 @@ def _bench_options(fn: Any) -> Any:
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
            repeats: int | None = None) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each sub-benchmark asked for."""
-    from kvtier.bench import colocated, generate, long_context, nvme, pairs, prefetch, serve, tiers, vmm
+    from kvtier.bench import colocated, generate, long_context, nvme, pairs, prefetch, processes, serve, tiers, vmm
     from kvtier.vmm import resolve_device
 
     cuda = resolve_device(device).type == "cuda"
@@ -108,13 +108,15 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "long-context": (3, lambda step: [long_context.run(device, quick=quick, step=step)]),
         "serve": (3 if cuda else 2, lambda step: [serve.run(device, quick=quick, step=step)]),
         "colocated": (2, lambda step: [colocated.run(device, quick=quick, step=step)]),
+        "processes": (2, lambda step: [processes.run(device, quick=quick, step=step)]),
         "decode-pairs": (repeats or (30 if cuda else 4),
                          lambda step: [pairs.run(device, quick=quick, rounds=repeats, step=step)]),
     }
     try:
         import transformers  # noqa: F401
     except ImportError:
-        for name in [n for n in names if n in ("generate", "long-context", "decode-pairs", "serve", "colocated")]:
+        for name in [n for n in names if n in ("generate", "long-context", "decode-pairs", "serve", "colocated",
+                                                    "processes")]:
             console.print(f"[yellow]skipping {name}[/yellow]: needs transformers (pip install 'kvtier[transformers]')")
             names.remove(name)
     return [(name, *table[name]) for name in names]
@@ -186,6 +188,9 @@ _sub("serve", "transformers' continuous batching under a KV budget that forces p
      "(soft reset; its pinned swap pool) against the engine on kvtier (needs transformers 5.24).")
 _sub("colocated", "Two models on one KV budget under bursts that take turns: a static equal split against kvtier's "
      "shared pool; TTFT per model and KV memory over time (needs transformers 5.24).")
+_sub("processes", "Two engine processes (one model each) on one GPU under bursts that take turns: a static equal "
+     "split against kvtier's per-device ledger; TTFT per model and pages per process over time (needs transformers "
+     "5.24).")
 _sub("long-context", "A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (needs "
      "transformers).")
 

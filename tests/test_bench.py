@@ -83,6 +83,23 @@ def test_colocated_bench_serves_two_models_both_ways_on_the_cpu(tmp_path):
     assert (tmp_path / "colocated.png").exists()
 
 
+def test_processes_bench_serves_two_engine_processes_both_ways_on_the_cpu(tmp_path):
+    out = tmp_path / "processes.json"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "processes", "--quick", "--device", "cpu",
+                           "--json", str(out), "--plot", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"][0]
+    rows = {(r["memory"], r["model"]): r for r in table["rows"]}
+    assert set(rows) == {(m, x) for m in ("static equal split", "kvtier ledger") for x in "AB"}
+    assert all(r["output tok/s"] > 0 for r in rows.values())
+    assert all(rows[("kvtier ledger", x)]["preempted: recomputed"] == 0 for x in "AB")
+    # pages per process over time, read from the ledger while both ran (each held some), and the plot of it
+    assert {"ledger A", "ledger B"} <= set(table["series"])
+    assert all(max(mib for _, mib in table["series"][f"ledger {x}"]) > 0 for x in "AB")
+    assert (tmp_path / "processes.png").exists()
+    assert not [d for d in _scratch_dirs() if "ledger" in d]
+
+
 def _scratch_dirs() -> list[str]:
     import glob
     import tempfile
