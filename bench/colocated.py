@@ -37,11 +37,18 @@ class Setup:
         return self.budget_blocks * self.block_bytes
 
     def staging(self, cuda: bool) -> int:
-        return max(64 * MiB, 4 * self.block_bytes) if cuda else 4 * self.block_bytes
+        return 2 * self.block_bytes
 
     def pool_bytes(self, cuda: bool) -> int:
-        """The pages both engines draw on: the budget, each engine's staging room, a little slack."""
-        return self.budget + 2 * self.staging(cuda) + (64 * MiB if cuda else 256 << 10)
+        """The pages both engines draw on: the budget the static split divides, nothing more (on the CPU backend
+        more: its 64 KiB pages hold eight of these tiny blocks, and each engine keeps pages for staging). The staging room comes out of it: at f4f2c27 the
+        pool was the budget plus 64 MiB of staging per engine, and each engine's cache could grow to the whole
+        budget -- twice the static split's memory while both were busy."""
+        return self.budget + (0 if cuda else 2 * MiB)
+
+    def capacity(self, cuda: bool) -> int:
+        """An engine's cache at most: the budget less both engines' staging rooms."""
+        return self.budget - 2 * self.staging(cuda)
 
     def kvtier_config(self, dev: Any, **more: Any) -> Config:
         cuda = dev.type == "cuda"
@@ -120,11 +127,11 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     if step:
         step()
 
-    # kvtier's shared pool: both engines on one manager whose pool is the budget (plus the staging room)
+    # kvtier's shared pool: both engines on one manager whose pool is the budget (staging room included)
     staging = s.staging(cuda)
-    with TierManager(s.kvtier_config(dev)) as mgr, kvtier_engine(models[0], mgr, name="A", capacity_bytes=budget,
-                                                 staging_bytes=staging) as a, \
-            kvtier_engine(models[1], mgr, name="B", capacity_bytes=budget, staging_bytes=staging) as b:
+    with TierManager(s.kvtier_config(dev)) as mgr, \
+            kvtier_engine(models[0], mgr, name="A", capacity_bytes=s.capacity(cuda), staging_bytes=staging) as a, \
+            kvtier_engine(models[1], mgr, name="B", capacity_bytes=s.capacity(cuda), staging_bytes=staging) as b:
         samples: dict[str, list[tuple[float, float]]] = {"kvtier A": [], "kvtier B": []}
         done = threading.Event()
         t0 = time.perf_counter()
@@ -152,8 +159,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     if step:
         step()
     table.notes.append("static: each engine as shipped with half the blocks (preemptions it recomputed are not "
-                       "counted here: n/a); shared: both engines on one kvtier pool of the whole budget; peak KV = "
-                       "the cache's mapped pages at their most")
+                       "counted here: n/a); shared: both engines on one kvtier pool of the whole budget, staging room "
+                       "included; peak KV = the cache's mapped pages at their most")
     if not cuda:
         table.notes.append("CPU backend: tiny models, not GPU figures")
     return table

@@ -72,7 +72,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                 step()
     table.notes.append("one process per model; static: each engine as shipped with half the blocks (preemptions "
                        "it recomputed are not counted here: n/a); ledger: both engines on kvtier, one device budget "
-                       "of the whole KV plus each engine's staging room; peak KV = the cache's mapped pages at their "
+                       "of the static split's whole KV, staging room included; peak KV = the cache's mapped pages at their "
                        "most; the plot's ledger lines are the pages each process held (staging included)")
     if not cuda:
         table.notes.append("CPU backend: tiny models, not GPU figures")
@@ -142,7 +142,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         pool = s.pool_bytes(cuda)
         config = s.kvtier_config(dev, ledger_dir=spec["ledger_dir"], ledger_budget=pool, ledger_name=f"model {name}")
-        with TierManager(config) as mgr, kvtier_engine(model, mgr, name=name, capacity_bytes=s.budget,
+        with TierManager(config) as mgr, kvtier_engine(model, mgr, name=name, capacity_bytes=s.capacity(cuda),
                                                        staging_bytes=s.staging(cuda)) as engine:
             wait_for_go()
             out = _serve(model, work, _cb_config(work, None, 0.0, cuda), timeout)
