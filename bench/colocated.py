@@ -41,9 +41,10 @@ class Setup:
 
     def pool_bytes(self, cuda: bool) -> int:
         """The pages both engines draw on: the budget the static split divides, nothing more (on the CPU backend
-        more: its 64 KiB pages hold eight of these tiny blocks, and each engine keeps pages for staging). The staging room comes out of it: at f4f2c27 the
-        pool was the budget plus 64 MiB of staging per engine, and each engine's cache could grow to the whole
-        budget -- twice the static split's memory while both were busy."""
+        more: its 64 KiB pages hold eight of these tiny blocks, and each engine keeps pages for staging). The
+        staging room comes out of it: at f4f2c27 the pool was the budget plus 64 MiB of staging per engine, and
+        each engine's cache could grow to the whole budget -- twice the static split's memory while both were
+        busy."""
         return self.budget + (0 if cuda else 2 * MiB)
 
     def capacity(self, cuda: bool) -> int:
@@ -55,7 +56,10 @@ class Setup:
         return Config(device=str(dev), pool_budget=self.pool_bytes(cuda), pool_ready=0,
                       host_size=max(self.budget, 256 * MiB) if cuda else 64 * MiB,
                       host_chunk=64 * MiB if cuda else 4 * MiB, nvme_size=256 * MiB,
-                      page_size=None if cuda else 64 << 10, **more)
+                      # 2 MiB pages on a GPU: each engine's staging room (pages it keeps for preemption, a page
+                      # more for a chunk that straddles) is a small part of a budget this size; with 8 MiB pages the
+                      # two engines' rooms took 8 of the quick run's 7 pages (2a2efd3)
+                      page_size=2 * MiB if cuda else 64 << 10, **more)
 
 
 def setup(cuda: bool, quick: bool) -> Setup:

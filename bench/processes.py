@@ -72,8 +72,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                 step()
     table.notes.append("one process per model; static: each engine as shipped with half the blocks (preemptions "
                        "it recomputed are not counted here: n/a); ledger: both engines on kvtier, one device budget "
-                       "of the static split's whole KV, staging room included; peak KV = the cache's mapped pages at their "
-                       "most; the plot's ledger lines are the pages each process held (staging included)")
+                       "of the static split's whole KV, staging room included; peak KV = the cache's mapped pages at "
+                       "their most; the plot's ledger lines are the pages each process held (staging included)")
     if not cuda:
         table.notes.append("CPU backend: tiny models, not GPU figures")
     return table

@@ -187,6 +187,9 @@ def run(device: str = "auto", quick: bool = False) -> list[Table]:
                            "ones kept; with map_ahead the demoter maps the reserve (a sequence's pages) in between")
     batch, tokens = (16, 4096) if is_cuda else (4, 1024)
     decode = decode_overhead(device, batch, tokens if not quick else tokens // 2, repeat=4 if quick else 20)
+    alloc.columns.append("met")  # every row says whether its target is met
+    for row in alloc.rows:
+        row.append(row[2] <= row[5])
     return [cost, alloc, decode]
 
 

@@ -32,7 +32,10 @@ def test_quick_bench_reports_every_path_within_its_ceilings(tmp_path):
     for row in tables["GPU <-> host vs transfer size"]:
         assert row["down ratio"] > 0 and row["up ratio"] > 0, row
     for row in tables["Fault-back latency vs sequence length"]:
-        assert row["host ratio"] > 0 and row["nvme ratio"] > 0, row
+        assert row["host ratio"] > 0 and row["nvme ratio"] > 0 and row["nothing to copy us"] > 0, row
+        assert row["met"] in (True, False), row
+    for row in tables["allocate() of a 8192-token sequence"]:
+        assert row["met"] in (True, False), row
     for row in tables["NVMe throughput vs threads and I/O size"]:
         assert row["raw write GB/s"] > 0 and row["raw read GB/s"] > 0
         assert row["kvikio read GB/s"] is None  # no CUDA driver here: not measured, not 0

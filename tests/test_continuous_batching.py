@@ -231,6 +231,68 @@ def test_two_models_share_one_pool_at_once(backend_name):
         mgr.check()
 
 
+def _serve_while_the_pool_is_held(model, mgr, prompts, release_after: float | None) -> tuple[dict, object]:
+    """Start the engine, fill the pool with another tenant (a buffer), submit ``prompts``; give the pages back
+    after ``release_after`` seconds (None: never). Returns the finished outputs and the engine loop's error."""
+    import time
+    gen = transformers.GenerationConfig(max_new_tokens=40, eos_token_id=-1, pad_token_id=0, do_sample=False)
+    cb = ContinuousBatchingConfig(page_size=TOKENS_PER_BLOCK, num_blocks=None, max_batch_tokens=64,
+                                  allow_block_sharing=False, auto_switch_to_flash=False, use_cuda_graph=False)
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+    manager.start()
+    engine = manager.kvtier
+    deadline = time.monotonic() + 60
+    while engine.cache is None and time.monotonic() < deadline:  # the engine builds its cache in its own thread
+        time.sleep(0.01)
+    held = engine.cache.buffer.available()
+    tenant = mgr.create_buffer("tenant", held * mgr.page_size)
+    tenant.acquire([(0, held * mgr.page_size)])
+    assert engine.cache.buffer.available() == 0
+    for i, prompt in enumerate(prompts):
+        manager.add_request(prompt, request_id=f"req_{i}", max_new_tokens=40)
+    got, start = {}, time.monotonic()
+    while len(got) < len(prompts) and time.monotonic() - start < 120:
+        if release_after is not None and tenant.mapped_pages and time.monotonic() - start > release_after:
+            tenant.release([(0, held * mgr.page_size)])
+        result = manager.get_result(timeout=0.05)
+        if result is not None and result.is_finished() and result.error is None:
+            got[result.request_id] = list(result.generated_tokens)
+        if result is None and not manager.is_running():
+            break
+    error = manager.background_thread_status.fatal_error
+    manager.stop(block=True)
+    tenant.close()
+    return got, error
+
+
+def test_an_engine_waits_for_pool_room_another_tenant_holds():
+    # the engine as shipped stops with an error when it can neither schedule nor preempt; on a shared pool that
+    # happens while another tenant (another engine, another process) holds the pages: kvtier's engine waits for
+    # them instead, and serves the same tokens once they come back
+    model = _model("cpu")
+    prompts = _prompts()
+    expected = _generate(model, prompts, num_blocks=64)
+    # 4 KiB pages: a sector of the engine's cache needs pages of its own (on 64 KiB ones, the pad sectors' page
+    # has room for the whole run)
+    with _manager("cpu", pages=64, page=4096) as mgr:
+        with kvtier_engine(model, mgr, name="m", staging_bytes=2 * _block_bytes(model)) as engine:
+            got, error = _serve_while_the_pool_is_held(model, mgr, prompts, release_after=0.3)
+            assert error is None and got == expected
+            assert engine.stats()["room_waits"] > 0
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+    # the pages never come back: after room_wait_s, a clear OutOfPagesError ends the engine's loop (never a hang)
+    with _manager("cpu", pages=64, page=4096) as mgr:
+        with kvtier_engine(model, mgr, name="m", staging_bytes=2 * _block_bytes(model), room_wait_s=0.3):
+            got, error = _serve_while_the_pool_is_held(model, mgr, prompts, release_after=None)
+            assert len(got) < len(prompts) and isinstance(error, kvtier.errors.OutOfPagesError)
+            assert "did not grow in 0.3 s" in str(error)
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+    with pytest.raises(ConfigError, match="room_wait_s"):
+        kvtier_engine(model, mgr, room_wait_s=-1)
+
+
 def test_unsupported_versions_and_a_foreign_cached_manager_are_refused(monkeypatch):
     model = _model("cpu")
     with _manager("cpu") as mgr:

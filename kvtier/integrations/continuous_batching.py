@@ -27,6 +27,9 @@ Supported: transformers 5.24 (the engine's internals -- ``PagedAttentionCache``,
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import weakref
 from typing import Any, Hashable
 
 import torch
@@ -170,6 +173,7 @@ class TieredOffloading(OffloadingManager):
     """Preempted requests go down through kvtier's tiers instead of the engine's static swap pool."""
 
     MAX_SWAP_BLOCKS = 1 << 20  # ~10 MB of books a swap space at most
+    ROOM_POLL_S = 0.005
 
     def __init__(self, cache: ElasticCache, scheduler: Any, compute_stream: Any, distributed_helper: Any,
                  engine: "KVTierEngine") -> None:
@@ -186,6 +190,7 @@ class TieredOffloading(OffloadingManager):
                              for name, a in cache.cache_allocators.items()}
         self.swapped: dict[str, list[tuple[str, Hashable, int]]] = {}  # request -> (allocator, swap seq, offset)
         self.going_down: dict[str, list[Any]] = {}  # request -> its chunks' transfers down
+        self.nothing_scheduled = False  # the scheduler's last try found no room for any request
 
     def _swap_tokens(self, bytes_per_block: int, num_blocks: int) -> int:
         """Blocks the (virtual) swap space of one allocator is sized for. Requests swapped out may together hold
@@ -202,11 +207,37 @@ class TieredOffloading(OffloadingManager):
     def offload_requests(self) -> bool:
         self.cache.holding = True
         try:
-            return super().offload_requests()
+            moved = super().offload_requests()
         finally:
             self.cache.holding = False
             self.cache.pool.try_to_free_sectors()  # after the copies were queued: the fences cover them
             self.stage_waiting()
+        # (also asked after a batch was made, for requests left without blocks: then nothing is waited for)
+        return moved or (self.nothing_scheduled and self._wait_for_room())
+
+    def _wait_for_room(self) -> bool:
+        """Nothing of its own to preempt, and nothing scheduled: the engine would stop with an error. If what it
+        lacks is pool room (its own sectors are free, the pages are held by another engine on the pool or another
+        process on the device), wait for that room to grow -- their requests finish, or they preempt theirs --
+        and let the engine schedule again; after ``room_wait_s`` with no change, a clear OutOfPagesError."""
+        sectors = self.cache.pool
+        if not sectors.free_sectors:  # its own cache is full: the engine's own error
+            return False
+        buffer, ledger = self.cache.buffer, self.engine.manager.pool.ledger
+        before = buffer.available()
+        deadline = time.monotonic() + self.engine.room_wait_s
+        while time.monotonic() < deadline and not self.engine.stopping.is_set():
+            if ledger is not None:  # other processes' demoters give idle pages back to a process that says so
+                ledger.want(max(1, min(sectors._cost(s) for s in sectors.free_sectors) - before))
+            time.sleep(self.ROOM_POLL_S)
+            if buffer.available() > before:
+                self.engine.counts["room_waits"] += 1
+                return True
+        raise OutOfPagesError(
+            f"continuous batching {self.engine.name!r}: no request can be scheduled and none preempted, and the "
+            f"pool's room for this engine ({before} page(s)) did not grow in {self.engine.room_wait_s:g} s: other "
+            "engines on the pool (or processes on the device: kvtier ls) hold the rest; raise pool_budget, lower "
+            "their capacity_bytes, or raise room_wait_s")
 
     def _offload_to_cpu(self, victims: list[Any], victim_block_tables: dict[str, dict[str, list[int]]]) -> set[str]:
         done = set()
@@ -421,10 +452,23 @@ class KVTierBatchingManager(ContinuousBatchingManager):
             cache.close()
             raise
         engine.attach(cache, processor.offloading_manager)
+        schedule = scheduler.schedule_batch
+
+        def schedule_batch(*args: Any, **kwargs: Any) -> Any:
+            # whether the last try scheduled nothing: the engine then asks to preempt or stop (see _wait_for_room)
+            out = schedule(*args, **kwargs)
+            processor.offloading_manager.nothing_scheduled = out[0] is None
+            return out
+
+        scheduler.schedule_batch = schedule_batch
         return processor
 
     def stop(self, *args: Any, **kwargs: Any) -> None:
-        super().stop(*args, **kwargs)
+        self.kvtier.stopping.set()  # a loop waiting for pool room gives up at once
+        try:
+            super().stop(*args, **kwargs)
+        finally:
+            self.kvtier.stopping.clear()
         if self.batch_processor is None:  # not kept for a next session: its memory goes back
             self.kvtier.detach()
 
@@ -433,13 +477,15 @@ class KVTierEngine:
     """What ``kvtier_engine`` returns: the settings, the live cache and its counts."""
 
     def __init__(self, model: Any, manager: TierManager, name: str, priority: int, capacity_bytes: int | None,
-                 staging_bytes: int | None, swap_tier: str) -> None:
+                 staging_bytes: int | None, swap_tier: str, room_wait_s: float = 30.0) -> None:
         check_version()
         if swap_tier not in ("host", "nvme"):
             raise ConfigError(f"swap_tier must be 'host' (cascading to NVMe as the host fills) or 'nvme', got "
                               f"{swap_tier!r}")
         self.model, self.manager, self.name, self.priority = model, manager, name, priority
-        self.swap_tier = swap_tier
+        self.swap_tier, self.room_wait_s = swap_tier, room_wait_s
+        if not room_wait_s >= 0:
+            raise ConfigError(f"kvtier_engine {name!r}: room_wait_s must be >= 0 seconds, got {room_wait_s!r}")
         budget = manager.pool.budget_pages * manager.page_size
         self.staging_bytes = staging_bytes if staging_bytes is not None else max(manager.page_size, budget // 16)
         self.capacity_bytes = capacity_bytes if capacity_bytes is not None else budget - self.staging_bytes
@@ -451,9 +497,11 @@ class KVTierEngine:
                               f"cache beside the {self.staging_pages()} kept for staging preempted requests; raise "
                               "pool_budget or lower staging_bytes")
         self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "staged": 0, "lost": 0,
-                       "bytes_down": 0}
+                       "bytes_down": 0, "room_waits": 0}
         self.cache: ElasticCache | None = None
         self.offloading: TieredOffloading | None = None
+        self.managers: weakref.WeakSet[ContinuousBatchingManager] = weakref.WeakSet()  # built inside the with
+        self.stopping = threading.Event()
         self._peak_bytes = 0
 
     @staticmethod
@@ -492,13 +540,15 @@ class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_g
     ``capacity_bytes``: the most KV the engine's cache may map (default: the pool's budget less the staging);
     ``staging_bytes``: pool room left to the engine's preemptions (default: a sixteenth of the budget);
     ``priority``: the swap spaces' priority under the tiers' policy; ``swap_tier``: where preempted requests go
-    at once (``"host"``, whence the host's cascade takes them on to NVMe as it fills; or ``"nvme"``)."""
+    at once (``"host"``, whence the host's cascade takes them on to NVMe as it fills; or ``"nvme"``);
+    ``room_wait_s``: how long an engine that can neither schedule nor preempt waits for pool room held by other
+    engines or processes before it fails with OutOfPagesError (the engine as shipped fails at once)."""
 
     def __init__(self, model: Any, manager: TierManager, name: str | None = None, priority: int = 0,
                  capacity_bytes: int | None = None, staging_bytes: int | None = None,
-                 swap_tier: str = "host") -> None:
+                 swap_tier: str = "host", room_wait_s: float = 30.0) -> None:
         self.engine = KVTierEngine(model, manager, name or f"{model.config.model_type}-{id(model):x}", priority,
-                                   capacity_bytes, staging_bytes, swap_tier)
+                                   capacity_bytes, staging_bytes, swap_tier, room_wait_s)
 
     def __enter__(self) -> KVTierEngine:
         model, engine = self.engine.model, self.engine
@@ -517,6 +567,7 @@ class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_g
                 # manager's class changes before it has built anything
                 manager.__class__ = KVTierBatchingManager
                 manager.kvtier = engine
+            engine.managers.add(manager)
             return manager
 
         model.init_continuous_batching = init_continuous_batching
@@ -525,5 +576,10 @@ class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_g
     def __exit__(self, *exc: object) -> None:
         model = self.engine.model
         model.__dict__.pop("init_continuous_batching", None)
+        for manager in list(self.engine.managers):  # one left running would use the cache after it is unmapped
+            if manager.is_running():
+                log.warning("continuous batching %r: a manager still running at the end of kvtier_engine is stopped "
+                            "(its pending requests fail)", self.engine.name)
+                manager.stop(block=True, hard_stop=True)
         model.destroy_cached_continuous_batching_manager()
         self.engine.detach()
