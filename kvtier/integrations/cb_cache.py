@@ -1,0 +1,122 @@
+"""The engine's paged cache on an elastic buffer: sectors mapped while handed out (see continuous_batching)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
+from transformers.generation.continuous_batching.cache_allocators import CachePool
+
+from kvtier.buffer import ElasticBuffer
+from kvtier.errors import OutOfPagesError
+
+if TYPE_CHECKING:
+    from kvtier.integrations.continuous_batching import KVTierEngine
+
+
+class ElasticSectors(CachePool):
+    """The engine's sector pool over an elastic buffer: a sector is mapped when it is handed out and released
+    when it is free again. Counts a sector free only if the pages it needs could be mapped now."""
+
+    def __init__(self, buffer: ElasticBuffer, bytes_per_sector: int, num_sectors: int, num_allocators: int) -> None:
+        self.buffer, self.bytes_per_sector = buffer, bytes_per_sector
+        self.peak_held = 0
+        self.stream: Any = None  # the engine's compute stream: pages go back after its queued work
+        self._counted: tuple[Any, int] = (None, 0)  # (what num_free_sectors depended on, its answer)
+        self._changes = 0  # bumped whenever the free sectors change
+        super().__init__(num_sectors, num_allocators)
+        buffer.acquire([self.span(0), self.span(1)])  # the pad sectors (read and write trash): always there
+
+    def span(self, sector: int) -> tuple[int, int]:
+        return sector * self.bytes_per_sector, (sector + 1) * self.bytes_per_sector
+
+    def _cost(self, sector: int) -> int:
+        return self.buffer.missing([self.span(sector)])
+
+    @property
+    def held(self) -> int:
+        """Data sectors handed out: those not free (the two pad sectors are never in the free list)."""
+        return self.num_sectors - len(self.free_sectors)
+
+    def reset(self) -> None:
+        free = set(getattr(self, "free_sectors", range(2, self.num_sectors + 2)))  # CachePool's __init__ resets too
+        taken = [s for s in range(2, self.num_sectors + 2) if s not in free]
+        super().reset()
+        self._changes = getattr(self, "_changes", 0) + 1
+        if taken:
+            self.buffer.release([self.span(s) for s in taken], self.stream)
+
+    @property
+    def num_free_sectors(self) -> int:
+        # the scheduler asks per request per step: counted again only when what it depends on changed
+        room = self.buffer.available()
+        key = (room, self.buffer.mapped_pages, self._changes)
+        if key != self._counted[0]:
+            count = 0
+            for cost in sorted(self._cost(s) for s in self.free_sectors):  # sectors on mapped pages cost nothing
+                if cost > room:
+                    break
+                room, count = room - cost, count + 1
+            self._counted = (key, count)
+        return self._counted[1]
+
+    def allocate_sector(self, index: int) -> None:
+        # the cheapest free sector (on pages mapped already), the most recently freed among equals
+        sector = min(reversed(self.free_sectors), key=self._cost)
+        self.buffer.acquire([self.span(sector)])  # OutOfPagesError: nothing changed
+        self.free_sectors.remove(sector)
+        self._changes += 1
+        self.peak_held = max(self.peak_held, self.held)
+        self._free_blocks[index].add_tree(sector)
+
+    def try_to_free_sectors(self) -> None:
+        before = len(self.free_sectors)
+        super().try_to_free_sectors()
+        freed = self.free_sectors[before:]
+        if freed:
+            self._changes += 1
+            self.buffer.release([self.span(s) for s in freed], self.stream)
+
+
+class ElasticCache(PagedAttentionCache):
+    """The engine's paged cache with its tensor on an elastic buffer (sized, laid out and used as the engine's)."""
+
+    def __init__(self, engine: "KVTierEngine", device: torch.device | str, **kwargs: Any) -> None:
+        super().__init__(device="meta", **kwargs)  # sizes and lays out everything; the meta tensor holds nothing
+        self.device = device
+        bps = self.bytes_per_sector
+        self.buffer = engine.make_buffer((self.num_sectors + 2) * bps)
+        try:
+            self.pool = ElasticSectors(self.buffer, bps, self.num_sectors, len(self.cache_allocators))
+        except BaseException:  # no room even for the pad sectors: nothing is left behind
+            self.buffer.close()
+            raise
+        self.cache_tensor = self.buffer.tensor
+        for allocator in self.cache_allocators.values():
+            allocator.register_cache_tensor(bps, self.num_sectors * bps, self.cache_tensor, self.pool)
+        self._lock = engine.manager.lock
+        self.holding = False  # while preempting: freed blocks keep their pages until they are copied
+
+    def can_store_request_tokens(self, *args: Any, **kwargs: Any) -> bool:
+        with self._lock:  # check and allocation at once: another engine on the pool cannot come between
+            try:
+                return super().can_store_request_tokens(*args, **kwargs)
+            except OutOfPagesError:  # the pool moved under the count (another process): no room, as the engine
+                return False         # would say; sectors handed out before it stay its free blocks
+
+    def prepare_fork_request(self, *args: Any, **kwargs: Any) -> list[str]:
+        with self._lock:
+            return super().prepare_fork_request(*args, **kwargs)
+
+    def free_blocks(self, request_id: str, no_cache: bool = False) -> None:
+        super().free_blocks(request_id, no_cache)
+        if not self.holding:
+            self.pool.try_to_free_sectors()  # a finished request's pages go back to the pool
+
+    def free_all_requests(self, clear_ledgers: bool = False) -> None:
+        super().free_all_requests(clear_ledgers)
+        self.pool.try_to_free_sectors()
+
+    def close(self) -> None:
+        self.buffer.close()
