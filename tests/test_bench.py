@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_quick_bench_reports_every_path_within_its_ceilings(tmp_path):
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
@@ -71,35 +73,24 @@ def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
     assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
 
 
-def test_colocated_bench_serves_two_models_both_ways_on_the_cpu(tmp_path):
-    out = tmp_path / "colocated.json"
-    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "colocated", "--quick", "--device", "cpu",
+@pytest.mark.parametrize("bench, shared, series", [
+    ("colocated", "kvtier shared pool", "kvtier"),  # two models in one process: the KV each mapped over time
+    ("processes", "kvtier ledger", "ledger"),       # a process per model: the pages each held, read from the ledger
+])
+def test_two_model_benches_serve_both_ways_on_the_cpu(tmp_path, bench, shared, series):
+    out = tmp_path / f"{bench}.json"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", bench, "--quick", "--device", "cpu",
                            "--json", str(out), "--plot", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.read_text())["tables"][0]
     rows = {(r["memory"], r["model"]): r for r in table["rows"]}
-    assert set(rows) == {(m, x) for m in ("static equal split", "kvtier shared pool") for x in "AB"}
+    assert set(rows) == {(m, x) for m in ("static equal split", shared) for x in "AB"}
     assert all(r["output tok/s"] > 0 for r in rows.values())
-    assert all(rows[("kvtier shared pool", x)]["preempted: recomputed"] == 0 for x in "AB")
-    # memory over time: each model's, both ways, and the plot of it
-    assert set(table["series"]) == {"static A", "static B", "kvtier A", "kvtier B"}
-    assert (tmp_path / "colocated.png").exists()
-
-
-def test_processes_bench_serves_two_engine_processes_both_ways_on_the_cpu(tmp_path):
-    out = tmp_path / "processes.json"
-    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "processes", "--quick", "--device", "cpu",
-                           "--json", str(out), "--plot", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    table = json.loads(out.read_text())["tables"][0]
-    rows = {(r["memory"], r["model"]): r for r in table["rows"]}
-    assert set(rows) == {(m, x) for m in ("static equal split", "kvtier ledger") for x in "AB"}
-    assert all(r["output tok/s"] > 0 for r in rows.values())
-    assert all(rows[("kvtier ledger", x)]["preempted: recomputed"] == 0 for x in "AB")
-    # pages per process over time, read from the ledger while both ran (each held some), and the plot of it
-    assert {"ledger A", "ledger B"} <= set(table["series"])
-    assert all(max(mib for _, mib in table["series"][f"ledger {x}"]) > 0 for x in "AB")
-    assert (tmp_path / "processes.png").exists()
+    assert all(rows[(shared, x)]["preempted: recomputed"] == 0 for x in "AB")
+    # memory over time, each model's both ways (each held some while it ran), and the plot of it
+    assert set(table["series"]) == {"static A", "static B", f"{series} A", f"{series} B"}
+    assert all(max(mib for _, mib in table["series"][f"{series} {x}"]) > 0 for x in "AB")
+    assert (tmp_path / f"{bench}.png").exists()
     assert not [d for d in _scratch_dirs() if "ledger" in d]
 
 

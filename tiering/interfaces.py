@@ -29,12 +29,15 @@ class TieredSpace(Protocol):
     - ``takes_writes(page)`` says whether an engine may write into the page without a call that tells (it holds
       a sequence's last block, which fills token by token): such a page keeps no copy below when it comes up.
     - ``idle_fence`` is a fence after the kernels of the space's last offload: copies down wait for it.
+    - ``maps_ahead`` says whether the background demoter may call ``map_ahead()``, which maps fresh empty pages
+      up to the space's reserve from what the pool has free (no reclaim, no demotion) and returns how many.
     """
 
     name: str
     num_regions: int
     pages: PageTable
     idle_fence: Any
+    maps_ahead: bool
 
     def region_view(self, region: int, page: int) -> torch.Tensor: ...
 
@@ -47,6 +50,8 @@ class TieredSpace(Protocol):
     def idle_pages(self) -> list[int]: ...
 
     def takes_writes(self, page: int) -> bool: ...
+
+    def map_ahead(self) -> int: ...
 
 
 class SpaceDirectory(Protocol):
