@@ -39,6 +39,17 @@ class BlockBooks:
         pages.extend(last[np.flatnonzero(last != first)].tolist())
         return pages
 
+    def live_bytes(self, page: int, align: int) -> int:
+        """Bytes of ``page`` (in each region) from its start to the end of its last live block, rounded up to
+        ``align``: what a move of the page carries (the blocks past it hold nothing live). 0: none live."""
+        P, bb = self.page_size, self.block_bytes
+        lo, hi = page * P // bb, min(self.num_blocks, -(-(page + 1) * P // bb))
+        used = np.flatnonzero(~self.free[lo:hi])
+        if not len(used):
+            return 0
+        end = min((lo + int(used[-1]) + 1) * bb - page * P, P)
+        return min(P, -(-end // align) * align)
+
     def pages_of_seqs(self, seq_ids: Iterable[Hashable]) -> list[int]:
         """The distinct pages the blocks of ``seq_ids`` lie on, sorted."""
         blocks = [b for q in seq_ids for b in self.blocks_of(q)]

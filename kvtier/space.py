@@ -34,7 +34,7 @@ from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, 
                            TransferError)
 from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
-from kvtier.tiering import LOWER, STORAGE, PageTable, Tier, TransferHandle
+from kvtier.tiering import IO_ALIGN, LOWER, STORAGE, PageTable, Tier, TransferHandle
 from kvtier.vmm import MappedRange
 
 if TYPE_CHECKING:
@@ -264,6 +264,11 @@ class KVSpace:
     def region_view(self, region: int, page: int) -> torch.Tensor:
         """The bytes of one page in one (layer, K|V) region, as a ``uint8`` tensor on the device."""
         return self.range.region_view(region, page)
+
+    def live_bytes(self, page: int) -> int:
+        """Bytes of the page, in each region, that a move must carry: up to the end of its last live block, in
+        whole I/O blocks (a 1024-token sequence on a 4096-token page moves a quarter of it)."""
+        return self.block_books.live_bytes(page, IO_ALIGN)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -32,10 +32,10 @@ def test_offloading_an_unwritten_page_again_copies_nothing(make_manager, tier):
     space.ensure_resident(["a"])
     copied = _bytes_down(mgr, tier)
     assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 2
-    # second trip down: only the third page is copied, the copies become the others' homes (debug_checks poisons
-    # the GPU pages)
+    # second trip down: only the third page is copied (its live half: 8 blocks), the copies become the others'
+    # homes (debug_checks poisons the GPU pages)
     space.offload("a", tier=tier).result()
-    assert _bytes_down(mgr, tier) == copied + space.num_regions * space.page_size
+    assert _bytes_down(mgr, tier) == copied + space.num_regions * (int(2.5 * BPP) - 2 * BPP) * space.block_bytes
     assert mgr.stats()["tiers"]["copies"]["reused_pages"] == 2 and space.residency("a")[tier] > 0
     mgr.check()
     # and back up: the same bytes
@@ -56,7 +56,7 @@ def test_a_page_written_since_is_copied_again(make_manager):
     space.allocate("a", (int(2.5 * BPP) + 1) * space.block_size)
     write_seq(space, "a")
     space.offload("a", tier="host").result()
-    assert _bytes_down(mgr) == copied + space.num_regions * space.page_size  # that page only
+    assert _bytes_down(mgr) == copied + space.num_regions * 9 * space.block_bytes  # that page only: its 9 blocks
     space.ensure_resident(["a"])
     assert_seq(space, "a")  # the new block came back too
     mgr.check()

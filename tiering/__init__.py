@@ -7,10 +7,11 @@ from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
 from kvtier.tiering.nvme import FileLayer, PosixFiles
 from kvtier.tiering.pagetable import PageTable
 from kvtier.tiering.plans import DemotionPlan, PlannedMove
-from kvtier.tiering.tier import LOWER, STORAGE, LowerTier, Tier
+from kvtier.tiering.tier import IO_ALIGN, LOWER, STORAGE, LowerTier, Tier
 from kvtier.tiering.tiering import Tiering
 from kvtier.tiering.mover import Mover
 from kvtier.tiering.transfer import Move, TransferHandle
 
-__all__ = ["LOWER", "STORAGE", "ChecksumMismatch", "DemotionPlan", "FileLayer", "LowerTier", "Move", "Mover",
-           "PageTable", "PlannedMove", "PosixFiles", "SpaceDirectory", "Tier", "TieredSpace", "Tiering", "TransferHandle"]
+__all__ = ["IO_ALIGN", "LOWER", "STORAGE", "ChecksumMismatch", "DemotionPlan", "FileLayer", "LowerTier", "Move",
+           "Mover", "PageTable", "PlannedMove", "PosixFiles", "SpaceDirectory", "Tier", "TieredSpace", "Tiering",
+           "TransferHandle"]

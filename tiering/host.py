@@ -61,6 +61,7 @@ class HostTier:
         self.slots_per_chunk = max(1, chunk // slot_size)
         total = size // slot_size
         self.books = SlotBooks("host", total)
+        self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see hold)
         self.digests = Digests(total) if checksums else None  # host checksums: an option (they cost CPU time)
         self._chunks: list[tuple[int, int, torch.Tensor]] = []  # (address, bytes, uint8 view)
         self._closed = False
@@ -96,6 +97,20 @@ class HostTier:
         """The slot's memory as a ``uint8`` CPU tensor."""
         chunk, index = divmod(slot, self.slots_per_chunk)
         return self._chunks[chunk][2][index * self.slot_size:(index + 1) * self.slot_size]
+
+    def held(self, slot: int) -> int:
+        return self._held.get(slot, self.slot_size)
+
+    def hold(self, slot: int, nbytes: int) -> None:
+        """The slot now holds ``nbytes`` (a page moves only its live blocks' bytes: a prefix of each region)."""
+        if nbytes == self.slot_size:
+            self._held.pop(slot, None)
+        else:
+            self._held[slot] = nbytes
+
+    def data(self, slot: int) -> torch.Tensor:
+        """The bytes the slot holds (the prefix last written into it)."""
+        return self.view(slot)[:self.held(slot)]
 
     def describe(self) -> dict[str, object]:
         return {"slots": self.books.total, "slot_bytes": self.slot_size, "ready_slots": self.books.capacity,

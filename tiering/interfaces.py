@@ -19,7 +19,8 @@ class TieredSpace(Protocol):
     """One space's pages, as tiering sees them.
 
     - ``pages`` is the space's page table; tiering changes it only under the directory's ``lock``.
-    - ``region_view(region, page)`` is the device memory of one mapped page in one region.
+    - ``region_view(region, page)`` is the device memory of one mapped page in one region; ``live_bytes(page)``
+      how much of it, from its start, holds live blocks (rounded up to whole I/O blocks): what a move carries.
     - ``map_pages(pages, handles)`` maps vacant pages with ``num_regions`` handles each (page after page): all or
       nothing, and on failure the handles go back to the pool.
     - ``unmap_pages(pages)`` unmaps GPU pages whose last reader has finished and gives their handles back to the
@@ -40,6 +41,8 @@ class TieredSpace(Protocol):
     maps_ahead: bool
 
     def region_view(self, region: int, page: int) -> torch.Tensor: ...
+
+    def live_bytes(self, page: int) -> int: ...
 
     def map_pages(self, pages: list[int], handles: list[Any]) -> None: ...
 

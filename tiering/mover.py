@@ -48,6 +48,13 @@ class Mover:
             self.register(src, dst, route)
         self.paths: dict[str, dict[str, float]] = defaultdict(lambda: {"pages": 0, "bytes": 0})
 
+    def _moved(self, src: Tier, a: Any, b: Any) -> int:
+        """Bytes a pair moves: the source view's, or what the source slot holds (at most the destination's)."""
+        if isinstance(a, torch.Tensor):
+            return a.numel() * a.element_size()
+        held = (self.host if src == Tier.HOST else self.nvme).held(a)
+        return min(held, b.numel() * b.element_size()) if isinstance(b, torch.Tensor) else held
+
     def register(self, src: Tier, dst: Tier, route: Route) -> None:
         """Serve copies from ``src`` to ``dst`` with ``route(pairs, after, tags, on_done) -> Work``."""
         self.routes[(src, dst)] = route
@@ -60,7 +67,7 @@ class Mover:
         ``on_done(tag)`` once every pair of a tag has landed. ``label``: the path's name in the stats."""
         path = self.paths[label or f"{src.label}->{dst.label}"]
         path["pages"] += len(set(tags)) if tags else 1
-        path["bytes"] += sum(_nbytes(a, b, self.host.slot_size) for a, b in pairs)
+        path["bytes"] += sum(self._moved(src, a, b) for a, b in pairs)
         return self.routes[(src, dst)](pairs, after, tags, on_done)
 
     @staticmethod
@@ -115,7 +122,9 @@ class Mover:
             raise PairsFailed(failed)
 
     def _gpu_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        stream, copies = self.down, [(view, self.host.view(slot)) for view, slot in pairs]
+        stream, copies = self.down, [(view, self.host.view(slot)[:view.numel()]) for view, slot in pairs]
+        for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
+            self.host.hold(slot, view.numel())
         digests = self.host.digests
         landed = None
         if digests is not None:  # host checksums: taken of the bytes as they landed
@@ -140,8 +149,9 @@ class Mover:
         return Work(io=[lambda: self._pipeline(submit, len(copies), tags, on_done, landed)])
 
     def _host_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. A view
-        shorter than a slot takes the slot's first bytes. With host checksums each slot is verified on the host
+        """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. What the
+        slot holds lands at the start of the view (a view shorter than that takes its first bytes). With host
+        checksums each slot is verified on the host
         just before its copy is enqueued (so the copies run while the next slots are checked); a page that
         fails is copied no further, and an I/O step reports it."""
         failed: dict[Any, BaseException] = {}
@@ -153,7 +163,9 @@ class Mover:
                 tag = tags[i] if tags is not None else i
                 if tag in failed or self._bad_host_slot(slot, tag, failed):
                     continue
-                view.copy_(self.host.view(slot)[:view.numel()], non_blocking=cuda)
+                data = self.host.data(slot)
+                n = min(view.numel(), data.numel())
+                view[:n].copy_(data[:n], non_blocking=cuda)
             event = None
             if cuda:
                 event = torch.cuda.Event()
@@ -165,7 +177,7 @@ class Mover:
         if self.host.digests is None:
             return False
         try:
-            self.host.digests.verify(slot, self.host.view(slot), "host")
+            self.host.digests.verify(slot, self.host.data(slot), "host")
             return False
         except OSError as exc:
             failed[tag] = exc
@@ -226,7 +238,9 @@ class Mover:
                     landed = torch.cuda.Event()
                     landed.record(self.down)
                 landed.synchronize()
-            return _Futures({i: (lambda i=i, k=k: self.nvme.write(pairs[i][1], self.host.view(ring[k]), values[k]))
+            return _Futures({i: (lambda i=i, k=k: self.nvme.write(pairs[i][1],
+                                                                  self.host.view(ring[k])[:views[k].numel()],
+                                                                  values[k]))
                              for k, i in enumerate(indices)})
         try:
             self._pipeline(submit, len(pairs), tags, on_done, batch=batch)
@@ -238,24 +252,19 @@ class Mover:
 
     def _host_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         digests = self.host.digests  # with host checksums, bytes that went bad in host memory are not sealed below
-        verified = (lambda h: digests.verify(h, self.host.view(h), "host")) if digests else (lambda h: None)
-        return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.view(h), verified(h)) for hs, ns in pairs],
+        verified = (lambda h: digests.verify(h, self.host.data(h), "host")) if digests else (lambda h: None)
+        return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.data(h), verified(h)) for hs, ns in pairs],
                         tags=tags)
 
     def _nvme_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
         digests = self.host.digests
-        for _, hs in pairs:
+        for ns, hs in pairs:
+            self.host.hold(hs, self.nvme.held(ns))  # the slot below holds a page's live bytes: so will this one
             if digests is not None:
                 digests.open(hs)
         seal = (lambda h: (lambda value: digests.seal(h, value))) if digests is not None else (lambda h: None)
-        return self._io([lambda n=ns, h=hs: self.nvme.read(n, self.host.view(h), seal(h)) for ns, hs in pairs],
+        return self._io([lambda n=ns, h=hs: self.nvme.read(n, self.host.data(h), seal(h)) for ns, hs in pairs],
                         tags=tags)
-
-
-def _nbytes(a: Any, b: Any, slot_size: int) -> int:
-    """Bytes a pair moves: the device view's size where there is one (a read may take a short last page)."""
-    view = a if isinstance(a, torch.Tensor) else b if isinstance(b, torch.Tensor) else None
-    return view.numel() * view.element_size() if view is not None else slot_size
 
 
 def _raise(exc: BaseException) -> None:

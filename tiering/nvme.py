@@ -32,13 +32,13 @@ import torch
 from kvtier.errors import ConfigError
 from kvtier.tiering.digest import Digests, side_stream
 from kvtier.tiering.slots import SlotBooks
-from kvtier.tiering.tier import Tier
+from kvtier.tiering.tier import IO_ALIGN, Tier
 from kvtier.vmm.tensor import memoryview_over
 
 log = logging.getLogger(__name__)
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
-ALIGN = 4096  # O_DIRECT wants buffers aligned to the logical block (our slots and tier memory are)
+ALIGN = IO_ALIGN  # O_DIRECT wants buffers aligned to the logical block (our slots and tier memory are)
 
 
 class FileLayer(Protocol):
@@ -118,6 +118,7 @@ class NvmeTier:
     def __init__(self, device: torch.device, slot_size: int, directory: str, size: int, threads: int,
                  direct: bool, files: FileLayer | None = None, preallocate: bool = True) -> None:
         self.slot_size, self.slots = slot_size, size // slot_size
+        self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see write)
         if files is not None and device.type == "cuda":
             raise ConfigError("files: a file layer replaces the POSIX I/O of the CPU backend; on CUDA the NVMe tier "
                               "reads and writes device pages through kvikio")
@@ -189,19 +190,32 @@ class NvmeTier:
 
     # --- I/O: each returns a future whose result() is the byte count, checked, and the data verified ------------
     def write(self, slot: int, src: torch.Tensor, value: tuple[int, int] | None = None) -> Any:
-        """Write a whole slot from ``src``; ``value``: its digest where the caller has it (verified above)."""
+        """Write ``src`` (the slot's size or a prefix of it, in whole ``ALIGN`` blocks) into the slot, which then
+        holds that many bytes; ``value``: its digest where the caller has it (verified above)."""
+        size = src.numel() * src.element_size()
+        if size > self.slot_size or size % ALIGN:
+            raise ValueError(f"nvme tier: a slot takes up to {self.slot_size} bytes in blocks of {ALIGN}, not {size}")
         self.digests.open(slot)
+        if size == self.slot_size:
+            self._held.pop(slot, None)
+        else:
+            self._held[slot] = size
         value = value or self.digests.compute(src)
-        return _Checked(self._submit(True, slot, src), self.slot_size, True, slot,
+        return _Checked(self._submit(True, slot, src), size, True, slot,
                         then=lambda: self.digests.seal(slot, value))
 
+    def held(self, slot: int) -> int:
+        """Bytes the slot holds: what was last written into it."""
+        return self._held.get(slot, self.slot_size)
+
     def read(self, slot: int, dst: torch.Tensor, then: Callable[[tuple[int, int]], None] | None = None) -> Any:
-        """Read the slot into ``dst`` (a prefix when ``dst`` is shorter), verified against its digest before the
-        future completes; ``then(digest)`` runs after."""
-        size = dst.numel() * dst.element_size()
+        """Read the bytes the slot holds into the start of ``dst`` (all of them, or a prefix when ``dst`` is
+        shorter), verified against its digest before the future completes; ``then(digest)`` runs after."""
+        size, held = dst.numel() * dst.element_size(), self.held(slot)
         align = 8 if dst.is_cuda or self.mode != "posix O_DIRECT" else ALIGN  # the digest's words; O_DIRECT's blocks
-        whole = size == self.slot_size and dst.data_ptr() % align == 0
-        buf = dst if whole else _aligned(self.slot_size, dst.device)  # the digest covers the whole slot
+        whole = size >= held and dst.data_ptr() % align == 0
+        flat = dst.view(torch.uint8).view(-1)
+        buf = flat[:held] if whole else _aligned(held, dst.device)  # the digest covers what the slot holds
 
         def verify() -> None:
             value = self.digests.verify(slot, buf, "nvme")
@@ -209,7 +223,7 @@ class NvmeTier:
                 _copy_prefix(buf, dst)
             if then is not None:
                 then(value)
-        return _Checked(self._submit(False, slot, buf), self.slot_size, False, slot, then=verify)
+        return _Checked(self._submit(False, slot, buf), held, False, slot, then=verify)
 
     def _submit(self, write: bool, slot: int, buf: torch.Tensor) -> Any:
         offset, size = slot * self.slot_size, buf.numel() * buf.element_size()
@@ -244,13 +258,14 @@ def _aligned(nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 def _copy_prefix(src: torch.Tensor, dst: torch.Tensor) -> None:
-    flat = dst.view(torch.uint8).view(-1)
+    n = min(dst.numel() * dst.element_size(), src.numel())  # the shorter: dst's prefix, or what the slot holds
+    flat = dst.view(torch.uint8).view(-1)[:n]
     if not flat.is_cuda:
-        flat.copy_(src[:flat.numel()])
+        flat.copy_(src[:n])
         return
     stream = side_stream(flat.device)  # not the I/O thread's default stream, which would wait for the engine's
     with torch.cuda.stream(stream):
-        flat.copy_(src[:flat.numel()], non_blocking=True)
+        flat.copy_(src[:n], non_blocking=True)
     stream.synchronize()  # landed before the read reports done
 
 

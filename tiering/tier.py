@@ -21,6 +21,8 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.tiering.slots import SlotBooks
 
 
+IO_ALIGN = 4096  # lengths and offsets of slot I/O: O_DIRECT's logical block (a page moves in whole ones)
+
 class Tier(IntEnum):
     """Where a page's data is. A page in flight keeps its source tier until its transfer commits."""
 
@@ -68,6 +70,8 @@ class LowerTier(Protocol):
     slot_size: int
     books: SlotBooks
 
+    def held(self, slot: int) -> int: ...  # bytes the slot holds: what was last written into it (a prefix)
+
     def describe(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
@@ -77,6 +81,8 @@ class HostAddressable(LowerTier, Protocol):
     """A lower tier whose slots are host memory a device copy can reach (the host tier)."""
 
     def view(self, slot: int) -> torch.Tensor: ...
+
+    def data(self, slot: int) -> torch.Tensor: ...
 
 
 class FileBacked(LowerTier, Protocol):

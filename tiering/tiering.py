@@ -197,8 +197,9 @@ class Tiering:
             self._drop_copies_for(pm.dst, R, exclude)
             slots = self.books(pm.dst).take(R)  # the plan counted this room: it cannot fail here
             moves.append(Move(space, p, pm.src, pm.dst, slots))
+            live = (space.live_bytes(p) or None) if pm.src == Tier.GPU else None  # only its live blocks' bytes
             for r in range(R):
-                source = space.region_view(r, p) if pm.src == Tier.GPU else table.slots[p][r]
+                source = space.region_view(r, p)[:live] if pm.src == Tier.GPU else table.slots[p][r]
                 pairs[(pm.src, pm.dst)].append((source, slots[r], moves[-1]))
         work = Work(event=after) if any(m.clean for m in moves) else None  # unmap only after the step's kernels
         return self._launch("demote", moves, pairs, after, inline, work)
