@@ -239,3 +239,45 @@ def test_the_lowest_priority_processes_idle_pages_go_first(tmp_path, backend_nam
         for h in holders:
             h.kill()
             h.wait()
+
+
+def test_a_serving_engine_short_of_pages_gets_another_processes_idle_ones(tmp_path):
+    # transformers' continuous batching on kvtier here, an idle model in another process holding 12 of the
+    # device's 16 pages: the engine, short of room (to start, or to schedule), says what it wants in the ledger
+    # and waits; the other
+    # process demotes its idle sequence and gives pages back; the engine serves the tokens of the engine as
+    # shipped, and the other process's bytes come back intact
+    transformers = pytest.importorskip("transformers")
+    cb = pytest.importorskip("kvtier.integrations.continuous_batching")
+    if ".".join(transformers.__version__.split(".")[:2]) not in cb.SUPPORTED_VERSIONS:
+        pytest.skip(f"transformers {transformers.__version__} is not a version the integration supports")
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512)).eval()
+    model.config._attn_implementation = "sdpa"
+    gen = transformers.GenerationConfig(max_new_tokens=20, eos_token_id=-1, pad_token_id=0, do_sample=False)
+    prompts = [[(7 * i + j) % 127 + 1 for j in range(10 + 5 * i)] for i in range(4)]
+
+    def generate(num_blocks: int | None) -> dict:
+        config = ContinuousBatchingConfig(page_size=16, num_blocks=num_blocks, max_batch_tokens=64,
+                                          allow_block_sharing=False, auto_switch_to_flash=False, use_cuda_graph=False)
+        out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=config)
+        return {rid: list(r.generated_tokens) for rid, r in out.items()}
+
+    expected = generate(64)
+    holder = _holder(tmp_path, budget=16, priority=0, pages=6, backend="cpu")  # 6 space pages: 12 handles
+    try:
+        page = PAGE_OF["cpu"]
+        config = kvtier.Config(device="cpu", page_size=page, pool_budget=16 * page, pool_ready=0,
+                               host_size=16 * page, host_chunk=16 * page, nvme_size=16 * page,
+                               ledger_dir=str(tmp_path), ledger_budget=16 * page, ledger_name="serving model",
+                               ledger_priority=5)
+        with kvtier.TierManager(config) as mgr, cb.kvtier_engine(model, mgr, name="m", staging_bytes=16 << 10):
+            got = generate(None)
+        assert got == expected
+        assert _check(holder)  # its idle sequence went below to make the room, and came back intact
+    finally:
+        holder.kill()
+        holder.wait()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
@@ -14,19 +16,44 @@ from kvtier.errors import OutOfPagesError
 if TYPE_CHECKING:
     from kvtier.integrations.continuous_batching import KVTierEngine
 
+ROOM_POLL_S = 0.005
+WANT_EVERY_S = 0.1  # said again well within the ledger's WANT_TTL_S (a write under its lock each time)
+
+
+def wait_for_room(buffer: ElasticBuffer, ledger: Any, enough: Callable[[int], bool], wanted: int, seconds: float,
+                  stopping: threading.Event | None = None) -> bool:
+    """Wait up to ``seconds`` until ``enough(buffer.available())``, saying meanwhile in the device's ``ledger``
+    (if any) that this process wants ``wanted`` more pages: other processes' demoters give idle pages back to one
+    that says so. Returns whether the room came (not if ``stopping`` was set first)."""
+    start, said = time.monotonic(), float("-inf")
+    while time.monotonic() - start < seconds:
+        if stopping is not None and stopping.is_set():
+            return False
+        if enough(buffer.available()):
+            return True
+        if ledger is not None and time.monotonic() - said > WANT_EVERY_S:
+            ledger.want(max(1, wanted))
+            said = time.monotonic()
+        time.sleep(ROOM_POLL_S)
+    return enough(buffer.available())
+
 
 class ElasticSectors(CachePool):
     """The engine's sector pool over an elastic buffer: a sector is mapped when it is handed out and released
     when it is free again. Counts a sector free only if the pages it needs could be mapped now."""
 
-    def __init__(self, buffer: ElasticBuffer, bytes_per_sector: int, num_sectors: int, num_allocators: int) -> None:
+    def __init__(self, buffer: ElasticBuffer, bytes_per_sector: int, num_sectors: int, num_allocators: int,
+                 ledger: Any = None, room_wait_s: float = 0.0) -> None:
         self.buffer, self.bytes_per_sector = buffer, bytes_per_sector
         self.peak_held = 0
         self.stream: Any = None  # the engine's compute stream: pages go back after its queued work
         self._counted: tuple[Any, int] = (None, 0)  # (what num_free_sectors depended on, its answer)
         self._changes = 0  # bumped whenever the free sectors change
         super().__init__(num_sectors, num_allocators)
-        buffer.acquire([self.span(0), self.span(1)])  # the pad sectors (read and write trash): always there
+        pads = [self.span(0), self.span(1)]  # the pad sectors (read and write trash): always there
+        need = buffer.missing(pads)  # others may hold the room now (idle pages of another process): wait for it
+        wait_for_room(buffer, ledger, lambda room: room >= need, need - buffer.available(), room_wait_s)
+        buffer.acquire(pads)  # the pool's error if it did not come
 
     def span(self, sector: int) -> tuple[int, int]:
         return sector * self.bytes_per_sector, (sector + 1) * self.bytes_per_sector
@@ -88,7 +115,8 @@ class ElasticCache(PagedAttentionCache):
         bps = self.bytes_per_sector
         self.buffer = engine.make_buffer((self.num_sectors + 2) * bps)
         try:
-            self.pool = ElasticSectors(self.buffer, bps, self.num_sectors, len(self.cache_allocators))
+            self.pool = ElasticSectors(self.buffer, bps, self.num_sectors, len(self.cache_allocators),
+                                       engine.manager.pool.ledger, engine.room_wait_s)
         except BaseException:  # no room even for the pad sectors: nothing is left behind
             self.buffer.close()
             raise

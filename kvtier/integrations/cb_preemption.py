@@ -4,7 +4,6 @@ static swap pool, and a bounded wait for pool room others hold (see continuous_b
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
@@ -13,7 +12,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 from transformers.generation.continuous_batching.utils import stream_context
 
 from kvtier.errors import OutOfPagesError, TransferError
-from kvtier.integrations.cb_cache import ElasticCache
+from kvtier.integrations.cb_cache import ElasticCache, wait_for_room
 
 if TYPE_CHECKING:
     from kvtier.integrations.continuous_batching import KVTierEngine
@@ -25,8 +24,6 @@ class TieredOffloading(OffloadingManager):
     """Preempted requests go down through kvtier's tiers instead of the engine's static swap pool."""
 
     MAX_SWAP_BLOCKS = 1 << 20  # ~10 MB of books a swap space at most
-    ROOM_POLL_S = 0.005
-    WANT_EVERY_S = 0.1  # said again well within the ledger's WANT_TTL_S (a write under its lock each time)
 
     def __init__(self, cache: ElasticCache, scheduler: Any, compute_stream: Any, distributed_helper: Any,
                  engine: "KVTierEngine") -> None:
@@ -76,20 +73,15 @@ class TieredOffloading(OffloadingManager):
         sectors = self.cache.pool
         if not sectors.free_sectors:  # its own cache is full: the engine's own error
             return False
-        buffer, ledger = self.cache.buffer, self.engine.manager.pool.ledger
+        buffer, engine = self.cache.buffer, self.engine
         before = buffer.available()
-        start, said = time.monotonic(), float("-inf")
-        while time.monotonic() - start < self.engine.room_wait_s:
-            if self.engine.stopping.is_set():
-                raise OutOfPagesError(f"continuous batching {self.engine.name!r}: stopped while waiting for pool room")
-            if ledger is not None and time.monotonic() - said > self.WANT_EVERY_S:
-                # other processes' demoters give idle pages back to a process that says so (a want lapses)
-                ledger.want(max(1, min(sectors._cost(s) for s in sectors.free_sectors) - before))
-                said = time.monotonic()
-            time.sleep(self.ROOM_POLL_S)
-            if buffer.available() > before:
-                self.engine.counts["room_waits"] += 1
-                return True
+        wanted = min(sectors._cost(s) for s in sectors.free_sectors) - before
+        if wait_for_room(buffer, engine.manager.pool.ledger, lambda room: room > before, wanted, engine.room_wait_s,
+                         engine.stopping):
+            engine.counts["room_waits"] += 1
+            return True
+        if engine.stopping.is_set():
+            raise OutOfPagesError(f"continuous batching {engine.name!r}: stopped while waiting for pool room")
         raise OutOfPagesError(
             f"continuous batching {self.engine.name!r}: no request can be scheduled and none preempted, and the "
             f"pool's room for this engine ({before} page(s)) did not grow in {self.engine.room_wait_s:g} s: other "
