@@ -242,3 +242,35 @@ def test_a_short_sequence_moves_only_its_live_bytes(make_manager, tier):
     space.ensure_resident(["a"])
     assert_seq(space, "a")
     mgr.check()
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_blocks_handed_out_again_on_a_shared_page_move_with_their_new_bytes(make_manager, tier):
+    # a page holds a's last 4 blocks and b's 5 (9 of 16 live): it goes down and up carrying those 9
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    space.allocate("a", (BPP + 4) * space.block_size)
+    write_seq(space, "a")
+    space.allocate("b", 5 * space.block_size)
+    write_seq(space, "b", salt=2)
+    space.offload("a", tier=tier).result()
+    space.offload("b", tier=tier).result()
+    space.ensure_resident(["a", "b"])
+    # b goes; c is handed b's blocks and more (past the length the page last moved with), with other bytes
+    space.free("b")
+    space.allocate("c", 7 * space.block_size)
+    assert set(space.blocks("c")) > set(range(BPP + 4, BPP + 9))  # b's blocks, handed out again
+    write_seq(space, "c", salt=5)
+    space.offload("a", tier=tier).result()
+    space.offload("c", tier=tier).result()
+    space.ensure_resident(["a", "c"])
+    assert_seq(space, "a")
+    assert_seq(space, "c", salt=5)
+    # a grows on that page past c (blocks 27-29): the longer prefix goes down and comes back
+    space.allocate("a", (BPP + 7) * space.block_size)
+    write_seq(space, "a")
+    space.offload("a", tier=tier).result()
+    space.ensure_resident(["a"])
+    assert_seq(space, "a")
+    assert_seq(space, "c", salt=5)
+    mgr.check()
