@@ -79,6 +79,7 @@ def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
 ])
 def test_two_model_benches_serve_both_ways_on_the_cpu(tmp_path, bench, shared, series):
     out = tmp_path / f"{bench}.json"
+    before = set(_scratch_dirs())
     done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", bench, "--quick", "--device", "cpu",
                            "--json", str(out), "--plot", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,7 +92,7 @@ def test_two_model_benches_serve_both_ways_on_the_cpu(tmp_path, bench, shared, s
     assert set(table["series"]) == {"static A", "static B", f"{series} A", f"{series} B"}
     assert all(max(mib for _, mib in table["series"][f"{series} {x}"]) > 0 for x in "AB")
     assert (tmp_path / f"{bench}.png").exists()
-    assert not [d for d in _scratch_dirs() if "ledger" in d]
+    assert set(_scratch_dirs()) <= before  # it removed the temporary directories it made (the ledger's too)
 
 
 def _scratch_dirs() -> list[str]:
