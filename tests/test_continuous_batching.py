@@ -293,6 +293,63 @@ def test_an_engine_waits_for_pool_room_another_tenant_holds():
         kvtier_engine(model, mgr, room_wait_s=-1)
 
 
+def test_a_busy_engine_gives_way_to_another_whose_requests_wait():
+    # a burst on one model takes the whole pool; then the other model's requests arrive. The first engine may not
+    # keep everything until its queue drains: held at its fair share while the other says it is short, it
+    # preempts (to the tiers) and holds back, and the second serves its burst while the first is still busy.
+    # Both serve exactly the engine's own tokens. (The shares themselves: tests/test_buffer.py.)
+    import time
+    models = [_model("cpu", "llama", seed=0), _model("cpu", "llama", seed=1)]
+    long = [p + p for p in _prompts(6)] * 8  # 48 requests of 24 new tokens: far more than the pool holds
+    short = _prompts(7)
+    expected = [_generate(models[0], long, num_blocks=256, max_new_tokens=24),
+                _generate(models[1], short, num_blocks=64, max_new_tokens=40)]
+    gen = transformers.GenerationConfig(eos_token_id=-1, pad_token_id=0, do_sample=False)
+    cb = ContinuousBatchingConfig(page_size=TOKENS_PER_BLOCK, num_blocks=None, max_batch_tokens=64,
+                                  allow_block_sharing=False, auto_switch_to_flash=False, use_cuda_graph=False)
+    block = _block_bytes(models[0])
+    with _manager("cpu", pages=96, page=4096, host_size=512 * 4096) as mgr:
+        with kvtier_engine(models[0], mgr, name="a", staging_bytes=2 * block) as a, \
+                kvtier_engine(models[1], mgr, name="b", staging_bytes=2 * block) as b:
+            managers = [m.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+                        for m in models]
+            for m in managers:
+                m.start()
+            got: list[dict] = [{}, {}]
+            done_at: list[float] = [0.0, 0.0]
+
+            def collect(i: int, n: int, until: float) -> None:
+                while len(got[i]) < n and time.monotonic() < until:
+                    result = managers[i].get_result(timeout=0.05)
+                    if result is not None and result.is_finished():
+                        assert result.error is None, result.error
+                        got[i][result.request_id] = list(result.generated_tokens)
+                    assert managers[i].is_running(), managers[i].background_thread_status.fatal_error
+                done_at[i] = time.monotonic()
+
+            # model a's burst: it grows until the pool is full (all but b's pad sectors and both staging rooms)
+            for i, prompt in enumerate(long):
+                managers[0].add_request(prompt, request_id=f"req_{i}", max_new_tokens=24)
+            deadline = time.monotonic() + 120
+            while mgr.pool.available() > 2 * b.staging_pages() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            # model b's burst arrives: it is served while a is still busy with its own
+            for i, prompt in enumerate(short):
+                managers[1].add_request(prompt, request_id=f"req_{i}", max_new_tokens=40)
+            collector = threading.Thread(target=collect, args=(0, len(long), time.monotonic() + 600))
+            collector.start()
+            collect(1, len(short), time.monotonic() + 600)
+            a_left = len(long) - len(got[0])
+            collector.join()
+            for m in managers:
+                m.stop(block=True)
+            assert got == expected
+            assert a_left > 0, "model b waited for model a's whole burst"
+            assert a.stats()["preempted_to_tiers"] > 0 and a.stats()["soft_resets"] == 0
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+
+
 def test_unsupported_versions_and_a_foreign_cached_manager_are_refused(monkeypatch):
     model = _model("cpu")
     with _manager("cpu") as mgr:

@@ -111,6 +111,29 @@ def test_a_killed_processes_pages_are_taken_back(tmp_path):
         holder.wait()
 
 
+def test_a_process_past_its_fair_share_stops_growing_while_another_wants(tmp_path):
+    a = Ledger(str(tmp_path), "host", budget_pages=12, page_size=PAGE, name="a")
+    b = Ledger(str(tmp_path), "host", budget_pages=12, page_size=PAGE, name="b")
+    c = Ledger(str(tmp_path), "host", budget_pages=12, page_size=PAGE, name="c", priority=-1)
+    try:
+        # a holds 9 of 12, c (lower priority) 1; no one wants more: no share, a may take what is left
+        assert a.reserve(9) == 9 and c.reserve(1) == 1
+        assert a.fair_share() is None and a.reserved_cached() == 9
+        # b wants: c keeps its 1 (under an even split), a and b split the other 11 -> a may hold 6 (rounded up)
+        b.want(2)
+        a._share = (None, 0, -1.0)  # read afresh (the share is read at most every SHARE_TTL_S)
+        assert a.fair_share() == 6 and a.reserved_cached() == 9
+        # c is of a lower priority than b: it is held at its share too, the even split of the 11 others leave
+        assert c.fair_share() == 4
+        # b itself hears no one else wanting
+        assert b.fair_share() is None
+    finally:
+        a.release(9)
+        c.release(1)
+        for ledger in (a, b, c):
+            ledger.close()
+
+
 def _manager(tmp_path, name: str, pool_pages: int, backend: str = "cpu", **overrides) -> kvtier.TierManager:
     page = PAGE_OF[backend]
     config = kvtier.Config(device=backend, page_size=page, pool_budget=pool_pages * page, pool_ready=0,

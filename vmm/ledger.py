@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 BOOKS, LOCK = "ledger.json", "ledger.lock"
 ROOM_TTL_S = 0.002
 WANT_TTL_S = 1.0
+SHARE_TTL_S = 0.01  # the share is planned with (num_free_sectors asks per request per step): read at most this often
 
 
 def ledger_path(directory: str, device_key: str) -> str:
@@ -51,6 +52,8 @@ class Ledger:
                               "directory shared by the processes (e.g. /dev/shm)") from None
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._room, self._room_at = 0, -1.0
+        self._share: tuple[int | None, int, float] = (None, 0, -1.0)  # (fair share, reserved, when read)
+        self._said_at = -1.0
         self.page_size = page_size
         self._alive = os.open(os.path.join(self.path, f"{self.id}.alive"), os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._alive, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for life: the proof we are alive
@@ -123,6 +126,44 @@ class Ledger:
         after ``WANT_TTL_S`` unless said again: a waiting process says it each time it plans again."""
         with self._books() as books:
             self._mine(books)["wants"] = [n, time.time()]
+
+    def want_throttled(self, n: int) -> None:
+        """``want``, written at most every ``WANT_TTL_S / 4`` (the engine says it every step it is short)."""
+        now = time.monotonic()
+        if now - self._said_at > WANT_TTL_S / 4:
+            self._said_at = now
+            self.want(n)
+
+    def fair_share(self) -> int | None:
+        """While another process of the same or a higher priority wants pages: the pages this process may hold
+        (max-min fair over the budget: a process that wants nothing keeps what it holds if under an even split,
+        the rest split what is left evenly); None while no one else wants. Read at most every ``SHARE_TTL_S``."""
+        self._read_share()
+        return self._share[0]
+
+    def reserved_cached(self) -> int:
+        """This process's reserved pages as of the last ``fair_share`` read."""
+        self._read_share()
+        return self._share[1]
+
+    def _read_share(self) -> None:
+        now = time.monotonic()
+        if now - self._share[2] <= SHARE_TTL_S:
+            return
+        with self._books(write=False) as books:
+            wall, mine = time.time(), self._mine(books)
+            others = [p for pid, p in books["procs"].items() if pid != self.id]
+            wants = [bool(p.get("wants")) and wall - p["wants"][1] < WANT_TTL_S for p in others]
+            share = None
+            if any(w and p["priority"] >= mine["priority"] for p, w in zip(others, wants)):
+                left = books["budget_pages"]
+                demands = sorted([float("inf")] + [float("inf") if w else p["pages"] for p, w in zip(others, wants)])
+                for n, demand in zip(range(len(demands), 0, -1), demands):
+                    if demand >= -(-left // n):
+                        share = -(-left // n)  # rounded up: the budget stays the hard limit
+                        break
+                    left -= int(demand)
+            self._share = (share, mine["pages"], now)
 
     def others_idle(self) -> int:
         """Pages the other processes said (within ``WANT_TTL_S``) they could give back: worth waiting for."""

@@ -20,19 +20,20 @@ ROOM_POLL_S = 0.005
 WANT_EVERY_S = 0.1  # said again well within the ledger's WANT_TTL_S (a write under its lock each time)
 
 
-def wait_for_room(buffer: ElasticBuffer, ledger: Any, enough: Callable[[int], bool], wanted: int, seconds: float,
+def wait_for_room(buffer: ElasticBuffer, enough: Callable[[int], bool], wanted: int, seconds: float,
                   stopping: threading.Event | None = None) -> bool:
-    """Wait up to ``seconds`` until ``enough(buffer.available())``, saying meanwhile in the device's ``ledger``
-    (if any) that this process wants ``wanted`` more pages: other processes' demoters give idle pages back to one
-    that says so. Returns whether the room came (not if ``stopping`` was set first)."""
+    """Wait up to ``seconds`` until ``enough(buffer.available())``, saying meanwhile that this buffer wants
+    ``wanted`` more pages: other engines on the pool stop growing past their fair share, and other processes'
+    demoters give idle pages back (through the device's ledger). Returns whether the room came (not if
+    ``stopping`` was set first)."""
     start, said = time.monotonic(), float("-inf")
     while time.monotonic() - start < seconds:
         if stopping is not None and stopping.is_set():
             return False
         if enough(buffer.available()):
             return True
-        if ledger is not None and time.monotonic() - said > WANT_EVERY_S:
-            ledger.want(max(1, wanted))
+        if time.monotonic() - said > WANT_EVERY_S:
+            buffer.want(max(1, wanted))
             said = time.monotonic()
         time.sleep(ROOM_POLL_S)
     return enough(buffer.available())
@@ -43,16 +44,17 @@ class ElasticSectors(CachePool):
     when it is free again. Counts a sector free only if the pages it needs could be mapped now."""
 
     def __init__(self, buffer: ElasticBuffer, bytes_per_sector: int, num_sectors: int, num_allocators: int,
-                 ledger: Any = None, room_wait_s: float = 0.0) -> None:
+                 room_wait_s: float = 0.0) -> None:
         self.buffer, self.bytes_per_sector = buffer, bytes_per_sector
         self.peak_held = 0
         self.stream: Any = None  # the engine's compute stream: pages go back after its queued work
         self._counted: tuple[Any, int] = (None, 0)  # (what num_free_sectors depended on, its answer)
+        self.room_limited = False  # the last count stopped at the pool's room, not at the free sectors
         self._changes = 0  # bumped whenever the free sectors change
         super().__init__(num_sectors, num_allocators)
         pads = [self.span(0), self.span(1)]  # the pad sectors (read and write trash): always there
         need = buffer.missing(pads)  # others may hold the room now (idle pages of another process): wait for it
-        wait_for_room(buffer, ledger, lambda room: room >= need, need - buffer.available(), room_wait_s)
+        wait_for_room(buffer, lambda room: room >= need, need - buffer.available(), room_wait_s)
         buffer.acquire(pads)  # the pool's error if it did not come
 
     def span(self, sector: int) -> tuple[int, int]:
@@ -86,6 +88,7 @@ class ElasticSectors(CachePool):
                     break
                 room, count = room - cost, count + 1
             self._counted = (key, count)
+            self.room_limited = count < len(self.free_sectors)
         return self._counted[1]
 
     def allocate_sector(self, index: int) -> None:
@@ -116,7 +119,7 @@ class ElasticCache(PagedAttentionCache):
         self.buffer = engine.make_buffer((self.num_sectors + 2) * bps)
         try:
             self.pool = ElasticSectors(self.buffer, bps, self.num_sectors, len(self.cache_allocators),
-                                       engine.manager.pool.ledger, engine.room_wait_s)
+                                       engine.room_wait_s)
         except BaseException:  # no room even for the pad sectors: nothing is left behind
             self.buffer.close()
             raise

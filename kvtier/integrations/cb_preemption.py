@@ -76,12 +76,14 @@ class TieredOffloading(OffloadingManager):
         buffer, engine = self.cache.buffer, self.engine
         before = buffer.available()
         wanted = min(sectors._cost(s) for s in sectors.free_sectors) - before
-        if wait_for_room(buffer, engine.manager.pool.ledger, lambda room: room > before, wanted, engine.room_wait_s,
-                         engine.stopping):
-            engine.counts["room_waits"] += 1
-            return True
-        if engine.stopping.is_set():
-            raise OutOfPagesError(f"continuous batching {engine.name!r}: stopped while waiting for pool room")
+        while True:
+            if wait_for_room(buffer, lambda room: room > before, wanted, engine.room_wait_s, engine.stopping):
+                engine.counts["room_waits"] += 1
+                return True
+            if engine.stopping.is_set():
+                raise OutOfPagesError(f"continuous batching {engine.name!r}: stopped while waiting for pool room")
+            if not buffer.yielding():  # held at its fair share while others are short: no failure, wait on
+                break
         raise OutOfPagesError(
             f"continuous batching {self.engine.name!r}: no request can be scheduled and none preempted, and the "
             f"pool's room for this engine ({before} page(s)) did not grow in {self.engine.room_wait_s:g} s: other "

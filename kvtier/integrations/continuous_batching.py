@@ -19,9 +19,12 @@ paged cache on kvtier:
   brought back and copied into its new blocks before the step. Only when even the staging room is not to be
   had is a request soft reset, as the engine would. ``staging_bytes`` of the pool are left unused by the
   engine's cache so that preemption has room to stage through.
+- **Sharing.** An engine with requests waiting for pool room says so (``ElasticBuffer.want``): while it does,
+  engines of the same or a lower priority on the pool (or in other processes on the device) grow no further than
+  their fair share, so their own scheduler preempts or holds back until the pool is split evenly among the busy.
 - **Waiting for room.** An engine that can neither schedule nor preempt (the pages are held by another engine
   on the pool, or another process on the device) waits up to ``room_wait_s`` for its room to grow, where the
-  engine as shipped would stop with an error.
+  engine as shipped would stop with an error (longer while it is itself held at its fair share).
 
 The cache is in :mod:`kvtier.integrations.cb_cache`, preemption in :mod:`kvtier.integrations.cb_preemption`; this
 module holds the entry point, the engine's manager and the settings.
@@ -120,6 +123,8 @@ class KVTierBatchingManager(ContinuousBatchingManager):
             # whether the last try scheduled nothing: the engine then asks to preempt or stop (see _wait_for_room)
             out = schedule(*args, **kwargs)
             processor.offloading_manager.nothing_scheduled = out[0] is None
+            if (out[0] is None or scheduler.waiting_requests) and cache.pool.room_limited:
+                cache.buffer.want()  # work waits for pool room: engines past their fair share stop growing
             return out
 
         scheduler.schedule_batch = schedule_batch

@@ -1,0 +1,58 @@
+"""Elastic buffers (an engine's flat cache tensor) sharing one pool: borrowing freely while the others idle,
+meeting at fair shares while they are short, priorities, and every page accounted for after."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.errors import OutOfPagesError
+
+
+def test_buffers_borrow_freely_and_meet_at_fair_shares_under_contention(make_manager):
+    with make_manager(pages=12) as mgr:
+        page = mgr.page_size
+        a = mgr.create_buffer("a", 12 * page)
+        b = mgr.create_buffer("b", 12 * page)
+        low = mgr.create_buffer("low", 12 * page, priority=-1)
+        # a burst on a while the others idle: it may take the whole pool
+        assert a.available() == 12
+        a.acquire([(0, 9 * page)])
+        low.acquire([(0, page)])
+        assert a.available() == 2 and not a.yielding()
+        # b is short and says so: a (9 pages) is past its share -- low keeps its 1, a and b split the other 11, rounded up --
+        # so a may not grow, and waiting is no failure for it
+        b.want()
+        assert a.fair_share() == 6 and a.available() == 0 and a.yielding()
+        with pytest.raises(OutOfPagesError):
+            a.acquire([(9 * page, 10 * page)])
+        # low has a lower priority than b: it is held at its share too (the even split of 12 over three, 4)
+        assert low.available() == min(2, 4 - 1)
+        # a's requests finish: pages go back and b grows into them, up to its share while a wants too
+        a.release([(5 * page, 9 * page)])
+        assert b.available() == 6
+        b.acquire([(0, 6 * page)])
+        a.want()
+        assert a.fair_share() == 6 and b.fair_share() == 6 and a.available() == 0 and b.available() == 0
+        # b idles (its want lapses): a may borrow again
+        b._wanted_at = float("-inf")
+        assert a.available() == 0 or not a._contended()
+        b.release([(0, 6 * page)])
+        assert not a._contended() and a.available() == 12 - 5 - 1
+        for buffer in (a, b, low):
+            buffer.close()
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+
+
+def test_a_higher_priority_buffer_does_not_yield_to_a_lower_one(make_manager):
+    with make_manager(pages=8) as mgr:
+        page = mgr.page_size
+        high = mgr.create_buffer("high", 8 * page, priority=1)
+        low = mgr.create_buffer("low", 8 * page)
+        high.acquire([(0, 6 * page)])
+        low.want()
+        assert not high.yielding() and high.available() == 2
+        high.acquire([(6 * page, 8 * page)])
+        high.close()
+        low.close()
+        mgr.check()
