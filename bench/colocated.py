@@ -37,15 +37,20 @@ class Setup:
         return self.budget_blocks * self.block_bytes
 
     def staging(self, cuda: bool) -> int:
-        return 2 * self.block_bytes
+        return self.block_bytes
+
+    def static_bytes(self) -> int:
+        """What one engine of the static split maps: half the budget's blocks and its two pad sectors (a sector is
+        a block here), which the engine as shipped allocates beside its blocks."""
+        return (self.budget_blocks // 2 + 2) * self.block_bytes
 
     def pool_bytes(self, cuda: bool) -> int:
-        """The pages both engines draw on: the budget the static split divides, nothing more (on the CPU backend
-        more: its 64 KiB pages hold eight of these tiny blocks, and each engine keeps pages for staging). The
-        staging room comes out of it: at f4f2c27 the pool was the budget plus 64 MiB of staging per engine, and
-        each engine's cache could grow to the whole budget -- twice the static split's memory while both were
-        busy."""
-        return self.budget + (0 if cuda else 2 * MiB)
+        """The pages both engines draw on: exactly what the static split maps (both halves and both engines' pad
+        sectors; on the CPU backend a little more: its 64 KiB pages hold eight of these tiny blocks). Each engine's
+        staging room comes out of it. (At f4f2c27 the pool had 64 MiB of staging per engine more and each cache
+        could grow to the whole budget: twice the split's memory while both were busy; at 952e6ad it had the pad
+        sectors less, which on the H100 left an engine alone on the pool no more blocks than the static half.)"""
+        return 2 * self.static_bytes() + (0 if cuda else 2 * MiB)
 
     def capacity(self, cuda: bool) -> int:
         """An engine's cache at most: the budget less both engines' staging rooms."""
@@ -75,8 +80,9 @@ def setup(cuda: bool, quick: bool) -> Setup:
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
         n, prompt, output, rate, page, gap = (6 if quick else 12), (8, 48), (8, 32), 1e6, 16, 0.5
-    # A's burst at 0, B's after ``gap`` seconds; the budget: a third of one burst's peak, for both models
-    works = [Workload.make(n, prompt, output, rate, config.vocab_size, page, 1 / 3, seed=i, start=i * gap)
+    # A's burst at 0, B's after ``gap`` seconds; the budget: half of one burst's peak, for both models
+    # (a third of the peak left each engine of the static split two requests at a time on the H100, 628b7d8)
+    works = [Workload.make(n, prompt, output, rate, config.vocab_size, page, 1 / 2, seed=i, start=i * gap)
              for i in range(2)]
     # ... but never so small that half of it cannot hold one request whole (the static split would refuse it)
     largest = max(-(-(len(p) + m) // page) for w in works for p, m in zip(w.prompts, w.new_tokens))
@@ -129,8 +135,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     static = serve_both(lambda i: _serve(models[i], works[i], _cb_config(works[i], half, 0.0, cuda), timeout))
     for i, out in enumerate(static):
         table.add("static equal split", "AB"[i], out["tok_s"], percentile(out["ttft"], 50),
-                  percentile(out["ttft"], 99), 0, None, half * block_bytes / MiB)
-        table.series[f"static {'AB'[i]}"] = [(0.0, half * block_bytes / MiB), (out["end"], half * block_bytes / MiB)]
+                  percentile(out["ttft"], 99), 0, None, s.static_bytes() / MiB)
+        table.series[f"static {'AB'[i]}"] = [(0.0, s.static_bytes() / MiB), (out["end"], s.static_bytes() / MiB)]
     if step:
         step()
 
@@ -166,7 +172,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     if step:
         step()
     table.notes.append("static: each engine as shipped with half the blocks (preemptions it recomputed are not "
-                       "counted here: n/a); shared: both engines on one kvtier pool of the whole budget, staging room "
+                       "counted here: n/a); shared: both engines on one kvtier pool of what the split maps (pad sectors in), staging room "
                        "included; peak KV = the cache's mapped pages at their most")
     if not cuda:
         table.notes.append("CPU backend: tiny models, not GPU figures")

@@ -39,7 +39,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                   f"bursts {s.gap:g} s apart ({s.n} requests each)",
                   ["memory", "model", "output tok/s", "TTFT p50 s", "TTFT p99 s", "preempted: kept",
                    "preempted: recomputed", "peak KV MiB"])
-    half = s.budget_blocks // 2 * s.block_bytes / MiB
+    half = s.static_bytes() / MiB  # half the blocks and the engine's two pad sectors
 
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-ledger-") as ledger_dir:
         for mode in ("static", "ledger"):
