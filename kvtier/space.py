@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -483,18 +483,24 @@ class KVSpace:
         """Whether a sequence's last block lies on ``page``: engines fill it token by token without telling."""
         return bool(self.block_books.tail[page])
 
-    def map_pages(self, pages: list[int], handles: list[Any]) -> None:
-        """Map vacant ``pages`` with ``handles``; all or nothing (on failure the handles go back to the pool)."""
+    def map_pages(self, pages: list[int], handles: list[Any],
+                  on_region: Callable[[int], None] | None = None) -> None:
+        """Map vacant ``pages`` with ``handles``, region after region (``on_region(r)`` once region ``r`` is
+        mapped); all or nothing (on failure the handles go back to the pool)."""
         try:
-            self.range.map(pages, handles)
+            self.range.map(pages, handles, on_region)
         except BaseException:
             self._mgr.give_pages(handles)
             raise
 
-    def unmap_pages(self, pages: list[int]) -> None:
-        """Unmap GPU ``pages`` (their readers are done) and give their handles back; they become vacant."""
-        self._tiering.drop_copies(self, pages)
+    def unmap_pages(self, pages: list[int], still_below: bool = False) -> None:
+        """Unmap GPU ``pages`` (their readers are done) and give their handles back; they become vacant. With
+        ``still_below``: pages mapped for a promotion that failed -- their data stays where it is below."""
+        if not still_below:
+            self._tiering.drop_copies(self, pages)
         self._mgr.give_pages(self.range.unmap(pages))
+        if still_below:
+            return
         for p in pages:
             self._empty.pop(p, None)
         self.pages.tier[list(pages)] = Tier.UNMAPPED

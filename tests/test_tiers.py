@@ -274,3 +274,53 @@ def test_blocks_handed_out_again_on_a_shared_page_move_with_their_new_bytes(make
     assert_seq(space, "a")
     assert_seq(space, "c", salt=5)
     mgr.check()
+
+
+@pytest.mark.parametrize("failing_call", [3, 6], ids=["first-page", "second-page"])
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_a_map_that_fails_mid_page_during_prefetch_leaves_everything_as_it_was(make_manager, tier, failing_call):
+    # prefetch maps a page region after region and enqueues each region's copy up at once; a driver map failing
+    # part-way (after earlier regions' copies were queued) unmaps what it mapped once those copies have landed,
+    # gives the handles back and leaves the sequence below, intact: a later prefetch brings the same bytes (a
+    # failure in the second page also takes the whole first page, copied up already, back off the GPU)
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    space.allocate("a", 2 * BPP * space.block_size)
+    write_seq(space, "a")
+    space.offload("a", tier=tier).result()
+    in_use = mgr.pool.in_use_pages
+    backend, real_map, calls = mgr.backend, mgr.backend.map, []
+
+    def failing_map(address, page_size, handles):  # the driver refuses one map call of the prefetch
+        calls.append(address)
+        if len(calls) == failing_call:
+            raise kvtier.errors.CudaError("cuMemMap", "CUDA_ERROR_OUT_OF_MEMORY", "injected")
+        real_map(address, page_size, handles)
+
+    backend.map = failing_map
+    try:
+        with pytest.raises(kvtier.errors.CudaError, match="injected"):
+            space.prefetch(["a"]).result()
+    finally:
+        backend.map = real_map
+    assert space.residency("a")["gpu"] == 0 and space.residency("a")[tier] > 0
+    assert mgr.pool.in_use_pages == in_use
+    mgr.check()
+    # the fault cleared: the same bytes come back
+    space.prefetch(["a"]).result()
+    assert_seq(space, "a")
+    mgr.check()
+    mgr.close()
+
+
+def test_a_page_promoted_in_groups_of_regions_counts_once_in_the_path_stats(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    space.allocate("a", 2 * BPP * space.block_size)  # two pages, each of num_regions regions
+    write_seq(space, "a")
+    space.offload("a", tier="host").result()
+    space.prefetch(["a"]).result()
+    assert mgr.stats()["tiers"]["paths"]["host->gpu"]["pages"] == 2
+    assert_seq(space, "a")
+    mgr.check()
+    mgr.close()

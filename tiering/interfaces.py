@@ -8,7 +8,7 @@ each space satisfies :class:`TieredSpace`. Both contracts are small on purpose; 
 from __future__ import annotations
 
 import threading
-from typing import Any, Hashable, Iterable, Protocol
+from typing import Any, Callable, Hashable, Iterable, Protocol
 
 import torch
 
@@ -21,10 +21,12 @@ class TieredSpace(Protocol):
     - ``pages`` is the space's page table; tiering changes it only under the directory's ``lock``.
     - ``region_view(region, page)`` is the device memory of one mapped page in one region; ``live_bytes(page)``
       how much of it, from its start, holds live blocks (rounded up to whole I/O blocks): what a move carries.
-    - ``map_pages(pages, handles)`` maps vacant pages with ``num_regions`` handles each (page after page): all or
-      nothing, and on failure the handles go back to the pool.
+    - ``map_pages(pages, handles, on_region)`` maps vacant pages with ``num_regions`` handles each (page after
+      page), region after region, calling ``on_region(r)`` once region ``r`` is mapped: all or nothing, and on
+      failure the handles go back to the pool.
     - ``unmap_pages(pages)`` unmaps GPU pages whose last reader has finished and gives their handles back to the
-      pool; the page table entries become ``Tier.UNMAPPED`` (the caller sets where the data went).
+      pool; the page table entries become ``Tier.UNMAPPED`` (the caller sets where the data went). With
+      ``still_below``, pages mapped for a promotion that failed: unmapped, their entries and copies untouched.
     - ``sequences_on(pages)`` names the sequences with blocks on any of ``pages`` (to report lost pages).
     - ``idle_pages()`` lists GPU pages, not in flight, whose live blocks all belong to idle sequences.
     - ``takes_writes(page)`` says whether an engine may write into the page without a call that tells (it holds
@@ -44,9 +46,10 @@ class TieredSpace(Protocol):
 
     def live_bytes(self, page: int) -> int: ...
 
-    def map_pages(self, pages: list[int], handles: list[Any]) -> None: ...
+    def map_pages(self, pages: list[int], handles: list[Any],
+                  on_region: Callable[[int], None] | None = None) -> None: ...
 
-    def unmap_pages(self, pages: list[int]) -> None: ...
+    def unmap_pages(self, pages: list[int], still_below: bool = False) -> None: ...
 
     def sequences_on(self, pages: Iterable[int]) -> list[Hashable]: ...
 

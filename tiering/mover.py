@@ -61,12 +61,13 @@ class Mover:
 
     def start(self, src: Tier, dst: Tier, pairs: list[tuple[Any, Any]], after: Any = None,
               tags: list[Any] | None = None, on_done: Callable[[Any], None] | None = None,
-              label: str | None = None) -> Work:
+              label: str | None = None, pages: int | None = None) -> Work:
         """Start moving ``pairs`` of (source, destination) buffers: device views (torch tensors) or slot ids.
         ``tags[i]`` names the page pair ``i`` belongs to; routes that finish pages progressively call
-        ``on_done(tag)`` once every pair of a tag has landed. ``label``: the path's name in the stats."""
+        ``on_done(tag)`` once every pair of a tag has landed. ``label``: the path's name in the stats; ``pages``:
+        the pages it counts there (default: one per tag; a page moved in several calls counts once)."""
         path = self.paths[label or f"{src.label}->{dst.label}"]
-        path["pages"] += len(set(tags)) if tags else 1
+        path["pages"] += pages if pages is not None else len(set(tags)) if tags else 1
         path["bytes"] += sum(self._moved(src, a, b) for a, b in pairs)
         return self.routes[(src, dst)](pairs, after, tags, on_done)
 

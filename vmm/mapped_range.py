@@ -65,10 +65,13 @@ class MappedRange:
     def _address(self, region: int, page: int) -> int:
         return self.base + region * self.region_bytes + page * self.page_size
 
-    def map(self, pages: Sequence[int], handles: Sequence[Handle]) -> None:
+    def map(self, pages: Sequence[int], handles: Sequence[Handle],
+            on_region: Callable[[int], None] | None = None) -> None:
         """Map ``pages`` (sorted, unmapped) with ``handles`` (``num_regions`` per page, page after page); one
-        driver map per handle and one set-access per run. All or nothing: on failure every run mapped so far is
-        unmapped again and the handles stay the caller's."""
+        driver map per handle and one set-access per run. Region after region: ``on_region(r)``, if given, is
+        called once region ``r`` of every page is mapped (a caller enqueues its copies there, so that they run
+        while the later regions are mapped). All or nothing: on failure every run mapped so far is unmapped
+        again (after the device has finished whatever ``on_region`` enqueued) and the handles stay the caller's."""
         R = self.num_regions
         assert len(handles) == len(pages) * R, (len(handles), len(pages), R)
         per_page = {p: list(handles[i * R:(i + 1) * R]) for i, p in enumerate(pages)}
@@ -76,13 +79,17 @@ class MappedRange:
         start = time.perf_counter()
         try:
             with self._gate():
-                for first, count in runs(pages):
-                    for r in range(R):
+                for r in range(R):
+                    for first, count in runs(pages):
                         self.backend.map(self._address(r, first), self.page_size,
                                          [per_page[first + j][r] for j in range(count)])
                         done.append((r, first, count))
                         self.map_calls += count
+                    if on_region is not None:
+                        on_region(r)
         except BaseException:
+            if on_region is not None and done:
+                self.backend.synchronize()  # copies into the regions mapped so far must land before they go
             for r, first, count in done:
                 self.backend.unmap(self._address(r, first), count * self.page_size)
             raise
