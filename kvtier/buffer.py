@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from kvtier.errors import InvalidArgumentError, OutOfPagesError
+from kvtier.vmm.ledger import max_min_share
 from kvtier.vmm.mapped_range import MappedRange
 
 if TYPE_CHECKING:
@@ -114,14 +115,8 @@ class ElasticBuffer:
         """Pages this buffer may hold while others want room: max-min fair over the pool's budget -- a buffer
         that wants nothing more keeps what it holds if that is under an even split, and the rest (this one and
         every one that wants) split what is left evenly, rounded up."""
-        left = self._mgr.pool.budget_pages
         others = [b for b in list(self._mgr.buffers.values()) if b is not self]
-        demands = sorted([math.inf] + [math.inf if b.wanting() else b.mapped_pages for b in others])
-        for n, demand in zip(range(len(demands), 0, -1), demands):
-            if demand >= -(-left // n):
-                return -(-left // n)  # rounded up: the pool's budget stays the hard limit
-            left -= int(demand)
-        return left  # not reached: this buffer's demand is unbounded
+        return max_min_share(self._mgr.pool.budget_pages, [None if b.wanting() else b.mapped_pages for b in others])
 
     def can_acquire(self, spans: Iterable[Span]) -> bool:
         return self.missing(spans) <= self.available()

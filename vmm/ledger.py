@@ -156,13 +156,7 @@ class Ledger:
             wants = [bool(p.get("wants")) and wall - p["wants"][1] < WANT_TTL_S for p in others]
             share = None
             if any(w and p["priority"] >= mine["priority"] for p, w in zip(others, wants)):
-                left = books["budget_pages"]
-                demands = sorted([float("inf")] + [float("inf") if w else p["pages"] for p, w in zip(others, wants)])
-                for n, demand in zip(range(len(demands), 0, -1), demands):
-                    if demand >= -(-left // n):
-                        share = -(-left // n)  # rounded up: the budget stays the hard limit
-                        break
-                    left -= int(demand)
+                share = max_min_share(books["budget_pages"], [None if w else p["pages"] for p, w in zip(others, wants)])
             self._share = (share, mine["pages"], now)
 
     def others_idle(self) -> int:
@@ -204,6 +198,21 @@ class Ledger:
 
 
 # --- for the tools (kvtier ls, kvtier limit) and the books' own upkeep ------------------------------------------------
+def max_min_share(budget: int, others: list[int | None]) -> int:
+    """The pages one claimant may hold of ``budget`` when it wants more: max-min fair -- each other claimant that
+    wants nothing more keeps what it holds (``others[i]``) if that is under an even split, and the rest (this one
+    and every other that wants: ``None``) split what is left evenly, rounded up (the budget stays the hard limit).
+    Used for processes on the ledger and for buffers on one pool."""
+    demands = sorted([float("inf")] + [float("inf") if d is None else d for d in others])
+    left = budget
+    for n, demand in zip(range(len(demands), 0, -1), demands):
+        even = -(-left // n)
+        if demand >= even:
+            return even
+        left -= int(demand)
+    return left  # not reached: this claimant's own demand is unbounded
+
+
 def read_books(path: str) -> dict[str, Any]:
     try:
         with open(os.path.join(path, BOOKS)) as f:
