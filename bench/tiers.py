@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import re
+import statistics
 import time
 from typing import Any, Callable
 
@@ -33,8 +34,9 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
-    """Seconds for one pinned copy of ``nbytes`` each way, and for both at once on two streams."""
+def pcie_ceilings(device: torch.device, nbytes: int, rounds: int = 1) -> dict[str, float]:
+    """Seconds for one pinned copy of ``nbytes`` each way, and for both at once on two streams: the median of
+    ``rounds`` rounds after a warm-up round."""
     if device.type != "cuda":  # memcpy: whole buffer or page-sized pieces, whichever is faster here
         a, b = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
         a.fill_(1)
@@ -57,12 +59,13 @@ def pcie_ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
         torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    out = {}
-    for _ in range(2):  # the first round warms up
-        out["down"] = run(lambda: copy(host[:nbytes], dev[:nbytes], s1))
-        out["up"] = run(lambda: copy(dev[:nbytes], host[:nbytes], s1))
-        out["both"] = run(lambda: (copy(host[:nbytes], dev[:nbytes], s1), copy(dev[nbytes:], host[nbytes:], s2)))
-    return out
+    out: dict[str, list[float]] = {"down": [], "up": [], "both": []}
+    for _ in range(1 + rounds):  # the first round warms up
+        out["down"].append(run(lambda: copy(host[:nbytes], dev[:nbytes], s1)))
+        out["up"].append(run(lambda: copy(dev[:nbytes], host[:nbytes], s1)))
+        out["both"].append(run(lambda: (copy(host[:nbytes], dev[:nbytes], s1),
+                                        copy(dev[nbytes:], host[nbytes:], s2))))
+    return {k: statistics.median(v[1:]) for k, v in out.items()}
 
 
 def disk_ceilings(directory: str, nbytes: int, threads: int, chunk: int = CHUNK) -> dict[str, float]:
@@ -183,6 +186,8 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
                            "data verified after the round trips; NVMe rows include their checksums (always on)")
         table.notes.append(_digest_speed(dev, mgr.page_size))
     _with_host_checksums(table, config.replace(host_checksums=True), shape, tokens, pcie, gb)
+    if cuda:
+        _both_with_larger_pages(table, config.replace(page_size=32 * MiB), shape, tokens, pcie, gb)
     table.columns.append("met")
     for row in table.rows:
         row.append(_met(row[3], row[5]))
@@ -234,6 +239,31 @@ def _with_host_checksums(table: Table, config: Config, shape: dict, tokens: int,
               "(option: its cost)")
 
 
+def _both_with_larger_pages(table: Table, config: Config, shape: dict, tokens: int, pcie: dict[str, float],
+                            gb: float) -> None:
+    """Both directions at once again with fewer, larger pages: mapping waits for the copies down in flight, so
+    the prefetch's map calls (one per page and region) are time the copies down stand still."""
+    with TierManager(config) as mgr:
+        mgr.tiering.host.wait_ready()
+        space = mgr.create_space("bench", max_tokens=2 * tokens + 8192, **shape)
+        ids = torch.tensor(space.allocate("a", tokens) + space.allocate("b", tokens), device=mgr.device)
+        for layer in range(space.num_layers):
+            for t in space.kv(layer):
+                t[ids] = torch.randn(t[ids].shape, device=mgr.device, dtype=t.dtype)
+        probe = space.kv(space.num_layers - 1)[1][ids].clone()
+        space.offload("a", tier="host").result()
+        space.ensure_resident(["a"])
+        space.offload("a", tier="host").result()
+        mgr.backend.synchronize()
+        both = _timed(lambda: [h.result() for h in (space.offload("b", tier="host"), space.prefetch(["a"]))])
+        space.ensure_resident(["b"])
+        if not torch.equal(space.kv(space.num_layers - 1)[1][ids], probe):
+            raise AssertionError("both at once, larger pages: data changed on its way through the tiers")
+    page = config.page_size // MiB
+    table.add(f"both at once, {page} MiB pages", 2 * gb / both, 2 * gb / pcie["both"], pcie["both"] / both,
+              "two pinned copies", f">= 1.4x one way ({2 * gb / both / (gb / pcie['down']):.2f}x)")
+
+
 def _naive(device: torch.device, nbytes: int) -> dict[str, float]:
     """What users write without kvtier: ``tensor.cpu()`` into pageable memory and ``.cuda()`` back."""
     if device.type != "cuda":
@@ -245,7 +275,7 @@ def _naive(device: torch.device, nbytes: int) -> dict[str, float]:
     return {"down": down, "up": up}
 
 
-def sweep(device: str, token_counts: list[int], step: Any = None) -> Table:
+def sweep(device: str, token_counts: list[int], step: Any = None, repeats: int = 3) -> Table:
     """GPU <-> host bandwidth through kvtier vs transfer size (one whole sequence each), next to the pinned-copy
     ceiling and the naive pageable copy of the same size."""
     shape, per_token = dict(LLAMA8B), 2 * 32 * 8 * 128 * 2
@@ -259,14 +289,12 @@ def sweep(device: str, token_counts: list[int], step: Any = None) -> Table:
     with TierManager(config) as mgr:
         mgr.tiering.host.wait_ready()
         space = mgr.create_space("sweep", max_tokens=max(token_counts) + 8192, **shape)
+        _round_trip(space, min(token_counts), mgr.backend.synchronize)  # warm-up: the first move of a run pays one-time costs
         for tokens in token_counts:
             nbytes = tokens * per_token
-            space.allocate("s", tokens)
-            mgr.backend.synchronize()
-            down = _timed(lambda: space.offload("s", tier="host").result())
-            up = _timed(lambda: space.ensure_resident(["s"]))
-            space.free("s")
-            pcie, naive = pcie_ceilings(mgr.device, nbytes), _naive(mgr.device, nbytes)
+            rounds = [_round_trip(space, tokens, mgr.backend.synchronize) for _ in range(repeats)]
+            down, up = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+            pcie, naive = pcie_ceilings(mgr.device, nbytes, repeats), _naive(mgr.device, nbytes)
             gb = nbytes / 1e9
             # a page moves only its live blocks' bytes: a sequence shorter than a page still moves at PCIe speed
             target = 0.80 if tokens < 4096 else 0.90
@@ -276,5 +304,16 @@ def sweep(device: str, token_counts: list[int], step: Any = None) -> Table:
                       min(pcie["down"] / down, pcie["up"] / up) >= target)
             if step:
                 step()
-    table.notes.append("ratio = pinned-copy time / kvtier time; naive = tensor.cpu() / .cuda() via pageable memory")
+    table.notes.append(f"ratio = pinned-copy time / kvtier time, each the median of {repeats} rounds after a "
+                       "warm-up; naive = tensor.cpu() / .cuda() via pageable memory")
     return table
+
+
+def _round_trip(space: Any, tokens: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """Seconds to send a new ``tokens``-token sequence to host memory and to bring it back (then freed)."""
+    space.allocate("s", tokens)
+    sync()
+    down = _timed(lambda: space.offload("s", tier="host").result())
+    up = _timed(lambda: space.ensure_resident(["s"]))
+    space.free("s")
+    return down, up

@@ -91,7 +91,8 @@ def _bench_options(fn: Any) -> Any:
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
            repeats: int | None = None) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each sub-benchmark asked for."""
-    from kvtier.bench import colocated, generate, long_context, nvme, pairs, prefetch, processes, serve, tiers, vmm
+    from kvtier.bench import (colocated, generate, long_context, nvme, pairs, peers, prefetch, processes, serve, tiers,
+                              vmm)
     from kvtier.vmm import resolve_device
 
     cuda = resolve_device(device).type == "cuda"
@@ -109,6 +110,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "serve": (3 if cuda else 2, lambda step: [serve.run(device, quick=quick, step=step)]),
         "colocated": (2, lambda step: [colocated.run(device, quick=quick, step=step)]),
         "processes": (2, lambda step: [processes.run(device, quick=quick, step=step)]),
+        "peers": (2, lambda step: peers.run(device, quick=quick, step=step)),
         "decode-pairs": (repeats or (30 if cuda else 4),
                          lambda step: [pairs.run(device, quick=quick, rounds=repeats, step=step)]),
     }
@@ -191,6 +193,8 @@ _sub("colocated", "Two models on one KV budget under bursts that take turns: a s
 _sub("processes", "Two engine processes (one model each) on one GPU under bursts that take turns: a static equal "
      "split against kvtier's per-device ledger; TTFT per model and pages per process over time (needs transformers "
      "5.24).")
+_sub("peers", "The same allocation work through kvtier and kvcached in one run (kvcached in a child process; "
+     "skipped where it is not installed).")
 _sub("long-context", "A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (needs "
      "transformers).")
 

@@ -1,0 +1,178 @@
+"""``kvtier bench peers``: the same allocation work through kvtier and through kvcached, in one run.
+
+kvcached (ovg-project/kvcached) maps KV pages on demand under engines' block tables too; it is a benchmark peer
+only: none of its code is in kvtier, and it is imported only here, in a child process (so a crash in its native
+code is reported as such instead of ending the benchmark). Skipped where kvcached is not installed.
+
+The work, in a Llama-3-8B-shaped cache (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks):
+1. alloc + free of k blocks, warm, per pair;
+2. one sequence grown to 8k tokens 16 tokens at a time (an engine's decode growth), per call and in all, with
+   the device memory the growth mapped (``cudaMemGetInfo``) and the driver map calls where the library counts them;
+3. what kvcached cannot do: send the grown sequence to host memory and bring it back (kvtier only).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from kvtier.bench.common import Table, percentile
+from kvtier.bench.vmm import LLAMA8B
+
+BLOCK = 16
+CELL = LLAMA8B["num_kv_heads"] * LLAMA8B["head_dim"] * 2  # bytes of one token's K (or V) in one layer
+KS = (1, 16, 64, 512)
+MARK = "kvtier-peers: "  # the child's result line (kvcached prints to stdout too)
+
+
+def _pairs(alloc: Callable[[int], Any], free: Callable[[Any], None], k: int, iters: int) -> float:
+    """Microseconds per alloc+free of ``k`` blocks (after a warm-up)."""
+    for _ in range(10):
+        free(alloc(k))
+    start = time.perf_counter()
+    for _ in range(iters):
+        free(alloc(k))
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def _used(device: torch.device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+def _grow(step: Callable[[int], None], device: torch.device, tokens: int) -> dict[str, float]:
+    """Grow one sequence to ``tokens`` in 16-token steps: per-call p50/p99 us, total ms, device MiB mapped."""
+    torch.cuda.synchronize(device)
+    before = _used(device)
+    times = []
+    for t in range(BLOCK, tokens + 1, BLOCK):
+        start = time.perf_counter()
+        step(t)
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize(device)
+    return {"p50": percentile(times, 50) * 1e6, "p99": percentile(times, 99) * 1e6, "total": sum(times) * 1e3,
+            "mapped": (_used(device) - before) / 2**20}
+
+
+def kvtier_side(device: torch.device, tokens: int, iters: int) -> dict[str, Any]:
+    from kvtier.config import Config, MiB
+    from kvtier.manager import TierManager
+    out: dict[str, Any] = {}
+    config = Config(device=str(device), host_size=tokens * 2 * CELL * 32 + 256 * MiB, host_chunk=256 * MiB,
+                    nvme_size=64 * MiB)
+    with TierManager(config) as mgr:
+        mgr.tiering.host.wait_ready()
+        space = mgr.create_space("peers", max_tokens=4 * tokens, **LLAMA8B)
+        for k in KS:
+            out[f"alloc{k}"] = _pairs(lambda n: space.allocate("k", n * BLOCK) and "k", space.free, k, iters)
+        time.sleep(0.5)  # the demoter maps the reserve back (map_ahead), as between an engine's requests
+        calls = space.stats()["map_calls"]
+        out["grow"] = _grow(lambda t: space.allocate("g", t), device, tokens)
+        out["grow"]["map_calls"] = space.stats()["map_calls"] - calls
+        start = time.perf_counter()
+        space.offload("g", tier="host").result()
+        out["down_ms"] = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        space.ensure_resident(["g"])
+        out["up_ms"] = (time.perf_counter() - start) * 1e3
+        space.free("g")
+        mgr.check()
+    return out
+
+
+def kvcached_side(device: torch.device, tokens: int, iters: int) -> dict[str, Any]:
+    """Runs in the child process: kvcached set up as its vLLM integration does for one worker."""
+    from kvcached.integration.vllm.interfaces import alloc_kv_cache, init_kvcached, shutdown_kvcached
+    from kvcached.kv_cache_manager import KVCacheManager
+    from kvcached.vmm_ops import kv_tensors_created
+    num_blocks = 4 * tokens // BLOCK
+    torch.cuda.set_device(device)
+    init_kvcached(tp_rank=0, world_size=1, is_worker=True, async_sched=False)
+    out: dict[str, Any] = {}
+    try:
+        alloc_kv_cache(kvcache_shape=(2, num_blocks, BLOCK, LLAMA8B["num_kv_heads"], LLAMA8B["head_dim"]),
+                       block_size=BLOCK, dtype=LLAMA8B["dtype"], device=str(device), num_layers=LLAMA8B["num_layers"])
+        deadline = time.monotonic() + 30
+        while not kv_tensors_created():
+            if time.monotonic() > deadline:
+                raise RuntimeError("kvcached: KV tensors not created within 30 s")
+            time.sleep(0.05)
+        manager = KVCacheManager(num_blocks=num_blocks, block_size=BLOCK, cell_size=CELL,
+                                 num_layers=LLAMA8B["num_layers"], world_size=1)
+        for k in KS:
+            out[f"alloc{k}"] = _pairs(manager.alloc, manager.free, k, iters)
+        time.sleep(0.5)  # its pre-allocation thread refills the reserved pages meanwhile
+        held: list[int] = []
+        out["grow"] = _grow(lambda t: held.extend(manager.alloc(1)), device, tokens)
+        out["grow"]["map_calls"] = None  # not counted by kvcached
+        manager.free(held)
+    finally:
+        shutdown_kvcached()
+    return out
+
+
+def _kvcached_in_child(device: torch.device, tokens: int, iters: int) -> tuple[dict[str, Any] | None, str]:
+    """kvcached's figures from a child process, or None and why not."""
+    try:
+        import kvcached  # noqa: F401
+    except ImportError:
+        return None, "kvcached is not installed: skipped (pip install it to compare)"
+    proc = subprocess.run([sys.executable, "-m", "kvtier.bench.peers", str(device), str(tokens), str(iters)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        what = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                else f"exit {proc.returncode}")
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        return None, f"kvcached {what} in its child process: {tail[-300:]}"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARK))
+    return json.loads(line[len(MARK):]), f"kvcached {getattr(kvcached, '__version__', '?')}"
+
+
+def run(device: str = "auto", quick: bool = False, step: Any = None) -> list[Table]:
+    from kvtier.vmm import resolve_device
+    dev = resolve_device(device)
+    table = Table("Side by side: kvtier and kvcached, Llama-3-8B shape (bf16, 16-token blocks)",
+                  ["work", "kvtier", "kvcached", "unit", "kvcached / kvtier"])
+    if dev.type != "cuda":
+        table.notes.append("kvcached runs on CUDA only: nothing to compare on the CPU backend")
+        return [table]
+    tokens, iters = (2048, 200) if quick else (8192, 1000)
+    ours = kvtier_side(dev, tokens, iters)
+    if step:
+        step()
+    theirs, said = _kvcached_in_child(dev, tokens, iters)
+    if step:
+        step()
+    other = theirs or {}
+
+    def row(work: str, ours_value: float | None, theirs_value: float | None, unit: str) -> None:
+        ratio = theirs_value / ours_value if ours_value and theirs_value is not None else None
+        table.add(work, ours_value, theirs_value, unit, ratio)
+
+    for k in KS:
+        row(f"alloc + free of {k} block(s)", ours[f"alloc{k}"], other.get(f"alloc{k}"), "us per pair")
+    g, h = ours["grow"], other.get("grow", {})
+    row(f"grow to {tokens} tokens, 16 at a time: p50", g["p50"], h.get("p50"), "us per call")
+    row(f"grow to {tokens} tokens, 16 at a time: p99", g["p99"], h.get("p99"), "us per call")
+    row(f"grow to {tokens} tokens, 16 at a time: all", g["total"], h.get("total"), "ms")
+    row("device memory mapped by the growth", g["mapped"], h.get("mapped"), "MiB")
+    row("driver map calls during the growth", g["map_calls"], h.get("map_calls"), "calls")
+    row(f"send the {tokens}-token sequence to host memory", ours["down_ms"], None, "ms")
+    row("bring it back (prefetch, mapping included)", ours["up_ms"], None, "ms")
+    table.notes.append(f"{said}; n/a = not available in that library (kvcached keeps KV on the GPU only and does not "
+                       "count its driver calls); both with their defaults: kvtier maps ahead (map_ahead), kvcached "
+                       "pre-allocates reserved pages; mapped = growth in cudaMemGetInfo's used bytes")
+    return [table]
+
+
+if __name__ == "__main__":  # the child process: kvcached's side, one JSON line on stdout
+    dev_arg, tokens_arg, iters_arg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    result = kvcached_side(torch.device(dev_arg), tokens_arg, iters_arg)
+    sys.stdout.flush()
+    print(MARK + json.dumps(result))
