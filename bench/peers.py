@@ -7,13 +7,15 @@ code is reported as such instead of ending the benchmark). Skipped where kvcache
 The work, in a Llama-3-8B-shaped cache (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks):
 1. alloc + free of k blocks, warm, per pair;
 2. one sequence grown to 8k tokens 16 tokens at a time (an engine's decode growth), per call and in all, with
-   the device memory the growth mapped (``cudaMemGetInfo``) and the driver map calls where the library counts them;
+   the device memory then held (``cudaMemGetInfo``) and the driver map calls where the library counts them;
 3. what kvcached cannot do: send the grown sequence to host memory and bring it back (kvtier only).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -46,10 +48,10 @@ def _used(device: torch.device) -> int:
     return total - free
 
 
-def _grow(step: Callable[[int], None], device: torch.device, tokens: int) -> dict[str, float]:
-    """Grow one sequence to ``tokens`` in 16-token steps: per-call p50/p99 us, total ms, device MiB mapped."""
+def _grow(step: Callable[[int], None], device: torch.device, tokens: int, before: int) -> dict[str, float]:
+    """Grow one sequence to ``tokens`` in 16-token steps: per-call p50/p99 us, total ms, and the device MiB
+    held then over ``before`` (the bytes used before the library set up its cache)."""
     torch.cuda.synchronize(device)
-    before = _used(device)
     times = []
     for t in range(BLOCK, tokens + 1, BLOCK):
         start = time.perf_counter()
@@ -57,13 +59,14 @@ def _grow(step: Callable[[int], None], device: torch.device, tokens: int) -> dic
         times.append(time.perf_counter() - start)
     torch.cuda.synchronize(device)
     return {"p50": percentile(times, 50) * 1e6, "p99": percentile(times, 99) * 1e6, "total": sum(times) * 1e3,
-            "mapped": (_used(device) - before) / 2**20}
+            "held": (_used(device) - before) / 2**20}
 
 
 def kvtier_side(device: torch.device, tokens: int, iters: int) -> dict[str, Any]:
     from kvtier.config import Config, MiB
     from kvtier.manager import TierManager
     out: dict[str, Any] = {}
+    before = _used(device)
     config = Config(device=str(device), host_size=tokens * 2 * CELL * 32 + 256 * MiB, host_chunk=256 * MiB,
                     nvme_size=64 * MiB)
     with TierManager(config) as mgr:
@@ -73,7 +76,7 @@ def kvtier_side(device: torch.device, tokens: int, iters: int) -> dict[str, Any]
             out[f"alloc{k}"] = _pairs(lambda n: space.allocate("k", n * BLOCK) and "k", space.free, k, iters)
         time.sleep(0.5)  # the demoter maps the reserve back (map_ahead), as between an engine's requests
         calls = space.stats()["map_calls"]
-        out["grow"] = _grow(lambda t: space.allocate("g", t), device, tokens)
+        out["grow"] = _grow(lambda t: space.allocate("g", t), device, tokens, before)
         out["grow"]["map_calls"] = space.stats()["map_calls"] - calls
         start = time.perf_counter()
         space.offload("g", tier="host").result()
@@ -93,6 +96,7 @@ def kvcached_side(device: torch.device, tokens: int, iters: int) -> dict[str, An
     from kvcached.vmm_ops import kv_tensors_created
     num_blocks = 4 * tokens // BLOCK
     torch.cuda.set_device(device)
+    before = _used(device)
     init_kvcached(tp_rank=0, world_size=1, is_worker=True, async_sched=False)
     out: dict[str, Any] = {}
     try:
@@ -109,7 +113,7 @@ def kvcached_side(device: torch.device, tokens: int, iters: int) -> dict[str, An
             out[f"alloc{k}"] = _pairs(manager.alloc, manager.free, k, iters)
         time.sleep(0.5)  # its pre-allocation thread refills the reserved pages meanwhile
         held: list[int] = []
-        out["grow"] = _grow(lambda t: held.extend(manager.alloc(1)), device, tokens)
+        out["grow"] = _grow(lambda t: held.extend(manager.alloc(1)), device, tokens, before)
         out["grow"]["map_calls"] = None  # not counted by kvcached
         manager.free(held)
     finally:
@@ -123,15 +127,26 @@ def _kvcached_in_child(device: torch.device, tokens: int, iters: int) -> tuple[d
         import kvcached  # noqa: F401
     except ImportError:
         return None, "kvcached is not installed: skipped (pip install it to compare)"
-    proc = subprocess.run([sys.executable, "-m", "kvtier.bench.peers", str(device), str(tokens), str(iters)],
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "kvtier.bench.peers", str(device), str(tokens), str(iters)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    said = f"kvcached {getattr(kvcached, '__version__', '?')}"
+    stdcxx = ctypes.util.find_library("stdc++")
+    if proc.returncode == -signal.SIGSEGV and stdcxx:
+        # Seen on the H100 image (kvcached e8e6406, g++ 13): its vmm_ops extension carries libstdc++ code of its
+        # own and crashes at the PageAllocator constructor's first `std::cout << <integer>`; with the system's
+        # libstdc++ preloaded, whose symbols then win, it runs. Say so rather than compare nothing.
+        env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [os.environ.get("LD_PRELOAD"), stdcxx]))}
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        said += f" (run with LD_PRELOAD={stdcxx}: without it, it segfaults in PageAllocator's constructor)"
     if proc.returncode != 0:
         what = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                 else f"exit {proc.returncode}")
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         return None, f"kvcached {what} in its child process: {tail[-300:]}"
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARK))
-    return json.loads(line[len(MARK):]), f"kvcached {getattr(kvcached, '__version__', '?')}"
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
+    if line is None:
+        return None, f"{said}: its child process printed no result"
+    return json.loads(line[len(MARK):]), said
 
 
 def run(device: str = "auto", quick: bool = False, step: Any = None) -> list[Table]:
@@ -161,13 +176,14 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> list[Tab
     row(f"grow to {tokens} tokens, 16 at a time: p50", g["p50"], h.get("p50"), "us per call")
     row(f"grow to {tokens} tokens, 16 at a time: p99", g["p99"], h.get("p99"), "us per call")
     row(f"grow to {tokens} tokens, 16 at a time: all", g["total"], h.get("total"), "ms")
-    row("device memory mapped by the growth", g["mapped"], h.get("mapped"), "MiB")
+    row(f"device memory held with the {tokens}-token sequence", g["held"], h.get("held"), "MiB")
     row("driver map calls during the growth", g["map_calls"], h.get("map_calls"), "calls")
     row(f"send the {tokens}-token sequence to host memory", ours["down_ms"], None, "ms")
     row("bring it back (prefetch, mapping included)", ours["up_ms"], None, "ms")
     table.notes.append(f"{said}; n/a = not available in that library (kvcached keeps KV on the GPU only and does not "
                        "count its driver calls); both with their defaults: kvtier maps ahead (map_ahead), kvcached "
-                       "pre-allocates reserved pages; mapped = growth in cudaMemGetInfo's used bytes")
+                       "pre-allocates reserved pages; held = cudaMemGetInfo's used bytes over those before the library set up "
+                       "(its mapped pages, reserves included)")
     return [table]
 
 

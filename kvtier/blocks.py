@@ -81,13 +81,18 @@ class BlockBooks:
 
     # --- commands ----------------------------------------------------------------------------------------------
     def _tail_pages(self, seq_id: Hashable) -> list[int]:
+        """The page(s) of the sequence's last block (plain ints: this runs on every decode-step allocation)."""
         held = self.seqs.get(seq_id)
-        return self.pages_of(np.asarray(held[-1:], dtype=np.int64)) if held else []
+        if not held:
+            return []
+        first, last = int(self.first_page[held[-1]]), int(self.last_page[held[-1]])
+        return [first] if first == last else [first, last]
 
     def grow(self, seq_id: Hashable, blocks: np.ndarray, num_tokens: int) -> list[int]:
         """Give ``blocks`` (free) to ``seq_id``, now holding ``num_tokens``; return the pages that had no live
         block before (once each)."""
-        np.subtract.at(self.tail, self._tail_pages(seq_id), 1)
+        for p in self._tail_pages(seq_id):
+            self.tail[p] -= 1
         self.free[blocks] = False
         self.free_count -= len(blocks)
         fresh = []
@@ -97,7 +102,8 @@ class BlockBooks:
             self.live[p] += 1
         self.seqs[seq_id] = self.seqs.get(seq_id, []) + blocks.tolist()
         self.tokens[seq_id] = num_tokens
-        np.add.at(self.tail, self._tail_pages(seq_id), 1)
+        for p in self._tail_pages(seq_id):
+            self.tail[p] += 1
         return fresh
 
     def release(self, seq_id: Hashable) -> list[int]:

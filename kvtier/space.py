@@ -130,6 +130,10 @@ class KVSpace:
             self._written(held, old_tokens, num_tokens)
             books.tokens[seq_id] = max(old_tokens, num_tokens)
             return list(held)
+        if held and first_block is None:  # a decode step: mostly the next blocks, on the page it is writing
+            blocks = self._next_on_tail_page(held, need)
+            if blocks is not None:
+                return self._grow(seq_id, blocks, old_tokens, num_tokens)
         # plan: blocks, pages to map, room for them -- nothing changes until all three are known to hold
         masks = self._masks()
         if first_block is None:
@@ -147,6 +151,27 @@ class KVSpace:
         if room is not None:
             self.map_pages(new_pages, self._mgr.take_room(room))
             self.pages.tier[new_pages] = Tier.GPU
+        return self._grow(seq_id, blocks, old_tokens, num_tokens)
+
+    def _next_on_tail_page(self, held: list[int], need: int) -> np.ndarray | None:
+        """The ``need`` blocks right after the sequence's last one, if they are free and lie on the page of its
+        last block, on the GPU and not in flight: what ``plan_blocks`` would pick first (free blocks on the
+        sequence's own pages, after its last block), found without scanning the space's books (a 16-token
+        decode step cost ~90 us here through the full plan, mostly masks over every block and page)."""
+        books, last = self.block_books, held[-1]
+        stop = last + 1 + need
+        if stop > books.num_blocks:
+            return None
+        page = int(books.last_page[last])
+        if books.first_page[last + 1] != page or books.last_page[stop - 1] != page:
+            return None
+        if self.pages.tier[page] != Tier.GPU or self.pages.in_flight([page]) or not books.free[last + 1:stop].all():
+            return None
+        return np.arange(last + 1, stop, dtype=np.int64)
+
+    def _grow(self, seq_id: Hashable, blocks: np.ndarray, old_tokens: int, num_tokens: int) -> list[int]:
+        """Book ``blocks`` (free, on mapped pages) to ``seq_id``, now ``num_tokens`` long."""
+        books = self.block_books
         policy, priority = self._tiering.policy, self._seq_priority.get(seq_id, self.priority)
         for p in books.grow(seq_id, blocks, num_tokens):
             policy.on_create(PageRef(self.name, p), priority)

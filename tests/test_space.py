@@ -49,6 +49,41 @@ def test_grown_sequence_keeps_its_earlier_blocks_and_data(make_manager):
                 assert torch.equal(t[grown[i]].cpu(), pattern(space, "a", 0, i, layer, kv))
 
 
+def test_decode_steps_take_the_next_blocks_of_the_page_being_written(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=6 * BPP * make_manager.shape["block_size"], **make_manager.shape)
+    bs = space.block_size
+    # one sequence grows a token at a time, as an engine's decode steps do: consecutive blocks, page after page
+    for t in range(1, 2 * BPP * bs + 1):
+        space.allocate("a", t)
+    assert space.blocks("a") == list(range(space.blocks("a")[0], space.blocks("a")[0] + 2 * BPP))
+    # two more grow interleaved: short ones share a page, then each gets pages of its own; nothing is lost
+    write_seq(space, "a")
+    for t in range(1, BPP * bs + 2 * bs):
+        space.allocate("b", t)
+        space.allocate("c", t)
+    assert not set(space.blocks("a")) & (set(space.blocks("b")) | set(space.blocks("c")))
+    assert not set(space.blocks("b")) & set(space.blocks("c"))
+    assert_seq(space, "a")
+    mgr.check()
+    # "a" goes down while its last page is not full, and comes back: growth resumes on the page it returns to
+    for seq in ("a", "b", "c"):
+        space.free(seq)
+    space.allocate("a", BPP * bs + 2 * bs)
+    write_seq(space, "a")
+    space.offload("a", tier="host").result()
+    with pytest.raises(kvtier.InvalidArgumentError, match="offloaded"):
+        space.allocate("a", BPP * bs + 3 * bs)  # never a block on a page that is not on the GPU
+    space.ensure_resident(["a"])
+    grown = space.allocate("a", BPP * bs + 4 * bs)
+    assert grown[-2:] == [grown[-3] + 1, grown[-3] + 2]
+    for layer in range(space.num_layers):  # the blocks written before the round trip hold their bytes
+        for kv, tensor in enumerate(space.kv(layer)):
+            for i, b in enumerate(grown[:BPP + 2]):
+                assert torch.equal(tensor[b].cpu(), pattern(space, "a", 0, i, layer, kv))
+    mgr.check()
+
+
 def test_pages_are_unmapped_on_free_and_remapped_on_reuse(make_manager):
     mgr = make_manager(space_reserve_pages=0)
     space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
