@@ -96,6 +96,8 @@ class TierManager:
         except BaseException:
             self._close_pool()
             raise
+        mover = self.tiering.mover
+        self.pool.yield_to = lambda: mover.down_in_flight > 0  # refills wait for copies down (see PagePool)
         self.metrics: MetricsServer | None = None
         if self.config.metrics_port is not None:
             try:

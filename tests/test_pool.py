@@ -76,3 +76,39 @@ def test_handles_map_real_memory():
     finally:
         backend.free_reservation(base, 2 * PAGE)
         pool.close()
+
+
+def test_refills_wait_while_copies_go_down_unless_the_pool_runs_low():
+    pool = PagePool(HostBackend(), PAGE, budget_pages=100, ready_pages=16)
+    copies_down = [True]  # the edge: what the mover would say
+    pool.yield_to = lambda: copies_down[0]
+    try:
+        # below half the ready pages while copies go down: the worker waits (7 >= a quarter of 16)
+        held = pool.take(9)
+        _wait_for(lambda: pool.refill_waits > 0)
+        assert pool.free_pages == 7 and pool.creations == 16
+        # below a quarter: it refills anyway (an allocation may need the pages now)
+        held += pool.take(4)
+        _wait_for(lambda: pool.free_pages == 16)
+        # the copies land: a pool short again refills at once
+        held += pool.take(9)
+        _wait_for(lambda: pool.refill_waits > 1)
+        copies_down[0] = False
+        _wait_for(lambda: pool.free_pages == 16)
+        pool.give(held)
+        pool.check()
+    finally:
+        pool.close()
+
+
+def test_the_mover_reports_copies_down_only_while_they_run(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
+    space.allocate("a", 40 * space.block_size)
+    # the pool's refills look at this count; it is back to zero once the transfer has landed
+    space.offload("a", tier="host").result()
+    assert mgr.tiering.mover.down_in_flight == 0
+    space.ensure_resident(["a"])
+    space.offload("a", tier="nvme").result()
+    assert mgr.tiering.mover.down_in_flight == 0
+    mgr.check()

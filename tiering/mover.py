@@ -6,6 +6,7 @@ steps for the tiering worker; each route reports its failures per page (``PairsF
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,6 +48,8 @@ class Mover:
                                 (N, G, self._nvme_gpu), (H, N, self._host_nvme), (N, H, self._nvme_host)):
             self.register(src, dst, route)
         self.paths: dict[str, dict[str, float]] = defaultdict(lambda: {"pages": 0, "bytes": 0})
+        self.down_in_flight = 0  # batches of device-to-host traffic submitted and not yet retired (all routes)
+        self._counting = threading.Lock()
 
     def _moved(self, src: Tier, a: Any, b: Any) -> int:
         """Bytes a pair moves: the source view's, or what the source slot holds (at most the destination's)."""
@@ -54,6 +57,10 @@ class Mover:
             return a.numel() * a.element_size()
         held = (self.host if src == Tier.HOST else self.nvme).held(a)
         return min(held, b.numel() * b.element_size()) if isinstance(b, torch.Tensor) else held
+
+    def _count_down(self, delta: int) -> None:
+        with self._counting:
+            self.down_in_flight += delta
 
     def register(self, src: Tier, dst: Tier, route: Route) -> None:
         """Serve copies from ``src`` to ``dst`` with ``route(pairs, after, tags, on_done) -> Work``."""
@@ -96,6 +103,7 @@ class Mover:
 
         def retire() -> None:
             waiter, indices = inflight.popleft()
+            self._count_down(-1)
             errors = waiter.synchronize() or {}
             for i, exc in errors.items():
                 failed.setdefault(tags[i], exc)
@@ -111,14 +119,18 @@ class Mover:
                     on_done(tags[i])
 
         batch = batch or self.BATCH
-        for first in range(0, n, batch):
-            while len(inflight) >= self.DEPTH:
+        try:
+            for first in range(0, n, batch):
+                while len(inflight) >= self.DEPTH:
+                    retire()
+                self.gate()
+                indices = list(range(first, min(first + batch, n)))
+                inflight.append((submit(indices), indices))
+                self._count_down(1)
+            while inflight:
                 retire()
-            self.gate()
-            indices = list(range(first, min(first + batch, n)))
-            inflight.append((submit(indices), indices))
-        while inflight:
-            retire()
+        finally:
+            self._count_down(-len(inflight))  # batches left behind by an error are no longer watched
         if failed:
             raise PairsFailed(failed)
 
