@@ -211,17 +211,10 @@ class Tiering:
         regions' copies enqueued right after their mapping, so the driver's mapping work overlaps the copies
         already running. (H100, 952e6ad: a 1024-token Llama-3-8B sequence is one page of 64 regions; mapped whole
         before its copies, fault-back took 7.2 ms against 2.6 ms of copy, 3.4 ms of it mapping.)"""
-        # the gate is held across every page, not page by page: between two pages' maps the demotion worker would
-        # start new batches down, and the next map waits for those to land (cuMemMap waits for copies down)
-        with self.mapping():
-            moves, work = self._map_and_copy_up(space, pages, handles)
-        return self._launch("promote", moves, {}, None, False, work)
-
-    def _map_and_copy_up(self, space: TieredSpace, pages: list[int], handles: list[Any]) -> tuple[list[Move], Work]:
         R, table = space.num_regions, space.pages
-        every = max(1, R // PROMOTE_GROUPS)
         moves: list[Move] = []
         work = Work()
+        every = max(1, R // PROMOTE_GROUPS)
         for i, p in enumerate(pages):
             src = table.tier_of(p)
             move = Move(space, p, src, Tier.GPU, [])
@@ -246,7 +239,7 @@ class Tiering:
                 self.pool.give(handles[(i + 1) * R:])
                 raise
             moves.append(move)
-        return moves, work
+        return self._launch("promote", moves, {}, None, False, work)
 
     def stage(self, space: TieredSpace, pages: list[int]) -> TransferHandle:
         """Start reading NVMe ``pages`` up into host slots (so a later fault-back crosses PCIe only). Pages past
