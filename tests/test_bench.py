@@ -99,3 +99,24 @@ def _scratch_dirs() -> list[str]:
     import glob
     import tempfile
     return glob.glob(f"{tempfile.gettempdir()}/kvtier-bench-*")
+
+
+def test_decode_pairs_settles_within_5_percent_by_the_medians_interval():
+    from kvtier.bench.pairs import median_interval
+    # the interval holds the median, and more rounds of the same spread narrow it (the IQR would not)
+    few = [0.90, 0.94, 0.96, 0.97, 0.99, 1.01, 1.05, 1.10]
+    many = few * 25
+    lo, hi = median_interval(few)
+    assert lo <= sorted(few)[4] <= hi
+    lo_many, hi_many = median_interval(many)
+    assert lo <= lo_many and hi_many <= hi and (lo_many, hi_many) != (lo, hi)
+    assert median_interval([1.0]) == (1.0, 1.0)
+
+
+def test_peers_bench_says_why_it_compares_nothing_on_the_cpu(tmp_path):
+    out = tmp_path / "peers.json"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "peers", "--device", "cpu", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"][0]
+    assert table["rows"] == [] and "CUDA only" in table["notes"][0]

@@ -103,8 +103,10 @@ class Mover:
 
         def retire() -> None:
             waiter, indices = inflight.popleft()
-            self._count_down(-1)
-            errors = waiter.synchronize() or {}
+            try:
+                errors = waiter.synchronize() or {}
+            finally:
+                self._count_down(-1)  # landed (or failed): no longer in flight
             for i, exc in errors.items():
                 failed.setdefault(tags[i], exc)
             good = [i for i in indices if i not in errors]
