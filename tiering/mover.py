@@ -127,8 +127,12 @@ class Mover:
                     retire()
                 self.gate()
                 indices = list(range(first, min(first + batch, n)))
-                inflight.append((submit(indices), indices))
-                self._count_down(1)
+                self._count_down(1)  # in flight from its submission (the CPU backend copies inside submit)
+                try:
+                    inflight.append((submit(indices), indices))
+                except BaseException:
+                    self._count_down(-1)
+                    raise
             while inflight:
                 retire()
         finally:
