@@ -1,0 +1,215 @@
+"""The tier half of a :class:`kvtier.space.KVSpace`'s API: sending sequences down (``offload``,
+``offload_prefix``, ``drop_prefix``), bringing them back (``prefetch``, ``stage``, ``ensure_resident``), reading a
+prefix kept below without mapping it (``read``), and where a sequence's bytes are (``residency``).
+
+``SpaceTiers`` is a mixin of ``KVSpace`` and only that: it plans against the space's books (``block_books``,
+``pages``, ``_offloaded``) under the manager's lock and hands the moves to ``kvtier.tiering``, as the rest of the
+space does for allocation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from kvtier.errors import InvalidArgumentError, PagesInFlight, TransferError
+from kvtier.policies import PageRef
+from kvtier.tiering import LOWER, STORAGE, Tier, TransferHandle
+
+
+def _offload_tier(tier: str | None, allowed: tuple[str | None, ...]) -> Tier | None:
+    if tier not in allowed:
+        names = ", ".join(repr(t) for t in allowed)
+        raise InvalidArgumentError(f"tier {tier!r} is not a tier to offload to (use {names})")
+    return None if tier is None else Tier.named(tier)
+
+
+class SpaceTiers:
+    """Offload, prefetch, stage and read for a :class:`KVSpace` (see the module docstring)."""
+
+    def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
+        """Mark ``seq_id`` idle (e.g. waiting for its next turn). With ``tier=None`` the policy decides when and
+        where its pages go (under GPU pressure); with ``"host"`` or ``"nvme"`` they start going there now.
+        Pages it shares with active sequences stay. ``stream``: where its last kernels ran (default: current);
+        demotion copies wait for them."""
+        dst = _offload_tier(tier, (None, "host", "nvme"))
+        with self._lock:
+            self._check_open()
+            pages = self.block_books.pages_of_seqs([seq_id])
+            self._offloaded.add(seq_id)
+            self.idle_fence = self._mgr.backend.record_fence(stream)
+            for p in pages:
+                self._tiering.policy.on_use(PageRef(self.name, p))  # its last use: the policy ages it from here
+            if dst is None:
+                self._tiering.poke()
+                return TransferHandle(self._tiering, "demote", [])
+            movable = set(self.idle_pages())
+            if dst == Tier.NVME:  # pages already in host memory go on down too
+                movable |= set(np.flatnonzero((self.pages.tier == Tier.HOST) & ~self.pages.moving_mask()).tolist())
+            plan = self._tiering.plan_demote(self, [p for p in pages if p in movable], dst)
+            return self._start(plan, self.idle_fence)
+
+    def offload_prefix(self, seq_id: Hashable, tokens: int, tier: str = "host", stream: Any = None) -> TransferHandle:
+        """Start moving down the pages that hold only ``seq_id``'s first ``tokens`` tokens, while the sequence
+        stays active: it keeps growing in its later pages, and :meth:`read` copies the prefix into the engine's
+        buffer when a step needs it (a layer streamed through host memory, whose past is never written again).
+        A page holding later tokens or another sequence's blocks stays. ``stream``: where the kernels that wrote
+        (or copied) the prefix ran; the copies down wait for them."""
+        dst = _offload_tier(tier, ("host", "nvme"))
+        with self._lock:
+            self._check_open()
+            movable = self.pages.allocatable()
+            pages = [p for p in self._prefix_pages(seq_id, tokens) if movable[p]]
+            plan = self._tiering.plan_demote(self, pages, dst)
+            return self._start(plan, self._mgr.backend.record_fence(stream))
+
+    def _prefix_pages(self, seq_id: Hashable, tokens: int) -> list[int]:
+        """The pages that hold nothing but ``seq_id``'s first ``tokens`` tokens (whole blocks below ``tokens``; no
+        later block of it, no block of another sequence)."""
+        b = self.block_books
+        blocks = np.asarray(b.blocks_of(seq_id), dtype=np.int64)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= b.tokens[seq_id]:
+            raise InvalidArgumentError(f"tokens must be an int in 0..{b.tokens[seq_id]} (the tokens "
+                                       f"{seq_id!r} holds), got {tokens!r}")
+        cut = tokens // self.block_size  # blocks wholly below ``tokens``
+        ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.num_pages)
+        later = set(b.pages_of(blocks[cut:]))
+        return [p for p in np.flatnonzero(ours).tolist() if ours[p] == b.live[p] and p not in later]
+
+    def drop_prefix(self, seq_id: Hashable, tokens: int, stream: Any = None) -> TransferHandle:
+        """Drop the pages that hold only ``seq_id``'s first ``tokens`` tokens: tokens the engine will never read
+        again (they fell out of a sliding window). The sequence keeps its blocks and goes on growing; the pages'
+        memory goes back (a GPU page once the kernels queued on ``stream`` are done, a page below at once). A
+        dropped token is gone: ``read`` and ``check_resident`` refuse it, ``prefetch`` skips it."""
+        with self._lock:
+            self._check_open()
+            moving = self.pages.moving_mask()
+            pages = [p for p in self._prefix_pages(seq_id, tokens) if not moving[p]]
+            tiers = self.pages.tier[pages] if pages else np.zeros(0, dtype=np.int8)
+            self._tiering.drop_below(self, [p for p, t in zip(pages, tiers) if t in LOWER])
+            plan = self._tiering.plan_drop(self, [p for p, t in zip(pages, tiers) if t == Tier.GPU])
+            return self._start(plan, self._mgr.backend.record_fence(stream))
+
+    def _start(self, plan: Any, after: Any) -> TransferHandle:
+        handles = self._tiering.start_demotion(plan, after=after)
+        return handles[0] if handles else TransferHandle(self._tiering, "demote", [])
+
+    def prefetch(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start bringing every page of ``seq_ids`` to the GPU; they become active again. The handle's
+        ``wait(stream)`` makes the step's stream wait on the device; ``result()`` blocks. Raises OutOfPagesError
+        (nothing started) when the GPU cannot take them even after demoting idle pages."""
+        if isinstance(seq_ids, (str, bytes)):
+            raise InvalidArgumentError(f"prefetch takes a list of sequence ids, got the string {seq_ids!r} "
+                                       f"(write prefetch([{seq_ids!r}]))")
+        seqs = list(seq_ids)
+        return self._mgr.run_planned(lambda: self._prefetch(seqs))
+
+    def _prefetch(self, seqs: list[Hashable]) -> TransferHandle:
+        self._check_open()
+        pages = self.block_books.pages_of_seqs(seqs)
+        pending = self.pages.in_flight(pages)
+        if pending:
+            raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
+        self._refuse_lost(pages)
+        below = [p for p in pages if self.pages.tier[p] in LOWER]
+        room = self._mgr.plan_room(self, len(below) * self.num_regions, keep=set(pages)) if below else None
+        # commit
+        handles = self._mgr.take_room(room) if room is not None else []
+        self._offloaded.difference_update(seqs)
+        handle = self._tiering.promote(self, below, handles)
+        for p in pages:
+            self._tiering.policy.on_use(PageRef(self.name, p))
+        return handle
+
+    def _refuse_lost(self, pages: Sequence[int]) -> None:
+        lost = [p for p in pages if self.pages.tier[p] == Tier.LOST]
+        if lost:
+            raise TransferError(f"space {self.name!r}: pages {lost} were lost (a read back failed); free and "
+                                "recompute these sequences", self.sequences_on(lost))
+
+    def read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0,
+             stop: int | None = None, stream: Any = None) -> TransferHandle:
+        """Copy the KV of ``seq_id``'s tokens ``start..stop`` (default: all) into ``dst`` -- one (K, V) pair per
+        layer, shaped and typed like :meth:`kv`, on the space's device -- at the same block positions, from
+        whichever tier each page is in. Nothing is mapped: this is how a step reads a prefix kept below (see
+        :meth:`offload_prefix`). Whole pages are copied (the bytes of other blocks on them come along).
+
+        GPU pages are copied on ``stream`` (default: current) at once; host and NVMe pages on the transfer
+        stream (NVMe: by the I/O worker), after the work queued on ``stream`` so far, which may still read
+        ``dst``. ``handle.wait(stream)`` orders the step after them. Pages in flight are waited for first; the
+        pages read stay where they are until the read is done. Raises TransferError for lost pages."""
+        self._check_read_target(dst)
+        return self._mgr.run_planned(lambda: self._read(seq_id, dst, start, stop, stream))
+
+    def _read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int,
+              stop: int | None, stream: Any) -> TransferHandle:
+        self._check_open()
+        b = self.block_books
+        held = b.blocks_of(seq_id)
+        stop = b.tokens[seq_id] if stop is None else stop
+        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
+                not isinstance(stop, int) or not 0 <= start <= stop <= b.tokens[seq_id]:
+            raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not within the "
+                                       f"{b.tokens[seq_id]} tokens {seq_id!r} holds")
+        blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
+        pages = np.unique(np.concatenate((b.first_page[blocks], b.last_page[blocks]))).tolist()
+        moving = self.pages.moving
+        pending = list({moving[p] for p in pages if p in moving}) if moving else []
+        if pending:
+            raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
+        self._refuse_lost(pages)
+        if (self.pages.tier[pages] == Tier.DROPPED).any():
+            raise InvalidArgumentError(f"space {self.name!r}: tokens {start}..{stop} of {seq_id!r} include dropped "
+                                       "ones (drop_prefix); read only the tokens kept")
+        flat = [t.view(torch.uint8).view(-1) for pair in dst for t in pair]
+        used, P = flat[0].numel(), self.page_size
+
+        def target(region: int, page: int) -> torch.Tensor:  # the page's bytes in dst (the last page is short)
+            return flat[region][page * P: min((page + 1) * P, used)]
+        return self._tiering.read(self, pages, target, stream)
+
+    def _check_read_target(self, dst: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        tensors = [t for pair in dst for t in pair] if len(dst) == self.num_layers else []
+        device = self.range.whole.device
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.dtype or \
+                    t.device.type != device.type or not t.is_contiguous():
+                tensors = []
+                break
+        if len(tensors) != self.num_regions:
+            raise InvalidArgumentError(f"read needs one (K, V) pair per layer ({self.num_layers}), each a "
+                                       f"contiguous {self.dtype} tensor of shape {list(shape)} on {device} "
+                                       "(like kv(layer))")
+
+    def stage(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start reading the NVMe pages of ``seq_ids`` into host memory, ahead of a ``prefetch`` (which then
+        crosses PCIe only). Pages for which the host tier has no room stay on NVMe."""
+        with self._lock:
+            self._check_open()
+            moving = self.pages.moving_mask()
+            pages = [p for p in self.block_books.pages_of_seqs(seq_ids)
+                     if self.pages.tier[p] == Tier.NVME and not moving[p]]
+            return self._tiering.stage(self, pages)
+
+    def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
+        """``prefetch(seq_ids).result()``: blocks until every page is on the GPU."""
+        self.prefetch(seq_ids).result()
+
+    def residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Bytes of ``seq_id``'s blocks per tier (``gpu``, ``host``, ``nvme``, ``lost``)."""
+        with self._lock:
+            self._check_open()
+            blocks = np.asarray(self.block_books.blocks_of(seq_id), dtype=np.int64)
+            tiers = self.pages.tier[self.block_books.first_page[blocks]]
+            per_block = self.block_bytes * self.num_regions
+            return {t.label: int((tiers == t).sum()) * per_block for t in (*STORAGE, Tier.LOST)}
+
+    def page_residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Distinct pages holding ``seq_id``'s blocks, per tier (pages may be shared with other sequences)."""
+        with self._lock:
+            self._check_open()
+            tiers = self.pages.tier[self.block_books.pages_of_seqs([seq_id])]
+            return {t.label: int((tiers == t).sum()) for t in (*STORAGE, Tier.LOST)}
