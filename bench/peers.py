@@ -72,8 +72,12 @@ def kvtier_side(device: torch.device, tokens: int, iters: int) -> dict[str, Any]
     with TierManager(config) as mgr:
         mgr.tiering.host.wait_ready()
         space = mgr.create_space("peers", max_tokens=4 * tokens, **LLAMA8B)
+        def alloc(n: int) -> str:
+            space.allocate("k", n * BLOCK)
+            return "k"
+
         for k in KS:
-            out[f"alloc{k}"] = _pairs(lambda n: space.allocate("k", n * BLOCK) and "k", space.free, k, iters)
+            out[f"alloc{k}"] = _pairs(alloc, space.free, k, iters)
         time.sleep(0.5)  # the demoter maps the reserve back (map_ahead), as between an engine's requests
         calls = space.stats()["map_calls"]
         out["grow"] = _grow(lambda t: space.allocate("g", t), device, tokens, before)
@@ -113,7 +117,14 @@ def kvcached_side(device: torch.device, tokens: int, iters: int) -> dict[str, An
             out[f"alloc{k}"] = _pairs(manager.alloc, manager.free, k, iters)
         time.sleep(0.5)  # its pre-allocation thread refills the reserved pages meanwhile
         held: list[int] = []
-        out["grow"] = _grow(lambda t: held.extend(manager.alloc(1)), device, tokens, before)
+
+        def grow(tokens_now: int) -> None:
+            block = manager.alloc(1)
+            if block is None:  # kvcached says no room by returning None
+                raise RuntimeError(f"kvcached: no block for token {tokens_now} of {tokens}")
+            held.extend(block)
+
+        out["grow"] = _grow(grow, device, tokens, before)
         out["grow"]["map_calls"] = None  # not counted by kvcached
         manager.free(held)
     finally:
@@ -182,8 +193,8 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> list[Tab
     row("bring it back (prefetch, mapping included)", ours["up_ms"], None, "ms")
     table.notes.append(f"{said}; n/a = not available in that library (kvcached keeps KV on the GPU only and does not "
                        "count its driver calls); both with their defaults: kvtier maps ahead (map_ahead), kvcached "
-                       "pre-allocates reserved pages; held = cudaMemGetInfo's used bytes over those before the library set up "
-                       "(its mapped pages, reserves included)")
+                       "pre-allocates reserved pages; held = cudaMemGetInfo's used bytes over those before the "
+                       "library set up (its mapped pages, reserves included)")
     return [table]
 
 

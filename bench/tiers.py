@@ -317,7 +317,7 @@ def sweep(device: str, token_counts: list[int], step: Any = None, repeats: int =
     with TierManager(config) as mgr:
         mgr.tiering.host.wait_ready()
         space = mgr.create_space("sweep", max_tokens=max(token_counts) + 8192, **shape)
-        _round_trip(space, min(token_counts), mgr.backend.synchronize)  # warm-up: the first move of a run pays one-time costs
+        _round_trip(space, min(token_counts), mgr.backend.synchronize)  # warm-up: a run's first move pays once
         for tokens in token_counts:
             nbytes = tokens * per_token
             rounds = [_round_trip(space, tokens, mgr.backend.synchronize) for _ in range(repeats)]
