@@ -332,7 +332,7 @@ class TierManager:
             self.tiering.check()
             for buffer in self.buffers.values():
                 buffer.check()
-            in_spaces = sum(len(s.range.handles) * s.num_regions for s in self.spaces.values())
+            in_spaces = sum(s.range.handle_count() for s in self.spaces.values())
             in_spaces += sum(b.mapped_pages for b in self.buffers.values())
             assert in_spaces == self.pool.in_use_pages, (in_spaces, self.pool.in_use_pages)
 

@@ -273,6 +273,7 @@ class KVSpace(SpaceTiers):
             mapped = np.zeros(self.num_pages, dtype=bool)
             if self.range.handles:
                 mapped[list(self.range.handles)] = True
+                mapped[list(self.range.partial)] = False  # going down: some regions are gone already
             b = self.block_books
             bad = ids[b.free[ids] | ~mapped[b.first_page[ids]] | ~mapped[b.last_page[ids]]]
             if bad.size:
@@ -336,6 +337,14 @@ class KVSpace(SpaceTiers):
         for p in pages:
             self._empty.pop(p, None)
         self.pages.tier[list(pages)] = Tier.UNMAPPED
+
+    def unmap_regions(self, page: int, regions: list[int]) -> None:
+        """Unmap ``regions`` of a page going down (their copies have landed) and give their handles back; the
+        page's other regions stay until ``unmap_pages``."""
+        self._mgr.give_pages(self.range.unmap_regions(page, regions))
+
+    def mapped_regions(self, page: int) -> list[int]:
+        return self.range.mapped_regions(page)
 
     # --- what the manager needs: quota and empty pages -------------------------------------------------------------
     def within_quota(self, new_pages: int) -> bool:

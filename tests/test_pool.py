@@ -8,6 +8,7 @@ import pytest
 
 import kvtier
 from kvtier.vmm import HostBackend, PagePool
+from kvtier.vmm.mapped_range import MappedRange
 
 PAGE = 64 << 10
 
@@ -75,6 +76,32 @@ def test_handles_map_real_memory():
         pool.give(handles)
     finally:
         backend.free_reservation(base, 2 * PAGE)
+        pool.close()
+
+
+def test_a_page_gives_regions_back_ahead_of_the_rest():
+    # a page going down unmaps its regions as their copies land; the page is whole again only once unmapped
+    backend = HostBackend()
+    pool = PagePool(backend, PAGE, budget_pages=16, ready_pages=0)
+    rng = MappedRange(backend, num_regions=4, num_pages=3, page_size=PAGE)
+    try:
+        # pages 0 and 1 mapped in every region, each region's bytes marked with its number
+        rng.map([0, 1], pool.take(8))
+        for r in range(4):
+            for p in (0, 1):
+                rng.region_view(r, p).fill_(r)
+        assert rng.handle_count() == 8 and rng.is_whole(0)
+        # regions 0 and 1 of page 0 go ahead: two handles back, the page no longer whole, its other regions intact
+        pool.give(rng.unmap_regions(0, [0, 1]))
+        assert rng.handle_count() == 6 and not rng.is_whole(0) and rng.is_whole(1)
+        assert rng.mapped_regions(0) == [2, 3] and pool.in_use_pages == 6
+        assert [int(rng.region_view(r, 0).max()) for r in (2, 3)] == [2, 3]
+        # unmapping both pages (one run) takes the six handles left, each once
+        pool.give(rng.unmap([0, 1]))
+        assert rng.handle_count() == 0 and not rng.partial and pool.in_use_pages == 0
+        pool.check()
+    finally:
+        rng.close()
         pool.close()
 
 

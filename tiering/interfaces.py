@@ -27,6 +27,9 @@ class TieredSpace(Protocol):
     - ``unmap_pages(pages)`` unmaps GPU pages whose last reader has finished and gives their handles back to the
       pool; the page table entries become ``Tier.UNMAPPED`` (the caller sets where the data went). With
       ``still_below``, pages mapped for a promotion that failed: unmapped, their entries and copies untouched.
+    - ``unmap_regions(page, regions)`` unmaps some regions of a GPU page going down whose copies have landed and
+      gives their handles back; the page stays mapped (and on the GPU in the books) until ``unmap_pages`` takes
+      the rest. ``mapped_regions(page)`` lists the regions of a mapped page still mapped.
     - ``sequences_on(pages)`` names the sequences with blocks on any of ``pages`` (to report lost pages).
     - ``idle_pages()`` lists GPU pages, not in flight, whose live blocks all belong to idle sequences.
     - ``takes_writes(page)`` says whether an engine may write into the page without a call that tells (it holds
@@ -50,6 +53,10 @@ class TieredSpace(Protocol):
                   on_region: Callable[[int], None] | None = None) -> None: ...
 
     def unmap_pages(self, pages: list[int], still_below: bool = False) -> None: ...
+
+    def unmap_regions(self, page: int, regions: list[int]) -> None: ...
+
+    def mapped_regions(self, page: int) -> list[int]: ...
 
     def sequences_on(self, pages: Iterable[int]) -> list[Hashable]: ...
 

@@ -63,20 +63,22 @@ class Mover:
             self.down_in_flight += delta
 
     def register(self, src: Tier, dst: Tier, route: Route) -> None:
-        """Serve copies from ``src`` to ``dst`` with ``route(pairs, after, tags, on_done) -> Work``."""
+        """Serve copies from ``src`` to ``dst`` with ``route(pairs, after, tags, on_done, on_part) -> Work``."""
         self.routes[(src, dst)] = route
 
     def start(self, src: Tier, dst: Tier, pairs: list[tuple[Any, Any]], after: Any = None,
               tags: list[Any] | None = None, on_done: Callable[[Any], None] | None = None,
-              label: str | None = None, pages: int | None = None) -> Work:
+              label: str | None = None, pages: int | None = None,
+              on_part: Callable[[Any, list[int]], None] | None = None) -> Work:
         """Start moving ``pairs`` of (source, destination) buffers: device views (torch tensors) or slot ids.
         ``tags[i]`` names the page pair ``i`` belongs to; routes that finish pages progressively call
-        ``on_done(tag)`` once every pair of a tag has landed. ``label``: the path's name in the stats; ``pages``:
-        the pages it counts there (default: one per tag; a page moved in several calls counts once)."""
+        ``on_done(tag)`` once every pair of a tag has landed, and (GPU -> host) ``on_part(tag, indices)`` when some
+        of a tag's pairs have landed and others are still to come. ``label``: the path's name in the stats;
+        ``pages``: the pages it counts there (default: one per tag; a page moved in several calls counts once)."""
         path = self.paths[label or f"{src.label}->{dst.label}"]
         path["pages"] += pages if pages is not None else len(set(tags)) if tags else 1
         path["bytes"] += sum(self._moved(src, a, b) for a, b in pairs)
-        return self.routes[(src, dst)](pairs, after, tags, on_done)
+        return self.routes[(src, dst)](pairs, after, tags, on_done, on_part)
 
     @staticmethod
     def copy_on(stream: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -91,10 +93,11 @@ class Mover:
 
     def _pipeline(self, submit: Callable[[list[int]], Any], n: int, tags: list[Any] | None,
                   on_done: Callable[[Any], None] | None, landed: Callable[[list[int]], None] | None = None,
-                  batch: int | None = None) -> None:
+                  batch: int | None = None, on_part: Callable[[Any, list[int]], None] | None = None) -> None:
         """Submit ``n`` items in gated batches, ``DEPTH`` in flight; ``submit(indices)`` returns something whose
         ``synchronize()`` returns the failed indices ({index: error}); ``landed(indices)`` runs on each batch's
-        items that succeeded, then each tag is reported done when its last item has landed and none failed. Raises
+        items that succeeded, then each tag is reported done when its last item has landed and none failed, and
+        ``on_part(tag, indices)`` gets a batch's items of a tag with more items still to come. Raises
         :class:`PairsFailed` at the end if any item failed."""
         tags = tags if tags is not None else list(range(n))
         last = {tag: i for i, tag in enumerate(tags)}
@@ -116,9 +119,18 @@ class Mover:
                 except Exception as exc:  # noqa: BLE001 - those pages failed
                     for i in good:
                         failed.setdefault(tags[i], exc)
+            parts: dict[Any, list[int]] = {}
             for i in good:
-                if on_done is not None and last[tags[i]] == i and tags[i] not in failed:
-                    on_done(tags[i])
+                if tags[i] in failed:
+                    continue
+                if last[tags[i]] == i:
+                    parts.pop(tags[i], None)  # its last item: the tag is done, the whole of it
+                    if on_done is not None:
+                        on_done(tags[i])
+                elif on_part is not None:
+                    parts.setdefault(tags[i], []).append(i)
+            for tag, indices in parts.items():
+                on_part(tag, indices)  # type: ignore[misc]
 
         batch = batch or self.BATCH
         try:
@@ -140,8 +152,11 @@ class Mover:
         if failed:
             raise PairsFailed(failed)
 
-    def _gpu_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
-        stream, copies = self.down, [(view, self.host.view(slot)[:view.numel()]) for view, slot in pairs]
+    def _gpu_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                  on_part: Any = None) -> Work:
+        whole = self.host.slot_size
+        stream, copies = self.down, [(view, self.host.view(slot) if view.numel() == whole else
+                                      self.host.view(slot)[:view.numel()]) for view, slot in pairs]
         for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
             self.host.hold(slot, view.numel())
         digests = self.host.digests
@@ -165,9 +180,10 @@ class Mover:
                 event.record(stream)
             return event
 
-        return Work(io=[lambda: self._pipeline(submit, len(copies), tags, on_done, landed)])
+        return Work(io=[lambda: self._pipeline(submit, len(copies), tags, on_done, landed, on_part=on_part)])
 
-    def _host_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
+    def _host_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                  on_part: Any = None) -> Work:
         """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. What the
         slot holds lands at the start of the view (a view shorter than that takes its first bytes). With host
         checksums each slot is verified on the host
@@ -183,8 +199,10 @@ class Mover:
                 if tag in failed or self._bad_host_slot(slot, tag, failed):
                     continue
                 data = self.host.data(slot)
-                n = min(view.numel(), data.numel())
-                view[:n].copy_(data[:n], non_blocking=cuda)
+                if view.numel() != data.numel():  # sliced only when they differ (a slice costs microseconds)
+                    n = min(view.numel(), data.numel())
+                    view, data = view[:n], data[:n]
+                view.copy_(data, non_blocking=cuda)
             event = None
             if cuda:
                 event = torch.cuda.Event()
@@ -218,7 +236,8 @@ class Mover:
                 raise PairsFailed({(tags[i] if tags is not None else i): exc for i, exc in errors.items()})
         return Work(io=[run])
 
-    def _gpu_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
+    def _gpu_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                  on_part: Any = None) -> Work:
         """Device pages to disk. Without GPUDirect Storage they are staged through free pinned host slots (lent
         for the transfer): a copy down at PCIe speed, then the write from pinned memory. Measured on an H100
         (kvikio compat mode, ext4): kvikio's own bounce reached 0.56-0.66 of a raw O_DIRECT write; host -> NVMe
@@ -266,16 +285,19 @@ class Mover:
         finally:
             self.host.books.give_lent(lent)
 
-    def _nvme_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
+    def _nvme_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                  on_part: Any = None) -> Work:
         return self._io([lambda v=view, s=slot: self.nvme.read(s, v) for slot, view in pairs], after, tags)
 
-    def _host_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
+    def _host_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                   on_part: Any = None) -> Work:
         digests = self.host.digests  # with host checksums, bytes that went bad in host memory are not sealed below
         verified = (lambda h: digests.verify(h, self.host.data(h), "host")) if digests else (lambda h: None)
         return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.data(h), verified(h)) for hs, ns in pairs],
                         tags=tags)
 
-    def _nvme_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> Work:
+    def _nvme_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                   on_part: Any = None) -> Work:
         digests = self.host.digests
         for ns, hs in pairs:
             self.host.hold(hs, self.nvme.held(ns))  # the slot below holds a page's live bytes: so will this one

@@ -167,7 +167,7 @@ class Tiering:
 
     def gpu_handles_leaving(self) -> int:
         """GPU handles that transfers in flight will give back when they commit."""
-        return sum(m.space.num_regions for h in self._inflight if h.kind == "demote"
+        return sum(m.space.num_regions - len(m.released) for h in self._inflight if h.kind == "demote"
                    for m in h.moves if m.src == Tier.GPU and id(m) not in h.done_moves)
 
     # --- commits: starting transfers (the caller holds the lock) ---------------------------------------------------
@@ -182,7 +182,7 @@ class Tiering:
                 exclude: set[tuple[str, int]]) -> TransferHandle:
         R, table = space.num_regions, space.pages
         moves: list[Move] = []
-        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move]]] = defaultdict(list)
+        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
         for pm in planned:
             p = pm.page
             if pm.dst == Tier.DROPPED:
@@ -198,10 +198,14 @@ class Tiering:
             self._drop_copies_for(pm.dst, R, exclude)
             slots = self.books(pm.dst).take(R)  # the plan counted this room: it cannot fail here
             moves.append(Move(space, p, pm.src, pm.dst, slots))
-            live = (space.live_bytes(p) or None) if pm.src == Tier.GPU else None  # only its live blocks' bytes
+            live = space.live_bytes(p) if pm.src == Tier.GPU else 0  # only its live blocks' bytes
             for r in range(R):
-                source = space.region_view(r, p)[:live] if pm.src == Tier.GPU else table.slots[p][r]
-                pairs[(pm.src, pm.dst)].append((source, slots[r], moves[-1]))
+                if pm.src == Tier.GPU:
+                    source = space.region_view(r, p)
+                    source = source[:live] if 0 < live < source.numel() else source
+                else:
+                    source = table.slots[p][r]
+                pairs[(pm.src, pm.dst)].append((source, slots[r], moves[-1], r))
         work = Work(event=after) if any(m.clean for m in moves) else None  # unmap only after the step's kernels
         return self._launch("demote", moves, pairs, after, inline, work)
 
@@ -248,12 +252,12 @@ class Tiering:
         room = room_below(self.directory.tiered_spaces(), self._free_slots(), set())[Tier.HOST]
         pages = pages[:room // R]
         moves: list[Move] = []
-        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move]]] = defaultdict(list)
+        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
         for p in pages:
             self._drop_copies_for(Tier.HOST, R, set())
             slots = self.host.books.take(R)
             moves.append(Move(space, p, Tier.NVME, Tier.HOST, slots))
-            pairs[(Tier.NVME, Tier.HOST)] += [(a, b, moves[-1]) for a, b in zip(table.slots[p], slots)]
+            pairs[(Tier.NVME, Tier.HOST)] += [(a, b, moves[-1], r) for r, (a, b) in enumerate(zip(table.slots[p], slots))]
         return self._launch("stage", moves, pairs, None, False)
 
     def read(self, space: TieredSpace, pages: list[int], target: Callable[[int, int], torch.Tensor],
@@ -288,13 +292,21 @@ class Tiering:
             self._queue.put(handle)
         return handle
 
-    def _launch(self, kind: str, moves: list[Move], pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move]]],
-                after: Any, inline: bool, work: Work | None = None) -> TransferHandle:
+    def _launch(self, kind: str, moves: list[Move],
+                pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move, int]]], after: Any, inline: bool,
+                work: Work | None = None) -> TransferHandle:
+        """Start every path's copies ((source, destination, move, region) per pair) and list the moves in flight.
+        A GPU page going to host memory gives its regions back as their copies land (``_release``); to NVMe it
+        does not (a write that fails later leaves the GPU page the truth)."""
         handle = TransferHandle(self, kind, moves)
         work = work or Work()
         for (src, dst), prs in pairs.items():
-            step = self.mover.start(src, dst, [(a, b) for a, b, _ in prs], after if src == Tier.GPU else None,
-                                    tags=[m for _, _, m in prs], on_done=lambda m: self.commit(handle, [m]))
+            regions = [r for *_, r in prs]
+            on_part = (lambda m, idx, regions=regions: self._release(handle, m, [regions[i] for i in idx])) \
+                if (src, dst) == (Tier.GPU, Tier.HOST) else None
+            step = self.mover.start(src, dst, [(a, b) for a, b, *_ in prs], after if src == Tier.GPU else None,
+                                    tags=[m for _, _, m, _ in prs], on_done=lambda m: self.commit(handle, [m]),
+                                    on_part=on_part)
             work.event = step.event or work.event
             work.io += step.io
         handle.attach(work)
@@ -310,6 +322,16 @@ class Tiering:
             else:
                 self._queue.put(handle)
         return handle
+
+    def _release(self, handle: TransferHandle, m: Move, regions: list[int]) -> None:
+        """Some regions of a GPU page going down have landed below: unmap them now, while the page's other
+        regions copy (see ``MappedRange.unmap_regions``), and let waiting callers plan again with the handles."""
+        with self.lock:
+            if id(m) in handle.done_moves:
+                return
+            m.space.unmap_regions(m.page, regions)
+            m.released += regions
+            self.directory.pages_changed()
 
     # --- kept copies (see PageTable) ----------------------------------------------------------------------------------
     def drop_copies(self, space: TieredSpace, pages: Iterable[int]) -> None:
@@ -412,7 +434,7 @@ class Tiering:
         table.written_in_flight.discard(p)
         if m.src == Tier.GPU:
             if self.config.debug_checks:  # poison what stays behind: a missed copy up then reads garbage
-                for r in range(space.num_regions):
+                for r in space.mapped_regions(p):
                     space.region_view(r, p).fill_(0xA5)
                 self.backend.synchronize()  # the fill must finish before the unmap
             space.unmap_pages([p])
@@ -432,7 +454,13 @@ class Tiering:
         table.written_in_flight.discard(p)
         if m.dst in LOWER:
             self.books(m.dst).give(m.taken)
-        elif m.dst == Tier.GPU:
+        if m.released:  # some regions had landed below and left the GPU: neither side holds the whole page
+            space.unmap_pages([p])
+            table.tier[p] = Tier.LOST
+            self.pages_lost += 1
+            handle.lost += [q for q in space.sequences_on([p]) if q not in handle.lost]
+            return
+        if m.dst == Tier.GPU:
             space.unmap_pages([p])
             table.tier[p] = m.src  # unmapping cleared it; the data is still below
         if isinstance(error, ChecksumMismatch) or (m.src == Tier.NVME and m.dst == Tier.GPU):

@@ -40,7 +40,8 @@ class PairsFailed(Exception):
 @dataclass(eq=False)  # compared and hashed by identity: each is one page's move
 class Move:
     """One page of one space going from ``src`` to ``dst``; ``taken`` are the destination's resources. A
-    ``clean`` move copies nothing: ``taken`` already holds the page's bytes (a kept copy)."""
+    ``clean`` move copies nothing: ``taken`` already holds the page's bytes (a kept copy). ``released``: the
+    regions of a GPU page going down already unmapped, their copies landed, before the move is committed."""
 
     space: Any
     page: int
@@ -48,6 +49,7 @@ class Move:
     dst: Tier
     taken: list[Any]
     clean: bool = False
+    released: list[int] = field(default_factory=list)
 
     @property
     def path(self) -> str:

@@ -43,11 +43,13 @@ class MappedRange:
         self.region_bytes = num_pages * page_size
         self.size = num_regions * self.region_bytes
         self._gate = gate
-        self.handles: dict[int, list[Handle]] = {}  # mapped page -> one handle per region
+        self.handles: dict[int, list[Handle | None]] = {}  # mapped page -> one handle per region
+        self.partial: set[int] = set()  # pages some of whose regions went ahead (None in ``handles``)
         self.map_calls = self.unmap_calls = 0
         self.map_seconds = self.unmap_seconds = 0.0
         self.base = backend.reserve(self.size, page_size)
         self.whole = backend.tensor(self.base, self.size)
+        self._views: dict[int, torch.Tensor] = {}  # region * num_pages + page -> its view (see region_view)
 
     def region(self, region: int, nbytes: int) -> torch.Tensor:
         """The first ``nbytes`` of one region, as a ``uint8`` tensor (a view that never moves)."""
@@ -55,12 +57,26 @@ class MappedRange:
         return self.whole[start:start + nbytes]
 
     def region_view(self, region: int, page: int) -> torch.Tensor:
-        """The bytes of one page in one region."""
-        start = region * self.region_bytes + page * self.page_size
-        return self.whole[start:start + self.page_size]
+        """The bytes of one page in one region. Made once per (region, page) -- the range never moves -- because
+        every move takes one per region and page, and a tensor slice costs microseconds of the calling thread."""
+        key = region * self.num_pages + page
+        view = self._views.get(key)
+        if view is None:
+            start = region * self.region_bytes + page * self.page_size
+            view = self._views[key] = self.whole[start:start + self.page_size]
+        return view
 
     def is_mapped(self, page: int) -> bool:
         return page in self.handles
+
+    def is_whole(self, page: int) -> bool:
+        """Whether every region of ``page`` is mapped (a page going down may have lost some already)."""
+        return page in self.handles and page not in self.partial
+
+    def handle_count(self) -> int:
+        """Handles mapped now, over every region of every page."""
+        released = sum(self.handles[p].count(None) for p in self.partial)
+        return len(self.handles) * self.num_regions - released
 
     def _address(self, region: int, page: int) -> int:
         return self.base + region * self.region_bytes + page * self.page_size
@@ -99,16 +115,48 @@ class MappedRange:
             self.map_seconds += time.perf_counter() - start - elsewhere
         self.handles.update(per_page)
 
+    def unmap_regions(self, page: int, regions: Sequence[int]) -> list[Handle]:
+        """Unmap ``regions`` of the mapped ``page`` ahead of its others and return their handles; ``unmap`` takes
+        the rest. A page going down gives its regions back as their copies land: measured on an H100 (driver 580)
+        an unmap costs ~31 us a handle and does not wait for copies in flight, so done while the page's later
+        regions are still copying it costs no time (a 4096-token Llama-3-8B page: 10.3 ms of copies, +2.1 ms
+        unmapping its 64 regions after them, +0 ms group by group as they land)."""
+        held = self.handles[page]
+        out: list[Handle] = []
+        start = time.perf_counter()
+        for r in regions:
+            handle = held[r]
+            if handle is not None:
+                self.backend.unmap(self._address(r, page), self.page_size)
+                held[r] = None
+                out.append(handle)
+        self.partial.add(page)
+        self.unmap_calls += len(out)
+        self.unmap_seconds += time.perf_counter() - start
+        return out
+
+    def mapped_regions(self, page: int) -> list[int]:
+        """The regions of a mapped ``page`` still mapped."""
+        return [r for r, h in enumerate(self.handles[page]) if h is not None]
+
     def unmap(self, pages: Sequence[int]) -> list[Handle]:
         """Unmap ``pages`` (mapped; no kernel may still read them) and return their handles."""
         pages = sorted(pages)
         start = time.perf_counter()
         for first, count in runs(pages):
+            run = range(first, first + count)
             for r in range(self.num_regions):
-                self.backend.unmap(self._address(r, first), count * self.page_size)
-            self.unmap_calls += count * self.num_regions
+                if not self.partial or all(self.handles[p][r] is not None for p in run):
+                    self.backend.unmap(self._address(r, first), count * self.page_size)
+                    self.unmap_calls += count
+                    continue
+                for p in run:  # some of the run's pages gave this region back already
+                    if self.handles[p][r] is not None:
+                        self.backend.unmap(self._address(r, p), self.page_size)
+                        self.unmap_calls += 1
         self.unmap_seconds += time.perf_counter() - start
-        return [h for p in pages for h in self.handles.pop(p)]
+        self.partial.difference_update(pages)
+        return [h for p in pages for h in self.handles.pop(p) if h is not None]
 
     def stats(self) -> dict[str, float]:
         return {"map_calls": self.map_calls, "map_seconds": self.map_seconds, "unmap_calls": self.unmap_calls,
