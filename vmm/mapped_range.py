@@ -34,7 +34,7 @@ class MappedRange:
     """``num_regions`` regions of ``num_pages`` pages over one reservation.
 
     ``gate``: a context manager held while pages are being mapped. The tiering layer passes one that keeps new
-    device-to-host copies from starting meanwhile (cuMemMap waits for those in flight; see ``tiering.mover``).
+    device-to-host copies from starting meanwhile (set-access waits for those in flight; see ``tiering.mover``).
     """
 
     def __init__(self, backend: Backend, num_regions: int, num_pages: int, page_size: int,
