@@ -64,7 +64,8 @@ class Demoter:
 
     def _map_ahead(self) -> None:
         """Top each space's empty pages up to its reserve while the pool stays above its low watermark (mapping
-        here, off the allocate path; mapping (its set-access) waits for device-to-host copies in flight, this thread may)."""
+        here, off the allocate path: a mapping's set-access waits for device-to-host copies in flight, and this
+        thread may)."""
         pool = self.tiering.pool
         for space in self.tiering.directory.tiered_spaces():
             if not space.maps_ahead:

@@ -257,7 +257,8 @@ class Tiering:
             self._drop_copies_for(Tier.HOST, R, set())
             slots = self.host.books.take(R)
             moves.append(Move(space, p, Tier.NVME, Tier.HOST, slots))
-            pairs[(Tier.NVME, Tier.HOST)] += [(a, b, moves[-1], r) for r, (a, b) in enumerate(zip(table.slots[p], slots))]
+            pairs[(Tier.NVME, Tier.HOST)] += [(a, b, moves[-1], r)
+                                              for r, (a, b) in enumerate(zip(table.slots[p], slots))]
         return self._launch("stage", moves, pairs, None, False)
 
     def read(self, space: TieredSpace, pages: list[int], target: Callable[[int, int], torch.Tensor],
