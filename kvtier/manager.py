@@ -18,7 +18,7 @@ from kvtier.buffer import ElasticBuffer
 from kvtier.vmm.ledger import Ledger
 from kvtier.space import KVSpace, parse_dtype
 from kvtier.tiering import DemotionPlan, FileLayer, Tiering
-from kvtier.vmm import PagePool, open_backend, resolve_device
+from kvtier.vmm import Backend, PagePool, open_backend, resolve_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,14 +50,16 @@ class TierManager:
     ``clock``: the policy's clock (seconds; default ``time.monotonic``), e.g. a trace's time in a replay.
     ``files``: the file layer under the NVMe tier's POSIX path (default: the operating system's calls); tests pass
     one that fails on cue (CPU backend only: on CUDA the tier's I/O is kvikio's).
+    ``backend``: the device layer (default: the one for ``config.device``); tests pass a CPU backend whose copies
+    fail on cue, as a device error in mid-transfer would.
     """
 
     def __init__(self, config: Config | None = None, clock: Callable[[], float] | None = None,
-                 files: FileLayer | None = None, **overrides: Any) -> None:
+                 files: FileLayer | None = None, backend: Backend | None = None, **overrides: Any) -> None:
         self.config = (config or Config()).replace(**overrides) if overrides else (config or Config())
         self.closed = True  # until everything below has started
         self.device = resolve_device(self.config.device)
-        self.backend = open_backend(self.device)
+        self.backend = backend if backend is not None else open_backend(self.device)
         try:  # a manager that fails to start leaves nothing behind: pool, threads, pinned memory, files, backend
             self._start(clock, files)
         except BaseException:

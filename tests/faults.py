@@ -1,4 +1,5 @@
-"""A file layer that fails on cue: the storage edge of the NVMe tier's POSIX path, for tests on CPU.
+"""A file layer that fails on cue: the storage edge of the NVMe tier's POSIX path, for tests on CPU; and a CPU
+backend whose copies fail on cue (``FailingCopies``): the device edge, as a device error in mid-transfer.
 
 Each rule matches an operation (``"read"`` or ``"write"``) and optionally one slot, and does one thing: raise an
 ``OSError`` with an errno, shorten the transfer to half, or corrupt one byte (a write puts the corrupt bytes on
@@ -16,6 +17,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+
+from kvtier.errors import CudaError
+from kvtier.vmm import HostBackend
 
 
 @dataclass
@@ -97,3 +101,22 @@ class FaultyFiles:
         if rule is not None:
             view[len(view) // 3] ^= 0x40
         return done
+
+
+class FailingCopies(HostBackend):
+    """The CPU backend, whose copies between device pages and host memory fail from the ``n``-th after
+    ``fail_after(n)`` on (as a CUDA error would in the middle of a transfer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left: int | None = None  # copies that still succeed; None: all of them
+
+    def fail_after(self, n: int) -> None:
+        self.left = n
+
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: object = None) -> None:
+        if self.left is not None:
+            if self.left <= 0:
+                raise CudaError("cuMemcpyAsync", "CUDA_ERROR_ILLEGAL_ADDRESS", "failed on cue (tests/faults.py)")
+            self.left -= 1
+        super().copy_async(dst, src, nbytes, stream)

@@ -13,7 +13,7 @@ import torch
 
 import kvtier
 from tests.conftest import PAGE, assert_seq, write_seq
-from tests.faults import FaultyFiles
+from tests.faults import FailingCopies, FaultyFiles
 
 BPP = 16  # blocks per page with the test shapes
 
@@ -94,6 +94,39 @@ def test_a_corrupt_read_into_an_engine_buffer_is_a_loss_not_data(make_manager):
     assert failure.value.lost == ["a"]
     assert space.residency("a")["lost"] > 0 and space.residency("b")["nvme"] > 0
     mgr.check()
+
+
+def test_a_page_whose_copies_fail_after_its_first_regions_left_is_lost_not_wrong(make_manager):
+    if make_manager.name != "cpu":
+        pytest.skip("the failing device layer is a CPU backend")
+    backend = FailingCopies()
+    mgr = make_manager(pages=512, backend=backend, host_size=512 * PAGE["cpu"])
+    shape = dict(make_manager.shape, num_layers=32)  # 64 regions: a page goes down in 8 batches of 8 copies
+    space = mgr.create_space("m", max_tokens=4 * BPP * shape["block_size"], **shape)
+    space.allocate("a", 2 * BPP * space.block_size)
+    space.allocate("b", BPP * space.block_size)
+    write_seq(space, "a")
+    write_seq(space, "b", salt=1)
+    # the device fails the 105th copy down: "a"'s first page has landed in host memory; its second page's first
+    # regions have landed and left the GPU (unmapped as they landed), its last ones were never copied
+    backend.fail_after(104)
+    with pytest.raises(kvtier.TransferError) as failure:
+        space.offload("a", tier="host").result()
+    backend.left = None
+    # neither side holds that page whole: it is reported lost, never handed back as data; the books balance
+    assert failure.value.lost == ["a"]
+    assert space.page_residency("a") == {"gpu": 0, "host": 1, "nvme": 0, "lost": 1}
+    mgr.check()
+    with pytest.raises(kvtier.TransferError, match="lost"):
+        space.ensure_resident(["a"])
+    # the rest is intact: "b" goes down and back byte for byte; freeing both gives back every handle and slot
+    space.offload("b", tier="host").result()
+    space.ensure_resident(["b"])
+    assert_seq(space, "b", salt=1)
+    space.free("a")
+    space.free("b")
+    mgr.check()
+    assert mgr.tiering.host.books.used == 0
 
 
 @pytest.mark.parametrize("fault", ["eio", "enospc", "short", "corrupt"])
