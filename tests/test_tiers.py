@@ -9,7 +9,7 @@ import time
 import pytest
 
 import kvtier
-from tests.conftest import assert_seq, write_seq
+from tests.conftest import PAGE, assert_seq, write_seq
 
 BPP = 16
 
@@ -324,3 +324,37 @@ def test_a_page_promoted_in_groups_of_regions_counts_once_in_the_path_stats(make
     assert_seq(space, "a")
     mgr.check()
     mgr.close()
+
+
+def test_pages_that_go_down_in_many_batches_come_back_byte_for_byte(make_manager):
+    # 64 regions (a 32-layer model): a page goes down in 8 batches, its regions unmapped as their copies land
+    mgr = make_manager(pages=1024, host_size=1024 * PAGE[make_manager.name])
+    shape = dict(make_manager.shape, num_layers=32)
+    space = mgr.create_space("m", max_tokens=8 * BPP * shape["block_size"], **shape)
+    space.allocate("a", (2 * BPP + 3) * space.block_size)  # two whole pages and 3 blocks of a third
+    space.allocate("b", BPP * space.block_size)
+    write_seq(space, "a")
+    write_seq(space, "b", salt=1)
+    # a goes down to host memory: its pages are no longer resident; b, still active, reads back intact
+    space.offload("a", tier="host").result()
+    assert space.page_residency("a")["host"] >= 2
+    with pytest.raises(kvtier.NotResidentError):
+        space.check_resident(space.blocks("a"))
+    assert_seq(space, "b", salt=1)
+    mgr.check()
+    # back up, byte for byte
+    space.ensure_resident(["a"])
+    assert_seq(space, "a")
+    # rewritten (no kept copy), both go down together and come back together; then a to NVMe (via a copy down
+    # that stays whole until its writes land) and back
+    write_seq(space, "a", salt=2)
+    space.mark_written("a", 0, space.num_tokens("a"))
+    for handle in (space.offload("a", tier="host"), space.offload("b", tier="host")):
+        handle.result()
+    space.ensure_resident(["a", "b"])
+    assert_seq(space, "a", salt=2)
+    assert_seq(space, "b", salt=1)
+    space.offload("a", tier="nvme").result()
+    space.ensure_resident(["a"])
+    assert_seq(space, "a", salt=2)
+    mgr.check()
