@@ -90,10 +90,10 @@ def test_a_page_gives_regions_back_ahead_of_the_rest():
         for r in range(4):
             for p in (0, 1):
                 rng.region_view(r, p).fill_(r)
-        assert rng.handle_count() == 8 and rng.is_whole(0)
+        assert rng.handle_count() == 8 and not rng.partial
         # regions 0 and 1 of page 0 go ahead: two handles back, the page no longer whole, its other regions intact
         pool.give(rng.unmap_regions(0, [0, 1]))
-        assert rng.handle_count() == 6 and not rng.is_whole(0) and rng.is_whole(1)
+        assert rng.handle_count() == 6 and rng.partial == {0}
         assert rng.mapped_regions(0) == [2, 3] and pool.in_use_pages == 6
         assert [int(rng.region_view(r, 0).max()) for r in (2, 3)] == [2, 3]
         # unmapping both pages (one run) takes the six handles left, each once

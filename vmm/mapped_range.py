@@ -69,10 +69,6 @@ class MappedRange:
     def is_mapped(self, page: int) -> bool:
         return page in self.handles
 
-    def is_whole(self, page: int) -> bool:
-        """Whether every region of ``page`` is mapped (a page going down may have lost some already)."""
-        return page in self.handles and page not in self.partial
-
     def handle_count(self) -> int:
         """Handles mapped now, over every region of every page."""
         released = sum(self.handles[p].count(None) for p in self.partial)
