@@ -303,6 +303,7 @@ def _ledger_table() -> Any:
     """Every ledger under the directory: its processes, their pages and shares."""
     from rich.table import Table as RichTable
 
+    from kvtier.errors import LedgerError
     from kvtier.vmm.ledger import ledgers, snapshot
 
     def table(directory: str) -> Any:
@@ -310,8 +311,13 @@ def _ledger_table() -> Any:
         for column in ("device", "pid", "name", "priority", "pages", "GPU memory", "limit", "of the device"):
             out.add_column(column, justify="left" if column in ("device", "name") else "right")
         for path in ledgers(directory):
-            books = snapshot(path)
-            device, page = path.rsplit("kvtier-ledger-", 1)[1], books.get("page_size", 0)
+            device = path.rsplit("kvtier-ledger-", 1)[1]
+            try:
+                books = snapshot(path)
+            except LedgerError as exc:
+                out.add_row(device, "", f"[red]{escape(str(exc))}[/red]", end_section=True)
+                continue
+            page = books.get("page_size", 0)
             budget = books.get("budget_pages", 0)
             for proc in sorted(books["procs"].values(), key=lambda p: (-p["priority"], p["pid"])):
                 limit = proc["limit_pages"]
@@ -359,16 +365,19 @@ def limit_command(pid: int, size: str, ledger_dir: str) -> None:
     """Set process PID's share of its device to SIZE (e.g. 20GiB; "none": no limit beyond its pool_budget). A
     lower share takes effect as its unused pages go back; pages in use go as they come free."""
     from kvtier.config import _size as parse_size
-    from kvtier.vmm.ledger import ledgers, read_books, set_limit
+    from kvtier.errors import LedgerError
+    from kvtier.vmm.ledger import ledgers, set_limit
 
+    try:
+        limit = None if size == "none" else int(parse_size(size))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="SIZE") from None
     matched = 0
     for path in ledgers(ledger_dir):
-        page = read_books(path).get("page_size") or 1
         try:
-            pages = None if size == "none" else int(parse_size(size)) // page
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="SIZE") from None
-        matched += set_limit(path, pid, pages)
+            matched += set_limit(path, pid, limit)
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from None
     if not matched:
         raise click.ClickException(f"no live kvtier process with pid {pid} in the ledgers under {ledger_dir} "
                                    "(kvtier ls lists them)")

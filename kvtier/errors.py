@@ -84,5 +84,20 @@ class NotResidentError(KVTierError):
     """A block handed to a step is not backed by a mapped page (raised by the debug residency check)."""
 
 
+class LedgerError(KVTierError):
+    """The device's ledger (``ledger_dir``) could not be locked, read or written; the message says which and what to
+    do. The call that raised it changed nothing; a page given back is always given back (the books catch up at
+    the next change that can be written)."""
+
+
+class LedgerBusyError(LedgerError):
+    """Another process has held the ledger's lock past the deadline (stopped, or in a debugger); the message names
+    it. ``pid``: that process, when known."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        self.pid = pid
+        super().__init__(message)
+
+
 class ClosedError(KVTierError):
     """The manager or space was closed; create a new one."""

@@ -256,9 +256,10 @@ class TierManager:
                 ledger.want(short - covered)
                 raise PagesInFlight(f"space {space.name!r}: waiting for other processes on the device to give "
                                     "idle pages back")
-            shared = "" if self.pool.ledger is None else (
-                f"; the device's ledger, shared with other processes, leaves this one {self.pool.ledger.room()} "
-                "more (kvtier ls shows who holds the rest)")
+            shared = "" if ledger is None else (
+                f"; the device's ledger, shared with other processes, leaves this one {ledger.room()} more (kvtier "
+                "ls shows who holds the rest)" if ledger.problem is None else f"; the device's ledger failed: "
+                f"{ledger.problem}")
             raise OutOfPagesError(
                 f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
                 f"{covered} more could be reclaimed or demoted (budget {self.pool.budget_pages} pages of "

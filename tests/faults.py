@@ -18,7 +18,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from typing import Callable, Iterable
+
 from kvtier.errors import CudaError
+from kvtier.policies import PageRef
+from kvtier.policies.lru import LRUPolicy
 from kvtier.vmm import HostBackend
 
 
@@ -120,3 +124,20 @@ class FailingCopies(HostBackend):
                 raise CudaError("cuMemcpyAsync", "CUDA_ERROR_ILLEGAL_ADDRESS", "failed on cue (tests/faults.py)")
             self.left -= 1
         super().copy_async(dst, src, nbytes, stream)
+
+
+class FlakyPolicy(LRUPolicy):
+    """A policy plug-in (``tests.faults:FlakyPolicy``) whose first ``fail`` calls of ``victims`` raise: a bug in
+    user code, met first by the background demoter."""
+
+    name = "flaky"
+
+    def __init__(self, fail: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self.fail = fail
+
+    def victims(self, candidates: Iterable[PageRef], n: int) -> list[PageRef]:
+        if self.fail > 0:
+            self.fail -= 1
+            raise RuntimeError("a bug in the policy")
+        return super().victims(candidates, n)

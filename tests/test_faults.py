@@ -298,3 +298,27 @@ def test_an_allocate_that_needs_a_dead_disk_fails_cleanly_and_keeps_every_byte(m
             time.sleep(0.05)
     assert space.residency("a")["nvme"] > 0
     mgr.check()
+
+
+def test_the_demoter_outlives_an_exception_and_keeps_demoting(make_manager, caplog):
+    # the policy (user code) raises in its first three answers to the background demoter
+    mgr = make_manager(pages=16, background_demotion=True, gpu_low_watermark=0.5, gpu_high_watermark=0.9,
+                       policy="tests.faults:FlakyPolicy", policy_params={"fail": 3})
+    space = mgr.create_space("s", **make_manager.shape)
+    per_page = space.page_size // space.block_bytes * space.block_size  # tokens on one page of the space
+    # two sequences fill the pool; one goes idle: the demoter must send it down under the watermark
+    for seq in ("a", "b"):
+        space.allocate(seq, 2 * per_page)
+        write_seq(space, seq)
+    with caplog.at_level(logging.ERROR, logger="kvtier.tiering.background"):
+        space.offload("a")
+        deadline = time.monotonic() + 30
+        while space.residency("a")["gpu"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    # it failed three times (logged, not fatal), then did its job; the bytes come back
+    assert mgr.tiering.demoter.errors == 3 and space.residency("a")["gpu"] == 0
+    assert sum("a check failed" in r.message for r in caplog.records) == 3
+    space.prefetch(["a"]).result()
+    assert_seq(space, "a")
+    assert_seq(space, "b")
+    mgr.check()

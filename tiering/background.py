@@ -8,6 +8,7 @@ committed under the manager's lock, like any other.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -23,15 +24,19 @@ from kvtier.tiering.tier import Tier
 if TYPE_CHECKING:
     from kvtier.tiering.tiering import Tiering
 
+log = logging.getLogger(__name__)
+
 
 class Demoter:
     PERIOD = 0.02  # seconds between checks when nobody pokes it
     PRESSURE_PERIOD = 0.05  # seconds between looks at the device's ledger (other processes short of pages)
+    MAX_BACKOFF = 1.0  # seconds between tries while checks keep failing
 
     def __init__(self, tiering: "Tiering", config: Config) -> None:
         self.tiering, self.config = tiering, config
         self._closed = False
         self._pressure_at = -1.0
+        self.errors = 0  # checks that raised (logged; the thread goes on)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-demoter", daemon=True)
         self._thread.start()
@@ -41,17 +46,28 @@ class Demoter:
         self._wake.set()
 
     def _run(self) -> None:
+        pause = self.PERIOD
         while not self._closed:
-            self._wake.wait(self.PERIOD)
+            self._wake.wait(pause)
             self._wake.clear()
-            with self.tiering.lock:
-                if self._closed:
-                    return
-                self._keep_gpu()
-                self._keep_host()
-                self._answer_pressure()
-                if self.config.map_ahead:
-                    self._map_ahead()
+            try:
+                with self.tiering.lock:
+                    if self._closed:
+                        return
+                    self._tick()
+                pause = self.PERIOD
+            except Exception:  # noqa: BLE001 - one bad tick must not end demotion (and answers to other processes)
+                self.errors += 1
+                pause = min(2 * pause, self.MAX_BACKOFF)
+                log.exception("kvtier demoter: a check failed (%d so far); trying again in %.2f s", self.errors,
+                              pause)
+
+    def _tick(self) -> None:
+        self._keep_gpu()
+        self._keep_host()
+        self._answer_pressure()
+        if self.config.map_ahead:
+            self._map_ahead()
 
     def _keep_gpu(self) -> None:
         cfg, pool = self.config, self.tiering.pool

@@ -8,8 +8,21 @@ room and both take it (the race kvcached's shared-memory accounting has). A proc
 SIGKILL -- drops its lock with it; the next change by anyone finds its ``.alive`` file unlocked and takes its
 pages off the books (the driver freed its memory when it died). Liveness is the lock, never a pid.
 
+The books are a cache of facts that can be rebuilt. Each process's own record (its pages, name, priority, limit)
+is its own truth: it is kept in memory and written into its ``.alive`` file under the lock. Books that are
+missing, truncated, overwritten or not what kvtier writes are rebuilt from the live processes' ``.alive`` files;
+a live process missing from the books is put back; a process whose ``.alive`` file was deleted while it runs is
+still alive while the kernel shows its lock (``/proc/locks``), and makes the file again at its next change.
+A release always happens (the pages are gone from the device); if the books cannot be written then, they
+overcount this process -- the safe side -- until its next change that can be written.
+
+Every wait for the lock is bounded (``KVTIER_LEDGER_LOCK_TIMEOUT``, seconds, default 2): a holder that does not
+let go (stopped by SIGSTOP or a debugger) is named in a :class:`LedgerBusyError`, and for ``BUSY_BACKOFF_S``
+after that the process plans on its own budget alone (it reserves nothing more) instead of waiting again.
+
 Each process has a share: ``limit_pages`` (optional; ``kvtier limit`` changes it while it runs) and a priority
-(which ``kvtier ls`` shows, and which pressure across processes will order by).
+(which ``kvtier ls`` shows, and which pressure across processes orders by). A ``fork``ed child is not
+registered: it drops its copy of the parent's ``.alive`` lock (else a killed parent would stay on the books).
 
 The books are small JSON rewritten whole (to a temporary file, then renamed) under the lock: a change costs tens
 of microseconds, and the page pool makes one per batch of pages it creates or releases, off the allocation path.
@@ -25,13 +38,17 @@ import os
 import re
 import time
 import uuid
+import weakref
 from typing import Any, Iterator
 
-from kvtier.errors import ConfigError, InvalidArgumentError
+from kvtier.errors import ConfigError, InvalidArgumentError, LedgerBusyError, LedgerError
 
 log = logging.getLogger(__name__)
 
-BOOKS, LOCK = "ledger.json", "ledger.lock"
+BOOKS, LOCK, ALIVE = "ledger.json", "ledger.lock", ".alive"
+LOCK_TIMEOUT_S = float(os.environ.get("KVTIER_LEDGER_LOCK_TIMEOUT", "2.0"))
+BUSY_BACKOFF_S = 1.0  # after a lock wait timed out: fail at once for this long (a decode step is not held up)
+STALE_TEMP_S = 60.0   # a half-made ``.alive`` file older than this, unlocked, was left by a killed process
 ROOM_TTL_S = 0.002
 WANT_TTL_S = 1.0
 SHARE_TTL_S = 0.01  # the share is planned with (num_free_sectors asks per request per step): read at most this often
@@ -42,6 +59,12 @@ def ledger_path(directory: str, device_key: str) -> str:
 
 
 class Ledger:
+    """This process's place on one device's ledger. Only ``__init__`` raises (:class:`ConfigError`,
+    :class:`LedgerError`); a ledger that fails later makes ``reserve`` grant nothing (``problem`` says why),
+    ``release`` still release, and the pressure calls answer "nothing to do"."""
+
+    _joined: "weakref.WeakSet[Ledger]" = weakref.WeakSet()
+
     def __init__(self, directory: str, device_key: str, budget_pages: int, page_size: int, name: str,
                  priority: int = 0, limit_pages: int | None = None) -> None:
         self.path = ledger_path(directory, device_key)
@@ -51,29 +74,70 @@ class Ledger:
             raise ConfigError(f"ledger_dir: cannot make {self.path!r} ({exc.strerror}); point it at a writable "
                               "directory shared by the processes (e.g. /dev/shm)") from None
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.page_size, self.name = page_size, name
+        self._record: dict[str, Any] = {"pid": os.getpid(), "name": name, "priority": priority,
+                                        "limit_pages": limit_pages, "pages": 0, "since": time.time(),
+                                        "budget_pages": budget_pages, "page_size": page_size}
         self._room, self._room_at = 0, -1.0
         self._share: tuple[int | None, int, float] = (None, 0, -1.0)  # (fair share, reserved, when read)
         self._said_at = -1.0
-        self.page_size = page_size
-        self._alive = os.open(os.path.join(self.path, f"{self.id}.alive"), os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._alive, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for life: the proof we are alive
+        self._busy_until = -1.0
+        self._forked = False
+        self._joining = True
+        self.problem: str | None = None  # the last failure, for error messages; None once a change went through
+        self._alive = -1
+        self._make_alive()
         try:
             with self._books() as books:
-                if books.setdefault("page_size", page_size) != page_size:
-                    raise ConfigError(f"ledger {self.path!r} counts pages of {books['page_size']} bytes; this "
-                                      f"process uses {page_size}: give every process on the device one page_size")
-                if books.setdefault("budget_pages", budget_pages) != budget_pages:
-                    log.info("ledger %s: the device's budget is %d pages (set by the first process), not %d",
-                             self.path, books["budget_pages"], budget_pages)
-                books["procs"][self.id] = {"pid": os.getpid(), "name": name, "priority": priority,
-                                           "limit_pages": limit_pages, "pages": 0, "since": time.time()}
+                others = {k: p for k, p in books["procs"].items() if k != self.id}
+                if not others:  # no live process: the books start afresh with this one's settings
+                    books["page_size"], books["budget_pages"] = page_size, budget_pages
+                elif books["page_size"] != page_size:
+                    raise ConfigError(f"ledger {self.path!r} counts pages of {books['page_size']} bytes for the "
+                                      f"live processes {_names(others)}; this process uses {page_size}: give every "
+                                      "process on the device one page_size")
+                elif books["budget_pages"] != budget_pages:
+                    log.warning("ledger %s: the device's budget stays %d pages, as the live processes %s set it; "
+                                "this process asked for %d (ledger_budget applies once they have all ended)",
+                                self.path, books["budget_pages"], _names(others), budget_pages)
         except BaseException:
             self._drop_alive()
             raise
+        self._joining = False
+        Ledger._joined.add(self)
 
     # --- the books, under the lock ---------------------------------------------------------------------------------
-    def _books(self, write: bool = True) -> contextlib.AbstractContextManager[dict[str, Any]]:
-        return locked_books(self.path, write, keep=self.id)
+    @contextlib.contextmanager
+    def _books(self, write: bool = True) -> Iterator[dict[str, Any]]:
+        """The books with this process's record in them (put back if they lost it), its pages as it counts them;
+        its ``.alive`` file rewritten before the lock goes. Raises LedgerError, having changed nothing."""
+        if self._forked:
+            raise LedgerError(f"ledger {self.path!r}: this process is a fork of pid {self._record['pid']}, whose "
+                              "place on the ledger it does not share; create a TierManager in the child")
+        if time.monotonic() < self._busy_until:
+            raise LedgerBusyError(f"{self.problem} (not waited for again for {BUSY_BACKOFF_S:g} s)")
+        self._keep_alive_file()
+        try:
+            with locked_books(self.path, write, keep=self.id, holder=f"{os.getpid()} {self.name}") as books:
+                mine = books["procs"].get(self.id)
+                if mine is None:
+                    if not self._joining:
+                        log.warning("ledger %s: the books had lost this process (%s); put back with its %d page(s)",
+                                    self.path, self.name, self._record["pages"])
+                    mine = books["procs"][self.id] = {k: v for k, v in self._record.items()}
+                mine["pages"], mine["ino"] = self._record["pages"], self._record["ino"]
+                self._record["limit_pages"] = mine["limit_pages"]  # kvtier limit changes it in the books
+                books.setdefault("page_size", self.page_size)
+                books.setdefault("budget_pages", self._record["budget_pages"])
+                yield books
+                self._write_alive(mine)
+        except LedgerBusyError as exc:
+            self.problem, self._busy_until = str(exc), time.monotonic() + BUSY_BACKOFF_S
+            raise
+        except LedgerError as exc:
+            self.problem = str(exc)
+            raise
+        self.problem = None
 
     def _mine(self, books: dict[str, Any]) -> dict[str, Any]:
         return books["procs"][self.id]
@@ -81,50 +145,71 @@ class Ledger:
     # --- reserve / release -----------------------------------------------------------------------------------------
     def reserve(self, n: int, partial: bool = False) -> int:
         """Reserve ``n`` pages (or, with ``partial``, as many of them as there is room for); return how many were
-        reserved: ``n``, or 0 when not all fit and not ``partial``. Room: the device's budget less every live
-        process's pages, and this process's limit."""
-        with self._books() as books:
-            grant = min(n, _room(books, self.id))
-            if grant < n and not partial:
-                return 0
-            mine = self._mine(books)
-            mine["pages"] += grant
-            if grant:
-                mine.pop("wants", None)  # got pages: whatever it still lacks it says again when it plans again
-            self._room_at = -1.0
-            return grant
+        reserved: ``n``, or 0 when not all fit and not ``partial`` -- or when the ledger failed (``problem``).
+        Room: the device's budget less every live process's pages, and this process's limit."""
+        grant = 0
+        try:
+            with self._books() as books:
+                grant = min(n, _room(books, self.id))
+                if grant < n and not partial:
+                    grant = 0
+                self._record["pages"] += grant
+                mine = self._mine(books)
+                mine["pages"] = self._record["pages"]
+                if grant:
+                    mine.pop("wants", None)  # got pages: whatever it still lacks it says again when it plans again
+                self._room_at = -1.0
+        except LedgerError as exc:
+            self._record["pages"] -= grant  # the books on disk never saw it
+            log.warning("ledger: reserving %d page(s) failed: %s", n, exc)
+            return 0
+        return grant
 
     def release(self, n: int) -> None:
-        with self._books() as books:
-            mine = self._mine(books)
-            assert mine["pages"] >= n, f"ledger: {n} page(s) released, {mine['pages']} reserved"
-            mine["pages"] -= n
-            self._room_at = -1.0
+        """Give ``n`` reserved pages back. Never raises: the pages are gone from the device whatever the books say;
+        books that cannot be written now overcount this process until its next change goes through."""
+        assert 0 <= n <= self._record["pages"], f"ledger: {n} page(s) released, {self._record['pages']} reserved"
+        self._record["pages"] -= n
+        self._room_at = -1.0
+        try:
+            with self._books():
+                pass
+        except LedgerError as exc:
+            log.warning("ledger: the release of %d page(s) is not on the books yet (%s); they overcount this "
+                        "process until its next change can be written", n, exc)
 
     def room(self) -> int:
         """Pages this process could reserve now (read at most every ``ROOM_TTL_S``: callers plan with it, and
-        ``reserve`` is the one that decides)."""
+        ``reserve`` is the one that decides); 0 while the ledger fails."""
         now = time.monotonic()
         if now - self._room_at > ROOM_TTL_S:
-            with self._books(write=False) as books:
-                self._room, self._room_at = _room(books, self.id), now
+            try:
+                with self._books(write=False) as books:
+                    self._room = _room(books, self.id)
+            except LedgerError:
+                self._room = 0
+            self._room_at = now
         return self._room
 
     def over_limit(self) -> int:
         """Pages this process holds beyond its limit (``kvtier limit`` lowered it): its pool gives them back."""
-        with self._books(write=False) as books:
-            mine = self._mine(books)
-            return max(0, mine["pages"] - mine["limit_pages"]) if mine["limit_pages"] is not None else 0
+        try:
+            with self._books(write=False):
+                pass
+        except LedgerError:
+            pass  # the limit as last read
+        limit = self._record["limit_pages"]
+        return max(0, self._record["pages"] - limit) if limit is not None else 0
 
     def reserved(self) -> int:
-        with self._books(write=False) as books:
-            return self._mine(books)["pages"]
+        """Pages this process holds reserved (its own count: what the books say once written)."""
+        return self._record["pages"]
 
     # --- pressure across processes ----------------------------------------------------------------------------------
     def want(self, n: int) -> None:
         """Say this process is short of ``n`` pages now (others' demoters may give theirs back). A want lapses
         after ``WANT_TTL_S`` unless said again: a waiting process says it each time it plans again."""
-        with self._books() as books:
+        with contextlib.suppress(LedgerError), self._books() as books:
             self._mine(books)["wants"] = [n, time.time()]
 
     def want_throttled(self, n: int) -> None:
@@ -150,51 +235,122 @@ class Ledger:
         now = time.monotonic()
         if now - self._share[2] <= SHARE_TTL_S:
             return
-        with self._books(write=False) as books:
+        share = None
+        with contextlib.suppress(LedgerError), self._books(write=False) as books:
             wall, mine = time.time(), self._mine(books)
             others = [p for pid, p in books["procs"].items() if pid != self.id]
-            wants = [bool(p.get("wants")) and wall - p["wants"][1] < WANT_TTL_S for p in others]
-            share = None
+            wants = [_fresh(p.get("wants"), wall) for p in others]
             if any(w and p["priority"] >= mine["priority"] for p, w in zip(others, wants)):
                 share = max_min_share(books["budget_pages"], [None if w else p["pages"] for p, w in zip(others, wants)])
-            self._share = (share, mine["pages"], now)
+        self._share = (share, self._record["pages"], now)
 
     def others_idle(self) -> int:
         """Pages the other processes said (within ``WANT_TTL_S``) they could give back: worth waiting for."""
-        with self._books(write=False) as books:
+        with contextlib.suppress(LedgerError), self._books(write=False) as books:
             now = time.time()
-            return sum(p["idle"][0] for pid, p in books["procs"].items()
-                       if pid != self.id and p.get("idle") and now - p["idle"][1] < WANT_TTL_S)
+            return sum(p["idle"][0] for pid, p in books["procs"].items() if pid != self.id and _fresh(p.get("idle"), now))
+        return 0
 
     def pressure(self, idle_pages: int) -> int:
         """Publish this process's idle pages; return how many pages it should give back now: what others want,
         if it is the lowest-priority process with idle pages besides them (a lower priority's idle go first).
         Read-mostly: the books are rewritten only when the count changed or half its life has passed."""
         now = time.time()
-        with self._books(write=False) as books:
-            mine = self._mine(books)
-            said = mine.get("idle")
-            stale = not said or said[0] != idle_pages or now - said[1] > WANT_TTL_S / 2
-            wanting = [p for pid, p in books["procs"].items() if pid != self.id
-                       and p.get("wants") and now - p["wants"][1] < WANT_TTL_S]
-            lower = [p for pid, p in books["procs"].items() if pid != self.id and p not in wanting
-                     and p["priority"] < mine["priority"] and p.get("idle") and p["idle"][0] > 0
-                     and now - p["idle"][1] < WANT_TTL_S]
-        if stale:
-            with self._books() as books:
-                self._mine(books)["idle"] = [idle_pages, now]
+        try:
+            with self._books(write=False) as books:
+                mine = self._mine(books)
+                said = mine.get("idle")
+                stale = not said or said[0] != idle_pages or now - said[1] > WANT_TTL_S / 2
+                others = [p for pid, p in books["procs"].items() if pid != self.id]
+                wanting = [p for p in others if _fresh(p.get("wants"), now)]
+                lower = [p for p in others if p not in wanting and p["priority"] < mine["priority"]
+                         and _fresh(p.get("idle"), now) and p["idle"][0] > 0]
+            if stale:
+                with self._books() as books:
+                    self._mine(books)["idle"] = [idle_pages, now]
+        except LedgerError:
+            return 0  # no one can be heard: keep what this process holds
         return 0 if not wanting or lower else sum(p["wants"][0] for p in wanting)
 
     def close(self) -> None:
-        """Leave the books (every page this process reserved must have been released or died with it)."""
-        with self._books() as books:
+        """Leave the books (every page this process reserved must have been released or died with it). Never
+        raises: a process that cannot write the books leaves them at its next look by anyone (its lock goes)."""
+        Ledger._joined.discard(self)
+        if self._forked:
+            return  # the parent's place, not this process's
+        with contextlib.suppress(LedgerError), self._books() as books:
             books["procs"].pop(self.id, None)
         self._drop_alive()
 
+    # --- this process's ``.alive`` file ---------------------------------------------------------------------------
+    def _make_alive(self) -> None:
+        """Create, lock and name this process's ``.alive`` file (made under a temporary name and renamed once
+        locked, so that no one ever sees it unlocked and takes it for a dead process's)."""
+        final = os.path.join(self.path, self.id + ALIVE)
+        tmp = os.path.join(self.path, f".{self.id}{ALIVE}.{uuid.uuid4().hex[:6]}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise LedgerError(f"ledger {self.path!r}: cannot create this process's .alive file ({exc.strerror}); "
+                              "check that ledger_dir is writable and not full") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for life: the proof this process is alive
+            self._record["ino"] = os.fstat(fd).st_ino
+            os.replace(tmp, final)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise LedgerError(f"ledger {self.path!r}: cannot make this process's .alive file ({exc.strerror})") \
+                from None
+        old, self._alive = self._alive, fd
+        if old >= 0:
+            os.close(old)
+
+    def _keep_alive_file(self) -> None:
+        """Someone deleted this process's ``.alive`` file (or the whole directory): make it again."""
+        try:
+            if os.fstat(self._alive).st_nlink > 0:
+                return
+            os.makedirs(self.path, exist_ok=True)
+            self._make_alive()
+        except (OSError, LedgerError) as exc:
+            log.debug("ledger: could not make the .alive file again: %s", exc)
+            return
+        log.warning("ledger %s: this process's .alive file had been deleted; made again", self.path)
+
+    def _write_alive(self, record: dict[str, Any]) -> None:
+        data = json.dumps(record).encode()
+        try:
+            os.pwrite(self._alive, data, 0)
+            os.ftruncate(self._alive, len(data))
+        except OSError as exc:  # a full directory: the books still hold the record
+            log.debug("ledger: could not write this process's .alive record: %s", exc)
+
     def _drop_alive(self) -> None:
+        if self._alive < 0:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self._alive).st_nlink > 0:
+                os.unlink(os.path.join(self.path, self.id + ALIVE))
         os.close(self._alive)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.path, f"{self.id}.alive"))
+        self._alive = -1
+
+    def _after_fork(self) -> None:
+        """In a ``fork``ed child: let go of the copy of the parent's lock (the parent's death must show)."""
+        self._forked = True
+        if self._alive >= 0:
+            os.close(self._alive)
+            self._alive = -1
+
+
+def _forget_ledgers_in_child() -> None:
+    for ledger in list(Ledger._joined):
+        ledger._after_fork()
+    Ledger._joined = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_ledgers_in_child)
 
 
 # --- for the tools (kvtier ls, kvtier limit) and the books' own upkeep ------------------------------------------------
@@ -213,20 +369,73 @@ def max_min_share(budget: int, others: list[int | None]) -> int:
     return left  # not reached: this claimant's own demand is unbounded
 
 
+def _fresh(said: Any, now: float) -> bool:
+    """Whether a ``[count, time]`` said in the books is recent."""
+    return bool(said) and now - said[1] < WANT_TTL_S
+
+
+def _names(procs: dict[str, Any]) -> str:
+    return ", ".join(f"pid {p['pid']} ({p['name']})" for p in procs.values())
+
+
+def _int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _said(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+
+
+def _record_ok(record: Any) -> bool:
+    """Whether a process record is one kvtier writes (anything else is not trusted)."""
+    return (isinstance(record, dict) and _int(record.get("pid"), 1) and isinstance(record.get("name"), str)
+            and _int(record.get("priority"), -2**63) and _int(record.get("pages"))
+            and (record.get("limit_pages") is None or _int(record.get("limit_pages")))
+            and all(_said(record[k]) for k in ("wants", "idle") if k in record))
+
+
+def _books_ok(books: Any) -> bool:
+    return (isinstance(books, dict) and isinstance(books.get("procs"), dict)
+            and all(isinstance(k, str) and _record_ok(r) for k, r in books["procs"].items())
+            and all(_int(books[k], 1) for k in ("page_size", "budget_pages") if k in books))
+
+
 def read_books(path: str) -> dict[str, Any]:
+    """The books as written, or ``{"procs": {}}`` when they are missing or not what kvtier writes (the caller
+    rebuilds them from the live processes). No lock: a rename makes each write whole."""
     try:
-        with open(os.path.join(path, BOOKS)) as f:
-            return json.load(f)
+        with open(os.path.join(path, BOOKS), "rb") as f:
+            books = json.loads(f.read() or b"null")
     except FileNotFoundError:
-        return {}
+        return {"procs": {}}
+    except (OSError, ValueError) as exc:
+        log.warning("ledger %s: the books cannot be read (%s); rebuilt from the live processes", path, exc)
+        return {"procs": {}}
+    if not _books_ok(books):
+        log.warning("ledger %s: the books are not what kvtier writes; rebuilt from the live processes", path)
+        return {"procs": {}}
+    return books
 
 
-def _alive(path: str, proc_id: str) -> bool:
-    """Whether the owner of ``proc_id`` still holds its lock."""
+def _locks_held() -> set[tuple[int, int]]:
+    """(pid, inode) of every flock the kernel shows (``/proc/locks``); empty where it cannot be read."""
+    held = set()
+    with contextlib.suppress(OSError):
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK":
+                    with contextlib.suppress(ValueError, IndexError):
+                        held.add((int(fields[4]), int(fields[5].split(":")[2])))
+    return held
+
+
+def _locked(file: str) -> bool | None:
+    """Whether someone holds the lock on ``file`` (None: there is no such file)."""
     try:
-        fd = os.open(os.path.join(path, f"{proc_id}.alive"), os.O_RDWR)
+        fd = os.open(file, os.O_RDWR)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -236,14 +445,61 @@ def _alive(path: str, proc_id: str) -> bool:
     return False
 
 
-def _reap(path: str, books: dict[str, Any], keep: str | None = None) -> None:
-    """Take the processes that are gone off the books (their memory went with them)."""
-    for proc_id in [p for p in books["procs"] if p != keep and not _alive(path, p)]:
-        gone = books["procs"].pop(proc_id)
+def _alive(path: str, proc_id: str, record: dict[str, Any], locks: dict[str, set[tuple[int, int]]]) -> bool:
+    """Whether the owner of ``proc_id`` still holds its lock: on its ``.alive`` file, or -- the file deleted
+    under it -- on the inode the kernel still shows it locking."""
+    held = _locked(os.path.join(path, proc_id + ALIVE))
+    if held is not None:
+        return held
+    if "held" not in locks:
+        locks["held"] = _locks_held()
+    return (record.get("pid"), record.get("ino")) in locks["held"]
+
+
+def _read_alive(file: str) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open(file, "rb") as f:
+            record = json.loads(f.read())
+        if _record_ok(record):
+            return record
+    return None
+
+
+def _upkeep(path: str, books: dict[str, Any], keep: str | None = None) -> None:
+    """Under the lock: take the processes that are gone off the books (their memory went with them), put back
+    live ones the books lost (from their ``.alive`` records), sweep files killed processes left behind."""
+    locks: dict[str, set[tuple[int, int]]] = {}
+    procs = books["procs"]
+    for proc_id in [p for p in procs if p != keep and not _alive(path, p, procs[p], locks)]:
+        gone = procs.pop(proc_id)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, f"{proc_id}.alive"))
+            os.unlink(os.path.join(path, proc_id + ALIVE))
         log.info("ledger %s: process %s (%s) is gone; its %d page(s) are free again", path, gone["pid"],
                  gone["name"], gone["pages"])
+    now = time.time()
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if name.startswith(f".{BOOKS}."):  # a write killed between its temporary file and the rename
+            with contextlib.suppress(OSError):
+                os.unlink(file)
+        elif name.endswith(ALIVE) and name[:-len(ALIVE)] not in procs and name[:-len(ALIVE)] != keep:
+            if _locked(file):
+                record = _read_alive(file)
+                if record is not None:
+                    procs[name[:-len(ALIVE)]] = record
+                    log.info("ledger %s: live process %s (%s) put back on the books", path, record["pid"],
+                             record["name"])
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(file)
+        elif name.startswith(".") and ALIVE + "." in name:  # a process killed while making its .alive file
+            with contextlib.suppress(OSError):
+                if now - os.stat(file).st_mtime > STALE_TEMP_S and _locked(file) is False:
+                    os.unlink(file)
+    for proc in procs.values():  # the device's facts, if the books lost them: as the live processes joined
+        for key in ("page_size", "budget_pages"):
+            if key not in books and _int(proc.get(key), 1):
+                books[key] = proc[key]
 
 
 def _room(books: dict[str, Any], proc_id: str) -> int:
@@ -258,43 +514,114 @@ def ledgers(directory: str) -> list[str]:
     """The ledger directories under ``directory``."""
     try:
         names = sorted(os.listdir(directory))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     return [os.path.join(directory, n) for n in names if n.startswith("kvtier-ledger-")]
 
 
-@contextlib.contextmanager
-def locked_books(path: str, write: bool = True, keep: str | None = None) -> Iterator[dict[str, Any]]:
-    """The books of the ledger at ``path`` under its lock, the dead taken off; written back (whole, by rename)
-    when the block ends, if ``write``."""
-    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+def _lock(path: str, timeout: float) -> int:
+    """Open and take the ledger's lock within ``timeout`` seconds; return its fd. Raises LedgerError."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:  # the directory was deleted: make it again (its processes make their files again)
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise LedgerError(f"ledger {path!r}: cannot open its lock ({exc.strerror})") from None
+    except OSError as exc:
+        raise LedgerError(f"ledger {path!r}: cannot open its lock ({exc.strerror}); check ledger_dir") from None
+    deadline, pause = time.monotonic() + timeout, 0.00005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _holder(fd)
+                os.close(fd)
+                raise _busy(path, holder, timeout) from None
+            time.sleep(pause)
+            pause = min(2 * pause, 0.005)
+
+
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return os.pread(fd, 256, 0).decode().strip()
+    return ""
+
+
+def _busy(path: str, holder: str, timeout: float) -> LedgerBusyError:
+    pid_text, _, name = holder.partition(" ")
+    pid = int(pid_text) if pid_text.isdigit() else None
+    state = ""
+    with contextlib.suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            code = f.read().rsplit(")", 1)[1].split()[0]
+        state = {"T": ", stopped", "t": ", stopped by a debugger", "Z": ", a zombie"}.get(code, "")
+    who = f"pid {pid} ({name}{state})" if pid is not None else "another process"
+    return LedgerBusyError(f"ledger {path!r}: its lock has been held for over {timeout:g} s by {who}; resume or end "
+                           f"that process (kill -CONT / kill {pid if pid is not None else '<pid>'}), or raise "
+                           "KVTIER_LEDGER_LOCK_TIMEOUT", pid)
+
+
+def _store(file: str, data: bytes) -> None:
+    """The one write of a file of the books (the storage edge: tests fill the disk here)."""
+    with open(file, "wb") as f:
+        f.write(data)
+
+
+def _write_books(path: str, books: dict[str, Any]) -> None:
+    """Write the books whole: a temporary file, then a rename. Raises LedgerError (the old books stay)."""
+    tmp = os.path.join(path, f".{BOOKS}.{os.getpid()}")
+    try:
+        _store(tmp, json.dumps(books).encode())
+        os.replace(tmp, os.path.join(path, BOOKS))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise LedgerError(f"ledger {path!r}: cannot write its books ({exc.strerror}); free room in that directory "
+                          "or point ledger_dir elsewhere") from None
+
+
+@contextlib.contextmanager
+def locked_books(path: str, write: bool = True, keep: str | None = None, holder: str | None = None,
+                 timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """The books of the ledger at ``path`` under its lock (waited for at most ``timeout`` seconds, default
+    ``LOCK_TIMEOUT_S``), rebuilt if unreadable, the dead taken off; written back (whole, by rename) when the
+    block ends, if ``write``. Raises LedgerError."""
+    fd = _lock(path, LOCK_TIMEOUT_S if timeout is None else timeout)
+    try:
+        with contextlib.suppress(OSError):  # who holds it, for a waiter that gives up
+            data = (holder or f"{os.getpid()} kvtier").encode()
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
         books = read_books(path)
-        books.setdefault("procs", {})
-        _reap(path, books, keep)
+        try:
+            _upkeep(path, books, keep)
+        except OSError as exc:
+            raise LedgerError(f"ledger {path!r}: cannot list its processes ({exc.strerror})") from None
         yield books
         if write:
-            tmp = os.path.join(path, f".{BOOKS}.{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(books, f)
-            os.replace(tmp, os.path.join(path, BOOKS))
+            _write_books(path, books)
     finally:
         os.close(fd)  # the lock goes with it
 
 
 def snapshot(path: str) -> dict[str, Any]:
-    """The books of one ledger as they stand (the dead taken off)."""
-    with locked_books(path) as books:
+    """The books of one ledger as they stand (the dead taken off). Raises LedgerError."""
+    with locked_books(path, holder=f"{os.getpid()} kvtier ls") as books:
         return books
 
 
-def set_limit(path: str, pid: int, limit_pages: int | None) -> int:
-    """Change the limit of the live processes with ``pid`` (``None``: no limit); return how many matched."""
-    if limit_pages is not None and limit_pages < 0:
-        raise InvalidArgumentError(f"a limit must be >= 0 pages, got {limit_pages}")
-    with locked_books(path) as books:
+def set_limit(path: str, pid: int, limit_bytes: int | None) -> int:
+    """Change the limit of the live processes with ``pid`` (``None``: no limit) to ``limit_bytes`` in whole pages;
+    return how many matched. Raises LedgerError."""
+    if limit_bytes is not None and limit_bytes < 0:
+        raise InvalidArgumentError(f"a limit must be >= 0 bytes, got {limit_bytes}")
+    with locked_books(path, holder=f"{os.getpid()} kvtier limit") as books:
         matched = [p for p in books["procs"].values() if p["pid"] == pid]
+        page = books.get("page_size", 1)
         for proc in matched:
-            proc["limit_pages"] = limit_pages
+            proc["limit_pages"] = None if limit_bytes is None else limit_bytes // page
         return len(matched)

@@ -94,6 +94,9 @@ class PagePool:
                     "pages; free or offload sequences, or raise pool_budget")
             short = n - len(self._free)
             if short > 0 and self.ledger is not None and not self.ledger.reserve(short):
+                if self.ledger.problem is not None:  # the ledger failed: plan on the pages this process holds
+                    raise OutOfPagesError(f"page pool: {short} page(s) to create, but the device's ledger failed "
+                                          f"({self.ledger.problem}); the pages held can still be used")
                 raise OutOfPagesError(  # another process took the room since _room() looked
                     f"page pool: {short} page(s) to create, but the device's ledger has no room for them now "
                     "(other processes hold it); free or offload sequences, or raise the ledger's budget")
