@@ -88,45 +88,75 @@ def _bench_options(fn: Any) -> Any:
     return fn
 
 
+# name -> (what it measures, whether it needs transformers); ``kvtier bench`` with no name runs ALL
+BENCHMARKS: dict[str, tuple[str, bool]] = {
+    "vmm": ("Map/unmap cost vs page size, allocate latency, decode-attention overhead.", False),
+    "tiers": ("Every tier path for a whole sequence, and GPU<->host vs transfer size, against same-run ceilings.",
+              False),
+    "prefetch": ("Fault-back latency vs sequence length, mapping included.", False),
+    "nvme": ("Disk throughput vs threads and I/O size; kvikio (GDS or compat) on GPU machines.", False),
+    "generate": ("transformers generate: DynamicCache vs its offloaded variant vs TieredCache.", True),
+    "decode-pairs": ("TieredCache all resident against DynamicCache in alternating blocks of decode steps: the "
+                     "median and spread of the pairs (--repeats rounds).", True),
+    "serve": ("transformers' continuous batching under a KV budget that forces preemption: the engine as shipped "
+              "(soft reset; its pinned swap pool) against the engine on kvtier (transformers 5.24).", True),
+    "colocated": ("Two models on one KV budget under bursts that take turns: a static equal split against kvtier's "
+                  "shared pool; TTFT per model and KV memory over time.", True),
+    "processes": ("Two engine processes (one model each) on one GPU under bursts that take turns: a static equal "
+                  "split against kvtier's per-device ledger; TTFT per model and pages per process over time.", True),
+    "peers": ("The same allocation work through kvtier and kvcached in one run (kvcached in a child process; "
+              "skipped where it is not installed).", False),
+    "long-context": ("A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (host "
+                     "memory for 80 GiB of KV: only when named).", True),
+}
+ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
+
+
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
            repeats: int | None = None) -> list[tuple[str, int, Any]]:
-    """(name, steps, run(step) -> tables) for each sub-benchmark asked for."""
-    from kvtier.bench import (colocated, generate, long_context, nvme, pairs, peers, prefetch, processes, serve, tiers,
-                              vmm)
+    """(name, steps, run(step) -> tables) for each benchmark asked for; each module is imported only when its
+    benchmark runs (those of transformers' engines need it installed)."""
+    import importlib
+
     from kvtier.vmm import resolve_device
+
+    def bench(module: str) -> Any:
+        return importlib.import_module(f"kvtier.bench.{module}")
 
     cuda = resolve_device(device).type == "cuda"
     tokens = ([2048, 8192] if quick else [1024, 4096, 16384, 32768]) if cuda else [4096]
     threads, sizes = ([1, 4], [8 << 20]) if quick else ([1, 2, 4, 8], [1 << 20, 8 << 20, 32 << 20])
     table = {
-        "vmm": (1, lambda step: vmm.run(device, quick=quick)),
-        "tiers": (1 + len(tokens), lambda step: tiers.run(device, quick=quick, nvme_dir=nvme_dir)
-                  + [tiers.sweep(device, tokens, step)]),
-        "prefetch": (len(tokens), lambda step: [prefetch.run(device, tokens, nvme_dir=nvme_dir, step=step)]),
-        "nvme": (len(threads) * len(sizes), lambda step: [nvme.run((256 if quick else 1024) << 20, threads, sizes,
-                                                                   nvme_dir=nvme_dir, step=step)]),
-        "generate": (20, lambda step: [generate.run(device, quick=quick, step=step, repeats=repeats)]),
-        "long-context": (3, lambda step: [long_context.run(device, quick=quick, step=step)]),
-        "serve": (3 if cuda else 2, lambda step: [serve.run(device, quick=quick, step=step)]),
-        "colocated": (2, lambda step: [colocated.run(device, quick=quick, step=step)]),
-        "processes": (2, lambda step: [processes.run(device, quick=quick, step=step)]),
-        "peers": (2, lambda step: peers.run(device, quick=quick, step=step)),
+        "vmm": (1, lambda step: bench("vmm").run(device, quick=quick)),
+        "tiers": (1 + len(tokens), lambda step: bench("tiers").run(device, quick=quick, nvme_dir=nvme_dir)
+                  + [bench("tiers").sweep(device, tokens, step)]),
+        "prefetch": (len(tokens), lambda step: [bench("prefetch").run(device, tokens, nvme_dir=nvme_dir, step=step)]),
+        "nvme": (len(threads) * len(sizes), lambda step: [bench("nvme").run((256 if quick else 1024) << 20, threads,
+                                                                            sizes, nvme_dir=nvme_dir, step=step)]),
+        "generate": (20, lambda step: [bench("generate").run(device, quick=quick, step=step, repeats=repeats)]),
+        "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step)]),
+        "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step)]),
+        "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
+        "processes": (2, lambda step: [bench("processes").run(device, quick=quick, step=step)]),
+        "peers": (2, lambda step: bench("peers").run(device, quick=quick, step=step)),
         "decode-pairs": (repeats or (30 if cuda else 4),
-                         lambda step: [pairs.run(device, quick=quick, rounds=repeats, step=step)]),
+                         lambda step: [bench("pairs").run(device, quick=quick, rounds=repeats, step=step)]),
     }
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        for name in [n for n in names if n in ("generate", "long-context", "decode-pairs", "serve", "colocated",
-                                                    "processes")]:
-            console.print(f"[yellow]skipping {name}[/yellow]: needs transformers (pip install 'kvtier[transformers]')")
-            names.remove(name)
+    if any(BENCHMARKS[n][1] for n in names):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            skipped = [n for n in names if BENCHMARKS[n][1]]
+            console.print(f"[yellow]skipping {', '.join(skipped)}[/yellow]: needs transformers "
+                          + escape("(pip install 'kvtier[transformers]')"))
+            names = [n for n in names if n not in skipped]
     return [(name, *table[name]) for name in names]
 
 
 def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
                nvme_dir: str | None, repeats: int | None = None) -> None:
-    """System header first, then each table (progress bars meanwhile); the same facts go to the JSON file."""
+    """System header first, then each table (a progress bar on a terminal, a line per step elsewhere); the same
+    facts go to the JSON file. On the CPU backend the GPU targets are not judged (``met``: n/a)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kvtier.bench.common import host_facts, system_info
@@ -138,11 +168,23 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
     tables: list[Any] = []
     kinds: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
+                  transient=True, disable=not console.is_terminal) as progress:
         for name, steps, run in _parts(names, device, quick, nvme_dir, repeats):
             task = progress.add_task(f"bench {name}", total=steps)
-            produced = run(lambda t=task: progress.advance(t))
+            done = [0]
+
+            def step(task: Any = task, name: str = name, steps: int = steps) -> None:
+                progress.advance(task)
+                done[0] += 1
+                if not console.is_terminal:  # a log file or a pipe: say it is alive
+                    console.print(f"bench {name}: step {done[0]} of {steps}")
+            if not console.is_terminal:
+                console.print(f"bench {name}: started")
+            produced = run(step)
             progress.update(task, completed=steps)
+            if dev.type != "cuda":
+                for table in produced:
+                    _targets_not_judged(table)
             for table in produced:
                 progress.console.print(table.render())
             tables += produced
@@ -157,46 +199,27 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
             console.print(f"plot: {escape(path)}")
 
 
-ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
+def _targets_not_judged(table: Any) -> None:
+    """The targets are a GPU's (PCIe, the driver's mapping): on the CPU backend a row neither meets nor misses."""
+    if "met" in table.columns:
+        col = table.columns.index("met")
+        for row in table.rows:
+            row[col] = None
+        if "CPU backend: the targets are a GPU's, not judged here (met: n/a)" not in table.notes:
+            table.notes.append("CPU backend: the targets are a GPU's, not judged here (met: n/a)")
 
 
-@main.group(invoke_without_command=True)
+@main.command(context_settings={"help_option_names": ["-h", "--help"]},
+              epilog="Benchmarks:\n\n" + "\n\n".join(f"{n}: {doc}" + (" Needs transformers." if tf else "")
+                                                      for n, (doc, tf) in BENCHMARKS.items()))
+@click.argument("names", nargs=-1, type=click.Choice(list(BENCHMARKS)))
 @_bench_options
-@click.pass_context
-def bench(ctx: click.Context, device: str, quick: bool, json_path: str | None, plot_dir: str | None,
+def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
           nvme_dir: str | None, repeats: int | None) -> None:
-    """Benchmarks; with no sub-command, run them all (vmm, tiers, prefetch, nvme, generate; long-context only when
-    named: it needs host memory for 80 GiB of KV)."""
-    if ctx.invoked_subcommand is None:
-        _run_bench(ALL, device, quick, json_path, plot_dir, nvme_dir, repeats)
-
-
-def _sub(name: str, doc: str) -> None:
-    @bench.command(name, help=doc)
-    @_bench_options
-    def command(device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-                nvme_dir: str | None, repeats: int | None) -> None:
-        _run_bench([name], device, quick, json_path, plot_dir, nvme_dir, repeats)
-
-
-_sub("vmm", "Map/unmap cost vs page size, allocate latency, decode-attention overhead.")
-_sub("tiers", "Every tier path for a whole sequence, and GPU<->host vs transfer size, against same-run ceilings.")
-_sub("prefetch", "Fault-back latency vs sequence length, mapping included.")
-_sub("nvme", "Disk throughput vs threads and I/O size; kvikio (GDS or compat) on GPU machines.")
-_sub("generate", "transformers generate: DynamicCache vs its offloaded variant vs TieredCache (needs transformers).")
-_sub("decode-pairs", "TieredCache all resident against DynamicCache in alternating blocks of decode steps: the "
-     "median and spread of the pairs (--repeats rounds; needs transformers).")
-_sub("serve", "transformers' continuous batching under a KV budget that forces preemption: the engine as shipped "
-     "(soft reset; its pinned swap pool) against the engine on kvtier (needs transformers 5.24).")
-_sub("colocated", "Two models on one KV budget under bursts that take turns: a static equal split against kvtier's "
-     "shared pool; TTFT per model and KV memory over time (needs transformers 5.24).")
-_sub("processes", "Two engine processes (one model each) on one GPU under bursts that take turns: a static equal "
-     "split against kvtier's per-device ledger; TTFT per model and pages per process over time (needs transformers "
-     "5.24).")
-_sub("peers", "The same allocation work through kvtier and kvcached in one run (kvcached in a child process; "
-     "skipped where it is not installed).")
-_sub("long-context", "A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (needs "
-     "transformers).")
+    """Run the benchmarks NAMES in order (none: vmm, tiers, prefetch, nvme, generate; long-context only when
+    named: it needs host memory for 80 GiB of KV). The list of names is below."""
+    chosen = list(dict.fromkeys(names)) or list(ALL)
+    _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats)
 
 
 @main.group()

@@ -32,12 +32,12 @@ def test_quick_bench_reports_every_path_within_its_ceilings(tmp_path):
     # a reader's output: nothing cut short, nothing shown as 0 that does not exist here (n/a)
     assert "…" not in done.stdout and " n/a " in done.stdout
     for row in tables["GPU <-> host vs transfer size"]:
-        assert row["down ratio"] > 0 and row["up ratio"] > 0 and row["met"] in (True, False), row
+        assert row["down ratio"] > 0 and row["up ratio"] > 0 and row["met"] is None, row  # GPU targets: n/a here
     for row in tables["Fault-back latency vs sequence length"]:
         assert row["host ratio"] > 0 and row["nvme ratio"] > 0 and row["nothing to copy us"] > 0, row
-        assert row["met"] in (True, False), row
+        assert row["met"] is None, row
     for row in tables["allocate() of a 8192-token sequence"]:
-        assert row["met"] in (True, False), row
+        assert row["met"] is None, row
     for row in tables["NVMe throughput vs threads and I/O size"]:
         assert row["raw write GB/s"] > 0 and row["raw read GB/s"] > 0
         assert row["kvikio read GB/s"] is None  # no CUDA driver here: not measured, not 0

@@ -40,3 +40,14 @@ def test_bench_vmm_quick_writes_json(tmp_path):
     assert cost and all(row["kvtier map us"] > 0 and row["raw map+access us"] > 0 for row in cost)
     decode = next(rows for title, rows in tables.items() if title.startswith("Decode attention"))
     assert 0.5 < decode[1]["ratio to plain"] < 2.0
+
+
+def test_bench_runs_several_by_name_and_says_it_is_alive_off_a_terminal(tmp_path):
+    # two benchmarks in one call; the output is a pipe: a line per step instead of a progress bar
+    out = _kvtier("bench", "vmm", "nvme", "--quick", "--device", "cpu")
+    assert "bench vmm: started" in out and "bench nvme: step 1 of" in out
+    assert out.index("Map/unmap cost") < out.index("NVMe throughput")
+    # the GPU's targets are not judged on the CPU backend
+    assert "not judged here (met: n/a)" in out
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "nope"], capture_output=True, text=True)
+    assert done.returncode != 0 and "'nope' is not one of" in done.stderr

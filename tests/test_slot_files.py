@@ -74,3 +74,55 @@ def test_the_slot_file_is_reserved_on_disk_and_a_disk_short_of_room_is_refused_a
         kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
                            nvme_size=1 << 60, nvme_dir=str(tmp_path), nvme_preallocate=True)
     assert sorted(os.listdir(tmp_path)) == [".kvtier.lock"]
+
+
+TEMP_OWNER = textwrap.dedent("""
+    import time, kvtier
+    mgr = kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
+                             nvme_size=4 << 20)
+    space = mgr.create_space("m", num_layers=2, num_kv_heads=2, head_dim=64, max_tokens=4096)
+    space.allocate("a", 2048)
+    space.offload("a", tier="nvme").result()
+    print(mgr.tiering.nvme.describe()["path"], flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_the_default_nvme_file_leaves_nothing_behind_however_the_process_ends(tmp_path, sig):
+    # nvme_dir unset: the slot file is a temporary one, its name gone once open; the process is ended by a signal
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", TEMP_OWNER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "deleted once open" in proc.stdout.readline()
+        # while it runs, nothing of it is on the disk by name
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("kvtier-")]
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("kvtier-")]
+
+
+def test_abandoned_temporary_slot_directories_are_swept_at_start(tmp_path, monkeypatch):
+    # an earlier run (an older version, or a process killed while starting) left a temporary directory with a
+    # slot file nobody holds; another holds a file whose owner lives
+    dead = tmp_path / "kvtier-nvme-dead"
+    dead.mkdir()
+    (dead / "kvtier-1-1.slots").write_bytes(b"old KV" * 100)
+    live_dir = tmp_path / "kvtier-nvme-live"
+    proc, live_file = _owner(str(live_dir))
+    try:
+        past = time.time() - 3600
+        for d in (dead, live_dir):
+            os.utime(d, (past, past))
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        import tempfile
+        monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+        with kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
+                                nvme_size=1 << 20):
+            assert not dead.exists() and os.path.exists(live_file)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -25,6 +25,8 @@ import fcntl
 import glob
 import logging
 import os
+import shutil
+import time
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -111,6 +113,30 @@ def reclaim_dead_owners(directory: str) -> list[str]:
     return removed
 
 
+def sweep_abandoned_dirs(parent: str, min_age_s: float = 60.0) -> list[str]:
+    """Remove the temporary slot directories (``kvtier-nvme-*``, made where ``nvme_dir`` is unset by earlier
+    versions, or by a process killed while starting) under ``parent`` that no live process holds a slot file in;
+    return them. Only directories older than ``min_age_s``: a process making its own has not locked it yet."""
+    removed = []
+    now = time.time()
+    for directory in glob.glob(os.path.join(parent, "kvtier-nvme-*")):
+        try:
+            if not os.path.isdir(directory) or now - os.stat(directory).st_mtime < min_age_s:
+                continue
+            with _directory_locked(directory):
+                reclaim_dead_owners(directory)
+                if glob.glob(os.path.join(directory, "kvtier-*.slots")):
+                    continue  # a live owner
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+        except OSError:
+            continue  # not ours (another user's), or gone meanwhile
+    if removed:
+        log.info("nvme tier: removed %d abandoned temporary slot director%s: %s", len(removed),
+                 "y" if len(removed) == 1 else "ies", ", ".join(removed))
+    return removed
+
+
 class NvmeTier:
     tier = Tier.NVME
     name = "nvme"
@@ -124,6 +150,7 @@ class NvmeTier:
                               "reads and writes device pages through kvikio")
         self.files = files or PosixFiles()
         self.path = os.path.join(directory, f"kvtier-{os.getpid()}-{id(self):x}.slots")
+        self.anonymous = False  # unlink() removed its name
         self._owner_fd = self._make_slot_file(directory, preallocate)  # first: a disk short of room stops here
         try:
             self._open(device, threads, direct, files)
@@ -234,8 +261,16 @@ class NvmeTier:
         return self._pool.submit(op, self._fd, memoryview_over(buf), offset)
 
     def describe(self) -> dict[str, object]:
-        return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": self.path, "mode": self.mode,
+        path = "a temporary file, deleted once open (freed when the process ends)" if self.anonymous else self.path
+        return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": path, "mode": self.mode,
                 "checksums": self.digests.counts()}
+
+    def unlink(self) -> None:
+        """Remove the slot file's name now (its descriptors keep it): a temporary tier that nothing can leave
+        behind, not even a SIGKILL -- the kernel frees its blocks with the last descriptor."""
+        os.unlink(self.path)
+        self.anonymous = True
+        self.path = f"/proc/self/fd/{self._owner_fd}"  # still opens the file, from this process
 
     def close(self) -> None:
         if self._kvikio is not None:
@@ -243,10 +278,9 @@ class NvmeTier:
         else:
             self._pool.shutdown(wait=True)
             os.close(self._fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if not self.anonymous:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         os.close(self._owner_fd)  # after the unlink: no scan may see a file without its owner's lock
 
 

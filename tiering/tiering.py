@@ -35,7 +35,7 @@ from kvtier.tiering.host import HostTier
 from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
 from kvtier.tiering.digest import ChecksumMismatch
 from kvtier.tiering.health import WriteHealth
-from kvtier.tiering.nvme import FileLayer, NvmeTier
+from kvtier.tiering.nvme import FileLayer, NvmeTier, sweep_abandoned_dirs
 from kvtier.tiering.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
 from kvtier.tiering.tier import LOWER, LowerTier, Tier
 from kvtier.tiering.mover import Mover
@@ -59,16 +59,21 @@ class Tiering:
         self.policy = make_policy(config.policy, nvme_min_uses=config.nvme_min_uses, clock=clock,
                                   **dict(config.policy_params))
         self.host = HostTier(backend, pool.page_size, config.host_size, config.host_chunk, config.host_checksums)
-        self._own_dir = config.nvme_dir is None
+        own_dir = config.nvme_dir is None
+        if own_dir:
+            sweep_abandoned_dirs(tempfile.gettempdir())
         directory_path = config.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
         try:
             self.nvme = NvmeTier(device, pool.page_size, directory_path, config.nvme_size, config.nvme_threads,
                                  config.nvme_direct, files, config.nvme_preallocate)
         except BaseException:
             self.host.close()
-            if self._own_dir:
+            if own_dir:
                 shutil.rmtree(directory_path, ignore_errors=True)
             raise
+        if own_dir:  # no one else looks there: the file lives as long as its descriptors, however the process ends
+            self.nvme.unlink()
+            shutil.rmtree(directory_path, ignore_errors=True)
         self.tiers: dict[Tier, LowerTier] = {Tier.HOST: self.host, Tier.NVME: self.nvme}
         self.health = {t: WriteHealth(t.label) for t in self.tiers}
         self._gate = threading.Condition()
@@ -579,5 +584,3 @@ class Tiering:
         """Release the host memory and the NVMe file (after :meth:`stop`, once the spaces are closed)."""
         self.nvme.close()
         self.host.close()
-        if self._own_dir:
-            shutil.rmtree(self.nvme.path.rsplit("/", 1)[0], ignore_errors=True)
