@@ -229,24 +229,29 @@ def config() -> None:
 
 @config.command("check")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--schema-only", is_flag=True, help="Check what the files say, not whether this machine takes them.")
+@click.option("--schema-only", is_flag=True, help="Check what the files say, not whether this machine takes them "
+              "(no code named by a file is imported).")
 def config_check(files: tuple[str, ...], schema_only: bool) -> None:
-    """Pre-flight FILES: the schema, then this machine (device, page size, memory, NVMe directory; a manager is
-    started and closed). Print every problem with its file and key; exit 1 if any file is bad."""
-    from kvtier.config import Config, render_problems
+    """Pre-flight FILES: what each says (unknown keys, bad values, settings that disagree) and whether this
+    machine takes it (device, page size, memory, NVMe and ledger directories, the policy built). Every problem of
+    a file at once, each with its key; nothing is written. Exit 1 if any file is bad."""
+    from kvtier.config import Config, toml_name
     from kvtier.preflight import machine_problems
 
     bad = 0
     for path in files:
-        try:
-            config = Config.from_file(path)
-            problems = [] if schema_only else machine_problems(config)
-            if problems:
-                raise kvtier.ConfigError(render_problems(problems, f"{path} on this machine: "), problems)
-            console.print(f"[green]ok[/green]  {escape(path)}" + ("" if schema_only else " (on this machine)"))
-        except kvtier.ConfigError as exc:
+        config, problems = Config.check_file(path)
+        if config is not None and not schema_only:
+            said = {where for where, _ in problems}
+            problems += [(toml_name(name), msg) for name, msg in machine_problems(config)
+                         if toml_name(name) not in said]  # a default standing in for a bad value: not news
+        if problems:
             bad += 1
-            console.print(f"[red]bad[/red] {escape(str(exc))}")
+            console.print(f"[red]bad[/red] {escape(path)}")
+            for where, msg in problems:
+                console.print(f"    {escape(where)}{': ' if where else ''}{escape(msg)}")
+        else:
+            console.print(f"[green]ok[/green]  {escape(path)}" + ("" if schema_only else " (on this machine)"))
     if bad:
         raise SystemExit(1)
 

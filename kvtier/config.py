@@ -193,6 +193,30 @@ class Config(BaseModel):
         return cls.from_dict(data, str(path), **overrides)
 
     @classmethod
+    def check_file(cls, path: str) -> tuple["Config | None", list[tuple[str, str]]]:
+        """Every problem of a config file at once, in the file's own names (unknown keys, bad values, settings that
+        disagree), and the config made of its good settings (None where there is none): ``config check``."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            return None, [("", f"cannot read it ({exc.strerror})")]
+        except tomllib.TOMLDecodeError as exc:
+            return None, [("", f"not valid TOML: {exc}")]
+        flat, problems = _flatten(data)
+        try:
+            return cls(**flat), problems
+        except ConfigError as exc:
+            problems += [(_toml_name(name), msg) for name, msg in exc.problems]
+            bad = {name.split(".")[0] for name, _ in exc.problems}
+        if "" in bad:  # the policy's name or parameters
+            bad |= {"policy", "policy_params", "nvme_min_uses"}
+        try:
+            return cls(**{k: v for k, v in flat.items() if k not in bad}), problems
+        except ConfigError:
+            return None, problems
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", **overrides: Any) -> "Config":
         """The same, from a mapping shaped like the file (``{"gpu": {...}, "host": {...}, ...}``)."""
         flat, problems = _flatten(data)
@@ -279,6 +303,11 @@ def _toml_key(name: str) -> tuple[str, str]:
     return section, "name" if name == "policy" else name.removeprefix(section + "_")
 
 
+def toml_name(name: str) -> str:
+    """A setting's name in the file (``[gpu] page_size``) from its name in code (``page_size``)."""
+    return _toml_name(name)
+
+
 def _toml_name(name: str) -> str:
     if name.startswith("KVTIER_") or not name:
         return name
@@ -344,16 +373,36 @@ def _problems(exc: ValidationError, origin: Mapping[str, str]) -> ConfigError:
     return ConfigError(_render(problems), problems)
 
 
-def _policy_problem(data: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The policy named in ``data`` built with its parameters: None, or what is wrong (name or parameters)."""
+def _policy_problem(data: Mapping[str, Any], load: bool = False) -> tuple[str, str] | None:
+    """What is wrong with the policy named in ``data`` and its parameters, or None. A built-in (registered) one
+    is built with its parameters; a plug-in or a ``module:Class`` path is only named here -- its code is imported
+    and run only with ``load`` (the manager's start, ``config check`` on this machine), never by reading a file."""
     from kvtier.policies import make_policy
+    from kvtier.policies.registry import policy_source
+    name = data.get("policy", "lru")
+    if not isinstance(name, str):
+        return None  # the schema reports its type
+    source = policy_source(name)
+    if source is None:
+        from kvtier.policies.registry import known_policies
+        return ("", f"[policy] name: {name!r} is unknown (known: {', '.join(known_policies())}; or give a "
+                    "'module:Class' path)")
+    if source != "registered" and not load:
+        return None
     try:
-        make_policy(data.get("policy", "lru"), data.get("nvme_min_uses", 0), **dict(data.get("policy_params", {})))
+        make_policy(name, data.get("nvme_min_uses", 0), **dict(data.get("policy_params", {})))
     except ConfigError as exc:
         return ("", str(exc))
     except Exception:  # noqa: BLE001 - a value of the wrong type: the schema reports that one
         return None
     return None
+
+
+def policy_problem(config: "Config") -> tuple[str, str] | None:
+    """The config's policy built with its parameters, its code imported and run (plug-ins and module paths too):
+    None, or what is wrong."""
+    return _policy_problem({"policy": config.policy, "nvme_min_uses": config.nvme_min_uses,
+                            "policy_params": config.policy_params}, load=True)
 
 
 def render_problems(problems: list[tuple[str, str]], source: str = "") -> str:

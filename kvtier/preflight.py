@@ -1,24 +1,27 @@
 """``kvtier config check``'s second half: whether a manager would start on *this* machine with a config.
 
 The schema (:class:`kvtier.config.Config`) checks what a file says; this checks it against the machine, every
-problem at once: the device, the page size against the backend's granularity, the pool budget against the
-device's free memory, the host tier against the memory the process may use, the NVMe directory. When none is
-found, a manager is started and closed, so that "ok" means the manager accepts the file here.
+problem at once: the device (one page is created and released on it), the page size against the backend's
+granularity, the pool budget against the device's free memory, the host tier against the memory the process may
+use, the NVMe directory and the room on its disk, the ledger directory and the live processes' page size, and
+the policy built with its parameters (a plug-in's or a ``module:Class``'s code runs here, as it would at start).
+
+Nothing is written: no directory, lock or slot file is made (a check on a production machine must not leave
+files behind or take locks others wait on).
 """
 
 from __future__ import annotations
 
 import os
 
-from kvtier.config import Config
+from kvtier.config import Config, policy_problem
 from kvtier.errors import KVTierError
 from kvtier.tiering.host import memory_limit
 from kvtier.vmm import open_backend, resolve_device
 
 
 def machine_problems(config: Config) -> list[tuple[str, str]]:
-    """(setting, message) for each thing this machine would refuse of ``config`` at start; empty when a manager
-    started with it."""
+    """(setting, message) for each thing this machine would refuse of ``config`` at start; empty when none."""
     try:
         device = resolve_device(config.device)
         backend = open_backend(device)
@@ -30,39 +33,75 @@ def machine_problems(config: Config) -> list[tuple[str, str]]:
         if page % backend.granularity:
             problems.append(("page_size", f"{page} is not a multiple of the {backend.name} backend's granularity "
                                           f"{backend.granularity} on {device}"))
+        else:
+            try:  # the driver takes a page of this size (released at once)
+                backend.release(backend.create(page))
+            except KVTierError as exc:
+                problems.append(("page_size", f"a page of {page} bytes cannot be created on {device}: {exc}"))
         free = backend.free_memory()
         budget = int(free * config.pool_budget) if isinstance(config.pool_budget, float) else config.pool_budget
         if budget // page < 1:
             problems.append(("pool_budget", f"{budget} bytes is less than one page of {page} bytes"))
         elif budget > free:
             problems.append(("pool_budget", f"{budget} bytes is more than the {free} bytes free on {device}"))
+        if config.ledger_dir is not None:
+            problems += _ledger_problems(config, backend.device_key, page)
     finally:
         backend.close()
     limit, what = memory_limit()
     if config.host_size > limit:
         problems.append(("host_size", f"{config.host_size} bytes is more than the {limit} bytes this process may "
                                       f"use ({what})"))
-    if config.nvme_dir is not None:
-        problem = _directory_problem(config.nvme_dir)
+    if config.nvme_size:
+        problem = _directory_problem(config.nvme_dir or _tempdir(), config.nvme_size if config.nvme_preallocate
+                                     else 0)
         if problem:
             problems.append(("nvme_dir", problem))
-    if not problems:  # nothing found by looking: start one, so that "ok" means what it says
-        try:
-            from kvtier.manager import TierManager
-            TierManager(config.replace(pool_ready=0, background_demotion=False)).close()
-        except KVTierError as exc:
-            problems.append(("", str(exc)))
+    policy = policy_problem(config)
+    if policy:
+        problems.append(policy)
     return problems
 
 
-def _directory_problem(path: str) -> str | None:
-    """Why a slot file could not be made under ``path`` (it may not exist yet: its nearest parent must be
-    writable), or None."""
+def _tempdir() -> str:
+    import tempfile
+    return tempfile.gettempdir()
+
+
+def _nearest(path: str) -> str:
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
+    return probe
+
+
+def _directory_problem(path: str, room: int = 0) -> str | None:
+    """Why a slot file of ``room`` bytes could not be made under ``path`` (it may not exist yet: its nearest
+    parent must be writable), or None."""
+    probe = _nearest(path)
     if not os.path.isdir(probe):
         return f"{probe!r} is not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe!r} is not writable by this user"
+    if room:
+        stat = os.statvfs(probe)
+        free = stat.f_bavail * stat.f_frsize
+        if room > free:
+            return (f"{path!r} has {free} bytes free, and nvme_size reserves {room} there at start; lower nvme_size, "
+                    "free room, or set [nvme] preallocate = false")
     return None
+
+
+def _ledger_problems(config: Config, device_key: str, page: int) -> list[tuple[str, str]]:
+    """Whether this process could join the device's ledger (read only: the books are not locked or written)."""
+    from kvtier.vmm.ledger import ledger_path, live_page_sizes
+    problem = _directory_problem(config.ledger_dir)
+    if problem:
+        return [("ledger_dir", problem)]
+    live = live_page_sizes(ledger_path(config.ledger_dir, device_key))
+    other = {size for size in live.values() if size != page}
+    if other:
+        return [("page_size", f"the live processes on the device's ledger ({', '.join(live)}) count pages of "
+                              f"{', '.join(map(str, sorted(other)))} bytes, this config {page}: give every process "
+                              "on the device one page_size")]
+    return []

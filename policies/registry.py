@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -26,6 +27,18 @@ def _plugins() -> dict[str, Any]:
 
 def known_policies() -> list[str]:
     return sorted(set(_POLICIES) | set(_plugins()))
+
+
+def policy_source(name: str) -> str | None:
+    """Where the policy ``name`` would come from, without importing any code for it: "registered" (a built-in,
+    or registered in this process), "plugin" (an entry point), "path" (a ``module:Class`` path), or None."""
+    if name in _POLICIES:
+        return "registered"
+    if name in _plugins():
+        return "plugin"
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
+        return "path"
+    return None
 
 
 def _resolve(name: str) -> Callable[..., Any]:

@@ -147,12 +147,13 @@ def test_config_check_is_a_full_pre_flight_on_this_machine(tmp_path):
     for key in ("[gpu] pool_budget", "[host] size", "[nvme] dir"):
         assert key in out, (key, out)
     assert not said.stdout.startswith("ok") and run("--schema-only", str(bad)).returncode == 0
-    # a file it takes is ok: a manager was started with it
+    # a file it takes is ok, and checking it wrote nothing: no NVMe or ledger directory, no lock, no slot file
     good = tmp_path / "good.toml"
     good.write_text(f'[gpu]\ndevice = "cpu"\npool_budget = "64MiB"\n[host]\nsize = "8MiB"\n'
-                    f'[nvme]\nsize = "16MiB"\ndir = "{tmp_path}/slots"\n')
+                    f'[nvme]\nsize = "16MiB"\ndir = "{tmp_path}/slots"\n[ledger]\ndir = "{tmp_path}/ledger"\n')
+    before = sorted(os.listdir(tmp_path))
     assert run(str(good)).stdout.startswith("ok")
-    assert sorted(os.listdir(tmp_path / "slots")) == [".kvtier.lock"]  # it closed, leaving no slot file
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_every_problem_is_said_at_once_the_policys_too(tmp_path):
@@ -165,3 +166,35 @@ def test_every_problem_is_said_at_once_the_policys_too(tmp_path):
     for part in ("[gpu] device: 'gpu' is not a device", "[spaces.a] priority: 'high'",
                  "half_lif: not a parameter of the 'lfu' policy (its parameters: half_life)"):
         assert part in said, (part, said)
+
+
+def test_config_check_never_runs_code_a_file_names_under_schema_only(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kvtier.cli", "config", "check", *a], capture_output=True,
+                                    text=True, timeout=120)
+    # a file names a module:Class "policy" that would run a command: the schema check imports nothing
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.toml"
+    path.write_text(f'[gpu]\ndevice = "cpu"\n[policy]\nname = "os:system"\ncommand = "touch {marker}"\n')
+    assert run("--schema-only", str(path)).returncode == 0
+    assert not marker.exists()
+    # a name that is neither registered, a plug-in nor a module:Class path is refused without importing anything
+    path.write_text('[policy]\nname = "no such policy"\n')
+    said = run("--schema-only", str(path))
+    assert said.returncode == 1 and "'no such policy' is unknown" in said.stdout
+
+
+def test_config_check_says_every_problem_of_a_file_at_once_schema_and_machine(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kvtier.cli", "config", "check", *a], capture_output=True,
+                                    text=True, timeout=120)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # an unknown key, a bad value, and two things this machine refuses: four lines, one run
+    path = tmp_path / "many.toml"
+    path.write_text(f'[gpu]\ndevice = "cpu"\npool_budget = "64PiB"\nwatermark = 3\n[host]\nsize = "lots"\n'
+                    f'[nvme]\ndir = "{blocker}/slots"\n')
+    said = run(str(path))
+    out = " ".join(said.stdout.split())
+    assert said.returncode == 1
+    for part in ("[gpu] watermark: unknown key", "[host] size: \"lots\" is not a size", "[gpu] pool_budget",
+                 "[nvme] dir"):
+        assert part in out, (part, out)

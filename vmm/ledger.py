@@ -608,6 +608,20 @@ def locked_books(path: str, write: bool = True, keep: str | None = None, holder:
         os.close(fd)  # the lock goes with it
 
 
+def live_page_sizes(path: str) -> dict[str, int]:
+    """``"pid N (name)" -> page size`` of the live processes on the ledger at ``path``, from their ``.alive``
+    records; read only (no lock taken on the books, nothing written): for ``config check``."""
+    sizes = {}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path):
+            file = os.path.join(path, name)
+            if name.endswith(ALIVE) and _locked(file):
+                record = _read_alive(file)
+                if record is not None and _int(record.get("page_size"), 1):
+                    sizes[f"pid {record['pid']} ({record['name']})"] = record["page_size"]
+    return sizes
+
+
 def snapshot(path: str) -> dict[str, Any]:
     """The books of one ledger as they stand (the dead taken off). Raises LedgerError."""
     with locked_books(path, holder=f"{os.getpid()} kvtier ls") as books:
