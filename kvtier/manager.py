@@ -58,6 +58,7 @@ class TierManager:
                  files: FileLayer | None = None, backend: Backend | None = None, **overrides: Any) -> None:
         self.config = (config or Config()).replace(**overrides) if overrides else (config or Config())
         self.closed = True  # until everything below has started
+        self._closing = False
         self.device = resolve_device(self.config.device)
         self.backend = backend if backend is not None else open_backend(self.device)
         try:  # a manager that fails to start leaves nothing behind: pool, threads, pinned memory, files, backend
@@ -296,7 +297,7 @@ class TierManager:
 
     # --- lifecycle and stats --------------------------------------------------------------------------------------
     def check_open(self) -> None:
-        if self.closed:
+        if self.closed or self._closing:
             raise ClosedError("this TierManager is closed; create a new one")
 
     def drain(self) -> None:
@@ -340,10 +341,14 @@ class TierManager:
             assert in_spaces == self.pool.in_use_pages, (in_spaces, self.pool.in_use_pages)
 
     def close(self) -> None:
-        """Drop every space and release every page. Tensors from ``space.kv`` must not be used afterwards."""
+        """Drop every space and release every page. Tensors from ``space.kv`` must not be used afterwards. Safe
+        while other threads use the manager: from here on their calls raise :class:`ClosedError`, and the
+        transfers they started before land and commit (their handles complete) before anything is released."""
         with self.lock:
-            if self.closed:
+            if self.closed or self._closing:
                 return
+            self._closing = True  # no new call gets past check_open: nothing new can start below
+            self._changed.notify_all()
         if self.metrics is not None:
             self.metrics.close()
         self.tiering.stop()  # without the lock: the worker commits what is in flight

@@ -574,9 +574,9 @@ class Tiering:
 
     def stop(self) -> None:
         """Finish what is in flight and stop the threads. Call without holding the directory's lock."""
-        self.drain()
-        if self.demoter is not None:
+        if self.demoter is not None:  # first: it starts no demotion after the drain
             self.demoter.stop()
+        self.drain()
         self._queue.put(None)
         self._worker.join()
 
