@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
@@ -61,6 +62,10 @@ class ElasticBuffer:
 
     # --- books -------------------------------------------------------------------------------------------------
     def pages(self, span: Span) -> range:
+        if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            raise InvalidArgumentError(f"buffer {self.name!r}: a span is a (start, stop) pair of byte offsets, got "
+                                       f"{span!r}")
         start, stop = span
         if not 0 <= start < stop <= self.nbytes:
             raise InvalidArgumentError(f"buffer {self.name!r}: span {span} is outside [0, {self.nbytes})")
@@ -150,14 +155,18 @@ class ElasticBuffer:
     def release(self, spans: Iterable[Span], stream: Any = None) -> None:
         """Stop using ``spans``; pages no span uses go back once the work queued on ``stream`` (default: the
         current stream) has finished."""
+        spans = list(spans)
         with self._mgr.lock:
+            uses = Counter(p for span in spans for p in self.pages(span))
+            over = [p for p, n in uses.items() if n > self._users[p]]
+            if over:  # checked before anything changes
+                raise InvalidArgumentError(f"buffer {self.name!r}: spans released more often than acquired (pages "
+                                           f"{sorted(over)[:8]}); release each acquired span once")
             emptied = []
-            for span in spans:
-                for p in self.pages(span):
-                    assert self._users[p] > 0, f"buffer {self.name!r}: page {p} released more than acquired"
-                    self._users[p] -= 1
-                    if self._users[p] == 0:
-                        emptied.append(p)
+            for p, n in uses.items():
+                self._users[p] -= n
+                if self._users[p] == 0:
+                    emptied.append(p)
             if emptied:
                 fence = self._mgr.backend.record_fence(stream)
                 for p in emptied:

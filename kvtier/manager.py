@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from kvtier.checks import INT64, int_arg
 from kvtier.config import Config
 from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
 from kvtier.metrics import MetricsServer
@@ -22,6 +23,7 @@ from kvtier.vmm import Backend, PagePool, open_backend, resolve_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_RESERVATION = 1 << 47  # bytes of address space one buffer may reserve (x86-64 user space is 2^47)
 MAX_BLOCKS = 1 << 32  # blocks a space may have: ~40 GiB of host books, and 2^36 16-token blocks of reservation
 
 
@@ -145,8 +147,7 @@ class TierManager:
             for arg, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                                ("block_size", block_size), ("max_tokens", max_tokens)):
                 _positive_int(arg, value)
-            if isinstance(priority, bool) or not isinstance(priority, int):
-                raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
+            int_arg("priority", priority, -INT64, INT64 - 1)
             if quota_bytes is not None:
                 _positive_int("quota_bytes", quota_bytes)
             if map_ahead is not None and not isinstance(map_ahead, bool):
@@ -172,10 +173,11 @@ class TierManager:
                 raise InvalidArgumentError(f"buffer name must be a non-empty str, got {name!r}")
             if name in self.buffers or name in self.spaces:
                 raise InvalidArgumentError(f"a space or buffer named {name!r} exists already; pick another name")
-            _positive_int("nbytes", nbytes)
-            if reserve_pages < 0 or (max_pages is not None and max_pages < 1):
-                raise InvalidArgumentError(f"buffer {name!r}: reserve_pages must be >= 0 and max_pages >= 1, got "
-                                           f"{reserve_pages} and {max_pages}")
+            int_arg("nbytes", nbytes, 1, MAX_RESERVATION)
+            int_arg("reserve_pages", reserve_pages)
+            if max_pages is not None:
+                int_arg("max_pages", max_pages, 1)
+            int_arg("priority", priority, -INT64, INT64 - 1)
             buffer = ElasticBuffer(self, name, nbytes, priority, reserve_pages, max_pages)
             self.buffers[name] = buffer
             return buffer
@@ -185,7 +187,7 @@ class TierManager:
         and its range back."""
         def drop() -> None:
             self.check_open()
-            if name not in self.spaces:
+            if not isinstance(name, str) or name not in self.spaces:
                 raise InvalidArgumentError(f"no space named {name!r} (spaces: {', '.join(self.spaces) or 'none'})")
             pending = self.spaces[name].in_flight()
             if pending:

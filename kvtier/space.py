@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from kvtier.blocks import BlockBooks
+from kvtier.checks import INT64, block_ids_arg, int_arg, seq_id_arg
 from kvtier.errors import ClosedError, InvalidArgumentError, NotResidentError, PagesInFlight, QuotaExceededError
 from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
@@ -104,15 +105,14 @@ class KVSpace(SpaceTiers):
 
     def _allocate(self, seq_id: Hashable, num_tokens: int, first_block: int | None) -> list[int]:
         self._check_open()
-        try:
-            hash(seq_id)
-        except TypeError:
-            raise InvalidArgumentError(f"sequence id {seq_id!r} is not hashable (use an int or a str)") from None
+        seq_id_arg(seq_id)
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise InvalidArgumentError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         if num_tokens > self.max_tokens:
             raise InvalidArgumentError(f"num_tokens {num_tokens} exceeds the space's max_tokens "
                                        f"{self.max_tokens} (create the space with a larger max_tokens)")
+        if first_block is not None:
+            int_arg("first_block", first_block, 0, self.num_blocks - 1)
         if seq_id in self._offloaded:
             raise InvalidArgumentError(f"sequence {seq_id!r} is offloaded: prefetch it before growing it")
         books = self.block_books
@@ -190,15 +190,16 @@ class KVSpace(SpaceTiers):
         on lose their kept copies below, so that going down again copies the new bytes. Engines that write only
         a sequence's newest tokens after ``allocate`` need not call it (the last block's page keeps no copy);
         engines that rewrite earlier tokens (beam reordering, in-place edits) must."""
-        if not self.pages.copies and not self.pages.moving:  # the common case: nothing kept, nothing coming up
-            return
-        with self._lock:
+        with self._lock:  # always: the page states it reads are committed by the worker under this lock
             self._check_open()
             b = self.block_books
             held = b.blocks_of(seq_id)
             if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
-                    not isinstance(stop, int) or not 0 <= start <= stop:
-                raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of {seq_id!r}'s tokens")
+                    not isinstance(stop, int) or not 0 <= start <= stop <= b.tokens[seq_id]:
+                raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {b.tokens[seq_id]} "
+                                           f"tokens {seq_id!r} holds")
+            if not self.pages.copies and not self.pages.moving:  # the common case: nothing kept, nothing coming up
+                return
             blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
             self._tiering.drop_copies(self, b.pages_of(blocks))
 
@@ -235,8 +236,7 @@ class KVSpace(SpaceTiers):
     def set_priority(self, seq_id: Hashable, priority: int) -> None:
         """Set a sequence's priority (default: the space's), e.g. for requests under a tight latency objective.
         A page's priority is the highest of the sequences on it; the ``priority`` policy demotes low first."""
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
+        int_arg("priority", priority, -INT64, INT64 - 1)
         with self._lock:
             self._check_open()
             pages = self.block_books.pages_of_seqs([seq_id])
@@ -267,9 +267,10 @@ class KVSpace(SpaceTiers):
         to run before a step: a kernel reading an unmapped page would kill the CUDA context)."""
         with self._lock:
             self._check_open()
-            ids = np.asarray(list(block_ids), dtype=np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            ids = block_ids_arg(block_ids)
+            if ids and not 0 <= min(ids) <= max(ids) < self.num_blocks:
                 raise NotResidentError(f"space {self.name!r}: block ids must lie in 0..{self.num_blocks - 1}")
+            ids = np.asarray(ids, dtype=np.int64)
             mapped = np.zeros(self.num_pages, dtype=bool)
             if self.range.handles:
                 mapped[list(self.range.handles)] = True
@@ -282,11 +283,14 @@ class KVSpace(SpaceTiers):
 
     def region_view(self, region: int, page: int) -> torch.Tensor:
         """The bytes of one page in one (layer, K|V) region, as a ``uint8`` tensor on the device."""
+        int_arg("region", region, 0, self.num_regions - 1)
+        int_arg("page", page, 0, self.num_pages - 1)
         return self.range.region_view(region, page)
 
     def live_bytes(self, page: int) -> int:
         """Bytes of the page, in each region, that a move must carry: up to the end of its last live block, in
         whole I/O blocks (a 1024-token sequence on a 4096-token page moves a quarter of it)."""
+        int_arg("page", page, 0, self.num_pages - 1)
         return self.block_books.live_bytes(page, IO_ALIGN)
 
     def stats(self) -> dict[str, Any]:

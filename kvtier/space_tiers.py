@@ -14,6 +14,7 @@ from typing import Any, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
+from kvtier.checks import seq_ids_arg
 from kvtier.errors import InvalidArgumentError, PagesInFlight, TransferError
 from kvtier.policies import PageRef
 from kvtier.tiering import LOWER, STORAGE, Tier, TransferHandle
@@ -100,10 +101,7 @@ class SpaceTiers:
         """Start bringing every page of ``seq_ids`` to the GPU; they become active again. The handle's
         ``wait(stream)`` makes the step's stream wait on the device; ``result()`` blocks. Raises OutOfPagesError
         (nothing started) when the GPU cannot take them even after demoting idle pages."""
-        if isinstance(seq_ids, (str, bytes)):
-            raise InvalidArgumentError(f"prefetch takes a list of sequence ids, got the string {seq_ids!r} "
-                                       f"(write prefetch([{seq_ids!r}]))")
-        seqs = list(seq_ids)
+        seqs = seq_ids_arg("prefetch", seq_ids)
         return self._mgr.run_planned(lambda: self._prefetch(seqs))
 
     def _prefetch(self, seqs: list[Hashable]) -> TransferHandle:
@@ -172,7 +170,9 @@ class SpaceTiers:
 
     def _check_read_target(self, dst: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        tensors = [t for pair in dst for t in pair] if len(dst) == self.num_layers else []
+        ok = isinstance(dst, (list, tuple)) and len(dst) == self.num_layers and \
+            all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in dst)
+        tensors = [t for pair in dst for t in pair] if ok else []
         device = self.range.whole.device
         for t in tensors:
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.dtype or \
@@ -187,6 +187,7 @@ class SpaceTiers:
     def stage(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
         """Start reading the NVMe pages of ``seq_ids`` into host memory, ahead of a ``prefetch`` (which then
         crosses PCIe only). Pages for which the host tier has no room stay on NVMe."""
+        seq_ids = seq_ids_arg("stage", seq_ids)
         with self._lock:
             self._check_open()
             moving = self.pages.moving_mask()

@@ -391,3 +391,61 @@ def test_a_space_may_opt_out_of_map_ahead(make_manager):
     with pytest.raises(kvtier.errors.InvalidArgumentError, match="map_ahead must be a bool"):
         mgr.create_space("bad", max_tokens=64, map_ahead="yes", **make_manager.shape)
     mgr.check()
+
+
+BAD_CALLS = [  # (what, call): each must raise a KVTierError naming the argument, changing nothing
+    ("stage a string", lambda s, m: s.stage("abc")),
+    ("stage a number", lambda s, m: s.stage(7)),
+    ("prefetch None", lambda s, m: s.prefetch(None)),
+    ("ensure_resident a number", lambda s, m: s.ensure_resident(3)),
+    ("prefetch unhashable ids", lambda s, m: s.prefetch([["a"]])),
+    ("check_resident a huge id", lambda s, m: s.check_resident([2**70])),
+    ("check_resident strings", lambda s, m: s.check_resident(["a"])),
+    ("check_resident floats", lambda s, m: s.check_resident([1.5])),
+    ("check_resident a number", lambda s, m: s.check_resident(5)),
+    ("mark_written an unknown sequence", lambda s, m: s.mark_written("zz", 0, 1)),
+    ("mark_written past the end", lambda s, m: s.mark_written("a", 0, 10**6)),
+    ("mark_written a reversed range", lambda s, m: s.mark_written("a", 9, 3)),
+    ("mark_written floats", lambda s, m: s.mark_written("a", 0.5, 3)),
+    ("allocate with a bad first_block", lambda s, m: s.allocate("a", 16, first_block="x")),
+    ("allocate past the space", lambda s, m: s.allocate("c", 16, first_block=2**70)),
+    ("set_priority beyond int64", lambda s, m: s.set_priority("a", 2**70)),
+    ("read into a number", lambda s, m: s.read("a", 5)),
+    ("read into pairs of the wrong shape", lambda s, m: s.read("a", [(1, 2, 3)])),
+    ("region_view of a region out of range", lambda s, m: s.region_view(-1, 0)),
+    ("live_bytes of a page out of range", lambda s, m: s.live_bytes(2**70)),
+    ("drop_space a list", lambda s, m: m.drop_space(["s"])),
+    ("create_buffer of more than an address space", lambda s, m: m.create_buffer("b", 2**70)),
+    ("create_buffer with a string reserve", lambda s, m: m.create_buffer("b", 1 << 20, reserve_pages="2")),
+    ("create_space with a huge priority", lambda s, m: m.create_space("t", 1, 1, 64, priority=2**64)),
+    ("offload to a tier that is not one", lambda s, m: s.offload("a", tier="tape")),
+    ("offload_prefix a string", lambda s, m: s.offload_prefix("a", "10")),
+]
+
+
+@pytest.mark.parametrize("what, call", BAD_CALLS, ids=[w for w, _ in BAD_CALLS])
+def test_every_bad_argument_is_a_kvtier_error_and_changes_nothing(make_manager, what, call):
+    mgr = make_manager()
+    space = mgr.create_space("s", max_tokens=4096, **make_manager.shape)
+    space.allocate("a", 100)
+    space.allocate("b", 40)
+    space.offload("b", tier="host").result()
+    before = _snapshot(mgr, space)
+    with pytest.raises(kvtier.KVTierError):
+        call(space, mgr)
+    assert _snapshot(mgr, space) == before
+    mgr.check()
+
+
+def test_an_elastic_buffer_released_more_than_acquired_is_refused_unchanged(make_manager):
+    mgr = make_manager()
+    buf = mgr.create_buffer("b", 4 * mgr.page_size)
+    buf.acquire([(0, 10), (0, 10)])
+    # three releases of a span acquired twice: refused whole, the books as they were
+    with pytest.raises(kvtier.InvalidArgumentError, match="released more often than acquired"):
+        buf.release([(0, 10), (0, 10), (0, 10)])
+    with pytest.raises(kvtier.InvalidArgumentError, match="a span is a"):
+        buf.acquire(["ab"])
+    assert buf.mapped_pages == 1
+    buf.release([(0, 10), (0, 10)])
+    mgr.check()
