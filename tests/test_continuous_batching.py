@@ -4,6 +4,7 @@ window model, two models on one pool at once. Tiny models with random weights: n
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -108,6 +109,8 @@ def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | No
         assert stats["preempted_to_tiers"] > 0 and stats["restored"] == stats["preempted_to_tiers"]
         assert stats["soft_resets"] == 0
         assert paths[f"gpu->{tier}"]["pages"] > 0
+        # requests waiting on NVMe were read into host memory ahead of their turn, and counted
+        assert (stats["staged"] > 0) == (paths.get("nvme->host", {}).get("pages", 0) > 0)
         # the engine is gone: its buffer and swap spaces too, every page back in the pool
         assert mgr.stats()["buffers"] == {} and mgr.stats()["spaces"] == {}
         assert mgr.pool.in_use_pages == 0
@@ -371,3 +374,40 @@ def test_unsupported_versions_and_a_foreign_cached_manager_are_refused(monkeypat
             with kvtier_engine(model, mgr):
                 pass
         del model._cached_continuous_batching_manager
+
+
+def test_free_sectors_smaller_than_pages_are_counted_by_the_pages_they_need(backend_name):
+    # sectors of a quarter page: with room for two fresh pages, eight free sectors fit (the engine as shipped would
+    # schedule them all), not two -- a page mapped for one sector serves the other three on it
+    from kvtier.integrations.cb_cache import ElasticSectors
+    with _manager(backend_name, pages=5) as mgr:
+        page = mgr.page_size
+        buffer = mgr.create_buffer("kv", 12 * page)
+        sectors = ElasticSectors(buffer, page // 4, num_sectors=40, num_allocators=1)
+        # the two pad sectors took the first page; four pages are left
+        assert buffer.mapped_pages == 1 and buffer.available() == 4
+        assert sectors.num_free_sectors == 2 + 4 * 4  # two beside the pads, four on each page the pool can give
+        buffer.close()
+
+
+def test_a_prompt_longer_than_the_pool_can_give_fails_at_once_naming_why():
+    # a prompt needing more pages than the pool has for this engine, nothing else on the pool: waiting for room
+    # (room_wait_s) cannot help, so the engine is told at once, as the engine as shipped fails such a request
+    import time
+    model = _model("cpu")
+    prompts = [list(range(1, 120)) * 30, [5, 6, 7]]
+    expected = _generate(model, prompts, num_blocks=8, max_new_tokens=5)
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # the engine logs from its own thread
+    engine_log = logging.getLogger("ContinuousBatchingLogger")
+    engine_log.addHandler(handler)
+    try:
+        with _manager("cpu", pages=8) as mgr, kvtier_engine(model, mgr, name="m", room_wait_s=30):
+            start = time.monotonic()
+            got = _generate(model, prompts, num_blocks=None, max_new_tokens=5)
+            assert time.monotonic() - start < 10
+    finally:
+        engine_log.removeHandler(handler)
+    assert got == expected  # the same outcome: no tokens for either (the engine fails its batch)
+    assert any("a prompt longer than the engine's cache can take" in m for m in said), said

@@ -251,6 +251,12 @@ class Ledger:
             return sum(p["idle"][0] for pid, p in books["procs"].items() if pid != self.id and _fresh(p.get("idle"), now))
         return 0
 
+    def others_pages(self) -> int:
+        """Pages the other live processes hold now (0 while the ledger fails)."""
+        with contextlib.suppress(LedgerError), self._books(write=False) as books:
+            return sum(p["pages"] for pid, p in books["procs"].items() if pid != self.id)
+        return 0
+
     def pressure(self, idle_pages: int) -> int:
         """Publish this process's idle pages; return how many pages it should give back now: what others want,
         if it is the lowest-priority process with idle pages besides them (a lower priority's idle go first).

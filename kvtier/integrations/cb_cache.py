@@ -82,11 +82,16 @@ class ElasticSectors(CachePool):
         room = self.buffer.available()
         key = (room, self.buffer.mapped_pages, self._changes)
         if key != self._counted[0]:
+            # sectors on mapped pages cost nothing; the others cost the unmapped pages they touch, each page once
+            # (several sectors share a page when sectors are smaller than pages): cheapest first, in page order
+            counted: set[int] = set()
             count = 0
-            for cost in sorted(self._cost(s) for s in self.free_sectors):  # sectors on mapped pages cost nothing
-                if cost > room:
-                    break
-                room, count = room - cost, count + 1
+            for _, sector in sorted((self._cost(s), s) for s in self.free_sectors):
+                new = [p for p in self.buffer.pages(self.span(sector))
+                       if p not in counted and not self.buffer.range.is_mapped(p)]
+                if len(new) <= room:
+                    room, count = room - len(new), count + 1
+                    counted.update(new)
             self._counted = (key, count)
             self.room_limited = count < len(self.free_sectors)
         return self._counted[1]

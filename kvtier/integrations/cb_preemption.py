@@ -76,6 +76,14 @@ class TieredOffloading(OffloadingManager):
         buffer, engine = self.cache.buffer, self.engine
         before = buffer.available()
         wanted = min(sectors._cost(s) for s in sectors.free_sectors) - before
+        holders = self._others_holding()
+        if not holders:  # no one else holds the room it lacks: waiting cannot help
+            raise OutOfPagesError(
+                f"continuous batching {engine.name!r}: no request can be scheduled and none preempted, and nothing "
+                f"else holds pool room this engine could wait for: it maps {buffer.mapped_pages} page(s) of the "
+                f"pool's {engine.manager.pool.budget_pages} ({buffer.reserve_pages} kept for staging its "
+                "preemptions), too few for the next request -- a prompt longer than the engine's cache can take; "
+                "raise pool_budget (or capacity_bytes), or shorten the prompt or max_new_tokens")
         while True:
             if wait_for_room(buffer, lambda room: room > before, wanted, engine.room_wait_s, engine.stopping):
                 engine.counts["room_waits"] += 1
@@ -86,9 +94,23 @@ class TieredOffloading(OffloadingManager):
                 break
         raise OutOfPagesError(
             f"continuous batching {self.engine.name!r}: no request can be scheduled and none preempted, and the "
-            f"pool's room for this engine ({before} page(s)) did not grow in {self.engine.room_wait_s:g} s: other "
-            "engines on the pool (or processes on the device: kvtier ls) hold the rest; raise pool_budget, lower "
-            "their capacity_bytes, or raise room_wait_s")
+            f"pool's room for this engine ({before} page(s)) did not grow in {self.engine.room_wait_s:g} s; it is "
+            f"held by {', '.join(holders)}; raise pool_budget, lower their capacity_bytes, or raise room_wait_s")
+
+    def _others_holding(self) -> list[str]:
+        """Who else holds pages this engine could get back by waiting: other buffers and spaces on the pool, other
+        processes on the device's ledger."""
+        mgr, own = self.engine.manager, {self.cache.buffer.name} | {s.name for s in self.swap.values()}
+        with mgr.lock:
+            held = [f"buffer {b.name!r} ({b.mapped_pages} page(s))" for b in mgr.buffers.values()
+                    if b.name not in own and b.mapped_pages]
+            held += [f"space {s.name!r} ({s.range.handle_count()} page(s))" for s in mgr.spaces.values()
+                     if s.name not in own and s.range.handles]
+        ledger = mgr.pool.ledger
+        others = ledger.others_pages() if ledger is not None else 0
+        if others:
+            held.append(f"other processes on the device ({others} page(s); kvtier ls names them)")
+        return held
 
     def _offload_to_cpu(self, victims: list[Any], victim_block_tables: dict[str, dict[str, list[int]]]) -> set[str]:
         done = set()
@@ -200,7 +222,10 @@ class TieredOffloading(OffloadingManager):
                 continue
             chunks = [(self.swap[name], seq) for name, seq, _ in self.swapped.get(request_id, [])]
             _settle(self.going_down.pop(request_id, []))  # landed (or stayed up, if a write failed)
-            room -= self._stage_now(chunks, room)
+            staged = self._stage_now(chunks, room)
+            if staged:
+                room -= staged
+                self.engine.counts["staged"] += 1
             if any(space.residency(seq)["lost"] for space, seq in chunks):
                 log.warning("continuous batching %r: waiting request %s lost its swapped KV; it is recomputed",
                             self.engine.name, request_id)
