@@ -48,6 +48,14 @@ def _arch(name: str):
     if name == "gemma3":
         config = transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=24)
         return transformers.Gemma3ForCausalLM(config).eval(), config
+    if name == "gemma3n":  # KV sharing: the last layers read the K/V two earlier layers stored in this forward
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                       "full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+        config = transformers.Gemma3nTextConfig(**dict(SMALL, num_hidden_layers=8), head_dim=16, sliding_window=8,
+                                                num_kv_shared_layers=3, layer_types=layer_types, laurel_rank=8,
+                                                hidden_size_per_layer_input=16, vocab_size_per_layer_input=128,
+                                                altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 8)
+        return transformers.Gemma3nForCausalLM(config).eval(), config
     if name == "gpt2":
         config = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=2048)
         return transformers.GPT2LMHeadModel(config).eval(), config
@@ -159,7 +167,7 @@ def test_assisted_decoding_gives_dynamic_cache_tokens(tier):
 # --- architectures, a few modes each ------------------------------------------------------------------------------
 @pytest.mark.parametrize("tier", sorted(TIERS))
 @pytest.mark.parametrize("mode", [_greedy, _beam_search, _chunked_prefill, _chat], ids=lambda m: m.__name__.strip("_"))
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral-window", "gemma2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral-window", "gemma2", "gemma3", "gemma3n", "gpt2"])
 def test_architectures_give_dynamic_cache_tokens(arch, mode, tier):
     model, config = _arch(arch)
     expected, got = _both(model, config, tier, lambda cache: mode(model, cache))

@@ -99,6 +99,12 @@ class TieredCache(Cache):
         self._generation = 0  # spaces made so far (their names must differ on a shared manager)
         self._dropped = [[0] * self.rows for _ in range(num_layers)]  # sliding layers: tokens dropped, per row
         self._high = [0] * num_layers  # the furthest token each layer has written since the last reset
+        # layers whose K/V later layers of the same forward read (KV sharing, e.g. Gemma 3n): the views their
+        # update returns must stay valid until the forward ends -- never streamed, old pages dropped only as the
+        # next forward starts; layers that reuse another's K/V never update the cache
+        modes = list(getattr(model_config, "kv_sharing_modes", None) or [None] * num_layers)
+        self._shared = {i for i, mode in enumerate(modes) if mode == "store"}
+        self._reusing = {i for i, mode in enumerate(modes) if mode == "reuse"}
 
     @staticmethod
     def pool_bytes(model_config: Any, max_tokens: int, resident_layers: int, batch_size: int = 1,
@@ -127,12 +133,14 @@ class TieredCache(Cache):
         self._dropped = [[0] * self.rows for _ in range(n)]
         page, token_bytes = self.manager.page_size, self.spaces[0].block_bytes // self.block_size
         layer, tail = _layer_bytes(token_bytes, self.max_tokens, self.rows, page)
-        # sliding layers stay resident: they keep about two windows (and the pages those straddle)
-        full = [i for i in range(n) if self.layers[i].window is None]
-        sliding = sum(_layer_bytes(token_bytes, min(self.max_tokens, 2 * self.layers[i].window + 2 * page //
-                                                    token_bytes), self.rows, page)[0]
-                      for i in range(n) if i not in full)
-        budget = self.manager.pool.budget_pages * page - sliding
+        # sliding layers stay resident: they keep about two windows (and the pages those straddle); so do layers
+        # whose K/V later layers read (KV sharing); layers reusing another's hold nothing
+        full = [i for i in range(n) if self.layers[i].window is None and i not in self._shared | self._reusing]
+        fixed = sum(_layer_bytes(token_bytes, min(self.max_tokens, 2 * self.layers[i].window + 2 * page //
+                                                  token_bytes), self.rows, page)[0]
+                    for i in range(n) if self.layers[i].window is not None and i not in self._reusing)
+        fixed += layer * sum(1 for i in self._shared if self.layers[i].window is None)
+        budget = self.manager.pool.budget_pages * page - fixed
         m = len(full)
         if self.resident_layers is None:  # as many as the pool holds beside the ring and the streamed last pages
             spare = budget - RING_SLOTS * layer - m * tail - tail // self.rows
@@ -219,8 +227,13 @@ class TieredCache(Cache):
         space = self.spaces[i]
         stream = torch.cuda.current_stream(key_states.device) if key_states.is_cuda else None
         previous = self.layers[self._last] if self._last >= 0 else None
-        if previous is not None and previous.window is not None and previous.length:
+        if previous is not None and previous.window is not None and previous.length \
+                and previous.index not in self._shared:
             self._drop_old(previous.index, stream)  # its attention is enqueued: tokens out of its window can go
+        if i <= self._last:  # a new forward: the views of layers read by later ones are done with now
+            for j in self._shared:
+                if self.layers[j].window is not None and self.layers[j].length:
+                    self._drop_old(j, stream)
         if self._streamed:
             self._before(i, stream, new, first_fill=start == 0)
         pending = self._pending.pop(i, None)
@@ -259,7 +272,7 @@ class TieredCache(Cache):
         if previous >= 0 and self.layers[previous].length:
             if previous in self._settled:
                 self._settle(previous, stream, wait=prefill)
-            elif prefill and first_fill and previous not in self._down:
+            elif prefill and first_fill and previous not in self._down and previous not in self._shared:
                 handles = [self.spaces[previous].offload(row, tier=self.offload_tier, stream=stream)
                            for row in self._rows()]
                 self._down.add(previous)
