@@ -425,3 +425,65 @@ def test_generate_under_disk_faults_gives_the_same_tokens_or_a_clear_error(fault
     finally:
         cache.close()
         mgr.close()
+
+
+# --- copies, shapes, architectures it cannot hold -------------------------------------------------------------------
+@pytest.mark.parametrize("tier", sorted(TIERS))
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_deep_copied_prompt_cache_answers_several_questions_as_dynamic_cache(arch, tier):
+    # transformers' prompt-reuse recipe: the prompt's cache computed once, a deepcopy of it for each question
+    import copy
+    model, config = _arch(arch)
+    prompt = _ids(1, 70)
+    questions = [_ids(1, 5 + 3 * q, seed=20 + q) for q in range(3)]
+
+    def answers(prompt_cache):
+        with torch.no_grad():
+            model(prompt, **{CACHE_KW: prompt_cache})
+        out = []
+        for question in questions:
+            cache = copy.deepcopy(prompt_cache)
+            out.append(_generate(model, torch.cat([prompt, question], dim=1), cache, max_new_tokens=12,
+                                 do_sample=False))
+            if isinstance(cache, TieredCache):
+                cache.manager.check()
+                cache.close()
+        return out
+
+    expected = answers(transformers.DynamicCache(config=config))
+    original = _tiered(config, tier)
+    try:
+        got = answers(original)
+        assert original.get_seq_length() == 70  # the original is as it was
+    finally:
+        original.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert original.manager.closed  # the last of the caches sharing its manager closed it
+
+
+def test_the_first_updates_shape_is_what_the_cache_holds_falcon_multi_query():
+    # Falcon's multi_query keeps one K/V head whatever num_kv_heads says: the cache holds what the first update
+    # gives (not a head per attention head), and generates DynamicCache's tokens
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(hidden_size=64, num_attention_heads=8, num_hidden_layers=2, vocab_size=128,
+                                       multi_query=True, new_decoder_architecture=False)
+    model = transformers.FalconForCausalLM(config).eval()
+    expected, got = _both(model, config, "some-host", lambda cache: _greedy(model, cache))
+    assert torch.equal(got, expected)
+    cache = _tiered(config, "resident")
+    try:
+        _greedy(model, cache)
+        assert cache.num_kv_heads == 1 and cache.spaces[0].num_kv_heads == 1
+        # a later update of another shape is refused, naming it
+        with pytest.raises(kvtier.InvalidArgumentError, match="different K/V shapes"):
+            cache.update(torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8), 1)
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("name", ["DeepseekV2Config", "DeepseekV3Config", "JambaConfig", "Zamba2Config",
+                                  "MambaConfig", "Qwen3NextConfig", "Gemma4TextConfig"])
+def test_architectures_it_cannot_hold_are_refused_when_the_cache_is_built(name):
+    config = getattr(transformers, name)()
+    with pytest.raises(kvtier.InvalidArgumentError, match="TieredCache cannot hold"):
+        TieredCache(config)

@@ -127,8 +127,33 @@ def _dynamic_cache_item_arity() -> int:
     return len(next(iter(cache)))
 
 
+ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def unsupported_reason(model_config: Any) -> str | None:
+    """Why a TieredCache cannot hold this model's cache (it holds one K/V shape, the same for K and V, in every
+    layer that updates the cache), or None."""
+    if getattr(model_config, "kv_lora_rank", None):
+        return ("multi-head latent attention (DeepSeek-V2/V3 and kin) caches keys and values of different widths; "
+                "use DynamicCache")
+    kinds = set(getattr(model_config, "layer_types", None) or ()) | \
+        set(getattr(model_config, "layers_block_type", None) or ())
+    other = sorted(str(k) for k in kinds - ATTENTION_LAYERS - {"attention"})
+    if other:
+        return (f"layers of kind {', '.join(other)} keep a recurrent state (Mamba, linear attention), not a paged KV "
+                "cache; use the model's own cache")
+    try:
+        _kv_shape(model_config)
+    except Exception as exc:  # noqa: BLE001 - heterogeneous configs refuse a global head_dim, say
+        return f"its layers have no single K/V shape ({str(exc).splitlines()[0]})"
+    return None
+
+
 def _kv_shape(model_config: Any) -> tuple[int, int]:
+    """K/V heads and head dim as the config says them (the first update's tensors are what the cache holds)."""
     heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    if getattr(model_config, "multi_query", False) and not getattr(model_config, "new_decoder_architecture", False):
+        heads = 1  # Falcon's multi-query attention: one K/V head, whatever num_kv_heads says
     dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     return heads, dim
 

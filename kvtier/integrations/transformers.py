@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache
 from kvtier.config import Config
 from kvtier.errors import InvalidArgumentError, TransferError
 from kvtier.integrations.cache_layers import (TieredLayer, _dynamic_cache_item_arity, _kv_shape, _layer_bytes,
-                                              _windows, cache_kwarg)
+                                              _windows, cache_kwarg, unsupported_reason)
 from kvtier.manager import TierManager
 
 __all__ = ["TieredCache", "TieredLayer", "cache_kwarg"]
@@ -70,6 +70,10 @@ class TieredCache(Cache):
                  name: str = "tiered-cache") -> None:
         model_config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") \
             else model_config
+        why = unsupported_reason(model_config)
+        if why is not None:
+            raise InvalidArgumentError(f"TieredCache cannot hold a {getattr(model_config, 'model_type', '?')} "
+                                       f"model's cache: {why}")
         num_layers = model_config.num_hidden_layers
         super().__init__(layers=[TieredLayer(self, i, w) for i, w in enumerate(_windows(model_config, num_layers))])
         if offload_tier not in ("host", "nvme"):
@@ -83,6 +87,10 @@ class TieredCache(Cache):
         self.blocks_per_row = math.ceil(max_tokens / block_size)
         self.max_tokens = self.blocks_per_row * block_size
         self.manager, self._own_manager, self._config = manager, manager is None, config
+        self._users = [1]  # caches sharing the manager this one made (deepcopy): the last to close closes it
+        self._copies = 0
+        self._args = dict(model_config=model_config, max_tokens=max_tokens, batch_size=batch_size, config=config,
+                          resident_layers=resident_layers, offload_tier=offload_tier, block_size=block_size)
         self.resident_layers, self.offload_tier = resident_layers, offload_tier
         self.spaces: list[Any] = []
         self._ring: list[Any] = []  # the ring slots: spaces of one layer's shape, mapped while decoding
@@ -213,6 +221,15 @@ class TieredCache(Cache):
     def _update(self, layer: TieredLayer, key_states: torch.Tensor,
                 value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, new, dim = key_states.shape
+        if value_states.shape != key_states.shape or value_states.dtype != key_states.dtype:
+            raise InvalidArgumentError(f"layer {layer.index}: keys {tuple(key_states.shape)} and values "
+                                       f"{tuple(value_states.shape)} differ; TieredCache holds K and V of one shape")
+        if not self.spaces:  # the first update says what the layers hold (Falcon's multi-query: 1 head, say)
+            self.num_kv_heads, self.head_dim = heads, dim
+        elif (heads, dim) != (self.num_kv_heads, self.head_dim):
+            raise InvalidArgumentError(f"layer {layer.index}: {heads} K/V heads of {dim}, the cache holds "
+                                       f"{self.num_kv_heads} of {self.head_dim} (from the first update): layers of "
+                                       "different K/V shapes are not supported")
         if self.spaces and batch != self.rows:
             if any(layer.length for layer in self.layers):
                 raise InvalidArgumentError(f"TieredCache holds {self.rows} rows; got a batch of {batch}: reset() it "
@@ -534,11 +551,57 @@ class TieredCache(Cache):
                     total[tier] += nbytes
         return total
 
+    # --- copies ---------------------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TieredCache":
+        """A cache holding the same KV, on the same manager (transformers' prompt-reuse recipe: a prompt's cache
+        computed once, ``copy.deepcopy(prompt_cache)`` for each question). The bytes are copied once, from
+        whichever tier they are in, into new spaces all on the GPU; the original is left as it was."""
+        self._copies += 1
+        twin = TieredCache(manager=self.manager, name=f"{self.name}.copy{self._copies}", **self._args)
+        twin._own_manager, twin._users = self._own_manager, self._users
+        self._users[0] += 1
+        memo[id(self)] = twin
+        if not self.spaces:
+            return twin
+        twin.num_kv_heads, twin.head_dim = self.num_kv_heads, self.head_dim
+        twin.rows, twin.capacity, twin._generation = self.rows, self.capacity, 1
+        twin.spaces = [twin._new_space(f"{twin.name}.L{i}", space.dtype) for i, space in enumerate(self.spaces)]
+        twin._streamed = list(self._streamed)
+        twin._settled = {i: [0] * self.rows for i in self._streamed}  # all on the GPU: its next step settles them
+        twin._dropped = [list(d) for d in self._dropped]
+        twin._allocated, twin._high = list(self._allocated), list(self._high)
+        for i, (layer, mine, theirs) in enumerate(zip(self.layers, self.spaces, twin.spaces)):
+            twin.layers[i].length = layer.length
+            if not layer.length:
+                continue
+            if layer.is_initialized:
+                like = torch.empty(0, dtype=mine.dtype, device=layer.device)
+                twin.layers[i].lazy_initialization(like, like)
+            for row in self._rows():
+                theirs.allocate(row, self._allocated[i], first_block=row * self.blocks_per_row)
+            self._copy_layer(i, theirs.kv(0))
+        return twin
+
+    def _copy_layer(self, i: int, dst: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Layer ``i``'s kept tokens into ``dst`` (tensors shaped like its space's), from any tier."""
+        space, length, kept = self.spaces[i], self.layers[i].length, max(self._dropped[i])
+        pending = self._pending.pop(i, None)
+        if pending is not None:
+            pending.result()
+        read = self._reads.get(i)
+        for handle in read[1] if read is not None else []:
+            handle.result()  # a read ahead holds the pages where they are until it lands
+        handles = [space.read(row, [dst], start=max(kept, self._dropped[i][row]), stop=length)
+                   for row in self._rows()]
+        for handle in handles:
+            handle.result()
+
     def close(self) -> None:
-        """Give the pages back (and close the manager if this cache made it)."""
+        """Give the pages back (and close the manager if this cache made it and no copy of it still uses it)."""
         if self.manager is not None and not self.manager.closed:
             self._teardown()
-            if self._own_manager:
+            self._users[0] -= 1
+            if self._own_manager and self._users[0] <= 0:
                 self.manager.close()
         self.spaces, self._ring = [], []
         self._views.clear()
