@@ -120,7 +120,7 @@ def new_sequences(device: str, tokens: int, count: int, ahead: bool, page_size: 
         for i in range(count):
             deadline = time.monotonic() + 1.0
             time.sleep(0.05)  # the gap between arrivals; with map_ahead, the demoter maps the reserve meanwhile
-            while ahead and space.stats()["pages_empty"] < pages and time.monotonic() < deadline:
+            while ahead and space.stats()["stripes_empty"] < pages and time.monotonic() < deadline:
                 time.sleep(0.005)
             start = time.perf_counter()
             space.allocate(f"s{i}", tokens)

@@ -325,7 +325,7 @@ class TierManager:
                 "buffers": {name: b.stats() for name, b in self.buffers.items()},
                 "tiers": self.tiering.stats(),
                 "total": {key: sum(s[key] for s in spaces.values())
-                          for key in ("pages_mapped", "bytes_mapped", "map_calls", "map_seconds", "unmap_calls",
+                          for key in ("stripes_mapped", "bytes_mapped", "map_calls", "map_seconds", "unmap_calls",
                                       "unmap_seconds")},
             }
 

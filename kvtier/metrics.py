@@ -63,22 +63,22 @@ class _Collector:
         yield family(GaugeMetricFamily, "kvtier_pool_pages", "GPU pages of the pool", ("state",),
                      [(("free",), pool["pages_free"]), (("in_use",), pool["pages_in_use"]),
                       (("budget",), pool["budget_pages"])])
-        yield family(GaugeMetricFamily, "kvtier_space_pages", "Pages of each space per tier", ("space", "tier"),
+        yield family(GaugeMetricFamily, "kvtier_space_stripes", "Stripes of each space per tier (a stripe: one page of every (layer, K|V) region)", ("space", "tier"),
                      [((name, tier), s[key]) for name, s in stats["spaces"].items()
-                      for tier, key in (("gpu", "pages_mapped"), ("host", "pages_host"), ("nvme", "pages_nvme"),
-                                        ("lost", "pages_lost"))])
+                      for tier, key in (("gpu", "stripes_mapped"), ("host", "stripes_host"), ("nvme", "stripes_nvme"),
+                                        ("lost", "stripes_lost"))])
         yield family(GaugeMetricFamily, "kvtier_tier_slots", "Slots of the lower tiers", ("tier", "state"),
                      [((t, state), tiers[t][key]) for t in TIERS for state, key in (("used", "slots_used"),
                                                                                     ("total", "slots"))])
         paths = tiers["paths"]
         yield family(CounterMetricFamily, "kvtier_path_bytes", "Bytes moved per path", ("path",),
                      [((p,), v["bytes"]) for p, v in paths.items()])
-        yield family(CounterMetricFamily, "kvtier_path_pages", "Pages moved per path", ("path",),
-                     [((p,), v["pages"]) for p, v in paths.items()])
-        yield family(CounterMetricFamily, "kvtier_demoted_pages", "Pages sent down from the GPU", (),
-                     [((), sum(v["pages"] for p, v in paths.items() if p.startswith("gpu->")))])
-        yield family(CounterMetricFamily, "kvtier_lost_pages", "Pages lost: a read back failed, or failed its "
-                     "checksum", (), [((), tiers["lost_pages"])])
+        yield family(CounterMetricFamily, "kvtier_path_stripes", "Stripes moved per path", ("path",),
+                     [((p,), v["stripes"]) for p, v in paths.items()])
+        yield family(CounterMetricFamily, "kvtier_demoted_stripes", "Stripes sent down from the GPU", (),
+                     [((), sum(v["stripes"] for p, v in paths.items() if p.startswith("gpu->")))])
+        yield family(CounterMetricFamily, "kvtier_lost_stripes", "Stripes lost: a read back failed, or failed its "
+                     "checksum", (), [((), tiers["lost_stripes"])])
         yield family(CounterMetricFamily, "kvtier_checksum_failures", "Reads whose bytes did not match their digest",
                      ("tier",), [((t,), tiers[t]["checksums"]["mismatches"]) for t in TIERS
                                  if isinstance(tiers[t]["checksums"], dict)])

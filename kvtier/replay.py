@@ -125,7 +125,7 @@ def replay(trace: Trace, config: Config) -> dict[str, Any]:
             space, report = spaces[where[seq]], reports[where[seq]]
             try:
                 if op == "return":
-                    res = space.page_residency(seq)  # the slowest tier it must come back from
+                    res = space.stripe_residency(seq)  # the slowest tier it must come back from
                     report.returns["nvme" if res["nvme"] else "host" if res["host"] else "gpu"] += 1
                     report.pages_up.update({"host": res["host"], "nvme": res["nvme"]})
                     start = time.perf_counter()
@@ -145,10 +145,10 @@ def replay(trace: Trace, config: Config) -> dict[str, Any]:
                     space.free(seq)
                 where.pop(seq, None)
             stats = mgr.stats()["spaces"].values()
-            timeline.append((now[0], sum(s["pages_mapped"] for s in stats), sum(s["pages_host"] for s in stats),
-                             sum(s["pages_nvme"] for s in stats)))
+            timeline.append((now[0], sum(s["stripes_mapped"] for s in stats), sum(s["stripes_host"] for s in stats),
+                             sum(s["stripes_nvme"] for s in stats)))
         paths = {k: v["bytes"] for k, v in mgr.stats()["tiers"]["paths"].items()}
-        path_pages = {k: v["pages"] for k, v in mgr.stats()["tiers"]["paths"].items()}
+        path_pages = {k: v["stripes"] for k, v in mgr.stats()["tiers"]["paths"].items()}
     occupancy = np.array(timeline) if timeline else np.zeros((0, 4))
     return {"spaces": {name: reports[name].row() for name in trace.spaces}, "bytes": paths, "path_pages": path_pages,
             "pages_up": {tier: sum(r.pages_up[tier] for r in reports.values()) for tier in ("host", "nvme")},
@@ -188,7 +188,7 @@ def plot(results: dict[str, dict[str, Any]], path: str, priorities: dict[str, in
                   transform=ax_s.transAxes, va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8})
     every = [s for res in results.values() for v in res["stalls"].values() for s in v if s > 0]
     wide = bool(every) and max(every) / min(every) > 20  # a log axis only where the stalls span decades
-    ax_t.set(xlabel="trace time (s)", ylabel="pages", title="tier occupancy")
+    ax_t.set(xlabel="trace time (s)", ylabel="stripes", title="tier occupancy")
     ax_s.set(xlabel="fault-back stall (ms)", ylabel="fraction of returns", title="stalls per space (CDF)",
              xscale="log" if wide else "linear")
     ax_t.legend(fontsize=7)

@@ -296,10 +296,10 @@ class KVSpace(SpaceTiers):
     def stats(self) -> dict[str, Any]:
         with self._lock:
             t, mapped = self.pages, len(self.range.handles)
-            return {"pages_mapped": mapped, "pages_empty": len(self._empty),
-                    "pages_host": t.count(Tier.HOST), "pages_nvme": t.count(Tier.NVME),
-                    "pages_lost": t.count(Tier.LOST), "pages_dropped": t.count(Tier.DROPPED),
-                    "pages_reserved": self.num_pages,
+            return {"stripes_mapped": mapped, "stripes_empty": len(self._empty),
+                    "stripes_host": t.count(Tier.HOST), "stripes_nvme": t.count(Tier.NVME),
+                    "stripes_lost": t.count(Tier.LOST), "stripes_dropped": t.count(Tier.DROPPED),
+                    "stripes_reserved": self.num_pages,
                     "bytes_mapped": mapped * self.page_bytes, "bytes_reserved": self.range.size,
                     "blocks_used": self.num_blocks - self.block_books.free_count, "blocks_total": self.num_blocks,
                     "sequences": len(self.block_books.seqs), "sequences_offloaded": len(self._offloaded),

@@ -124,7 +124,7 @@ class SpaceTiers:
     def _refuse_lost(self, pages: Sequence[int]) -> None:
         lost = [p for p in pages if self.pages.tier[p] == Tier.LOST]
         if lost:
-            raise TransferError(f"space {self.name!r}: pages {lost} were lost (a read back failed); free and "
+            raise TransferError(f"space {self.name!r}: stripes {lost} were lost (a read back failed); free and "
                                 "recompute these sequences", self.sequences_on(lost))
 
     def read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0,
@@ -208,7 +208,7 @@ class SpaceTiers:
             per_block = self.block_bytes * self.num_regions
             return {t.label: int((tiers == t).sum()) * per_block for t in (*STORAGE, Tier.LOST)}
 
-    def page_residency(self, seq_id: Hashable) -> dict[str, int]:
+    def stripe_residency(self, seq_id: Hashable) -> dict[str, int]:
         """Distinct pages holding ``seq_id``'s blocks, per tier (pages may be shared with other sequences)."""
         with self._lock:
             self._check_open()

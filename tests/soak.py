@@ -183,8 +183,8 @@ def soak(make: Any, shape: dict, page: int, policy: str, background: bool, threa
     stats = mgr.stats()["tiers"]
     mgr.close()
     paths = stats["paths"]
-    counts.pages_down = sum(v["pages"] for k, v in paths.items() if k.startswith("gpu->"))
-    counts.pages_up = sum(v["pages"] for k, v in paths.items() if k.endswith("->gpu") or k.endswith("->read"))
+    counts.pages_down = sum(v["stripes"] for k, v in paths.items() if k.startswith("gpu->"))
+    counts.pages_up = sum(v["stripes"] for k, v in paths.items() if k.endswith("->gpu") or k.endswith("->read"))
     counts.caught = sum(stats[t]["checksums"]["mismatches"] for t in ("host", "nvme")
                         if isinstance(stats[t]["checksums"], dict))
     return counts

@@ -200,7 +200,7 @@ def test_sliding_layers_keep_only_their_window(arch, mode):
                                for i, layer in enumerate(cache.layers))
         for i in sliding:  # old pages dropped: what stays mapped is about two windows a row
             s = stats[cache.spaces[i].name]
-            assert s["pages_dropped"] > 0 and s["pages_mapped"] <= 4 * cache.rows, s
+            assert s["stripes_dropped"] > 0 and s["stripes_mapped"] <= 4 * cache.rows, s
         cache.manager.check()
     finally:
         cache.close()
@@ -385,7 +385,7 @@ def test_sliding_window_on_the_gpu():
         assert torch.equal(run(cache), expected)
         cache.manager.drain()
         assert all(layer.is_sliding for layer in cache.layers)
-        assert all(cache.manager.stats()["spaces"][s.name]["pages_dropped"] > 0 for s in cache.spaces)
+        assert all(cache.manager.stats()["spaces"][s.name]["stripes_dropped"] > 0 for s in cache.spaces)
         cache.manager.check()
     finally:
         cache.close()

@@ -86,7 +86,7 @@ def test_preempted_requests_spill_to_nvme_when_the_host_is_full(backend_name):
     # the default tier is the host; with room there for one chunk, the others go straight on to NVMe (a chunk
     # left on the GPU would keep the very pages the preemption was for)
     paths = _preempt_and_compare(backend_name, "llama", "host", host_pages=2)
-    assert paths["gpu->host"]["pages"] > 0 and paths["gpu->nvme"]["pages"] > 0
+    assert paths["gpu->host"]["stripes"] > 0 and paths["gpu->nvme"]["stripes"] > 0
 
 
 def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | None = None,
@@ -108,9 +108,9 @@ def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | No
         assert got == expected
         assert stats["preempted_to_tiers"] > 0 and stats["restored"] == stats["preempted_to_tiers"]
         assert stats["soft_resets"] == 0
-        assert paths[f"gpu->{tier}"]["pages"] > 0
+        assert paths[f"gpu->{tier}"]["stripes"] > 0
         # requests waiting on NVMe were read into host memory ahead of their turn, and counted
-        assert (stats["staged"] > 0) == (paths.get("nvme->host", {}).get("pages", 0) > 0)
+        assert (stats["staged"] > 0) == (paths.get("nvme->host", {}).get("stripes", 0) > 0)
         # the engine is gone: its buffer and swap spaces too, every page back in the pool
         assert mgr.stats()["buffers"] == {} and mgr.stats()["spaces"] == {}
         assert mgr.pool.in_use_pages == 0

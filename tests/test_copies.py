@@ -31,12 +31,12 @@ def test_offloading_an_unwritten_page_again_copies_nothing(make_manager, tier):
     space.offload("a", tier=tier).result()
     space.ensure_resident(["a"])
     copied = _bytes_down(mgr, tier)
-    assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 2
+    assert mgr.stats()["tiers"]["copies"]["kept_stripes"] == 2
     # second trip down: only the third page is copied (its live half: 8 blocks), the copies become the others'
     # homes (debug_checks poisons the GPU pages)
     space.offload("a", tier=tier).result()
     assert _bytes_down(mgr, tier) == copied + space.num_regions * (int(2.5 * BPP) - 2 * BPP) * space.block_bytes
-    assert mgr.stats()["tiers"]["copies"]["reused_pages"] == 2 and space.residency("a")[tier] > 0
+    assert mgr.stats()["tiers"]["copies"]["reused_stripes"] == 2 and space.residency("a")[tier] > 0
     mgr.check()
     # and back up: the same bytes
     space.ensure_resident(["a"])
@@ -70,7 +70,7 @@ def test_a_page_still_being_filled_keeps_no_copy(make_manager):
     write_seq(space, "a")
     space.offload("a", tier="host").result()
     space.ensure_resident(["a"])
-    assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 0
+    assert mgr.stats()["tiers"]["copies"]["kept_stripes"] == 0
     # an engine fills that block token by token, telling no one (as paged engines do), then the sequence goes
     # down and up again: the new tokens come back (a kept copy would have brought back the old bytes)
     k, _ = space.kv(0)
@@ -89,12 +89,12 @@ def test_rewritten_tokens_said_so_are_copied_again(make_manager):
     write_seq(space, "a")
     space.offload("a", tier="host").result()
     space.ensure_resident(["a"])
-    assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 2
+    assert mgr.stats()["tiers"]["copies"]["kept_stripes"] == 2
     # the engine rewrites the first block (e.g. reordering beams) and says so: that page loses its copy
     k, _ = space.kv(0)
     k[space.blocks("a")[0]] = 3.0
     space.mark_written("a", 0, space.block_size)
-    assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 1
+    assert mgr.stats()["tiers"]["copies"]["kept_stripes"] == 1
     space.offload("a", tier="host").result()
     space.ensure_resident(["a"])
     assert bool((space.kv(0)[0][space.blocks("a")[0]] == 3.0).all())
@@ -113,14 +113,14 @@ def test_copies_give_way_when_the_host_tier_is_full(make_manager):
     # a goes down and back: the copies of its two full pages take half the host tier
     space.offload("a", tier="host").result()
     space.ensure_resident(["a"])
-    assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 2
+    assert mgr.stats()["tiers"]["copies"]["kept_stripes"] == 2
     # b needs three pages of host, two are free: one of a's copies is dropped rather than spilling b to NVMe
     space.offload("b", tier="host").result()
-    assert space.page_residency("b")["host"] == 3
-    assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 1
+    assert space.stripe_residency("b")["host"] == 3
+    assert mgr.stats()["tiers"]["copies"]["kept_stripes"] == 1
     # a goes down for real now: the page with a copy left stays in host, the two others spill
     space.offload("a", tier="host").result()
-    assert space.page_residency("a") == {"gpu": 0, "host": 1, "nvme": 2, "lost": 0}
+    assert space.stripe_residency("a") == {"gpu": 0, "host": 1, "nvme": 2, "lost": 0}
     space.ensure_resident(["a", "b"])
     assert_seq(space, "a")
     assert_seq(space, "b", salt=1)
@@ -156,7 +156,7 @@ def test_a_page_written_while_coming_up_keeps_no_copy(make_manager):
         space.allocate("a", BPP * space.block_size)
         write_seq(space, "a")
     handle.result()
-    assert mgr.stats()["tiers"]["copies"]["kept_pages"] == 0
+    assert mgr.stats()["tiers"]["copies"]["kept_stripes"] == 0
     # so going down again copies it, new block included
     space.offload("a", tier="host").result()
     space.ensure_resident(["a"])

@@ -115,7 +115,7 @@ def test_a_page_whose_copies_fail_after_its_first_regions_left_is_lost_not_wrong
     backend.left = None
     # neither side holds that page whole: it is reported lost, never handed back as data; the books balance
     assert failure.value.lost == ["a"]
-    assert space.page_residency("a") == {"gpu": 0, "host": 1, "nvme": 0, "lost": 1}
+    assert space.stripe_residency("a") == {"gpu": 0, "host": 1, "nvme": 0, "lost": 1}
     mgr.check()
     with pytest.raises(kvtier.TransferError, match="lost"):
         space.ensure_resident(["a"])
@@ -155,7 +155,7 @@ def test_a_failed_write_leaves_the_page_where_it_was(make_manager, fault):
     else:
         with pytest.raises(kvtier.TransferError):
             handle.result()
-        assert space.page_residency("a") == {"gpu": 1, "host": 0, "nvme": 1, "lost": 0}
+        assert space.stripe_residency("a") == {"gpu": 1, "host": 0, "nvme": 1, "lost": 0}
         mgr.check()
         space.ensure_resident(["a"])
         assert_seq(space, "a")

@@ -54,13 +54,13 @@ def test_unmap_waits_for_the_kernels_still_reading(mgr):
         copy = k[blocks].clone()
     # free on that stream: the pages must stay mapped until the read has run
     space.free("a", stream=side)
-    assert space.stats()["pages_mapped"] == 3
+    assert space.stats()["stripes_mapped"] == 3
     space.allocate("tiny", 1)  # a later call trims only what is safe
-    assert space.stats()["pages_mapped"] >= 3
+    assert space.stats()["stripes_mapped"] >= 3
     side.synchronize()
     assert torch.all(copy == 3.0)
     space.free("tiny")
-    assert space.stats()["pages_mapped"] == 0
+    assert space.stats()["stripes_mapped"] == 0
     mgr.check()
 
 

@@ -69,16 +69,16 @@ def test_an_allocate_that_cannot_be_backed_moves_nothing(make_manager):
     space.allocate("idle", 4 * BPP * space.block_size)
     write_seq(space, "idle")
     space.offload("idle")  # idle, left where it is (no background demotion here)
-    assert space.page_residency("idle")["gpu"] == 4
+    assert space.stripe_residency("idle")["gpu"] == 4
     # a sequence of 7 pages: the pool has 4, and demoting could free only 2 -- so nothing is demoted
     with pytest.raises(kvtier.OutOfPagesError):
         space.allocate("big", 7 * BPP * space.block_size)
-    assert space.page_residency("idle") == {"gpu": 4, "host": 0, "nvme": 0, "lost": 0}
+    assert space.stripe_residency("idle") == {"gpu": 4, "host": 0, "nvme": 0, "lost": 0}
     assert mgr.stats()["tiers"]["paths"] == {} and "big" not in space.sequences()
     mgr.check()
     # one of 5 pages fits after demoting one idle page: exactly one goes down
     space.allocate("fits", 5 * BPP * space.block_size)
-    assert space.page_residency("idle")["gpu"] == 3 and sum(space.page_residency("idle").values()) == 4
+    assert space.stripe_residency("idle")["gpu"] == 3 and sum(space.stripe_residency("idle").values()) == 4
     mgr.check()
 
 

@@ -32,11 +32,11 @@ def test_the_endpoint_reports_what_the_books_say_and_goes_away_at_close(make_man
     got, stats = _scrape(mgr.metrics.port), mgr.stats()
     tiers = stats["tiers"]
     assert got[("kvtier_pool_pages", (("state", "in_use"),))] == stats["pool"]["pages_in_use"]
-    assert got[("kvtier_space_pages", (("space", "chat"), ("tier", "host")))] == stats["spaces"]["chat"]["pages_host"]
-    assert got[("kvtier_space_pages", (("space", "chat"), ("tier", "gpu")))] == stats["spaces"]["chat"]["pages_mapped"]
+    assert got[("kvtier_space_stripes", (("space", "chat"), ("tier", "host")))] == stats["spaces"]["chat"]["stripes_host"]
+    assert got[("kvtier_space_stripes", (("space", "chat"), ("tier", "gpu")))] == stats["spaces"]["chat"]["stripes_mapped"]
     for path in ("gpu->host", "gpu->nvme", "nvme->gpu"):
         assert got[("kvtier_path_bytes_total", (("path", path),))] == tiers["paths"][path]["bytes"] > 0
-    assert got[("kvtier_demoted_pages_total", ())] == sum(v["pages"] for p, v in tiers["paths"].items()
+    assert got[("kvtier_demoted_stripes_total", ())] == sum(v["stripes"] for p, v in tiers["paths"].items()
                                                           if p.startswith("gpu->"))
     assert got[("kvtier_checksum_failures_total", (("tier", "nvme"),))] == 0
     assert got[("kvtier_tier_degraded", (("tier", "nvme"),))] == 0
@@ -49,7 +49,7 @@ def test_the_endpoint_reports_what_the_books_say_and_goes_away_at_close(make_man
     with pytest.raises(kvtier.TransferError):
         space.ensure_resident(["a"])
     got = _scrape(mgr.metrics.port)
-    assert got[("kvtier_lost_pages_total", ())] >= 1
+    assert got[("kvtier_lost_stripes_total", ())] >= 1
     assert got[("kvtier_checksum_failures_total", (("tier", "nvme"),))] == 1
     # closed: no thread left, the port is free again
     port = mgr.metrics.port

@@ -21,7 +21,7 @@ def test_loop_with_offloads_matches_everything_resident():
     assert all(len(tokens) > 0 for tokens in expected.values())
     # the tight run really went through the tiers; the roomy one did not
     paths = busy["tiers"]["paths"]
-    assert paths["gpu->host"]["pages"] > 0 and paths["host->gpu"]["pages"] > 0
+    assert paths["gpu->host"]["stripes"] > 0 and paths["host->gpu"]["stripes"] > 0
     assert not calm["tiers"]["paths"]
 
 
@@ -38,6 +38,6 @@ def test_loop_on_a_failing_disk_recomputes_what_was_lost_and_decodes_the_same():
     files.chaos(0.1, seed=11)
     got, stats = run(tight, PROMPTS, steps=18, files=files)
     assert got == expected
-    assert stats["tiers"]["paths"]["nvme->gpu"]["pages"] > 0 and sum(files.fired.values()) > 0
+    assert stats["tiers"]["paths"]["nvme->gpu"]["stripes"] > 0 and sum(files.fired.values()) > 0
     if any(fault.startswith("read") for fault in files.fired):  # a failed read back always loses its sequence
         assert stats["recomputed"] > 0

@@ -47,33 +47,33 @@ def test_a_prefix_kept_below_while_the_sequence_grows_reads_back_exactly(make_ma
     _write(space, "a")
     # the two full pages go down; the third (the tokens still being written) stays
     space.offload_prefix("a", 2 * BPP * bs, tier=tier).result()
-    assert space.page_residency("a") == {"gpu": 1, "host": 2 if tier == "host" else 0,
+    assert space.stripe_residency("a") == {"gpu": 1, "host": 2 if tier == "host" else 0,
                                          "nvme": 2 if tier == "nvme" else 0, "lost": 0}
     # the sequence is still active: it grows on the GPU
     space.allocate("a", 3 * BPP * bs + 3)
     _write(space, "a", first_block=int(2.5 * BPP))
     # a read copies every block into the engine's buffers, from both tiers, mapping nothing
-    mapped = space.stats()["pages_mapped"]
+    mapped = space.stats()["stripes_mapped"]
     dst = _buffers(space)
     space.read("a", dst).result()
     if dst[0][0].is_cuda:
         torch.cuda.synchronize()
     _assert_read(space, "a", dst, range(len(space.blocks("a"))))
-    assert space.stats()["pages_mapped"] == mapped
+    assert space.stats()["stripes_mapped"] == mapped
     # the prefix crossed down once; reading it again copies it up again, and only it
     down = mgr.stats()["tiers"]["paths"][f"gpu->{tier}"]
-    assert down["pages"] == 2
+    assert down["stripes"] == 2
     dst = _buffers(space)
     space.read("a", dst, stop=2 * BPP * bs).wait()
     if dst[0][0].is_cuda:
         torch.cuda.synchronize()
     _assert_read(space, "a", dst, range(2 * BPP))
     assert not dst[0][0][space.blocks("a")[2 * BPP]].any()  # the third page was not part of it
-    assert mgr.stats()["tiers"]["paths"][f"{tier}->read"]["pages"] == 4
+    assert mgr.stats()["tiers"]["paths"][f"{tier}->read"]["stripes"] == 4
     mgr.check()
     # and prefetch brings the prefix back into the space itself
     space.ensure_resident(["a"])
-    assert space.page_residency("a")["gpu"] == 4
+    assert space.stripe_residency("a")["gpu"] == 4
     assert_seq(space, "a")
     mgr.check()
 
@@ -85,13 +85,13 @@ def test_pages_shared_or_still_written_stay(make_manager):
     # two short sequences share the first page
     space.allocate("a", 4 * bs)
     space.allocate("b", 4 * bs)
-    assert space.page_residency("a")["gpu"] == space.page_residency("b")["gpu"] == 1
+    assert space.stripe_residency("a")["gpu"] == space.stripe_residency("b")["gpu"] == 1
     space.offload_prefix("a", 4 * bs).result()
-    assert space.page_residency("a")["gpu"] == 1
+    assert space.stripe_residency("a")["gpu"] == 1
     # a prefix short of a page boundary moves nothing either
     space.allocate("c", 3 * BPP * bs)
     space.offload_prefix("c", BPP * bs - 1).result()
-    assert space.page_residency("c")["gpu"] == 3
+    assert space.stripe_residency("c")["gpu"] == 3
     assert not mgr.stats()["tiers"]["paths"]
     mgr.check()
 
@@ -115,7 +115,7 @@ def test_bad_reads_and_prefixes_are_refused_and_change_nothing(make_manager):
         space.read("a", wrong)
     with pytest.raises(InvalidArgumentError, match="not within"):
         space.read("a", _buffers(space), start=5, stop=4)
-    assert space.page_residency("a")["gpu"] == 2 and not mgr.stats()["tiers"]["paths"]
+    assert space.stripe_residency("a")["gpu"] == 2 and not mgr.stats()["tiers"]["paths"]
     assert_seq(space, "a")
     mgr.check()
 
@@ -152,7 +152,7 @@ def test_dropped_tokens_give_their_memory_back_and_are_never_read(make_manager):
     space.drop_prefix("a", 2 * bpp * space.block_size + 3).result()
     mgr.drain()
     stats = space.stats()
-    assert stats["pages_dropped"] == 2 and stats["pages_host"] == 0 and stats["pages_mapped"] == 1
+    assert stats["stripes_dropped"] == 2 and stats["stripes_host"] == 0 and stats["stripes_mapped"] == 1
     assert mgr.stats()["tiers"]["host"]["slots_used"] == 0
     # the kept tokens read back exact; the dropped ones are refused, and check_resident refuses their blocks
     dst = [tuple(torch.empty_like(t) for t in space.kv(layer)) for layer in range(space.num_layers)]
@@ -168,9 +168,9 @@ def test_dropped_tokens_give_their_memory_back_and_are_never_read(make_manager):
     space.allocate("a", 3 * bpp * space.block_size + 1)
     space.offload("a", tier="nvme").result()
     space.ensure_resident(["a"])
-    assert space.page_residency("a")["gpu"] == 2 and space.stats()["pages_dropped"] == 2
+    assert space.stripe_residency("a")["gpu"] == 2 and space.stats()["stripes_dropped"] == 2
     space.free("a")
-    assert space.stats()["pages_dropped"] == 0
+    assert space.stats()["stripes_dropped"] == 0
     mgr.check()
 
 
@@ -186,7 +186,7 @@ def test_growing_never_hands_out_a_free_block_on_a_page_sent_down(make_manager):
     assert space.blocks("a")[-1] == 2 * bpp - 1
     # page 0 (with its free block) goes down as "a"'s prefix; "a" grows by one block
     space.offload_prefix("a", 15 * bs).result()
-    assert space.page_residency("a")["host"] == 1
+    assert space.stripe_residency("a")["host"] == 1
     blocks = space.allocate("a", 32 * bs)
     space.check_resident(blocks[15:])  # the new block is on a mapped page, not on page 0 below
     assert blocks[-1] >= 2 * bpp

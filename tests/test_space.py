@@ -89,10 +89,10 @@ def test_pages_are_unmapped_on_free_and_remapped_on_reuse(make_manager):
     space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
     pointers = [t.data_ptr() for layer in range(space.num_layers) for t in space.kv(layer)]
     space.allocate("a", 3 * BPP * space.block_size)
-    assert space.stats()["pages_mapped"] == 3 and mgr.pool.in_use_pages == 3 * space.num_regions
+    assert space.stats()["stripes_mapped"] == 3 and mgr.pool.in_use_pages == 3 * space.num_regions
     # free: every page is unmapped and its handles go back to the pool
     space.free("a")
-    assert space.stats()["pages_mapped"] == 0 and mgr.pool.in_use_pages == 0
+    assert space.stats()["stripes_mapped"] == 0 and mgr.pool.in_use_pages == 0
     # reuse: new pages mapped at the same addresses; data written now reads back
     space.allocate("b", 2 * BPP * space.block_size)
     write_seq(space, "b")
@@ -109,10 +109,10 @@ def test_reserve_pages_stay_mapped_and_are_reused(make_manager):
     maps = space.stats()["map_calls"]
     # free: two empty pages stay mapped as reserve, one is unmapped
     space.free("a")
-    assert space.stats()["pages_mapped"] == 2 and space.stats()["pages_empty"] == 2
+    assert space.stats()["stripes_mapped"] == 2 and space.stats()["stripes_empty"] == 2
     # a new sequence uses the reserve without new mappings
     space.allocate("b", 2 * BPP * space.block_size)
-    assert space.stats()["map_calls"] == maps and space.stats()["pages_empty"] == 0
+    assert space.stats()["map_calls"] == maps and space.stats()["stripes_empty"] == 0
     mgr.check()
 
 
@@ -139,7 +139,7 @@ def test_short_sequences_share_a_page(make_manager):
     # four requests of 3 blocks each fit one page together
     for s in range(4):
         space.allocate(s, 3 * space.block_size)
-    assert space.stats()["pages_mapped"] == 1
+    assert space.stats()["stripes_mapped"] == 1
     mgr.check()
 
 
@@ -149,7 +149,7 @@ def test_sequences_share_pages_under_pressure_rather_than_fail(make_manager):
     # four sequences of 8 blocks fit two pages only if they share them
     for s in range(4):
         space.allocate(s, 8 * space.block_size)
-    assert space.stats()["pages_mapped"] == 2
+    assert space.stats()["stripes_mapped"] == 2
     for s in range(4):
         write_seq(space, s)
     for s in range(4):
@@ -182,14 +182,14 @@ def test_another_space_reclaims_reserve_pages(make_manager):
     b = mgr.create_space("b", max_tokens=4096, **shape)
     a.allocate("x", 4 * BPP * a.block_size)
     a.free("x")  # four empty pages stay mapped in a as its reserve
-    assert a.stats()["pages_mapped"] == 4
+    assert a.stats()["stripes_mapped"] == 4
     b.allocate("y", 3 * BPP * b.block_size)
-    assert a.stats()["pages_mapped"] == 1 and b.stats()["pages_mapped"] == 3
+    assert a.stats()["stripes_mapped"] == 1 and b.stats()["stripes_mapped"] == 3
     mgr.check()
 
 
 def _snapshot(mgr, space):
-    return (space.stats()["pages_mapped"], space.stats()["blocks_used"], mgr.pool.in_use_pages,
+    return (space.stats()["stripes_mapped"], space.stats()["blocks_used"], mgr.pool.in_use_pages,
             {s: space.blocks(s) for s in space.sequences()})
 
 
@@ -292,7 +292,7 @@ def test_stats_count_pages_bytes_and_calls(make_manager):
     space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
     space.allocate("a", 2 * BPP * space.block_size)
     stats = mgr.stats()
-    assert stats["spaces"]["m"]["pages_mapped"] == 2
+    assert stats["spaces"]["m"]["stripes_mapped"] == 2
     assert stats["spaces"]["m"]["bytes_mapped"] == 2 * space.page_bytes
     assert stats["total"]["map_calls"] == 2 * space.num_regions
     assert stats["pool"]["pages_in_use"] == 2 * space.num_regions
@@ -359,7 +359,7 @@ def test_map_ahead_maps_the_reserve_before_it_is_needed(make_manager):
     space = mgr.create_space("s", max_tokens=64 * BPP * 16, **make_manager.shape)
     per_page = BPP * space.block_size
     # the demoter maps two empty pages into the new space, off any allocate path
-    assert _wait_for(lambda: space.stats()["pages_empty"] == 2)
+    assert _wait_for(lambda: space.stats()["stripes_empty"] == 2)
     calls = space.stats()["map_calls"]
     # a sequence of two pages lands on them: the allocate maps nothing, and its data round-trips
     space.allocate("a", 2 * per_page)
@@ -367,7 +367,7 @@ def test_map_ahead_maps_the_reserve_before_it_is_needed(make_manager):
     write_seq(space, "a")
     assert_seq(space, "a")
     # and the reserve is topped up again behind it
-    assert _wait_for(lambda: space.stats()["pages_empty"] == 2)
+    assert _wait_for(lambda: space.stats()["stripes_empty"] == 2)
     mgr.check()
     # another space short of pages takes the empties back (they are room, not a claim)
     other = mgr.create_space("t", max_tokens=64 * BPP * 16, **make_manager.shape)
@@ -383,9 +383,9 @@ def test_a_space_may_opt_out_of_map_ahead(make_manager):
     own = mgr.create_space("own", max_tokens=64 * BPP * 16, map_ahead=False, **make_manager.shape)
     other = mgr.create_space("other", max_tokens=64 * BPP * 16, **make_manager.shape)
     # the demoter tops up the other space's reserve, never this one's
-    assert _wait_for(lambda: other.stats()["pages_empty"] == 2)
+    assert _wait_for(lambda: other.stats()["stripes_empty"] == 2)
     mgr.tiering.poke()
-    assert not _wait_for(lambda: own.stats()["pages_empty"] > 0, seconds=0.3)
+    assert not _wait_for(lambda: own.stats()["stripes_empty"] > 0, seconds=0.3)
     assert own.stats()["map_calls"] == 0
     # not a bool: refused, saying what it takes
     with pytest.raises(kvtier.errors.InvalidArgumentError, match="map_ahead must be a bool"):

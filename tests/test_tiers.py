@@ -55,7 +55,7 @@ def test_host_pages_go_on_down_to_nvme_and_back(make_manager):
     # host -> NVMe
     space.offload("a", tier="nvme").result()
     assert space.residency("a")["nvme"] > 0 and space.residency("a")["host"] == 0
-    assert mgr.stats()["tiers"]["paths"]["host->nvme"]["pages"] >= 1
+    assert mgr.stats()["tiers"]["paths"]["host->nvme"]["stripes"] >= 1
     space.ensure_resident(["a"])
     assert_seq(space, "a")
     mgr.check()
@@ -72,7 +72,7 @@ def test_stage_brings_nvme_pages_to_host_then_prefetch(make_manager):
     assert space.residency("a")["host"] > 0 and space.residency("a")["nvme"] == 0
     space.ensure_resident(["a"])
     assert_seq(space, "a")
-    assert mgr.stats()["tiers"]["paths"]["nvme->host"]["pages"] == 2
+    assert mgr.stats()["tiers"]["paths"]["nvme->host"]["stripes"] == 2
     mgr.check()
 
 
@@ -83,7 +83,7 @@ def test_full_host_tier_spills_to_nvme(make_manager):
     space.allocate("a", 4 * BPP * space.block_size)
     write_seq(space, "a")
     space.offload("a", tier="host").result()
-    assert space.stats()["pages_host"] == 1 and space.stats()["pages_nvme"] == 3
+    assert space.stats()["stripes_host"] == 1 and space.stats()["stripes_nvme"] == 3
     space.ensure_resident(["a"])
     assert_seq(space, "a")
     mgr.check()
@@ -320,7 +320,7 @@ def test_a_page_promoted_in_groups_of_regions_counts_once_in_the_path_stats(make
     write_seq(space, "a")
     space.offload("a", tier="host").result()
     space.prefetch(["a"]).result()
-    assert mgr.stats()["tiers"]["paths"]["host->gpu"]["pages"] == 2
+    assert mgr.stats()["tiers"]["paths"]["host->gpu"]["stripes"] == 2
     assert_seq(space, "a")
     mgr.check()
     mgr.close()
@@ -337,7 +337,7 @@ def test_pages_that_go_down_in_many_batches_come_back_byte_for_byte(make_manager
     write_seq(space, "b", salt=1)
     # a goes down to host memory: its pages are no longer resident; b, still active, reads back intact
     space.offload("a", tier="host").result()
-    assert space.page_residency("a")["host"] >= 2
+    assert space.stripe_residency("a")["host"] >= 2
     with pytest.raises(kvtier.NotResidentError):
         space.check_resident(space.blocks("a"))
     assert_seq(space, "b", salt=1)

@@ -45,10 +45,10 @@ def test_tiered_cache_generates_the_same_tokens_as_dynamic_cache(tier):
         paths = cache.manager.stats()["tiers"]["paths"]
         # each filled page of the streamed layers went down once: tokens 0-31 after the prefill, 32-63 during
         # decode (3 layers, 2 rows); the resident layer's two pages a row went down for the prefill, and back
-        assert paths[f"gpu->{tier}"]["pages"] == 3 * 2 * 2 + 2 * 2
-        assert paths[f"{tier}->gpu"]["pages"] == 2 * 2
+        assert paths[f"gpu->{tier}"]["stripes"] == 3 * 2 * 2 + 2 * 2
+        assert paths[f"{tier}->gpu"]["stripes"] == 2 * 2
         # the streamed pages below were read (into the ring, nothing mapped) on every decode step
-        assert paths[f"{tier}->read"]["pages"] >= 29 * 3 * 2
+        assert paths[f"{tier}->read"]["stripes"] >= 29 * 3 * 2
         assert cache.residency()[tier] == 3 * 2 * 2 * 2 * page  # K and V
         cache.manager.check()
         # a reset cache generates the same again (reads ahead into the ring are settled, the ring given back)
@@ -101,10 +101,10 @@ def test_all_layers_streamed_within_the_pool_the_cache_asks_for():
             # the four filled pages of each layer (tokens 0-511) went down once, and were read on each of the
             # 19 decode steps (layer 0's once more: read ahead for a step that never came); each layer mapped its
             # five pages (K and V) once, and keeps the last one
-            assert stats["tiers"]["paths"]["gpu->host"]["pages"] == 8 * 4
-            assert stats["tiers"]["paths"]["host->read"]["pages"] == 19 * 8 * 4 + 4
+            assert stats["tiers"]["paths"]["gpu->host"]["stripes"] == 8 * 4
+            assert stats["tiers"]["paths"]["host->read"]["stripes"] == 19 * 8 * 4 + 4
             layers = [stats["spaces"][f"tiered-cache.L{i}"] for i in range(8)]
-            assert all(s["map_calls"] == 2 * 5 and s["pages_mapped"] == 1 for s in layers)
+            assert all(s["map_calls"] == 2 * 5 and s["stripes_mapped"] == 1 for s in layers)
         finally:
             cache.close()
 
@@ -123,12 +123,12 @@ def test_prefill_leaves_room_for_activations_and_decode_brings_resident_layers_b
             # after the prefill the resident layers 0 and 2 are down (the next layer's activations had the room);
             # streamed layer 1 kept its last page (tokens 256-299) and layer 3, the last, all three for now
             assert cache.streamed_layers == [1, 3]
-            pages = [cache.spaces[i].page_residency(0) for i in range(4)]
+            pages = [cache.spaces[i].stripe_residency(0) for i in range(4)]
             assert [p["gpu"] for p in pages] == [0, 1, 0, 3] and [p["host"] for p in pages] == [3, 2, 3, 0]
             model(token, past_key_values=cache)
             cache.manager.drain()
             # one decode step later the resident layers are back, and layer 3 keeps only its last page too
-            pages = [cache.spaces[i].page_residency(0) for i in range(4)]
+            pages = [cache.spaces[i].stripe_residency(0) for i in range(4)]
             assert [p["gpu"] for p in pages] == [3, 1, 3, 1] and [p["host"] for p in pages] == [0, 2, 0, 2]
     finally:
         cache.close()

@@ -50,7 +50,7 @@ class Mover:
         for src, dst, route in ((G, H, self._gpu_host), (H, G, self._host_gpu), (G, N, self._gpu_nvme),
                                 (N, G, self._nvme_gpu), (H, N, self._host_nvme), (N, H, self._nvme_host)):
             self.register(src, dst, route)
-        self.paths: dict[str, dict[str, float]] = defaultdict(lambda: {"pages": 0, "bytes": 0})
+        self.paths: dict[str, dict[str, float]] = defaultdict(lambda: {"stripes": 0, "bytes": 0})
         self.down_in_flight = 0  # batches of device-to-host traffic submitted and not yet retired (all routes)
         self._counting = threading.Lock()
 
@@ -79,7 +79,7 @@ class Mover:
         of a tag's pairs have landed and others are still to come. ``label``: the path's name in the stats;
         ``pages``: the pages it counts there (default: one per tag; a page moved in several calls counts once)."""
         path = self.paths[label or f"{src.label}->{dst.label}"]
-        path["pages"] += pages if pages is not None else len(set(tags)) if tags else 1
+        path["stripes"] += pages if pages is not None else len(set(tags)) if tags else 1
         path["bytes"] += sum(self._moved(src, a, b) for a, b in pairs)
         return self.routes[(src, dst)](pairs, after, tags, on_done, on_part)
 

@@ -551,7 +551,7 @@ class Tiering:
         return {**{t.label: dict(self.tiers[t].describe(), slots_used=self.books(t).used,
                                  health=self.health[t].describe()) for t in LOWER},
                 "paths": paths, "in_flight": len(self._inflight),
-                "copies": {"kept_pages": kept, "reused_pages": self.copies_reused}, "lost_pages": self.pages_lost,
+                "copies": {"kept_stripes": kept, "reused_stripes": self.copies_reused}, "lost_stripes": self.pages_lost,
                 "stall_histogram": {"le": list(STALL_BUCKETS), "counts": list(self.stall_counts),
                                     "sum_seconds": self.stall_sum},
                 "stalls": {"count": len(stalls), "total_seconds": sum(stalls), "p50_seconds": pct(0.5),

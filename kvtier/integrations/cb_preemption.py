@@ -186,7 +186,7 @@ class TieredOffloading(OffloadingManager):
         A failed read marks the pages lost; the caller looks."""
         # not wholly in host memory: on NVMe, or still on its way down (a wait for the write, then the read)
         below = [(space, seq) for space, seq in chunks if space.residency(seq)["nvme"]]
-        need = sum(space.page_residency(seq)["nvme"] * space.num_regions for space, seq in below)
+        need = sum(space.stripe_residency(seq)["nvme"] * space.num_regions for space, seq in below)
         if not below or need > room:
             return 0
         for space, seq in below:
