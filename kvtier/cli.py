@@ -124,7 +124,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         return importlib.import_module(f"kvtier.bench.{module}")
 
     cuda = resolve_device(device).type == "cuda"
-    tokens = ([2048, 8192] if quick else [1024, 4096, 16384, 32768]) if cuda else [4096]
+    tokens = ([2048, 8192] if quick else [1024, 4096, 16384, 32768]) if cuda else [1024, 4096]
     threads, sizes = ([1, 4], [8 << 20]) if quick else ([1, 2, 4, 8], [1 << 20, 8 << 20, 32 << 20])
     table = {
         "vmm": (1, lambda step: bench("vmm").run(device, quick=quick)),
@@ -194,7 +194,7 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
             json.dump({"benchmark": names, "system": system, "tables": [t.as_json() for t in tables]}, f, indent=1)
     if plot_dir:
         from kvtier.bench import plots
-        title = f"{system.get('gpu', 'CPU backend')}"
+        title = " ".join(str(system[k]) for k in ("gpu", "driver", "nvme_io") if k in system) or "CPU backend"
         for path in plots.write(kinds, plot_dir, title):
             console.print(f"plot: {escape(path)}")
 
@@ -214,10 +214,22 @@ def _targets_not_judged(table: Any) -> None:
                                                       for n, (doc, tf) in BENCHMARKS.items()))
 @click.argument("names", nargs=-1, type=click.Choice(list(BENCHMARKS)))
 @_bench_options
+@click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False),
+              help="Run nothing: draw the --plot PNGs of a run saved with --json (plots that match its tables).")
 def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-          nvme_dir: str | None, repeats: int | None) -> None:
+          nvme_dir: str | None, repeats: int | None, from_json: str | None) -> None:
     """Run the benchmarks NAMES in order (none: vmm, tiers, prefetch, nvme, generate; long-context only when
     named: it needs host memory for 80 GiB of KV). The list of names is below."""
+    if from_json:
+        from kvtier.bench import plots
+        if not plot_dir:
+            raise click.UsageError("--from-json draws plots: give --plot DIR")
+        with open(from_json) as f:
+            system = json.load(f).get("system", {})
+        title = " ".join(str(system[k]) for k in ("gpu", "driver", "nvme_io") if k in system) or "CPU backend"
+        for path in plots.write(plots.tables_from_json(from_json), plot_dir, title):
+            console.print(f"plot: {escape(path)}")
+        return
     chosen = list(dict.fromkeys(names)) or list(ALL)
     _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats)
 

@@ -114,8 +114,8 @@ class Config(BaseModel):
     host_high_watermark: Fraction = _setting(0.90, "host", "host fraction above which pages cascade to NVMe")
     host_low_watermark: Fraction = _setting(0.80, "host", "host fraction the cascade stops at")
     # [nvme]
-    nvme_dir: str | None = _setting(None, "nvme", "directory of the slot file (unset: a temporary directory, "
-                                    "removed at close)")
+    nvme_dir: str | None = _setting(None, "nvme", "directory of the slot file (unset: a temporary file, deleted "
+                                    "once open, so nothing is left behind however the process ends)")
     nvme_size: Size = _setting(4 * GiB, "nvme", "slot file size (reserved on disk at start, see preallocate)",
                                size=True)
     nvme_preallocate: bool = _setting(True, "nvme", "reserve nvme_size on disk at start (first writes run at full "

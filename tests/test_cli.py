@@ -51,3 +51,10 @@ def test_bench_runs_several_by_name_and_says_it_is_alive_off_a_terminal(tmp_path
     assert "not judged here (met: n/a)" in out
     done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "nope"], capture_output=True, text=True)
     assert done.returncode != 0 and "'nope' is not one of" in done.stderr
+
+
+def test_plots_of_a_saved_run_are_drawn_from_its_json(tmp_path):
+    # the committed plots come from the committed JSON of the same run: what they show is what its tables say
+    out = _kvtier("bench", "--from-json", os.path.join(ROOT, "docs", "bench", "h100-2026-11-26.json"), "--plot",
+                  str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["nvme.png", "prefetch.png", "tiers.png"] and "plot:" in out
