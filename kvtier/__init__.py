@@ -10,23 +10,37 @@ Quick start::
         space.free("req-1")
 """
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from kvtier import errors
-from kvtier.config import Config
 from kvtier.errors import (ClosedError, ConfigError, CudaError, DeviceError, InvalidArgumentError, KVTierError,
-                           NotResidentError, OutOfPagesError, QuotaExceededError, SpaceFullError,
+                           LedgerError, NotResidentError, OutOfPagesError, QuotaExceededError, SpaceFullError,
                            TierFullError, TransferError, UnknownSequenceError)
-from kvtier.manager import TierManager
-from kvtier.space import KVSpace
-from kvtier.tiering import TransferHandle
 
 try:
     __version__ = version("kvtier")
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
+# Imported when first used: the operator's commands (kvtier ls, top, limit, config check --schema-only) read the
+# ledger and the config only, and must answer at once, without importing torch.
+_LAZY = {"Config": "kvtier.config", "TierManager": "kvtier.manager", "KVSpace": "kvtier.space",
+         "TransferHandle": "kvtier.tiering"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvtier' has no attribute {name!r}")
+
+
 __all__ = ["Config", "TierManager", "KVSpace", "errors", "KVTierError", "ConfigError", "InvalidArgumentError",
-           "DeviceError", "CudaError", "OutOfPagesError", "QuotaExceededError", "SpaceFullError",
+           "DeviceError", "CudaError", "OutOfPagesError", "QuotaExceededError", "SpaceFullError", "LedgerError",
            "UnknownSequenceError", "NotResidentError", "ClosedError", "TierFullError", "TransferError",
            "TransferHandle", "__version__"]

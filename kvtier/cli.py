@@ -248,12 +248,12 @@ def config_check(files: tuple[str, ...], schema_only: bool) -> None:
     machine takes it (device, page size, memory, NVMe and ledger directories, the policy built). Every problem of
     a file at once, each with its key; nothing is written. Exit 1 if any file is bad."""
     from kvtier.config import Config, toml_name
-    from kvtier.preflight import machine_problems
 
     bad = 0
     for path in files:
         config, problems = Config.check_file(path)
         if config is not None and not schema_only:
+            from kvtier.preflight import machine_problems  # the device, memory and disks: torch and the driver
             said = {where for where, _ in problems}
             problems += [(toml_name(name), msg) for name, msg in machine_problems(config)
                          if toml_name(name) not in said]  # a default standing in for a bad value: not news

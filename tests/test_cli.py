@@ -58,3 +58,17 @@ def test_plots_of_a_saved_run_are_drawn_from_its_json(tmp_path):
     out = _kvtier("bench", "--from-json", os.path.join(ROOT, "docs", "bench", "h100-2026-11-26.json"), "--plot",
                   str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["nvme.png", "prefetch.png", "tiers.png"] and "plot:" in out
+
+
+def test_the_operators_commands_answer_without_importing_torch(tmp_path):
+    # kvtier ls / top / limit / config check --schema-only read the ledger and the config only: no torch, no CUDA
+    config = tmp_path / "c.toml"
+    config.write_text('[gpu]\ndevice = "cpu"\n')
+    for args in (["ls"], ["top", "--count", "1", "--interval", "0.05"], ["limit", "1", "1GiB"],
+                 ["config", "check", "--schema-only", str(config)]):
+        code = ("import sys\nfrom kvtier.cli import main\n"
+                f"try:\n    main({args + ['--ledger-dir', str(tmp_path)] if args[0] != 'config' else args!r}, "
+                "standalone_mode=False)\nexcept Exception:\n    pass\n"
+                "print('\\nTORCH', 'torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.stdout.rsplit("TORCH", 1)[-1].strip() == "False", (args, done.stdout, done.stderr)

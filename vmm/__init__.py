@@ -1,42 +1,23 @@
-"""Virtual memory: reserve address ranges, create physical pages, map and unmap them; one backend per platform."""
+"""Virtual memory: reserve address ranges, create physical pages, map and unmap them; one backend per platform.
+
+Its names are imported when first used (``kvtier.vmm.ledger`` -- the operator's commands -- needs no torch)."""
 
 from __future__ import annotations
 
-import torch
+import importlib
+from typing import Any
 
-from kvtier.errors import DeviceError
-from kvtier.vmm import cuda as _cuda
-from kvtier.vmm.base import Backend, Fence, Handle
-from kvtier.vmm.host import HostBackend
-from kvtier.vmm.mapped_range import MappedRange, runs
-from kvtier.vmm.pool import PagePool
+_LAZY = {"Backend": "kvtier.vmm.base", "Fence": "kvtier.vmm.base", "Handle": "kvtier.vmm.base",
+         "HostBackend": "kvtier.vmm.host", "MappedRange": "kvtier.vmm.mapped_range", "runs": "kvtier.vmm.mapped_range",
+         "PagePool": "kvtier.vmm.pool", "cuda_unavailable_reason": "kvtier.vmm.devices",
+         "open_backend": "kvtier.vmm.devices", "resolve_device": "kvtier.vmm.devices"}
 
-__all__ = ["Backend", "Fence", "Handle", "HostBackend", "MappedRange", "PagePool", "cuda_unavailable_reason",
-           "open_backend", "resolve_device", "runs"]
+__all__ = sorted(_LAZY)
 
 
-def cuda_unavailable_reason() -> str | None:
-    """Why the CUDA backend cannot be used here, or None when it can."""
-    return _cuda.unavailable_reason()
-
-
-def resolve_device(device: str) -> torch.device:
-    """Turn a config device string into a concrete ``torch.device`` ("auto" picks CUDA when usable)."""
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if _cuda.available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DeviceError(f"{device!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from exc
-    if dev.type == "cuda":
-        return torch.device("cuda", dev.index if dev.index is not None else 0)
-    if dev.type != "cpu":
-        raise DeviceError(f"device type {dev.type!r} is not supported (supported: 'cpu', 'cuda')")
-    return dev
-
-
-def open_backend(device: torch.device) -> Backend:
-    """The backend for a resolved device."""
-    if device.type == "cuda":
-        return _cuda.CudaBackend(device.index or 0)
-    return HostBackend()
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvtier.vmm' has no attribute {name!r}")
