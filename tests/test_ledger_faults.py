@@ -246,17 +246,18 @@ FORKER = textwrap.dedent("""
     ledger = Ledger(sys.argv[1], "host", budget_pages=10, page_size=65536, name="parent")
     ledger.reserve(5)
     child = os.fork()
-    if child == 0:
+    if child == 0:  # the fork handlers have run by now
+        print("child", os.getpid(), flush=True)
         time.sleep(120)
         os._exit(0)
-    print(child, flush=True)
     time.sleep(120)
 """)
 
 
 def test_a_forked_child_does_not_keep_a_killed_parents_pages(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", FORKER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
+    said, child = parent.stdout.readline().split()
+    child = int(child)
     try:
         # the parent dies; its child (which inherited its descriptors) lives on
         parent.kill()
