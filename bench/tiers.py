@@ -199,7 +199,11 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
     _down_while_the_pool_refills(table, config.replace(pool_ready=nbytes, pool_budget=3 * nbytes + 512 * MiB), shape,
                                  tokens, pcie, gb)
     if cuda:
-        _both_with_larger_pages(table, config.replace(page_size=32 * MiB), shape, tokens, pcie, gb)
+        # each sequence takes whole stripes of its own (2 x layers pages of 32 MiB): short ones round up far
+        stripes = -(-tokens * per_token // (2 * shape["num_layers"] * 32 * MiB))
+        big = 2 * stripes * 2 * shape["num_layers"] * 32 * MiB + 512 * MiB
+        _both_with_larger_pages(table, config.replace(page_size=32 * MiB, pool_budget=max(config.pool_budget, big)),
+                                shape, tokens, pcie, gb)
     table.columns.append("met")
     for row in table.rows:
         row.append(_met(row[3], row[5]))

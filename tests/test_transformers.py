@@ -169,7 +169,7 @@ def test_tiered_cache_on_the_gpu_generates_the_same_tokens(resident):
         assert torch.equal(_generate(model, ids, cache), expected)
         cache.manager.drain()
         cache.manager.check()
-        read = cache.manager.stats()["tiers"]["paths"].get("host->read", {}).get("pages", 0)
+        read = cache.manager.stats()["tiers"]["paths"].get("host->read", {}).get("stripes", 0)
         # all four layers fit the pool; with one resident, three read their first page from host every step
         assert read == 0 if resident is None else read >= 29 * 3 * 2
         cache.reset()
