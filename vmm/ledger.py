@@ -54,6 +54,17 @@ WANT_TTL_S = 1.0
 SHARE_TTL_S = 0.01  # the share is planned with (num_free_sectors asks per request per step): read at most this often
 
 
+_warned: dict[str, float] = {}
+
+
+def _warn(message: str, *args: Any, every_s: float = 10.0) -> None:
+    """Log a warning, the same one at most every ``every_s`` (a failing ledger is met on every allocation)."""
+    now = time.monotonic()
+    if now - _warned.get(message, -every_s) >= every_s:
+        _warned[message] = now
+        log.warning(message, *args)
+
+
 def ledger_path(directory: str, device_key: str) -> str:
     return os.path.join(directory, "kvtier-ledger-" + re.sub(r"[^A-Za-z0-9_.-]", "_", device_key))
 
@@ -161,7 +172,7 @@ class Ledger:
                 self._room_at = -1.0
         except LedgerError as exc:
             self._record["pages"] -= grant  # the books on disk never saw it
-            log.warning("ledger: reserving %d page(s) failed: %s", n, exc)
+            _warn("ledger: reserving pages failed (the pool grants none meanwhile): %s", exc)
             return 0
         return grant
 
@@ -175,8 +186,8 @@ class Ledger:
             with self._books():
                 pass
         except LedgerError as exc:
-            log.warning("ledger: the release of %d page(s) is not on the books yet (%s); they overcount this "
-                        "process until its next change can be written", n, exc)
+            _warn("ledger: a release is not on the books yet (%s); they overcount this process until its next "
+                  "change can be written", exc)
 
     def room(self) -> int:
         """Pages this process could reserve now (read at most every ``ROOM_TTL_S``: callers plan with it, and
@@ -415,10 +426,10 @@ def read_books(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         return {"procs": {}}
     except (OSError, ValueError) as exc:
-        log.warning("ledger %s: the books cannot be read (%s); rebuilt from the live processes", path, exc)
+        _warn("ledger %s: the books cannot be read (%s); rebuilt from the live processes", path, exc)
         return {"procs": {}}
     if not _books_ok(books):
-        log.warning("ledger %s: the books are not what kvtier writes; rebuilt from the live processes", path)
+        _warn("ledger %s: the books are not what kvtier writes; rebuilt from the live processes", path)
         return {"procs": {}}
     return books
 
