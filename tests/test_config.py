@@ -132,9 +132,14 @@ def test_the_readme_lists_every_setting_as_the_schema_declares_it():
         assert row in readme, f"README's settings table is out of date (regenerate it with settings_table()): {row}"
 
 
+def _config_check(*args: str) -> subprocess.CompletedProcess:
+    """``kvtier config check ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "kvtier.cli", "config", "check", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_config_check_is_a_full_pre_flight_on_this_machine(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "kvtier.cli", "config", "check", *a], capture_output=True,
-                                    text=True, timeout=120)
+    run = _config_check
     # a file the schema takes but this machine does not: every problem at once, each under its key
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -169,8 +174,7 @@ def test_every_problem_is_said_at_once_the_policys_too(tmp_path):
 
 
 def test_config_check_never_runs_code_a_file_names_under_schema_only(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "kvtier.cli", "config", "check", *a], capture_output=True,
-                                    text=True, timeout=120)
+    run = _config_check
     # a file names a module:Class "policy" that would run a command: the schema check imports nothing
     marker = tmp_path / "ran"
     path = tmp_path / "evil.toml"
@@ -184,8 +188,7 @@ def test_config_check_never_runs_code_a_file_names_under_schema_only(tmp_path):
 
 
 def test_config_check_says_every_problem_of_a_file_at_once_schema_and_machine(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "kvtier.cli", "config", "check", *a], capture_output=True,
-                                    text=True, timeout=120)
+    run = _config_check
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     # an unknown key, a bad value, and two things this machine refuses: four lines, one run
