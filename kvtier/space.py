@@ -70,7 +70,7 @@ class KVSpace(SpaceTiers):
         self.block_books = BlockBooks(name, self.num_blocks, self.block_bytes, block_size, P)
         self.num_pages = self.block_books.num_pages
         self.page_bytes = self.num_regions * P  # physical bytes one page of the space maps
-        self.pages = PageTable(self.num_pages, self.num_regions)
+        self.pages = PageTable(self.num_pages, self.num_regions, manager.config.debug_checks)
         self.range = MappedRange(manager.backend, self.num_regions, self.num_pages, P, gate=self._tiering.mapping)
         self.region_bytes = self.range.region_bytes
         self._empty: OrderedDict[int, Any] = OrderedDict()  # mapped pages with no live block -> fence
@@ -143,7 +143,7 @@ class KVSpace(SpaceTiers):
         # commit
         if room is not None:
             self.map_pages(new_pages, self._mgr.take_room(room))
-            self.pages.tier[new_pages] = Tier.GPU
+            self.pages.mapped(new_pages)
         return self._grow(seq_id, blocks, old_tokens, num_tokens)
 
     def _next_on_tail_page(self, held: list[int], need: int) -> np.ndarray | None:
@@ -330,17 +330,17 @@ class KVSpace(SpaceTiers):
             self._mgr.give_pages(handles)
             raise
 
-    def unmap_pages(self, pages: list[int], still_below: bool = False) -> None:
+    def unmap_pages(self, pages: list[int], still_below: bool = False, leaving: bool = False) -> None:
         """Unmap GPU ``pages`` (their readers are done) and give their handles back; they become vacant. With
-        ``still_below``: pages mapped for a promotion that failed -- their data stays where it is below."""
-        if not still_below:
-            self._tiering.drop_copies(self, pages)
+        ``still_below``: pages mapped for a promotion that failed -- their data stays where it is below; with
+        ``leaving``: pages whose move away commits now (the page table's transition says where they went)."""
         self._mgr.give_pages(self.range.unmap(pages))
         if still_below:
             return
         for p in pages:
             self._empty.pop(p, None)
-        self.pages.tier[list(pages)] = Tier.UNMAPPED
+        if not leaving:
+            self._tiering.give_back(self.pages.unmapped(pages))
 
     def unmap_regions(self, page: int, regions: list[int]) -> None:
         """Unmap ``regions`` of a page going down (their copies have landed) and give their handles back; the
@@ -388,7 +388,7 @@ class KVSpace(SpaceTiers):
         if not pages or not self.within_quota(len(pages)):
             return 0
         self.map_pages(pages, self._mgr.pool.take(len(pages) * self.num_regions))
-        self.pages.tier[pages] = Tier.GPU
+        self.pages.mapped(pages)
         for p in pages:
             self._empty[p] = None
         return len(pages)

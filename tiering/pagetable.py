@@ -1,4 +1,9 @@
-"""The page table of one space: where each page's data lives. It is the single source of truth.
+"""The page table of one space: where each page's data lives. It is the single source of truth, and its
+transition methods (``mapped``, ``unmapped``, ``start_move``, ``landed``, ``failed``, ``lost``, ``dropped``,
+``released``, ``written``, ``take_copy``, ``start_read``, ``cleared``) are its only writers: each changes every
+field a transition touches in one call, under the manager's lock that every caller holds, and returns the slots
+that leave the table for the tiers' books. ``LEGAL`` lists the transitions; with ``debug`` (``debug_checks``)
+each one is checked.
 
 Every page is in exactly one :class:`Tier`: ``UNMAPPED`` (no data), ``GPU`` (mapped; the space's range holds
 its handles), ``HOST`` or ``NVME`` (``slots`` holds one slot per region), ``LOST`` (a read back failed; the
@@ -25,9 +30,20 @@ import numpy as np
 from kvtier.tiering.tier import LOWER, Tier
 
 
+# The legal transitions of a page (``PageTable._set`` checks them with ``debug``): mapped fresh, moved between
+# the GPU and the tiers below, lost, dropped, given back.
+LEGAL = {(Tier.UNMAPPED, Tier.GPU), (Tier.GPU, Tier.UNMAPPED),
+         *((Tier.GPU, t) for t in LOWER), *((t, Tier.GPU) for t in LOWER),
+         (Tier.HOST, Tier.NVME), (Tier.NVME, Tier.HOST),
+         *((t, Tier.LOST) for t in (Tier.GPU, *LOWER)), *((t, Tier.DROPPED) for t in (Tier.GPU, *LOWER)),
+         *((t, Tier.UNMAPPED) for t in (*LOWER, Tier.LOST, Tier.DROPPED))}
+
+
 class PageTable:
-    def __init__(self, num_pages: int, num_regions: int) -> None:
-        self.num_regions = num_regions
+    """Where each page's data is; its transition methods are the only writers (see the module docstring)."""
+
+    def __init__(self, num_pages: int, num_regions: int, debug: bool = False) -> None:
+        self.num_regions, self.debug = num_regions, debug
         self.tier = np.zeros(num_pages, dtype=np.int8)  # a Tier per page
         self.slots: dict[int, list[int]] = {}
         self.moving: dict[int, Any] = {}
@@ -75,7 +91,101 @@ class PageTable:
     def pages_in(self, tier: Tier) -> list[int]:
         return np.flatnonzero(self.tier == tier).tolist()
 
-    # --- commands -------------------------------------------------------------------------------------------------
+    # --- transitions: the only writers of the table (callers hold the manager's lock) ------------------------------
+    # Each returns the slots that leave the table, as (tier, slots) for the tier's books to take back.
+    def _set(self, pages: Iterable[int] | int, dst: Tier) -> None:
+        idx = np.asarray(pages if not isinstance(pages, (int, np.integer)) else [pages], dtype=np.int64)
+        if self.debug and idx.size:
+            for src in set(self.tier[idx].tolist()):
+                assert (Tier(src), dst) in LEGAL, f"page table: {Tier(src).label} -> {dst.label} is not a transition"
+        self.tier[idx] = dst
+
+    def mapped(self, pages: Iterable[int]) -> None:
+        """Vacant pages were mapped fresh (an allocation, map-ahead): on the GPU, empty."""
+        self._set(list(pages), Tier.GPU)
+
+    def unmapped(self, pages: Iterable[int]) -> list[tuple[Tier, list[int]]]:
+        """GPU pages were unmapped (freed, reclaimed, closed): vacant; their kept copies go."""
+        pages = list(pages)
+        freed = [self.copies.pop(p) for p in pages if p in self.copies]
+        self._set(pages, Tier.UNMAPPED)
+        return freed
+
+    def start_move(self, page: int, handle: Any) -> None:
+        self.moving[page] = handle
+
+    def start_read(self, page: int, handle: Any) -> None:
+        self.reading[page] = handle
+
+    def written(self, page: int) -> tuple[Tier, list[int]] | None:
+        """Tokens of ``page`` were (or are about to be) written: its kept copy goes, and a page still coming up
+        will keep none when it lands."""
+        if page in self.moving and self.moving[page].kind == "promote":
+            self.written_in_flight.add(page)
+        return self.copies.pop(page, None)
+
+    def take_copy(self, page: int) -> list[int]:
+        """The kept copy's slots, for a move down that copies nothing (they become the page's home below)."""
+        return self.copies.pop(page)[1]
+
+    def landed(self, page: int, src: Tier, dst: Tier, taken: list[Any], keep_copy: bool) -> \
+            tuple[Tier, list[int]] | None:
+        """A move committed: ``dst`` holds the page (``taken``: its slots there). Coming up, the slots below stay
+        as a copy if ``keep_copy`` and nothing was written meanwhile -- in this one step, so that no one sees the
+        page out of flight with its copy not yet recorded. Returns the source slots to give back."""
+        self.moving.pop(page, None)
+        written = page in self.written_in_flight
+        self.written_in_flight.discard(page)
+        freed = self.copies.pop(page, None) if src == Tier.GPU else None  # none is kept for a page leaving
+        if src in LOWER:
+            slots = self.slots.pop(page)
+            if dst == Tier.GPU and keep_copy and not written:
+                self.copies[page] = (src, slots)  # equal to the page's bytes until written
+            else:
+                freed = (src, slots)
+        self._set(page, dst)
+        if dst in LOWER:
+            self.slots[page] = taken
+        return freed
+
+    def failed(self, page: int) -> None:
+        """A move did not land: the page is out of flight where it was."""
+        self.moving.pop(page, None)
+        self.written_in_flight.discard(page)
+
+    def lost(self, page: int) -> tuple[Tier, list[int]] | None:
+        """The page's data cannot be had back (a read failed, bytes failed their digest, or half of it left the
+        GPU): LOST until its sequences are freed; its slots below go back."""
+        tier = self.tier_of(page)
+        freed = (tier, self.slots.pop(page)) if tier in LOWER else None
+        self._set(page, Tier.LOST)
+        return freed
+
+    def dropped(self, page: int) -> tuple[Tier, list[int]] | None:
+        """The engine will never read the page's tokens again (``drop_prefix``): its data goes."""
+        tier = self.tier_of(page)
+        freed = (tier, self.slots.pop(page)) if tier in LOWER else self.copies.pop(page, None)
+        self._set(page, Tier.DROPPED)
+        return freed
+
+    def released(self, page: int) -> list[tuple[Tier, list[int]]]:
+        """The page lost its last live block: below, lost or dropped, it becomes vacant; on the GPU it keeps its
+        mapping (the space unmaps it once its readers are done) and loses its copy."""
+        tier = self.tier_of(page)
+        if tier == Tier.GPU:
+            return [self.copies.pop(page)] if page in self.copies else []
+        freed = [(tier, self.slots.pop(page))] if tier in LOWER else []
+        if tier != Tier.UNMAPPED:
+            self._set(page, Tier.UNMAPPED)
+        return freed
+
+    def cleared(self) -> list[tuple[Tier, list[int]]]:
+        """The space closes (nothing in flight): every slot it holds below, pages and copies."""
+        freed = [(self.tier_of(p), slots) for p, slots in self.slots.items()] + list(self.copies.values())
+        self.slots.clear()
+        self.copies.clear()
+        return freed
+
     def forget_finished_reads(self) -> None:
         for p in [p for p, h in self.reading.items() if h.done()]:
             del self.reading[p]

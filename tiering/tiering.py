@@ -153,10 +153,7 @@ class Tiering:
 
     def drop_below(self, space: TieredSpace, pages: Iterable[int]) -> None:
         """Lower ``pages`` (not in flight) whose data the engine will never read again: their slots go back."""
-        table = space.pages
-        for p in pages:
-            self.books(table.tier_of(p)).give(table.slots.pop(p))
-            table.tier[p] = Tier.DROPPED
+        self.give_back([space.pages.dropped(p) for p in pages])
 
     def plan_room(self, handles_needed: int, avoid: Collection[tuple[str, int]] = (),
                   on_demand: bool = False) -> DemotionPlan:
@@ -195,7 +192,7 @@ class Tiering:
                 moves.append(Move(space, p, pm.src, pm.dst, [], clean=True))  # unmapped after ``after``
                 continue
             if pm.clean:
-                _, slots = table.copies.pop(p)
+                slots = table.take_copy(p)
                 self.copies_reused += 1
                 moves.append(Move(space, p, pm.src, pm.dst, slots, clean=True))
                 continue
@@ -286,7 +283,7 @@ class Tiering:
         by_tier: dict[Tier, list[tuple[Any, Any, int]]] = defaultdict(list)
         for p in lower:
             by_tier[table.tier_of(p)] += [(table.slots[p][r], target(r, p), p) for r in range(R)]
-            table.reading[p] = handle
+            table.start_read(p, handle)
         for src, items in by_tier.items():
             step = self.mover.start(src, Tier.GPU, [(a, b) for a, b, _ in items], after,
                                     tags=[p for *_, p in items], label=f"{src.label}->read")
@@ -317,7 +314,7 @@ class Tiering:
             work.io += step.io
         handle.attach(work)
         for m in moves:
-            m.space.pages.moving[m.page] = handle
+            m.space.pages.start_move(m.page, handle)
         if moves:
             self._inflight.add(handle)
             if inline:
@@ -343,13 +340,13 @@ class Tiering:
     def drop_copies(self, space: TieredSpace, pages: Iterable[int]) -> None:
         """Forget the kept copies of ``pages`` (their bytes on the GPU changed, or they leave it). A page still
         coming up keeps no copy when it lands."""
-        copies, moving = space.pages.copies, space.pages.moving
-        for p in pages:
-            if p in moving and moving[p].kind == "promote":
-                space.pages.written_in_flight.add(p)
-            copy = copies.pop(p, None)
-            if copy is not None:
-                self.books(copy[0]).give(copy[1])
+        self.give_back([space.pages.written(p) for p in pages])
+
+    def give_back(self, freed: Iterable[tuple[Tier, list[int]] | None]) -> None:
+        """Slots a page-table transition let go of, back to their tiers' books."""
+        for item in freed:
+            if item is not None:
+                self.books(item[0]).give(item[1])
 
     def drop_copies_until(self, tier: Tier, free_slots: int, exclude: Collection[tuple[str, int]] = ()) -> bool:
         """Drop kept copies in ``tier`` (pages not in ``exclude``) until it has ``free_slots`` free slots; whether
@@ -372,26 +369,12 @@ class Tiering:
     def release(self, space: TieredSpace, pages: Iterable[int]) -> None:
         """``pages`` lost their last live block: their copies and lower slots go back; lower and lost pages
         become vacant. (GPU pages stay mapped: the space unmaps them once their readers are done.)"""
-        table = space.pages
         for p in pages:
-            tier = table.tier_of(p)
-            if tier == Tier.GPU:
-                self.drop_copies(space, [p])
-            elif tier in LOWER:
-                self.books(tier).give(table.slots.pop(p))
-                table.tier[p] = Tier.UNMAPPED
-            elif tier in (Tier.LOST, Tier.DROPPED):
-                table.tier[p] = Tier.UNMAPPED
+            self.give_back(space.pages.released(p))
 
     def close_space(self, space: TieredSpace) -> None:
         """Give back every slot ``space`` holds below (its transfers have been waited for)."""
-        table = space.pages
-        for p, slots in list(table.slots.items()):
-            self.books(table.tier_of(p)).give(slots)
-        for tier, slots in table.copies.values():
-            self.books(tier).give(slots)
-        table.slots.clear()
-        table.copies.clear()
+        self.give_back(space.pages.cleared())
 
     # --- committing -------------------------------------------------------------------------------------------------
     def commit(self, handle: TransferHandle, moves: list[Move] | None = None) -> None:
@@ -434,51 +417,38 @@ class Tiering:
             log.warning("%s of %d page(s) failed: %s", handle.kind, len(handle.moves), handle.error)
 
     def _apply_move(self, m: Move) -> None:
-        space, p, table = m.space, m.page, m.space.pages
-        table.moving.pop(p, None)
-        written = p in table.written_in_flight
-        table.written_in_flight.discard(p)
+        space, p = m.space, m.page
         if m.src == Tier.GPU:
             if self.config.debug_checks:  # poison what stays behind: a missed copy up then reads garbage
                 for r in space.mapped_regions(p):
                     space.region_view(r, p).fill_(0xA5)
                 self.backend.synchronize()  # the fill must finish before the unmap
-            space.unmap_pages([p])
-        elif m.dst == Tier.GPU and self.config.keep_copies and not written and not space.takes_writes(p):
-            table.copies[p] = (m.src, table.slots.pop(p))  # equal to the page's bytes until written
-        else:
-            self.books(m.src).give(table.slots.pop(p))
-        table.tier[p] = m.dst
-        if m.dst in LOWER:
-            table.slots[p] = m.taken
+            space.unmap_pages([p], leaving=True)
+        keep = m.dst == Tier.GPU and self.config.keep_copies and not space.takes_writes(p)
+        self.give_back([space.pages.landed(p, m.src, m.dst, m.taken, keep)])
 
     def _undo_move(self, handle: TransferHandle, m: Move, error: BaseException) -> None:
         """The move did not land: the source stays the truth -- unless its bytes are known bad (they failed their
         checksum) or could not be read back from NVMe into the GPU; then the page is lost."""
         space, p, table = m.space, m.page, m.space.pages
-        table.moving.pop(p, None)
-        table.written_in_flight.discard(p)
+        table.failed(p)
         if m.dst in LOWER:
             self.books(m.dst).give(m.taken)
         if m.released:  # some regions had landed below and left the GPU: neither side holds the whole page
-            space.unmap_pages([p])
-            table.tier[p] = Tier.LOST
+            space.unmap_pages([p], leaving=True)
+            self.give_back([table.lost(p)])
             self.pages_lost += 1
             handle.lost += [q for q in space.sequences_on([p]) if q not in handle.lost]
             return
         if m.dst == Tier.GPU:
-            space.unmap_pages([p])
-            table.tier[p] = m.src  # unmapping cleared it; the data is still below
+            space.unmap_pages([p], still_below=True)  # the data is still below, where the table says
         if isinstance(error, ChecksumMismatch) or (m.src == Tier.NVME and m.dst == Tier.GPU):
             self._lose(handle, space, [p])
 
     def _lose(self, handle: TransferHandle, space: TieredSpace, pages: list[int]) -> None:
         """``pages`` (in a lower tier, not in flight) hold data that cannot be had back: their slots go back, they
         are LOST, and the sequences on them are reported in ``handle.lost``."""
-        table = space.pages
-        for p in pages:
-            self.books(table.tier_of(p)).give(table.slots.pop(p))
-            table.tier[p] = Tier.LOST
+        self.give_back([space.pages.lost(p) for p in pages])
         self.pages_lost += len(pages)
         handle.lost += [q for q in space.sequences_on(pages) if q not in handle.lost]
 
