@@ -62,7 +62,7 @@ def info(device: str, config_path: str | None) -> None:
         "host tier": f"{_size(config.host_size)} ({'pinned' if dev.type == 'cuda' else 'plain memory'}, "
                      f"checksums {'on' if config.host_checksums else 'off'}; this process may use "
                      f"{_size(limit)}: {where})",
-        "nvme tier": f"{_size(config.nvme_size)} in {config.nvme_dir or 'a temporary directory'} "
+        "nvme tier": f"{_size(config.nvme_size)} in {config.nvme_dir or 'a temporary file, deleted once open'} "
                      f"({'reserved' if config.nvme_preallocate else 'sparse'}; I/O: {io_mode(dev)})",
         "policy": config.policy})
     for key, value in facts.items():
