@@ -5,9 +5,11 @@ is mapped (``mgr.check()``), and the bytes written come back. Real processes whe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -279,3 +281,50 @@ def test_the_cli_answers_clearly_on_any_books(tmp_path):
         assert out.exit_code == 0 and "model-a" in out.output, out.output
         out = runner.invoke(main, ["limit", str(os.getpid()), "not a size", "--ledger-dir", str(tmp_path)])
         assert out.exit_code != 0 and "is not a size" in out.output and "Traceback" not in out.output
+
+
+HAMMER = textwrap.dedent("""
+    import random, sys
+    from kvtier.vmm.ledger import Ledger, ledgers, snapshot
+    directory, seed = sys.argv[1], int(sys.argv[2])
+    ledger = Ledger(directory, "host", budget_pages=32, page_size=65536, name=f"hammer {seed}")
+    rng, held, worst = random.Random(seed), 0, 0
+    for _ in range(400):
+        if held and rng.random() < 0.45:
+            n = rng.randint(1, held)
+            ledger.release(n)
+            held -= n
+        else:
+            held += ledger.reserve(rng.randint(1, 8), partial=rng.random() < 0.5)
+        worst = max(worst, sum(p["pages"] for p in snapshot(ledgers(directory)[0])["procs"].values()))
+    ledger.release(held)
+    ledger.close()
+    print(worst)
+""")
+
+
+def test_processes_hammering_books_that_keep_being_destroyed_never_exceed_the_budget(tmp_path):
+    # four processes reserve and release at random against 32 pages while the books are deleted, truncated and
+    # overwritten under them again and again: every rebuild counts every live process, so no snapshot ever shows
+    # more than the budget, and at the end the books are empty
+    first = Ledger(str(tmp_path), "host", budget_pages=32, page_size=65536, name="first")  # makes the directory
+    books = _books_file(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, str(tmp_path), str(seed)], stdout=subprocess.PIPE,
+                              text=True) for seed in range(4)]
+    rng, damages = random.Random(0), 0
+    while any(p.poll() is None for p in procs):
+        damages += 1
+        damage = rng.choice(["delete", "truncate", "garbage"])
+        with contextlib.suppress(OSError):
+            if damage == "delete":
+                os.unlink(books)
+            elif damage == "truncate":
+                open(books, "r+").truncate(rng.randint(0, 40))
+            else:
+                open(books, "w").write("{]")
+        time.sleep(rng.uniform(0, 0.02))
+    worst = [int(p.communicate(timeout=300)[0].strip()) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert 16 < max(worst) <= 32 and damages > 10  # they competed for the budget, under a rain of damage
+    first.close()
+    assert snapshot(ledgers(str(tmp_path))[0])["procs"] == {}
