@@ -126,3 +126,40 @@ def test_abandoned_temporary_slot_directories_are_swept_at_start(tmp_path, monke
     finally:
         proc.kill()
         proc.wait()
+
+
+DIR_HOLDER = textwrap.dedent("""
+    import fcntl, os, signal, sys
+    fd = os.open(os.path.join(sys.argv[1], ".kvtier.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("holding", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+""")
+
+
+def test_a_process_stopped_holding_the_directorys_lock_holds_no_manager_up(tmp_path, monkeypatch):
+    # a process is stopped (SIGSTOP, a debugger) while it holds the NVMe directory's lock: a manager starting on
+    # that directory fails within the deadline, saying so; one starting on its own temporary file is not held up
+    # by it in a directory left behind either
+    from kvtier.tiering import nvme
+    monkeypatch.setattr(nvme, "DIR_LOCK_TIMEOUT_S", 0.3)
+    directory = tmp_path / "kvtier-nvme-stuck"
+    directory.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", DIR_HOLDER, str(directory)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        start = time.monotonic()
+        with pytest.raises(kvtier.ConfigError, match="held by another process"):
+            _start(str(directory))
+        assert time.monotonic() - start < 10
+        past = time.time() - 3600
+        os.utime(directory, (past, past))
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        import tempfile
+        monkeypatch.setattr(tempfile, "tempdir", None)
+        with kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
+                                nvme_size=1 << 20):
+            assert directory.exists()  # busy: left alone
+    finally:
+        holder.kill()
+        holder.wait()

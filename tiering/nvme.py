@@ -62,11 +62,26 @@ class PosixFiles:
         return os.preadv(fd, [view], offset)
 
 
+DIR_LOCK_TIMEOUT_S = 10.0  # the directory's lock is held for a scan and a file's creation: milliseconds
+
+
 @contextlib.contextmanager
-def _directory_locked(directory: str) -> Iterator[None]:
+def _directory_locked(directory: str, timeout: float | None = None) -> Iterator[None]:
+    """The directory's lock, waited for at most ``timeout`` seconds (a holder stopped by SIGSTOP or a debugger
+    must not hold up every manager after it): raises BlockingIOError then."""
+    timeout = DIR_LOCK_TIMEOUT_S if timeout is None else timeout
     fd = os.open(os.path.join(directory, ".kvtier.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BlockingIOError(errno.EWOULDBLOCK, f"its lock (.kvtier.lock) has been held by another "
+                                          f"process for over {timeout:g} s; is one stopped?") from None
+                time.sleep(0.005)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -123,7 +138,7 @@ def sweep_abandoned_dirs(parent: str, min_age_s: float = 60.0) -> list[str]:
         try:
             if not os.path.isdir(directory) or now - os.stat(directory).st_mtime < min_age_s:
                 continue
-            with _directory_locked(directory):
+            with _directory_locked(directory, timeout=0):  # busy: someone is at work there, leave it
                 reclaim_dead_owners(directory)
                 if glob.glob(os.path.join(directory, "kvtier-*.slots")):
                     continue  # a live owner
