@@ -1,5 +1,5 @@
-"""The block books of one space: which blocks are free, which sequence holds which, and how many live blocks lie
-on each page.
+"""The block books of one space: which blocks are free, which sequences hold which (a block may be held by
+several: ``refs`` counts them -- a prefix shared by forked sequences), and how many live blocks lie on each page.
 
 Blocks are ``block_bytes`` slices of a region; pages are ``page_size`` slices. A block may straddle two pages
 when the sizes do not divide, so every block has a first and a last page. These books know nothing of tiers or
@@ -26,6 +26,7 @@ class BlockBooks:
         self.last_page = ((b + 1) * block_bytes - 1) // page_size
         self.free = np.ones(num_blocks, dtype=bool)
         self.free_count = num_blocks
+        self.refs = np.zeros(num_blocks, dtype=np.int32)  # sequences holding each block (0: free)
         self.live = np.zeros(self.num_pages, dtype=np.int32)  # live blocks touching each page
         self.seqs: dict[Hashable, list[int]] = {}
         self.tokens: dict[Hashable, int] = {}
@@ -94,6 +95,7 @@ class BlockBooks:
         for p in self._tail_pages(seq_id):
             self.tail[p] -= 1
         self.free[blocks] = False
+        self.refs[blocks] = 1
         self.free_count -= len(blocks)
         fresh = []
         for p in self.pages_of(blocks):
@@ -106,11 +108,25 @@ class BlockBooks:
             self.tail[p] += 1
         return fresh
 
+    def share(self, seq_id: Hashable, blocks: list[int], num_tokens: int) -> None:
+        """A new sequence ``seq_id`` holding ``blocks`` -- live blocks of other sequences, whole and in order --
+        as its first ``num_tokens`` tokens (a fork): each block is held once more; nothing is copied."""
+        b = np.asarray(blocks, dtype=np.int64)
+        assert seq_id not in self.seqs and not self.free[b].any(), "share live blocks into a new sequence"
+        assert len(blocks) == math.ceil(num_tokens / self.block_size), (len(blocks), num_tokens)
+        np.add.at(self.refs, b, 1)
+        self.seqs[seq_id] = list(blocks)
+        self.tokens[seq_id] = num_tokens
+        np.add.at(self.tail, self._tail_pages(seq_id), 1)
+
     def release(self, seq_id: Hashable) -> list[int]:
-        """Free every block of ``seq_id``; return the pages left with no live block."""
+        """Let go of every block of ``seq_id``; those no other sequence holds are free again. Return the pages
+        left with no live block."""
         np.subtract.at(self.tail, self._tail_pages(seq_id), 1)
-        blocks = np.asarray(self.seqs.pop(seq_id), dtype=np.int64)
+        held = np.asarray(self.seqs.pop(seq_id), dtype=np.int64)
         del self.tokens[seq_id]
+        np.subtract.at(self.refs, held, 1)
+        blocks = held[self.refs[held] == 0]
         self.free[blocks] = True
         self.free_count += len(blocks)
         emptied = []
@@ -122,15 +138,16 @@ class BlockBooks:
 
     def check(self) -> np.ndarray:
         """Verify the books (AssertionError on a broken invariant); return live blocks per page."""
-        live = np.zeros(self.num_pages, dtype=np.int32)
-        seen = np.zeros(self.num_blocks, dtype=bool)
+        refs = np.zeros(self.num_blocks, dtype=np.int32)
         for seq, blocks in self.seqs.items():
             b = np.asarray(blocks, dtype=np.int64)
             assert len(blocks) == math.ceil(self.tokens[seq] / self.block_size), (seq, len(blocks))
-            assert not seen[b].any() and not self.free[b].any(), f"block owned twice or free: {seq}"
-            seen[b] = True
-            np.add.at(live, self.pages_of(b), 1)
-        assert (seen == ~self.free).all() and self.free_count == int(self.free.sum())
+            assert len(set(blocks)) == len(blocks) and not self.free[b].any(), f"block held twice or free: {seq}"
+            np.add.at(refs, b, 1)
+        assert (refs == self.refs).all(), "block reference counts disagree with the sequences"
+        assert ((refs > 0) == ~self.free).all() and self.free_count == int(self.free.sum())
+        live = np.zeros(self.num_pages, dtype=np.int32)
+        np.add.at(live, self.pages_of(np.flatnonzero(refs > 0)), 1)
         assert (live == self.live).all(), "page live counts disagree with the sequences' blocks"
         tail = np.zeros(self.num_pages, dtype=np.int32)
         for seq in self.seqs:
