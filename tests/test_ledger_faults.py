@@ -24,6 +24,7 @@ import kvtier
 from kvtier.cli import main
 from kvtier.errors import ConfigError, OutOfPagesError
 from kvtier.vmm import ledger as ledger_module
+from kvtier.vmm import ledger_books
 from kvtier.vmm.ledger import Ledger, ledgers, snapshot
 from tests.conftest import PAGE as PAGE_OF
 
@@ -100,7 +101,7 @@ def test_books_that_cannot_be_written_fail_clearly_and_change_nothing(tmp_path, 
         # the directory fills up (a container's 64 MiB /dev/shm) or turns read-only
         def full(file: str, data: bytes) -> None:
             raise OSError(code, os.strerror(code))
-        monkeypatch.setattr(ledger_module, "_store", full)
+        monkeypatch.setattr(ledger_books, "_store", full)
         # giving back always works (the books overcount this process until they can be written)
         space.free("b")
         mgr.check()
@@ -128,7 +129,7 @@ LOCK_HOLDER = textwrap.dedent("""
 
 
 def test_a_peer_stopped_while_holding_the_lock_is_named_and_waited_for_a_bounded_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(ledger_module, "LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(ledger_books, "LOCK_TIMEOUT_S", 0.3)
     with _manager(tmp_path) as mgr:
         space = mgr.create_space("s", **SHAPE)
         a = _fill(space, "a", TOKENS_PER_PAGE, 1.0)
