@@ -27,6 +27,7 @@ from kvtier.vmm import ledger as ledger_module
 from kvtier.vmm import ledger_books
 from kvtier.vmm.ledger import Ledger, ledgers, snapshot
 from tests.conftest import PAGE as PAGE_OF
+from tests.test_ledger import HAMMER
 
 PAGE = PAGE_OF["cpu"]
 SHAPE = dict(num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
@@ -282,26 +283,6 @@ def test_the_cli_answers_clearly_on_any_books(tmp_path):
         assert out.exit_code == 0 and "model-a" in out.output, out.output
         out = runner.invoke(main, ["limit", str(os.getpid()), "not a size", "--ledger-dir", str(tmp_path)])
         assert out.exit_code != 0 and "is not a size" in out.output and "Traceback" not in out.output
-
-
-HAMMER = textwrap.dedent("""
-    import random, sys
-    from kvtier.vmm.ledger import Ledger, ledgers, snapshot
-    directory, seed = sys.argv[1], int(sys.argv[2])
-    ledger = Ledger(directory, "host", budget_pages=32, page_size=65536, name=f"hammer {seed}")
-    rng, held, worst = random.Random(seed), 0, 0
-    for _ in range(400):
-        if held and rng.random() < 0.45:
-            n = rng.randint(1, held)
-            ledger.release(n)
-            held -= n
-        else:
-            held += ledger.reserve(rng.randint(1, 8), partial=rng.random() < 0.5)
-        worst = max(worst, sum(p["pages"] for p in snapshot(ledgers(directory)[0])["procs"].values()))
-    ledger.release(held)
-    ledger.close()
-    print(worst)
-""")
 
 
 def test_processes_hammering_books_that_keep_being_destroyed_never_exceed_the_budget(tmp_path):
