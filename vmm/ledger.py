@@ -83,7 +83,7 @@ class Ledger:
         self._forked = False
         self._joining = True
         self.problem: str | None = None  # the last failure, for error messages; None once a change went through
-        self._alive = -1
+        self._alive, self._alive_written = -1, b""
         self._make_alive()
         try:
             with self._books() as books:
@@ -308,6 +308,7 @@ class Ledger:
             raise LedgerError(f"ledger {self.path!r}: cannot make this process's .alive file ({exc.strerror})") \
                 from None
         old, self._alive = self._alive, fd
+        self._alive_written = b""  # a new file: written at the next change of the books
         if old >= 0:
             os.close(old)
 
@@ -324,10 +325,14 @@ class Ledger:
         log.warning("ledger %s: this process's .alive file had been deleted; made again", self.path)
 
     def _write_alive(self, record: dict[str, Any]) -> None:
+        """The record into the ``.alive`` file, when it changed (reads of the books, most calls, change nothing)."""
         data = json.dumps(record).encode()
+        if data == self._alive_written:
+            return
         try:
             os.pwrite(self._alive, data, 0)
             os.ftruncate(self._alive, len(data))
+            self._alive_written = data
         except OSError as exc:  # a full directory: the books still hold the record
             log.debug("ledger: could not write this process's .alive record: %s", exc)
 
