@@ -88,6 +88,7 @@ class TieredCache(Cache):
         self.max_tokens = self.blocks_per_row * block_size
         self.manager, self._own_manager, self._config = manager, manager is None, config
         self._users = [1]  # caches sharing the manager this one made (deepcopy): the last to close closes it
+        self._closed = False
         self._copies = 0
         self._args = dict(model_config=model_config, max_tokens=max_tokens, batch_size=batch_size, config=config,
                           resident_layers=resident_layers, offload_tier=offload_tier, block_size=block_size)
@@ -598,8 +599,9 @@ class TieredCache(Cache):
 
     def close(self) -> None:
         """Give the pages back (and close the manager if this cache made it and no copy of it still uses it)."""
-        if self.manager is not None and not self.manager.closed:
+        if self.manager is not None and not self.manager.closed and not self._closed:
             self._teardown()
+            self._closed = True  # once: a second close must not count this cache out of the manager's users again
             self._users[0] -= 1
             if self._own_manager and self._users[0] <= 0:
                 self.manager.close()
