@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from kvtier.tiering.nvme import io_mode
+
 
 def system_info(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on (printed first, stored in the JSON)."""
@@ -54,17 +56,6 @@ def host_facts(directory: str | None = None) -> dict[str, Any]:
                     best = (mount, fstype, dev)
         facts.update(nvme_dir=directory, filesystem=f"{best[1]} on {best[2]} (mounted at {best[0]})")
     return facts
-
-
-def io_mode(device: torch.device) -> str:
-    """How NVMe I/O would run here: kvikio with GDS, kvikio's POSIX compat mode, or plain POSIX."""
-    if device.type != "cuda":
-        return "posix (no CUDA driver: kvikio cannot run)"
-    try:
-        import kvikio.defaults
-        return "kvikio compat (POSIX)" if kvikio.defaults.is_compat_mode_preferred() else "kvikio GDS"
-    except ImportError:
-        return "posix (kvikio not installed)"
 
 
 def _pci_bus_id(device: torch.device) -> str:

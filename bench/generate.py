@@ -136,7 +136,7 @@ def run(device: str = "auto", quick: bool = False, contexts: list[int] | None = 
         if pool_bytes is not None:
             cfg = cfg.replace(pool_budget=max(pool_bytes // page, 2 * layer_handles) * page)
         manager = TierManager(cfg)
-        manager.tiering.host.wait_ready()
+        manager.tiering.wait_ready()
         return TieredCache(config, max_tokens=tokens, manager=manager, resident_layers=0 if streamed else None)
     repeats = repeats or (REPEATS if not quick else 1 if cuda else 2)  # CPU: interleaved too, run order misleads
     table = Table(f"generate: {config.num_hidden_layers}-layer Llama shape, random weights, {new_tokens} new tokens",

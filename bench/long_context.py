@@ -102,7 +102,7 @@ def run(device: str = "auto", quick: bool = False, tokens: int | None = None, ne
     manager = TierManager(cfg)
     try:
         pin = time.perf_counter()
-        manager.tiering.host.wait_ready()
+        manager.tiering.wait_ready()
         pin = time.perf_counter() - pin
         up = pcie_ceilings(dev, 1 * GiB if cuda else 64 * MiB)["up"] / (1 * GiB if cuda else 64 * MiB)
         cache = TieredCache(config, max_tokens=tokens + new_tokens, manager=manager)

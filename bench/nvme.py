@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from kvtier.bench.common import Table, io_mode, with_scratch_dir
+from kvtier.bench.common import Table, with_scratch_dir
+from kvtier.tiering.nvme import io_mode
 from kvtier.bench.tiers import disk_ceilings
 from kvtier.config import MiB
 

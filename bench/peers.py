@@ -70,7 +70,7 @@ def kvtier_side(device: torch.device, tokens: int, iters: int) -> dict[str, Any]
     config = Config(device=str(device), host_size=tokens * 2 * CELL * 32 + 256 * MiB, host_chunk=256 * MiB,
                     nvme_size=64 * MiB)
     with TierManager(config) as mgr:
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("peers", max_tokens=4 * tokens, **LLAMA8B)
         def alloc(n: int) -> str:
             space.allocate("k", n * BLOCK)

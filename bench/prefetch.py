@@ -37,7 +37,7 @@ def run(device: str, token_counts: list[int], nvme_dir: str | None = None, step:
                     host_size=largest + 256 * MiB, host_chunk=256 * MiB, nvme_dir=directory,
                     nvme_size=largest + 256 * MiB, background_demotion=False, space_reserve_pages=0)
     with TierManager(config) as mgr:
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("prefetch", max_tokens=max(token_counts) + 8192, **LLAMA8B)
 
         def fault_back(tokens: int, tier: str) -> tuple[float, float, float]:

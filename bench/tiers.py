@@ -111,7 +111,7 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
                   ["path", "kvtier GB/s", "ceiling GB/s", "ratio", "ceiling", "target"])
     with TierManager(config) as mgr:
         dev = mgr.device
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("bench", max_tokens=2 * tokens + 8192, **shape)
         blocks = space.allocate("a", tokens)
         ids = torch.tensor(blocks, device=dev)
@@ -192,7 +192,7 @@ def run(device: str = "auto", quick: bool = False, nvme_dir: str | None = None) 
                 row[5] += " (ceiling unstable: disk)"
         if not torch.equal(space.kv(space.num_layers - 1)[1][ids], probe):
             raise AssertionError("data changed on its way through the tiers")
-        table.notes.append(f"NVMe: {mgr.tiering.nvme.mode} in {directory}; ratio = ceiling time / kvtier time; "
+        table.notes.append(f"NVMe: {mgr.tiering.tier('nvme').mode} in {directory}; ratio = ceiling time / kvtier time; "
                            "data verified after the round trips; NVMe rows include their checksums (always on)")
         table.notes.append(_digest_speed(dev, mgr.page_size))
     _with_host_checksums(table, config.replace(host_checksums=True), shape, tokens, pcie, gb)
@@ -237,7 +237,7 @@ def _with_host_checksums(table: Table, config: Config, shape: dict, tokens: int,
                          gb: float) -> None:
     """The two PCIe paths again with host checksums on (an option), to show what they cost."""
     with TierManager(config) as mgr:
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("bench", max_tokens=tokens + 8192, **shape)
         ids = torch.tensor(space.allocate("a", tokens), device=mgr.device)
         for layer in range(space.num_layers):
@@ -260,7 +260,7 @@ def _down_while_the_pool_refills(table: Table, config: Config, shape: dict, toke
     """GPU -> host just after an allocation drained the pool's ready pages, so its worker has a sequence's worth
     of handles to create while the copies go down (it waits for them unless the pool runs low)."""
     with TierManager(config) as mgr:
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("bench", max_tokens=2 * tokens + 8192, **shape)
         space.allocate("a", tokens)
         space.offload("a", tier="host").result()  # a round trip first: the host slots it lands in are touched
@@ -286,7 +286,7 @@ def _both_with_larger_pages(table: Table, config: Config, shape: dict, tokens: i
     """Both directions at once again with fewer, larger pages: mapping waits for the copies down in flight, so
     the prefetch's map calls (one per page and region) are time the copies down stand still."""
     with TierManager(config) as mgr:
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("bench", max_tokens=2 * tokens + 8192, **shape)
         ids = torch.tensor(space.allocate("a", tokens) + space.allocate("b", tokens), device=mgr.device)
         for layer in range(space.num_layers):
@@ -329,7 +329,7 @@ def sweep(device: str, token_counts: list[int], step: Any = None, repeats: int =
                     host_size=largest + 256 * MiB, host_chunk=256 * MiB, nvme_size=64 * MiB,
                     background_demotion=False, space_reserve_pages=0)
     with TierManager(config) as mgr:
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("sweep", max_tokens=max(token_counts) + 8192, **shape)
         _round_trip(space, min(token_counts), mgr.backend.synchronize)  # warm-up: a run's first move pays once
         for tokens in token_counts:

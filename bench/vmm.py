@@ -69,7 +69,7 @@ def map_cost(device: str, page_sizes: list[int], tokens: int, repeat: int) -> tu
                         space_reserve_pages=0, host_size=64 * MiB, host_chunk=64 * MiB, nvme_size=64 * MiB,
                         background_demotion=False)
         with TierManager(config) as mgr:
-            mgr.tiering.host.wait_ready()
+            mgr.tiering.wait_ready()
             raw_map, raw_unmap = _raw_map_unmap(mgr, page_size, min(256, handles_needed))
             space = mgr.create_space("bench", max_tokens=tokens, **LLAMA8B)
             frees: list[float] = []
@@ -115,7 +115,7 @@ def new_sequences(device: str, tokens: int, count: int, ahead: bool, page_size: 
                     host_size=64 * MiB, host_chunk=64 * MiB, nvme_size=64 * MiB)
     times = []
     with TierManager(config) as mgr:
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         space = mgr.create_space("bench", max_tokens=tokens * count, **LLAMA8B)
         for i in range(count):
             deadline = time.monotonic() + 1.0

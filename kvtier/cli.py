@@ -41,9 +41,8 @@ def main(verbose: bool) -> None:
               help="A config file (default: Config(), with the KVTIER_* environment applied).")
 def info(device: str, config_path: str | None) -> None:
     """The backend kvtier would use here, the facts about it, and the tiers a manager would have."""
-    from kvtier.bench.common import io_mode
     from kvtier.config import Config
-    from kvtier.tiering.host import memory_limit
+    from kvtier.tiering.registry import tier_class, tier_settings
     from kvtier.vmm import open_backend, resolve_device
 
     config = Config.from_file(config_path) if config_path else Config()
@@ -54,17 +53,15 @@ def info(device: str, config_path: str | None) -> None:
         page = config.page_size or backend.default_page_size
     finally:
         backend.close()
-    limit, where = memory_limit()
     facts.update({
         "page size": f"{page >> 20} MiB" if page % (1 << 20) == 0 else f"{page} bytes",
         "pool budget": f"{config.pool_budget:g} of the device's free memory at start"
                        if isinstance(config.pool_budget, float) else _size(config.pool_budget),
-        "host tier": f"{_size(config.host_size)} ({'pinned' if dev.type == 'cuda' else 'plain memory'}, "
-                     f"checksums {'on' if config.host_checksums else 'off'}; this process may use "
-                     f"{_size(limit)}: {where})",
-        "nvme tier": f"{_size(config.nvme_size)} in {config.nvme_dir or 'a temporary file, deleted once open'} "
-                     f"({'reserved' if config.nvme_preallocate else 'sparse'}; I/O: {io_mode(dev)})",
         "policy": config.policy})
+    for name in config.tiers:  # nearest the GPU first
+        cls = tier_class(name)
+        settings = tier_settings(cls, config)
+        facts[f"{name} tier"] = cls.summary(settings, dev) if hasattr(cls, "summary") else settings.model_dump()
     for key, value in facts.items():
         console.print(f"[bold]{key:>14}[/bold]  {escape(str(value))}")
 

@@ -125,6 +125,12 @@ class Config(BaseModel):
     nvme_direct: bool = _setting(True, "nvme", "O_DIRECT where the filesystem allows it", strict=True)
     nvme_min_uses: int = _setting(0, "nvme", "admission filter: only pages used this often go to NVMe (0: off)",
                                   ge=0, strict=True)
+    # [tiers]
+    tiers: list[str] = _setting(["host", "nvme"], "tiers", "the lower tiers, nearest the GPU first: built-in "
+                                "(host, nvme), registered (kvtier.tiering.register_tier) or plug-ins (entry points "
+                                "kvtier.tiers); comma-separated in the environment")
+    tier_settings: dict[str, dict[str, Any]] = _setting({}, "tiers", "a plug-in tier's own settings, [tiers.NAME] "
+                                                        "(validated by its settings model)", env=None)
     # [metrics]
     metrics_port: int | None = _setting(None, "metrics", "serve Prometheus metrics on this port (0: any free "
                                         "one; unset: no endpoint); needs kvtier[metrics]", ge=0, le=65535,
@@ -176,7 +182,8 @@ class Config(BaseModel):
                                             "write e.g. 0.9, for bytes a size such as \"60GiB\")"))
         policy = _policy_problem({"policy": self.policy, "nvme_min_uses": self.nvme_min_uses,
                                   "policy_params": self.policy_params})
-        return problems + ([policy] if policy else [])
+        from kvtier.tiering.registry import section_problems  # names only: no tier's code is imported here
+        return problems + ([policy] if policy else []) + section_problems(self)
 
     # --- other ways in -----------------------------------------------------------------------------------------
     @classmethod
@@ -244,6 +251,8 @@ class Config(BaseModel):
             elif name == "spaces":
                 if value:
                     sections[section] = {n: _space_toml(s) for n, s in value.items()}
+            elif name == "tier_settings":
+                sections.setdefault(section, {}).update({n: dict(v) for n, v in value.items()})
             else:
                 sized = _meta(name)["size"] and isinstance(value, int)
                 sections.setdefault(section, {})[key] = _human(value) if sized else value
@@ -287,6 +296,8 @@ def _env_vars() -> Iterator[tuple[str, str]]:
 
 def _from_env(name: str, raw: str) -> Any:
     kind = Config.model_fields[name].annotation
+    if name == "tiers":
+        return [t.strip() for t in raw.split(",") if t.strip()]
     if kind is int and raw.strip().lstrip("-").isdigit():
         return int(raw)
     if kind is bool:
@@ -300,7 +311,7 @@ def _from_env(name: str, raw: str) -> Any:
 
 def _toml_key(name: str) -> tuple[str, str]:
     section = _meta(name)["section"]
-    return section, "name" if name == "policy" else name.removeprefix(section + "_")
+    return section, {"policy": "name", "tiers": "order"}.get(name) or name.removeprefix(section + "_")
 
 
 def toml_name(name: str) -> str:
@@ -312,6 +323,9 @@ def _toml_name(name: str) -> str:
     if name.startswith("KVTIER_") or not name:
         return name
     field, _, rest = name.partition(".")
+    if field == "tier_settings" and rest:
+        tier, _, key = rest.partition(".")
+        return f"[tiers.{tier}] {key}".rstrip()
     if field == "spaces" and rest:
         space, _, key = rest.partition(".")
         return f"[spaces.{space}] {key}".rstrip()
@@ -326,7 +340,8 @@ def _items(config: Config) -> Iterator[tuple[str, str, str, Any]]:
 
 def _flatten(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """File-shaped data -> Config keywords, and the problems found (unknown sections and keys)."""
-    by_key = {_toml_key(name): name for name in Config.model_fields if name not in ("policy_params", "spaces")}
+    by_key = {_toml_key(name): name for name in Config.model_fields
+              if name not in ("policy_params", "spaces", "tier_settings")}
     sections = sorted({s for s, _ in by_key} | {"spaces"})
     flat: dict[str, Any] = {}
     problems: list[tuple[str, str]] = []
@@ -345,6 +360,8 @@ def _flatten(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, s
                     key = _ALIASES[(section, key)]
                 if (section, key) in by_key:
                     flat[by_key[(section, key)]] = value
+                elif section == "tiers" and isinstance(value, Mapping):  # [tiers.NAME]: a tier's own section
+                    flat.setdefault("tier_settings", {})[key] = dict(value)
                 elif section == "policy":
                     flat.setdefault("policy_params", {})[key] = value
                 else:
@@ -433,7 +450,8 @@ def settings_table() -> str:
     env = dict(_env_vars())
     rows = ["| setting | file | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
     for name, f in Config.model_fields.items():
-        where = {"policy_params": "[policy] ...", "spaces": "[spaces.NAME]"}.get(name) or _toml_name(name)
+        where = {"policy_params": "[policy] ...", "spaces": "[spaces.NAME]",
+                 "tier_settings": "[tiers.NAME]"}.get(name) or _toml_name(name)
         value = f.default
         shown = ("unset" if value is None else f"`{str(value).lower()}`" if isinstance(value, bool)
                  else f"`{_human(value)}`" if _meta(name)["size"] and isinstance(value, int) else f"`{value}`")

@@ -13,9 +13,6 @@ from typing import Any, Iterator
 
 from kvtier.errors import ConfigError
 
-TIERS = ("host", "nvme")
-
-
 class MetricsServer:
     """The HTTP endpoint of one manager's metrics; ``close()`` stops its thread and frees its port."""
 
@@ -51,6 +48,7 @@ class _Collector:
             return
         stats = self.manager.stats()
         tiers, device = stats["tiers"], stats["device"]
+        order = tiers["order"]  # the configured lower tiers, nearest first
 
         def family(kind: Any, name: str, doc: str, labels: tuple[str, ...] = (),
                    rows: list[tuple[tuple[str, ...], float]] | None = None) -> Any:
@@ -65,10 +63,10 @@ class _Collector:
                       (("budget",), pool["budget_pages"])])
         yield family(GaugeMetricFamily, "kvtier_space_stripes", "Stripes of each space per tier (a stripe: one page of every (layer, K|V) region)", ("space", "tier"),
                      [((name, tier), s[key]) for name, s in stats["spaces"].items()
-                      for tier, key in (("gpu", "stripes_mapped"), ("host", "stripes_host"), ("nvme", "stripes_nvme"),
+                      for tier, key in (("gpu", "stripes_mapped"), *((t, f"stripes_{t}") for t in order),
                                         ("lost", "stripes_lost"))])
         yield family(GaugeMetricFamily, "kvtier_tier_slots", "Slots of the lower tiers", ("tier", "state"),
-                     [((t, state), tiers[t][key]) for t in TIERS for state, key in (("used", "slots_used"),
+                     [((t, state), tiers[t][key]) for t in order for state, key in (("used", "slots_used"),
                                                                                     ("total", "slots"))])
         paths = tiers["paths"]
         yield family(CounterMetricFamily, "kvtier_path_bytes", "Bytes moved per path", ("path",),
@@ -80,12 +78,12 @@ class _Collector:
         yield family(CounterMetricFamily, "kvtier_lost_stripes", "Stripes lost: a read back failed, or failed its "
                      "checksum", (), [((), tiers["lost_stripes"])])
         yield family(CounterMetricFamily, "kvtier_checksum_failures", "Reads whose bytes did not match their digest",
-                     ("tier",), [((t,), tiers[t]["checksums"]["mismatches"]) for t in TIERS
+                     ("tier",), [((t,), tiers[t]["checksums"]["mismatches"]) for t in order
                                  if isinstance(tiers[t]["checksums"], dict)])
         yield family(CounterMetricFamily, "kvtier_failed_writes", "Page writes into a lower tier that failed",
-                     ("tier",), [((t,), tiers[t]["health"]["failed_writes"]) for t in TIERS])
+                     ("tier",), [((t,), tiers[t]["health"]["failed_writes"]) for t in order])
         yield family(GaugeMetricFamily, "kvtier_tier_degraded", "1 while the tier's writes are failing", ("tier",),
-                     [((t,), float(tiers[t]["health"]["degraded"])) for t in TIERS])
+                     [((t,), float(tiers[t]["health"]["degraded"])) for t in order])
         hist = tiers["stall_histogram"]
         stalls = HistogramMetricFamily("kvtier_fault_back_stall_seconds", "How long steps waited on pages coming "
                                        "back", labels=("device",))

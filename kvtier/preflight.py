@@ -49,10 +49,10 @@ def machine_problems(config: Config) -> list[tuple[str, str]]:
     finally:
         backend.close()
     limit, what = memory_limit()
-    if config.host_size > limit:
+    if "host" in config.tiers and config.host_size > limit:
         problems.append(("host_size", f"{config.host_size} bytes is more than the {limit} bytes this process may "
                                       f"use ({what})"))
-    if config.nvme_size:
+    if "nvme" in config.tiers and config.nvme_size:
         problem = _directory_problem(config.nvme_dir or _tempdir(), config.nvme_size if config.nvme_preallocate
                                      else 0)
         if problem:
@@ -60,7 +60,8 @@ def machine_problems(config: Config) -> list[tuple[str, str]]:
     policy = policy_problem(config)
     if policy:
         problems.append(policy)
-    return problems
+    from kvtier.tiering.registry import section_problems
+    return problems + [p for p in section_problems(config, load=True) if p not in problems]
 
 
 def _tempdir() -> str:

@@ -86,7 +86,8 @@ def save_trace(trace: Trace, path: str) -> None:
 
 @dataclass
 class SpaceReport:
-    returns: Counter = field(default_factory=Counter)   # where a returning sequence's pages were: gpu/host/nvme
+    places: tuple[str, ...] = ("gpu", "host", "nvme")    # the GPU, then the manager's tiers, nearest first
+    returns: Counter = field(default_factory=Counter)   # where a returning sequence's farthest pages were
     stalls: list[float] = field(default_factory=list)   # seconds each return waited for its fault-back
     failed: int = 0                                      # requests refused (out of pages): preempted
     pages_up: Counter = field(default_factory=Counter)   # pages it faulted back, per source tier
@@ -94,18 +95,19 @@ class SpaceReport:
     def row(self) -> dict[str, Any]:
         n = sum(self.returns.values())
         pct = (lambda q: float(np.percentile(self.stalls, q)) * 1e3 if self.stalls else 0.0)
-        return {"returns": n, **{f"hit {t}": (self.returns[t] / n if n else 0.0) for t in ("gpu", "host", "nvme")},
+        return {"returns": n, **{f"hit {t}": (self.returns[t] / n if n else 0.0) for t in self.places},
                 "stall p50 ms": pct(50), "stall p99 ms": pct(99), "refused": self.failed}
 
 
 def replay(trace: Trace, config: Config) -> dict[str, Any]:
     """Run ``trace`` under ``config``; return per-space reports, bytes per path and tier occupancy over time."""
     config = config.replace(background_demotion=False)  # demotion on demand only: repeatable
-    reports: dict[str, SpaceReport] = defaultdict(SpaceReport)
-    timeline: list[tuple[float, int, int, int]] = []
+    places = ("gpu", *config.tiers)
+    reports: dict[str, SpaceReport] = defaultdict(lambda: SpaceReport(places))
+    timeline: list[tuple[float, ...]] = []
     now = [0.0]
     with TierManager(config, clock=lambda: now[0]) as mgr:  # the policy ages on the trace's clock
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         spaces = {}
         for name, shape in trace.spaces.items():
             try:
@@ -126,8 +128,8 @@ def replay(trace: Trace, config: Config) -> dict[str, Any]:
             try:
                 if op == "return":
                     res = space.stripe_residency(seq)  # the slowest tier it must come back from
-                    report.returns["nvme" if res["nvme"] else "host" if res["host"] else "gpu"] += 1
-                    report.pages_up.update({"host": res["host"], "nvme": res["nvme"]})
+                    report.returns[next(t for t in reversed(places) if res[t] or t == "gpu")] += 1
+                    report.pages_up.update({t: res[t] for t in places[1:]})
                     start = time.perf_counter()
                     space.ensure_resident([seq])
                     report.stalls.append(time.perf_counter() - start)
@@ -145,16 +147,16 @@ def replay(trace: Trace, config: Config) -> dict[str, Any]:
                     space.free(seq)
                 where.pop(seq, None)
             stats = mgr.stats()["spaces"].values()
-            timeline.append((now[0], sum(s["stripes_mapped"] for s in stats), sum(s["stripes_host"] for s in stats),
-                             sum(s["stripes_nvme"] for s in stats)))
+            timeline.append((now[0], sum(s["stripes_mapped"] for s in stats),
+                             *(sum(s[f"stripes_{t}"] for s in stats) for t in places[1:])))
         paths = {k: v["bytes"] for k, v in mgr.stats()["tiers"]["paths"].items()}
         path_pages = {k: v["stripes"] for k, v in mgr.stats()["tiers"]["paths"].items()}
-    occupancy = np.array(timeline) if timeline else np.zeros((0, 4))
+    occupancy = np.array(timeline) if timeline else np.zeros((0, 1 + len(places)))
     return {"spaces": {name: reports[name].row() for name in trace.spaces}, "bytes": paths, "path_pages": path_pages,
-            "pages_up": {tier: sum(r.pages_up[tier] for r in reports.values()) for tier in ("host", "nvme")},
-            "peak pages": {"gpu": int(occupancy[:, 1].max(initial=0)), "host": int(occupancy[:, 2].max(initial=0)),
-                           "nvme": int(occupancy[:, 3].max(initial=0))},
-            "timeline": occupancy.tolist(), "stalls": {n: reports[n].stalls for n in trace.spaces}}
+            "pages_up": {tier: sum(r.pages_up[tier] for r in reports.values()) for tier in places[1:]},
+            "peak pages": {t: int(occupancy[:, 1 + i].max(initial=0)) for i, t in enumerate(places)},
+            "places": list(places), "timeline": occupancy.tolist(),
+            "stalls": {n: reports[n].stalls for n in trace.spaces}}
 
 
 def plot(results: dict[str, dict[str, Any]], path: str, priorities: dict[str, int] | None = None) -> None:
@@ -174,8 +176,8 @@ def plot(results: dict[str, dict[str, Any]], path: str, priorities: dict[str, in
     for (label, res), style in zip(results.items(), styles * len(results)):
         tl = np.array(res["timeline"])
         if len(tl):
-            for col, tier, colour in ((1, "gpu", "C0"), (2, "host", "C1"), (3, "nvme", "C2")):
-                ax_t.plot(tl[:, 0], tl[:, col], style, color=colour, label=f"{label}: {tier}")
+            for col, tier in enumerate(res.get("places", ["gpu", "host", "nvme"]), start=1):
+                ax_t.plot(tl[:, 0], tl[:, col], style, color=f"C{col - 1}", label=f"{label}: {tier}")
         for name in spaces:
             stalls = sorted(s * 1e3 for s in res["stalls"].get(name, []))
             if stalls:
@@ -213,5 +215,5 @@ def side_by_side(results: dict[str, dict[str, Any]]) -> Iterable[list[Any]]:
             yield [space, metric, *[_shown(metric, results[lab]["spaces"][space]) for lab in labels]]
     for path in sorted({p for r in results.values() for p in r["bytes"]}):
         yield ["(all)", f"GB {path}", *[results[lab]["bytes"].get(path, 0) / 1e9 for lab in labels]]
-    for tier in ("gpu", "host", "nvme"):
-        yield ["(all)", f"peak pages {tier}", *[results[lab]["peak pages"][tier] for lab in labels]]
+    for tier in first["peak pages"]:
+        yield ["(all)", f"peak pages {tier}", *[results[lab]["peak pages"].get(tier, 0) for lab in labels]]

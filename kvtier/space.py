@@ -34,7 +34,7 @@ from kvtier.checks import INT64, block_ids_arg, int_arg, seq_id_arg
 from kvtier.errors import ClosedError, InvalidArgumentError, NotResidentError, PagesInFlight, QuotaExceededError
 from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
-from kvtier.tiering import IO_ALIGN, LOWER, PageTable, Tier, TransferHandle
+from kvtier.tiering import IO_ALIGN, PageTable, Tier, TransferHandle
 from kvtier.space_tiers import SpaceTiers
 from kvtier.vmm import MappedRange
 
@@ -297,7 +297,7 @@ class KVSpace(SpaceTiers):
         with self._lock:
             t, mapped = self.pages, len(self.range.handles)
             return {"stripes_mapped": mapped, "stripes_empty": len(self._empty),
-                    "stripes_host": t.count(Tier.HOST), "stripes_nvme": t.count(Tier.NVME),
+                    **{f"stripes_{tier.name}": t.count(tier.id) for tier in self._tiering.stack},
                     "stripes_lost": t.count(Tier.LOST), "stripes_dropped": t.count(Tier.DROPPED),
                     "stripes_reserved": self.num_pages,
                     "bytes_mapped": mapped * self.page_bytes, "bytes_reserved": self.range.size,
@@ -427,5 +427,5 @@ class KVSpace(SpaceTiers):
         on_gpu = self.pages.tier == Tier.GPU
         assert (self.pages.tier[live > 0] != Tier.UNMAPPED).all(), "a live block sits on a page with no data"
         assert set(self._empty) == set(np.flatnonzero(on_gpu & (live == 0)).tolist()), "empty pages"
-        assert not np.isin(self.pages.tier[live == 0], LOWER).any(), "a lower tier holds a page with no live block"
+        assert not self.pages.lower_mask()[live == 0].any(), "a lower tier holds a page with no live block"
         assert self._offloaded <= set(self.block_books.seqs)

@@ -17,14 +17,16 @@ import torch
 from kvtier.checks import seq_ids_arg
 from kvtier.errors import InvalidArgumentError, PagesInFlight, TransferError
 from kvtier.policies import PageRef
-from kvtier.tiering import LOWER, STORAGE, Tier, TransferHandle
+from kvtier.tiering import FIRST_LOWER, Tier, TierStack, TransferHandle
 
 
-def _offload_tier(tier: str | None, allowed: tuple[str | None, ...]) -> Tier | None:
-    if tier not in allowed:
-        names = ", ".join(repr(t) for t in allowed)
+def _offload_tier(stack: TierStack, tier: str | None, optional: bool) -> int | None:
+    if tier is None and optional:
+        return None
+    if not isinstance(tier, str) or stack.get(tier) is None:
+        names = ", ".join(repr(t) for t in ([None] if optional else []) + stack.names)
         raise InvalidArgumentError(f"tier {tier!r} is not a tier to offload to (use {names})")
-    return None if tier is None else Tier.named(tier)
+    return stack.named(tier)
 
 
 class SpaceTiers:
@@ -32,10 +34,11 @@ class SpaceTiers:
 
     def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
         """Mark ``seq_id`` idle (e.g. waiting for its next turn). With ``tier=None`` the policy decides when and
-        where its pages go (under GPU pressure); with ``"host"`` or ``"nvme"`` they start going there now.
-        Pages it shares with active sequences stay. ``stream``: where its last kernels ran (default: current);
-        demotion copies wait for them."""
-        dst = _offload_tier(tier, (None, "host", "nvme"))
+        where its pages go (under GPU pressure); with a tier's name (``"host"``, ``"nvme"``, or another of
+        ``[tiers] order``) they start going there now -- a GPU page spills to a tier below it when it is full, and
+        pages in the tiers above it go on down too. Pages it shares with active sequences stay. ``stream``: where
+        its last kernels ran (default: current); demotion copies wait for them."""
+        dst = _offload_tier(self._tiering.stack, tier, optional=True)
         with self._lock:
             self._check_open()
             pages = self.block_books.pages_of_seqs([seq_id])
@@ -47,8 +50,9 @@ class SpaceTiers:
                 self._tiering.poke()
                 return TransferHandle(self._tiering, "demote", [])
             movable = set(self.idle_pages())
-            if dst == Tier.NVME:  # pages already in host memory go on down too
-                movable |= set(np.flatnonzero((self.pages.tier == Tier.HOST) & ~self.pages.moving_mask()).tolist())
+            above = (self.pages.tier >= FIRST_LOWER) & (self.pages.tier < dst)
+            if above.any():  # pages already in a tier above it go on down too
+                movable |= set(np.flatnonzero(above & ~self.pages.moving_mask()).tolist())
             plan = self._tiering.plan_demote(self, [p for p in pages if p in movable], dst)
             return self._start(plan, self.idle_fence)
 
@@ -58,7 +62,7 @@ class SpaceTiers:
         buffer when a step needs it (a layer streamed through host memory, whose past is never written again).
         A page holding later tokens or another sequence's blocks stays. ``stream``: where the kernels that wrote
         (or copied) the prefix ran; the copies down wait for them."""
-        dst = _offload_tier(tier, ("host", "nvme"))
+        dst = _offload_tier(self._tiering.stack, tier, optional=False)
         with self._lock:
             self._check_open()
             movable = self.pages.allocatable()
@@ -89,7 +93,7 @@ class SpaceTiers:
             moving = self.pages.moving_mask()
             pages = [p for p in self._prefix_pages(seq_id, tokens) if not moving[p]]
             tiers = self.pages.tier[pages] if pages else np.zeros(0, dtype=np.int8)
-            self._tiering.drop_below(self, [p for p, t in zip(pages, tiers) if t in LOWER])
+            self._tiering.drop_below(self, [p for p, t in zip(pages, tiers) if t >= FIRST_LOWER])
             plan = self._tiering.plan_drop(self, [p for p, t in zip(pages, tiers) if t == Tier.GPU])
             return self._start(plan, self._mgr.backend.record_fence(stream))
 
@@ -111,7 +115,7 @@ class SpaceTiers:
         if pending:
             raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
         self._refuse_lost(pages)
-        below = [p for p in pages if self.pages.tier[p] in LOWER]
+        below = [p for p in pages if self.pages.tier[p] >= FIRST_LOWER]
         room = self._mgr.plan_room(self, len(below) * self.num_regions, keep=set(pages)) if below else None
         # commit
         handles = self._mgr.take_room(room) if room is not None else []
@@ -185,14 +189,15 @@ class SpaceTiers:
                                        "(like kv(layer))")
 
     def stage(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
-        """Start reading the NVMe pages of ``seq_ids`` into host memory, ahead of a ``prefetch`` (which then
-        crosses PCIe only). Pages for which the host tier has no room stay on NVMe."""
+        """Start reading the pages of ``seq_ids`` that are on a disk tier (NVMe) into host memory, ahead of a
+        ``prefetch`` (which then crosses PCIe only). Pages for which the host tier has no room stay where they
+        are."""
         seq_ids = seq_ids_arg("stage", seq_ids)
         with self._lock:
             self._check_open()
             moving = self.pages.moving_mask()
             pages = [p for p in self.block_books.pages_of_seqs(seq_ids)
-                     if self.pages.tier[p] == Tier.NVME and not moving[p]]
+                     if self._tiering.stage_target(int(self.pages.tier[p])) is not None and not moving[p]]
             return self._tiering.stage(self, pages)
 
     def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
@@ -200,17 +205,21 @@ class SpaceTiers:
         self.prefetch(seq_ids).result()
 
     def residency(self, seq_id: Hashable) -> dict[str, int]:
-        """Bytes of ``seq_id``'s blocks per tier (``gpu``, ``host``, ``nvme``, ``lost``)."""
+        """Bytes of ``seq_id``'s blocks per place: ``gpu``, each configured tier (``host``, ``nvme``...),
+        ``lost``."""
         with self._lock:
             self._check_open()
             blocks = np.asarray(self.block_books.blocks_of(seq_id), dtype=np.int64)
             tiers = self.pages.tier[self.block_books.first_page[blocks]]
             per_block = self.block_bytes * self.num_regions
-            return {t.label: int((tiers == t).sum()) * per_block for t in (*STORAGE, Tier.LOST)}
+            return {name: int((tiers == t).sum()) * per_block for name, t in self._places()}
 
     def stripe_residency(self, seq_id: Hashable) -> dict[str, int]:
         """Distinct pages holding ``seq_id``'s blocks, per tier (pages may be shared with other sequences)."""
         with self._lock:
             self._check_open()
             tiers = self.pages.tier[self.block_books.pages_of_seqs([seq_id])]
-            return {t.label: int((tiers == t).sum()) for t in (*STORAGE, Tier.LOST)}
+            return {name: int((tiers == t).sum()) for name, t in self._places()}
+
+    def _places(self) -> list[tuple[str, int]]:
+        return self._tiering.stack.storage() + [("lost", int(Tier.LOST))]

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-from kvtier.policies.base import PageRef
+from kvtier.policies.base import Candidate, PageRef
 
 
 class NvmeAdmission:
@@ -19,8 +19,8 @@ class NvmeAdmission:
     def victims(self, candidates: Iterable[PageRef], n: int) -> list[PageRef]:
         return self.inner.victims(candidates, n)
 
-    def target_tier(self, ref: PageRef, tier_from: str, host_has_room: bool) -> str | None:
-        tier = self.inner.target_tier(ref, tier_from, host_has_room)
+    def place(self, ref: PageRef, tier_from: str, candidates: Sequence[Candidate]) -> str | None:
+        tier = self.inner.place(ref, tier_from, candidates)
         if tier == "nvme" and self.inner.uses(ref) < self.min_uses:
             return None
         return tier

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 
 @dataclass(frozen=True)
 class PageRef:
     space: str
     page: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A tier a page may go to: its name, the pages it has room for now (free slots and droppable copies), and
+    whether this page fits (it may keep a copy there, which costs no room)."""
+
+    tier: str
+    room: int
+    fits: bool
 
 
 class Policy(Protocol):
@@ -40,13 +50,15 @@ class Policy(Protocol):
     def victims(self, candidates: Iterable[PageRef], n: int) -> list[PageRef]:
         """Up to ``n`` of ``candidates`` to demote first, coldest first. Returning fewer is always safe."""
 
-    def target_tier(self, ref: PageRef, tier_from: str, host_has_room: bool) -> str | None:
-        """Where a page leaving ``tier_from`` ("gpu" or "host") goes: "host", "nvme", or None (it stays)."""
+    def place(self, ref: PageRef, tier_from: str, candidates: Sequence[Candidate]) -> str | None:
+        """Where a page leaving ``tier_from`` ("gpu" or a lower tier's name) goes: the name of one of
+        ``candidates`` (the configured tiers below it, nearest first), or None (it stays). A candidate that does
+        not fit is skipped by the plan: the page stays."""
 
 
 class BookkeepingPolicy:
     """Books shared by the built-ins: last use (a clock), use count, priority. Subclasses define ``_key``:
-    the smallest key is demoted first. GPU pages go to host while it has room, then to NVMe."""
+    the smallest key is demoted first. A page goes to the nearest tier below it that has room."""
 
     name = "base"
 
@@ -83,5 +95,5 @@ class BookkeepingPolicy:
         now = self._clock()
         return sorted(candidates, key=lambda ref: self._key(ref, now))[:n]
 
-    def target_tier(self, ref: PageRef, tier_from: str, host_has_room: bool) -> str | None:
-        return "host" if tier_from == "gpu" and host_has_room else "nvme"
+    def place(self, ref: PageRef, tier_from: str, candidates: Sequence[Candidate]) -> str | None:
+        return next((c.tier for c in candidates if c.fits), None)

@@ -53,7 +53,7 @@ def make_manager(backend_name: str) -> Any:
                        background_demotion=False)
         options.update(overrides)
         mgr = kvtier.TierManager(kvtier.Config(**options), files=files, backend=backend)
-        mgr.tiering.host.wait_ready()
+        mgr.tiering.wait_ready()
         made.append(mgr)
         return mgr
 

@@ -38,7 +38,11 @@ def test_sizes_sections_spaces_and_policy_parameters_load(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('[host]\nsize = "12 gigs"\n', '[host] size: "12 gigs" is not a size (use e.g. "12GiB"'),
     ('[host]\nsise = 3\n', "[host] sise: unknown key (known: size, chunk"),
-    ('[tiers]\nx = 1\n', "[tiers]: unknown key (known: gpu, host, ledger, metrics, nvme, policy, spaces)"),
+    ('[tier]\nx = 1\n', "[tier]: unknown key (known: gpu, host, ledger, metrics, nvme, policy, spaces, tiers)"),
+    ('[tiers]\nx = 1\n', "[tiers] x: unknown key (known: order)"),
+    ('[tiers]\norder = ["host", "ssd"]\n', "[tiers] order: 'ssd' is not a tier (known: host, nvme"),
+    ('[tiers.ssd]\nsize = 1\n', "[tiers.ssd]: settings of a tier not in [tiers] order"),
+    ('[tiers.host]\nsize = 1\n', "[tiers.host]: the host tier is set in its own section, not [tiers.host]"),
     ('[gpu]\npool_budget = 1.5\n', "[gpu] pool_budget: fraction 1.5 is outside (0, 1]"),
     ('[gpu]\npool_budget = 1\n', "[gpu] pool_budget: 1 bytes is less than one page"),
     ('[gpu]\ndevice = "gpu"\n', "[gpu] device: 'gpu' is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')"),

@@ -41,7 +41,7 @@ def test_a_slot_file_overwritten_at_rest_is_a_lost_page_never_a_hit(make_manager
     space = _two_on_nvme(mgr, make_manager)
     # someone overwrites one of a's slots in the file (the attack): same length, other bytes
     slot = _slots(space, "a")[1]
-    with open(mgr.tiering.nvme.path, "r+b") as f:
+    with open(mgr.tiering.tier("nvme").path, "r+b") as f:
         f.seek(slot * mgr.page_size + 100)
         f.write(os.urandom(4096))
     # bringing a back reports it lost; b comes back whole; nothing stale is served
@@ -126,7 +126,7 @@ def test_a_page_whose_copies_fail_after_its_first_regions_left_is_lost_not_wrong
     space.free("a")
     space.free("b")
     mgr.check()
-    assert mgr.tiering.host.books.used == 0
+    assert mgr.tiering.tier("host").books.used == 0
 
 
 @pytest.mark.parametrize("fault", ["eio", "enospc", "short", "corrupt"])
@@ -211,13 +211,13 @@ def test_host_checksums_catch_host_memory_changed_at_rest(make_manager):
         write_seq(space, seq, salt=len(seq) + 7)
         space.offload(seq, tier="host").result()
     # a stray write into a's host slot; b's is left alone
-    mgr.tiering.host.view(_slots(space, "a")[0])[5] ^= 1
+    mgr.tiering.tier("host").view(_slots(space, "a")[0])[5] ^= 1
     with pytest.raises(kvtier.TransferError) as failure:
         space.ensure_resident(["a", "b"])
     assert failure.value.lost == ["a"]
     assert_seq(space, "b", salt=8)
     # nor is a bad host page laundered into a good digest on its way to NVMe
-    mgr.tiering.host.view(_slots(space, "c")[1])[7] ^= 1
+    mgr.tiering.tier("host").view(_slots(space, "c")[1])[7] ^= 1
     with pytest.raises(kvtier.TransferError) as failure:
         space.offload("c", tier="nvme").result()
     assert space.residency("c")["lost"] > 0

@@ -76,7 +76,7 @@ def tier_mgr():
     m = kvtier.TierManager(kvtier.Config(device="cuda", page_size=page, pool_budget=256 * page, pool_ready=32 * page,
                                          debug_checks=True, host_size=64 * page, host_chunk=16 * page,
                                          nvme_size=128 * page, background_demotion=False))
-    m.tiering.host.wait_ready()
+    m.tiering.wait_ready()
     yield m
     m.close()
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import kvtier
-from kvtier.tiering import LOWER, Tier
+from kvtier.tiering import FIRST_LOWER, Tier
 from tests.conftest import PAGE, assert_seq, write_seq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,20 +44,23 @@ def test_imports_go_one_way(layer):
                 f"{layer}/{name} imports {module}: a layer imports only what lies below it"
 
 
-def test_tiers_are_one_enum_with_labels_at_the_edges():
-    assert [t.label for t in LOWER] == ["host", "nvme"]
-    assert Tier.named("host") is Tier.HOST and Tier.named("nvme") is Tier.NVME
-    with pytest.raises(kvtier.InvalidArgumentError, match="'ssd' is not a tier"):
-        Tier.named("ssd")
+def test_tiers_are_numbered_in_their_configured_order_with_names_at_the_edges(make_manager):
+    stack = make_manager().tiering.stack
+    assert stack.names == ["host", "nvme"] and stack.ids == [FIRST_LOWER, FIRST_LOWER + 1]
+    assert stack.named("host") == FIRST_LOWER and stack.label(FIRST_LOWER + 1) == "nvme"
+    assert stack.label(Tier.GPU) == "gpu" and stack.below(Tier.GPU) == stack.ids
+    with pytest.raises(kvtier.InvalidArgumentError, match="'ssd' is not a tier of this manager"):
+        stack.named("ssd")
 
 
 def test_every_lower_tier_has_books_and_every_pair_a_route(make_manager):
     mgr = make_manager()
     tiering = mgr.tiering
-    assert set(tiering.tiers) == set(LOWER)
-    for tier, lower in tiering.tiers.items():
-        assert lower.tier is tier and tiering.books(tier) is lower.books
-        assert (Tier.GPU, tier) in tiering.mover.routes and (tier, Tier.GPU) in tiering.mover.routes
+    for tier in tiering.stack:
+        assert tiering.books(tier.id) is tier.books and tiering.tier(tier.name) is tier
+        assert (Tier.GPU, tier.id) in tiering.mover.routes and (tier.id, Tier.GPU) in tiering.mover.routes
+    host, nvme = tiering.stack.ids
+    assert (host, nvme) in tiering.mover.routes and (nvme, host) in tiering.mover.routes
 
 
 def test_an_allocate_that_cannot_be_backed_moves_nothing(make_manager):

@@ -43,7 +43,7 @@ def test_the_endpoint_reports_what_the_books_say_and_goes_away_at_close(make_man
     assert got[("kvtier_fault_back_stall_seconds_count", ())] == sum(tiers["stall_histogram"]["counts"])
     # a lost page shows as one
     space.offload("a", tier="nvme").result()
-    with open(mgr.tiering.nvme.path, "r+b") as f:
+    with open(mgr.tiering.tier("nvme").path, "r+b") as f:
         f.seek(space.pages.slots[space.block_books.pages_of_seqs(["a"])[0]][0] * mgr.page_size)
         f.write(b"\xff" * 4096)
     with pytest.raises(kvtier.TransferError):

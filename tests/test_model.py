@@ -28,7 +28,7 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
                                                         debug_checks=True, host_size=6 * page,
                                                         host_chunk=2 * page, nvme_size=40 * page,
                                                         background_demotion=False))
-            self.mgr.tiering.host.wait_ready()
+            self.mgr.tiering.wait_ready()
             self.offloaded: set[tuple[str, str]] = set()
             self.spaces = {
                 "a": self.mgr.create_space("a", max_tokens=160 * shape["block_size"], **shape),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import kvtier
-from kvtier.policies import PageRef, known_policies, make_policy
+from kvtier.policies import Candidate, PageRef, known_policies, make_policy
 
 
 class Clock:
@@ -94,10 +94,13 @@ def test_nvme_admission_filter_keeps_one_off_pages_off_the_ssd():
     policy.on_create(B, 0)
     policy.on_use(B)
     # with room in host memory both go there; without, only B (used twice) may go to NVMe
-    assert policy.target_tier(A, "gpu", True) == "host"
-    assert policy.target_tier(A, "gpu", False) is None
-    assert policy.target_tier(B, "gpu", False) == "nvme"
-    assert policy.target_tier(A, "host", False) is None
+    roomy, full = [Candidate("host", 4, True), Candidate("nvme", 9, True)], [Candidate("host", 0, False),
+                                                                            Candidate("nvme", 9, True)]
+    assert policy.place(A, "gpu", roomy) == "host"
+    assert policy.place(A, "gpu", full) is None
+    assert policy.place(B, "gpu", full) == "nvme"
+    assert policy.place(A, "host", full[1:]) is None
+    assert policy.place(B, "gpu", [Candidate("host", 0, False), Candidate("nvme", 0, False)]) is None
 
 
 def test_registry_errors_list_known_policies_and_load_paths():

@@ -18,7 +18,7 @@ OWNER = textwrap.dedent("""
     import sys, time, kvtier
     mgr = kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
                              nvme_size=4 << 20, nvme_dir=sys.argv[1])
-    print(mgr.tiering.nvme.path, flush=True)
+    print(mgr.tiering.tier("nvme").path, flush=True)
     if sys.argv[2] == "busy":  # writing to its slot file when it is killed
         space = mgr.create_space("m", num_layers=2, num_kv_heads=2, head_dim=64, max_tokens=4096)
         space.allocate("a", 2048)
@@ -53,10 +53,10 @@ def test_a_dead_owners_slot_file_is_removed_and_a_live_ones_kept(tmp_path):
         # a manager starting on the directory removes the dead one's file, keeps the live one's
         with _start(directory) as mgr:
             assert not os.path.exists(dead_file)
-            assert os.path.exists(live_file) and os.path.exists(mgr.tiering.nvme.path)
+            assert os.path.exists(live_file) and os.path.exists(mgr.tiering.tier("nvme").path)
             # and a second manager in this process does not take the first one's file for dead
             with _start(directory) as other:
-                assert os.path.exists(mgr.tiering.nvme.path) and os.path.exists(other.tiering.nvme.path)
+                assert os.path.exists(mgr.tiering.tier("nvme").path) and os.path.exists(other.tiering.tier("nvme").path)
     finally:
         live.kill()
         live.wait()
@@ -69,7 +69,7 @@ def test_the_slot_file_is_reserved_on_disk_and_a_disk_short_of_room_is_refused_a
     size = 8 << 20
     with kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
                             nvme_size=size, nvme_dir=str(tmp_path), nvme_preallocate=True) as mgr:
-        assert os.stat(mgr.tiering.nvme.path).st_blocks * 512 >= size  # blocks allocated, not a sparse file
+        assert os.stat(mgr.tiering.tier("nvme").path).st_blocks * 512 >= size  # blocks allocated, not a sparse file
     with pytest.raises(kvtier.ConfigError, match="nvme_dir: cannot make the slot file"):
         kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
                            nvme_size=1 << 60, nvme_dir=str(tmp_path), nvme_preallocate=True)
@@ -83,7 +83,7 @@ TEMP_OWNER = textwrap.dedent("""
     space = mgr.create_space("m", num_layers=2, num_kv_heads=2, head_dim=64, max_tokens=4096)
     space.allocate("a", 2048)
     space.offload("a", tier="nvme").result()
-    print(mgr.tiering.nvme.describe()["path"], flush=True)
+    print(mgr.tiering.tier("nvme").describe()["path"], flush=True)
     time.sleep(120)
 """)
 

@@ -154,7 +154,7 @@ def test_failed_nvme_read_reports_the_sequence_lost_never_stale_data(make_manage
     write_seq(space, "a")
     space.offload("a", tier="nvme").result()
     # the slot file loses its contents underneath (a real short read, not a mock)
-    os.truncate(mgr.tiering.nvme.path, 0)
+    os.truncate(mgr.tiering.tier("nvme").path, 0)
     with pytest.raises(kvtier.TransferError) as failure:
         space.ensure_resident(["a"])
     assert failure.value.lost == ["a"]
@@ -366,7 +366,7 @@ def test_pages_that_go_down_in_many_batches_come_back_byte_for_byte(make_manager
     space.offload("a", tier="host")
     mgr.drop_space("m")
     mgr.check()
-    assert mgr.tiering.host.books.used == 0
+    assert mgr.tiering.tier("host").books.used == 0
     other.offload("x", tier="host").result()
     other.ensure_resident(["x"])
     assert_seq(other, "x", salt=3)

@@ -1,9 +1,10 @@
-"""Background demotion: a thread that keeps the GPU pool and the host tier between their watermarks.
+"""Background demotion: a thread that keeps the GPU pool and each lower tier between their watermarks.
 
 GPU: when fewer than ``gpu_low_watermark`` of the pool's pages are free, idle pages go down (policy order) until
-``gpu_high_watermark`` is free. Host: above ``host_high_watermark`` kept copies are dropped first (it costs
-nothing), then the coldest host pages cascade to NVMe until ``host_low_watermark``. Every move is planned and
-committed under the manager's lock, like any other.
+``gpu_high_watermark`` is free. A lower tier with watermarks (the host tier: ``host_high_watermark``): above its
+high mark kept copies are dropped first (it costs nothing), then its coldest pages cascade to the tiers below it
+(where the policy places them) until its low mark. Every move is planned and committed under the manager's
+lock, like any other.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import numpy as np
 
 from kvtier.config import Config
 from kvtier.policies import PageRef
-from kvtier.tiering.plans import plan_demotion
-from kvtier.tiering.tier import Tier
+from kvtier.tiering.tier import LowerTier
 
 if TYPE_CHECKING:
     from kvtier.tiering.tiering import Tiering
@@ -64,7 +64,9 @@ class Demoter:
 
     def _tick(self) -> None:
         self._keep_gpu()
-        self._keep_host()
+        for tier in self.tiering.stack.tiers[:-1]:  # the last one has nowhere to cascade to
+            if tier.watermarks is not None:
+                self._keep(tier, *tier.watermarks)
         self._answer_pressure()
         if self.config.map_ahead:
             self._map_ahead()
@@ -109,31 +111,32 @@ class Demoter:
             if plan.moves:
                 self.tiering.start_demotion(plan)
 
-    def _keep_host(self) -> None:
-        cfg, books = self.config, self.tiering.host.books
+    def _keep(self, tier: LowerTier, low_mark: float, high_mark: float) -> None:
+        books = tier.books
         used = lambda: books.used - books.lent  # slots lent to a transfer as scratch come back by themselves
-        if not books.total or used() <= cfg.host_high_watermark * books.total:
+        if not books.total or used() <= high_mark * books.total:
             return
-        low = int(cfg.host_low_watermark * books.total)
-        self.tiering.drop_copies_until(Tier.HOST, books.total - low)  # copies first, down to the low mark if they can
-        if used() > cfg.host_high_watermark * books.total:
-            self._cascade(used() - low)
+        low = int(low_mark * books.total)
+        self.tiering.drop_copies_until(tier.id, books.total - low)  # copies first, down to the low mark if they can
+        if used() > high_mark * books.total:
+            self._cascade(tier, used() - low)
 
-    def _cascade(self, slots: int) -> None:
-        """Move the coldest host pages to NVMe until about ``slots`` host slots are on their way out."""
+    def _cascade(self, tier: LowerTier, slots: int) -> None:
+        """Move the coldest pages of ``tier`` down until about ``slots`` of its slots are on their way out."""
         t = self.tiering
-        if t.health[Tier.NVME].backing_off():  # its writes keep failing: not every tick (see tiering.health)
+        below = t.stack.below(tier.id)
+        if all(t.health[b].backing_off() for b in below):  # writes keep failing: not every tick (tiering.health)
             return
         spaces = {s.name: s for s in t.directory.tiered_spaces()}
         refs = [PageRef(s.name, int(p)) for s in spaces.values()
-                for p in np.flatnonzero((s.pages.tier == Tier.HOST) & ~s.pages.moving_mask())]
+                for p in np.flatnonzero((s.pages.tier == tier.id) & ~s.pages.moving_mask())]
         picks = []
         for ref in t.policy.victims(refs, len(refs)):
             if slots <= 0:
                 break
             picks.append((spaces[ref.space], ref.page))
             slots -= spaces[ref.space].num_regions
-        plan = plan_demotion(picks, None, t.policy, spaces.values(), t.free_for_automatic())
+        plan = t.plan(picks, automatic=True)
         if plan.moves:
             t.start_demotion(plan)
 

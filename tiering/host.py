@@ -3,24 +3,38 @@
 Pinning costs ~0.5 s/GiB, so a large tier pinned up front would block start-up. Chunks are mapped (exact size,
 ``mmap``) and pinned (``cuMemHostRegister``) one at a time by a worker; each chunk's slots become usable as soon as
 it is pinned, so the tier serves while it grows. On the CPU backend the memory is plain (nothing to DMA from).
+
+Its routes: GPU <-> its slots (``cuMemcpyAsync`` on the mover's streams), and between its slots and those of any
+other host-memory tier of the stack (a memcpy by the worker). Settings: ``[host]`` (``size``, ``chunk``,
+``checksums``, the cascade's ``low_watermark``/``high_watermark``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from kvtier.errors import ConfigError
 from kvtier.tiering.digest import Digests
 from kvtier.tiering.slots import SlotBooks
-from kvtier.tiering.tier import Tier
+from kvtier.tiering.tier import HostSlots, Tier, TierStack
+from kvtier.tiering.transfer import PairsFailed, Work
 from kvtier.vmm.base import Backend
 from kvtier.vmm.host import map_anonymous, unmap_anonymous
 from kvtier.vmm.tensor import tensor_over
+
+if TYPE_CHECKING:
+    from kvtier.config import Config
+    from kvtier.tiering.mover import Mover
+    from kvtier.tiering.registry import TierContext
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +62,54 @@ def memory_limit() -> tuple[int, str]:
     return limit, what
 
 
-class HostTier:
-    tier = Tier.HOST
-    name = "host"
+class HostSettings(BaseModel):
+    """A host-memory tier's settings (the built-in one's are ``[host]``: ``host_size`` and the others)."""
 
-    def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int, checksums: bool = False) -> None:
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    size: int = 1 << 30
+    chunk: int = 128 << 20
+    checksums: bool = False
+    low_watermark: float = 0.80
+    high_watermark: float = 0.90
+
+
+class HostTier:
+    """Slots of pinned host memory (see the module docstring)."""
+
+    name = "host"
+    Settings = HostSettings
+    failed_read_loses = False  # a failed read back leaves the page here (its bytes are in memory)
+
+    @classmethod
+    def settings_from(cls, config: "Config") -> HostSettings:
+        return HostSettings(size=config.host_size, chunk=config.host_chunk, checksums=config.host_checksums,
+                            low_watermark=config.host_low_watermark, high_watermark=config.host_high_watermark)
+
+    @staticmethod
+    def summary(settings: HostSettings, device: torch.device) -> str:
+        """One line for ``kvtier info``."""
+        limit, where = memory_limit()
+        return (f"{settings.size / 2**30:.3g} GiB ({'pinned' if device.type == 'cuda' else 'plain memory'}, "
+                f"checksums {'on' if settings.checksums else 'off'}; this process may use {limit / 2**30:.3g} GiB: "
+                f"{where})")
+
+    @classmethod
+    def open(cls, settings: HostSettings, context: "TierContext") -> "HostTier":
+        return cls(context.backend, context.slot_size, settings.size, settings.chunk, settings.checksums,
+                   (settings.low_watermark, settings.high_watermark))
+
+    def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int, checksums: bool = False,
+                 watermarks: tuple[float, float] | None = (0.80, 0.90)) -> None:
         limit, what = memory_limit()
         if size > limit:  # pinned later, in the background: too late to fail cleanly (the OOM killer would)
-            raise ConfigError(f"host_size: {size} bytes is more than the {limit} bytes this process may use "
-                              f"({what}); lower host_size")
-        self.backend, self.slot_size = backend, slot_size
+            setting = "host_size" if self.name == "host" else f"[tiers.{self.name}] size"
+            raise ConfigError(f"{setting}: {size} bytes is more than the {limit} bytes this process may use "
+                              f"({what}); lower {setting}")
+        self.backend, self.slot_size, self.watermarks = backend, slot_size, watermarks
+        self.id = 0  # set by its TierStack
         self.slots_per_chunk = max(1, chunk // slot_size)
         total = size // slot_size
-        self.books = SlotBooks("host", total)
+        self.books = SlotBooks(self.name, total)
         self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see hold)
         self.digests = Digests(total) if checksums else None  # host checksums: an option (they cost CPU time)
         self._chunks: list[tuple[int, int, torch.Tensor]] = []  # (address, bytes, uint8 view)
@@ -69,7 +118,7 @@ class HostTier:
         self.pin_seconds = 0.0
         self._n_chunks = math.ceil(total / self.slots_per_chunk) if total else 0
         self._ready = threading.Event()
-        self._worker = threading.Thread(target=self._pin_all, name="kvtier-host-pin", daemon=True)
+        self._worker = threading.Thread(target=self._pin_all, name=f"kvtier-{self.name}-pin", daemon=True)
         self._worker.start()
 
     def _pin_all(self) -> None:
@@ -86,7 +135,7 @@ class HostTier:
                 self.pin_seconds += time.perf_counter() - start
                 self.books.grow(i * self.slots_per_chunk, count)
         except Exception:  # noqa: BLE001 - the tier keeps what it pinned; say so
-            log.exception("host tier: pinning stopped at %d of %d chunks", len(self._chunks), self._n_chunks)
+            log.exception("%s tier: pinning stopped at %d of %d chunks", self.name, len(self._chunks), self._n_chunks)
         finally:
             self._ready.set()
 
@@ -136,3 +185,112 @@ class HostTier:
             unmap_anonymous(address, nbytes)
         self._chunks.clear()
         self._views.clear()
+
+    # --- routes ------------------------------------------------------------------------------------------------------
+    def register_routes(self, mover: "Mover", stack: TierStack) -> None:
+        """GPU <-> this tier, and this tier -> every other host-memory tier of ``stack``."""
+        mover.register(Tier.GPU, self.id, lambda *a: self._from_gpu(mover, *a))
+        mover.register(self.id, Tier.GPU, lambda *a: self._to_gpu(mover, *a))
+        for other in stack:
+            if other is not self and isinstance(other, HostSlots):
+                mover.register(self.id, other.id, lambda *a, other=other: _host_to_host(self, other, *a))
+
+    def _from_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                  on_part: Any = None) -> Work:
+        """Fed in batches by the worker (see ``Mover``); a page's regions are reported (``on_part``) as their
+        copies land, so that they can be unmapped while the rest copy."""
+        stream, backend = mover.down, self.backend
+        copies = [(self.address(slot), view.data_ptr(), view.numel()) for view, slot in pairs]
+        for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
+            self.hold(slot, view.numel())
+        digests = self.digests
+        landed = None
+        if digests is not None:  # checksums: taken of the bytes as they landed
+            for _, slot in pairs:
+                digests.open(slot)
+            landed = lambda idx: [digests.seal(pairs[i][1], digests.compute(self.data(pairs[i][1]))) for i in idx]
+
+        def submit(indices: list[int]) -> Any:
+            if stream is None:  # CPU backend: plain memcpy, done when it returns
+                for i in indices:
+                    backend.copy_async(*copies[i])
+                return _Done()
+            with torch.cuda.stream(stream):
+                if indices[0] == 0 and after is not None:
+                    stream.wait_event(after)  # never copy a page the engine's kernels are still writing
+                for i in indices:
+                    backend.copy_async(*copies[i], stream)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return event
+
+        return Work(io=[lambda: mover.pipeline(submit, len(copies), tags, on_done, landed, on_part=on_part)])
+
+    def _to_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
+                on_part: Any = None) -> Work:
+        """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. What the
+        slot holds lands at the start of the view (a view shorter than that takes its first bytes). With checksums
+        each slot is verified on the host just before its copy is enqueued (so the copies run while the next slots
+        are checked); a page that fails is copied no further, and an I/O step reports it."""
+        failed: dict[Any, BaseException] = {}
+        up, backend = mover.up, self.backend
+        with torch.cuda.stream(up) if up is not None else contextlib.nullcontext():
+            if up is not None and after is not None:
+                up.wait_event(after)  # the destination may still be read by the engine's kernels
+            for i, (slot, view) in enumerate(pairs):
+                tag = tags[i] if tags is not None else i
+                if tag in failed or self._bad_slot(slot, tag, failed):
+                    continue
+                backend.copy_async(view.data_ptr(), self.address(slot), min(view.numel(), self.held(slot)), up)
+            event = None
+            if up is not None:
+                event = torch.cuda.Event()
+                event.record(up)
+        return Work(event=event, io=[lambda: _raise(PairsFailed(failed))] if failed else [])
+
+    def _bad_slot(self, slot: int, tag: Any, failed: dict[Any, BaseException]) -> bool:
+        """With checksums: whether the slot's bytes changed at rest (then ``failed[tag]`` says so)."""
+        if self.digests is None:
+            return False
+        try:
+            self.digests.verify(slot, self.data(slot), self.name)
+            return False
+        except OSError as exc:
+            failed[tag] = exc
+            return True
+
+
+def _host_to_host(src: HostSlots, dst: HostSlots, pairs: list[tuple[Any, Any]], after: Any, tags: Any,
+                  on_done: Any, on_part: Any = None) -> Work:
+    """Slots of one host-memory tier into another's, by the worker: verified against the source's digest where it
+    keeps one, sealed in the destination's."""
+    def run() -> None:
+        failed: dict[Any, BaseException] = {}
+        for i, (a, b) in enumerate(pairs):
+            tag = tags[i] if tags is not None else i
+            if tag in failed:
+                continue
+            try:
+                data = src.data(a)
+                if src.digests is not None:
+                    src.digests.verify(a, data, src.name)
+                if dst.digests is not None:
+                    dst.digests.open(b)
+                dst.hold(b, data.numel())
+                dst.view(b)[:data.numel()].copy_(data)
+                if dst.digests is not None:
+                    dst.digests.seal(b, dst.digests.compute(dst.data(b)))
+            except Exception as exc:  # noqa: BLE001 - this page failed; the others go on
+                failed[tag] = exc
+        if failed:
+            raise PairsFailed(failed)
+    return Work(io=[run])
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+class _Done:
+    def synchronize(self) -> dict[int, BaseException]:
+        return {}

@@ -1,6 +1,7 @@
-"""The mover: routes bytes between tiers by ``(source tier, destination tier)``, so a new tier adds handlers
-(``Mover.register``), not branches. Device copies run on two dedicated streams; NVMe I/O is handed back as host
-steps for the tiering worker; each route reports its failures per page (``PairsFailed``).
+"""The mover: routes bytes between tiers by ``(source, destination)``, so a new tier adds routes
+(``Mover.register``, called from its ``register_routes``), not branches. It owns what routes share: two device
+streams, the gated batch pipeline for device-to-host traffic, I/O batches handed back as host steps for the
+tiering worker, and the per-path counts. Each route reports its failures per page (``PairsFailed``).
 """
 
 from __future__ import annotations
@@ -8,16 +9,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
-from kvtier.tiering.tier import Tier
+from kvtier.tiering.tier import HostSlots, TierStack, is_lower
 from kvtier.tiering.transfer import PairsFailed, Route, Work
-
-if TYPE_CHECKING:
-    from kvtier.tiering.host import HostTier
-    from kvtier.tiering.nvme import NvmeTier
 
 
 class Mover:
@@ -38,38 +35,40 @@ class Mover:
     BATCH = 8   # copies (pages of one region) per batch: 64 MiB with 8 MiB pages
     DEPTH = 4   # 256 MiB in flight: a mapper waits ~5 ms at most; commits between batches do not drain it
 
-    def __init__(self, device: torch.device, host: "HostTier", nvme: "NvmeTier",
-                 gate: Callable[[], None] = lambda: None,
-                 lend: Callable[[int], list[int]] = lambda n: []) -> None:
-        self.device, self.host, self.nvme, self.gate, self.lend = device, host, nvme, gate, lend
+    def __init__(self, device: torch.device, stack: TierStack, gate: Callable[[], None] = lambda: None,
+                 lend: Callable[[HostSlots, int], list[int]] = lambda tier, n: []) -> None:
+        """``gate()`` blocks while pages are being mapped; ``lend(tier, n)`` lends up to ``n`` free slots of a
+        host-memory tier as a transfer's scratch space (given back with ``tier.books.give_lent``)."""
+        self.device, self.stack, self.gate, self.lend = device, stack, gate, lend
         cuda = device.type == "cuda"
         self.down = torch.cuda.Stream(device) if cuda else None
         self.up = torch.cuda.Stream(device) if cuda else None
-        self.routes: dict[tuple[Tier, Tier], Route] = {}
-        G, H, N = Tier.GPU, Tier.HOST, Tier.NVME
-        for src, dst, route in ((G, H, self._gpu_host), (H, G, self._host_gpu), (G, N, self._gpu_nvme),
-                                (N, G, self._nvme_gpu), (H, N, self._host_nvme), (N, H, self._nvme_host)):
-            self.register(src, dst, route)
+        self.routes: dict[tuple[int, int], Route] = {}
+        for tier in stack:
+            tier.register_routes(self, stack)
         self.paths: dict[str, dict[str, float]] = defaultdict(lambda: {"stripes": 0, "bytes": 0})
         self.down_in_flight = 0  # batches of device-to-host traffic submitted and not yet retired (all routes)
         self._counting = threading.Lock()
 
-    def _moved(self, src: Tier, a: Any, b: Any) -> int:
+    def _moved(self, src: int, a: Any, b: Any) -> int:
         """Bytes a pair moves: the source view's, or what the source slot holds (at most the destination's)."""
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor) or not is_lower(src):
             return a.numel() * a.element_size()
-        held = (self.host if src == Tier.HOST else self.nvme).held(a)
+        held = self.stack[src].held(a)
         return min(held, b.numel() * b.element_size()) if isinstance(b, torch.Tensor) else held
 
     def _count_down(self, delta: int) -> None:
         with self._counting:
             self.down_in_flight += delta
 
-    def register(self, src: Tier, dst: Tier, route: Route) -> None:
+    def register(self, src: int, dst: int, route: Route) -> None:
         """Serve copies from ``src`` to ``dst`` with ``route(pairs, after, tags, on_done, on_part) -> Work``."""
         self.routes[(src, dst)] = route
 
-    def start(self, src: Tier, dst: Tier, pairs: list[tuple[Any, Any]], after: Any = None,
+    def has_route(self, src: int, dst: int) -> bool:
+        return (src, dst) in self.routes
+
+    def start(self, src: int, dst: int, pairs: list[tuple[Any, Any]], after: Any = None,
               tags: list[Any] | None = None, on_done: Callable[[Any], None] | None = None,
               label: str | None = None, pages: int | None = None,
               on_part: Callable[[Any, list[int]], None] | None = None) -> Work:
@@ -78,7 +77,7 @@ class Mover:
         ``on_done(tag)`` once every pair of a tag has landed, and (GPU -> host) ``on_part(tag, indices)`` when some
         of a tag's pairs have landed and others are still to come. ``label``: the path's name in the stats;
         ``pages``: the pages it counts there (default: one per tag; a page moved in several calls counts once)."""
-        path = self.paths[label or f"{src.label}->{dst.label}"]
+        path = self.paths[label or f"{self.stack.label(src)}->{self.stack.label(dst)}"]
         path["stripes"] += pages if pages is not None else len(set(tags)) if tags else 1
         path["bytes"] += sum(self._moved(src, a, b) for a, b in pairs)
         return self.routes[(src, dst)](pairs, after, tags, on_done, on_part)
@@ -94,7 +93,7 @@ class Mover:
             for src, dst in pairs:
                 dst.copy_(src[:dst.numel()], non_blocking=cuda)
 
-    def _pipeline(self, submit: Callable[[list[int]], Any], n: int, tags: list[Any] | None,
+    def pipeline(self, submit: Callable[[list[int]], Any], n: int, tags: list[Any] | None,
                   on_done: Callable[[Any], None] | None, landed: Callable[[list[int]], None] | None = None,
                   batch: int | None = None, on_part: Callable[[Any, list[int]], None] | None = None) -> None:
         """Submit ``n`` items in gated batches, ``DEPTH`` in flight; ``submit(indices)`` returns something whose
@@ -155,165 +154,27 @@ class Mover:
         if failed:
             raise PairsFailed(failed)
 
-    def _gpu_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
-                  on_part: Any = None) -> Work:
-        stream, backend = self.down, self.host.backend
-        copies = [(self.host.address(slot), view.data_ptr(), view.numel()) for view, slot in pairs]
-        for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
-            self.host.hold(slot, view.numel())
-        digests = self.host.digests
-        landed = None
-        if digests is not None:  # host checksums: taken of the bytes as they landed
-            for _, slot in pairs:
-                digests.open(slot)
-            landed = lambda idx: [digests.seal(pairs[i][1], digests.compute(self.host.data(pairs[i][1]))) for i in idx]
+    def futures(self, ops: dict[int, Callable[[], Any]]) -> "_Futures":
+        """A batch of I/O started now (``ops[i]()`` starts item ``i`` and returns its future), for a
+        :meth:`pipeline`'s ``submit``."""
+        return _Futures(ops)
 
-        def submit(indices: list[int]) -> Any:
-            if stream is None:  # CPU backend: plain memcpy, done when it returns
-                for i in indices:
-                    backend.copy_async(*copies[i])
-                return _Done()
-            with torch.cuda.stream(stream):
-                if indices[0] == 0 and after is not None:
-                    stream.wait_event(after)  # never copy a page the engine's kernels are still writing
-                for i in indices:
-                    backend.copy_async(*copies[i], stream)
-                event = torch.cuda.Event()
-                event.record(stream)
-            return event
-
-        return Work(io=[lambda: self._pipeline(submit, len(copies), tags, on_done, landed, on_part=on_part)])
-
-    def _host_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
-                  on_part: Any = None) -> Work:
-        """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. What the
-        slot holds lands at the start of the view (a view shorter than that takes its first bytes). With host
-        checksums each slot is verified on the host
-        just before its copy is enqueued (so the copies run while the next slots are checked); a page that
-        fails is copied no further, and an I/O step reports it."""
-        failed: dict[Any, BaseException] = {}
-        cuda, backend = self.up is not None, self.host.backend
-        with torch.cuda.stream(self.up) if cuda else contextlib.nullcontext():
-            if cuda and after is not None:
-                self.up.wait_event(after)  # the destination may still be read by the engine's kernels
-            for i, (slot, view) in enumerate(pairs):
-                tag = tags[i] if tags is not None else i
-                if tag in failed or self._bad_host_slot(slot, tag, failed):
-                    continue
-                backend.copy_async(view.data_ptr(), self.host.address(slot), min(view.numel(), self.host.held(slot)),
-                                   self.up)
-            event = None
-            if cuda:
-                event = torch.cuda.Event()
-                event.record(self.up)
-        return Work(event=event, io=[lambda: _raise(PairsFailed(failed))] if failed else [])
-
-    def _bad_host_slot(self, slot: int, tag: Any, failed: dict[Any, BaseException]) -> bool:
-        """With host checksums: whether the slot's bytes changed at rest (then ``failed[tag]`` says so)."""
-        if self.host.digests is None:
-            return False
-        try:
-            self.host.digests.verify(slot, self.host.data(slot), "host")
-            return False
-        except OSError as exc:
-            failed[tag] = exc
-            return True
-
-    def _io(self, ops: list[Callable[[], Any]], after: Any = None, tags: Any = None, on_done: Any = None,
-            gated: bool = False) -> Work:
+    def io(self, ops: list[Callable[[], Any]], after: Any = None, tags: Any = None, on_done: Any = None,
+           gated: bool = False) -> Work:
         """Host steps running ``ops`` (each starts one slot's I/O and returns its future); a pair whose op or
-        future fails is reported in :class:`PairsFailed`, the others land."""
+        future fails is reported in :class:`PairsFailed`, the others land. ``gated``: reads from device pages,
+        device-to-host traffic fed like the copies down."""
         def run() -> None:
             if after is not None:
                 after.synchronize()  # the kernels that wrote the page are done before the disk reads it
-            if gated:  # reads from device pages: device-to-host traffic, fed like the copies down
-                self._pipeline(lambda idx: _Futures({i: ops[i] for i in idx}), len(ops), tags, on_done)
+            if gated:
+                self.pipeline(lambda idx: _Futures({i: ops[i] for i in idx}), len(ops), tags, on_done)
                 return
             batch = _Futures({i: op for i, op in enumerate(ops)})  # all submitted first: they run in parallel
             errors = batch.synchronize()
             if errors:
                 raise PairsFailed({(tags[i] if tags is not None else i): exc for i, exc in errors.items()})
         return Work(io=[run])
-
-    def _gpu_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
-                  on_part: Any = None) -> Work:
-        """Device pages to disk. Without GPUDirect Storage they are staged through free pinned host slots (lent
-        for the transfer): a copy down at PCIe speed, then the write from pinned memory. Measured on an H100
-        (kvikio compat mode, ext4): kvikio's own bounce reached 0.56-0.66 of a raw O_DIRECT write; host -> NVMe
-        from pinned slots 0.92. The CPU backend stages too (its pages are memfd mappings; O_DIRECT from them ran at
-        ~0.5 of a write from plain memory here), so the same route runs in CI."""
-        if self.nvme.mode != "kvikio-gds":
-            return Work(io=[lambda: self._gpu_nvme_staged(pairs, after, tags, on_done)])
-        ops = [lambda v=view, s=slot: self.nvme.write(s, v) for view, slot in pairs]
-        return self._io(ops, after, tags, on_done, gated=True)
-
-    def _gpu_nvme_staged(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any) -> None:
-        """``DEPTH`` batches in flight, each copied down into its own lent slots, then written from them; the
-        digest is taken of the device page, so the disk is checked against the GPU's bytes."""
-        if after is not None:
-            after.synchronize()
-        lent = self.lend(self.DEPTH * self.BATCH)
-        if len(lent) < self.DEPTH:  # the host tier is (nearly) full: straight from the device pages
-            self.host.books.give_lent(lent)
-            ops = [lambda v=view, s=slot: self.nvme.write(s, v) for view, slot in pairs]
-            self._pipeline(lambda idx: _Futures({i: ops[i] for i in idx}), len(ops), tags, on_done)
-            return
-        batch, rounds = len(lent) // self.DEPTH, [0]
-
-        def submit(indices: list[int]) -> Any:
-            ring = lent[(rounds[0] % self.DEPTH) * batch:][:batch]  # free again: batch - DEPTH has retired
-            rounds[0] += 1
-            views = [pairs[i][0] for i in indices]
-            values = [self.nvme.digests.compute(v) for v in views]
-            if self.down is None:  # CPU backend: a memcpy, done when it returns
-                for v, slot in zip(views, ring):
-                    self.host.view(slot)[:v.numel()].copy_(v.view(-1))
-            else:
-                with torch.cuda.stream(self.down):
-                    for v, slot in zip(views, ring):
-                        self.host.view(slot)[:v.numel()].copy_(v.view(-1), non_blocking=True)
-                    landed = torch.cuda.Event()
-                    landed.record(self.down)
-                landed.synchronize()
-            return _Futures({i: (lambda i=i, k=k: self.nvme.write(pairs[i][1],
-                                                                  self.host.view(ring[k])[:views[k].numel()],
-                                                                  values[k]))
-                             for k, i in enumerate(indices)})
-        try:
-            self._pipeline(submit, len(pairs), tags, on_done, batch=batch)
-        finally:
-            self.host.books.give_lent(lent)
-
-    def _nvme_gpu(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
-                  on_part: Any = None) -> Work:
-        return self._io([lambda v=view, s=slot: self.nvme.read(s, v) for slot, view in pairs], after, tags)
-
-    def _host_nvme(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
-                   on_part: Any = None) -> Work:
-        digests = self.host.digests  # with host checksums, bytes that went bad in host memory are not sealed below
-        verified = (lambda h: digests.verify(h, self.host.data(h), "host")) if digests else (lambda h: None)
-        return self._io([lambda h=hs, n=ns: self.nvme.write(n, self.host.data(h), verified(h)) for hs, ns in pairs],
-                        tags=tags)
-
-    def _nvme_host(self, pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
-                   on_part: Any = None) -> Work:
-        digests = self.host.digests
-        for ns, hs in pairs:
-            self.host.hold(hs, self.nvme.held(ns))  # the slot below holds a page's live bytes: so will this one
-            if digests is not None:
-                digests.open(hs)
-        seal = (lambda h: (lambda value: digests.seal(h, value))) if digests is not None else (lambda h: None)
-        return self._io([lambda n=ns, h=hs: self.nvme.read(n, self.host.data(h), seal(h)) for ns, hs in pairs],
-                        tags=tags)
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
-
-
-class _Done:
-    def synchronize(self) -> dict[int, BaseException]:
-        return {}
 
 
 class _Futures:

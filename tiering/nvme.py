@@ -13,6 +13,9 @@ Owners: the slot file is locked (``flock``) by the process that made it for as l
 starting on a directory removes the slot files no live process holds -- those of killed processes, whose KV
 would otherwise stay readable there -- and never touches a live one's. A lock file serialises that scan with
 the making of new slot files.
+
+Settings: ``[nvme]`` (``dir``, ``size``, ``preallocate``, ``threads``, ``direct``). Its routes (GPU <-> disk, and
+disk <-> each host-memory tier of the stack) are in :mod:`kvtier.tiering.nvme_routes`.
 """
 
 from __future__ import annotations
@@ -26,16 +29,23 @@ import glob
 import logging
 import os
 import shutil
+import tempfile
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from kvtier.errors import ConfigError
 from kvtier.tiering.digest import Digests, side_stream
 from kvtier.tiering.slots import SlotBooks
-from kvtier.tiering.tier import IO_ALIGN, Tier
+from kvtier.tiering.tier import IO_ALIGN, TierStack
 from kvtier.vmm.tensor import memoryview_over
+
+if TYPE_CHECKING:
+    from kvtier.config import Config
+    from kvtier.tiering.mover import Mover
+    from kvtier.tiering.registry import TierContext
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +162,78 @@ def sweep_abandoned_dirs(parent: str, min_age_s: float = 60.0) -> list[str]:
     return removed
 
 
+def io_mode(device: torch.device) -> str:
+    """How NVMe I/O would run here: kvikio with GDS, kvikio's POSIX compat mode, or plain POSIX."""
+    if device.type != "cuda":
+        return "posix (no CUDA driver: kvikio cannot run)"
+    try:
+        import kvikio.defaults
+        return "kvikio compat (POSIX)" if kvikio.defaults.is_compat_mode_preferred() else "kvikio GDS"
+    except ImportError:
+        return "posix (kvikio not installed)"
+
+
+class NvmeSettings(BaseModel):
+    """The NVMe tier's settings (``[nvme]``: ``nvme_size`` and the others)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    dir: str | None = None
+    size: int = 4 << 30
+    preallocate: bool = True
+    threads: int = 4
+    direct: bool = True
+
+
 class NvmeTier:
-    tier = Tier.NVME
+    """Slots of one file (see the module docstring)."""
+
     name = "nvme"
+    Settings = NvmeSettings
+    watermarks = None  # nothing below it to cascade to
+    failed_read_loses = True  # a read back that fails means the bytes cannot be had: the page is lost
+
+    @classmethod
+    def settings_from(cls, config: "Config") -> NvmeSettings:
+        return NvmeSettings(dir=config.nvme_dir, size=config.nvme_size, preallocate=config.nvme_preallocate,
+                            threads=config.nvme_threads, direct=config.nvme_direct)
+
+    @classmethod
+    def open(cls, settings: NvmeSettings, context: "TierContext") -> "NvmeTier":
+        """The tier in ``settings.dir``; with none, in a temporary directory whose file is unlinked once open (no
+        one else looks there: the file lives as long as its descriptors, however the process ends)."""
+        own_dir = settings.dir is None
+        if own_dir:
+            sweep_abandoned_dirs(tempfile.gettempdir())
+        directory = settings.dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
+        try:
+            tier = cls(context.device, context.slot_size, directory, settings.size, settings.threads,
+                       settings.direct, context.files, settings.preallocate)
+        except BaseException:
+            if own_dir:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        if own_dir:
+            tier.unlink()
+            shutil.rmtree(directory, ignore_errors=True)
+        return tier
+
+    @staticmethod
+    def summary(settings: NvmeSettings, device: torch.device) -> str:
+        """One line for ``kvtier info``."""
+        return (f"{settings.size / 2**30:.3g} GiB in {settings.dir or 'a temporary file, deleted once open'} "
+                f"({'reserved' if settings.preallocate else 'sparse'}; I/O: {io_mode(device)})")
+
+    def register_routes(self, mover: "Mover", stack: TierStack) -> None:
+        from kvtier.tiering.nvme_routes import register
+        register(self, mover, stack)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return True
 
     def __init__(self, device: torch.device, slot_size: int, directory: str, size: int, threads: int,
                  direct: bool, files: FileLayer | None = None, preallocate: bool = True) -> None:
         self.slot_size, self.slots = slot_size, size // slot_size
+        self.id = 0  # set by its TierStack
         self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see write)
         if files is not None and device.type == "cuda":
             raise ConfigError("files: a file layer replaces the POSIX I/O of the CPU backend; on CUDA the NVMe tier "

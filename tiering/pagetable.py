@@ -5,8 +5,8 @@ field a transition touches in one call, under the manager's lock that every call
 that leave the table for the tiers' books. ``LEGAL`` lists the transitions; with ``debug`` (``debug_checks``)
 each one is checked.
 
-Every page is in exactly one :class:`Tier`: ``UNMAPPED`` (no data), ``GPU`` (mapped; the space's range holds
-its handles), ``HOST`` or ``NVME`` (``slots`` holds one slot per region), ``LOST`` (a read back failed; the
+Every page is in exactly one place: ``Tier.UNMAPPED`` (no data), ``Tier.GPU`` (mapped; the space's range holds
+its handles), a lower tier -- its id, see ``TierStack`` -- (``slots`` holds one slot per region), ``LOST`` (a read back failed; the
 sequences on it must be recomputed), or ``DROPPED`` (the engine dropped tokens it will never read again: the
 blocks stay their sequence's, the data is gone and nothing is held for it). A page in flight keeps its source
 tier -- its data stays valid there until the transfer commits -- and is listed in ``moving`` with the transfer's
@@ -27,16 +27,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from kvtier.tiering.tier import LOWER, Tier
+from kvtier.tiering.tier import FIRST_LOWER, Tier, is_lower
 
-
+LOWER = "lower"  # any lower tier, in ``LEGAL``
 # The legal transitions of a page (``PageTable._set`` checks them with ``debug``): mapped fresh, moved between
-# the GPU and the tiers below, lost, dropped, given back.
-LEGAL = {(Tier.UNMAPPED, Tier.GPU), (Tier.GPU, Tier.UNMAPPED),
-         *((Tier.GPU, t) for t in LOWER), *((t, Tier.GPU) for t in LOWER),
-         (Tier.HOST, Tier.NVME), (Tier.NVME, Tier.HOST),
-         *((t, Tier.LOST) for t in (Tier.GPU, *LOWER)), *((t, Tier.DROPPED) for t in (Tier.GPU, *LOWER)),
-         *((t, Tier.UNMAPPED) for t in (*LOWER, Tier.LOST, Tier.DROPPED))}
+# the GPU and the tiers below and between lower tiers, lost, dropped, given back.
+LEGAL = {(Tier.UNMAPPED, Tier.GPU), (Tier.GPU, Tier.UNMAPPED), (Tier.GPU, LOWER), (LOWER, Tier.GPU),
+         (LOWER, LOWER), (Tier.GPU, Tier.LOST), (LOWER, Tier.LOST), (Tier.GPU, Tier.DROPPED), (LOWER, Tier.DROPPED),
+         (LOWER, Tier.UNMAPPED), (Tier.LOST, Tier.UNMAPPED), (Tier.DROPPED, Tier.UNMAPPED)}
+
+
+def _kind(place: int) -> Any:
+    return LOWER if is_lower(place) else Tier(place)
 
 
 class PageTable:
@@ -44,16 +46,20 @@ class PageTable:
 
     def __init__(self, num_pages: int, num_regions: int, debug: bool = False) -> None:
         self.num_regions, self.debug = num_regions, debug
-        self.tier = np.zeros(num_pages, dtype=np.int8)  # a Tier per page
+        self.tier = np.zeros(num_pages, dtype=np.int8)  # a place per page: a Tier or a lower tier's id
         self.slots: dict[int, list[int]] = {}
         self.moving: dict[int, Any] = {}
-        self.copies: dict[int, tuple[Tier, list[int]]] = {}
+        self.copies: dict[int, tuple[int, list[int]]] = {}
         self.written_in_flight: set[int] = set()  # pages written while coming up: their old slots are no copy
         self.reading: dict[int, Any] = {}  # lower pages a read is copying from: they stay until it is done
 
     # --- queries (no side effects) --------------------------------------------------------------------------
-    def tier_of(self, page: int) -> Tier:
-        return Tier(int(self.tier[page]))
+    def tier_of(self, page: int) -> int:
+        return int(self.tier[page])
+
+    def lower_mask(self) -> np.ndarray:
+        """Pages in a lower tier."""
+        return self.tier >= FIRST_LOWER
 
     def reads_pending(self) -> dict[int, Any]:
         """The lower pages still being read (until the read has landed and been committed)."""
@@ -85,26 +91,27 @@ class PageTable:
         """Pages that hold no data anywhere: free to map fresh."""
         return self.tier == Tier.UNMAPPED
 
-    def count(self, tier: Tier) -> int:
+    def count(self, tier: int) -> int:
         return int((self.tier == tier).sum())
 
-    def pages_in(self, tier: Tier) -> list[int]:
+    def pages_in(self, tier: int) -> list[int]:
         return np.flatnonzero(self.tier == tier).tolist()
 
     # --- transitions: the only writers of the table (callers hold the manager's lock) ------------------------------
     # Each returns the slots that leave the table, as (tier, slots) for the tier's books to take back.
-    def _set(self, pages: Iterable[int] | int, dst: Tier) -> None:
+    def _set(self, pages: Iterable[int] | int, dst: int) -> None:
         idx = np.asarray(pages if not isinstance(pages, (int, np.integer)) else [pages], dtype=np.int64)
         if self.debug and idx.size:
             for src in set(self.tier[idx].tolist()):
-                assert (Tier(src), dst) in LEGAL, f"page table: {Tier(src).label} -> {dst.label} is not a transition"
+                assert (_kind(src), _kind(dst)) in LEGAL and src != dst, f"page table: {src} -> {dst} is not a " \
+                    "transition"
         self.tier[idx] = dst
 
     def mapped(self, pages: Iterable[int]) -> None:
         """Vacant pages were mapped fresh (an allocation, map-ahead): on the GPU, empty."""
         self._set(list(pages), Tier.GPU)
 
-    def unmapped(self, pages: Iterable[int]) -> list[tuple[Tier, list[int]]]:
+    def unmapped(self, pages: Iterable[int]) -> list[tuple[int, list[int]]]:
         """GPU pages were unmapped (freed, reclaimed, closed): vacant; their kept copies go."""
         pages = list(pages)
         freed = [self.copies.pop(p) for p in pages if p in self.copies]
@@ -117,7 +124,7 @@ class PageTable:
     def start_read(self, page: int, handle: Any) -> None:
         self.reading[page] = handle
 
-    def written(self, page: int) -> tuple[Tier, list[int]] | None:
+    def written(self, page: int) -> tuple[int, list[int]] | None:
         """Tokens of ``page`` were (or are about to be) written: its kept copy goes, and a page still coming up
         will keep none when it lands."""
         if page in self.moving and self.moving[page].kind == "promote":
@@ -128,8 +135,8 @@ class PageTable:
         """The kept copy's slots, for a move down that copies nothing (they become the page's home below)."""
         return self.copies.pop(page)[1]
 
-    def landed(self, page: int, src: Tier, dst: Tier, taken: list[Any], keep_copy: bool) -> \
-            tuple[Tier, list[int]] | None:
+    def landed(self, page: int, src: int, dst: int, taken: list[Any], keep_copy: bool) -> \
+            tuple[int, list[int]] | None:
         """A move committed: ``dst`` holds the page (``taken``: its slots there). Coming up, the slots below stay
         as a copy if ``keep_copy`` and nothing was written meanwhile -- in this one step, so that no one sees the
         page out of flight with its copy not yet recorded. Returns the source slots to give back."""
@@ -137,14 +144,14 @@ class PageTable:
         written = page in self.written_in_flight
         self.written_in_flight.discard(page)
         freed = self.copies.pop(page, None) if src == Tier.GPU else None  # none is kept for a page leaving
-        if src in LOWER:
+        if is_lower(src):
             slots = self.slots.pop(page)
             if dst == Tier.GPU and keep_copy and not written:
                 self.copies[page] = (src, slots)  # equal to the page's bytes until written
             else:
                 freed = (src, slots)
         self._set(page, dst)
-        if dst in LOWER:
+        if is_lower(dst):
             self.slots[page] = taken
         return freed
 
@@ -153,33 +160,33 @@ class PageTable:
         self.moving.pop(page, None)
         self.written_in_flight.discard(page)
 
-    def lost(self, page: int) -> tuple[Tier, list[int]] | None:
+    def lost(self, page: int) -> tuple[int, list[int]] | None:
         """The page's data cannot be had back (a read failed, bytes failed their digest, or half of it left the
         GPU): LOST until its sequences are freed; its slots below go back."""
         tier = self.tier_of(page)
-        freed = (tier, self.slots.pop(page)) if tier in LOWER else None
+        freed = (tier, self.slots.pop(page)) if is_lower(tier) else None
         self._set(page, Tier.LOST)
         return freed
 
-    def dropped(self, page: int) -> tuple[Tier, list[int]] | None:
+    def dropped(self, page: int) -> tuple[int, list[int]] | None:
         """The engine will never read the page's tokens again (``drop_prefix``): its data goes."""
         tier = self.tier_of(page)
-        freed = (tier, self.slots.pop(page)) if tier in LOWER else self.copies.pop(page, None)
+        freed = (tier, self.slots.pop(page)) if is_lower(tier) else self.copies.pop(page, None)
         self._set(page, Tier.DROPPED)
         return freed
 
-    def released(self, page: int) -> list[tuple[Tier, list[int]]]:
+    def released(self, page: int) -> list[tuple[int, list[int]]]:
         """The page lost its last live block: below, lost or dropped, it becomes vacant; on the GPU it keeps its
         mapping (the space unmaps it once its readers are done) and loses its copy."""
         tier = self.tier_of(page)
         if tier == Tier.GPU:
             return [self.copies.pop(page)] if page in self.copies else []
-        freed = [(tier, self.slots.pop(page))] if tier in LOWER else []
+        freed = [(tier, self.slots.pop(page))] if is_lower(tier) else []
         if tier != Tier.UNMAPPED:
             self._set(page, Tier.UNMAPPED)
         return freed
 
-    def cleared(self) -> list[tuple[Tier, list[int]]]:
+    def cleared(self) -> list[tuple[int, list[int]]]:
         """The space closes (nothing in flight): every slot it holds below, pages and copies."""
         freed = [(self.tier_of(p), slots) for p, slots in self.slots.items()] + list(self.copies.values())
         self.slots.clear()
@@ -195,13 +202,12 @@ class PageTable:
         on_gpu = set(self.pages_in(Tier.GPU))
         promoting = {p for p, h in self.moving.items() if h.kind == "promote"}
         assert set(mapped) == on_gpu | promoting, "pages mapped that are not on (or coming to) the GPU"
-        for tier in LOWER:
-            for p in self.pages_in(tier):
-                assert len(self.slots.get(p, ())) == self.num_regions, f"page {p} lacks slots"
-                assert live[p] > 0, f"page {p} holds data of no live block"
-        lower = set(np.flatnonzero(np.isin(self.tier, LOWER)).tolist())
+        lower = set(np.flatnonzero(self.lower_mask()).tolist())
+        for p in lower:
+            assert len(self.slots.get(p, ())) == self.num_regions, f"page {p} lacks slots"
+            assert live[p] > 0, f"page {p} holds data of no live block"
         assert set(self.slots) == lower, "slots held by pages not in a lower tier"
         assert set(self.copies) <= on_gpu, "a copy kept for a page that is not on the GPU"
         assert self.written_in_flight <= promoting, "a written mark on a page not coming up"
         for p, (tier, slots) in self.copies.items():
-            assert tier in LOWER and len(slots) == self.num_regions, f"copy of page {p}"
+            assert is_lower(tier) and len(slots) == self.num_regions, f"copy of page {p}"

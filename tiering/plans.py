@@ -12,19 +12,19 @@ the tier it goes to moves *clean*: its copy becomes its home and nothing is copi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from kvtier.policies import PageRef
+from kvtier.policies import Candidate, PageRef
 from kvtier.tiering.interfaces import TieredSpace
-from kvtier.tiering.tier import LOWER, Tier
+from kvtier.tiering.tier import Tier, TierStack
 
 
 @dataclass(frozen=True)
 class PlannedMove:
     space: TieredSpace
     page: int
-    src: Tier
-    dst: Tier
+    src: int  # Tier.GPU or a lower tier's id
+    dst: int
     clean: bool  # the page's kept copy in ``dst`` becomes its home: nothing to copy
 
 
@@ -55,10 +55,10 @@ class DemotionPlan:
         return out
 
 
-def room_below(spaces: Iterable[TieredSpace], free: Mapping[Tier, int],
-               exclude: set[tuple[str, int]]) -> dict[Tier, int]:
+def room_below(spaces: Iterable[TieredSpace], free: Mapping[int, int],
+               exclude: set[tuple[str, int]]) -> dict[int, int]:
     """Slots each lower tier can give: free ones plus kept copies of pages not in ``exclude``."""
-    room = {t: free[t] for t in LOWER}
+    room = dict(free)
     for s in spaces:
         for p, (tier, slots) in s.pages.copies.items():
             if (s.name, p) not in exclude:
@@ -66,24 +66,34 @@ def room_below(spaces: Iterable[TieredSpace], free: Mapping[Tier, int],
     return room
 
 
-def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: Tier | None, policy: Any,
-                  spaces: Iterable[TieredSpace], free: Mapping[Tier, int]) -> DemotionPlan:
-    """Plan moving each ``(space, page)`` of ``picks`` one tier down, in order: to ``dst`` if given (a GPU page
-    spills to NVMe when the host has no room; a host page goes to NVMe), else where ``policy.target_tier`` says
-    (it may keep a page where it is). Pages that find no room stay. No side effects."""
+def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: int | None, policy: Any,
+                  spaces: Iterable[TieredSpace], free: Mapping[int, int], stack: TierStack,
+                  reachable: Callable[[int, int], bool] = lambda src, dst: True) -> DemotionPlan:
+    """Plan moving each ``(space, page)`` of ``picks`` down, in order. With ``dst``: there, or -- for a GPU page
+    when ``dst`` has no room -- the nearest tier below it that has (a page already below ``dst``'s level, or at
+    it, stays). Without: where ``policy.place`` says among the tiers below the page that ``reachable`` (a route
+    exists) -- each candidate with its room -- or nowhere (it stays). Pages that find no room stay. No side
+    effects."""
     planned = {(s.name, p) for s, p in picks}
     room = room_below(spaces, free, planned)
     plan = DemotionPlan()
     for space, p in picks:
         R, table = space.num_regions, space.pages
         src, copy = table.tier_of(p), table.copies.get(p)
-        host_room = src == Tier.GPU and ((copy is not None and copy[0] == Tier.HOST) or room[Tier.HOST] >= R)
+        below = [t for t in stack.below(src) if reachable(src, t)]
+
+        def fits(t: int) -> bool:
+            return room[t] >= R or (copy is not None and copy[0] == t)
         if dst is None:
-            label = policy.target_tier(PageRef(space.name, p), src.label, host_room)
-            want = Tier.named(label) if label is not None else None
+            name = policy.place(PageRef(space.name, p), stack.label(src),
+                                [Candidate(stack[t].name, room[t] // R, fits(t)) for t in below])
+            want = stack.named(name) if name is not None else None
+        elif dst not in below:
+            want = None
         else:
-            want = Tier.NVME if src == Tier.HOST or (dst == Tier.HOST and not host_room) else dst
-        if want is None or want == src:
+            spill = [t for t in below if t >= dst and fits(t)] if src == Tier.GPU else [dst]
+            want = spill[0] if spill else dst
+        if want is None or want == src or want not in below:
             continue
         if copy is not None and copy[0] == want:
             plan.moves.append(PlannedMove(space, p, src, want, clean=True))

@@ -1,19 +1,16 @@
-"""The tiers, and what a tier below the GPU must provide.
+"""Where a page can be, and what a tier below the GPU must provide.
 
-A page's tier is a :class:`Tier` (stored as its integer value in each space's page table). Strings appear only at
-the edges: the public API (``offload(tier="host")``), the policies' interface and the stats' path names use each
-tier's ``label``.
-
-Adding a tier (a peer GPU's memory, a remote store) means: a value here, a module with a class that satisfies
-:class:`LowerTier`, an entry in the ``Tiering``'s tier map, and the copy routes it serves registered with the
-``Mover`` (``Mover.register(src, dst, route)``), one per (source, destination) pair. Nothing else branches on
-the tier.
+A page's place is an integer in its space's page table: one of the fixed states of :class:`Tier` (``UNMAPPED``,
+``GPU``, ``LOST``, ``DROPPED``), or the id of a lower tier. Lower tiers are plug-ins (``tiering/registry.py``):
+the configured ones (``[tiers] order``, nearest the GPU first) are numbered from ``FIRST_LOWER`` in that order by
+a :class:`TierStack`, which also turns ids into names and back. Names appear only at the edges: the public API
+(``offload(tier="host")``), the policies' interface, the stats and the metrics.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -23,71 +20,141 @@ from kvtier.tiering.slots import SlotBooks
 
 IO_ALIGN = 4096  # lengths and offsets of slot I/O: O_DIRECT's logical block (a page moves in whole ones)
 
+
 class Tier(IntEnum):
-    """Where a page's data is. A page in flight keeps its source tier until its transfer commits."""
+    """The places a page can be that are no tier below the GPU. A page in flight keeps its source until its
+    transfer commits."""
 
     UNMAPPED = 0  # no data anywhere: free to map fresh
     GPU = 1       # mapped: one physical handle per region
-    HOST = 2      # pinned host slots, one per region
-    NVME = 3      # slots of the NVMe file, one per region
-    LOST = 4      # a read back failed: the sequences on it must be recomputed
-    DROPPED = 5   # the engine dropped the data on purpose (tokens it will never read again, e.g. out of a window)
+    LOST = 2      # a read back failed: the sequences on it must be recomputed
+    DROPPED = 3   # the engine dropped the data on purpose (tokens it will never read again, e.g. out of a window)
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
-    @classmethod
-    def named(cls, label: str) -> "Tier":
-        """The tier of a label (``"host"`` -> ``Tier.HOST``)."""
-        try:
-            return cls[label.upper()]
-        except (KeyError, AttributeError):
-            raise InvalidArgumentError(f"{label!r} is not a tier (tiers: "
-                                       f"{', '.join(t.label for t in STORAGE)})") from None
+
+FIRST_LOWER = 4  # the id of the first configured lower tier; the next ones follow in order
 
 
-STORAGE = (Tier.GPU, Tier.HOST, Tier.NVME)  # the tiers that hold data, nearest first
-LOWER = (Tier.HOST, Tier.NVME)              # the tiers below the GPU, nearest first
+def is_lower(place: int) -> bool:
+    """Whether a page-table value names a lower tier (slots hold the page's data)."""
+    return place >= FIRST_LOWER
 
 
 class LowerTier(Protocol):
     """A tier below the GPU: fixed-size slots, one (layer, K|V) region of one page per slot.
 
     Contract:
+    - ``name`` is its label (``offload(tier=name)``, the stats, the metrics) and, for a plug-in, its TOML section;
+      ``id`` is set by the :class:`TierStack` it is part of.
     - ``books`` allocates slots: ``can_take(n)`` has no side effect, ``take(n)`` returns ``n`` slots or raises
       :class:`kvtier.errors.TierFullError` changing nothing, ``give(slots)`` returns them; ``capacity`` may grow
       while the tier is being built.
-    - The tier serves copies through the routes it registers with the ``Mover`` (each route returns a ``Work``:
-      a device event and/or host steps). A route reports failure by raising from a host step or from the
-      future it waits on; the transfer is then undone (the source stays the truth) or, for a read back, the
-      page is reported lost. A failed copy is never reported as landed.
-    - ``describe()`` returns plain facts for ``mgr.stats()``; ``close()`` releases everything (after every
-      transfer has been waited for).
+    - ``register_routes(mover, stack)`` registers with the ``Mover`` the copies it serves: to and from the GPU,
+      and between itself and the other tiers of ``stack`` it can reach (``Mover.register``). Each route returns a
+      ``Work`` (a device event and/or host steps) and reports failed pages by raising ``PairsFailed``; the move is
+      then undone (the source stays the truth) or, for a read back, the page is reported lost. A failed copy is
+      never reported as landed. Automatic plans use only the pairs that have a route.
+    - ``watermarks`` is ``(low, high)``, fractions of its slots: above ``high`` the background demoter drops kept
+      copies, then moves its coldest pages to the tiers below until ``low`` (``None``: it never cascades).
+    - ``failed_read_loses``: a read back from it that fails means its bytes cannot be had (a disk): the page is
+      lost. Otherwise a failed read leaves the page where it is (bytes that fail their digest are lost anyway).
+    - ``held(slot)`` is what the slot holds (a prefix: a page moves its live bytes only); ``describe()`` plain
+      facts for ``mgr.stats()``; ``wait_ready()`` blocks until it is built whole (a tier built in the
+      background); ``close()`` releases everything, after every transfer has been waited for.
     """
 
-    tier: Tier
+    name: str
+    id: int
     slot_size: int
     books: SlotBooks
+    watermarks: tuple[float, float] | None
+    failed_read_loses: bool
 
-    def held(self, slot: int) -> int: ...  # bytes the slot holds: what was last written into it (a prefix)
+    def register_routes(self, mover: Any, stack: "TierStack") -> None: ...
+
+    def held(self, slot: int) -> int: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def wait_ready(self, timeout: float | None = None) -> bool: ...
 
     def close(self) -> None: ...
 
 
-class HostAddressable(LowerTier, Protocol):
-    """A lower tier whose slots are host memory a device copy can reach (the host tier)."""
+@runtime_checkable
+class HostSlots(Protocol):
+    """A lower tier whose slots are host memory a device copy or a file's I/O can reach (the host tier). Other
+    tiers use it: the NVMe tier stages GPU pages through its lent slots and reads and writes its slots."""
+
+    name: str
+    id: int
+    books: SlotBooks
+    digests: Any  # a Digests, or None (no checksums)
+    backend: Any
 
     def view(self, slot: int) -> torch.Tensor: ...
 
     def data(self, slot: int) -> torch.Tensor: ...
 
+    def address(self, slot: int) -> int: ...
 
-class FileBacked(LowerTier, Protocol):
-    """A lower tier whose slots are read and written by I/O calls returning futures (the NVMe tier)."""
+    def hold(self, slot: int, nbytes: int) -> None: ...
 
-    def write(self, slot: int, src: torch.Tensor) -> Any: ...
+    def held(self, slot: int) -> int: ...
 
-    def read(self, slot: int, dst: torch.Tensor) -> Any: ...
+
+class TierStack:
+    """The configured lower tiers, nearest the GPU first, numbered from ``FIRST_LOWER``: the one place that
+    turns a tier's id into its name and back."""
+
+    def __init__(self, tiers: list[LowerTier]) -> None:
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(f"tiers {names}: each tier may appear once")
+        for i, tier in enumerate(tiers):
+            tier.id = FIRST_LOWER + i
+        self.tiers = list(tiers)
+        self._by_name = {t.name: t for t in tiers}
+
+    def __iter__(self) -> Iterator[LowerTier]:
+        return iter(self.tiers)
+
+    def __len__(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def ids(self) -> list[int]:
+        return [t.id for t in self.tiers]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    def __getitem__(self, tier_id: int) -> LowerTier:
+        return self.tiers[tier_id - FIRST_LOWER]
+
+    def get(self, name: str) -> LowerTier | None:
+        return self._by_name.get(name)
+
+    def named(self, name: str) -> int:
+        """The id of the tier called ``name`` (a lower tier)."""
+        tier = self._by_name.get(name)
+        if tier is None:
+            raise InvalidArgumentError(f"{name!r} is not a tier of this manager (its tiers: "
+                                       f"{', '.join(self.names) or 'none'}; see [tiers] order)")
+        return tier.id
+
+    def label(self, place: int) -> str:
+        """The name of a page-table value: a fixed state's (``gpu``, ``lost``...) or a lower tier's."""
+        return self[place].name if is_lower(place) else Tier(place).label
+
+    def below(self, place: int) -> list[int]:
+        """The lower tiers below ``place`` (all of them below the GPU), nearest first."""
+        return [t.id for t in self.tiers if t.id > place] if is_lower(place) else self.ids
+
+    def storage(self) -> list[tuple[str, int]]:
+        """(name, value) of every place that holds data, nearest first: the GPU, then each lower tier."""
+        return [("gpu", int(Tier.GPU))] + [(t.name, t.id) for t in self.tiers]

@@ -18,8 +18,6 @@ from __future__ import annotations
 import bisect
 import logging
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from collections import defaultdict, deque
@@ -31,13 +29,12 @@ import torch
 from kvtier.config import Config
 from kvtier.policies import PageRef, make_policy
 from kvtier.tiering.background import Demoter
-from kvtier.tiering.host import HostTier
 from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
 from kvtier.tiering.digest import ChecksumMismatch
 from kvtier.tiering.health import WriteHealth
-from kvtier.tiering.nvme import FileLayer, NvmeTier, sweep_abandoned_dirs
 from kvtier.tiering.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
-from kvtier.tiering.tier import LOWER, LowerTier, Tier
+from kvtier.tiering.registry import TierContext, open_stack
+from kvtier.tiering.tier import HostSlots, LowerTier, Tier, TierStack, is_lower
 from kvtier.tiering.mover import Mover
 from kvtier.tiering.transfer import Move, TransferHandle, Work
 from kvtier.vmm import Backend, PagePool
@@ -53,32 +50,16 @@ STALL_BUCKETS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5, 1.0) 
 class Tiering:
     def __init__(self, config: Config, device: torch.device, backend: Backend, pool: PagePool,
                  directory: SpaceDirectory, clock: Callable[[], float] | None = None,
-                 files: FileLayer | None = None) -> None:
+                 files: Any = None) -> None:
         self.config, self.device, self.backend, self.pool = config, device, backend, pool
         self.directory, self.lock = directory, directory.lock
         self.policy = make_policy(config.policy, nvme_min_uses=config.nvme_min_uses, clock=clock,
                                   **dict(config.policy_params))
-        self.host = HostTier(backend, pool.page_size, config.host_size, config.host_chunk, config.host_checksums)
-        own_dir = config.nvme_dir is None
-        if own_dir:
-            sweep_abandoned_dirs(tempfile.gettempdir())
-        directory_path = config.nvme_dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
-        try:
-            self.nvme = NvmeTier(device, pool.page_size, directory_path, config.nvme_size, config.nvme_threads,
-                                 config.nvme_direct, files, config.nvme_preallocate)
-        except BaseException:
-            self.host.close()
-            if own_dir:
-                shutil.rmtree(directory_path, ignore_errors=True)
-            raise
-        if own_dir:  # no one else looks there: the file lives as long as its descriptors, however the process ends
-            self.nvme.unlink()
-            shutil.rmtree(directory_path, ignore_errors=True)
-        self.tiers: dict[Tier, LowerTier] = {Tier.HOST: self.host, Tier.NVME: self.nvme}
-        self.health = {t: WriteHealth(t.label) for t in self.tiers}
+        self.stack: TierStack = open_stack(config, TierContext(device, backend, pool.page_size, files))
+        self.health = {t.id: WriteHealth(t.name) for t in self.stack}
         self._gate = threading.Condition()
         self._mapping = 0
-        self.mover = Mover(device, self.host, self.nvme, gate=self._wait_gate, lend=self._lend_host)
+        self.mover = Mover(device, self.stack, gate=self._wait_gate, lend=self._lend)
         self.stall_seconds: deque[float] = deque(maxlen=STALLS_KEPT)
         self.stall_counts = [0] * (len(STALL_BUCKETS) + 1)  # every stall ever, per bucket (the last: above all)
         self.stall_sum = 0.0
@@ -110,18 +91,39 @@ class Tiering:
             while self._mapping:
                 self._gate.wait()
 
-    def _lend_host(self, n: int) -> list[int]:
-        """Up to ``n`` free host slots, at most half of those free (the other half stays for pages), as a
+    def _lend(self, tier: HostSlots, n: int) -> list[int]:
+        """Up to ``n`` free slots of ``tier``, at most half of those free (the other half stays for pages), as a
         transfer's scratch space; under the lock, so that no plan counts them meanwhile."""
         with self.lock:
-            return self.host.books.lend(min(n, self.host.books.free // 2))
+            return tier.books.lend(min(n, tier.books.free // 2))
 
-    def books(self, tier: Tier) -> Any:
-        return self.tiers[tier].books
+    def books(self, tier: int) -> Any:
+        return self.stack[tier].books
+
+    def tier(self, name: str) -> LowerTier:
+        """The lower tier called ``name``."""
+        return self.stack[self.stack.named(name)]
 
     def free_slots(self, tier: str) -> int:
-        """Slots free now in the ``"host"`` or ``"nvme"`` tier (a page of one region takes one)."""
-        return self.books(Tier.named(tier)).free
+        """Slots free now in the tier called ``tier`` (a page of one region takes one)."""
+        return self.books(self.stack.named(tier)).free
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every tier is built whole (the host tier pins in the background): tests and benchmarks."""
+        return all([t.wait_ready(timeout) for t in self.stack])
+
+    def stage_target(self, src: int) -> int | None:
+        """Where ``stage`` takes a page in ``src``: the nearest host-memory tier above it that it has a route to
+        (None: it is in host memory already, or there is none)."""
+        if not is_lower(src) or isinstance(self.stack[src], HostSlots):
+            return None
+        return next((t.id for t in self.stack if t.id < src and isinstance(t, HostSlots) and
+                     self.mover.has_route(src, t.id)), None)
+
+    def _move(self, space: TieredSpace, page: int, src: int, dst: int, taken: list[Any],
+              clean: bool = False) -> Move:
+        return Move(space, page, src, dst, taken, clean=clean,
+                    path=f"{self.stack.label(src)}->{self.stack.label(dst)}")
 
     def poke(self) -> None:
         """A sequence went idle: let the background demoter look now."""
@@ -129,22 +131,26 @@ class Tiering:
             self.demoter.poke()
 
     # --- plans (no side effects) -------------------------------------------------------------------------------
-    def _free_slots(self, automatic: bool = False, on_demand: bool = False) -> dict[Tier, int]:
+    def _free_slots(self, automatic: bool = False, on_demand: bool = False) -> dict[int, int]:
         """Free slots per lower tier; for ``automatic`` plans, none in a tier backing off after failed writes
         (``on_demand``: room a request waits for, see ``WriteHealth.backing_off``)."""
-        return {t: 0 if automatic and self.health[t].backing_off(on_demand) else self.books(t).free for t in LOWER}
+        return {t: 0 if automatic and self.health[t].backing_off(on_demand) else self.books(t).free
+                for t in self.stack.ids}
 
     def retry_soon(self) -> bool:
         """Whether a lower tier left alone after failed writes will be tried again shortly (worth waiting for)."""
         return any(h.retry_soon() for h in self.health.values())
 
-    def free_for_automatic(self) -> dict[Tier, int]:
-        return self._free_slots(automatic=True)
+    def plan(self, picks: list[tuple[TieredSpace, int]], dst: int | None = None, automatic: bool = False,
+             on_demand: bool = False) -> DemotionPlan:
+        """Where each ``(space, page)`` of ``picks`` would go down (to ``dst``, or where the policy says among the
+        tiers below it that a route reaches), and which find room (see ``plan_demotion``)."""
+        return plan_demotion(picks, dst, self.policy, self.directory.tiered_spaces(),
+                             self._free_slots(automatic, on_demand), self.stack, self.mover.has_route)
 
-    def plan_demote(self, space: TieredSpace, pages: Iterable[int], dst: Tier | None = None) -> DemotionPlan:
-        """Where ``pages`` of ``space`` would go one tier down (or to ``dst``), and which find room."""
-        return plan_demotion([(space, p) for p in pages], dst, self.policy, self.directory.tiered_spaces(),
-                             self._free_slots())
+    def plan_demote(self, space: TieredSpace, pages: Iterable[int], dst: int | None = None) -> DemotionPlan:
+        """Where ``pages`` of ``space`` would go down (or to ``dst``), and which find room."""
+        return self.plan([(space, p) for p in pages], dst)
 
     def plan_drop(self, space: TieredSpace, pages: Iterable[int]) -> DemotionPlan:
         """GPU ``pages`` whose data the engine will never read again: unmapped (after the fence the plan is
@@ -163,9 +169,7 @@ class Tiering:
         spaces = {s.name: s for s in self.directory.tiered_spaces()}
         refs = [PageRef(s.name, p) for s in spaces.values() for p in s.idle_pages() if (s.name, p) not in avoid]
         picks = [(spaces[r.space], r.page) for r in self.policy.victims(refs, len(refs))]
-        plan = plan_demotion(picks, None, self.policy, spaces.values(),
-                             self._free_slots(automatic=True, on_demand=on_demand))
-        return plan.cut(handles_needed)
+        return self.plan(picks, automatic=True, on_demand=on_demand).cut(handles_needed)
 
     def gpu_handles_leaving(self) -> int:
         """GPU handles that transfers in flight will give back when they commit."""
@@ -184,22 +188,22 @@ class Tiering:
                 exclude: set[tuple[str, int]]) -> TransferHandle:
         R, table = space.num_regions, space.pages
         moves: list[Move] = []
-        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
+        pairs: dict[tuple[int, int], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
         for pm in planned:
             p = pm.page
             if pm.dst == Tier.DROPPED:
                 self.drop_copies(space, [p])
-                moves.append(Move(space, p, pm.src, pm.dst, [], clean=True))  # unmapped after ``after``
+                moves.append(self._move(space, p, pm.src, pm.dst, [], clean=True))  # unmapped after ``after``
                 continue
             if pm.clean:
                 slots = table.take_copy(p)
                 self.copies_reused += 1
-                moves.append(Move(space, p, pm.src, pm.dst, slots, clean=True))
+                moves.append(self._move(space, p, pm.src, pm.dst, slots, clean=True))
                 continue
             self.drop_copies(space, [p])  # going elsewhere: the copy would be a stale second home
             self._drop_copies_for(pm.dst, R, exclude)
             slots = self.books(pm.dst).take(R)  # the plan counted this room: it cannot fail here
-            moves.append(Move(space, p, pm.src, pm.dst, slots))
+            moves.append(self._move(space, p, pm.src, pm.dst, slots))
             live = space.live_bytes(p) if pm.src == Tier.GPU else 0  # only its live blocks' bytes
             for r in range(R):
                 if pm.src == Tier.GPU:
@@ -223,9 +227,9 @@ class Tiering:
         every = max(1, R // PROMOTE_GROUPS)
         for i, p in enumerate(pages):
             src = table.tier_of(p)
-            move = Move(space, p, src, Tier.GPU, [])
+            move = self._move(space, p, src, Tier.GPU, [])
 
-            def copy_up(r: int, p: int = p, src: Tier = src, move: Move = move) -> None:
+            def copy_up(r: int, p: int = p, src: int = src, move: Move = move) -> None:
                 if (r + 1) % every and r + 1 < R:
                     return
                 group = range(r + 1 - ((r % every) + 1), r + 1)  # the regions mapped since the last group
@@ -248,19 +252,23 @@ class Tiering:
         return self._launch("promote", moves, {}, None, False, work)
 
     def stage(self, space: TieredSpace, pages: list[int]) -> TransferHandle:
-        """Start reading NVMe ``pages`` up into host slots (so a later fault-back crosses PCIe only). Pages past
-        the host tier's room (free slots and droppable copies) stay on NVMe."""
+        """Start reading ``pages`` (in a tier that is not host memory) up into the nearest host-memory tier above
+        them (``stage_target``), so that a later fault-back crosses PCIe only. Pages past that tier's room (free
+        slots and droppable copies) stay where they are."""
         R, table = space.num_regions, space.pages
-        room = room_below(self.directory.tiered_spaces(), self._free_slots(), set())[Tier.HOST]
-        pages = pages[:room // R]
+        room = room_below(self.directory.tiered_spaces(), self._free_slots(), set())
         moves: list[Move] = []
-        pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
+        pairs: dict[tuple[int, int], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
         for p in pages:
-            self._drop_copies_for(Tier.HOST, R, set())
-            slots = self.host.books.take(R)
-            moves.append(Move(space, p, Tier.NVME, Tier.HOST, slots))
-            pairs[(Tier.NVME, Tier.HOST)] += [(a, b, moves[-1], r)
-                                              for r, (a, b) in enumerate(zip(table.slots[p], slots))]
+            src = table.tier_of(p)
+            dst = self.stage_target(src)
+            if dst is None or room[dst] < R:
+                continue
+            room[dst] -= R
+            self._drop_copies_for(dst, R, set())
+            slots = self.books(dst).take(R)
+            moves.append(self._move(space, p, src, dst, slots))
+            pairs[(src, dst)] += [(a, b, moves[-1], r) for r, (a, b) in enumerate(zip(table.slots[p], slots))]
         return self._launch("stage", moves, pairs, None, False)
 
     def read(self, space: TieredSpace, pages: list[int], target: Callable[[int, int], torch.Tensor],
@@ -280,13 +288,13 @@ class Tiering:
             return handle
         after = self.backend.record_fence(stream)
         work = Work()
-        by_tier: dict[Tier, list[tuple[Any, Any, int]]] = defaultdict(list)
+        by_tier: dict[int, list[tuple[Any, Any, int]]] = defaultdict(list)
         for p in lower:
             by_tier[table.tier_of(p)] += [(table.slots[p][r], target(r, p), p) for r in range(R)]
             table.start_read(p, handle)
         for src, items in by_tier.items():
             step = self.mover.start(src, Tier.GPU, [(a, b) for a, b, _ in items], after,
-                                    tags=[p for *_, p in items], label=f"{src.label}->read")
+                                    tags=[p for *_, p in items], label=f"{self.stack.label(src)}->read")
             work.event = step.event or work.event
             work.io += step.io
         handle.attach(work)
@@ -296,17 +304,17 @@ class Tiering:
         return handle
 
     def _launch(self, kind: str, moves: list[Move],
-                pairs: dict[tuple[Tier, Tier], list[tuple[Any, Any, Move, int]]], after: Any, inline: bool,
+                pairs: dict[tuple[int, int], list[tuple[Any, Any, Move, int]]], after: Any, inline: bool,
                 work: Work | None = None) -> TransferHandle:
         """Start every path's copies ((source, destination, move, region) per pair) and list the moves in flight.
-        A GPU page going to host memory gives its regions back as their copies land (``_release``); to NVMe it
-        does not (a write that fails later leaves the GPU page the truth)."""
+        A GPU page going down may give its regions back as their copies land (``_release``), where its route says
+        so (host memory does; NVMe does not: a write that fails later leaves the GPU page the truth)."""
         handle = TransferHandle(self, kind, moves)
         work = work or Work()
         for (src, dst), prs in pairs.items():
             regions = [r for *_, r in prs]
             on_part = (lambda m, idx, regions=regions: self._release(handle, m, [regions[i] for i in idx])) \
-                if (src, dst) == (Tier.GPU, Tier.HOST) else None
+                if src == Tier.GPU else None
             step = self.mover.start(src, dst, [(a, b) for a, b, *_ in prs], after if src == Tier.GPU else None,
                                     tags=[m for _, _, m, _ in prs], on_done=lambda m: self.commit(handle, [m]),
                                     on_part=on_part)
@@ -342,13 +350,13 @@ class Tiering:
         coming up keeps no copy when it lands."""
         self.give_back([space.pages.written(p) for p in pages])
 
-    def give_back(self, freed: Iterable[tuple[Tier, list[int]] | None]) -> None:
+    def give_back(self, freed: Iterable[tuple[int, list[int]] | None]) -> None:
         """Slots a page-table transition let go of, back to their tiers' books."""
         for item in freed:
             if item is not None:
                 self.books(item[0]).give(item[1])
 
-    def drop_copies_until(self, tier: Tier, free_slots: int, exclude: Collection[tuple[str, int]] = ()) -> bool:
+    def drop_copies_until(self, tier: int, free_slots: int, exclude: Collection[tuple[str, int]] = ()) -> bool:
         """Drop kept copies in ``tier`` (pages not in ``exclude``) until it has ``free_slots`` free slots; whether
         it has them."""
         books = self.books(tier)
@@ -361,9 +369,9 @@ class Tiering:
                     return True
         return books.can_take(free_slots)
 
-    def _drop_copies_for(self, tier: Tier, slots: int, exclude: set[tuple[str, int]]) -> None:
+    def _drop_copies_for(self, tier: int, slots: int, exclude: set[tuple[str, int]]) -> None:
         if not self.drop_copies_until(tier, slots, exclude):
-            raise AssertionError(f"a plan counted room in the {tier.label} tier that is not there")
+            raise AssertionError(f"a plan counted room in the {self.stack.label(tier)} tier that is not there")
 
     # --- pages that hold nothing live any more ------------------------------------------------------------------------
     def release(self, space: TieredSpace, pages: Iterable[int]) -> None:
@@ -396,7 +404,7 @@ class Tiering:
                 continue
             handle.done_moves.add(id(m))
             error = handle.failure(m) if final else None
-            if m.dst in LOWER and not m.clean and not isinstance(error, ChecksumMismatch):  # how the tier's writes go
+            if is_lower(m.dst) and not m.clean and not isinstance(error, ChecksumMismatch):  # how its writes go
                 if error is None:
                     self.health[m.dst].succeeded()
                 else:
@@ -432,7 +440,7 @@ class Tiering:
         checksum) or could not be read back from NVMe into the GPU; then the page is lost."""
         space, p, table = m.space, m.page, m.space.pages
         table.failed(p)
-        if m.dst in LOWER:
+        if is_lower(m.dst):
             self.books(m.dst).give(m.taken)
         if m.released:  # some regions had landed below and left the GPU: neither side holds the whole page
             space.unmap_pages([p], leaving=True)
@@ -442,7 +450,7 @@ class Tiering:
             return
         if m.dst == Tier.GPU:
             space.unmap_pages([p], still_below=True)  # the data is still below, where the table says
-        if isinstance(error, ChecksumMismatch) or (m.src == Tier.NVME and m.dst == Tier.GPU):
+        if isinstance(error, ChecksumMismatch) or (m.dst == Tier.GPU and self.stack[m.src].failed_read_loses):
             self._lose(handle, space, [p])
 
     def _lose(self, handle: TransferHandle, space: TieredSpace, pages: list[int]) -> None:
@@ -462,9 +470,9 @@ class Tiering:
         if space.name not in {s.name for s in self.directory.tiered_spaces()}:
             return  # dropped meanwhile
         table = space.pages
-        bad = [p for p in pages if table.tier_of(p) in LOWER and p not in table.moving and
+        bad = [p for p in pages if is_lower(table.tier_of(p)) and p not in table.moving and
                (isinstance(handle.failure(p), ChecksumMismatch) or
-                (handle.failure(p) is not None and table.tier_of(p) == Tier.NVME))]
+                (handle.failure(p) is not None and self.stack[table.tier_of(p)].failed_read_loses))]
         if bad:
             self._lose(handle, space, bad)
 
@@ -518,9 +526,9 @@ class Tiering:
         pct = (lambda q: stalls[min(len(stalls) - 1, int(q * (len(stalls) - 1)))] if stalls else 0.0)
         paths = {name: dict(v, seconds=self.path_seconds.get(name, 0.0)) for name, v in self.mover.paths.items()}
         kept = sum(len(s.pages.copies) for s in self.directory.tiered_spaces())
-        return {**{t.label: dict(self.tiers[t].describe(), slots_used=self.books(t).used,
-                                 health=self.health[t].describe()) for t in LOWER},
-                "paths": paths, "in_flight": len(self._inflight),
+        return {**{t.name: dict(t.describe(), slots_used=t.books.used, health=self.health[t.id].describe())
+                   for t in self.stack},
+                "order": self.stack.names, "paths": paths, "in_flight": len(self._inflight),
                 "copies": {"kept_stripes": kept, "reused_stripes": self.copies_reused}, "lost_stripes": self.pages_lost,
                 "stall_histogram": {"le": list(STALL_BUCKETS), "counts": list(self.stall_counts),
                                     "sum_seconds": self.stall_sum},
@@ -529,7 +537,7 @@ class Tiering:
 
     def check(self) -> None:
         """Every slot taken is held by a page below, a kept copy, or a move in flight."""
-        held = {t: 0 for t in LOWER}
+        held = {t: 0 for t in self.stack.ids}
         for s in self.directory.tiered_spaces():
             for p, slots in s.pages.slots.items():
                 held[s.pages.tier_of(p)] += len(slots)
@@ -537,9 +545,9 @@ class Tiering:
                 held[tier] += len(slots)
         for h in self._inflight:
             for m in h.moves:
-                if m.dst in LOWER and id(m) not in h.done_moves:
+                if is_lower(m.dst) and id(m) not in h.done_moves:
                     held[m.dst] += len(m.taken)
-        for t in LOWER:
+        for t in self.stack.ids:
             self.books(t).check(held[t])
 
     def stop(self) -> None:
@@ -551,6 +559,6 @@ class Tiering:
         self._worker.join()
 
     def close(self) -> None:
-        """Release the host memory and the NVMe file (after :meth:`stop`, once the spaces are closed)."""
-        self.nvme.close()
-        self.host.close()
+        """Release every tier, farthest first (after :meth:`stop`, once the spaces are closed)."""
+        for tier in reversed(self.stack.tiers):
+            tier.close()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kvtier.errors import TransferError
-from kvtier.tiering.tier import Tier
 
 Route = Callable[..., "Work"]
 
@@ -45,15 +44,12 @@ class Move:
 
     space: Any
     page: int
-    src: Tier
-    dst: Tier
+    src: int  # a page-table value: Tier.GPU or a lower tier's id
+    dst: int
     taken: list[Any]
     clean: bool = False
     released: list[int] = field(default_factory=list)
-
-    @property
-    def path(self) -> str:
-        return f"{self.src.label}->{self.dst.label}"
+    path: str = ""  # "src->dst" by the tiers' names (the stats' path)
 
 
 @dataclass

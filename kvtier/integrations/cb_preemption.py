@@ -13,6 +13,7 @@ from transformers.generation.continuous_batching.utils import stream_context
 
 from kvtier.errors import OutOfPagesError, TransferError
 from kvtier.integrations.cb_cache import ElasticCache, wait_for_room
+from kvtier.tiering import HostSlots
 
 if TYPE_CHECKING:
     from kvtier.integrations.continuous_batching import KVTierEngine
@@ -49,7 +50,7 @@ class TieredOffloading(OffloadingManager):
         the staging pages, in blocks -- capped, since the space's books cost a few bytes a block (past the cap, a
         swap-out finds no room and the request is recomputed: the engine's own fallback)."""
         mgr = self.engine.manager
-        slots = sum(t.books.total for t in mgr.tiering.tiers.values())  # a slot is one page of one region
+        slots = sum(t.books.total for t in mgr.tiering.stack)  # a slot is one page of one region
         pages = slots // 2 + self.engine.staging_pages() + 2 * num_blocks
         return max(num_blocks, min(pages * 2 * mgr.page_size // bytes_per_block, self.MAX_SWAP_BLOCKS))
 
@@ -180,13 +181,14 @@ class TieredOffloading(OffloadingManager):
                         future_state.complete_blocks[name] = future_state.complete_blocks.get(name, 0) + full
         self.stage_waiting()
 
-    @staticmethod
-    def _stage_now(chunks: list[tuple[Any, Hashable]], room: int) -> int:
+    def _stage_now(self, chunks: list[tuple[Any, Hashable]], room: int) -> int:
         """Bring ``chunks`` into host memory, if ``room`` host slots hold them, and wait; return the slots used.
         A failed read marks the pages lost; the caller looks."""
-        # not wholly in host memory: on NVMe, or still on its way down (a wait for the write, then the read)
-        below = [(space, seq) for space, seq in chunks if space.residency(seq)["nvme"]]
-        need = sum(space.stripe_residency(seq)["nvme"] * space.num_regions for space, seq in below)
+        tiering = self.engine.manager.tiering
+        disks = [t.name for t in tiering.stack if tiering.stage_target(t.id) is not None]  # what stage reads up
+        # not wholly in host memory: on a disk, or still on its way down (a wait for the write, then the read)
+        below = [(space, seq) for space, seq in chunks if any(space.residency(seq)[d] for d in disks)]
+        need = sum(space.stripe_residency(seq)[d] * space.num_regions for space, seq in below for d in disks)
         if not below or need > room:
             return 0
         for space, seq in below:
@@ -215,7 +217,8 @@ class TieredOffloading(OffloadingManager):
         read lets the transfer worker commit."""
         if not self.swapped:  # the common step: nothing swapped, nothing to look at
             return
-        room = self.engine.manager.tiering.free_slots("host")
+        tiering = self.engine.manager.tiering
+        room = sum(tiering.free_slots(t.name) for t in tiering.stack if isinstance(t, HostSlots))
         for request_id in list(self.scheduler.waiting_requests_order):
             state = self.scheduler.waiting_requests.get(request_id)
             if state is None or not state.is_cpu_offloaded:

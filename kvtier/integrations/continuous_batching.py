@@ -146,9 +146,9 @@ class KVTierEngine:
     def __init__(self, model: Any, manager: TierManager, name: str, priority: int, capacity_bytes: int | None,
                  staging_bytes: int | None, swap_tier: str, room_wait_s: float = 30.0) -> None:
         check_version()
-        if swap_tier not in ("host", "nvme"):
-            raise ConfigError(f"swap_tier must be 'host' (cascading to NVMe as the host fills) or 'nvme', got "
-                              f"{swap_tier!r}")
+        if swap_tier not in manager.config.tiers:
+            raise ConfigError(f"swap_tier must be one of the manager's tiers {manager.config.tiers} ('host' "
+                              f"cascades to the next tier as it fills), got {swap_tier!r}")
         self.model, self.manager, self.name, self.priority = model, manager, name, priority
         self.swap_tier, self.room_wait_s = swap_tier, room_wait_s
         if not room_wait_s >= 0:

@@ -62,7 +62,8 @@ class TieredCache(Cache):
     """See the module docstring. ``batch_size``: the rows to reserve room for (default: the first update's
     batch; a larger batch later is taken too, at the cost of rebuilding the spaces). ``manager``: share an
     existing :class:`TierManager` (default: one is made on the first update's device with ``config`` or
-    defaults). ``offload_tier``: where streamed layers' pages go ("host" or "nvme")."""
+    defaults). ``offload_tier``: where streamed layers' pages go (a tier of the manager's ``[tiers] order``:
+    "host" or "nvme" by default)."""
 
     def __init__(self, model_config: Any, max_tokens: int = 32768, batch_size: int | None = None,
                  manager: TierManager | None = None, config: Config | None = None,
@@ -76,8 +77,10 @@ class TieredCache(Cache):
                                        f"model's cache: {why}")
         num_layers = model_config.num_hidden_layers
         super().__init__(layers=[TieredLayer(self, i, w) for i, w in enumerate(_windows(model_config, num_layers))])
-        if offload_tier not in ("host", "nvme"):
-            raise InvalidArgumentError(f"offload_tier {offload_tier!r}: use 'host' or 'nvme'")
+        tiers = (manager.config if manager is not None else config or Config()).tiers
+        self._places = ["gpu", *tiers, "lost"]  # residency's keys
+        if offload_tier not in tiers:
+            raise InvalidArgumentError(f"offload_tier {offload_tier!r}: use one of the manager's tiers {tiers}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise InvalidArgumentError(f"batch_size must be a positive int or None, got {batch_size!r}")
@@ -545,11 +548,11 @@ class TieredCache(Cache):
 
     def residency(self) -> dict[str, int]:
         """Bytes of this cache per tier, over every layer and row (the ring's copies not counted)."""
-        total = {"gpu": 0, "host": 0, "nvme": 0, "lost": 0}
+        total = dict.fromkeys(self._places, 0)
         for space in self.spaces:
             for row in space.sequences():
                 for tier, nbytes in space.residency(row).items():
-                    total[tier] += nbytes
+                    total[tier] = total.get(tier, 0) + nbytes
         return total
 
     # --- copies ---------------------------------------------------------------------------------------------------
