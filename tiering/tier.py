@@ -87,7 +87,8 @@ class LowerTier(Protocol):
 @runtime_checkable
 class HostSlots(Protocol):
     """A lower tier whose slots are host memory a device copy or a file's I/O can reach (the host tier). Other
-    tiers use it: the NVMe tier stages GPU pages through its lent slots and reads and writes its slots."""
+    tiers use it: the NVMe tier stages GPU pages through its lent slots and reads and writes its slots -- with
+    ``O_DIRECT``, so each slot starts on an ``IO_ALIGN`` boundary."""
 
     name: str
     id: int
