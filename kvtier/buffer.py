@@ -182,7 +182,7 @@ class ElasticBuffer:
             self._mgr.give_pages(self.range.unmap(done))
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return {"bytes": self.nbytes, "pages_mapped": self.mapped_pages, "bytes_mapped":
                 self.mapped_pages * self.page_size, "peak_bytes_mapped": self.peak_pages * self.page_size,
                 "priority": self.priority, **self.range.stats()}

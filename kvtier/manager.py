@@ -6,19 +6,19 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import torch
 
 from kvtier.checks import INT64, int_arg
 from kvtier.config import Config
-from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, OutOfPagesError, PagesInFlight
+from kvtier.errors import ClosedError, ConfigError, InvalidArgumentError, PagesInFlight
 from kvtier.metrics import MetricsServer
 from kvtier.buffer import ElasticBuffer
 from kvtier.vmm.ledger import Ledger
 from kvtier.space import KVSpace, parse_dtype
-from kvtier.tiering import DemotionPlan, FileLayer, Tiering
+from kvtier.room import RoomPlanner
+from kvtier.tiering import FileLayer, Tiering
 from kvtier.vmm import Backend, PagePool, open_backend, resolve_device
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,6 @@ def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-@dataclass
-class RoomPlan:
-    """How ``handles`` GPU handles will be had: from the pool, from empty pages spaces keep mapped
-    (``reclaim``: space and pages, in the order to take them), and by demoting idle pages (``demotion``)."""
-
-    handles: int
-    reclaim: list[tuple[KVSpace, list[int]]] = field(default_factory=list)
-    demotion: DemotionPlan | None = None
 
 
 class TierManager:
@@ -101,6 +91,8 @@ class TierManager:
         except BaseException:
             self._close_pool()
             raise
+        self.room = RoomPlanner(self.lock, self._changed, self.pool, self.tiering, self.config,
+                                lambda: list(self.spaces.values()))
         mover = self.tiering.mover
         self.pool.yield_to = lambda: mover.down_in_flight > 0  # refills wait for copies down (see PagePool)
         self.metrics: MetricsServer | None = None
@@ -135,9 +127,9 @@ class TierManager:
         """Reserve virtual space for ``max_tokens`` tokens of one model (no memory is used until allocate).
         ``priority`` and ``quota_bytes`` default to the config's ``spaces[name]`` entry, else 0 and no quota;
         ``map_ahead`` to the config's (off for a space whose owner maps ahead of need itself)."""
-        defaults = self.config.spaces.get(name, {}) if isinstance(name, str) else {}
-        priority = defaults.get("priority", 0) if priority is None else priority
-        quota_bytes = defaults.get("quota_bytes") if quota_bytes is None else quota_bytes
+        defaults = self.config.spaces.get(name) if isinstance(name, str) else None
+        priority = (defaults.priority if defaults else 0) if priority is None else priority
+        quota_bytes = (defaults.quota_bytes if defaults else None) if quota_bytes is None else quota_bytes
         with self.lock:
             self.check_open()
             if not isinstance(name, str) or not name:
@@ -195,100 +187,10 @@ class TierManager:
             self.spaces.pop(name).close()
         self.run_planned(drop)
 
-    # --- the one wait-and-plan-again helper --------------------------------------------------------------------
+    # --- room: the planner's (kvtier/room.py) ----------------------------------------------------------------------
     def run_planned(self, attempt: Callable[[], T], timeout: float = 30.0) -> T:
-        """Run ``attempt`` under the lock. It plans against the books and either commits and returns, or raises
-        :class:`PagesInFlight` having changed nothing: with handles, the pages it needs are in flight (wait for
-        those, without the lock, so the worker can commit them); without, the room it needs is on its way down
-        (wait until transfers commit, at most ``timeout`` seconds in all). Then it plans again from the start."""
-        deadline = None
-        while True:
-            with self.lock:
-                try:
-                    return attempt()
-                except PagesInFlight as wait:
-                    pending = wait.handles
-                    if not pending:
-                        deadline = deadline or time.monotonic() + timeout
-                        if time.monotonic() > deadline:
-                            raise OutOfPagesError(f"{wait}: still short after {timeout:.0f} s") from None
-                        self._changed.wait(0.05)
-                        continue
-            for handle in pending:
-                handle.settle()
-
-    # --- pages for spaces (under the lock) -----------------------------------------------------------------------
-    def can_back(self, space: KVSpace, pages: int) -> bool:
-        """Whether ``pages`` fresh pages of ``space`` could be mapped now (pool, empties of other spaces, idle
-        pages, quota). No side effects."""
-        if not space.within_quota(pages):
-            return False
-        reclaimable = sum(len(s.reclaimable()) * s.num_regions for s in self.spaces.values() if s is not space)
-        if self.config.demote_on_allocate:
-            reclaimable += sum(len(s.idle_pages()) * s.num_regions for s in self.spaces.values())
-        return pages * space.num_regions <= self.pool.available() + reclaimable
-
-    def plan_room(self, space: KVSpace, n: int, keep: set[int]) -> RoomPlan:
-        """Plan how ``space`` gets ``n`` handles, with no side effect. When the pool is short: empty pages kept
-        mapped by spaces (lower priority first, ``space`` last and never its pages in ``keep``), then idle pages
-        demoted inline if ``demote_on_allocate`` (never ``space``'s pages in ``keep``). Raises OutOfPagesError
-        when that cannot be enough, PagesInFlight when demotions in flight will make it so."""
-        short = n - self.pool.available()
-        if short <= 0:
-            return RoomPlan(n)
-        order = sorted(self.spaces.values(), key=lambda s: (s is space, s.priority))
-        empties = [(s, s.reclaimable(keep if s is space else ())) for s in order]
-        reclaimable = sum(len(pages) * s.num_regions for s, pages in empties)
-        demotion = None
-        if short > reclaimable and self.config.demote_on_allocate:
-            plan = self.tiering.plan_room(short - reclaimable, avoid={(space.name, p) for p in keep}, on_demand=True)
-            if plan.gpu_handles >= short - reclaimable:  # demote only when that will be enough
-                demotion = plan
-        covered = reclaimable + (demotion.gpu_handles if demotion else 0)
-        if short > covered:
-            if short <= covered + self.tiering.gpu_handles_leaving():
-                raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
-            if demotion is None and self.config.demote_on_allocate and self.tiering.retry_soon() \
-                    and any(s.idle_pages() for s in self.spaces.values()):
-                # room may be below, in a tier whose writes just failed: wait for its next try if it comes soon
-                # (a flaky disk); a dead one, backed off for longer, is not waited for
-                raise PagesInFlight(f"space {space.name!r}: waiting for a tier that failed writes to be tried again")
-            ledger = self.pool.ledger
-            if ledger is not None and ledger.others_idle() > 0:
-                # other processes on the device hold idle pages: their demoters give them back (see the ledger)
-                ledger.want(short - covered)
-                raise PagesInFlight(f"space {space.name!r}: waiting for other processes on the device to give "
-                                    "idle pages back")
-            shared = "" if ledger is None else (
-                f"; the device's ledger, shared with other processes, leaves this one {ledger.room()} more (kvtier "
-                "ls shows who holds the rest)" if ledger.problem is None else f"; the device's ledger failed: "
-                f"{ledger.problem}")
-            raise OutOfPagesError(
-                f"space {space.name!r}: {n} page(s) wanted, the pool has {self.pool.available()} and "
-                f"{covered} more could be reclaimed or demoted (budget {self.pool.budget_pages} pages of "
-                f"{self.page_size} bytes{shared}); free or offload sequences, or raise pool_budget")
-        return RoomPlan(n, [(s, pages) for s, pages in empties if pages], demotion)
-
-    def take_room(self, plan: RoomPlan) -> list[Any]:
-        """Carry out a room plan made under the same lock; return its handles. If an inline demotion's write
-        failed (a disk error), its pages stayed on the GPU and the room is short: raises PagesInFlight, so that
-        the caller plans again from the books as they now are (the demoted pages' moves are consistent; the
-        failing tier is backed off from, so the next plan looks elsewhere or says OutOfPagesError)."""
-        if plan.demotion is not None:
-            self.tiering.start_demotion(plan.demotion, inline=True)
-        short = plan.handles - self.pool.available()
-        for space, pages in plan.reclaim:
-            if short <= 0:
-                break
-            take = pages[:-(-short // space.num_regions)]
-            space.reclaim(take)
-            short -= len(take) * space.num_regions
-        if not self.pool.can_take(plan.handles):
-            raise PagesInFlight("room fell short: a demotion made for it failed; planning again")
-        return self.pool.take(plan.handles)
-
-    def give_pages(self, handles: list[Any]) -> None:
-        self.pool.give(handles)
+        """See :meth:`RoomPlanner.run_planned`."""
+        return self.room.run_planned(attempt, timeout)
 
     # --- what tiering needs (kvtier.tiering.SpaceDirectory) ----------------------------------------------------------
     def tiered_spaces(self) -> list[KVSpace]:
@@ -296,6 +198,9 @@ class TierManager:
 
     def pages_changed(self) -> None:
         self._changed.notify_all()
+
+    def give_pages(self, handles: list[Any]) -> None:
+        self.pool.give(handles)
 
     # --- lifecycle and stats --------------------------------------------------------------------------------------
     def check_open(self) -> None:

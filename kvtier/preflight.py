@@ -96,10 +96,11 @@ def _directory_problem(path: str, room: int = 0) -> str | None:
 def _ledger_problems(config: Config, device_key: str, page: int) -> list[tuple[str, str]]:
     """Whether this process could join the device's ledger (read only: the books are not locked or written)."""
     from kvtier.vmm.ledger import ledger_path, live_page_sizes
-    problem = _directory_problem(config.ledger_dir)
+    directory = config.ledger_dir or ""  # only called with a ledger_dir
+    problem = _directory_problem(directory)
     if problem:
         return [("ledger_dir", problem)]
-    live = live_page_sizes(ledger_path(config.ledger_dir, device_key))
+    live = live_page_sizes(ledger_path(directory, device_key))
     other = {size for size in live.values() if size != page}
     if other:
         return [("page_size", f"the live processes on the device's ledger ({', '.join(live)}) count pages of "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -54,12 +54,15 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return SUPPORTED_DTYPES[name]
 
 
-class KVSpace(SpaceTiers):
+class KVSpace:
     """Made by :meth:`TierManager.create_space`; see the module docstring for the layout and guarantees."""
 
     def __init__(self, manager: "TierManager", name: str, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, block_size: int, max_tokens: int, priority: int, quota_bytes: int | None):
-        self._mgr, self._lock, self._tiering = manager, manager.lock, manager.tiering
+        # what a space uses of its manager: the lock, the tiers, the room planner, the backend, the config; it never
+        # calls the manager itself (but to hear it closed)
+        self._lock, self._tiering, self._room = manager.lock, manager.tiering, manager.room
+        self._backend, self._config, self._manager_open = manager.backend, manager.config, manager.check_open
         self.name, self.priority, self.quota_bytes = name, priority, quota_bytes
         self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
         self.block_size, self.max_tokens = block_size, max_tokens
@@ -83,6 +86,7 @@ class KVSpace(SpaceTiers):
         used = self.num_blocks * self.block_bytes
         regions = [self.range.region(r, used).view(dtype).view(shape) for r in range(self.num_regions)]
         self._kv = [(regions[2 * layer], regions[2 * layer + 1]) for layer in range(num_layers)]
+        self.tiers = SpaceTiers(self)  # offload, prefetch, stage, read: the methods of the same name below call it
 
     # --- engine-facing ------------------------------------------------------------------------------------------
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +105,7 @@ class KVSpace(SpaceTiers):
         sequence to consecutive blocks from there (so that its tokens are one strided view of ``kv(layer)``, as
         contiguous-cache integrations need); those blocks must be free.
         """
-        return self._mgr.run_planned(lambda: self._allocate(seq_id, num_tokens, first_block))
+        return self._room.run_planned(lambda: self._allocate(seq_id, num_tokens, first_block))
 
     def _allocate(self, seq_id: Hashable, num_tokens: int, first_block: int | None) -> list[int]:
         self._check_open()
@@ -130,7 +134,7 @@ class KVSpace(SpaceTiers):
         # plan: blocks, pages to map, room for them -- nothing changes until all three are known to hold
         masks = self._masks()
         if first_block is None:
-            blocks, new_pages = plan_blocks(books, held, need, masks, lambda n: self._mgr.can_back(self, n))
+            blocks, new_pages = plan_blocks(books, held, need, masks, lambda n: self._room.can_back(self, n))
         else:
             blocks, new_pages = plan_range(books, first_block, len(held), need, masks)
         if not self.within_quota(len(new_pages)):
@@ -138,11 +142,11 @@ class KVSpace(SpaceTiers):
                 f"space {self.name!r}: {(len(self.range.handles) + len(new_pages)) * self.page_bytes} bytes would "
                 f"be mapped, over its quota of {self.quota_bytes} bytes; free or offload sequences of this space, "
                 "or raise quota_bytes")
-        room = self._mgr.plan_room(self, len(new_pages) * self.num_regions, keep=set(books.pages_of(blocks))) \
+        room = self._room.plan_room(self, len(new_pages) * self.num_regions, keep=set(books.pages_of(blocks))) \
             if new_pages else None
         # commit
         if room is not None:
-            self.map_pages(new_pages, self._mgr.take_room(room))
+            self.map_pages(new_pages, self._room.take_room(room))
             self.pages.mapped(new_pages)
         return self._grow(seq_id, blocks, old_tokens, num_tokens)
 
@@ -214,7 +218,7 @@ class KVSpace(SpaceTiers):
         """Release ``seq_id``'s blocks, in whatever tier they are. Pages left empty on the GPU are unmapped once
         the work queued on ``stream`` (default: the current stream) has finished; up to ``space_reserve_pages``
         of them stay mapped. Transfers in flight for its pages are waited for first."""
-        self._mgr.run_planned(lambda: self._free(seq_id, stream))
+        self._room.run_planned(lambda: self._free(seq_id, stream))
 
     def _free(self, seq_id: Hashable, stream: Any) -> None:
         self._check_open()
@@ -224,7 +228,7 @@ class KVSpace(SpaceTiers):
         emptied = self.block_books.release(seq_id)
         self._offloaded.discard(seq_id)
         self._seq_priority.pop(seq_id, None)
-        fence = self._mgr.backend.record_fence(stream) if emptied else None
+        fence = self._backend.record_fence(stream) if emptied else None
         for p in emptied:
             self._tiering.policy.on_remove(PageRef(self.name, p))
             if self.pages.tier_of(p) == Tier.GPU:
@@ -267,10 +271,10 @@ class KVSpace(SpaceTiers):
         to run before a step: a kernel reading an unmapped page would kill the CUDA context)."""
         with self._lock:
             self._check_open()
-            ids = block_ids_arg(block_ids)
-            if ids and not 0 <= min(ids) <= max(ids) < self.num_blocks:
+            listed = block_ids_arg(block_ids)
+            if listed and not 0 <= min(listed) <= max(listed) < self.num_blocks:
                 raise NotResidentError(f"space {self.name!r}: block ids must lie in 0..{self.num_blocks - 1}")
-            ids = np.asarray(ids, dtype=np.int64)
+            ids = np.asarray(listed, dtype=np.int64)
             mapped = np.zeros(self.num_pages, dtype=bool)
             if self.range.handles:
                 mapped[list(self.range.handles)] = True
@@ -305,6 +309,44 @@ class KVSpace(SpaceTiers):
                     "sequences": len(self.block_books.seqs), "sequences_offloaded": len(self._offloaded),
                     **self.range.stats()}
 
+    # --- between the tiers (kvtier/space_tiers.py has the contracts) ------------------------------------------
+    def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
+        """Mark ``seq_id`` idle; with ``tier``, start sending its pages there now (see ``SpaceTiers.offload``)."""
+        return self.tiers.offload(seq_id, tier, stream)
+
+    def offload_prefix(self, seq_id: Hashable, tokens: int, tier: str = "host", stream: Any = None) -> TransferHandle:
+        """Send down the pages holding only ``seq_id``'s first ``tokens`` tokens while it stays active."""
+        return self.tiers.offload_prefix(seq_id, tokens, tier, stream)
+
+    def drop_prefix(self, seq_id: Hashable, tokens: int, stream: Any = None) -> TransferHandle:
+        """Give back the pages holding only ``seq_id``'s first ``tokens`` tokens (never read again)."""
+        return self.tiers.drop_prefix(seq_id, tokens, stream)
+
+    def prefetch(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start bringing every page of ``seq_ids`` to the GPU; they become active again."""
+        return self.tiers.prefetch(seq_ids)
+
+    def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
+        """``prefetch(seq_ids).result()``."""
+        self.tiers.ensure_resident(seq_ids)
+
+    def stage(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
+        """Start reading the disk-tier pages of ``seq_ids`` into host memory, ahead of a prefetch."""
+        return self.tiers.stage(seq_ids)
+
+    def read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0,
+             stop: int | None = None, stream: Any = None) -> TransferHandle:
+        """Copy the KV of ``seq_id``'s tokens ``start..stop`` into ``dst`` from whichever tier holds them."""
+        return self.tiers.read(seq_id, dst, start, stop, stream)
+
+    def residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Bytes of ``seq_id``'s blocks per place: ``gpu``, each configured tier, ``lost``."""
+        return self.tiers.residency(seq_id)
+
+    def stripe_residency(self, seq_id: Hashable) -> dict[str, int]:
+        """Distinct pages holding ``seq_id``'s blocks, per place."""
+        return self.tiers.stripe_residency(seq_id)
+
     # --- what tiering needs (kvtier.tiering.TieredSpace) ----------------------------------------------------------
     def idle_pages(self) -> list[int]:
         """GPU pages, not in flight, whose live blocks all belong to offloaded sequences."""
@@ -327,14 +369,14 @@ class KVSpace(SpaceTiers):
         try:
             self.range.map(pages, handles, on_region)
         except BaseException:
-            self._mgr.give_pages(handles)
+            self._room.give_pages(handles)
             raise
 
     def unmap_pages(self, pages: list[int], still_below: bool = False, leaving: bool = False) -> None:
         """Unmap GPU ``pages`` (their readers are done) and give their handles back; they become vacant. With
         ``still_below``: pages mapped for a promotion that failed -- their data stays where it is below; with
         ``leaving``: pages whose move away commits now (the page table's transition says where they went)."""
-        self._mgr.give_pages(self.range.unmap(pages))
+        self._room.give_pages(self.range.unmap(pages))
         if still_below:
             return
         for p in pages:
@@ -345,7 +387,7 @@ class KVSpace(SpaceTiers):
     def unmap_regions(self, page: int, regions: list[int]) -> None:
         """Unmap ``regions`` of a page going down (their copies have landed) and give their handles back; the
         page's other regions stay until ``unmap_pages``."""
-        self._mgr.give_pages(self.range.unmap_regions(page, regions))
+        self._room.give_pages(self.range.unmap_regions(page, regions))
 
     def mapped_regions(self, page: int) -> list[int]:
         return self.range.mapped_regions(page)
@@ -370,7 +412,7 @@ class KVSpace(SpaceTiers):
 
     def _trim(self) -> None:
         """Unmap empty pages beyond the reserve whose fences have completed (never waits)."""
-        excess = len(self._empty) - self._mgr.config.space_reserve_pages
+        excess = len(self._empty) - self._config.space_reserve_pages
         if excess > 0:
             done = [p for p, fence in list(self._empty.items())[:excess] if fence is None or fence.query()]
             if done:
@@ -380,14 +422,14 @@ class KVSpace(SpaceTiers):
         """Map fresh pages as empties, up to ``space_reserve_pages``, from what the pool has free now (no
         reclaim, no demotion): the next allocations book blocks on them without a driver call. The background
         demoter calls it under the lock when ``map_ahead`` is on; returns the pages mapped."""
-        want = self._mgr.config.space_reserve_pages - len(self._empty)
-        if want <= 0 or self.closed or not self._mgr.pool.can_take(self.num_regions):
+        want = self._config.space_reserve_pages - len(self._empty)
+        if want <= 0 or self.closed or not self._room.pool.can_take(self.num_regions):
             return 0
-        want = min(want, self._mgr.pool.available() // self.num_regions)
+        want = min(want, self._room.pool.available() // self.num_regions)
         pages = np.flatnonzero(self.pages.vacant())[:want].tolist()
         if not pages or not self.within_quota(len(pages)):
             return 0
-        self.map_pages(pages, self._mgr.pool.take(len(pages) * self.num_regions))
+        self.map_pages(pages, self._room.pool.take(len(pages) * self.num_regions))
         self.pages.mapped(pages)
         for p in pages:
             self._empty[p] = None
@@ -402,7 +444,7 @@ class KVSpace(SpaceTiers):
         manager calls it once no transfer of this space is in flight."""
         self.reclaim(list(self._empty))
         if self.range.handles:  # live pages: unmap them too, once the device is done with them
-            self._mgr.backend.synchronize()
+            self._backend.synchronize()
             self.unmap_pages(list(self.range.handles))
         self._tiering.close_space(self)
         self.range.close()
@@ -411,13 +453,13 @@ class KVSpace(SpaceTiers):
         self.closed = True
 
     def _check_open(self) -> None:
-        self._mgr.check_open()
+        self._manager_open()
         if self.closed:
             raise ClosedError(f"space {self.name!r} was dropped; create it again")
 
     # --- integrity ------------------------------------------------------------------------------------------------
     def _debug_check(self) -> None:
-        if self._mgr.config.debug_checks:
+        if self._config.debug_checks:
             self.check()
 
     def check(self) -> None:

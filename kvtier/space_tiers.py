@@ -2,14 +2,14 @@
 ``offload_prefix``, ``drop_prefix``), bringing them back (``prefetch``, ``stage``, ``ensure_resident``), reading a
 prefix kept below without mapping it (``read``), and where a sequence's bytes are (``residency``).
 
-``SpaceTiers`` is a mixin of ``KVSpace`` and only that: it plans against the space's books (``block_books``,
-``pages``, ``_offloaded``) under the manager's lock and hands the moves to ``kvtier.tiering``, as the rest of the
-space does for allocation.
+A :class:`SpaceTiers` belongs to one space (``space.tiers``), whose public methods of the same names call it: it
+plans against the space's books (``block_books``, ``pages``, ``_offloaded``) under the manager's lock and hands
+the moves to ``kvtier.tiering``, as the rest of the space does for allocation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from kvtier.checks import seq_ids_arg
 from kvtier.errors import InvalidArgumentError, PagesInFlight, TransferError
 from kvtier.policies import PageRef
 from kvtier.tiering import FIRST_LOWER, Tier, TierStack, TransferHandle
+
+if TYPE_CHECKING:
+    from kvtier.space import KVSpace
 
 
 def _offload_tier(stack: TierStack, tier: str | None, optional: bool) -> int | None:
@@ -30,7 +33,14 @@ def _offload_tier(stack: TierStack, tier: str | None, optional: bool) -> int | N
 
 
 class SpaceTiers:
-    """Offload, prefetch, stage and read for a :class:`KVSpace` (see the module docstring)."""
+    """Offload, prefetch, stage and read for one :class:`KVSpace`, which owns this object and calls it (see the
+    module docstring)."""
+
+    def __init__(self, space: "KVSpace") -> None:
+        self.space = space
+        # the space's parts this half works with (fixed for the space's life)
+        self._room, self._backend, self._lock, self._tiering = space._room, space._backend, space._lock, space._tiering
+        self.pages, self.block_books = space.pages, space.block_books
 
     def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
         """Mark ``seq_id`` idle (e.g. waiting for its next turn). With ``tier=None`` the policy decides when and
@@ -40,21 +50,21 @@ class SpaceTiers:
         its last kernels ran (default: current); demotion copies wait for them."""
         dst = _offload_tier(self._tiering.stack, tier, optional=True)
         with self._lock:
-            self._check_open()
+            self.space._check_open()
             pages = self.block_books.pages_of_seqs([seq_id])
-            self._offloaded.add(seq_id)
-            self.idle_fence = self._mgr.backend.record_fence(stream)
+            self.space._offloaded.add(seq_id)
+            self.space.idle_fence = self._backend.record_fence(stream)
             for p in pages:
-                self._tiering.policy.on_use(PageRef(self.name, p))  # its last use: the policy ages it from here
+                self._tiering.policy.on_use(PageRef(self.space.name, p))  # its last use: the policy ages it from here
             if dst is None:
                 self._tiering.poke()
                 return TransferHandle(self._tiering, "demote", [])
-            movable = set(self.idle_pages())
+            movable = set(self.space.idle_pages())
             above = (self.pages.tier >= FIRST_LOWER) & (self.pages.tier < dst)
             if above.any():  # pages already in a tier above it go on down too
                 movable |= set(np.flatnonzero(above & ~self.pages.moving_mask()).tolist())
-            plan = self._tiering.plan_demote(self, [p for p in pages if p in movable], dst)
-            return self._start(plan, self.idle_fence)
+            plan = self._tiering.plan_demote(self.space, [p for p in pages if p in movable], dst)
+            return self._start(plan, self.space.idle_fence)
 
     def offload_prefix(self, seq_id: Hashable, tokens: int, tier: str = "host", stream: Any = None) -> TransferHandle:
         """Start moving down the pages that hold only ``seq_id``'s first ``tokens`` tokens, while the sequence
@@ -64,11 +74,11 @@ class SpaceTiers:
         (or copied) the prefix ran; the copies down wait for them."""
         dst = _offload_tier(self._tiering.stack, tier, optional=False)
         with self._lock:
-            self._check_open()
+            self.space._check_open()
             movable = self.pages.allocatable()
             pages = [p for p in self._prefix_pages(seq_id, tokens) if movable[p]]
-            plan = self._tiering.plan_demote(self, pages, dst)
-            return self._start(plan, self._mgr.backend.record_fence(stream))
+            plan = self._tiering.plan_demote(self.space, pages, dst)
+            return self._start(plan, self._backend.record_fence(stream))
 
     def _prefix_pages(self, seq_id: Hashable, tokens: int) -> list[int]:
         """The pages that hold nothing but ``seq_id``'s first ``tokens`` tokens (whole blocks below ``tokens``; no
@@ -78,8 +88,8 @@ class SpaceTiers:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= b.tokens[seq_id]:
             raise InvalidArgumentError(f"tokens must be an int in 0..{b.tokens[seq_id]} (the tokens "
                                        f"{seq_id!r} holds), got {tokens!r}")
-        cut = tokens // self.block_size  # blocks wholly below ``tokens``
-        ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.num_pages)
+        cut = tokens // self.space.block_size  # blocks wholly below ``tokens``
+        ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.space.num_pages)
         later = set(b.pages_of(blocks[cut:]))
         return [p for p in np.flatnonzero(ours).tolist() if ours[p] == b.live[p] and p not in later]
 
@@ -89,13 +99,13 @@ class SpaceTiers:
         memory goes back (a GPU page once the kernels queued on ``stream`` are done, a page below at once). A
         dropped token is gone: ``read`` and ``check_resident`` refuse it, ``prefetch`` skips it."""
         with self._lock:
-            self._check_open()
+            self.space._check_open()
             moving = self.pages.moving_mask()
             pages = [p for p in self._prefix_pages(seq_id, tokens) if not moving[p]]
             tiers = self.pages.tier[pages] if pages else np.zeros(0, dtype=np.int8)
-            self._tiering.drop_below(self, [p for p, t in zip(pages, tiers) if t >= FIRST_LOWER])
-            plan = self._tiering.plan_drop(self, [p for p, t in zip(pages, tiers) if t == Tier.GPU])
-            return self._start(plan, self._mgr.backend.record_fence(stream))
+            self._tiering.drop_below(self.space, [p for p, t in zip(pages, tiers) if t >= FIRST_LOWER])
+            plan = self._tiering.plan_drop(self.space, [p for p, t in zip(pages, tiers) if t == Tier.GPU])
+            return self._start(plan, self._backend.record_fence(stream))
 
     def _start(self, plan: Any, after: Any) -> TransferHandle:
         handles = self._tiering.start_demotion(plan, after=after)
@@ -106,30 +116,30 @@ class SpaceTiers:
         ``wait(stream)`` makes the step's stream wait on the device; ``result()`` blocks. Raises OutOfPagesError
         (nothing started) when the GPU cannot take them even after demoting idle pages."""
         seqs = seq_ids_arg("prefetch", seq_ids)
-        return self._mgr.run_planned(lambda: self._prefetch(seqs))
+        return self._room.run_planned(lambda: self._prefetch(seqs))
 
     def _prefetch(self, seqs: list[Hashable]) -> TransferHandle:
-        self._check_open()
+        self.space._check_open()
         pages = self.block_books.pages_of_seqs(seqs)
         pending = self.pages.in_flight(pages)
         if pending:
-            raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
+            raise PagesInFlight(f"space {self.space.name!r}: pages in flight", pending)
         self._refuse_lost(pages)
         below = [p for p in pages if self.pages.tier[p] >= FIRST_LOWER]
-        room = self._mgr.plan_room(self, len(below) * self.num_regions, keep=set(pages)) if below else None
+        room = self._room.plan_room(self.space, len(below) * self.space.num_regions, keep=set(pages)) if below else None
         # commit
-        handles = self._mgr.take_room(room) if room is not None else []
-        self._offloaded.difference_update(seqs)
-        handle = self._tiering.promote(self, below, handles)
+        handles = self._room.take_room(room) if room is not None else []
+        self.space._offloaded.difference_update(seqs)
+        handle = self._tiering.promote(self.space, below, handles)
         for p in pages:
-            self._tiering.policy.on_use(PageRef(self.name, p))
+            self._tiering.policy.on_use(PageRef(self.space.name, p))
         return handle
 
     def _refuse_lost(self, pages: Sequence[int]) -> None:
         lost = [p for p in pages if self.pages.tier[p] == Tier.LOST]
         if lost:
-            raise TransferError(f"space {self.name!r}: stripes {lost} were lost (a read back failed); free and "
-                                "recompute these sequences", self.sequences_on(lost))
+            raise TransferError(f"space {self.space.name!r}: stripes {lost} were lost (a read back failed); free and "
+                                "recompute these sequences", self.space.sequences_on(lost))
 
     def read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0,
              stop: int | None = None, stream: Any = None) -> TransferHandle:
@@ -143,11 +153,11 @@ class SpaceTiers:
         ``dst``. ``handle.wait(stream)`` orders the step after them. Pages in flight are waited for first; the
         pages read stay where they are until the read is done. Raises TransferError for lost pages."""
         self._check_read_target(dst)
-        return self._mgr.run_planned(lambda: self._read(seq_id, dst, start, stop, stream))
+        return self._room.run_planned(lambda: self._read(seq_id, dst, start, stop, stream))
 
     def _read(self, seq_id: Hashable, dst: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int,
               stop: int | None, stream: Any) -> TransferHandle:
-        self._check_open()
+        self.space._check_open()
         b = self.block_books
         held = b.blocks_of(seq_id)
         stop = b.tokens[seq_id] if stop is None else stop
@@ -155,37 +165,37 @@ class SpaceTiers:
                 not isinstance(stop, int) or not 0 <= start <= stop <= b.tokens[seq_id]:
             raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not within the "
                                        f"{b.tokens[seq_id]} tokens {seq_id!r} holds")
-        blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
+        blocks = np.asarray(held[start // self.space.block_size: -(-stop // self.space.block_size)], dtype=np.int64)
         pages = np.unique(np.concatenate((b.first_page[blocks], b.last_page[blocks]))).tolist()
         moving = self.pages.moving
         pending = list({moving[p] for p in pages if p in moving}) if moving else []
         if pending:
-            raise PagesInFlight(f"space {self.name!r}: pages in flight", pending)
+            raise PagesInFlight(f"space {self.space.name!r}: pages in flight", pending)
         self._refuse_lost(pages)
         if (self.pages.tier[pages] == Tier.DROPPED).any():
-            raise InvalidArgumentError(f"space {self.name!r}: tokens {start}..{stop} of {seq_id!r} include dropped "
-                                       "ones (drop_prefix); read only the tokens kept")
+            raise InvalidArgumentError(f"space {self.space.name!r}: tokens {start}..{stop} of {seq_id!r} include "
+                                       "dropped ones (drop_prefix); read only the tokens kept")
         flat = [t.view(torch.uint8).view(-1) for pair in dst for t in pair]
-        used, P = flat[0].numel(), self.page_size
+        used, P = flat[0].numel(), self.space.page_size
 
         def target(region: int, page: int) -> torch.Tensor:  # the page's bytes in dst (the last page is short)
             return flat[region][page * P: min((page + 1) * P, used)]
-        return self._tiering.read(self, pages, target, stream)
+        return self._tiering.read(self.space, pages, target, stream)
 
     def _check_read_target(self, dst: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        ok = isinstance(dst, (list, tuple)) and len(dst) == self.num_layers and \
+        shape = (self.space.num_blocks, self.space.block_size, self.space.num_kv_heads, self.space.head_dim)
+        ok = isinstance(dst, (list, tuple)) and len(dst) == self.space.num_layers and \
             all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in dst)
         tensors = [t for pair in dst for t in pair] if ok else []
-        device = self.range.whole.device
+        device = self.space.range.whole.device
         for t in tensors:
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.dtype or \
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.space.dtype or \
                     t.device.type != device.type or not t.is_contiguous():
                 tensors = []
                 break
-        if len(tensors) != self.num_regions:
-            raise InvalidArgumentError(f"read needs one (K, V) pair per layer ({self.num_layers}), each a "
-                                       f"contiguous {self.dtype} tensor of shape {list(shape)} on {device} "
+        if len(tensors) != self.space.num_regions:
+            raise InvalidArgumentError(f"read needs one (K, V) pair per layer ({self.space.num_layers}), each a "
+                                       f"contiguous {self.space.dtype} tensor of shape {list(shape)} on {device} "
                                        "(like kv(layer))")
 
     def stage(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
@@ -194,11 +204,11 @@ class SpaceTiers:
         are."""
         seq_ids = seq_ids_arg("stage", seq_ids)
         with self._lock:
-            self._check_open()
+            self.space._check_open()
             moving = self.pages.moving_mask()
             pages = [p for p in self.block_books.pages_of_seqs(seq_ids)
                      if self._tiering.stage_target(int(self.pages.tier[p])) is not None and not moving[p]]
-            return self._tiering.stage(self, pages)
+            return self._tiering.stage(self.space, pages)
 
     def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
         """``prefetch(seq_ids).result()``: blocks until every page is on the GPU."""
@@ -208,16 +218,16 @@ class SpaceTiers:
         """Bytes of ``seq_id``'s blocks per place: ``gpu``, each configured tier (``host``, ``nvme``...),
         ``lost``."""
         with self._lock:
-            self._check_open()
+            self.space._check_open()
             blocks = np.asarray(self.block_books.blocks_of(seq_id), dtype=np.int64)
             tiers = self.pages.tier[self.block_books.first_page[blocks]]
-            per_block = self.block_bytes * self.num_regions
+            per_block = self.space.block_bytes * self.space.num_regions
             return {name: int((tiers == t).sum()) * per_block for name, t in self._places()}
 
     def stripe_residency(self, seq_id: Hashable) -> dict[str, int]:
         """Distinct pages holding ``seq_id``'s blocks, per tier (pages may be shared with other sequences)."""
         with self._lock:
-            self._check_open()
+            self.space._check_open()
             tiers = self.pages.tier[self.block_books.pages_of_seqs([seq_id])]
             return {name: int((tiers == t).sum()) for name, t in self._places()}
 

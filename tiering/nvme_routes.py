@@ -4,7 +4,8 @@ and from it. Every one is I/O run by the tiering worker (host steps), each pair'
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -21,12 +22,11 @@ def register(nvme: "NvmeTier", mover: "Mover", stack: TierStack) -> None:
     through slots lent by the nearest host-memory tier (see :func:`_from_gpu`)."""
     hosts = [t for t in stack if isinstance(t, HostSlots)]
     staging = hosts[0] if hosts else None
-    mover.register(Tier.GPU, nvme.id, lambda *a: _from_gpu(nvme, staging, mover, *a))
-    mover.register(nvme.id, Tier.GPU, lambda pairs, after, tags, *_: mover.io(
-        [lambda v=view, s=slot: nvme.read(s, v) for slot, view in pairs], after, tags))
+    mover.register(Tier.GPU, nvme.id, functools.partial(_from_gpu, nvme, staging, mover))
+    mover.register(nvme.id, Tier.GPU, functools.partial(_to_gpu, nvme, mover))
     for host in hosts:
-        mover.register(host.id, nvme.id, lambda *a, host=host: _from_host(nvme, host, mover, *a))
-        mover.register(nvme.id, host.id, lambda *a, host=host: _to_host(nvme, host, mover, *a))
+        mover.register(host.id, nvme.id, functools.partial(_from_host, nvme, host, mover))
+        mover.register(nvme.id, host.id, functools.partial(_to_host, nvme, host, mover))
 
 
 def _from_gpu(nvme: "NvmeTier", staging: HostSlots | None, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any,
@@ -37,9 +37,18 @@ def _from_gpu(nvme: "NvmeTier", staging: HostSlots | None, mover: "Mover", pairs
     0.92. The CPU backend stages too (its pages are memfd mappings; O_DIRECT from them ran at ~0.5 of a write from
     plain memory here), so the same route runs in CI."""
     if nvme.mode == "kvikio-gds" or staging is None:
-        ops = [lambda v=view, s=slot: nvme.write(s, v) for view, slot in pairs]
-        return mover.io(ops, after, tags, on_done, gated=True)
+        return mover.io([_op(nvme.write, slot, view) for view, slot in pairs], after, tags, on_done, gated=True)
     return Work(io=[lambda: _from_gpu_staged(nvme, staging, mover, pairs, after, tags, on_done)])
+
+
+def _to_gpu(nvme: "NvmeTier", mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any,
+            on_done: Any = None, on_part: Any = None) -> Work:
+    return mover.io([_op(nvme.read, slot, view) for slot, view in pairs], after, tags)
+
+
+def _op(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``fn(*args)``, started later (one item of an I/O batch)."""
+    return lambda: fn(*args)
 
 
 def _from_gpu_staged(nvme: "NvmeTier", staging: HostSlots, mover: "Mover", pairs: list[tuple[Any, Any]],
@@ -52,7 +61,7 @@ def _from_gpu_staged(nvme: "NvmeTier", staging: HostSlots, mover: "Mover", pairs
     lent = mover.lend(staging, depth * mover.BATCH)
     if len(lent) < depth:  # the host tier is (nearly) full: straight from the device pages
         staging.books.give_lent(lent)
-        ops = [lambda v=view, s=slot: nvme.write(s, v) for view, slot in pairs]
+        ops = [_op(nvme.write, slot, view) for view, slot in pairs]
         mover.pipeline(lambda idx: mover.futures({i: ops[i] for i in idx}), len(ops), tags, on_done)
         return
     batch, rounds = len(lent) // depth, [0]
@@ -72,8 +81,7 @@ def _from_gpu_staged(nvme: "NvmeTier", staging: HostSlots, mover: "Mover", pairs
                 landed = torch.cuda.Event()
                 landed.record(mover.down)
             landed.synchronize()
-        return mover.futures({i: (lambda i=i, k=k: nvme.write(pairs[i][1], staging.view(ring[k])[:views[k].numel()],
-                                                                values[k]))
+        return mover.futures({i: _op(nvme.write, pairs[i][1], staging.view(ring[k])[:views[k].numel()], values[k])
                               for k, i in enumerate(indices)})
     try:
         mover.pipeline(submit, len(pairs), tags, on_done, batch=batch)
@@ -84,8 +92,10 @@ def _from_gpu_staged(nvme: "NvmeTier", staging: HostSlots, mover: "Mover", pairs
 def _from_host(nvme: "NvmeTier", host: HostSlots, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any,
                tags: Any, on_done: Any, on_part: Any = None) -> Work:
     digests = host.digests  # with host checksums, bytes that went bad in host memory are not sealed below
-    verified = (lambda h: digests.verify(h, host.data(h), host.name)) if digests else (lambda h: None)
-    return mover.io([lambda h=hs, n=ns: nvme.write(n, host.data(h), verified(h)) for hs, ns in pairs], tags=tags)
+    def write(h: int, n: int) -> Any:
+        value = digests.verify(h, host.data(h), host.name) if digests is not None else None
+        return nvme.write(n, host.data(h), value)
+    return mover.io([_op(write, hs, ns) for hs, ns in pairs], tags=tags)
 
 
 def _to_host(nvme: "NvmeTier", host: HostSlots, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any,
@@ -95,5 +105,7 @@ def _to_host(nvme: "NvmeTier", host: HostSlots, mover: "Mover", pairs: list[tupl
         host.hold(hs, nvme.held(ns))  # the slot below holds a page's live bytes: so will this one
         if digests is not None:
             digests.open(hs)
-    seal = (lambda h: (lambda value: digests.seal(h, value))) if digests is not None else (lambda h: None)
-    return mover.io([lambda n=ns, h=hs: nvme.read(n, host.data(h), seal(h)) for ns, hs in pairs], tags=tags)
+    def read(n: int, h: int) -> Any:
+        then = functools.partial(digests.seal, h) if digests is not None else None
+        return nvme.read(n, host.data(h), then)
+    return mover.io([_op(read, ns, hs) for ns, hs in pairs], tags=tags)

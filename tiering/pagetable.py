@@ -5,8 +5,8 @@ field a transition touches in one call, under the manager's lock that every call
 that leave the table for the tiers' books. ``LEGAL`` lists the transitions; with ``debug`` (``debug_checks``)
 each one is checked.
 
-Every page is in exactly one place: ``Tier.UNMAPPED`` (no data), ``Tier.GPU`` (mapped; the space's range holds
-its handles), a lower tier -- its id, see ``TierStack`` -- (``slots`` holds one slot per region), ``LOST`` (a read back failed; the
+Every page is in exactly one place: ``Tier.UNMAPPED`` (no data), ``Tier.GPU`` (mapped; the space's range
+holds its handles), a lower tier -- its id, see ``TierStack`` -- (``slots`` holds one slot per region), ``LOST`` (a read back failed; the
 sequences on it must be recomputed), or ``DROPPED`` (the engine dropped tokens it will never read again: the
 blocks stay their sequence's, the data is gone and nothing is held for it). A page in flight keeps its source
 tier -- its data stays valid there until the transfer commits -- and is listed in ``moving`` with the transfer's

@@ -206,6 +206,7 @@ class Tiering:
             moves.append(self._move(space, p, pm.src, pm.dst, slots))
             live = space.live_bytes(p) if pm.src == Tier.GPU else 0  # only its live blocks' bytes
             for r in range(R):
+                source: Any
                 if pm.src == Tier.GPU:
                     source = space.region_view(r, p)
                     source = source[:live] if 0 < live < source.numel() else source
@@ -399,7 +400,7 @@ class Tiering:
             self._commit_read(handle)
             return
         final = moves is None
-        for m in handle.moves if final else moves:
+        for m in handle.moves if moves is None else moves:
             if id(m) in handle.done_moves:
                 continue
             handle.done_moves.add(id(m))

@@ -70,3 +70,7 @@ class Backend(Protocol):
 
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
         """A ``uint8`` tensor over ``[address, address + nbytes)`` that does not own the memory."""
+
+    def close(self) -> None:
+        """Release what the backend holds (its context's resources); every page is released and every reservation
+        freed first. The manager calls it last."""

@@ -146,7 +146,7 @@ class PagePool:
         if now - self._limit_checked < LIMIT_CHECK_S:
             return
         self._limit_checked = now
-        over = self.ledger.over_limit()
+        over = self.ledger.over_limit() if self.ledger is not None else 0
         if over:
             self._release_locked(min(over, len(self._free)))
 

@@ -30,7 +30,7 @@ class TieredLayer(CacheLayerMixin):
     # The data lives in the cache's spaces: ``keys`` and ``values`` are read from there, never kept here, so they
     # cannot dangle (a layer's pages move between tiers, and ``reset`` frees them).
     @property
-    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
         return self.cache._layer_kv(self)[0]
 
     @keys.setter
@@ -38,7 +38,7 @@ class TieredLayer(CacheLayerMixin):
         pass
 
     @property
-    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
         return self.cache._layer_kv(self)[1]
 
     @values.setter

@@ -117,6 +117,8 @@ class ElasticSectors(CachePool):
 class ElasticCache(PagedAttentionCache):
     """The engine's paged cache with its tensor on an elastic buffer (sized, laid out and used as the engine's)."""
 
+    pool: ElasticSectors  # the engine's CachePool, on the buffer
+
     def __init__(self, engine: "KVTierEngine", device: torch.device | str, **kwargs: Any) -> None:
         super().__init__(device="meta", **kwargs)  # sizes and lays out everything; the meta tensor holds nothing
         self.device = device

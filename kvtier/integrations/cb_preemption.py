@@ -25,6 +25,7 @@ class TieredOffloading(OffloadingManager):
     """Preempted requests go down through kvtier's tiers instead of the engine's static swap pool."""
 
     MAX_SWAP_BLOCKS = 1 << 20  # ~10 MB of books a swap space at most
+    cache: ElasticCache  # the engine's PagedAttentionCache, elastic
 
     def __init__(self, cache: ElasticCache, scheduler: Any, compute_stream: Any, distributed_helper: Any,
                  engine: "KVTierEngine") -> None:

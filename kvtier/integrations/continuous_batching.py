@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -84,7 +84,7 @@ class KVTierBatchingManager(ContinuousBatchingManager):
         engine, cb, model = self.kvtier, self.continuous_batching_config, self.model
         cb.cpu_offload_space = 0.0  # kvtier's tiers take preempted requests
         keep_logits = getattr(model, "_supports_logits_to_keep", None)
-        cache_args = dict(config=model.config.get_text_config(), continuous_batching_config=cb,
+        cache_args: dict[str, Any] = dict(config=model.config.get_text_config(), continuous_batching_config=cb,
                           distributed_helper=self.distributed_helper, dtype=model.dtype,
                           model_supports_logits_to_keep=callable(keep_logits) and keep_logits())
         if cb.num_blocks is None:
@@ -99,7 +99,8 @@ class KVTierBatchingManager(ContinuousBatchingManager):
                                               max_batch_tokens=cache.max_batch_tokens)
         if SLIDING_ATTENTION in cache.cache_allocators:  # the engine's own rule: no decode fast path then
             cb.max_blocks_per_request = 0
-        scheduler = SCHEDULER_MAPPING.get(cb.scheduler_type, FIFOScheduler)(
+        scheduler_class: Callable[..., Any] = SCHEDULER_MAPPING.get(cb.scheduler_type, FIFOScheduler)
+        scheduler = scheduler_class(
             cache=cache, safety_margin=cb.safety_margin, max_requests_per_batch=cb.max_requests_per_batch)
         processor = ContinuousBatchProcessor(
             cache=cache, config=model.config.get_text_config(), generation_config=self.generation_config,
@@ -111,23 +112,23 @@ class KVTierBatchingManager(ContinuousBatchingManager):
         stream = processor.inputs_and_outputs.compute_stream
         cache.pool.stream = stream
         try:
-            processor.offloading_manager = TieredOffloading(cache, scheduler, stream, self.distributed_helper,
-                                                            engine)
+            offloading = TieredOffloading(cache, scheduler, stream, self.distributed_helper, engine)
         except BaseException:
             cache.close()
             raise
-        engine.attach(cache, processor.offloading_manager)
+        processor.offloading_manager = offloading
+        engine.attach(cache, offloading)
         schedule = scheduler.schedule_batch
 
         def schedule_batch(*args: Any, **kwargs: Any) -> Any:
             # whether the last try scheduled nothing: the engine then asks to preempt or stop (see _wait_for_room)
             out = schedule(*args, **kwargs)
-            processor.offloading_manager.nothing_scheduled = out[0] is None
+            offloading.nothing_scheduled = out[0] is None
             if (out[0] is None or scheduler.waiting_requests) and cache.pool.room_limited:
                 cache.buffer.want()  # work waits for pool room: engines past their fair share stop growing
             return out
 
-        scheduler.schedule_batch = schedule_batch
+        scheduler.schedule_batch = schedule_batch  # wrapped in place: the engine calls the scheduler's attribute
         return processor
 
     def stop(self, *args: Any, **kwargs: Any) -> None:
@@ -187,7 +188,7 @@ class KVTierEngine:
         self.cache, self.offloading = cache, offloading
 
     def detach(self) -> None:
-        if self.cache is not None:
+        if self.cache is not None and self.offloading is not None:  # attached together
             self._peak_bytes = max(self._peak_bytes, self.cache.buffer.peak_pages * self.manager.page_size)
             self.offloading.close()
             self.cache.close()

@@ -90,7 +90,7 @@ def run(config: Config, prompts: dict[str, list[int]], steps: int, idle_every: i
         names = list(prompts)
         history = {s: list(p) for s, p in prompts.items()}
         generated: dict[str, list[int]] = {s: [] for s in names}
-        active, idle = set(names), set()
+        active, idle = set(names), set()  # type: tuple[set[str], set[str]]
         recomputed = 0
 
         def prefill(s: str) -> None:  # one token at a time (a real engine batches this)

@@ -65,6 +65,8 @@ class TieredCache(Cache):
     defaults). ``offload_tier``: where streamed layers' pages go (a tier of the manager's ``[tiers] order``:
     "host" or "nvme" by default)."""
 
+    layers: list[TieredLayer]  # type: ignore[assignment]  # transformers' union of layer kinds: ours are all one
+
     def __init__(self, model_config: Any, max_tokens: int = 32768, batch_size: int | None = None,
                  manager: TierManager | None = None, config: Config | None = None,
                  resident_layers: int | None = None, offload_tier: str = "host", block_size: int = 16,
@@ -143,16 +145,16 @@ class TieredCache(Cache):
         for i in range(n):
             self.spaces.append(self._new_space(f"{self.name}.L{i}", key_states.dtype))
         self._dropped = [[0] * self.rows for _ in range(n)]
-        page, token_bytes = self.manager.page_size, self.spaces[0].block_bytes // self.block_size
+        page, token_bytes = self._manager.page_size, self.spaces[0].block_bytes // self.block_size
         layer, tail = _layer_bytes(token_bytes, self.max_tokens, self.rows, page)
         # sliding layers stay resident: they keep about two windows (and the pages those straddle); so do layers
         # whose K/V later layers read (KV sharing); layers reusing another's hold nothing
         full = [i for i in range(n) if self.layers[i].window is None and i not in self._shared | self._reusing]
-        fixed = sum(_layer_bytes(token_bytes, min(self.max_tokens, 2 * self.layers[i].window + 2 * page //
-                                                  token_bytes), self.rows, page)[0]
-                    for i in range(n) if self.layers[i].window is not None and i not in self._reusing)
+        windows = {i: w for i in range(n) if (w := self.layers[i].window) is not None and i not in self._reusing}
+        fixed = sum(_layer_bytes(token_bytes, min(self.max_tokens, 2 * w + 2 * page // token_bytes), self.rows,
+                                 page)[0] for w in windows.values())
         fixed += layer * sum(1 for i in self._shared if self.layers[i].window is None)
-        budget = self.manager.pool.budget_pages * page - fixed
+        budget = self._manager.pool.budget_pages * page - fixed
         m = len(full)
         if self.resident_layers is None:  # as many as the pool holds beside the ring and the streamed last pages
             spare = budget - RING_SLOTS * layer - m * tail - tail // self.rows
@@ -163,9 +165,14 @@ class TieredCache(Cache):
         self._streamed = sorted({full[(2 * k + 1) * m // (2 * streamed)] for k in range(streamed)})
         self._settled = {i: [0] * self.rows for i in self._streamed}
 
+    @property
+    def _manager(self) -> TierManager:
+        assert self.manager is not None, "the manager is made by the first update"  # every caller runs after it
+        return self.manager
+
     def _new_space(self, name: str, dtype: torch.dtype) -> Any:
         name = name if self._generation == 1 else f"{name}.g{self._generation}"  # a name may be in use still
-        return self.manager.create_space(name, num_layers=1, num_kv_heads=self.num_kv_heads,
+        return self._manager.create_space(name, num_layers=1, num_kv_heads=self.num_kv_heads,
                                          head_dim=self.head_dim, dtype=dtype, block_size=self.block_size,
                                          max_tokens=self.capacity * self.max_tokens,
                                          # the pool is sized to what the cache maps (pool_bytes): pages mapped
@@ -214,8 +221,9 @@ class TieredCache(Cache):
         of older tokens are dropped once a whole page has fallen out, after the kernels queued on ``stream`` (the
         layer's attention, which may still read them: this runs as the next layer starts)."""
         layer, space = self.layers[i], self.spaces[i]
+        assert layer.window is not None  # called for sliding layers only
         keep = layer.length - 2 * layer.window
-        if keep - min(self._dropped[i]) < self.manager.page_size // (space.block_bytes // self.block_size):
+        if keep - min(self._dropped[i]) < self._manager.page_size // (space.block_bytes // self.block_size):
             return
         for row in self._rows():
             space.drop_prefix(row, keep, stream=stream)
@@ -353,7 +361,7 @@ class TieredCache(Cache):
         """Send down the pages of streamed layer ``j`` that its rows' tails have left (read from below from now
         on). The copies wait for the kernels queued on ``stream``."""
         token_bytes = self.spaces[j].block_bytes // self.block_size
-        page, length = self.manager.page_size, self.layers[j].length
+        page, length = self._manager.page_size, self.layers[j].length
         for row in self._rows():
             first = row * self.blocks_per_row * self.block_size  # the row's first token in the space
             # the tokens below the page the next token goes to
@@ -500,7 +508,7 @@ class TieredCache(Cache):
         old_capacity, self.capacity = self.capacity, rows
         self._generation += 1
         for ring in self._ring:
-            self.manager.drop_space(ring.name)
+            self._manager.drop_space(ring.name)
         self._ring = []
         for i, old in enumerate(self.spaces):
             length = self.layers[i].length
@@ -516,7 +524,7 @@ class TieredCache(Cache):
                 for t_new, t_old in zip(new.kv(0), old.kv(0)):
                     t_new.view(shape_new)[:self.rows, kept:length].copy_(t_old.view(shape_old)[:self.rows, kept:length])
                 self._dropped[i] = [0] * self.rows  # the new space maps them all: dropped again as it grows
-            self.manager.drop_space(old.name)
+            self._manager.drop_space(old.name)
             self.spaces[i] = new
         self._views.clear()
 
