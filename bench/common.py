@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kvtier.tiering.nvme import io_mode
+from kvtier.tiering.tiers.nvme import io_mode
 
 
 def system_info(device: torch.device) -> dict[str, Any]:

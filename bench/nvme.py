@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from kvtier.bench.common import Table, with_scratch_dir
-from kvtier.tiering.nvme import io_mode
+from kvtier.tiering.tiers.nvme import io_mode
 from kvtier.bench.tiers import disk_ceilings
 from kvtier.config import MiB
 

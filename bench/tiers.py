@@ -224,7 +224,7 @@ def _met(ratio: float, target: str) -> bool | None:
 
 def _digest_speed(device: torch.device, page: int) -> str:
     """GB/s of the page digest on the device and on the host (best of five over 32 pages)."""
-    from kvtier.tiering.digest import digest
+    from kvtier.tiering.tiers.digest import digest
     speeds = []
     for dev in dict.fromkeys([device, torch.device("cpu")]):
         pages = [torch.randint(0, 256, (page,), dtype=torch.uint8).to(dev) for _ in range(32)]

@@ -42,7 +42,7 @@ def main(verbose: bool) -> None:
 def info(device: str, config_path: str | None) -> None:
     """The backend kvtier would use here, the facts about it, and the tiers a manager would have."""
     from kvtier.config import Config
-    from kvtier.tiering.registry import tier_class, tier_settings
+    from kvtier.tiering.tiers.registry import tier_class, tier_settings
     from kvtier.vmm import open_backend, resolve_device
 
     config = Config.from_file(config_path) if config_path else Config()

@@ -182,7 +182,7 @@ class Config(BaseModel):
                                             "write e.g. 0.9, for bytes a size such as \"60GiB\")"))
         policy = _policy_problem({"policy": self.policy, "nvme_min_uses": self.nvme_min_uses,
                                   "policy_params": self.policy_params})
-        from kvtier.tiering.registry import section_problems  # names only: no tier's code is imported here
+        from kvtier.tiering.tiers.registry import section_problems  # names only: no tier's code is imported here
         return problems + ([policy] if policy else []) + section_problems(self)
 
     # --- other ways in -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 
 from kvtier.config import Config, policy_problem
 from kvtier.errors import KVTierError
-from kvtier.tiering.host import memory_limit
+from kvtier.tiering.tiers.host import memory_limit
 from kvtier.vmm import open_backend, resolve_device
 
 
@@ -60,7 +60,7 @@ def machine_problems(config: Config) -> list[tuple[str, str]]:
     policy = policy_problem(config)
     if policy:
         problems.append(policy)
-    from kvtier.tiering.registry import section_problems
+    from kvtier.tiering.tiers.registry import section_problems
     return problems + [p for p in section_problems(config, load=True) if p not in problems]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.tiering.digest import ROW, ChecksumMismatch, Digests, digest
+from kvtier.tiering.tiers.digest import ROW, ChecksumMismatch, Digests, digest
 
 
 def _page(nbytes=64 << 10, seed=0):

@@ -228,7 +228,7 @@ def test_host_checksums_catch_host_memory_changed_at_rest(make_manager):
 
 
 def test_write_health_backs_off_per_try_and_says_a_streak_once(caplog):
-    from kvtier.tiering.health import WriteHealth
+    from kvtier.tiering.engine.health import WriteHealth
     now = [100.0]
     health = WriteHealth("nvme", clock=lambda: now[0])  # a fake clock: the back-off is arithmetic
     caplog.set_level(logging.WARNING, logger="kvtier")
@@ -310,7 +310,7 @@ def test_the_demoter_outlives_an_exception_and_keeps_demoting(make_manager, capl
     for seq in ("a", "b"):
         space.allocate(seq, 2 * per_page)
         write_seq(space, seq)
-    with caplog.at_level(logging.ERROR, logger="kvtier.tiering.background"):
+    with caplog.at_level(logging.ERROR, logger="kvtier.tiering.engine.background"):
         space.offload("a")
         deadline = time.monotonic() + 30
         while space.residency("a")["gpu"] and time.monotonic() < deadline:

@@ -122,7 +122,7 @@ def test_prefetch_wait_is_device_side(tier_mgr):
 def test_a_page_digest_is_the_same_on_the_gpu_and_the_host():
     # the digest of an NVMe slot is taken where the bytes are (GPU for kvikio's direct I/O, host for the cascade)
     # and verified where they land: both must give the same value for the same bytes, and see one flipped bit
-    from kvtier.tiering.digest import digest
+    from kvtier.tiering.tiers.digest import digest
     gen = torch.Generator().manual_seed(5)
     for nbytes in (4096, 2 << 20, 8 << 20):
         host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)

@@ -36,12 +36,12 @@ def _kvtier_imports(path: str) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_imports_go_one_way(layer):
-    for name in sorted(os.listdir(os.path.join(ROOT, layer))):
-        if not name.endswith(".py"):
-            continue
-        for module in _kvtier_imports(os.path.join(ROOT, layer, name)):
-            assert any(module == a or module.startswith(a + ".") for a in ALLOWED[layer]), \
-                f"{layer}/{name} imports {module}: a layer imports only what lies below it"
+    for folder, _, files in os.walk(os.path.join(ROOT, layer)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            for module in _kvtier_imports(path):
+                assert any(module == a or module.startswith(a + ".") for a in ALLOWED[layer]), \
+                    f"{os.path.relpath(path, ROOT)} imports {module}: a layer imports only what lies below it"
 
 
 def test_tiers_are_numbered_in_their_configured_order_with_names_at_the_edges(make_manager):

@@ -141,7 +141,7 @@ def test_a_process_stopped_holding_the_directorys_lock_holds_no_manager_up(tmp_p
     # a process is stopped (SIGSTOP, a debugger) while it holds the NVMe directory's lock: a manager starting on
     # that directory fails within the deadline, saying so; one starting on its own temporary file is not held up
     # by it in a directory left behind either
-    from kvtier.tiering import nvme
+    from kvtier.tiering.tiers import nvme
     monkeypatch.setattr(nvme, "DIR_LOCK_TIMEOUT_S", 0.3)
     directory = tmp_path / "kvtier-nvme-stuck"
     directory.mkdir()

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import kvtier
 from kvtier.cli import main
 from kvtier.tiering import IO_ALIGN, PairsFailed, Tier, TierContext, TierStack, Work, register_tier
-from kvtier.tiering.slots import SlotBooks
+from kvtier.tiering.state.slots import SlotBooks
 from tests.conftest import PAGE, assert_seq, write_seq
 
 BPP = 16  # blocks per page in the suite's shapes

@@ -1,8 +1,9 @@
-"""Tiers below the GPU (plug-ins: pinned host slots and NVMe slots are built in), the page table, demotion plans,
-transfers and background demotion. Imports only ``kvtier.vmm``, ``kvtier.policies``, ``kvtier.errors`` and
+"""Tiers below the GPU, in three parts: ``state`` (the page table, tiers and slot books, demotion plans),
+``tiers`` (the plug-in registry; pinned host slots and NVMe slots are built in) and ``engine`` (commits, the
+mover, transfers, background demotion). Imports only ``kvtier.vmm``, ``kvtier.policies``, ``kvtier.errors`` and
 ``kvtier.config``; what it needs from the layer above is stated by the Protocols in ``interfaces``.
 
-Its names are imported when first used (``kvtier.tiering.registry`` -- read by ``config check --schema-only``
+Its names are imported when first used (``kvtier.tiering.tiers.registry`` -- read by ``config check --schema-only``
 -- needs no torch)."""
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"ChecksumMismatch": "digest", "SpaceDirectory": "interfaces", "TieredSpace": "interfaces",
-         "FileLayer": "nvme", "PosixFiles": "nvme", "PageTable": "pagetable", "DemotionPlan": "plans",
-         "PlannedMove": "plans", "TierContext": "registry", "known_tiers": "registry", "register_tier": "registry",
-         "FIRST_LOWER": "tier", "IO_ALIGN": "tier", "HostSlots": "tier", "LowerTier": "tier", "Tier": "tier",
-         "TierStack": "tier", "is_lower": "tier", "Tiering": "tiering", "Mover": "mover", "Move": "transfer",
-         "PairsFailed": "transfer", "TransferHandle": "transfer", "Work": "transfer"}
+_LAZY = {
+    "FIRST_LOWER": "state.tier", "IO_ALIGN": "state.tier", "HostSlots": "state.tier", "LowerTier": "state.tier",
+    "Tier": "state.tier", "TierStack": "state.tier", "is_lower": "state.tier", "PageTable": "state.pagetable",
+    "DemotionPlan": "state.plans", "PlannedMove": "state.plans",
+    "TierContext": "tiers.registry", "known_tiers": "tiers.registry", "register_tier": "tiers.registry",
+    "ChecksumMismatch": "tiers.digest", "FileLayer": "tiers.nvme", "PosixFiles": "tiers.nvme",
+    "Tiering": "engine.tiering", "Mover": "engine.mover", "Move": "engine.transfer", "PairsFailed": "engine.transfer",
+    "TransferHandle": "engine.transfer", "Work": "engine.transfer",
+    "SpaceDirectory": "interfaces", "TieredSpace": "interfaces"}
 
 __all__ = sorted(_LAZY)
 

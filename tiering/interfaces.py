@@ -12,7 +12,7 @@ from typing import Any, Callable, Hashable, Iterable, Protocol
 
 import torch
 
-from kvtier.tiering.pagetable import PageTable
+from kvtier.tiering.state.pagetable import PageTable
 
 
 class TieredSpace(Protocol):

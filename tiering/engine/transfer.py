@@ -1,5 +1,5 @@
 """Transfers between tiers: what was asked to move (``Move``), what a route started (``Work``), and the handle an
-engine waits on (``TransferHandle``). The routes that move the bytes are in :mod:`kvtier.tiering.mover`.
+engine waits on (``TransferHandle``). The routes that move the bytes are in :mod:`kvtier.tiering.engine.mover`.
 
 A transfer has a device part (copies enqueued on a dedicated stream, ending in an event) and/or a host part (NVMe
 I/O, run by the tiering worker). Two phases: whoever starts a transfer has already planned it against the books;

@@ -23,18 +23,18 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kvtier.errors import ConfigError
-from kvtier.tiering.digest import Digests
-from kvtier.tiering.slots import SlotBooks
-from kvtier.tiering.tier import HostSlots, Tier, TierStack
-from kvtier.tiering.transfer import PairsFailed, Work
+from kvtier.tiering.tiers.digest import Digests
+from kvtier.tiering.state.slots import SlotBooks
+from kvtier.tiering.state.tier import HostSlots, Tier, TierStack
+from kvtier.tiering.engine.transfer import PairsFailed, Work
 from kvtier.vmm.base import Backend
 from kvtier.vmm.host import map_anonymous, unmap_anonymous
 from kvtier.vmm.tensor import tensor_over
 
 if TYPE_CHECKING:
     from kvtier.config import Config
-    from kvtier.tiering.mover import Mover
-    from kvtier.tiering.registry import TierContext
+    from kvtier.tiering.engine.mover import Mover
+    from kvtier.tiering.tiers.registry import TierContext
 
 log = logging.getLogger(__name__)
 

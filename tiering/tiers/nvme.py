@@ -7,7 +7,7 @@ pool (through a :class:`FileLayer`, which tests replace with one that fails on c
 filesystem allows it (not on tmpfs).
 
 Every read and write checks its byte count, and every slot carries a digest of what was written (see
-:mod:`kvtier.tiering.digest`): a short transfer or bytes that changed at rest are errors, never data.
+:mod:`kvtier.tiering.tiers.digest`): a short transfer or bytes that changed at rest are errors, never data.
 
 Owners: the slot file is locked (``flock``) by the process that made it for as long as it lives, so a manager
 starting on a directory removes the slot files no live process holds -- those of killed processes, whose KV
@@ -15,7 +15,7 @@ would otherwise stay readable there -- and never touches a live one's. A lock fi
 the making of new slot files.
 
 Settings: ``[nvme]`` (``dir``, ``size``, ``preallocate``, ``threads``, ``direct``). Its routes (GPU <-> disk, and
-disk <-> each host-memory tier of the stack) are in :mod:`kvtier.tiering.nvme_routes`.
+disk <-> each host-memory tier of the stack) are in :mod:`kvtier.tiering.tiers.nvme_routes`.
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kvtier.errors import ConfigError
-from kvtier.tiering.digest import Digests, side_stream
-from kvtier.tiering.slots import SlotBooks
-from kvtier.tiering.tier import IO_ALIGN, TierStack
+from kvtier.tiering.tiers.digest import Digests, side_stream
+from kvtier.tiering.state.slots import SlotBooks
+from kvtier.tiering.state.tier import IO_ALIGN, TierStack
 from kvtier.vmm.tensor import memoryview_over
 
 if TYPE_CHECKING:
     from kvtier.config import Config
-    from kvtier.tiering.mover import Mover
-    from kvtier.tiering.registry import TierContext
+    from kvtier.tiering.engine.mover import Mover
+    from kvtier.tiering.tiers.registry import TierContext
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class NvmeTier:
                 f"({'reserved' if settings.preallocate else 'sparse'}; I/O: {io_mode(device)})")
 
     def register_routes(self, mover: "Mover", stack: TierStack) -> None:
-        from kvtier.tiering.nvme_routes import register
+        from kvtier.tiering.tiers.nvme_routes import register
         register(self, mover, stack)
 
     def wait_ready(self, timeout: float | None = None) -> bool:

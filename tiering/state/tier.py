@@ -1,7 +1,7 @@
 """Where a page can be, and what a tier below the GPU must provide.
 
 A page's place is an integer in its space's page table: one of the fixed states of :class:`Tier` (``UNMAPPED``,
-``GPU``, ``LOST``, ``DROPPED``), or the id of a lower tier. Lower tiers are plug-ins (``tiering/registry.py``):
+``GPU``, ``LOST``, ``DROPPED``), or the id of a lower tier. Lower tiers are plug-ins (``tiering/tiers/registry.py``):
 the configured ones (``[tiers] order``, nearest the GPU first) are numbered from ``FIRST_LOWER`` in that order by
 a :class:`TierStack`, which also turns ids into names and back. Names appear only at the edges: the public API
 (``offload(tier="host")``), the policies' interface, the stats and the metrics.
@@ -15,7 +15,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 import torch
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.tiering.slots import SlotBooks
+from kvtier.tiering.state.slots import SlotBooks
 
 
 IO_ALIGN = 4096  # lengths and offsets of slot I/O: O_DIRECT's logical block (a page moves in whole ones)

@@ -28,15 +28,15 @@ import torch
 
 from kvtier.config import Config
 from kvtier.policies import PageRef, make_policy
-from kvtier.tiering.background import Demoter
+from kvtier.tiering.engine.background import Demoter
 from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
-from kvtier.tiering.digest import ChecksumMismatch
-from kvtier.tiering.health import WriteHealth
-from kvtier.tiering.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
-from kvtier.tiering.registry import TierContext, open_stack
-from kvtier.tiering.tier import HostSlots, LowerTier, Tier, TierStack, is_lower
-from kvtier.tiering.mover import Mover
-from kvtier.tiering.transfer import Move, TransferHandle, Work
+from kvtier.tiering.tiers.digest import ChecksumMismatch
+from kvtier.tiering.engine.health import WriteHealth
+from kvtier.tiering.state.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
+from kvtier.tiering.tiers.registry import TierContext, open_stack
+from kvtier.tiering.state.tier import HostSlots, LowerTier, Tier, TierStack, is_lower
+from kvtier.tiering.engine.mover import Mover
+from kvtier.tiering.engine.transfer import Move, TransferHandle, Work
 from kvtier.vmm import Backend, PagePool
 
 log = logging.getLogger(__name__)

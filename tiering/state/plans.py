@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from kvtier.policies import Candidate, PageRef
 from kvtier.tiering.interfaces import TieredSpace
-from kvtier.tiering.tier import Tier, TierStack
+from kvtier.tiering.state.tier import Tier, TierStack
 
 
 @dataclass(frozen=True)

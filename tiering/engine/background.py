@@ -19,10 +19,10 @@ import numpy as np
 
 from kvtier.config import Config
 from kvtier.policies import PageRef
-from kvtier.tiering.tier import LowerTier
+from kvtier.tiering.state.tier import LowerTier
 
 if TYPE_CHECKING:
-    from kvtier.tiering.tiering import Tiering
+    from kvtier.tiering.engine.tiering import Tiering
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from kvtier.tiering.tier import HostSlots, TierStack, is_lower
-from kvtier.tiering.transfer import PairsFailed, Route, Work
+from kvtier.tiering.state.tier import HostSlots, TierStack, is_lower
+from kvtier.tiering.engine.transfer import PairsFailed, Route, Work
 
 
 class Mover:

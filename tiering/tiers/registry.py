@@ -8,7 +8,7 @@ A tier class provides:
   keep their historical sections, ``[host]`` and ``[nvme]``);
 - ``open(settings, context) -> LowerTier``: the tier, built for one manager (see :class:`TierContext`).
 
-Everything else -- slot books, routes, stats, watermarks -- is the :class:`~kvtier.tiering.tier.LowerTier` it
+Everything else -- slot books, routes, stats, watermarks -- is the :class:`~kvtier.tiering.state.tier.LowerTier` it
 returns. ``docs/architecture.md`` ("Adding a tier") walks through one.
 """
 
@@ -23,9 +23,9 @@ from kvtier.errors import ConfigError
 
 if TYPE_CHECKING:
     from kvtier.config import Config
-    from kvtier.tiering.tier import LowerTier, TierStack
+    from kvtier.tiering.state.tier import LowerTier, TierStack
 
-_BUILT_IN = {"host": "kvtier.tiering.host:HostTier", "nvme": "kvtier.tiering.nvme:NvmeTier"}
+_BUILT_IN = {"host": "kvtier.tiering.tiers.host:HostTier", "nvme": "kvtier.tiering.tiers.nvme:NvmeTier"}
 _TIERS: dict[str, Any] = {}
 
 
@@ -136,7 +136,7 @@ def open_stack(config: "Config", context: TierContext,
                opened: Callable[["LowerTier"], None] = lambda tier: None) -> "TierStack":
     """The configured tiers, opened nearest first (each sees the ones above it); if one fails to open, those
     opened already are closed and the error raised."""
-    from kvtier.tiering.tier import TierStack
+    from kvtier.tiering.state.tier import TierStack
     tiers: list[LowerTier] = []
     try:
         for name in config.tiers:

@@ -6,9 +6,9 @@ that leave the table for the tiers' books. ``LEGAL`` lists the transitions; with
 each one is checked.
 
 Every page is in exactly one place: ``Tier.UNMAPPED`` (no data), ``Tier.GPU`` (mapped; the space's range
-holds its handles), a lower tier -- its id, see ``TierStack`` -- (``slots`` holds one slot per region), ``LOST`` (a read back failed; the
-sequences on it must be recomputed), or ``DROPPED`` (the engine dropped tokens it will never read again: the
-blocks stay their sequence's, the data is gone and nothing is held for it). A page in flight keeps its source
+holds its handles), a lower tier -- its id, see ``TierStack`` -- (``slots`` holds one slot per region),
+``LOST`` (a read back failed; the sequences on it must be recomputed), or ``DROPPED`` (the engine dropped tokens
+it will never read again: the blocks stay their sequence's, the data is gone and nothing is held for it). A page in flight keeps its source
 tier -- its data stays valid there until the transfer commits -- and is listed in ``moving`` with the transfer's
 handle.
 
@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from kvtier.tiering.tier import FIRST_LOWER, Tier, is_lower
+from kvtier.tiering.state.tier import FIRST_LOWER, Tier, is_lower
 
 LOWER = "lower"  # any lower tier, in ``LEGAL``
 # The legal transitions of a page (``PageTable._set`` checks them with ``debug``): mapped fresh, moved between

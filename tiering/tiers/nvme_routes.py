@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from kvtier.tiering.tier import HostSlots, Tier, TierStack
-from kvtier.tiering.transfer import Work
+from kvtier.tiering.state.tier import HostSlots, Tier, TierStack
+from kvtier.tiering.engine.transfer import Work
 
 if TYPE_CHECKING:
-    from kvtier.tiering.mover import Mover
-    from kvtier.tiering.nvme import NvmeTier
+    from kvtier.tiering.engine.mover import Mover
+    from kvtier.tiering.tiers.nvme import NvmeTier
 
 
 def register(nvme: "NvmeTier", mover: "Mover", stack: TierStack) -> None:
