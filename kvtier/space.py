@@ -21,6 +21,7 @@ free is unmapped only after the fence completes, so kernels still reading it are
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -149,6 +150,46 @@ class KVSpace:
             self.map_pages(new_pages, self._room.take_room(room))
             self.pages.mapped(new_pages)
         return self._grow(seq_id, blocks, old_tokens, num_tokens)
+
+    def fork(self, parent: Hashable, child: Hashable, stream: Any = None) -> list[int]:
+        """A new sequence ``child`` holding what ``parent`` holds, without copying its whole blocks: they are
+        shared (each held by both, reference-counted, wherever they rest), and freed only when the last holder lets
+        go. A partly filled last block is copied into a block of the child's own on ``stream`` (default: current),
+        so that each goes on writing its own blocks: the parent's page holding it must be on the GPU (prefetch the
+        parent first). Return the child's block ids. Whole blocks are never written again by an engine that only
+        appends; one that rewrites earlier tokens must not fork (a shared block would change for both)."""
+        return self._room.run_planned(lambda: self._fork(parent, child, stream))
+
+    def _fork(self, parent: Hashable, child: Hashable, stream: Any) -> list[int]:
+        self._check_open()
+        seq_id_arg(child)
+        books = self.block_books
+        held, tokens = books.blocks_of(parent), books.tokens[parent]
+        if child in books.seqs:
+            raise InvalidArgumentError(f"space {self.name!r}: sequence {child!r} exists already; fork into a new id")
+        whole = tokens // self.block_size
+        tail = held[whole:]  # the partly filled last block, if any
+        if tail:
+            page = books.first_page[tail[0]], books.last_page[tail[0]]
+            pending = self.pages.in_flight(page)
+            if pending:
+                raise PagesInFlight(f"space {self.name!r}: {parent!r}'s last block is in flight", pending)
+            if any(self.pages.tier[p] != Tier.GPU for p in page):
+                raise NotResidentError(f"space {self.name!r}: {parent!r}'s last block is not on the GPU; prefetch "
+                                       f"{parent!r} before forking it")
+        books.share(child, held[:whole], whole * self.block_size)
+        if not tail:
+            return list(held[:whole])
+        try:
+            blocks = self._allocate(child, tokens, None)
+        except BaseException:
+            books.release(child)  # nothing was copied: the child goes, the parent's blocks stay as they were
+            raise
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for pair in self._kv:
+                for t in pair:
+                    t[blocks[-1]].copy_(t[tail[0]])
+        return blocks
 
     def _next_on_tail_page(self, held: list[int], need: int) -> np.ndarray | None:
         """The ``need`` blocks right after the sequence's last one, if they are free and lie on the page of its

@@ -91,7 +91,8 @@ class SpaceTiers:
         cut = tokens // self.space.block_size  # blocks wholly below ``tokens``
         ours = np.bincount(np.asarray(b.pages_of(blocks[:cut]), dtype=np.int64), minlength=self.space.num_pages)
         later = set(b.pages_of(blocks[cut:]))
-        return [p for p in np.flatnonzero(ours).tolist() if ours[p] == b.live[p] and p not in later]
+        shared = set(b.pages_of(blocks[:cut][b.refs[blocks[:cut]] > 1]))  # blocks a fork holds too: not ours alone
+        return [p for p in np.flatnonzero(ours).tolist() if ours[p] == b.live[p] and p not in later | shared]
 
     def drop_prefix(self, seq_id: Hashable, tokens: int, stream: Any = None) -> TransferHandle:
         """Drop the pages that hold only ``seq_id``'s first ``tokens`` tokens: tokens the engine will never read
