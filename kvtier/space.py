@@ -35,6 +35,7 @@ from kvtier.checks import INT64, block_ids_arg, int_arg, seq_id_arg
 from kvtier.errors import ClosedError, InvalidArgumentError, NotResidentError, PagesInFlight, QuotaExceededError
 from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
+from kvtier.prefix import PrefixIndex, block_keys, check_keys, fingerprint
 from kvtier.tiering import IO_ALIGN, PageTable, Tier, TransferHandle
 from kvtier.space_tiers import SpaceTiers
 from kvtier.vmm import MappedRange
@@ -88,6 +89,8 @@ class KVSpace:
         regions = [self.range.region(r, used).view(dtype).view(shape) for r in range(self.num_regions)]
         self._kv = [(regions[2 * layer], regions[2 * layer + 1]) for layer in range(num_layers)]
         self.tiers = SpaceTiers(self)  # offload, prefetch, stage, read: the methods of the same name below call it
+        self.prefix = PrefixIndex()    # whole blocks by content (publish, share_prefix)
+        self._layout = (num_layers, num_kv_heads, head_dim, str(dtype).removeprefix("torch."), block_size)
 
     # --- engine-facing ------------------------------------------------------------------------------------------
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +194,55 @@ class KVSpace:
                     t[blocks[-1]].copy_(t[tail[0]])
         return blocks
 
+    # --- KV by content (kvtier/prefix.py) ---------------------------------------------------------------------------
+    def block_keys(self, tokens: Sequence[int], salt: bytes = b"", model: str = "") -> list[bytes]:
+        """Keys of the whole blocks of ``tokens`` in this space's layout (``model``: the engine's id of the model;
+        ``salt``: a tenant's, whose blocks no other salt finds)."""
+        return block_keys(tokens, self.block_size, fingerprint(*self._layout, model=model), salt)
+
+    def publish(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
+        """Offer ``seq_id``'s first whole blocks for reuse under ``keys`` (its tokens' keys, ``block_keys``); it
+        must hold their tokens. Return how many were indexed (a key held already keeps its block)."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            books = self.block_books
+            held, whole = books.blocks_of(seq_id), books.tokens[seq_id] // self.block_size
+            if len(keys) > whole:
+                raise InvalidArgumentError(f"space {self.name!r}: {len(keys)} keys for the {whole} whole blocks "
+                                           f"{seq_id!r} holds (publish after its tokens are written)")
+            held = held[:len(keys)]
+            return self.prefix.add(keys[:self._servable(held)], held)
+
+    def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
+        """Start a new sequence ``seq_id`` with the longest prefix of ``keys`` this space holds: those blocks are
+        shared, wherever they rest (``prefetch`` brings them up before the step). Return the tokens it holds (0:
+        a miss; it then holds nothing, and ``allocate`` starts it as usual). The engine computes the rest."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            seq_id_arg(seq_id)
+            if seq_id in self.block_books.seqs:
+                raise InvalidArgumentError(f"space {self.name!r}: sequence {seq_id!r} exists already; share a "
+                                           "prefix into a new id")
+            found = self.prefix.lookup(keys)
+            found = found[:self._servable(found)]
+            if found:
+                self.block_books.share(seq_id, found, len(found) * self.block_size)
+                for p in set(self.block_books.pages_of(np.asarray(found, dtype=np.int64))):
+                    self._tiering.policy.on_use(PageRef(self.name, p))
+            return len(found) * self.block_size
+
+    def _servable(self, blocks: Sequence[int]) -> int:
+        """How many of ``blocks``, from the first, lie on pages that hold their data (not lost, not dropped);
+        blocks past that are forgotten."""
+        b = np.asarray(blocks, dtype=np.int64)
+        gone = np.isin(self.pages.tier[self.block_books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
+            np.isin(self.pages.tier[self.block_books.last_page[b]], (Tier.LOST, Tier.DROPPED))
+        n = int(np.argmax(gone)) if gone.any() else len(b)
+        self.prefix.forget(b[gone])
+        return n
+
     def _next_on_tail_page(self, held: list[int], need: int) -> np.ndarray | None:
         """The ``need`` blocks right after the sequence's last one, if they are free and lie on the page of its
         last block, on the GPU and not in flight: what ``plan_blocks`` would pick first (free blocks on the
@@ -243,9 +295,11 @@ class KVSpace:
                     not isinstance(stop, int) or not 0 <= start <= stop <= b.tokens[seq_id]:
                 raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {b.tokens[seq_id]} "
                                            f"tokens {seq_id!r} holds")
+            blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
+            if self.prefix.key_of:
+                self.prefix.forget(blocks)  # their keys name the old bytes
             if not self.pages.copies and not self.pages.moving:  # the common case: nothing kept, nothing coming up
                 return
-            blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
             self._tiering.drop_copies(self, b.pages_of(blocks))
 
     def _written(self, blocks: list[int], old_tokens: int, new_tokens: int) -> None:
@@ -266,6 +320,8 @@ class KVSpace:
         pending = self.pages.in_flight(self.block_books.pages_of_seqs([seq_id]))
         if pending:
             raise PagesInFlight(f"space {self.name!r}: {seq_id!r} has pages in flight", pending)
+        held = np.asarray(self.block_books.blocks_of(seq_id), dtype=np.int64)
+        self.prefix.forget(held[self.block_books.refs[held] == 1])  # the blocks this frees hold nothing any more
         emptied = self.block_books.release(seq_id)
         self._offloaded.discard(seq_id)
         self._seq_priority.pop(seq_id, None)
@@ -512,3 +568,4 @@ class KVSpace:
         assert set(self._empty) == set(np.flatnonzero(on_gpu & (live == 0)).tolist()), "empty pages"
         assert not self.pages.lower_mask()[live == 0].any(), "a lower tier holds a page with no live block"
         assert self._offloaded <= set(self.block_books.seqs)
+        self.prefix.check(self.block_books.free)

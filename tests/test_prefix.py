@@ -1,0 +1,109 @@
+"""KV found again by content: a space's whole blocks indexed by chained keys, shared by new sequences wherever
+they rest, never served once their bytes may have changed (CPU; CUDA under -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.prefix import KEY_BYTES, block_keys, fingerprint, keys_from_hashes
+from tests.conftest import pattern, write_seq
+
+
+def _space(mgr, make_manager, blocks=256):
+    return mgr.create_space("m", max_tokens=blocks * make_manager.shape["block_size"], **make_manager.shape)
+
+
+def _assert_holds(space, seq, source, blocks):
+    held = space.blocks(seq)
+    for layer in range(space.num_layers):
+        for kv, tensor in enumerate(space.kv(layer)):
+            for i in blocks:
+                assert torch.equal(tensor[held[i]].cpu(), pattern(space, source, 0, i, layer, kv)), (seq, i)
+
+
+def test_keys_chain_and_separate_layouts_models_and_salts():
+    layout = fingerprint(2, 2, 64, "bfloat16", 16)
+    prompt = list(range(40))
+    keys = block_keys(prompt, 16, layout)
+    assert len(keys) == 2 and all(len(k) == KEY_BYTES for k in keys)  # whole blocks only
+    assert block_keys(prompt + [7] * 9, 16, layout)[:2] == keys  # a longer prompt shares the prefix's keys
+    assert block_keys([1] + prompt[1:], 16, layout)[1] != keys[1]  # a key covers every token before it
+    assert block_keys(prompt, 16, fingerprint(2, 2, 64, "float16", 16))[0] != keys[0]
+    assert block_keys(prompt, 16, fingerprint(2, 2, 64, "bfloat16", 16, model="other"))[0] != keys[0]
+    assert block_keys(prompt, 16, layout, salt=b"tenant-a")[0] != keys[0]
+    assert keys_from_hashes([1, 2], layout) == keys_from_hashes([(1).to_bytes(16, "little"), (2).to_bytes(16, "little")],
+                                                                layout)
+
+
+def test_a_shared_system_prompt_is_computed_once_and_found_wherever_it_rests(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    system = list(range(1000, 1000 + 36 * bs))  # 36 whole blocks (2.25 pages)
+    # the first request computes the system prompt and its question, and offers the whole blocks for reuse
+    space.allocate("r1", len(system) + 10)
+    write_seq(space, "r1")
+    keys = space.block_keys(system + [1] * 10)
+    assert space.publish("r1", keys) == 36
+    # a second request with the same system prompt and another question: 36 blocks found, nothing copied
+    keys2 = space.block_keys(system + [2] * 20)
+    assert space.share_prefix("r2", keys2) == 36 * bs
+    assert space.blocks("r2") == space.blocks("r1")[:36]
+    space.allocate("r2", len(system) + 20)  # its own question, on blocks of its own
+    assert space.blocks("r2")[36:] != space.blocks("r1")[36:]
+    _assert_holds(space, "r2", "r1", range(36))
+    mgr.check()
+    # the first request ends: the blocks stay the second's, and stay found
+    space.free("r1")
+    assert space.share_prefix("r3", keys2[:20]) == 20 * bs
+    mgr.check()
+    # the second goes idle and down to NVMe: a hit there is shared below and comes back with a prefetch
+    space.free("r3")
+    space.offload("r2", tier="nvme").result()
+    assert space.residency("r2")["gpu"] == 0
+    assert space.share_prefix("r4", keys2) == 36 * bs
+    space.prefetch(["r4"]).result()
+    _assert_holds(space, "r4", "r1", range(36))
+    # another salt, another model: no hit
+    assert space.share_prefix("r5", space.block_keys(system, salt=b"other tenant")) == 0
+    assert space.share_prefix("r6", space.block_keys(system, model="another model")) == 0
+    assert "r5" not in space.sequences() and "r6" not in space.sequences()
+    mgr.check()
+    # once no sequence holds them, the blocks are free and no key finds them
+    space.free("r4")
+    space.free("r2")
+    assert space.share_prefix("r7", keys2) == 0 and not space.prefix.block_of
+    mgr.check()
+
+
+def test_blocks_whose_bytes_may_have_changed_are_never_served(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    tokens = list(range(8 * bs))
+    space.allocate("a", len(tokens))
+    write_seq(space, "a")
+    keys = space.block_keys(tokens)
+    space.publish("a", keys)
+    # rewritten (mark_written): its blocks from there on are forgotten; the ones before still serve
+    space.mark_written("a", 5 * bs, 6 * bs)
+    assert space.share_prefix("b", keys) == 5 * bs
+    space.free("b")
+    # dropped (drop_prefix): a page whose data is gone is never served
+    space.allocate("c", 40 * bs)
+    write_seq(space, "c")
+    ckeys = space.block_keys(list(range(10**6, 10**6 + 40 * bs)))
+    space.publish("c", ckeys)
+    space.drop_prefix("c", 16 * space.block_size).result()  # its first page (16 blocks)
+    assert space.share_prefix("d", ckeys) == 0
+    mgr.check()
+    # keys for more blocks than it holds, or of the wrong kind, are refused
+    with pytest.raises(kvtier.InvalidArgumentError, match="whole blocks"):
+        space.publish("a", keys + keys)
+    with pytest.raises(kvtier.InvalidArgumentError, match="16-byte keys"):
+        space.share_prefix("e", ["not a key"])
+    with pytest.raises(kvtier.InvalidArgumentError, match="exists already"):
+        space.share_prefix("a", keys)
+    mgr.check()
