@@ -84,6 +84,14 @@ class _Collector:
                      ("tier",), [((t,), tiers[t]["health"]["failed_writes"]) for t in order])
         yield family(GaugeMetricFamily, "kvtier_tier_degraded", "1 while the tier's writes are failing", ("tier",),
                      [((t,), float(tiers[t]["health"]["degraded"])) for t in order])
+        prefix = {name: s["prefix"] for name, s in stats["spaces"].items()}
+        yield family(CounterMetricFamily, "kvtier_prefix_shared_blocks", "Blocks found by content and shared into "
+                     "a new sequence, by the tier they rested in", ("space", "tier"),
+                     [((name, tier), n) for name, p in prefix.items() for tier, n in p["shared_blocks"].items()])
+        yield family(CounterMetricFamily, "kvtier_prefix_tokens_shared", "Prompt tokens found by content (not "
+                     "computed again)", ("space",), [((name,), p["tokens_shared"]) for name, p in prefix.items()])
+        yield family(CounterMetricFamily, "kvtier_prefix_lookups_short", "Prefix lookups that stopped short of "
+                     "their last key", ("space",), [((name,), p["lookups_short"]) for name, p in prefix.items()])
         hist = tiers["stall_histogram"]
         stalls = HistogramMetricFamily("kvtier_fault_back_stall_seconds", "How long steps waited on pages coming "
                                        "back", labels=("device",))

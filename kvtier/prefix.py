@@ -76,7 +76,9 @@ class PrefixIndex:
         self.block_of: dict[bytes, int] = {}
         self.key_of: dict[int, bytes] = {}
         self.hits = 0     # blocks found by lookups
-        self.misses = 0   # lookups' first keys not found (one a lookup at most)
+        self.misses = 0   # lookups that stopped short of their last key
+        self.shared: dict[str, int] = {}  # blocks shared into new sequences, by where they rested (gpu, host...)
+        self.tokens_shared = 0  # tokens new sequences did not have to compute
 
     def add(self, keys: Sequence[bytes], blocks: Sequence[int]) -> int:
         """Index ``blocks`` under ``keys`` (pairwise); a key held already keeps its block. Return how many were
@@ -106,6 +108,16 @@ class PrefixIndex:
             key = self.key_of.pop(int(block), None)
             if key is not None:
                 del self.block_of[key]
+
+    def counted(self, places: Sequence[str], tokens: int) -> None:
+        """A share of blocks resting at ``places`` (one name a block), saving ``tokens``."""
+        for place in places:
+            self.shared[place] = self.shared.get(place, 0) + 1
+        self.tokens_shared += tokens
+
+    def stats(self) -> dict[str, object]:
+        return {"blocks_indexed": len(self.block_of), "lookup_hit_blocks": self.hits,
+                "lookups_short": self.misses, "shared_blocks": dict(self.shared), "tokens_shared": self.tokens_shared}
 
     def check(self, free: np.ndarray) -> None:
         assert len(self.block_of) == len(self.key_of), "prefix index: keys and blocks disagree"

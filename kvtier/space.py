@@ -228,9 +228,13 @@ class KVSpace:
             found = self.prefix.lookup(keys)
             found = found[:self._servable(found)]
             if found:
+                blocks = np.asarray(found, dtype=np.int64)
                 self.block_books.share(seq_id, found, len(found) * self.block_size)
-                for p in set(self.block_books.pages_of(np.asarray(found, dtype=np.int64))):
+                for p in set(self.block_books.pages_of(blocks)):
                     self._tiering.policy.on_use(PageRef(self.name, p))
+                label = self._tiering.stack.label
+                self.prefix.counted([label(int(t)) for t in self.pages.tier[self.block_books.first_page[blocks]]],
+                                    len(found) * self.block_size)
             return len(found) * self.block_size
 
     def _servable(self, blocks: Sequence[int]) -> int:
@@ -404,6 +408,7 @@ class KVSpace:
                     "bytes_mapped": mapped * self.page_bytes, "bytes_reserved": self.range.size,
                     "blocks_used": self.num_blocks - self.block_books.free_count, "blocks_total": self.num_blocks,
                     "sequences": len(self.block_books.seqs), "sequences_offloaded": len(self._offloaded),
+                    "prefix": self.prefix.stats(),
                     **self.range.stats()}
 
     # --- between the tiers (kvtier/space_tiers.py has the contracts) ------------------------------------------

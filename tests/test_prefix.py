@@ -66,6 +66,8 @@ def test_a_shared_system_prompt_is_computed_once_and_found_wherever_it_rests(mak
     assert space.share_prefix("r4", keys2) == 36 * bs
     space.prefetch(["r4"]).result()
     _assert_holds(space, "r4", "r1", range(36))
+    prefix = space.stats()["prefix"]
+    assert prefix["shared_blocks"] == {"gpu": 36 + 20, "nvme": 36} and prefix["tokens_shared"] == (36 + 20 + 36) * bs
     # another salt, another model: no hit
     assert space.share_prefix("r5", space.block_keys(system, salt=b"other tenant")) == 0
     assert space.share_prefix("r6", space.block_keys(system, model="another model")) == 0
