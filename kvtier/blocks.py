@@ -119,6 +119,19 @@ class BlockBooks:
         self.tokens[seq_id] = num_tokens
         np.add.at(self.tail, self._tail_pages(seq_id), 1)
 
+    def swap(self, seq_id: Hashable, positions: list[int], other: Hashable) -> None:
+        """Copy on write: ``seq_id``'s blocks at ``positions`` change places with ``other``'s blocks (as many, in
+        order); each block stays held as often as before, so only the sequences' lists and their last blocks
+        change."""
+        mine, theirs = self.seqs[seq_id], self.seqs[other]
+        assert len(positions) == len(theirs), "swap as many blocks as the other sequence holds"
+        for seq in (seq_id, other):
+            np.subtract.at(self.tail, self._tail_pages(seq), 1)
+        for j, i in enumerate(positions):
+            mine[i], theirs[j] = theirs[j], mine[i]
+        for seq in (seq_id, other):
+            np.add.at(self.tail, self._tail_pages(seq), 1)
+
     def release(self, seq_id: Hashable) -> list[int]:
         """Let go of every block of ``seq_id``; those no other sequence holds are free again. Return the pages
         left with no live block."""

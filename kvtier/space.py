@@ -56,6 +56,13 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return SUPPORTED_DTYPES[name]
 
 
+class _CopyOf(tuple):
+    """The private sequence that holds a copy on write's new blocks for a moment (see ``KVSpace.own``)."""
+
+    def __new__(cls, seq_id: Hashable) -> "_CopyOf":
+        return super().__new__(cls, ("kvtier copy of", seq_id))
+
+
 class KVSpace:
     """Made by :meth:`TierManager.create_space`; see the module docstring for the layout and guarantees."""
 
@@ -247,6 +254,42 @@ class KVSpace:
         self.prefix.forget(b[gone])
         return n
 
+    def own(self, seq_id: Hashable, start: int, stop: int, stream: Any = None) -> list[int]:
+        """Copy on write: before rewriting tokens ``start..stop`` of ``seq_id``, give it its own copy of every
+        block there that another sequence shares (a fork, a shared prefix), copied on ``stream`` (default:
+        current); the others keep the old ones. Its pages there must be on the GPU. Return its block ids."""
+        return self._room.run_planned(lambda: self._own(seq_id, start, stop, stream))
+
+    def _own(self, seq_id: Hashable, start: int, stop: int, stream: Any) -> list[int]:
+        self._check_open()
+        books = self.block_books
+        held = books.blocks_of(seq_id)
+        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
+                not isinstance(stop, int) or not 0 <= start <= stop <= books.tokens[seq_id]:
+            raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {books.tokens[seq_id]} "
+                                       f"tokens {seq_id!r} holds")
+        positions = [i for i in range(start // self.block_size, -(-stop // self.block_size)) if books.refs[held[i]] > 1]
+        if not positions:
+            return list(held)
+        shared = np.asarray([held[i] for i in positions], dtype=np.int64)
+        pages = set(books.pages_of(shared))
+        pending = self.pages.in_flight(pages)
+        if pending:
+            raise PagesInFlight(f"space {self.name!r}: {seq_id!r}'s shared blocks are in flight", pending)
+        if any(self.pages.tier[p] != Tier.GPU for p in pages):
+            raise NotResidentError(f"space {self.name!r}: {seq_id!r}'s shared blocks are not on the GPU; prefetch "
+                                   f"{seq_id!r} first")
+        scratch = _CopyOf(seq_id)  # blocks of its own, booked to a private sequence, then swapped in
+        fresh = self._allocate(scratch, len(positions) * self.block_size, None)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            src, dst = (torch.as_tensor(b, dtype=torch.int64, device=self._kv[0][0].device) for b in (shared, fresh))
+            for pair in self._kv:
+                for t in pair:
+                    t.index_copy_(0, dst, t.index_select(0, src))
+        books.swap(seq_id, positions, scratch)
+        self._free(scratch, stream)  # the shared blocks go on with their other holders
+        return list(books.seqs[seq_id])
+
     def _next_on_tail_page(self, held: list[int], need: int) -> np.ndarray | None:
         """The ``need`` blocks right after the sequence's last one, if they are free and lie on the page of its
         last block, on the GPU and not in flight: what ``plan_blocks`` would pick first (free blocks on the
@@ -300,6 +343,10 @@ class KVSpace:
                 raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {b.tokens[seq_id]} "
                                            f"tokens {seq_id!r} holds")
             blocks = np.asarray(held[start // self.block_size: -(-stop // self.block_size)], dtype=np.int64)
+            if (b.refs[blocks] > 1).any():
+                raise InvalidArgumentError(f"space {self.name!r}: tokens {start}..{stop} of {seq_id!r} lie in blocks "
+                                           "another sequence shares; call own() before rewriting them (their "
+                                           "other holders now read what was written)")
             if self.prefix.key_of:
                 self.prefix.forget(blocks)  # their keys name the old bytes
             if not self.pages.copies and not self.pages.moving:  # the common case: nothing kept, nothing coming up

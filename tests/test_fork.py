@@ -103,3 +103,34 @@ def test_a_fork_needs_the_parents_last_block_on_the_gpu_and_a_new_id(make_manage
     write_seq(space, "whole")
     assert space.fork("whole", "twin") == space.blocks("whole")
     mgr.check()
+
+
+def test_a_fork_rewriting_shared_tokens_copies_them_first(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    space.allocate("prompt", 20 * bs)
+    write_seq(space, "prompt")
+    space.fork("prompt", "beam")
+    # rewriting shared tokens without a copy is refused (the prompt would read the beam's bytes)
+    with pytest.raises(kvtier.InvalidArgumentError, match="call own"):
+        space.mark_written("beam", 2 * bs, 3 * bs)
+    # own(): the beam gets its own copies of blocks 2..4 (tokens 40..70 of 16-token blocks and the like)
+    before = space.blocks("beam")
+    after = space.own("beam", 2 * bs + 3, 4 * bs + 1)
+    assert after[:2] == before[:2] and after[5:] == before[5:]
+    assert not set(after[2:5]) & set(space.blocks("prompt"))
+    assert space.block_books.refs[space.blocks("prompt")[2:5]].tolist() == [1, 1, 1]
+    _assert_holds(space, "beam", "prompt", range(20))
+    # the beam rewrites them: the prompt keeps its bytes
+    for layer in range(space.num_layers):
+        for tensor in space.kv(layer):
+            tensor[after[2:5]] = 3
+    space.mark_written("beam", 2 * bs, 5 * bs)
+    _assert_holds(space, "prompt", "prompt", range(20))
+    assert space.own("beam", 2 * bs, 5 * bs) == after  # its own already: nothing to copy
+    mgr.check()
+    space.free("prompt")
+    space.free("beam")
+    assert not space.block_books.refs.any()
+    mgr.check()
