@@ -1,0 +1,156 @@
+"""Model-based test of shared blocks: random allocate / write (copy on write first) / fork / publish / share a
+prefix / offload / prefetch / free over one space with a tiny pool and tiny tiers. The model knows what every
+block of every sequence holds; after every step every resident sequence reads exactly that, a prefix found by
+its keys holds exactly the content the keys name, and the books balance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+import kvtier
+from tests.conftest import PAGE, SHAPE, pattern
+
+SEQS = st.sampled_from(["s0", "s1", "s2", "s3", "s4"])
+Content = tuple[str, int, int]  # (writer, salt, block index): what pattern() wrote into a block
+
+
+def _machine(backend: str) -> type[RuleBasedStateMachine]:
+    class SharingMachine(RuleBasedStateMachine):
+        @initialize()
+        def setup(self) -> None:
+            page = PAGE[backend]
+            shape = dict(SHAPE[backend], num_layers=1)
+            self.mgr = kvtier.TierManager(kvtier.Config(device=backend, page_size=page, pool_budget=12 * page,
+                                                        pool_ready=4 * page, debug_checks=True, host_size=6 * page,
+                                                        host_chunk=2 * page, nvme_size=40 * page,
+                                                        background_demotion=False))
+            self.mgr.tiering.wait_ready()
+            self.space = self.mgr.create_space("m", max_tokens=160 * shape["block_size"], **shape)
+            self.model: dict[str, list[Content | None]] = {}  # per sequence, what each of its blocks holds
+            self.offloaded: set[str] = set()
+            self.salt = 0
+
+        def teardown(self) -> None:
+            if hasattr(self, "mgr"):
+                self.mgr.close()
+
+        def _keys(self, contents: list[Content | None]) -> list[bytes]:
+            """Keys naming the contents (a block's tokens stand for what was written into it)."""
+            known = []
+            for c in contents:
+                if c is None:
+                    break
+                known.append(c)
+            tokens = [hash(c) & 0xFFFFFF for c in known for _ in range(self.space.block_size)]
+            return self.space.block_keys(tokens)
+
+        @rule(seq=SEQS, blocks=st.integers(1, 40))
+        def allocate(self, seq: str, blocks: int) -> None:
+            if seq in self.offloaded:
+                return
+            try:
+                got = self.space.allocate(seq, blocks * self.space.block_size)
+            except kvtier.OutOfPagesError:
+                return
+            have = self.model.setdefault(seq, [])
+            have += [None] * (len(got) - len(have))
+
+        @rule(seq=SEQS)
+        def write(self, seq: str) -> None:
+            if seq not in self.model or seq in self.offloaded:
+                return
+            sp = self.space
+            tokens = sp.num_tokens(seq)
+            try:
+                blocks = sp.own(seq, 0, tokens)  # copies of the blocks it shares first: the others keep theirs
+            except kvtier.OutOfPagesError:
+                return
+            self.salt += 1
+            k, v = sp.kv(0)
+            for i, b in enumerate(blocks):
+                k[b] = pattern(sp, seq, self.salt, i, 0, 0).to(k.device)
+                v[b] = pattern(sp, seq, self.salt, i, 0, 1).to(v.device)
+            sp.mark_written(seq, 0, tokens)
+            self.model[seq] = [(seq, self.salt, i) for i in range(len(blocks))]
+            sp.publish(seq, self._keys(self.model[seq]))  # as an engine does after a prefill
+
+        @rule(parent=SEQS, child=SEQS)
+        def fork(self, parent: str, child: str) -> None:
+            if parent not in self.model or child in self.model:
+                return
+            try:
+                self.space.fork(parent, child)
+            except (kvtier.OutOfPagesError, kvtier.NotResidentError):
+                assert child not in self.space.sequences()
+                return
+            self.model[child] = list(self.model[parent])
+            if parent in self.offloaded:
+                self.offloaded.add(child)  # its blocks rest where the parent's do: read back after a prefetch
+
+        @rule(seq=SEQS)
+        def publish(self, seq: str) -> None:
+            if seq not in self.model:
+                return
+            self.space.publish(seq, self._keys(self.model[seq]))
+
+        @rule(source=SEQS, seq=SEQS)
+        def share_prefix(self, source: str, seq: str) -> None:
+            if source not in self.model or seq in self.model:
+                return
+            want = self._keys(self.model[source])
+            tokens = self.space.share_prefix(seq, want)
+            if tokens:
+                n = tokens // self.space.block_size
+                self.model[seq] = list(self.model[source][:n])  # the content its keys name
+                self.offloaded.add(seq)  # may rest below: read back after its prefetch
+
+        @rule(seq=SEQS, tier=st.sampled_from([None, "host", "nvme"]))
+        def offload(self, seq: str, tier: str | None) -> None:
+            if seq in self.model:
+                self.space.offload(seq, tier=tier).result()
+                self.offloaded.add(seq)
+
+        @rule(seq=SEQS)
+        def prefetch(self, seq: str) -> None:
+            if seq not in self.model:
+                return
+            try:
+                self.space.ensure_resident([seq])
+            except kvtier.OutOfPagesError:
+                return
+            self.offloaded.discard(seq)
+
+        @rule(seq=SEQS)
+        def free(self, seq: str) -> None:
+            if seq in self.model:
+                self.space.free(seq)
+                del self.model[seq]
+                self.offloaded.discard(seq)
+
+        @invariant()
+        def every_resident_byte_is_the_models(self) -> None:
+            if not hasattr(self, "mgr"):
+                return
+            self.mgr.check()
+            sp = self.space
+            k, v = sp.kv(0)
+            for seq, contents in self.model.items():
+                if seq in self.offloaded:
+                    continue
+                blocks = sp.blocks(seq)
+                for b, content in zip(blocks, contents):
+                    if content is not None:
+                        writer, salt, i = content
+                        assert torch.equal(k[b].cpu(), pattern(sp, writer, salt, i, 0, 0)), (seq, content)
+                        assert torch.equal(v[b].cpu(), pattern(sp, writer, salt, i, 0, 1)), (seq, content)
+
+    return SharingMachine
+
+
+def test_random_sharing_keeps_every_byte(backend_name: str) -> None:
+    run_state_machine_as_test(_machine(backend_name), settings=settings(
+        max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)))
