@@ -45,10 +45,11 @@ class PagesInFlight(OutOfPagesError):
     """Internal: a plan cannot be carried out yet, and nothing was changed. ``handles``: the transfers on pages
     it needs (wait for them); none: the pool is short, but pages on their way down will free enough. The
     manager waits (releasing its lock so that the transfers can commit) and plans again; an engine never sees
-    this one."""
+    this one. ``again``: the books changed under the plan (cached blocks gave way): plan again at once."""
 
-    def __init__(self, message: str, handles: list | None = None) -> None:
+    def __init__(self, message: str, handles: list | None = None, again: bool = False) -> None:
         self.handles = list(handles or [])
+        self.again = again
         super().__init__(message)
 
 

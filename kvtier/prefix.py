@@ -7,8 +7,10 @@ themselves (vLLM, Dynamo) pass their own hashes through :func:`keys_from_hashes`
 fingerprint and salt in.
 
 A :class:`PrefixIndex` belongs to one space and maps keys to blocks that hold those bytes now: a block enters
-when a sequence publishes it (``space.publish``), and leaves when it is freed, rewritten (``mark_written``), or
-its page is dropped or lost -- so a key never leads to other bytes. ``lookup`` walks a request's keys and returns
+when a sequence publishes it (``space.publish``); once no sequence holds it the space keeps it cached (held by a
+private idle sequence: it goes down the tiers like any idle page); it leaves when it is really freed (``retain=
+False``, or given way to live data under pressure), rewritten (``mark_written``), or its page is dropped or lost
+-- so a key never leads to other bytes. ``lookup`` walks a request's keys and returns
 the longest prefix held; ``space.share_prefix`` makes a new sequence hold those blocks (reference-counted,
 wherever they rest: a hit below the GPU comes back with the sequence's ``prefetch``).
 """

@@ -25,6 +25,8 @@ class RoomUser(Protocol):
     - ``reclaimable(keep)``: its empty mapped pages that may be unmapped for others (never those in ``keep``), in
       the order to take them; ``reclaim(pages)`` unmaps them and gives their handles to the pool.
     - ``idle_pages()``: its GPU pages that could be demoted now. ``priority``: lower gives room first.
+    - ``evict_cached(pages)``: drop cached blocks no sequence holds (oldest first) until about ``pages`` pages,
+      in any tier, came free; returns how many did. The last resort before a request is refused.
     """
 
     name: str
@@ -38,6 +40,8 @@ class RoomUser(Protocol):
     def reclaim(self, pages: list[int]) -> None: ...
 
     def idle_pages(self) -> list[int]: ...
+
+    def evict_cached(self, pages: int, blocks: int = 0) -> int: ...
 
 
 @dataclass
@@ -71,6 +75,8 @@ class RoomPlanner:
                     return attempt()
                 except PagesInFlight as wait:
                     pending = wait.handles
+                    if wait.again:
+                        continue
                     if not pending:
                         deadline = deadline or time.monotonic() + timeout
                         if time.monotonic() > deadline:
@@ -95,7 +101,9 @@ class RoomPlanner:
         """Plan how ``space`` gets ``n`` handles, with no side effect. When the pool is short: empty pages kept
         mapped by spaces (lower priority first, ``space`` last and never its pages in ``keep``), then idle pages
         demoted inline if ``demote_on_allocate`` (never ``space``'s pages in ``keep``). Raises OutOfPagesError
-        when that cannot be enough, PagesInFlight when demotions in flight will make it so."""
+        when that cannot be enough, PagesInFlight when demotions in flight will make it so -- or, as the last
+        resort, after dropping cached blocks no sequence holds (the one side effect: a cache giving way), so that
+        the caller plans again with their room."""
         short = n - self.pool.available()
         if short <= 0:
             return RoomPlan(n)
@@ -111,6 +119,11 @@ class RoomPlanner:
         if short > covered:
             if short <= covered + self.tiering.gpu_handles_leaving():
                 raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
+            wanted = -(-(short - covered) // max(1, space.num_regions))
+            if any([s.evict_cached(wanted) for s in sorted(self.spaces(), key=lambda s: s.priority)]):
+                # cached blocks no sequence holds gave way (their pages, and slots below, came free): the caller's
+                # plan was made before that, so it plans again from the start
+                raise PagesInFlight(f"space {space.name!r}: cached blocks dropped for room", again=True)
             if demotion is None and self.config.demote_on_allocate and self.tiering.retry_soon() \
                     and any(s.idle_pages() for s in self.spaces()):
                 # room may be below, in a tier whose writes just failed: wait for its next try if it comes soon

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
@@ -32,7 +33,8 @@ import torch
 
 from kvtier.blocks import BlockBooks
 from kvtier.checks import INT64, block_ids_arg, int_arg, seq_id_arg
-from kvtier.errors import ClosedError, InvalidArgumentError, NotResidentError, PagesInFlight, QuotaExceededError
+from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, PagesInFlight, QuotaExceededError,
+                           SpaceFullError)
 from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
 from kvtier.prefix import PrefixIndex, block_keys, check_keys, fingerprint
@@ -56,11 +58,18 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return SUPPORTED_DTYPES[name]
 
 
-class _CopyOf(tuple):
+@dataclass(frozen=True)
+class _CopyOf:
     """The private sequence that holds a copy on write's new blocks for a moment (see ``KVSpace.own``)."""
 
-    def __new__(cls, seq_id: Hashable) -> "_CopyOf":
-        return super().__new__(cls, ("kvtier copy of", seq_id))
+    seq_id: Hashable
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """The private sequence that keeps one published block once no sequence holds it (see ``KVSpace.free``)."""
+
+    block: int
 
 
 class KVSpace:
@@ -97,6 +106,7 @@ class KVSpace:
         self._kv = [(regions[2 * layer], regions[2 * layer + 1]) for layer in range(num_layers)]
         self.tiers = SpaceTiers(self)  # offload, prefetch, stage, read: the methods of the same name below call it
         self.prefix = PrefixIndex()    # whole blocks by content (publish, share_prefix)
+        self._cached: OrderedDict[_Cached, None] = OrderedDict()  # published blocks kept, oldest first
         self._layout = (num_layers, num_kv_heads, head_dim, str(dtype).removeprefix("torch."), block_size)
 
     # --- engine-facing ------------------------------------------------------------------------------------------
@@ -143,11 +153,13 @@ class KVSpace:
             if blocks is not None:
                 return self._grow(seq_id, blocks, old_tokens, num_tokens)
         # plan: blocks, pages to map, room for them -- nothing changes until all three are known to hold
-        masks = self._masks()
-        if first_block is None:
-            blocks, new_pages = plan_blocks(books, held, need, masks, lambda n: self._room.can_back(self, n))
-        else:
-            blocks, new_pages = plan_range(books, first_block, len(held), need, masks)
+        try:
+            blocks, new_pages = self._plan(held, need, first_block)
+        except SpaceFullError:
+            short = need - self.block_books.free_count
+            if not self._cached or not self.evict_cached(0, blocks=short):  # cached blocks give way, oldest first
+                raise
+            raise PagesInFlight(f"space {self.name!r}: cached blocks dropped for room", again=True) from None
         if not self.within_quota(len(new_pages)):
             raise QuotaExceededError(
                 f"space {self.name!r}: {(len(self.range.handles) + len(new_pages)) * self.page_bytes} bytes would "
@@ -246,13 +258,21 @@ class KVSpace:
 
     def _servable(self, blocks: Sequence[int]) -> int:
         """How many of ``blocks``, from the first, lie on pages that hold their data (not lost, not dropped);
-        blocks past that are forgotten."""
-        b = np.asarray(blocks, dtype=np.int64)
-        gone = np.isin(self.pages.tier[self.block_books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
-            np.isin(self.pages.tier[self.block_books.last_page[b]], (Tier.LOST, Tier.DROPPED))
-        n = int(np.argmax(gone)) if gone.any() else len(b)
-        self.prefix.forget(b[gone])
+        those that do not are forgotten (and dropped, if only the cache held them)."""
+        gone = self._gone(blocks)
+        n = int(np.argmax(gone)) if gone.any() else len(blocks)
+        lost = [int(b) for b, g in zip(blocks, gone) if g]
+        self.prefix.forget(lost)
+        for b in lost:
+            if _Cached(b) in self._cached and self.block_books.refs[b] == 1:
+                self._free(_Cached(b), None)
         return n
+
+    def _gone(self, blocks: Sequence[int]) -> np.ndarray:
+        """Which of ``blocks`` lie on a page whose data is gone (lost, dropped)."""
+        b = np.asarray(blocks, dtype=np.int64)
+        return np.isin(self.pages.tier[self.block_books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
+            np.isin(self.pages.tier[self.block_books.last_page[b]], (Tier.LOST, Tier.DROPPED))
 
     def own(self, seq_id: Hashable, start: int, stop: int, stream: Any = None) -> list[int]:
         """Copy on write: before rewriting tokens ``start..stop`` of ``seq_id``, give it its own copy of every
@@ -289,6 +309,12 @@ class KVSpace:
         books.swap(seq_id, positions, scratch)
         self._free(scratch, stream)  # the shared blocks go on with their other holders
         return list(books.seqs[seq_id])
+
+    def _plan(self, held: list[int], need: int, first_block: int | None) -> tuple[np.ndarray, list[int]]:
+        masks = self._masks()
+        if first_block is None:
+            return plan_blocks(self.block_books, held, need, masks, lambda n: self._room.can_back(self, n))
+        return plan_range(self.block_books, first_block, len(held), need, masks)
 
     def _next_on_tail_page(self, held: list[int], need: int) -> np.ndarray | None:
         """The ``need`` blocks right after the sequence's last one, if they are free and lie on the page of its
@@ -360,20 +386,35 @@ class KVSpace:
             first, stop = old_tokens // self.block_size, -(-new_tokens // self.block_size)
             self._tiering.drop_copies(self, self.block_books.pages_of(np.asarray(blocks[first:stop], dtype=np.int64)))
 
-    def free(self, seq_id: Hashable, stream: Any = None) -> None:
+    def free(self, seq_id: Hashable, stream: Any = None, retain: bool = True) -> None:
         """Release ``seq_id``'s blocks, in whatever tier they are. Pages left empty on the GPU are unmapped once
         the work queued on ``stream`` (default: the current stream) has finished; up to ``space_reserve_pages``
-        of them stay mapped. Transfers in flight for its pages are waited for first."""
-        self._room.run_planned(lambda: self._free(seq_id, stream))
+        of them stay mapped. Transfers in flight for its pages are waited for first. Its published blocks
+        (``publish``) that no other sequence holds stay cached, found by their keys, idle (they go down under
+        pressure like idle sequences) until a call short of blocks or room drops them, oldest first;
+        ``retain=False`` frees them now (a request that must not be kept)."""
+        self._room.run_planned(lambda: self._free(seq_id, stream, retain))
 
-    def _free(self, seq_id: Hashable, stream: Any) -> None:
+    def _free(self, seq_id: Hashable, stream: Any, retain: bool = False) -> int:
+        """Free ``seq_id`` (see ``free``); return the pages left empty."""
         self._check_open()
-        pending = self.pages.in_flight(self.block_books.pages_of_seqs([seq_id]))
+        books = self.block_books
+        pending = self.pages.in_flight(books.pages_of_seqs([seq_id]))
         if pending:
             raise PagesInFlight(f"space {self.name!r}: {seq_id!r} has pages in flight", pending)
-        held = np.asarray(self.block_books.blocks_of(seq_id), dtype=np.int64)
-        self.prefix.forget(held[self.block_books.refs[held] == 1])  # the blocks this frees hold nothing any more
-        emptied = self.block_books.release(seq_id)
+        held = np.asarray(books.blocks_of(seq_id), dtype=np.int64)
+        last = [int(b) for b in held[books.refs[held] == 1]]  # the blocks this would free
+        if retain and self.prefix.key_of:
+            gone = self._gone(last)
+            kept = [b for b, g in zip(last, gone) if not g and b in self.prefix.key_of]
+            for b in kept:  # each held by a private idle sequence of its own: demotable, found, droppable
+                holder = _Cached(b)
+                books.share(holder, [b], self.block_size)
+                self._offloaded.add(holder)
+                self._cached[holder] = None
+            last = [b for b in last if b not in set(kept)]
+        self.prefix.forget(last)  # the blocks this frees hold nothing any more
+        emptied = books.release(seq_id)
         self._offloaded.discard(seq_id)
         self._seq_priority.pop(seq_id, None)
         fence = self._backend.record_fence(stream) if emptied else None
@@ -382,8 +423,25 @@ class KVSpace:
             if self.pages.tier_of(p) == Tier.GPU:
                 self._empty[p] = fence
         self._tiering.release(self, emptied)
+        if isinstance(seq_id, _Cached):
+            del self._cached[seq_id]
         self._trim()
         self._debug_check()
+        return len(emptied)
+
+    def evict_cached(self, pages: int, blocks: int = 0) -> int:
+        """Drop cached blocks no sequence holds, oldest first, until ``pages`` pages (in any tier) and ``blocks``
+        blocks came free, or none is left; return the blocks dropped. Holders in flight are skipped."""
+        freed_pages = freed_blocks = 0
+        for holder in list(self._cached):
+            if freed_pages >= pages and freed_blocks >= blocks:
+                break
+            moving = self.pages.in_flight(self.block_books.pages_of_seqs([holder]))
+            if self.block_books.refs[holder.block] > 1 or moving:
+                continue  # a sequence holds it (a hit), or it is moving
+            freed_pages += self._free(holder, None)
+            freed_blocks += 1
+        return freed_blocks
 
     def set_priority(self, seq_id: Hashable, priority: int) -> None:
         """Set a sequence's priority (default: the space's), e.g. for requests under a tight latency objective.
@@ -412,7 +470,7 @@ class KVSpace:
     def sequences(self) -> list[Hashable]:
         with self._lock:
             self._check_open()
-            return list(self.block_books.seqs)
+            return [q for q in self.block_books.seqs if not isinstance(q, _Cached)]
 
     def check_resident(self, block_ids: Iterable[int]) -> None:
         """Raise :class:`NotResidentError` unless every block is live and its pages are mapped (a debug check
@@ -454,7 +512,8 @@ class KVSpace:
                     "stripes_reserved": self.num_pages,
                     "bytes_mapped": mapped * self.page_bytes, "bytes_reserved": self.range.size,
                     "blocks_used": self.num_blocks - self.block_books.free_count, "blocks_total": self.num_blocks,
-                    "sequences": len(self.block_books.seqs), "sequences_offloaded": len(self._offloaded),
+                    "sequences": len(self.block_books.seqs) - len(self._cached),
+                    "sequences_offloaded": len(self._offloaded) - len(self._cached), "cached_blocks": len(self._cached),
                     "prefix": self.prefix.stats(),
                     **self.range.stats()}
 
@@ -505,7 +564,7 @@ class KVSpace:
         return np.flatnonzero(self.pages.allocatable() & (self.block_books.live > 0) & ~active).tolist()
 
     def sequences_on(self, pages: Iterable[int]) -> list[Hashable]:
-        return self.block_books.sequences_on(pages)
+        return [q for q in self.block_books.sequences_on(pages) if not isinstance(q, _Cached)]
 
     def takes_writes(self, page: int) -> bool:
         """Whether a sequence's last block lies on ``page``: engines fill it token by token without telling."""
@@ -621,3 +680,4 @@ class KVSpace:
         assert not self.pages.lower_mask()[live == 0].any(), "a lower tier holds a page with no live block"
         assert self._offloaded <= set(self.block_books.seqs)
         self.prefix.check(self.block_books.free)
+        assert all(self.block_books.seqs.get(h) == [h.block] for h in self._cached), "cached blocks' holders"

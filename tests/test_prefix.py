@@ -33,8 +33,8 @@ def test_keys_chain_and_separate_layouts_models_and_salts():
     assert block_keys(prompt, 16, fingerprint(2, 2, 64, "float16", 16))[0] != keys[0]
     assert block_keys(prompt, 16, fingerprint(2, 2, 64, "bfloat16", 16, model="other"))[0] != keys[0]
     assert block_keys(prompt, 16, layout, salt=b"tenant-a")[0] != keys[0]
-    assert keys_from_hashes([1, 2], layout) == keys_from_hashes([(1).to_bytes(16, "little"), (2).to_bytes(16, "little")],
-                                                                layout)
+    as_bytes = [(1).to_bytes(16, "little"), (2).to_bytes(16, "little")]
+    assert keys_from_hashes([1, 2], layout) == keys_from_hashes(as_bytes, layout)
 
 
 def test_a_shared_system_prompt_is_computed_once_and_found_wherever_it_rests(make_manager):
@@ -73,10 +73,57 @@ def test_a_shared_system_prompt_is_computed_once_and_found_wherever_it_rests(mak
     assert space.share_prefix("r6", space.block_keys(system, model="another model")) == 0
     assert "r5" not in space.sequences() and "r6" not in space.sequences()
     mgr.check()
-    # once no sequence holds them, the blocks are free and no key finds them
+    # once no sequence holds them, the published blocks stay cached: found again, from wherever they rest
     space.free("r4")
     space.free("r2")
-    assert space.share_prefix("r7", keys2) == 0 and not space.prefix.block_of
+    assert space.stats()["cached_blocks"] == 36 and space.sequences() == []
+    assert space.share_prefix("r7", keys2) == 36 * bs
+    space.prefetch(["r7"]).result()
+    _assert_holds(space, "r7", "r1", range(36))
+    # a request that must not be kept is freed at once: with it, nothing holds the blocks but the cache
+    space.free("r7", retain=False)
+    assert space.stats()["cached_blocks"] == 36
+    mgr.check()
+
+
+def test_cached_blocks_go_down_under_pressure_and_give_way_last(make_manager):
+    page = {"cpu": 64 << 10, "cuda": 2 << 20}[make_manager.name]
+    # a pool of 8 pages (4 handles each: 2 layers), 2 pages of host memory, 4 of NVMe
+    mgr = make_manager(pages=32, host_size=8 * page, host_chunk=4 * page, nvme_size=16 * page)
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    # six prompts of one page each are published and freed: cached, idle
+    keys = {}
+    for i in range(6):
+        seq = f"p{i}"
+        space.allocate(seq, 16 * bs)
+        write_seq(space, seq)
+        keys[seq] = space.block_keys(list(range(i * 10**4, i * 10**4 + 16 * bs)))
+        space.publish(seq, keys[seq])
+        space.free(seq)
+    assert space.stats()["cached_blocks"] == 6 * 16
+    # a live sequence needs 6 pages: cached pages go down first (2 to host, then NVMe), none is dropped yet
+    space.allocate("live", 6 * 16 * bs)
+    write_seq(space, "live")
+    assert space.stats()["cached_blocks"] == 6 * 16
+    mgr.check()
+    # a second one needs 8 pages (128 blocks, 64 more than the space has free): the oldest cached blocks give way
+    space.offload("live", tier="nvme").result()
+    space.allocate("more", 8 * 16 * bs)
+    found = {seq: space.share_prefix(f"{seq}-again", k) for seq, k in keys.items()}
+    assert found["p0"] == 0 and space.stats()["cached_blocks"] < 6 * 16
+    assert all(v in (0, 16 * bs) for v in found.values())
+    for seq, tokens in found.items():
+        if tokens:
+            space.free(f"{seq}-again")
+    mgr.check()
+    # the live data was never dropped: it comes back whole
+    space.free("more")
+    space.prefetch(["live"]).result()
+    for layer in range(space.num_layers):
+        for kv, tensor in enumerate(space.kv(layer)):
+            for i, b in enumerate(space.blocks("live")):
+                assert torch.equal(tensor[b].cpu(), pattern(space, "live", 0, i, layer, kv))
     mgr.check()
 
 

@@ -25,13 +25,15 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
             page = PAGE[backend]
             shape = dict(SHAPE[backend], num_layers=1)
             self.mgr = kvtier.TierManager(kvtier.Config(device=backend, page_size=page, pool_budget=12 * page,
-                                                        pool_ready=4 * page, debug_checks=True, host_size=6 * page,
-                                                        host_chunk=2 * page, nvme_size=40 * page,
+                                                        pool_ready=4 * page, debug_checks=True, host_size=4 * page,
+                                                        host_chunk=2 * page, nvme_size=8 * page,
                                                         background_demotion=False))
             self.mgr.tiering.wait_ready()
-            self.space = self.mgr.create_space("m", max_tokens=160 * shape["block_size"], **shape)
+            # 80 blocks (5 pages): full soon, so cached blocks give way to live ones
+            self.space = self.mgr.create_space("m", max_tokens=80 * shape["block_size"], **shape)
             self.model: dict[str, list[Content | None]] = {}  # per sequence, what each of its blocks holds
             self.offloaded: set[str] = set()
+            self.published: list[list[Content]] = []  # every chain published: its blocks may stay cached
             self.salt = 0
 
         def teardown(self) -> None:
@@ -77,6 +79,7 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
             sp.mark_written(seq, 0, tokens)
             self.model[seq] = [(seq, self.salt, i) for i in range(len(blocks))]
             sp.publish(seq, self._keys(self.model[seq]))  # as an engine does after a prefill
+            self.published.append(list(self.model[seq]))
 
         @rule(parent=SEQS, child=SEQS)
         def fork(self, parent: str, child: str) -> None:
@@ -108,6 +111,24 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
                 self.model[seq] = list(self.model[source][:n])  # the content its keys name
                 self.offloaded.add(seq)  # may rest below: read back after its prefetch
 
+        @rule(pick=st.integers(0, 1000), seq=SEQS)
+        def share_published(self, pick: int, seq: str) -> None:
+            """A prefix published earlier, its holders maybe gone: found in the cache (or dropped, then shorter)."""
+            if not self.published or seq in self.model:
+                return
+            chain = self.published[pick % len(self.published)]
+            tokens = self.space.share_prefix(seq, self._keys(chain))
+            if tokens:
+                self.model[seq] = list(chain[:tokens // self.space.block_size])
+                self.offloaded.add(seq)
+
+        @rule(seq=SEQS, retain=st.sampled_from([True, True, True, False]))
+        def free(self, seq: str, retain: bool) -> None:
+            if seq in self.model:
+                self.space.free(seq, retain=retain)
+                del self.model[seq]
+                self.offloaded.discard(seq)
+
         @rule(seq=SEQS, tier=st.sampled_from([None, "host", "nvme"]))
         def offload(self, seq: str, tier: str | None) -> None:
             if seq in self.model:
@@ -123,13 +144,6 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
             except kvtier.OutOfPagesError:
                 return
             self.offloaded.discard(seq)
-
-        @rule(seq=SEQS)
-        def free(self, seq: str) -> None:
-            if seq in self.model:
-                self.space.free(seq)
-                del self.model[seq]
-                self.offloaded.discard(seq)
 
         @invariant()
         def every_resident_byte_is_the_models(self) -> None:
@@ -153,4 +167,4 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
 
 def test_random_sharing_keeps_every_byte(backend_name: str) -> None:
     run_state_machine_as_test(_machine(backend_name), settings=settings(
-        max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)))
+        max_examples=200, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)))
