@@ -21,11 +21,9 @@ free is unmapped only after the fence completes, so kernels still reading it are
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
@@ -37,7 +35,7 @@ from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, 
                            SpaceFullError)
 from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
-from kvtier.prefix import PrefixIndex, block_keys, check_keys, fingerprint
+from kvtier.space_sharing import SpaceSharing
 from kvtier.tiering import IO_ALIGN, PageTable, Tier, TransferHandle
 from kvtier.space_tiers import SpaceTiers
 from kvtier.vmm import MappedRange
@@ -56,20 +54,6 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if name not in SUPPORTED_DTYPES:
         raise InvalidArgumentError(f"dtype {dtype!r} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})")
     return SUPPORTED_DTYPES[name]
-
-
-@dataclass(frozen=True)
-class _CopyOf:
-    """The private sequence that holds a copy on write's new blocks for a moment (see ``KVSpace.own``)."""
-
-    seq_id: Hashable
-
-
-@dataclass(frozen=True)
-class _Cached:
-    """The private sequence that keeps one published block once no sequence holds it (see ``KVSpace.free``)."""
-
-    block: int
 
 
 class KVSpace:
@@ -105,8 +89,8 @@ class KVSpace:
         regions = [self.range.region(r, used).view(dtype).view(shape) for r in range(self.num_regions)]
         self._kv = [(regions[2 * layer], regions[2 * layer + 1]) for layer in range(num_layers)]
         self.tiers = SpaceTiers(self)  # offload, prefetch, stage, read: the methods of the same name below call it
-        self.prefix = PrefixIndex()    # whole blocks by content (publish, share_prefix)
-        self._cached: OrderedDict[_Cached, None] = OrderedDict()  # published blocks kept, oldest first
+        self.sharing = SpaceSharing(self)  # fork, own, publish, share_prefix, the cache: the methods below call it
+        self.prefix = self.sharing.prefix
         self._layout = (num_layers, num_kv_heads, head_dim, str(dtype).removeprefix("torch."), block_size)
 
     # --- engine-facing ------------------------------------------------------------------------------------------
@@ -157,7 +141,7 @@ class KVSpace:
             blocks, new_pages = self._plan(held, need, first_block)
         except SpaceFullError:
             short = need - self.block_books.free_count
-            if not self._cached or not self.evict_cached(0, blocks=short):  # cached blocks give way, oldest first
+            if not self.sharing.cached or not self.evict_cached(0, blocks=short):  # cached blocks give way first
                 raise
             raise PagesInFlight(f"space {self.name!r}: cached blocks dropped for room", again=True) from None
         if not self.within_quota(len(new_pages)):
@@ -172,143 +156,6 @@ class KVSpace:
             self.map_pages(new_pages, self._room.take_room(room))
             self.pages.mapped(new_pages)
         return self._grow(seq_id, blocks, old_tokens, num_tokens)
-
-    def fork(self, parent: Hashable, child: Hashable, stream: Any = None) -> list[int]:
-        """A new sequence ``child`` holding what ``parent`` holds, without copying its whole blocks: they are
-        shared (each held by both, reference-counted, wherever they rest), and freed only when the last holder lets
-        go. A partly filled last block is copied into a block of the child's own on ``stream`` (default: current),
-        so that each goes on writing its own blocks: the parent's page holding it must be on the GPU (prefetch the
-        parent first). Return the child's block ids. Whole blocks are never written again by an engine that only
-        appends; one that rewrites earlier tokens must not fork (a shared block would change for both)."""
-        return self._room.run_planned(lambda: self._fork(parent, child, stream))
-
-    def _fork(self, parent: Hashable, child: Hashable, stream: Any) -> list[int]:
-        self._check_open()
-        seq_id_arg(child)
-        books = self.block_books
-        held, tokens = books.blocks_of(parent), books.tokens[parent]
-        if child in books.seqs:
-            raise InvalidArgumentError(f"space {self.name!r}: sequence {child!r} exists already; fork into a new id")
-        whole = tokens // self.block_size
-        tail = held[whole:]  # the partly filled last block, if any
-        if tail:
-            page = books.first_page[tail[0]], books.last_page[tail[0]]
-            pending = self.pages.in_flight(page)
-            if pending:
-                raise PagesInFlight(f"space {self.name!r}: {parent!r}'s last block is in flight", pending)
-            if any(self.pages.tier[p] != Tier.GPU for p in page):
-                raise NotResidentError(f"space {self.name!r}: {parent!r}'s last block is not on the GPU; prefetch "
-                                       f"{parent!r} before forking it")
-        books.share(child, held[:whole], whole * self.block_size)
-        if not tail:
-            return list(held[:whole])
-        try:
-            blocks = self._allocate(child, tokens, None)
-        except BaseException:
-            books.release(child)  # nothing was copied: the child goes, the parent's blocks stay as they were
-            raise
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for pair in self._kv:
-                for t in pair:
-                    t[blocks[-1]].copy_(t[tail[0]])
-        return blocks
-
-    # --- KV by content (kvtier/prefix.py) ---------------------------------------------------------------------------
-    def block_keys(self, tokens: Sequence[int], salt: bytes = b"", model: str = "") -> list[bytes]:
-        """Keys of the whole blocks of ``tokens`` in this space's layout (``model``: the engine's id of the model;
-        ``salt``: a tenant's, whose blocks no other salt finds)."""
-        return block_keys(tokens, self.block_size, fingerprint(*self._layout, model=model), salt)
-
-    def publish(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
-        """Offer ``seq_id``'s first whole blocks for reuse under ``keys`` (its tokens' keys, ``block_keys``); it
-        must hold their tokens. Return how many were indexed (a key held already keeps its block)."""
-        keys = check_keys(keys)
-        with self._lock:
-            self._check_open()
-            books = self.block_books
-            held, whole = books.blocks_of(seq_id), books.tokens[seq_id] // self.block_size
-            if len(keys) > whole:
-                raise InvalidArgumentError(f"space {self.name!r}: {len(keys)} keys for the {whole} whole blocks "
-                                           f"{seq_id!r} holds (publish after its tokens are written)")
-            held = held[:len(keys)]
-            return self.prefix.add(keys[:self._servable(held)], held)
-
-    def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
-        """Start a new sequence ``seq_id`` with the longest prefix of ``keys`` this space holds: those blocks are
-        shared, wherever they rest (``prefetch`` brings them up before the step). Return the tokens it holds (0:
-        a miss; it then holds nothing, and ``allocate`` starts it as usual). The engine computes the rest."""
-        keys = check_keys(keys)
-        with self._lock:
-            self._check_open()
-            seq_id_arg(seq_id)
-            if seq_id in self.block_books.seqs:
-                raise InvalidArgumentError(f"space {self.name!r}: sequence {seq_id!r} exists already; share a "
-                                           "prefix into a new id")
-            found = self.prefix.lookup(keys)
-            found = found[:self._servable(found)]
-            if found:
-                blocks = np.asarray(found, dtype=np.int64)
-                self.block_books.share(seq_id, found, len(found) * self.block_size)
-                for p in set(self.block_books.pages_of(blocks)):
-                    self._tiering.policy.on_use(PageRef(self.name, p))
-                label = self._tiering.stack.label
-                self.prefix.counted([label(int(t)) for t in self.pages.tier[self.block_books.first_page[blocks]]],
-                                    len(found) * self.block_size)
-            return len(found) * self.block_size
-
-    def _servable(self, blocks: Sequence[int]) -> int:
-        """How many of ``blocks``, from the first, lie on pages that hold their data (not lost, not dropped);
-        those that do not are forgotten (and dropped, if only the cache held them)."""
-        gone = self._gone(blocks)
-        n = int(np.argmax(gone)) if gone.any() else len(blocks)
-        lost = [int(b) for b, g in zip(blocks, gone) if g]
-        self.prefix.forget(lost)
-        for b in lost:
-            if _Cached(b) in self._cached and self.block_books.refs[b] == 1:
-                self._free(_Cached(b), None)
-        return n
-
-    def _gone(self, blocks: Sequence[int]) -> np.ndarray:
-        """Which of ``blocks`` lie on a page whose data is gone (lost, dropped)."""
-        b = np.asarray(blocks, dtype=np.int64)
-        return np.isin(self.pages.tier[self.block_books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
-            np.isin(self.pages.tier[self.block_books.last_page[b]], (Tier.LOST, Tier.DROPPED))
-
-    def own(self, seq_id: Hashable, start: int, stop: int, stream: Any = None) -> list[int]:
-        """Copy on write: before rewriting tokens ``start..stop`` of ``seq_id``, give it its own copy of every
-        block there that another sequence shares (a fork, a shared prefix), copied on ``stream`` (default:
-        current); the others keep the old ones. Its pages there must be on the GPU. Return its block ids."""
-        return self._room.run_planned(lambda: self._own(seq_id, start, stop, stream))
-
-    def _own(self, seq_id: Hashable, start: int, stop: int, stream: Any) -> list[int]:
-        self._check_open()
-        books = self.block_books
-        held = books.blocks_of(seq_id)
-        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
-                not isinstance(stop, int) or not 0 <= start <= stop <= books.tokens[seq_id]:
-            raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {books.tokens[seq_id]} "
-                                       f"tokens {seq_id!r} holds")
-        positions = [i for i in range(start // self.block_size, -(-stop // self.block_size)) if books.refs[held[i]] > 1]
-        if not positions:
-            return list(held)
-        shared = np.asarray([held[i] for i in positions], dtype=np.int64)
-        pages = set(books.pages_of(shared))
-        pending = self.pages.in_flight(pages)
-        if pending:
-            raise PagesInFlight(f"space {self.name!r}: {seq_id!r}'s shared blocks are in flight", pending)
-        if any(self.pages.tier[p] != Tier.GPU for p in pages):
-            raise NotResidentError(f"space {self.name!r}: {seq_id!r}'s shared blocks are not on the GPU; prefetch "
-                                   f"{seq_id!r} first")
-        scratch = _CopyOf(seq_id)  # blocks of its own, booked to a private sequence, then swapped in
-        fresh = self._allocate(scratch, len(positions) * self.block_size, None)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            src, dst = (torch.as_tensor(b, dtype=torch.int64, device=self._kv[0][0].device) for b in (shared, fresh))
-            for pair in self._kv:
-                for t in pair:
-                    t.index_copy_(0, dst, t.index_select(0, src))
-        books.swap(seq_id, positions, scratch)
-        self._free(scratch, stream)  # the shared blocks go on with their other holders
-        return list(books.seqs[seq_id])
 
     def _plan(self, held: list[int], need: int, first_block: int | None) -> tuple[np.ndarray, list[int]]:
         masks = self._masks()
@@ -404,15 +251,8 @@ class KVSpace:
             raise PagesInFlight(f"space {self.name!r}: {seq_id!r} has pages in flight", pending)
         held = np.asarray(books.blocks_of(seq_id), dtype=np.int64)
         last = [int(b) for b in held[books.refs[held] == 1]]  # the blocks this would free
-        if retain and self.prefix.key_of:
-            gone = self._gone(last)
-            kept = [b for b, g in zip(last, gone) if not g and b in self.prefix.key_of]
-            for b in kept:  # each held by a private idle sequence of its own: demotable, found, droppable
-                holder = _Cached(b)
-                books.share(holder, [b], self.block_size)
-                self._offloaded.add(holder)
-                self._cached[holder] = None
-            last = [b for b in last if b not in set(kept)]
+        if retain:
+            last = self.sharing.retain(last)
         self.prefix.forget(last)  # the blocks this frees hold nothing any more
         emptied = books.release(seq_id)
         self._offloaded.discard(seq_id)
@@ -423,25 +263,10 @@ class KVSpace:
             if self.pages.tier_of(p) == Tier.GPU:
                 self._empty[p] = fence
         self._tiering.release(self, emptied)
-        if isinstance(seq_id, _Cached):
-            del self._cached[seq_id]
+        self.sharing.dropped(seq_id)
         self._trim()
         self._debug_check()
         return len(emptied)
-
-    def evict_cached(self, pages: int, blocks: int = 0) -> int:
-        """Drop cached blocks no sequence holds, oldest first, until ``pages`` pages (in any tier) and ``blocks``
-        blocks came free, or none is left; return the blocks dropped. Holders in flight are skipped."""
-        freed_pages = freed_blocks = 0
-        for holder in list(self._cached):
-            if freed_pages >= pages and freed_blocks >= blocks:
-                break
-            moving = self.pages.in_flight(self.block_books.pages_of_seqs([holder]))
-            if self.block_books.refs[holder.block] > 1 or moving:
-                continue  # a sequence holds it (a hit), or it is moving
-            freed_pages += self._free(holder, None)
-            freed_blocks += 1
-        return freed_blocks
 
     def set_priority(self, seq_id: Hashable, priority: int) -> None:
         """Set a sequence's priority (default: the space's), e.g. for requests under a tight latency objective.
@@ -470,7 +295,7 @@ class KVSpace:
     def sequences(self) -> list[Hashable]:
         with self._lock:
             self._check_open()
-            return [q for q in self.block_books.seqs if not isinstance(q, _Cached)]
+            return [q for q in self.block_books.seqs if not self.sharing.is_holder(q)]
 
     def check_resident(self, block_ids: Iterable[int]) -> None:
         """Raise :class:`NotResidentError` unless every block is live and its pages are mapped (a debug check
@@ -512,10 +337,36 @@ class KVSpace:
                     "stripes_reserved": self.num_pages,
                     "bytes_mapped": mapped * self.page_bytes, "bytes_reserved": self.range.size,
                     "blocks_used": self.num_blocks - self.block_books.free_count, "blocks_total": self.num_blocks,
-                    "sequences": len(self.block_books.seqs) - len(self._cached),
-                    "sequences_offloaded": len(self._offloaded) - len(self._cached), "cached_blocks": len(self._cached),
+                    "sequences": len(self.block_books.seqs) - len(self.sharing.cached),
+                    "sequences_offloaded": len(self._offloaded) - len(self.sharing.cached),
+                    "cached_blocks": len(self.sharing.cached),
                     "prefix": self.prefix.stats(),
                     **self.range.stats()}
+
+    # --- sharing (kvtier/space_sharing.py has the contracts) -------------------------------------------------------
+    def fork(self, parent: Hashable, child: Hashable, stream: Any = None) -> list[int]:
+        """A new sequence ``child`` sharing ``parent``'s whole blocks (its last, partial one copied)."""
+        return self.sharing.fork(parent, child, stream)
+
+    def own(self, seq_id: Hashable, start: int, stop: int, stream: Any = None) -> list[int]:
+        """Copy on write: ``seq_id``'s own copies of the shared blocks of tokens ``start..stop``."""
+        return self.sharing.own(seq_id, start, stop, stream)
+
+    def block_keys(self, tokens: Sequence[int], salt: bytes = b"", model: str = "") -> list[bytes]:
+        """Keys of the whole blocks of ``tokens`` in this space's layout."""
+        return self.sharing.block_keys(tokens, salt, model)
+
+    def publish(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
+        """Offer ``seq_id``'s first whole blocks for reuse under ``keys``."""
+        return self.sharing.publish(seq_id, keys)
+
+    def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
+        """Start ``seq_id`` with the longest prefix of ``keys`` held; return its tokens."""
+        return self.sharing.share_prefix(seq_id, keys)
+
+    def evict_cached(self, pages: int, blocks: int = 0) -> int:
+        """Drop cached blocks no sequence holds, oldest first (``RoomUser``)."""
+        return self.sharing.evict_cached(pages, blocks)
 
     # --- between the tiers (kvtier/space_tiers.py has the contracts) ------------------------------------------
     def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
@@ -564,7 +415,7 @@ class KVSpace:
         return np.flatnonzero(self.pages.allocatable() & (self.block_books.live > 0) & ~active).tolist()
 
     def sequences_on(self, pages: Iterable[int]) -> list[Hashable]:
-        return [q for q in self.block_books.sequences_on(pages) if not isinstance(q, _Cached)]
+        return [q for q in self.block_books.sequences_on(pages) if not self.sharing.is_holder(q)]
 
     def takes_writes(self, page: int) -> bool:
         """Whether a sequence's last block lies on ``page``: engines fill it token by token without telling."""
@@ -680,4 +531,4 @@ class KVSpace:
         assert not self.pages.lower_mask()[live == 0].any(), "a lower tier holds a page with no live block"
         assert self._offloaded <= set(self.block_books.seqs)
         self.prefix.check(self.block_books.free)
-        assert all(self.block_books.seqs.get(h) == [h.block] for h in self._cached), "cached blocks' holders"
+        assert all(self.block_books.seqs.get(h) == [h.block] for h in self.sharing.cached), "cached blocks' holders"

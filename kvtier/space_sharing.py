@@ -1,0 +1,222 @@
+"""Sharing within a space: forks, copy on write, KV found by content (``kvtier/prefix.py``) and the cache of
+published blocks no sequence holds any more. A :class:`SpaceSharing` belongs to one space (``space.sharing``),
+whose public methods of the same names call it; it changes the space's books only through the space's own
+transitions (``_allocate``, ``_free``, ``BlockBooks.share``/``swap``), under the manager's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from kvtier.checks import seq_id_arg
+from kvtier.errors import InvalidArgumentError, NotResidentError, PagesInFlight
+from kvtier.policies import PageRef
+from kvtier.prefix import PrefixIndex, block_keys, check_keys, fingerprint
+from kvtier.tiering import Tier
+
+if TYPE_CHECKING:
+    from kvtier.space import KVSpace
+
+
+@dataclass(frozen=True)
+class _CopyOf:
+    """The private sequence that holds a copy on write's new blocks for a moment (see ``KVSpace.own``)."""
+
+    seq_id: Hashable
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """The private sequence that keeps one published block once no sequence holds it (see ``KVSpace.free``)."""
+
+    block: int
+
+
+class SpaceSharing:
+    """Forks, copy on write, the prefix index and the cached blocks of one :class:`KVSpace` (see the module
+    docstring)."""
+
+    def __init__(self, space: "KVSpace") -> None:
+        self.space = space
+        self.prefix = PrefixIndex()  # whole blocks by content (publish, share_prefix)
+        self.cached: OrderedDict[_Cached, None] = OrderedDict()  # published blocks kept, oldest first
+
+    def retain(self, blocks: list[int]) -> list[int]:
+        """``blocks`` are about to be freed: keep the published ones whose data is there, each held by a private
+        idle sequence of its own (demotable like any idle page, found by its key, dropped by ``evict_cached``);
+        return the others."""
+        if not self.prefix.key_of:
+            return blocks
+        books, gone = self.space.block_books, self.gone(blocks)
+        kept = {b for b, g in zip(blocks, gone) if not g and b in self.prefix.key_of}
+        for b in kept:
+            holder = _Cached(b)
+            books.share(holder, [b], self.space.block_size)
+            self.space._offloaded.add(holder)
+            self.cached[holder] = None
+        return [b for b in blocks if b not in kept]
+
+    def is_holder(self, seq_id: Hashable) -> bool:
+        return isinstance(seq_id, _Cached)
+
+    def dropped(self, seq_id: Hashable) -> None:
+        """``seq_id`` was freed: if it held a cached block, that block is no longer cached."""
+        if isinstance(seq_id, _Cached):
+            del self.cached[seq_id]
+
+    def fork(self, parent: Hashable, child: Hashable, stream: Any = None) -> list[int]:
+        """A new sequence ``child`` holding what ``parent`` holds, without copying its whole blocks: they are
+        shared (each held by both, reference-counted, wherever they rest), and freed only when the last holder lets
+        go. A partly filled last block is copied into a block of the child's own on ``stream`` (default: current),
+        so that each goes on writing its own blocks: the parent's page holding it must be on the GPU (prefetch the
+        parent first). Return the child's block ids. Whole blocks are never written again by an engine that only
+        appends; one that rewrites earlier tokens must not fork (a shared block would change for both)."""
+        return self.space._room.run_planned(lambda: self._fork(parent, child, stream))
+
+    def _fork(self, parent: Hashable, child: Hashable, stream: Any) -> list[int]:
+        self.space._check_open()
+        seq_id_arg(child)
+        books = self.space.block_books
+        held, tokens = books.blocks_of(parent), books.tokens[parent]
+        if child in books.seqs:
+            raise InvalidArgumentError(f"space {self.space.name!r}: sequence {child!r} exists already; fork into a new id")
+        whole = tokens // self.space.block_size
+        tail = held[whole:]  # the partly filled last block, if any
+        if tail:
+            page = books.first_page[tail[0]], books.last_page[tail[0]]
+            pending = self.space.pages.in_flight(page)
+            if pending:
+                raise PagesInFlight(f"space {self.space.name!r}: {parent!r}'s last block is in flight", pending)
+            if any(self.space.pages.tier[p] != Tier.GPU for p in page):
+                raise NotResidentError(f"space {self.space.name!r}: {parent!r}'s last block is not on the GPU; prefetch "
+                                       f"{parent!r} before forking it")
+        books.share(child, held[:whole], whole * self.space.block_size)
+        if not tail:
+            return list(held[:whole])
+        try:
+            blocks = self.space._allocate(child, tokens, None)
+        except BaseException:
+            books.release(child)  # nothing was copied: the child goes, the parent's blocks stay as they were
+            raise
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for pair in self.space._kv:
+                for t in pair:
+                    t[blocks[-1]].copy_(t[tail[0]])
+        return blocks
+
+    # --- KV by content (kvtier/prefix.py) ---------------------------------------------------------------------------
+    def block_keys(self, tokens: Sequence[int], salt: bytes = b"", model: str = "") -> list[bytes]:
+        """Keys of the whole blocks of ``tokens`` in this space's layout (``model``: the engine's id of the model;
+        ``salt``: a tenant's, whose blocks no other salt finds)."""
+        return block_keys(tokens, self.space.block_size, fingerprint(*self.space._layout, model=model), salt)
+
+    def publish(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
+        """Offer ``seq_id``'s first whole blocks for reuse under ``keys`` (its tokens' keys, ``block_keys``); it
+        must hold their tokens. Return how many were indexed (a key held already keeps its block)."""
+        keys = check_keys(keys)
+        with self.space._lock:
+            self.space._check_open()
+            books = self.space.block_books
+            held, whole = books.blocks_of(seq_id), books.tokens[seq_id] // self.space.block_size
+            if len(keys) > whole:
+                raise InvalidArgumentError(f"space {self.space.name!r}: {len(keys)} keys for the {whole} whole blocks "
+                                           f"{seq_id!r} holds (publish after its tokens are written)")
+            held = held[:len(keys)]
+            return self.prefix.add(keys[:self.servable(held)], held)
+
+    def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
+        """Start a new sequence ``seq_id`` with the longest prefix of ``keys`` this space holds: those blocks are
+        shared, wherever they rest (``prefetch`` brings them up before the step). Return the tokens it holds (0:
+        a miss; it then holds nothing, and ``allocate`` starts it as usual). The engine computes the rest."""
+        keys = check_keys(keys)
+        with self.space._lock:
+            self.space._check_open()
+            seq_id_arg(seq_id)
+            if seq_id in self.space.block_books.seqs:
+                raise InvalidArgumentError(f"space {self.space.name!r}: sequence {seq_id!r} exists already; share a "
+                                           "prefix into a new id")
+            found = self.prefix.lookup(keys)
+            found = found[:self.servable(found)]
+            if found:
+                blocks = np.asarray(found, dtype=np.int64)
+                self.space.block_books.share(seq_id, found, len(found) * self.space.block_size)
+                for p in set(self.space.block_books.pages_of(blocks)):
+                    self.space._tiering.policy.on_use(PageRef(self.space.name, p))
+                label = self.space._tiering.stack.label
+                self.prefix.counted([label(int(t)) for t in self.space.pages.tier[self.space.block_books.first_page[blocks]]],
+                                    len(found) * self.space.block_size)
+            return len(found) * self.space.block_size
+
+    def servable(self, blocks: Sequence[int]) -> int:
+        """How many of ``blocks``, from the first, lie on pages that hold their data (not lost, not dropped);
+        those that do not are forgotten (and dropped, if only the cache held them)."""
+        gone = self.gone(blocks)
+        n = int(np.argmax(gone)) if gone.any() else len(blocks)
+        lost = [int(b) for b, g in zip(blocks, gone) if g]
+        self.prefix.forget(lost)
+        for b in lost:
+            if _Cached(b) in self.cached and self.space.block_books.refs[b] == 1:
+                self.space._free(_Cached(b), None)
+        return n
+
+    def gone(self, blocks: Sequence[int]) -> np.ndarray:
+        """Which of ``blocks`` lie on a page whose data is gone (lost, dropped)."""
+        b = np.asarray(blocks, dtype=np.int64)
+        return np.isin(self.space.pages.tier[self.space.block_books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
+            np.isin(self.space.pages.tier[self.space.block_books.last_page[b]], (Tier.LOST, Tier.DROPPED))
+
+    def own(self, seq_id: Hashable, start: int, stop: int, stream: Any = None) -> list[int]:
+        """Copy on write: before rewriting tokens ``start..stop`` of ``seq_id``, give it its own copy of every
+        block there that another sequence shares (a fork, a shared prefix), copied on ``stream`` (default:
+        current); the others keep the old ones. Its pages there must be on the GPU. Return its block ids."""
+        return self.space._room.run_planned(lambda: self._own(seq_id, start, stop, stream))
+
+    def _own(self, seq_id: Hashable, start: int, stop: int, stream: Any) -> list[int]:
+        self.space._check_open()
+        books = self.space.block_books
+        held = books.blocks_of(seq_id)
+        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
+                not isinstance(stop, int) or not 0 <= start <= stop <= books.tokens[seq_id]:
+            raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {books.tokens[seq_id]} "
+                                       f"tokens {seq_id!r} holds")
+        positions = [i for i in range(start // self.space.block_size, -(-stop // self.space.block_size)) if books.refs[held[i]] > 1]
+        if not positions:
+            return list(held)
+        shared = np.asarray([held[i] for i in positions], dtype=np.int64)
+        pages = set(books.pages_of(shared))
+        pending = self.space.pages.in_flight(pages)
+        if pending:
+            raise PagesInFlight(f"space {self.space.name!r}: {seq_id!r}'s shared blocks are in flight", pending)
+        if any(self.space.pages.tier[p] != Tier.GPU for p in pages):
+            raise NotResidentError(f"space {self.space.name!r}: {seq_id!r}'s shared blocks are not on the GPU; prefetch "
+                                   f"{seq_id!r} first")
+        scratch = _CopyOf(seq_id)  # blocks of its own, booked to a private sequence, then swapped in
+        fresh = self.space._allocate(scratch, len(positions) * self.space.block_size, None)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            src, dst = (torch.as_tensor(b, dtype=torch.int64, device=self.space._kv[0][0].device) for b in (shared, fresh))
+            for pair in self.space._kv:
+                for t in pair:
+                    t.index_copy_(0, dst, t.index_select(0, src))
+        books.swap(seq_id, positions, scratch)
+        self.space._free(scratch, stream)  # the shared blocks go on with their other holders
+        return list(books.seqs[seq_id])
+
+    def evict_cached(self, pages: int, blocks: int = 0) -> int:
+        """Drop cached blocks no sequence holds, oldest first, until ``pages`` pages (in any tier) and ``blocks``
+        blocks came free, or none is left; return the blocks dropped. Holders in flight are skipped."""
+        freed_pages = freed_blocks = 0
+        for holder in list(self.cached):
+            if freed_pages >= pages and freed_blocks >= blocks:
+                break
+            moving = self.space.pages.in_flight(self.space.block_books.pages_of_seqs([holder]))
+            if self.space.block_books.refs[holder.block] > 1 or moving:
+                continue  # a sequence holds it (a hit), or it is moving
+            freed_pages += self.space._free(holder, None)
+            freed_blocks += 1
+        return freed_blocks
