@@ -53,12 +53,12 @@ class SpaceSharing:
         return the others."""
         if not self.prefix.key_of:
             return blocks
-        books, gone = self.space.block_books, self.gone(blocks)
+        sp, gone = self.space, self.gone(blocks)
         kept = {b for b, g in zip(blocks, gone) if not g and b in self.prefix.key_of}
         for b in kept:
             holder = _Cached(b)
-            books.share(holder, [b], self.space.block_size)
-            self.space._offloaded.add(holder)
+            sp.block_books.share(holder, [b], sp.block_size)
+            sp._offloaded.add(holder)
             self.cached[holder] = None
         return [b for b in blocks if b not in kept]
 
@@ -70,45 +70,83 @@ class SpaceSharing:
         if isinstance(seq_id, _Cached):
             del self.cached[seq_id]
 
+    # --- forks and copy on write ----------------------------------------------------------------------------------
     def fork(self, parent: Hashable, child: Hashable, stream: Any = None) -> list[int]:
         """A new sequence ``child`` holding what ``parent`` holds, without copying its whole blocks: they are
         shared (each held by both, reference-counted, wherever they rest), and freed only when the last holder lets
         go. A partly filled last block is copied into a block of the child's own on ``stream`` (default: current),
         so that each goes on writing its own blocks: the parent's page holding it must be on the GPU (prefetch the
-        parent first). Return the child's block ids. Whole blocks are never written again by an engine that only
-        appends; one that rewrites earlier tokens must not fork (a shared block would change for both)."""
+        parent first). Return the child's block ids. Shared blocks are read-only: ``own`` before rewriting."""
         return self.space._room.run_planned(lambda: self._fork(parent, child, stream))
 
     def _fork(self, parent: Hashable, child: Hashable, stream: Any) -> list[int]:
-        self.space._check_open()
+        sp = self.space
+        sp._check_open()
         seq_id_arg(child)
-        books = self.space.block_books
+        books = sp.block_books
         held, tokens = books.blocks_of(parent), books.tokens[parent]
         if child in books.seqs:
-            raise InvalidArgumentError(f"space {self.space.name!r}: sequence {child!r} exists already; fork into a new id")
-        whole = tokens // self.space.block_size
+            raise InvalidArgumentError(f"space {sp.name!r}: sequence {child!r} exists already; fork into a new id")
+        whole = tokens // sp.block_size
         tail = held[whole:]  # the partly filled last block, if any
         if tail:
-            page = books.first_page[tail[0]], books.last_page[tail[0]]
-            pending = self.space.pages.in_flight(page)
-            if pending:
-                raise PagesInFlight(f"space {self.space.name!r}: {parent!r}'s last block is in flight", pending)
-            if any(self.space.pages.tier[p] != Tier.GPU for p in page):
-                raise NotResidentError(f"space {self.space.name!r}: {parent!r}'s last block is not on the GPU; prefetch "
-                                       f"{parent!r} before forking it")
-        books.share(child, held[:whole], whole * self.space.block_size)
+            self._require_on_gpu(tail, f"{parent!r}'s last block", parent)
+        books.share(child, held[:whole], whole * sp.block_size)
         if not tail:
             return list(held[:whole])
         try:
-            blocks = self.space._allocate(child, tokens, None)
+            blocks = sp._allocate(child, tokens, None)
         except BaseException:
             books.release(child)  # nothing was copied: the child goes, the parent's blocks stay as they were
             raise
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for pair in self.space._kv:
-                for t in pair:
-                    t[blocks[-1]].copy_(t[tail[0]])
+        self._copy(tail, blocks[-1:], stream)
         return blocks
+
+    def own(self, seq_id: Hashable, start: int, stop: int, stream: Any = None) -> list[int]:
+        """Copy on write: before rewriting tokens ``start..stop`` of ``seq_id``, give it its own copy of every
+        block there that another sequence shares (a fork, a shared prefix), copied on ``stream`` (default:
+        current); the others keep the old ones. Its pages there must be on the GPU. Return its block ids."""
+        return self.space._room.run_planned(lambda: self._own(seq_id, start, stop, stream))
+
+    def _own(self, seq_id: Hashable, start: int, stop: int, stream: Any) -> list[int]:
+        sp = self.space
+        sp._check_open()
+        books = sp.block_books
+        held, tokens = books.blocks_of(seq_id), books.tokens[seq_id]
+        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
+                not isinstance(stop, int) or not 0 <= start <= stop <= tokens:
+            raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {tokens} tokens "
+                                       f"{seq_id!r} holds")
+        span = range(start // sp.block_size, -(-stop // sp.block_size))
+        positions = [i for i in span if books.refs[held[i]] > 1]
+        if not positions:
+            return list(held)
+        shared = [held[i] for i in positions]
+        self._require_on_gpu(shared, f"{seq_id!r}'s shared blocks", seq_id)
+        scratch = _CopyOf(seq_id)  # blocks of its own, booked to a private sequence, then swapped in
+        fresh = sp._allocate(scratch, len(positions) * sp.block_size, None)
+        self._copy(shared, fresh, stream)
+        books.swap(seq_id, positions, scratch)
+        sp._free(scratch, stream)  # the shared blocks go on with their other holders
+        return list(books.seqs[seq_id])
+
+    def _require_on_gpu(self, blocks: Sequence[int], what: str, seq_id: Hashable) -> None:
+        sp = self.space
+        pages = set(sp.block_books.pages_of(np.asarray(blocks, dtype=np.int64)))
+        pending = sp.pages.in_flight(pages)
+        if pending:
+            raise PagesInFlight(f"space {sp.name!r}: {what} are in flight", pending)
+        if any(sp.pages.tier[p] != Tier.GPU for p in pages):
+            raise NotResidentError(f"space {sp.name!r}: {what} are not on the GPU; prefetch {seq_id!r} first")
+
+    def _copy(self, src: Sequence[int], dst: Sequence[int], stream: Any) -> None:
+        """Blocks ``src`` into blocks ``dst`` in every region, on ``stream`` (default: current)."""
+        kv = self.space._kv
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            a, b = (torch.as_tensor(list(x), dtype=torch.int64, device=kv[0][0].device) for x in (src, dst))
+            for pair in kv:
+                for t in pair:
+                    t.index_copy_(0, b, t.index_select(0, a))
 
     # --- KV by content (kvtier/prefix.py) ---------------------------------------------------------------------------
     def block_keys(self, tokens: Sequence[int], salt: bytes = b"", model: str = "") -> list[bytes]:
@@ -120,12 +158,12 @@ class SpaceSharing:
         """Offer ``seq_id``'s first whole blocks for reuse under ``keys`` (its tokens' keys, ``block_keys``); it
         must hold their tokens. Return how many were indexed (a key held already keeps its block)."""
         keys = check_keys(keys)
-        with self.space._lock:
-            self.space._check_open()
-            books = self.space.block_books
-            held, whole = books.blocks_of(seq_id), books.tokens[seq_id] // self.space.block_size
+        sp = self.space
+        with sp._lock:
+            sp._check_open()
+            held, whole = sp.block_books.blocks_of(seq_id), sp.block_books.tokens[seq_id] // sp.block_size
             if len(keys) > whole:
-                raise InvalidArgumentError(f"space {self.space.name!r}: {len(keys)} keys for the {whole} whole blocks "
+                raise InvalidArgumentError(f"space {sp.name!r}: {len(keys)} keys for the {whole} whole blocks "
                                            f"{seq_id!r} holds (publish after its tokens are written)")
             held = held[:len(keys)]
             return self.prefix.add(keys[:self.servable(held)], held)
@@ -135,23 +173,24 @@ class SpaceSharing:
         shared, wherever they rest (``prefetch`` brings them up before the step). Return the tokens it holds (0:
         a miss; it then holds nothing, and ``allocate`` starts it as usual). The engine computes the rest."""
         keys = check_keys(keys)
-        with self.space._lock:
-            self.space._check_open()
+        sp = self.space
+        with sp._lock:
+            sp._check_open()
             seq_id_arg(seq_id)
-            if seq_id in self.space.block_books.seqs:
-                raise InvalidArgumentError(f"space {self.space.name!r}: sequence {seq_id!r} exists already; share a "
-                                           "prefix into a new id")
+            books = sp.block_books
+            if seq_id in books.seqs:
+                raise InvalidArgumentError(f"space {sp.name!r}: sequence {seq_id!r} exists already; share a prefix "
+                                           "into a new id")
             found = self.prefix.lookup(keys)
             found = found[:self.servable(found)]
             if found:
                 blocks = np.asarray(found, dtype=np.int64)
-                self.space.block_books.share(seq_id, found, len(found) * self.space.block_size)
-                for p in set(self.space.block_books.pages_of(blocks)):
-                    self.space._tiering.policy.on_use(PageRef(self.space.name, p))
-                label = self.space._tiering.stack.label
-                self.prefix.counted([label(int(t)) for t in self.space.pages.tier[self.space.block_books.first_page[blocks]]],
-                                    len(found) * self.space.block_size)
-            return len(found) * self.space.block_size
+                books.share(seq_id, found, len(found) * sp.block_size)
+                for p in set(books.pages_of(blocks)):
+                    sp._tiering.policy.on_use(PageRef(sp.name, p))
+                places = [sp._tiering.stack.label(int(t)) for t in sp.pages.tier[books.first_page[blocks]]]
+                self.prefix.counted(places, len(found) * sp.block_size)
+            return len(found) * sp.block_size
 
     def servable(self, blocks: Sequence[int]) -> int:
         """How many of ``blocks``, from the first, lie on pages that hold their data (not lost, not dropped);
@@ -167,56 +206,22 @@ class SpaceSharing:
 
     def gone(self, blocks: Sequence[int]) -> np.ndarray:
         """Which of ``blocks`` lie on a page whose data is gone (lost, dropped)."""
-        b = np.asarray(blocks, dtype=np.int64)
-        return np.isin(self.space.pages.tier[self.space.block_books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
-            np.isin(self.space.pages.tier[self.space.block_books.last_page[b]], (Tier.LOST, Tier.DROPPED))
+        sp, b = self.space, np.asarray(blocks, dtype=np.int64)
+        tier, books = sp.pages.tier, sp.block_books
+        return np.isin(tier[books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
+            np.isin(tier[books.last_page[b]], (Tier.LOST, Tier.DROPPED))
 
-    def own(self, seq_id: Hashable, start: int, stop: int, stream: Any = None) -> list[int]:
-        """Copy on write: before rewriting tokens ``start..stop`` of ``seq_id``, give it its own copy of every
-        block there that another sequence shares (a fork, a shared prefix), copied on ``stream`` (default:
-        current); the others keep the old ones. Its pages there must be on the GPU. Return its block ids."""
-        return self.space._room.run_planned(lambda: self._own(seq_id, start, stop, stream))
-
-    def _own(self, seq_id: Hashable, start: int, stop: int, stream: Any) -> list[int]:
-        self.space._check_open()
-        books = self.space.block_books
-        held = books.blocks_of(seq_id)
-        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
-                not isinstance(stop, int) or not 0 <= start <= stop <= books.tokens[seq_id]:
-            raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not a range of the {books.tokens[seq_id]} "
-                                       f"tokens {seq_id!r} holds")
-        positions = [i for i in range(start // self.space.block_size, -(-stop // self.space.block_size)) if books.refs[held[i]] > 1]
-        if not positions:
-            return list(held)
-        shared = np.asarray([held[i] for i in positions], dtype=np.int64)
-        pages = set(books.pages_of(shared))
-        pending = self.space.pages.in_flight(pages)
-        if pending:
-            raise PagesInFlight(f"space {self.space.name!r}: {seq_id!r}'s shared blocks are in flight", pending)
-        if any(self.space.pages.tier[p] != Tier.GPU for p in pages):
-            raise NotResidentError(f"space {self.space.name!r}: {seq_id!r}'s shared blocks are not on the GPU; prefetch "
-                                   f"{seq_id!r} first")
-        scratch = _CopyOf(seq_id)  # blocks of its own, booked to a private sequence, then swapped in
-        fresh = self.space._allocate(scratch, len(positions) * self.space.block_size, None)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            src, dst = (torch.as_tensor(b, dtype=torch.int64, device=self.space._kv[0][0].device) for b in (shared, fresh))
-            for pair in self.space._kv:
-                for t in pair:
-                    t.index_copy_(0, dst, t.index_select(0, src))
-        books.swap(seq_id, positions, scratch)
-        self.space._free(scratch, stream)  # the shared blocks go on with their other holders
-        return list(books.seqs[seq_id])
-
+    # --- the cache gives way ----------------------------------------------------------------------------------------
     def evict_cached(self, pages: int, blocks: int = 0) -> int:
         """Drop cached blocks no sequence holds, oldest first, until ``pages`` pages (in any tier) and ``blocks``
         blocks came free, or none is left; return the blocks dropped. Holders in flight are skipped."""
+        sp = self.space
         freed_pages = freed_blocks = 0
         for holder in list(self.cached):
             if freed_pages >= pages and freed_blocks >= blocks:
                 break
-            moving = self.space.pages.in_flight(self.space.block_books.pages_of_seqs([holder]))
-            if self.space.block_books.refs[holder.block] > 1 or moving:
+            if sp.block_books.refs[holder.block] > 1 or sp.pages.in_flight(sp.block_books.pages_of_seqs([holder])):
                 continue  # a sequence holds it (a hit), or it is moving
-            freed_pages += self.space._free(holder, None)
+            freed_pages += sp._free(holder, None)
             freed_blocks += 1
         return freed_blocks

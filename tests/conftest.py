@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterable
 
 import os
 
@@ -86,3 +86,11 @@ def assert_seq(space: kvtier.KVSpace, seq: Hashable, salt: int = 0) -> None:
                 assert torch.equal(tensor[b].cpu(), expected), f"{seq} block {i} layer {layer} kv {kv} differs"
 
 
+def assert_holds(space: kvtier.KVSpace, seq: Hashable, source: Hashable, blocks: Iterable[int]) -> None:
+    """``seq``'s blocks of index ``blocks`` hold what ``write_seq(space, source)`` wrote into ``source``'s blocks
+    of the same index (a fork, a shared prefix)."""
+    held = space.blocks(seq)
+    for layer in range(space.num_layers):
+        for kv, tensor in enumerate(space.kv(layer)):
+            for i in blocks:
+                assert torch.equal(tensor[held[i]].cpu(), pattern(space, source, 0, i, layer, kv)), (seq, i, layer, kv)

@@ -7,23 +7,13 @@ import pytest
 import torch
 
 import kvtier
-from tests.conftest import pattern, write_seq
+from tests.conftest import assert_holds, pattern, write_seq
 
 BPP = 16  # blocks per page in the suite's shapes
 
 
 def _space(mgr, make_manager, blocks=256):
     return mgr.create_space("m", max_tokens=blocks * make_manager.shape["block_size"], **make_manager.shape)
-
-
-def _assert_holds(space, seq, source, blocks):
-    """``seq``'s blocks ``blocks`` hold what ``source`` wrote into its blocks of the same index (write_seq)."""
-    held = space.blocks(seq)
-    for layer in range(space.num_layers):
-        for kv, tensor in enumerate(space.kv(layer)):
-            for i in blocks:
-                expected = pattern(space, source, 0, i, layer, kv)
-                assert torch.equal(tensor[held[i]].cpu(), expected), f"{seq} block {i} layer {layer} kv {kv}"
 
 
 def test_a_fork_shares_whole_blocks_and_copies_the_last_one(make_manager):
@@ -38,7 +28,7 @@ def test_a_fork_shares_whole_blocks_and_copies_the_last_one(make_manager):
     prompt = space.blocks("prompt")
     assert a[:40] == b[:40] == prompt[:40] and len({a[40], b[40], prompt[40]}) == 3
     assert space.block_books.refs[prompt[:40]].tolist() == [3] * 40 and space.num_tokens("a") == 40 * bs + 5
-    _assert_holds(space, "a", "prompt", range(41))
+    assert_holds(space, "a", "prompt", range(41))
     mgr.check()
     # each grows on blocks of its own; the prompt's bytes do not change
     space.allocate("a", 60 * bs)
@@ -47,11 +37,11 @@ def test_a_fork_shares_whole_blocks_and_copies_the_last_one(make_manager):
         for tensor in space.kv(layer):
             tensor[space.blocks("a")[41:]] = 1
             tensor[space.blocks("b")[41:]] = 2
-    _assert_holds(space, "prompt", "prompt", range(41))
+    assert_holds(space, "prompt", "prompt", range(41))
     # the prompt goes: the forks keep the blocks they share, with its bytes
     space.free("prompt")
-    _assert_holds(space, "a", "prompt", range(40))
-    _assert_holds(space, "b", "prompt", range(40))
+    assert_holds(space, "a", "prompt", range(40))
+    assert_holds(space, "b", "prompt", range(40))
     mgr.check()
 
     # a shared page goes down only once every sequence on it is idle, and comes back for both
@@ -61,16 +51,16 @@ def test_a_fork_shares_whole_blocks_and_copies_the_last_one(make_manager):
     space.offload("b", tier="nvme").result()
     assert space.residency("a")["gpu"] == 0 and space.residency("b")["gpu"] == 0
     space.prefetch(["b"]).result()
-    _assert_holds(space, "b", "prompt", range(40))
+    assert_holds(space, "b", "prompt", range(40))
     space.prefetch(["a"]).result()
-    _assert_holds(space, "a", "prompt", range(40))
+    assert_holds(space, "a", "prompt", range(40))
     mgr.check()
 
     # a prefix dropped by one fork stays the other's
     on_gpu = space.residency("b")["gpu"]
     space.drop_prefix("a", 40 * bs).result()
     assert space.residency("b")["gpu"] == on_gpu
-    _assert_holds(space, "b", "prompt", range(40))
+    assert_holds(space, "b", "prompt", range(40))
     mgr.check()
     space.free("a")
     space.free("b")
@@ -97,7 +87,7 @@ def test_a_fork_needs_the_parents_last_block_on_the_gpu_and_a_new_id(make_manage
     mgr.check()
     space.prefetch(["prompt"]).result()
     space.fork("prompt", "child")
-    _assert_holds(space, "child", "prompt", range(4))
+    assert_holds(space, "child", "prompt", range(4))
     # a parent of whole blocks only is shared whole, nothing copied
     space.allocate("whole", 2 * bs)
     write_seq(space, "whole")
@@ -121,13 +111,13 @@ def test_a_fork_rewriting_shared_tokens_copies_them_first(make_manager):
     assert after[:2] == before[:2] and after[5:] == before[5:]
     assert not set(after[2:5]) & set(space.blocks("prompt"))
     assert space.block_books.refs[space.blocks("prompt")[2:5]].tolist() == [1, 1, 1]
-    _assert_holds(space, "beam", "prompt", range(20))
+    assert_holds(space, "beam", "prompt", range(20))
     # the beam rewrites them: the prompt keeps its bytes
     for layer in range(space.num_layers):
         for tensor in space.kv(layer):
             tensor[after[2:5]] = 3
     space.mark_written("beam", 2 * bs, 5 * bs)
-    _assert_holds(space, "prompt", "prompt", range(20))
+    assert_holds(space, "prompt", "prompt", range(20))
     assert space.own("beam", 2 * bs, 5 * bs) == after  # its own already: nothing to copy
     mgr.check()
     space.free("prompt")

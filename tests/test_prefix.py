@@ -8,19 +8,11 @@ import torch
 
 import kvtier
 from kvtier.prefix import KEY_BYTES, block_keys, fingerprint, keys_from_hashes
-from tests.conftest import pattern, write_seq
+from tests.conftest import assert_holds, pattern, write_seq
 
 
 def _space(mgr, make_manager, blocks=256):
     return mgr.create_space("m", max_tokens=blocks * make_manager.shape["block_size"], **make_manager.shape)
-
-
-def _assert_holds(space, seq, source, blocks):
-    held = space.blocks(seq)
-    for layer in range(space.num_layers):
-        for kv, tensor in enumerate(space.kv(layer)):
-            for i in blocks:
-                assert torch.equal(tensor[held[i]].cpu(), pattern(space, source, 0, i, layer, kv)), (seq, i)
 
 
 def test_keys_chain_and_separate_layouts_models_and_salts():
@@ -53,7 +45,7 @@ def test_a_shared_system_prompt_is_computed_once_and_found_wherever_it_rests(mak
     assert space.blocks("r2") == space.blocks("r1")[:36]
     space.allocate("r2", len(system) + 20)  # its own question, on blocks of its own
     assert space.blocks("r2")[36:] != space.blocks("r1")[36:]
-    _assert_holds(space, "r2", "r1", range(36))
+    assert_holds(space, "r2", "r1", range(36))
     mgr.check()
     # the first request ends: the blocks stay the second's, and stay found
     space.free("r1")
@@ -65,7 +57,7 @@ def test_a_shared_system_prompt_is_computed_once_and_found_wherever_it_rests(mak
     assert space.residency("r2")["gpu"] == 0
     assert space.share_prefix("r4", keys2) == 36 * bs
     space.prefetch(["r4"]).result()
-    _assert_holds(space, "r4", "r1", range(36))
+    assert_holds(space, "r4", "r1", range(36))
     prefix = space.stats()["prefix"]
     assert prefix["shared_blocks"] == {"gpu": 36 + 20, "nvme": 36} and prefix["tokens_shared"] == (36 + 20 + 36) * bs
     # another salt, another model: no hit
@@ -79,7 +71,7 @@ def test_a_shared_system_prompt_is_computed_once_and_found_wherever_it_rests(mak
     assert space.stats()["cached_blocks"] == 36 and space.sequences() == []
     assert space.share_prefix("r7", keys2) == 36 * bs
     space.prefetch(["r7"]).result()
-    _assert_holds(space, "r7", "r1", range(36))
+    assert_holds(space, "r7", "r1", range(36))
     # a request that must not be kept is freed at once: with it, nothing holds the blocks but the cache
     space.free("r7", retain=False)
     assert space.stats()["cached_blocks"] == 36
