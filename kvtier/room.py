@@ -120,7 +120,7 @@ class RoomPlanner:
             if short <= covered + self.tiering.gpu_handles_leaving():
                 raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
             wanted = -(-(short - covered) // max(1, space.num_regions))
-            if any([s.evict_cached(wanted) for s in sorted(self.spaces(), key=lambda s: s.priority)]):
+            if any(s.evict_cached(wanted) for s in sorted(self.spaces(), key=lambda s: s.priority)):  # lowest first
                 # cached blocks no sequence holds gave way (their pages, and slots below, came free): the caller's
                 # plan was made before that, so it plans again from the start
                 raise PagesInFlight(f"space {space.name!r}: cached blocks dropped for room", again=True)
