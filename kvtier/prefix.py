@@ -77,20 +77,25 @@ class PrefixIndex:
     def __init__(self) -> None:
         self.block_of: dict[bytes, int] = {}
         self.key_of: dict[int, bytes] = {}
+        self.salt_of: dict[int, bytes] = {}  # the tenant salt a block was published under (erase)
         self.hits = 0     # blocks found by lookups
         self.misses = 0   # lookups that stopped short of their last key
         self.shared: dict[str, int] = {}  # blocks shared into new sequences, by where they rested (gpu, host...)
         self.tokens_shared = 0  # tokens new sequences did not have to compute
 
-    def add(self, keys: Sequence[bytes], blocks: Sequence[int]) -> int:
-        """Index ``blocks`` under ``keys`` (pairwise); a key held already keeps its block. Return how many were
-        added."""
+    def add(self, keys: Sequence[bytes], blocks: Sequence[int], salt: bytes = b"") -> int:
+        """Index ``blocks`` under ``keys`` (pairwise), published under ``salt``; a key held already keeps its
+        block. Return how many were added."""
         added = 0
         for key, block in zip(keys, blocks):
             if key not in self.block_of and block not in self.key_of:
-                self.block_of[key], self.key_of[block] = block, key
+                self.block_of[key], self.key_of[block], self.salt_of[block] = block, key, salt
                 added += 1
         return added
+
+    def salted(self, salt: bytes) -> list[int]:
+        """The blocks published under ``salt``."""
+        return [b for b, s in self.salt_of.items() if s == salt]
 
     def lookup(self, keys: Sequence[bytes]) -> list[int]:
         """The blocks of the longest prefix of ``keys`` held, in order."""
@@ -110,6 +115,7 @@ class PrefixIndex:
             key = self.key_of.pop(int(block), None)
             if key is not None:
                 del self.block_of[key]
+                del self.salt_of[int(block)]
 
     def counted(self, places: Sequence[str], tokens: int) -> None:
         """A share of blocks resting at ``places`` (one name a block), saving ``tokens``."""
@@ -122,6 +128,6 @@ class PrefixIndex:
                 "lookups_short": self.misses, "shared_blocks": dict(self.shared), "tokens_shared": self.tokens_shared}
 
     def check(self, free: np.ndarray) -> None:
-        assert len(self.block_of) == len(self.key_of), "prefix index: keys and blocks disagree"
+        assert len(self.block_of) == len(self.key_of) == len(self.salt_of), "prefix index: keys and blocks disagree"
         for key, block in self.block_of.items():
             assert self.key_of[block] == key and not free[block], f"prefix index: block {block} is free or mislabeled"

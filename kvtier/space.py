@@ -356,9 +356,13 @@ class KVSpace:
         """Keys of the whole blocks of ``tokens`` in this space's layout."""
         return self.sharing.block_keys(tokens, salt, model)
 
-    def publish(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
-        """Offer ``seq_id``'s first whole blocks for reuse under ``keys``."""
-        return self.sharing.publish(seq_id, keys)
+    def publish(self, seq_id: Hashable, keys: Sequence[bytes], salt: bytes = b"") -> int:
+        """Offer ``seq_id``'s first whole blocks for reuse under ``keys`` (made with ``salt``)."""
+        return self.sharing.publish(seq_id, keys, salt)
+
+    def erase(self, salt: bytes) -> int:
+        """Forget every block published under ``salt``; free those only the cache held."""
+        return self.sharing.erase(salt)
 
     def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
         """Start ``seq_id`` with the longest prefix of ``keys`` held; return its tokens."""

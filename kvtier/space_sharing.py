@@ -154,9 +154,10 @@ class SpaceSharing:
         ``salt``: a tenant's, whose blocks no other salt finds)."""
         return block_keys(tokens, self.space.block_size, fingerprint(*self.space._layout, model=model), salt)
 
-    def publish(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
-        """Offer ``seq_id``'s first whole blocks for reuse under ``keys`` (its tokens' keys, ``block_keys``); it
-        must hold their tokens. Return how many were indexed (a key held already keeps its block)."""
+    def publish(self, seq_id: Hashable, keys: Sequence[bytes], salt: bytes = b"") -> int:
+        """Offer ``seq_id``'s first whole blocks for reuse under ``keys`` (its tokens' keys, ``block_keys``, made
+        with ``salt``: ``erase(salt)`` forgets them); it must hold their tokens. Return how many were indexed (a
+        key held already keeps its block)."""
         keys = check_keys(keys)
         sp = self.space
         with sp._lock:
@@ -166,7 +167,26 @@ class SpaceSharing:
                 raise InvalidArgumentError(f"space {sp.name!r}: {len(keys)} keys for the {whole} whole blocks "
                                            f"{seq_id!r} holds (publish after its tokens are written)")
             held = held[:len(keys)]
-            return self.prefix.add(keys[:self.servable(held)], held)
+            return self.prefix.add(keys[:self.servable(held)], held, salt)
+
+    def erase(self, salt: bytes) -> int:
+        """Forget every block published under ``salt`` (a tenant's): no key finds them any more, and those only
+        the cache held are freed, in whatever tier they rest. Sequences holding them keep them. Return how many
+        were forgotten."""
+        return self.space._room.run_planned(lambda: self._erase(salt))
+
+    def _erase(self, salt: bytes) -> int:
+        sp = self.space
+        sp._check_open()
+        blocks = self.prefix.salted(salt)
+        holders = [_Cached(b) for b in blocks if _Cached(b) in self.cached and sp.block_books.refs[b] == 1]
+        pending = sp.pages.in_flight(sp.block_books.pages_of_seqs(holders))
+        if pending:
+            raise PagesInFlight(f"space {sp.name!r}: cached blocks to erase are in flight", pending)
+        self.prefix.forget(blocks)
+        for holder in holders:
+            sp._free(holder, None)
+        return len(blocks)
 
     def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
         """Start a new sequence ``seq_id`` with the longest prefix of ``keys`` this space holds: those blocks are

@@ -148,3 +148,30 @@ def test_blocks_whose_bytes_may_have_changed_are_never_served(make_manager):
     with pytest.raises(kvtier.InvalidArgumentError, match="exists already"):
         space.share_prefix("a", keys)
     mgr.check()
+
+
+def test_a_tenant_erased_is_found_no_more_in_any_tier(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    prompt = list(range(32 * bs))
+    # two tenants publish the same prompt under their own salts; a's goes idle to NVMe, b's is freed to the cache
+    for tenant in (b"a", b"b"):
+        seq = tenant.decode()
+        space.allocate(seq, len(prompt))
+        write_seq(space, seq)
+        space.publish(seq, space.block_keys(prompt, salt=tenant), salt=tenant)
+    space.offload("a", tier="nvme").result()
+    space.free("b")
+    assert space.stats()["cached_blocks"] == 32
+    # erasing b: its cached blocks are freed, its keys find nothing; a's are untouched
+    assert space.erase(b"b") == 32
+    assert space.stats()["cached_blocks"] == 0 and space.share_prefix("b2", space.block_keys(prompt, salt=b"b")) == 0
+    assert space.share_prefix("a2", space.block_keys(prompt, salt=b"a")) == 32 * bs
+    # erasing a: a keeps its blocks (it holds them), but no key finds them
+    assert space.erase(b"a") == 32
+    assert space.share_prefix("a3", space.block_keys(prompt, salt=b"a")) == 0
+    space.prefetch(["a"]).result()
+    assert_holds(space, "a", "a", range(32))
+    mgr.check()
+
