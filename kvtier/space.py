@@ -368,6 +368,10 @@ class KVSpace:
         """Start ``seq_id`` with the longest prefix of ``keys`` held; return its tokens."""
         return self.sharing.share_prefix(seq_id, keys)
 
+    def indexed(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which of ``keys`` this space holds a block for (no hit counted, nothing shared)."""
+        return self.sharing.indexed(keys)
+
     def evict_cached(self, pages: int, blocks: int = 0) -> int:
         """Drop cached blocks no sequence holds, oldest first (``RoomUser``)."""
         return self.sharing.evict_cached(pages, blocks)

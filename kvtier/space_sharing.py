@@ -212,6 +212,12 @@ class SpaceSharing:
                 self.prefix.counted(places, len(found) * sp.block_size)
             return len(found) * sp.block_size
 
+    def indexed(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which of ``keys`` the index holds a block for (a look that counts no hit and shares nothing)."""
+        keys = check_keys(keys)
+        with self.space._lock:
+            return [k in self.prefix.block_of for k in keys]
+
     def servable(self, blocks: Sequence[int]) -> int:
         """How many of ``blocks``, from the first, lie on pages that hold their data (not lost, not dropped);
         those that do not are forgotten (and dropped, if only the cache held them)."""

@@ -14,6 +14,7 @@ from kvtier.buffer import ElasticBuffer
 from kvtier.errors import OutOfPagesError
 
 if TYPE_CHECKING:
+    from kvtier.integrations.cb_prefix import TieredPrefixes
     from kvtier.integrations.continuous_batching import KVTierEngine
 
 ROOM_POLL_S = 0.005
@@ -135,6 +136,7 @@ class ElasticCache(PagedAttentionCache):
             allocator.register_cache_tensor(bps, self.num_sectors * bps, self.cache_tensor, self.pool)
         self._lock = engine.manager.lock
         self.holding = False  # while preempting: freed blocks keep their pages until they are copied
+        self.prefixes: "TieredPrefixes | None" = None  # cached blocks kept in the tiers (cb_prefix), if sharing
 
     def can_store_request_tokens(self, *args: Any, **kwargs: Any) -> bool:
         with self._lock:  # check and allocation at once: another engine on the pool cannot come between
@@ -147,14 +149,41 @@ class ElasticCache(PagedAttentionCache):
         with self._lock:
             return super().prepare_fork_request(*args, **kwargs)
 
+    # --- prefix sharing through the tiers (cb_prefix) -------------------------------------------------------------
+    def search_prefix_match(self, request_id: str, prompt_ids: list[int]) -> int:
+        matched = super().search_prefix_match(request_id, prompt_ids)  # what the GPU cache holds
+        if self.prefixes is None:
+            return matched
+        # and after it, what the tiers hold (not under the manager's lock: a wait for a read lets transfers commit)
+        return self.prefixes.extend(request_id, prompt_ids, matched)
+
+    def mark_complete_blocks(self, state: Any, complete_blocks: dict[str, int]) -> None:
+        super().mark_complete_blocks(state, complete_blocks)
+        if self.prefixes is not None and complete_blocks and state.request_id in self._tables():
+            self.prefixes.note_complete(state.request_id, state.initial_tokens + state.generated_tokens)
+
+    def _tables(self) -> dict[str, Any]:
+        return next(iter(self.cache_allocators.values())).block_table
+
+    def evict_cached_blocks(self) -> bool:
+        if self.prefixes is not None:
+            self.prefixes.keep()  # their bytes go down the tiers before the engine forgets them
+        return super().evict_cached_blocks()
+
     def free_blocks(self, request_id: str, no_cache: bool = False) -> None:
         super().free_blocks(request_id, no_cache)
         if not self.holding:
             self.pool.try_to_free_sectors()  # a finished request's pages go back to the pool
 
     def free_all_requests(self, clear_ledgers: bool = False) -> None:
-        super().free_all_requests(clear_ledgers)
+        super().free_all_requests()
+        if clear_ledgers:  # the engine forgets its cached blocks (a reset): they go down first
+            self.evict_cached_blocks()
+            for allocator in self.cache_allocators.values():
+                allocator.ledger.reset()
         self.pool.try_to_free_sectors()
 
     def close(self) -> None:
+        if self.prefixes is not None:
+            self.prefixes.unbind()
         self.buffer.close()

@@ -34,7 +34,7 @@ class TieredOffloading(OffloadingManager):
         mgr = engine.manager
         self.swap = {name: mgr.create_space(f"{engine.name}/swap/{name}", num_layers=1, num_kv_heads=1,
                                             head_dim=a.bytes_per_block // 4, dtype=torch.float16, block_size=1,
-                                            max_tokens=self._swap_tokens(a.bytes_per_block, a.num_blocks),
+                                            max_tokens=self.swap_tokens(a.bytes_per_block, a.num_blocks),
                                             priority=engine.priority,
                                             map_ahead=False)  # staging room only while a chunk goes down
                      for name, a in cache.cache_allocators.items()}
@@ -44,7 +44,7 @@ class TieredOffloading(OffloadingManager):
         self.going_down: dict[str, list[Any]] = {}  # request -> its chunks' transfers down
         self.nothing_scheduled = False  # the scheduler's last try found no room for any request
 
-    def _swap_tokens(self, bytes_per_block: int, num_blocks: int) -> int:
+    def swap_tokens(self, bytes_per_block: int, num_blocks: int) -> int:
         """Blocks the (virtual) swap space of one allocator is sized for. Requests swapped out may together hold
         far more blocks than the cache (each was preempted for the next), and a page below takes no new blocks, so
         each chunk keeps a page to itself until it comes back: room for every page the tiers below can hold plus
@@ -150,7 +150,7 @@ class TieredOffloading(OffloadingManager):
                 chunks.append((name, seq, offset))
                 with stream_context(self._compute_stream):
                     src = allocator._copy_view.index_select(0, torch.tensor(part, device=self.cache.device))
-                    _swap_bytes(space, dst, src, self.cache.device)
+                    put_blocks(space, dst, src, self.cache.device)
                 handles.append(space.offload(seq, tier=self.engine.swap_tier, stream=self._compute_stream))
                 self.engine.counts["bytes_down"] += src.numel()
 
@@ -169,7 +169,7 @@ class TieredOffloading(OffloadingManager):
                 gpu_blocks = allocator.block_table.get(state.request_id, [])[offset:offset + space.num_tokens(seq)]
                 if gpu_blocks:  # the engine may give it fewer blocks than it had: what it reads again
                     with stream_context(self._compute_stream):
-                        src = _swapped_bytes(space, space.blocks(seq)[:len(gpu_blocks)], self.cache.device)
+                        src = get_blocks(space, space.blocks(seq)[:len(gpu_blocks)], self.cache.device)
                         ids = torch.tensor(gpu_blocks, device=self.cache.device)
                         allocator._copy_view.index_copy_(0, ids, src)
                 space.free(seq, stream=self._compute_stream)
@@ -273,7 +273,9 @@ def _halves(space: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return k.view(k.shape[0], -1).view(torch.uint8), v.view(v.shape[0], -1).view(torch.uint8)
 
 
-def _swap_bytes(space: Any, dst_blocks: list[int], src: torch.Tensor, device: Any) -> None:
+def put_blocks(space: Any, dst_blocks: list[int], src: torch.Tensor, device: Any) -> None:
+    """Engine blocks' bytes ``src`` (one row each) into blocks ``dst_blocks`` of a space laid out as the swap
+    spaces are (one kvtier token per engine block)."""
     k, v = _halves(space)
     ids = torch.tensor(dst_blocks, device=device)
     half = k.shape[1]
@@ -281,7 +283,8 @@ def _swap_bytes(space: Any, dst_blocks: list[int], src: torch.Tensor, device: An
     v.index_copy_(0, ids, src[:, half:])
 
 
-def _swapped_bytes(space: Any, blocks: list[int], device: Any) -> torch.Tensor:
+def get_blocks(space: Any, blocks: list[int], device: Any) -> torch.Tensor:
+    """The bytes of ``blocks`` of such a space, one engine block a row."""
     k, v = _halves(space)
     ids = torch.tensor(blocks, device=device)
     return torch.cat([k.index_select(0, ids), v.index_select(0, ids)], dim=1)

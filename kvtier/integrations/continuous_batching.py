@@ -22,6 +22,10 @@ paged cache on kvtier:
 - **Sharing.** An engine with requests waiting for pool room says so (``ElasticBuffer.want``): while it does,
   engines of the same or a lower priority on the pool (or in other processes on the device) grow no further than
   their fair share, so their own scheduler preempts or holds back until the pool is split evenly among the busy.
+- **Prefixes through the tiers.** With the engine's prefix sharing on, the full blocks of finished requests
+  that it would forget under pressure are copied into a kvtier space first, keyed by content and sent down the
+  tiers; a prompt that goes on past what the GPU cache still holds gets the rest from there instead of
+  recomputing it (:mod:`kvtier.integrations.cb_prefix`).
 - **Waiting for room.** An engine that can neither schedule nor preempt (the pages are held by another engine
   on the pool, or another process on the device) waits up to ``room_wait_s`` for its room to grow, where the
   engine as shipped would stop with an error (longer while it is itself held at its fair share).
@@ -55,6 +59,7 @@ from kvtier.buffer import ElasticBuffer
 from kvtier.errors import ConfigError
 from kvtier.integrations.cb_cache import ElasticCache, ElasticSectors
 from kvtier.integrations.cb_preemption import TieredOffloading
+from kvtier.integrations.cb_prefix import TieredPrefixes
 from kvtier.manager import TierManager
 
 __all__ = ["kvtier_engine", "KVTierEngine", "ElasticCache", "ElasticSectors", "TieredOffloading", "check_version"]
@@ -117,6 +122,13 @@ class KVTierBatchingManager(ContinuousBatchingManager):
             cache.close()
             raise
         processor.offloading_manager = offloading
+        if cache.use_prefix_sharing and engine.keep_prefixes:
+            try:
+                engine.prefixes_for(cache_args["config"], model.dtype).bind(cache, stream, offloading.swap_tokens)
+            except BaseException:
+                offloading.close()
+                cache.close()
+                raise
         engine.attach(cache, offloading)
         schedule = scheduler.schedule_batch
 
@@ -145,13 +157,17 @@ class KVTierEngine:
     """What ``kvtier_engine`` returns: the settings, the live cache and its counts."""
 
     def __init__(self, model: Any, manager: TierManager, name: str, priority: int, capacity_bytes: int | None,
-                 staging_bytes: int | None, swap_tier: str, room_wait_s: float = 30.0) -> None:
+                 staging_bytes: int | None, swap_tier: str, room_wait_s: float = 30.0, keep_prefixes: bool = True,
+                 model_id: str | None = None) -> None:
         check_version()
         if swap_tier not in manager.config.tiers:
             raise ConfigError(f"swap_tier must be one of the manager's tiers {manager.config.tiers} ('host' "
                               f"cascades to the next tier as it fills), got {swap_tier!r}")
         self.model, self.manager, self.name, self.priority = model, manager, name, priority
-        self.swap_tier, self.room_wait_s = swap_tier, room_wait_s
+        self.swap_tier, self.room_wait_s, self.keep_prefixes = swap_tier, room_wait_s, keep_prefixes
+        config = model.config.get_text_config()
+        self.model_id = model_id if model_id is not None else \
+            (getattr(model.config, "_name_or_path", "") or config.model_type)
         if not room_wait_s >= 0:
             raise ConfigError(f"kvtier_engine {name!r}: room_wait_s must be >= 0 seconds, got {room_wait_s!r}")
         budget = manager.pool.budget_pages * manager.page_size
@@ -165,9 +181,11 @@ class KVTierEngine:
                               f"cache beside the {self.staging_pages()} kept for staging preempted requests; raise "
                               "pool_budget or lower staging_bytes")
         self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "staged": 0, "lost": 0,
-                       "bytes_down": 0, "room_waits": 0}
+                       "bytes_down": 0, "room_waits": 0, "prefix_kept_blocks": 0, "prefix_not_kept": 0,
+                       "prefix_hit_blocks": 0, "prefix_hit_tokens": 0}
         self.cache: ElasticCache | None = None
         self.offloading: TieredOffloading | None = None
+        self.prefixes: TieredPrefixes | None = None  # kept blocks, across the engine's sessions in the ``with``
         self.managers: weakref.WeakSet[ContinuousBatchingManager] = weakref.WeakSet()  # built inside the with
         self.stopping = threading.Event()
         self._peak_bytes = 0
@@ -176,6 +194,15 @@ class KVTierEngine:
     def bytes_per_block(config: Any, page_size: int, dtype: torch.dtype) -> int:
         return (config.num_hidden_layers * 2 * find_num_key_value_heads(config) * find_head_dim(config) *
                 dtype.itemsize * page_size)
+
+    def prefixes_for(self, config: Any, dtype: torch.dtype) -> TieredPrefixes:
+        """The kept blocks of this engine; their keys carry the model's KV layout (``kvtier.prefix.fingerprint``)."""
+        layout = (config.num_hidden_layers, find_num_key_value_heads(config), find_head_dim(config), str(dtype))
+        if self.prefixes is None or self.prefixes.layout != layout:
+            if self.prefixes is not None:
+                self.prefixes.close()
+            self.prefixes = TieredPrefixes(self, layout, self.model_id)
+        return self.prefixes
 
     def staging_pages(self) -> int:
         # a swap chunk of staging_bytes is half in its space's K region and half in V, each maybe straddling a page
@@ -199,7 +226,9 @@ class KVTierEngine:
         peak = max(self._peak_bytes, live.get("peak_bytes_mapped", 0))
         sectors = {"sectors_held": self.cache.pool.held, "peak_sectors_held": self.cache.pool.peak_held} \
             if self.cache is not None else {}
-        return {"bytes_mapped": live.get("bytes_mapped", 0), "peak_bytes_mapped": peak, **sectors, **self.counts}
+        kept = self.prefixes.stats() if self.prefixes is not None else {}
+        return {"bytes_mapped": live.get("bytes_mapped", 0), "peak_bytes_mapped": peak, **sectors, **self.counts,
+                "prefix_tiers": kept}
 
 
 class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_grad
@@ -210,13 +239,17 @@ class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_g
     ``priority``: the swap spaces' priority under the tiers' policy; ``swap_tier``: where preempted requests go
     at once (``"host"``, whence the host's cascade takes them on to NVMe as it fills; or ``"nvme"``);
     ``room_wait_s``: how long an engine that can neither schedule nor preempt waits for pool room held by other
-    engines or processes before it fails with OutOfPagesError (the engine as shipped fails at once)."""
+    engines or processes before it fails with OutOfPagesError (the engine as shipped fails at once);
+    ``keep_prefixes``: with the engine's prefix sharing on (``allow_block_sharing``), the cached blocks it forgets
+    under pressure go down the tiers and are found there by later prompts (``kvtier.integrations.cb_prefix``);
+    ``model_id``: what the kept blocks' keys name the model by (default: its ``name_or_path``, else its type)."""
 
     def __init__(self, model: Any, manager: TierManager, name: str | None = None, priority: int = 0,
                  capacity_bytes: int | None = None, staging_bytes: int | None = None,
-                 swap_tier: str = "host", room_wait_s: float = 30.0) -> None:
+                 swap_tier: str = "host", room_wait_s: float = 30.0, keep_prefixes: bool = True,
+                 model_id: str | None = None) -> None:
         self.engine = KVTierEngine(model, manager, name or f"{model.config.model_type}-{id(model):x}", priority,
-                                   capacity_bytes, staging_bytes, swap_tier, room_wait_s)
+                                   capacity_bytes, staging_bytes, swap_tier, room_wait_s, keep_prefixes, model_id)
 
     def __enter__(self) -> KVTierEngine:
         model, engine = self.engine.model, self.engine
@@ -251,3 +284,6 @@ class kvtier_engine:  # noqa: N801 -- used as a context manager, like torch.no_g
                 manager.stop(block=True, hard_stop=True)
         model.destroy_cached_continuous_batching_manager()
         self.engine.detach()
+        if self.engine.prefixes is not None:  # the kept blocks go with the ``with``
+            self.engine.prefixes.close()
+            self.engine.prefixes = None

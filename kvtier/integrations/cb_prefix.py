@@ -1,0 +1,264 @@
+"""The engine's prefix sharing through kvtier's tiers (see continuous_batching).
+
+The engine keeps the full blocks of finished requests cached on the GPU and shares them with new requests
+whose prompts start the same way (``allow_block_sharing``, its default), but under memory pressure it forgets
+them all at once. Here, before it does, their bytes are copied into a kvtier space, published under kvtier's
+content keys and sent down the tiers; a later request whose prompt goes on past what the GPU still holds finds
+the rest there: fresh blocks of the engine's are filled from the tiers before the step that reads them, and
+enter the engine's own index again. Keys are kvtier's 128-bit chained keys of the blocks' tokens (the engine's
+own hashes are 64-bit); a block whose tokens were never seen here (it entered the engine before) is not kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Hashable
+
+import torch
+from transformers.generation.continuous_batching.cache_allocators.cache_allocator import compute_block_hash
+from transformers.generation.continuous_batching.utils import stream_context
+
+from kvtier.errors import KVTierError, OutOfPagesError
+from kvtier.integrations.cb_preemption import get_blocks, put_blocks
+from kvtier.prefix import ROOT, block_keys, fingerprint
+
+if TYPE_CHECKING:
+    from kvtier.integrations.cb_cache import ElasticCache
+    from kvtier.integrations.continuous_batching import KVTierEngine
+    from kvtier.space import KVSpace
+
+log = logging.getLogger(__name__)
+
+
+class TieredPrefixes:
+    """Cached blocks of the engine kept in kvtier's tiers when the engine forgets them, and found again there."""
+
+    def __init__(self, engine: "KVTierEngine", layout: tuple[int, int, int, str], model_id: str) -> None:
+        self.engine, self.layout, self.model_id = engine, layout, model_id
+        self.spaces: dict[str, "KVSpace"] = {}  # per allocator (layer group); kept across the engine's sessions
+        self.layouts: dict[str, bytes] = {}
+        self._cache: "ElasticCache | None" = None
+        self.stream: Any = None
+        self.chunk_blocks: dict[str, int] = {}
+        # engine block -> (the engine's hash of it, kvtier's key of it): valid while the engine's hash is the same
+        self.keys: dict[str, dict[int, tuple[int, bytes]]] = {}
+        self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept sequence, its offload)
+        self._ids = itertools.count()
+
+    @property
+    def cache(self) -> "ElasticCache":
+        assert self._cache is not None, "TieredPrefixes used while no cache is bound"
+        return self._cache
+
+    def bind(self, cache: "ElasticCache", stream: Any, max_tokens: Callable[[int, int], int]) -> None:
+        """Serve ``cache`` (a new session's), on its compute ``stream``; the blocks kept by earlier sessions of
+        the same layout are found again."""
+        mgr, engine = self.engine.manager, self.engine
+        for name, a in cache.cache_allocators.items():
+            space = self.spaces.get(name)
+            if space is not None and space.kv(0)[0].shape[-1] * 4 != a.bytes_per_block:  # another block size
+                mgr.drop_space(space.name)
+                space = None
+            if space is None:
+                # one kvtier token = one engine block (its K and V halves in the two regions), as the swap spaces
+                self.spaces[name] = mgr.create_space(
+                    f"{engine.name}/prefix/{name}", num_layers=1, num_kv_heads=1, head_dim=a.bytes_per_block // 4,
+                    dtype=torch.float16, block_size=1, max_tokens=max_tokens(a.bytes_per_block, a.num_blocks),
+                    priority=engine.priority, map_ahead=False)
+            # what makes bytes interchangeable: the model's layout and id, the block size, the layer group
+            self.layouts[name] = fingerprint(*self.layout, a.tokens_per_page, model=f"{self.model_id}/{name}")
+            self.chunk_blocks[name] = max(1, engine.staging_bytes // a.bytes_per_block)
+            self.keys[name] = {}
+        self._cache, self.stream = cache, stream
+        cache.prefixes = self
+
+    def unbind(self) -> None:
+        """The session ends: its cached blocks go down the tiers (found by the next session), and it lets go."""
+        if self._cache is None:
+            return
+        try:
+            self.keep()
+            self.settle(wait=True)
+        finally:
+            self._cache.prefixes = None
+            self._cache, self.stream = None, None
+            self.keys = {}
+
+    # --- keys -------------------------------------------------------------------------------------------------
+    def note_complete(self, request_id: str, token_ids: list[int]) -> None:
+        """The engine hashed the request's completed blocks: key them too, chained from the first."""
+        for name, allocator in self.cache.cache_allocators.items():
+            hashes, keys, tpp = allocator.ledger.block_to_hash, self.keys[name], allocator.tokens_per_page
+            parent = ROOT
+            for i, block in enumerate(allocator.block_table.get(request_id, [])):
+                h = hashes.get(block)
+                if h is None:
+                    break
+                known = keys.get(block)
+                if known is None or known[0] != h:
+                    tokens = token_ids[i * tpp:(i + 1) * tpp]
+                    if len(tokens) < tpp:
+                        break
+                    known = (h, block_keys(tokens, tpp, self.layouts[name], parent=parent)[0])
+                    keys[block] = known
+                parent = known[1]
+
+    def _key(self, name: str, block: int) -> bytes | None:
+        known = self.keys[name].get(block)
+        h = self.cache.cache_allocators[name].ledger.block_to_hash.get(block)
+        return known[1] if known is not None and h is not None and known[0] == h else None
+
+    # --- down: the engine is about to forget its cached blocks -------------------------------------------------
+    def keep(self) -> None:
+        """Copy the engine's cached blocks not yet kept into the spaces, publish them and send them down."""
+        self.settle(wait=False)
+        for name, allocator in self.cache.cache_allocators.items():
+            space, todo = self.spaces[name], []
+            for block in allocator.ledger.cached_blocks:
+                key = self._key(name, block)
+                if key is not None:
+                    todo.append((block, key))
+            known = space.indexed([k for _, k in todo])
+            todo = [bk for bk, seen in zip(todo, known) if not seen]
+            step = self.chunk_blocks[name]
+            for start in range(0, len(todo), step):
+                if not self._keep_chunk(name, todo[start:start + step]):
+                    self.engine.counts["prefix_not_kept"] += len(todo) - start
+                    break
+
+    def _keep_chunk(self, name: str, part: list[tuple[int, bytes]]) -> bool:
+        space, allocator = self.spaces[name], self.cache.cache_allocators[name]
+        seq = ("kept", next(self._ids))
+        try:
+            dst = space.allocate(seq, len(part))
+        except OutOfPagesError:  # the staging room is on its way down with earlier chunks
+            self.settle(wait=True)
+            try:
+                dst = space.allocate(seq, len(part))
+            except OutOfPagesError:
+                return False  # no room even to stage: they are forgotten, as the engine would
+        device = self.cache.device
+        with stream_context(self.stream):
+            src = allocator._copy_view.index_select(0, torch.tensor([b for b, _ in part], device=device))
+            put_blocks(space, dst, src, device)
+        space.publish(seq, [k for _, k in part])
+        self._send_down(name, seq)
+        self.engine.counts["prefix_kept_blocks"] += len(part)
+        return True
+
+    def _send_down(self, name: str, seq: Hashable) -> None:
+        """Offload ``seq`` after the work queued on the stream (the copies), and let it go once it landed."""
+        space = self.spaces[name]
+        try:
+            handle = space.offload(seq, tier=self.engine.swap_tier, stream=self.stream)
+        except KVTierError as exc:  # e.g. the tier is full: it stays up, cached, for the demoter
+            log.debug("continuous batching %r: kept blocks stay on the GPU (%s)", self.engine.name, exc)
+            space.free(seq, stream=self.stream)
+            return
+        self.going_down.append((name, seq, handle))
+
+    def settle(self, wait: bool) -> None:
+        """Let go of the kept sequences whose blocks have landed below (or all, waiting, if ``wait``): their
+        blocks stay cached in the spaces, found by key."""
+        left = []
+        for name, seq, handle in self.going_down:
+            if not wait and not handle.done():
+                left.append((name, seq, handle))
+                continue
+            handle.settle()  # a failed write left the pages where they were: still cached
+            self.spaces[name].free(seq)
+        self.going_down = left
+
+    # --- up: a new request's prompt goes on past what the engine's GPU cache holds ---------------------------
+    def extend(self, request_id: str, prompt_ids: list[int], matched: int) -> int:
+        """The engine matched ``matched`` tokens of the prompt on the GPU (and gave the request those blocks);
+        look for the blocks after them in the tiers, bring them into fresh blocks of the engine's and index them
+        there. Return the tokens the request now holds."""
+        allocators = self.cache.cache_allocators
+        tpp = {a.tokens_per_page for a in allocators.values()}
+        if len(tpp) != 1:
+            return matched
+        (tokens_per_block,) = tpp
+        first, last = matched // tokens_per_block, (len(prompt_ids) - 1) // tokens_per_block  # never the whole
+        if last <= first:
+            return matched
+        seq: Hashable = ("hit", next(self._ids))
+        held: list[str] = []  # the allocators whose space holds ``seq`` now
+        count = last - first
+        try:
+            for name in allocators:
+                keys = block_keys(prompt_ids[:last * tokens_per_block], tokens_per_block, self.layouts[name])
+                found = self.spaces[name].share_prefix(seq, keys[first:])
+                if found:
+                    held.append(name)
+                count = min(count, found)
+            if count:
+                for name in held:  # up from wherever they rest, before any sector is taken for them
+                    self.spaces[name].ensure_resident([seq])
+            if count and self._room_for(count):
+                self._copy_in(request_id, prompt_ids, first, count, seq)
+            else:
+                count = 0
+        except KVTierError as exc:  # lost below (the tiers' checks), no room to bring them up: a miss
+            log.info("continuous batching %r: prefix of request %s not brought up from the tiers (%s)",
+                     self.engine.name, request_id, exc)
+            count = 0
+        finally:
+            for name in held:  # the blocks stay cached in the space, back down once copied (a kept copy: cheap)
+                self._send_down(name, seq)
+        if count:
+            self.engine.counts["prefix_hit_blocks"] += count
+            self.engine.counts["prefix_hit_tokens"] += count * tokens_per_block
+        return matched + count * tokens_per_block
+
+    def _room_for(self, count: int) -> bool:
+        """Whether every allocator can take ``count`` fresh blocks now (taking the sectors it needs)."""
+        pool = self.cache.pool
+        need = [max(0, -(-(count - pool.count_free_blocks(a.index)) // a.blocks_per_sector))
+                for a in self.cache.cache_allocators.values()]
+        if sum(need) > pool.num_free_sectors:
+            return False
+        for a, sectors in zip(self.cache.cache_allocators.values(), need):
+            for _ in range(sectors):
+                pool.allocate_sector(a.index)  # OutOfPagesError: the pool moved (a miss)
+        return True
+
+    def _copy_in(self, request_id: str, prompt_ids: list[int], first: int, count: int, seq: Hashable) -> None:
+        device = self.cache.device
+        for name, allocator in self.cache.cache_allocators.items():
+            space, tpp = self.spaces[name], allocator.tokens_per_page
+            fresh = allocator.pool.get_free_blocks(allocator.index, count)
+            with stream_context(self.stream):
+                src = get_blocks(space, space.blocks(seq)[:count], device)
+                allocator._copy_view.index_copy_(0, torch.tensor(fresh, device=device), src)
+            table = allocator.block_table.setdefault(request_id, [])
+            hashes = allocator.ledger.block_to_hash
+            parent = hashes.get(table[-1]) if table else None
+            for i, block in enumerate(fresh, start=first):
+                parent = compute_block_hash(parent, prompt_ids[i * tpp:(i + 1) * tpp])
+                allocator.ledger.register_new_hash(block, parent)  # a duplicate registered meanwhile: unhashed
+            table.extend(fresh)
+        # the engine hashed them: kvtier's keys for them, chained from the start of the prompt
+        self.note_complete(request_id, prompt_ids)
+
+    def stats(self) -> dict[str, Any]:
+        """Blocks kept, where their stripes rest, and the blocks found by prompts by where they rested."""
+        kept, hits, stripes = 0, dict[str, int](), dict[str, int]()
+        for space in self.spaces.values():
+            s = space.stats()
+            kept += s["cached_blocks"]
+            for tier, n in s["prefix"]["shared_blocks"].items():
+                hits[tier] = hits.get(tier, 0) + n
+            for key, n in s.items():
+                if key.startswith("stripes_") and key not in ("stripes_reserved", "stripes_empty"):
+                    stripes[key[len("stripes_"):]] = stripes.get(key[len("stripes_"):], 0) + n
+        return {"cached_blocks": kept, "hit_blocks_by_tier": hits, "stripes": stripes}
+
+    def close(self) -> None:
+        """Forget every kept block (the engine's ``with`` ends)."""
+        self.unbind()
+        for space in self.spaces.values():
+            self.engine.manager.drop_space(space.name)
+        self.spaces = {}
+

@@ -1,0 +1,119 @@
+"""The engine's prefix sharing through kvtier's tiers (``kvtier.integrations.cb_prefix``), differentially: chats
+of several turns over one system prompt, through transformers' continuous batching with its prefix sharing on,
+give the same tokens as the engine as shipped, while the blocks the engine forgets under pressure (or at the end
+of a session) come back from host memory or NVMe instead of being recomputed. Tiny models, random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvtier
+from tests.conftest import PAGE
+from tests.faults import FaultyFiles
+from tests.test_continuous_batching import TOKENS_PER_BLOCK, _manager, _model, cb_integration, transformers
+
+from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
+
+kvtier_engine = cb_integration.kvtier_engine
+SYSTEM, QUESTION, FOLLOW_UP, NEW = 40, 10, 7, 8  # tokens: a shared system prompt, then per conversation
+CONVERSATIONS, TURNS = 6, 3
+
+
+def _config(num_blocks: int) -> tuple[object, ContinuousBatchingConfig]:
+    gen = transformers.GenerationConfig(max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0, do_sample=False)
+    cb = ContinuousBatchingConfig(page_size=TOKENS_PER_BLOCK, num_blocks=num_blocks, max_batch_tokens=64,
+                                  allow_block_sharing=True, auto_switch_to_flash=False, use_cuda_graph=False)
+    return gen, cb
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _chat(model: torch.nn.Module, num_blocks: int, one_session: bool) -> list[list[list[int]]]:
+    """TURNS turns of CONVERSATIONS chats over one system prompt: each turn's prompt is the whole history so
+    far. ``one_session``: one engine session serves every turn (its cache fills, and it forgets its cached
+    blocks under pressure); otherwise each turn is a ``generate_batch`` of its own (a new cache each time)."""
+    system = _tokens(SYSTEM, 0)
+    history = [system + _tokens(QUESTION, 1 + i) for i in range(CONVERSATIONS)]
+    gen, cb = _config(num_blocks)
+    outputs = []
+    server = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb) \
+        if one_session else None
+    if server is not None:
+        server.start()
+    try:
+        for turn in range(TURNS):
+            if server is not None:
+                ids = [server.add_request(h, request_id=f"t{turn}c{i}") for i, h in enumerate(history)]
+                results = {}
+                while len(results) < len(ids):
+                    result = server.get_result(timeout=120)
+                    assert result is not None, f"the engine stopped: {server.background_thread_status.fatal_error}"
+                    results[result.request_id] = list(result.generated_tokens)
+                answers = [results[rid] for rid in ids]
+            else:
+                out = model.generate_batch(inputs=history, generation_config=gen, continuous_batching_config=cb)
+                answers = [list(out[rid].generated_tokens) for rid in sorted(out, key=lambda r: int(r[4:]))]
+            outputs.append(answers)
+            history = [h + a + _tokens(FOLLOW_UP, 100 * turn + i) for i, (h, a) in enumerate(zip(history, answers))]
+    finally:
+        if server is not None:
+            server.stop(block=True)
+            model.destroy_cached_continuous_batching_manager()
+    return outputs
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+@pytest.mark.parametrize("one_session", [True, False], ids=["one-session", "a-session-a-turn"])
+def test_chats_find_their_history_in_the_tiers_with_the_engines_tokens(backend_name, tier, one_session):
+    model = _model(backend_name)
+    blocks = 12  # less than a turn needs: the engine forgets its cached blocks and preempts within a turn
+    # 1. the engine as shipped, its own prefix sharing on (GPU only)
+    expected = _chat(model, blocks, one_session)
+    # 2. the engine on kvtier: kept blocks go to `tier`; every turn after the first finds its history there
+    mgr = _manager(backend_name)
+    with kvtier_engine(model, mgr, swap_tier=tier) as engine:
+        got = _chat(model, blocks, one_session)
+        stats = engine.stats()
+    assert got == expected
+    assert stats["prefix_kept_blocks"] > 0 and stats["prefix_hit_blocks"] > 0
+    assert stats["prefix_hit_tokens"] == stats["prefix_hit_blocks"] * TOKENS_PER_BLOCK
+    assert stats["prefix_tiers"]["hit_blocks_by_tier"].get(tier, 0) > 0  # found where they were sent
+    # 3. the `with` ended: nothing is kept, every page and slot is back
+    assert not [name for name in mgr.spaces if "/prefix/" in name]
+    mgr.check()
+    mgr.close()
+
+
+def test_without_keep_prefixes_nothing_goes_down(backend_name):
+    model = _model(backend_name)
+    mgr = _manager(backend_name)
+    with kvtier_engine(model, mgr, keep_prefixes=False) as engine:
+        _chat(model, 14, one_session=False)
+        stats = engine.stats()
+    assert stats["prefix_kept_blocks"] == stats["prefix_hit_blocks"] == 0 and stats["prefix_tiers"] == {}
+    mgr.check()
+    mgr.close()
+
+
+def test_kept_blocks_read_back_corrupt_are_a_miss_and_recomputed():
+    model = _model("cpu")
+    expected = _chat(model, 14, one_session=False)
+    # every read from the NVMe tier hands back a flipped byte: the tier's digest fails, the pages are lost, and
+    # the prompts that would have found them compute them again
+    files = FaultyFiles(PAGE["cpu"])
+    files.corrupt("read")
+    page = PAGE["cpu"]
+    config = kvtier.Config(device="cpu", page_size=page, pool_budget=16 * page, pool_ready=0, host_size=16 * page,
+                           host_chunk=4 * page, nvme_size=64 * page, debug_checks=True)
+    with kvtier.TierManager(config, files=files) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="nvme") as engine:
+            got = _chat(model, 14, one_session=False)
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_kept_blocks"] > 0 and stats["prefix_hit_blocks"] == 0
+        assert mgr.stats()["tiers"]["nvme"]["checksums"]["mismatches"] > 0
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
