@@ -73,6 +73,12 @@ def write(tables: dict[str, Table], directory: str, title: str) -> list[str]:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{name} ({held})")
         ax.set(xlabel="seconds", ylabel="MiB", ylim=(0, None))
         written.append(_save(fig, directory, f"{kind}.png", what, title))
+    if "prefix" in tables and tables["prefix"].series:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, points in tables["prefix"].series.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], "-", label=f"{name} (blocks found, total)")
+        ax.set(xlabel="seconds", ylabel="blocks", ylim=(0, None))
+        written.append(_save(fig, directory, "prefix.png", "chats' history found below the GPU, over time", title))
     return written
 
 
@@ -103,7 +109,8 @@ def tables_from_json(path: str) -> dict[str, Table]:
     with open(path) as f:
         saved = json.load(f)
     kinds = {"GPU <-> host": "sweep", "Fault-back": "prefetch", "NVMe throughput": "nvme", "Two models": "colocated",
-             "Two engine processes": "processes"}
+             "Two engine processes": "processes",
+             "Chats over one system prompt": "prefix"}
     tables = {}
     for t in saved["tables"]:
         kind = next((k for prefix, k in kinds.items() if t["title"].startswith(prefix)), None)

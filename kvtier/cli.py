@@ -97,6 +97,8 @@ BENCHMARKS: dict[str, tuple[str, bool]] = {
                      "median and spread of the pairs (--repeats rounds).", True),
     "serve": ("transformers' continuous batching under a KV budget that forces preemption: the engine as shipped "
               "(soft reset; its pinned swap pool) against the engine on kvtier (transformers 5.24).", True),
+    "prefix": ("Chats over one system prompt whose KV is several times the GPU's budget, through transformers' "
+               "continuous batching with its prefix sharing: the engine as shipped against it on kvtier.", True),
     "colocated": ("Two models on one KV budget under bursts that take turns: a static equal split against kvtier's "
                   "shared pool; TTFT per model and KV memory over time.", True),
     "processes": ("Two engine processes (one model each) on one GPU under bursts that take turns: a static equal "
@@ -133,6 +135,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "generate": (20, lambda step: [bench("generate").run(device, quick=quick, step=step, repeats=repeats)]),
         "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step)]),
         "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step)]),
+        "prefix": (2, lambda step: [bench("prefix").run(device, quick=quick, step=step)]),
         "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
         "processes": (2, lambda step: [bench("processes").run(device, quick=quick, step=step)]),
         "peers": (2, lambda step: bench("peers").run(device, quick=quick, step=step)),

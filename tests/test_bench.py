@@ -73,6 +73,23 @@ def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
     assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
 
 
+def test_prefix_bench_serves_the_chats_both_ways_on_the_cpu(tmp_path):
+    # the engine as shipped and the engine on kvtier serve the same chats under the same KV budget: kvtier finds
+    # history in host memory, computes fewer prompt tokens, and every output equals the other run's
+    out, plots = tmp_path / "prefix.json", tmp_path / "plots"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "prefix", "--quick", "--device", "cpu",
+                           "--json", str(out), "--plot", str(plots)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"][0]
+    rows = {r["engine"]: r for r in table["rows"]}
+    shipped, ours = rows["engine as shipped"], rows["engine on kvtier"]
+    assert shipped["hits host"] == 0 and ours["hits host"] > 0 and ours["MiB up"] > 0
+    assert ours["computed"] < shipped["computed"] <= shipped["prompt tokens"] + shipped["computed"]
+    assert shipped["outputs differing"] == ours["outputs differing"] == 0
+    assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
+    assert "engine on kvtier: host" in table["series"] and (plots / "prefix.png").exists()
+
+
 @pytest.mark.parametrize("bench, shared, series", [
     ("colocated", "kvtier shared pool", "kvtier"),  # two models in one process: the KV each mapped over time
     ("processes", "kvtier ledger", "ledger"),       # a process per model: the pages each held, read from the ledger
