@@ -187,7 +187,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         # turns come a think-time after their answer, conversations two a second: the engine keeps up, and a
         # turn's history is forgotten by the time it comes again (at 8/s, 0.5 s of thought and 32-96 new tokens,
         # the engine as shipped ran a queue of 24 s TTFT p50: a measure of queueing, not of prefixes)
-        chats = Chats.make(16 if quick else 48, 4, 2048, (128, 512), (16, 48), rate=2.0, think_s=3.0,
+        # (48 conversations at 2/s, 3 s of thought, 16-48 new tokens: still a queue, TTFT p50 8.7 s, e22baa3)
+        chats = Chats.make(12 if quick else 32, 4, 2048, (128, 512), (8, 24), rate=1.0, think_s=4.0,
                            vocab=32000, page_size=256)
         budget_share, max_batch = 0.25, 4096
     else:
