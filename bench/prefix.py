@@ -233,7 +233,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         computed = counted.query_tokens - sum(max(0, len(t) - 1) for t in out["tokens"].values())
         gpu_blocks = counted.matched // chats.page_size + hits.get("gpu", 0)  # the engine's match, kvtier's up
         table.add(label, out["tok_s"], percentile(out["ttft"], 50), percentile(out["ttft"], 99), out["asked"],
-                  computed, computed - chats.new_tokens(), gpu_blocks, hits.get("host", 0), hits.get("nvme", 0), up / MiB, peak, differing)
+                  computed, computed - chats.new_tokens(), gpu_blocks, hits.get("host", 0), hits.get("nvme", 0),
+                  up / MiB, peak, differing)
         if out["series"]:
             for tier in ("host", "nvme"):
                 table.series[f"{label}: {tier}"] = [(t, float(s.get(tier, 0))) for t, s in out["series"]]
@@ -268,7 +269,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                        "own match or below by kvtier's, and preempted requests' recomputed contexts); recomputed = "
                        "those of them computed before (all but the system prompt once, the users' tokens and each "
                        "turn's last answer token); "
-                       "hits in blocks (gpu: the engine's own match, and kvtier's pages met on the GPU); outputs differing: from "
+                       "hits in blocks (gpu: the engine's own match, and kvtier's pages met on the GPU); outputs "
+                       "differing: from "
                        "the first run's; MiB up = every byte read up to the GPU (hits and preempted requests); peak "
                        "GPU = torch's allocator peak plus kvtier's created pages")
     if cuda:
