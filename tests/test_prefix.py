@@ -175,3 +175,31 @@ def test_a_tenant_erased_is_found_no_more_in_any_tier(make_manager):
     assert_holds(space, "a", "a", range(32))
     mgr.check()
 
+
+
+def test_under_the_priority_policy_cached_pages_go_down_before_idle_sequences(make_manager):
+    # a pool of 8 pages (4 handles each: 2 layers), the priority policy
+    mgr = make_manager(pages=32, policy="priority")
+    space = _space(mgr, make_manager)
+    bs = space.block_size
+    # 1. three prompts of one page each, published and freed: cached
+    keys = {}
+    for i in range(3):
+        space.allocate(f"p{i}", 16 * bs)
+        write_seq(space, f"p{i}")
+        keys[i] = space.block_keys(list(range(i * 10**4, i * 10**4 + 16 * bs)))
+        space.publish(f"p{i}", keys[i])
+        space.free(f"p{i}")
+    # 2. then an idle sequence of a low priority (below the published ones'), one page
+    space.allocate("idle", 16 * bs)
+    write_seq(space, "idle")
+    space.set_priority("idle", -5)
+    # 3. a live sequence needs 6 pages: the room comes from the cached pages; the idle one stays up
+    space.allocate("live", 6 * 16 * bs)
+    assert space.residency("idle")["gpu"] > 0 and space.residency("idle")["host"] == 0
+    assert space.stats()["stripes_host"] == 2
+    # 4. a hit on a cached page below: the prompt's bytes
+    assert space.share_prefix("again", keys[0]) == 16 * bs
+    space.prefetch(["again"]).result()
+    assert_holds(space, "again", "p0", range(16))
+    mgr.check()
