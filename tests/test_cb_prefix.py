@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvtier
 from tests.conftest import PAGE
 from tests.faults import FaultyFiles
 from tests.test_continuous_batching import TOKENS_PER_BLOCK, _manager, _model, cb_integration, transformers
@@ -105,10 +104,7 @@ def test_kept_blocks_read_back_corrupt_are_a_miss_and_recomputed():
     # the prompts that would have found them compute them again
     files = FaultyFiles(PAGE["cpu"])
     files.corrupt("read")
-    page = PAGE["cpu"]
-    config = kvtier.Config(device="cpu", page_size=page, pool_budget=16 * page, pool_ready=0, host_size=16 * page,
-                           host_chunk=4 * page, nvme_size=64 * page, debug_checks=True)
-    with kvtier.TierManager(config, files=files) as mgr:
+    with _manager("cpu", files=files) as mgr:
         with kvtier_engine(model, mgr, swap_tier="nvme") as engine:
             got = _chat(model, 14, one_session=False)
             stats = engine.stats()

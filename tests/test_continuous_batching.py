@@ -61,12 +61,14 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], num_blocks: int 
     return {rid: list(result.generated_tokens) for rid, result in out.items()}
 
 
-def _manager(backend: str, pages: int = 16, page: int | None = None, **overrides: object) -> kvtier.TierManager:
+def _manager(backend: str, pages: int = 16, page: int | None = None, files: object = None,
+             **overrides: object) -> kvtier.TierManager:
+    """``files``: the NVMe tier's file layer (tests/faults.py), default the operating system's."""
     page = page or PAGE[backend]
     options = dict(device=backend, page_size=page, pool_budget=pages * page, pool_ready=0, host_size=16 * page,
                    host_chunk=4 * page, nvme_size=64 * page, debug_checks=True)
     options.update(overrides)
-    return kvtier.TierManager(kvtier.Config(**options))
+    return kvtier.TierManager(kvtier.Config(**options), files=files)
 
 
 @pytest.mark.parametrize("tier", ["host", "nvme"])
@@ -159,10 +161,7 @@ def test_requests_whose_swapped_kv_is_lost_below_are_recomputed():
     expected = _generate(model, prompts, num_blocks=64)
     files = FaultyFiles(PAGE["cpu"])
     files.corrupt("read")
-    page = PAGE["cpu"]
-    config = kvtier.Config(device="cpu", page_size=page, pool_budget=16 * page, pool_ready=0, host_size=16 * page,
-                           host_chunk=4 * page, nvme_size=64 * page, debug_checks=True)
-    with kvtier.TierManager(config, files=files) as mgr:
+    with _manager("cpu", files=files) as mgr:
         with kvtier_engine(model, mgr, name="m", capacity_bytes=8 * _block_bytes(model),
                            staging_bytes=2 * _block_bytes(model), swap_tier="nvme") as engine:
             got = _generate(model, prompts, num_blocks=None)
