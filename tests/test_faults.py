@@ -322,3 +322,30 @@ def test_the_demoter_outlives_an_exception_and_keeps_demoting(make_manager, capl
     assert_seq(space, "a")
     assert_seq(space, "b")
     mgr.check()
+
+
+def test_a_cascade_round_cut_short_still_drains_the_tier_to_its_low_mark(make_manager):
+    if make_manager.name != "cpu":
+        pytest.skip("the file layer is the POSIX path's")
+    files = FaultyFiles(PAGE["cpu"])
+    mgr = make_manager(files=files, host_size=32 * PAGE["cpu"], background_demotion=True, host_high_watermark=0.5,
+                       host_low_watermark=0.25)
+    space = _space(mgr, make_manager)
+    # 5 pages (20 of the host's 32 slots) land on the host: past its high mark (16); the demoter's first round
+    # sends 3 pages towards its low mark (8), and one NVMe write of that round fails: the round ends with the
+    # host at 12 slots, under its high mark but above its low one
+    files.fail("write", errno.EIO, times=1)
+    space.allocate("a", 5 * BPP * space.block_size)
+    write_seq(space, "a")
+    space.offload("a", tier="host").result()
+    # the tier keeps draining once the disk answers again, to its low mark, not to just under its high one
+    deadline = time.monotonic() + 30
+    while mgr.stats()["tiers"]["host"]["slots_used"] > 8:
+        assert time.monotonic() < deadline, mgr.stats()["tiers"]["host"]["slots_used"]
+        time.sleep(0.02)
+    mgr.drain()
+    assert files.fired["write errno"] == 1
+    assert space.residency("a")["nvme"] == 3 * BPP * space.block_bytes * space.num_regions
+    space.ensure_resident(["a"])
+    assert_seq(space, "a")
+    mgr.check()

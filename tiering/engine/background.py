@@ -3,7 +3,8 @@
 GPU: when fewer than ``gpu_low_watermark`` of the pool's pages are free, idle pages go down (policy order) until
 ``gpu_high_watermark`` is free. A lower tier with watermarks (the host tier: ``host_high_watermark``): above its
 high mark kept copies are dropped first (it costs nothing), then its coldest pages cascade to the tiers below it
-(where the policy places them) until its low mark. Every move is planned and committed under the manager's
+(where the policy places them) until its low mark -- once past its high mark a tier drains to its low mark over
+as many ticks as it takes, counting the slots already on their way out. Every move is planned and committed under the manager's
 lock, like any other.
 """
 
@@ -36,6 +37,7 @@ class Demoter:
         self.tiering, self.config = tiering, config
         self._closed = False
         self._pressure_at = -1.0
+        self._draining: set[int] = set()  # lower tiers that passed their high mark and are not yet at their low one
         self.errors = 0  # checks that raised (logged; the thread goes on)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-demoter", daemon=True)
@@ -114,12 +116,25 @@ class Demoter:
     def _keep(self, tier: LowerTier, low_mark: float, high_mark: float) -> None:
         books = tier.books
         used = lambda: books.used - books.lent  # slots lent to a transfer as scratch come back by themselves
-        if not books.total or used() <= high_mark * books.total:
+        if not books.total:
             return
         low = int(low_mark * books.total)
-        self.tiering.drop_copies_until(tier.id, books.total - low)  # copies first, down to the low mark if they can
         if used() > high_mark * books.total:
-            self._cascade(tier, used() - low)
+            self._draining.add(tier.id)
+        if tier.id not in self._draining:
+            return
+        if used() <= low:  # hysteresis: a round that left it just under its high mark does not end the drain
+            self._draining.discard(tier.id)
+            return
+        self.tiering.drop_copies_until(tier.id, books.total - low)  # copies first, down to the low mark if they can
+        wanted = used() - self._leaving(tier) - low
+        if wanted > 0:
+            self._cascade(tier, wanted)
+
+    def _leaving(self, tier: LowerTier) -> int:
+        """Slots of ``tier`` whose pages are already in flight out of it (they are freed when the moves land)."""
+        return sum(s.num_regions * int(np.count_nonzero(s.pages.tier[list(s.pages.moving)] == tier.id))
+                   for s in self.tiering.directory.tiered_spaces() if s.pages.moving)
 
     def _cascade(self, tier: LowerTier, slots: int) -> None:
         """Move the coldest pages of ``tier`` down until about ``slots`` of its slots are on their way out."""
