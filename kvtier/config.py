@@ -123,6 +123,9 @@ class Config(BaseModel):
                                       "sparse file", strict=True)
     nvme_threads: int = _setting(4, "nvme", "I/O threads (kvikio's pool, or a POSIX pool)", ge=1, strict=True)
     nvme_direct: bool = _setting(True, "nvme", "O_DIRECT where the filesystem allows it", strict=True)
+    nvme_persist: bool = _setting(False, "nvme", "keep the slot file and a journal of the cached (published) blocks "
+                                  "on it in dir at close, so that a manager started later on dir finds them again "
+                                  "(verified when first read); needs dir", strict=True)
     nvme_min_uses: int = _setting(0, "nvme", "admission filter: only pages used this often go to NVMe (0: off)",
                                   ge=0, strict=True)
     # [tiers]
@@ -177,6 +180,9 @@ class Config(BaseModel):
         for low, high in (("gpu_low_watermark", "gpu_high_watermark"), ("host_low_watermark", "host_high_watermark")):
             if getattr(self, low) > getattr(self, high):
                 problems.append((low, f"{getattr(self, low)} is above the high watermark {getattr(self, high)}"))
+        if self.nvme_persist and self.nvme_dir is None:
+            problems.append(("nvme_persist", "a cache kept across restarts needs a directory of its own; set "
+                                             "[nvme] dir"))
         if isinstance(self.pool_budget, int) and self.pool_budget < (self.page_size or 2 * MiB):
             problems.append(("pool_budget", f"{self.pool_budget} bytes is less than one page (for a fraction "
                                             "write e.g. 0.9, for bytes a size such as \"60GiB\")"))

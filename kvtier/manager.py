@@ -153,6 +153,9 @@ class TierManager:
                             max_tokens, priority, quota_bytes)
             space.maps_ahead = self.config.map_ahead if map_ahead is None else map_ahead
             self.spaces[name] = space
+            restored = space.sharing.restore()  # a kept NVMe tier's cached blocks of a space of this name
+            if restored:
+                log.info("space %r: %d cached block(s) restored from the kept NVMe tier", name, restored)
             return space
 
     def create_buffer(self, name: str, nbytes: int, priority: int = 0, reserve_pages: int = 0,

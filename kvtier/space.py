@@ -92,6 +92,7 @@ class KVSpace:
         self.sharing = SpaceSharing(self)  # fork, own, publish, share_prefix, the cache: the methods below call it
         self.prefix = self.sharing.prefix
         self._layout = (num_layers, num_kv_heads, head_dim, str(dtype).removeprefix("torch."), block_size)
+        self.layout_tag: list[Any] = [*self._layout, P]  # a kept tier restores pages only into this layout
 
     # --- engine-facing ------------------------------------------------------------------------------------------
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,6 +368,10 @@ class KVSpace:
     def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
         """Start ``seq_id`` with the longest prefix of ``keys`` held; return its tokens."""
         return self.sharing.share_prefix(seq_id, keys)
+
+    def prefix_blocks(self, page: int) -> list[tuple[int, bytes, bytes]]:
+        """The indexed whole blocks on ``page``: (index within the page, key, salt) (a kept tier notes them)."""
+        return self.sharing.prefix_blocks(page)
 
     def indexed(self, keys: Sequence[bytes]) -> list[bool]:
         """Which of ``keys`` this space holds a block for (no hit counted, nothing shared)."""

@@ -186,6 +186,7 @@ class SpaceSharing:
         self.prefix.forget(blocks)
         for holder in holders:
             sp._free(holder, None)
+        sp._tiering.erased(sp, salt)  # and from a kept tier's journal: not restored after a restart either
         return len(blocks)
 
     def share_prefix(self, seq_id: Hashable, keys: Sequence[bytes]) -> int:
@@ -236,6 +237,57 @@ class SpaceSharing:
         tier, books = sp.pages.tier, sp.block_books
         return np.isin(tier[books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
             np.isin(tier[books.last_page[b]], (Tier.LOST, Tier.DROPPED))
+
+    # --- kept across restarts ([nvme] persist) ---------------------------------------------------------------------
+    def prefix_blocks(self, page: int) -> list[tuple[int, bytes, bytes]]:
+        """The indexed whole blocks lying on ``page`` alone: (index within the page, key, salt)."""
+        sp = self.space
+        per, rest = divmod(sp.page_size, sp.block_bytes)
+        if rest or not self.prefix.key_of:  # blocks straddling pages are not restored
+            return []
+        first = page * per
+        return [(b - first, self.prefix.key_of[b], self.prefix.salt_of[b])
+                for b in range(first, min(first + per, sp.num_blocks)) if b in self.prefix.key_of]
+
+    def restore(self) -> int:
+        """Take the pages a kept tier restored for this space (same name and layout): each goes to a vacant page,
+        its blocks cached (idle, in that tier, found by their keys; the bytes are verified when first read).
+        Records that do not fit (no vacant page, keys held already) give their slots back. Return the blocks
+        restored. Called once, as the space is made."""
+        sp = self.space
+        books, restored = sp.block_books, 0
+        per, rest = divmod(sp.page_size, sp.block_bytes)
+        vacant = iter(np.flatnonzero(sp.pages.vacant() & (books.live == 0)).tolist())
+        for tier, record in sp._tiering.restorable(sp):
+            wanted = self._restorable_blocks(record) if len(record.slots) == sp.num_regions and not rest else {}
+            page = next(vacant, None) if wanted else None
+            blocks = [] if page is None else [(page * per + i, k, salt) for i, (k, salt) in wanted.items()
+                                              if page * per + i < sp.num_blocks]
+            if page is None or not blocks:
+                sp._tiering.give_back([(tier, record.slots)])
+                continue
+            sp.pages.restored(page, tier, record.slots)
+            for b, key, salt in blocks:
+                holder = _Cached(b)
+                for p in books.grow(holder, np.asarray([b], dtype=np.int64), sp.block_size):
+                    sp._tiering.policy.on_create(PageRef(sp.name, p), sp.priority)
+                sp._offloaded.add(holder)
+                self.cached[holder] = None
+                self.prefix.add([key], [b], salt)
+            restored += len(blocks)
+        return restored
+
+    def _restorable_blocks(self, record: Any) -> dict[int, tuple[bytes, bytes]]:
+        """A record's blocks this space can take: index within the page -> (key, salt); each index and key once,
+        none past the bytes its slots hold, none whose key is indexed already."""
+        sp, wanted, keys = self.space, {}, set()
+        for i, k, salt in record.blocks:
+            key = bytes.fromhex(k)
+            if 0 <= i < sp.page_size // sp.block_bytes and (i + 1) * sp.block_bytes <= min(record.held) and \
+                    i not in wanted and key not in keys and key not in self.prefix.block_of:
+                wanted[i] = (key, bytes.fromhex(salt))
+                keys.add(key)
+        return wanted
 
     # --- the cache gives way ----------------------------------------------------------------------------------------
     def evict_cached(self, pages: int, blocks: int = 0) -> int:

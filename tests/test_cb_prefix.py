@@ -113,3 +113,21 @@ def test_kept_blocks_read_back_corrupt_are_a_miss_and_recomputed():
         assert mgr.stats()["tiers"]["nvme"]["checksums"]["mismatches"] > 0
         assert mgr.pool.in_use_pages == 0
         mgr.check()
+
+
+def test_a_restarted_server_finds_the_last_ones_history_on_a_kept_nvme_tier(tmp_path):
+    model = _model("cpu")
+    expected = _chat(model, 14, one_session=False)
+    # two lives of a server on one NVMe directory kept across restarts ([nvme] persist): each runs the same chats
+    # with the engine's tokens; the second also finds, from its first turn on, what the first one kept
+    hits = []
+    for life in range(2):
+        with _manager("cpu", nvme_dir=str(tmp_path), nvme_persist=True) as mgr:
+            with kvtier_engine(model, mgr, swap_tier="nvme") as engine:
+                got = _chat(model, 14, one_session=False)
+                stats = engine.stats()
+            assert got == expected
+            hits.append(stats["prefix_tiers"]["hit_blocks_by_tier"].get("nvme", 0))
+            assert mgr.pool.in_use_pages == 0
+            mgr.check()
+    assert hits[0] > 0 and hits[1] > hits[0], hits

@@ -35,6 +35,9 @@ class TieredSpace(Protocol):
     - ``takes_writes(page)`` says whether an engine may write into the page without a call that tells (it holds
       a sequence's last block, which fills token by token): such a page keeps no copy below when it comes up.
     - ``idle_fence`` is a fence after the kernels of the space's last offload: copies down wait for it.
+    - ``layout_tag`` names the space's layout (what makes a page's bytes readable by another space of the same
+      name); ``prefix_blocks(page)`` lists the indexed whole blocks on ``page`` as ``(index within the page, key,
+      salt)``: what a kept tier's journal notes when the page lands there.
     - ``maps_ahead`` says whether the background demoter may call ``map_ahead()``, which maps fresh empty pages
       up to the space's reserve from what the pool has free (no reclaim, no demotion) and returns how many.
     """
@@ -44,6 +47,7 @@ class TieredSpace(Protocol):
     pages: PageTable
     idle_fence: Any
     maps_ahead: bool
+    layout_tag: list[Any]
 
     def region_view(self, region: int, page: int) -> torch.Tensor: ...
 
@@ -65,6 +69,8 @@ class TieredSpace(Protocol):
     def takes_writes(self, page: int) -> bool: ...
 
     def map_ahead(self) -> int: ...
+
+    def prefix_blocks(self, page: int) -> list[tuple[int, bytes, bytes]]: ...
 
 
 class SpaceDirectory(Protocol):

@@ -31,6 +31,7 @@ from kvtier.policies import PageRef, make_policy
 from kvtier.tiering.engine.background import Demoter
 from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
 from kvtier.tiering.tiers.digest import ChecksumMismatch
+from kvtier.tiering.tiers.nvme_journal import PageRecord, SlotJournal
 from kvtier.tiering.engine.health import WriteHealth
 from kvtier.tiering.state.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
 from kvtier.tiering.tiers.registry import TierContext, open_stack
@@ -435,6 +436,36 @@ class Tiering:
             space.unmap_pages([p], leaving=True)
         keep = m.dst == Tier.GPU and self.config.keep_copies and not space.takes_writes(p)
         self.give_back([space.pages.landed(p, m.src, m.dst, m.taken, keep)])
+        journal = self._journal(m.dst) if is_lower(m.dst) else None
+        if journal is not None:
+            self._record_landing(journal, self.stack[m.dst], space, p, m.taken)
+
+    # --- kept tiers ([nvme] persist: see kvtier.tiering.tiers.nvme_journal) ----------------------------------------
+    def _journal(self, tier: int) -> SlotJournal | None:
+        """The journal of a tier kept across restarts (None: the tier is not kept)."""
+        journal = getattr(self.stack[tier], "journal", None)
+        return journal if isinstance(journal, SlotJournal) else None
+
+    def _record_landing(self, journal: SlotJournal, tier: Any, space: TieredSpace, page: int, slots: list[int]) -> None:
+        """Note in a kept tier's journal which indexed blocks the page that landed in ``slots`` holds (with none,
+        or a slot without its digest, the note only says the slots' old contents are gone)."""
+        values = [tier.digests.value(s) for s in slots]
+        blocks = space.prefix_blocks(page) if all(v is not None for v in values) else []
+        journal.landed(PageRecord(space.name, space.layout_tag, list(slots), [tier.held(s) for s in slots],
+                                  [list(v) if v is not None else [0, 0] for v in values],
+                                  [[i, k.hex(), salt.hex()] for i, k, salt in blocks]))
+
+    def restorable(self, space: TieredSpace) -> list[tuple[int, Any]]:
+        """Pages of ``space`` that kept tiers restored at start, as ``(tier id, PageRecord)``: the space owns
+        their slots now (and gives back those it cannot use)."""
+        return [(t, r) for t in self.stack.ids if (j := self._journal(t)) is not None
+                for r in j.take(space.name, space.layout_tag)]
+
+    def erased(self, space: TieredSpace, salt: bytes) -> None:
+        """A tenant's blocks were erased from ``space``: no kept tier restores them again."""
+        for t in self.stack.ids:
+            if (journal := self._journal(t)) is not None:
+                journal.erased(space.name, salt)
 
     def _undo_move(self, handle: TransferHandle, m: Move, error: BaseException) -> None:
         """The move did not land: the source stays the truth -- unless its bytes are known bad (they failed their
@@ -457,7 +488,11 @@ class Tiering:
     def _lose(self, handle: TransferHandle, space: TieredSpace, pages: list[int]) -> None:
         """``pages`` (in a lower tier, not in flight) hold data that cannot be had back: their slots go back, they
         are LOST, and the sequences on them are reported in ``handle.lost``."""
-        self.give_back([space.pages.lost(p) for p in pages])
+        freed = [space.pages.lost(p) for p in pages]
+        for item in freed:
+            if item is not None and (journal := self._journal(item[0])) is not None:
+                journal.void(item[1])  # bad bytes: not restored again
+        self.give_back(freed)
         self.pages_lost += len(pages)
         handle.lost += [q for q in space.sequences_on(pages) if q not in handle.lost]
 
@@ -537,8 +572,10 @@ class Tiering:
                            "p99_seconds": pct(0.99)}}
 
     def check(self) -> None:
-        """Every slot taken is held by a page below, a kept copy, or a move in flight."""
-        held = {t: 0 for t in self.stack.ids}
+        """Every slot taken is held by a page below, a kept copy, a move in flight, or a restored page no space
+        has taken yet."""
+        held = {t: sum(len(r.slots) for r in j.pending) if (j := self._journal(t)) is not None else 0
+                for t in self.stack.ids}
         for s in self.directory.tiered_spaces():
             for p, slots in s.pages.slots.items():
                 held[s.pages.tier_of(p)] += len(slots)

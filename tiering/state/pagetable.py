@@ -1,5 +1,5 @@
 """The page table of one space: where each page's data lives. It is the single source of truth, and its
-transition methods (``mapped``, ``unmapped``, ``start_move``, ``landed``, ``failed``, ``lost``, ``dropped``,
+transition methods (``mapped``, ``restored``, ``unmapped``, ``start_move``, ``landed``, ``failed``, ``lost``, ``dropped``,
 ``released``, ``written``, ``take_copy``, ``start_read``, ``cleared``) are its only writers: each changes every
 field a transition touches in one call, under the manager's lock that every caller holds, and returns the slots
 that leave the table for the tiers' books. ``LEGAL`` lists the transitions; with ``debug`` (``debug_checks``)
@@ -31,10 +31,10 @@ from kvtier.tiering.state.tier import FIRST_LOWER, Tier, is_lower
 
 LOWER = "lower"  # any lower tier, in ``LEGAL``
 # The legal transitions of a page (``PageTable._set`` checks them with ``debug``): mapped fresh, moved between
-# the GPU and the tiers below and between lower tiers, lost, dropped, given back.
-LEGAL = {(Tier.UNMAPPED, Tier.GPU), (Tier.GPU, Tier.UNMAPPED), (Tier.GPU, LOWER), (LOWER, Tier.GPU),
-         (LOWER, LOWER), (Tier.GPU, Tier.LOST), (LOWER, Tier.LOST), (Tier.GPU, Tier.DROPPED), (LOWER, Tier.DROPPED),
-         (LOWER, Tier.UNMAPPED), (Tier.LOST, Tier.UNMAPPED), (Tier.DROPPED, Tier.UNMAPPED)}
+# the GPU and the tiers below and between lower tiers, restored below from a kept tier, lost, dropped, given back.
+LEGAL = {(Tier.UNMAPPED, Tier.GPU), (Tier.UNMAPPED, LOWER), (Tier.GPU, Tier.UNMAPPED), (Tier.GPU, LOWER),
+         (LOWER, Tier.GPU), (LOWER, LOWER), (Tier.GPU, Tier.LOST), (LOWER, Tier.LOST), (Tier.GPU, Tier.DROPPED),
+         (LOWER, Tier.DROPPED), (LOWER, Tier.UNMAPPED), (Tier.LOST, Tier.UNMAPPED), (Tier.DROPPED, Tier.UNMAPPED)}
 
 
 def _kind(place: int) -> Any:
@@ -110,6 +110,11 @@ class PageTable:
     def mapped(self, pages: Iterable[int]) -> None:
         """Vacant pages were mapped fresh (an allocation, map-ahead): on the GPU, empty."""
         self._set(list(pages), Tier.GPU)
+
+    def restored(self, page: int, tier: int, slots: list[int]) -> None:
+        """A vacant page takes the data a kept tier restored at start (``slots`` there, one a region)."""
+        self._set(page, tier)
+        self.slots[page] = list(slots)
 
     def unmapped(self, pages: Iterable[int]) -> list[tuple[int, list[int]]]:
         """GPU pages were unmapped (freed, reclaimed, closed): vacant; their kept copies go."""

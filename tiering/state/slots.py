@@ -46,6 +46,13 @@ class SlotBooks:
             del self._free[len(self._free) - n:]
             return taken
 
+    def claim(self, slots: list[int]) -> None:
+        """Take these free slots (pages restored into them)."""
+        with self._lock:
+            wanted = set(slots)
+            assert len(wanted) == len(slots) and wanted <= set(self._free), f"{self.tier}: claimed slots not free"
+            self._free = [s for s in self._free if s not in wanted]
+
     def give(self, slots: list[int]) -> None:
         with self._lock:
             self._free.extend(slots)

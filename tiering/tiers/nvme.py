@@ -14,7 +14,12 @@ starting on a directory removes the slot files no live process holds -- those of
 would otherwise stay readable there -- and never touches a live one's. A lock file serialises that scan with
 the making of new slot files.
 
-Settings: ``[nvme]`` (``dir``, ``size``, ``preallocate``, ``threads``, ``direct``). Its routes (GPU <-> disk, and
+With ``persist``, the slot file has a fixed name in ``dir`` (``kvtier-cache.slots``), is kept at close, and a
+journal beside it (:mod:`kvtier.tiering.tiers.nvme_journal`) says which cached blocks its slots hold, so that a
+manager started later on the same directory finds them again; its lock keeps it to one process at
+a time (another one started meanwhile gets a file of its own, not kept).
+
+Settings: ``[nvme]`` (``dir``, ``size``, ``preallocate``, ``threads``, ``direct``, ``persist``). Its routes (GPU <-> disk, and
 disk <-> each host-memory tier of the stack) are in :mod:`kvtier.tiering.tiers.nvme_routes`.
 """
 
@@ -38,6 +43,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kvtier.errors import ConfigError
 from kvtier.tiering.tiers.digest import Digests, side_stream
+from kvtier.tiering.tiers.nvme_journal import SLOTS_NAME, SlotJournal
 from kvtier.tiering.state.slots import SlotBooks
 from kvtier.tiering.state.tier import IO_ALIGN, TierStack
 from kvtier.vmm.tensor import memoryview_over
@@ -119,6 +125,8 @@ def reclaim_dead_owners(directory: str) -> list[str]:
     paths. Call with the directory locked."""
     removed = []
     for path in glob.glob(os.path.join(directory, "kvtier-*.slots")):
+        if os.path.basename(path) == SLOTS_NAME:
+            continue  # kept on purpose ([nvme] persist): its lock keeps it to one process at a time
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -182,6 +190,7 @@ class NvmeSettings(BaseModel):
     preallocate: bool = True
     threads: int = 4
     direct: bool = True
+    persist: bool = False
 
 
 class NvmeTier:
@@ -195,19 +204,22 @@ class NvmeTier:
     @classmethod
     def settings_from(cls, config: "Config") -> NvmeSettings:
         return NvmeSettings(dir=config.nvme_dir, size=config.nvme_size, preallocate=config.nvme_preallocate,
-                            threads=config.nvme_threads, direct=config.nvme_direct)
+                            threads=config.nvme_threads, direct=config.nvme_direct, persist=config.nvme_persist)
 
     @classmethod
     def open(cls, settings: NvmeSettings, context: "TierContext") -> "NvmeTier":
         """The tier in ``settings.dir``; with none, in a temporary directory whose file is unlinked once open (no
         one else looks there: the file lives as long as its descriptors, however the process ends)."""
         own_dir = settings.dir is None
+        if settings.persist and own_dir:
+            raise ConfigError("nvme persist: a cache kept across restarts needs a directory of its own; set "
+                              "[nvme] dir (KVTIER_NVME_DIR)")
         if own_dir:
             sweep_abandoned_dirs(tempfile.gettempdir())
         directory = settings.dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
         try:
             tier = cls(context.device, context.slot_size, directory, settings.size, settings.threads,
-                       settings.direct, context.files, settings.preallocate)
+                       settings.direct, context.files, settings.preallocate, settings.persist)
         except BaseException:
             if own_dir:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -221,7 +233,8 @@ class NvmeTier:
     def summary(settings: NvmeSettings, device: torch.device) -> str:
         """One line for ``kvtier info``."""
         return (f"{settings.size / 2**30:.3g} GiB in {settings.dir or 'a temporary file, deleted once open'} "
-                f"({'reserved' if settings.preallocate else 'sparse'}; I/O: {io_mode(device)})")
+                f"({'reserved' if settings.preallocate else 'sparse'}; I/O: {io_mode(device)}"
+                f"{'; kept across restarts' if settings.persist else ''})")
 
     def register_routes(self, mover: "Mover", stack: TierStack) -> None:
         from kvtier.tiering.tiers.nvme_routes import register
@@ -231,7 +244,8 @@ class NvmeTier:
         return True
 
     def __init__(self, device: torch.device, slot_size: int, directory: str, size: int, threads: int,
-                 direct: bool, files: FileLayer | None = None, preallocate: bool = True) -> None:
+                 direct: bool, files: FileLayer | None = None, preallocate: bool = True,
+                 persist: bool = False) -> None:
         self.slot_size, self.slots = slot_size, size // slot_size
         self.id = 0  # set by its TierStack
         self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see write)
@@ -239,18 +253,28 @@ class NvmeTier:
             raise ConfigError("files: a file layer replaces the POSIX I/O of the CPU backend; on CUDA the NVMe tier "
                               "reads and writes device pages through kvikio")
         self.files = files or PosixFiles()
-        self.path = os.path.join(directory, f"kvtier-{os.getpid()}-{id(self):x}.slots")
         self.anonymous = False  # unlink() removed its name
-        self._owner_fd = self._make_slot_file(directory, preallocate)  # first: a disk short of room stops here
+        self.journal: SlotJournal | None = None
+        self.path = os.path.join(directory, SLOTS_NAME)
+        fd = self._take_kept_file(directory, preallocate) if persist else None
+        if fd is None:
+            self.path = os.path.join(directory, f"kvtier-{os.getpid()}-{id(self):x}.slots")
+            fd = self._make_slot_file(directory, preallocate)  # first: a disk short of room stops here
+        self._owner_fd = fd
         try:
             self._open(device, threads, direct, files)
+            if persist and self.path.endswith(SLOTS_NAME):
+                self.journal = SlotJournal(directory, fd, slot_size, self.slots)
         except BaseException:
-            os.unlink(self.path)
+            if self.journal is None and not self.path.endswith(SLOTS_NAME):
+                os.unlink(self.path)
             os.close(self._owner_fd)
             raise
         self.books = SlotBooks("nvme", self.slots)
         self.books.grow(0, self.slots)
         self.digests = Digests(self.slots)
+        if self.journal is not None:
+            self._reserve_restored()
 
     def _open(self, device: torch.device, threads: int, direct: bool, files: FileLayer | None) -> None:
         self._kvikio = None
@@ -296,6 +320,51 @@ class NvmeTier:
                 os.unlink(self.path)
             raise ConfigError(f"nvme_dir: cannot make the slot file in {directory!r} ({exc.strerror or exc}); "
                               "point it at a writable directory with room for nvme_size") from None
+
+    def _take_kept_file(self, directory: str, preallocate: bool) -> int | None:
+        """Open (or make) and lock the kept slot file at its size; None where a live process holds it."""
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"nvme_dir: cannot open the kept slot file {self.path!r} ({exc.strerror or exc}); "
+                              "point it at a writable directory with room for nvme_size") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.warning("nvme tier: %s is in use by another live process; this one uses a slot file of its own, "
+                        "not kept (give each process its own nvme_dir to keep both)", self.path)
+            return None
+        size = self.slots * self.slot_size
+        try:
+            if os.fstat(fd).st_size > size:
+                os.ftruncate(fd, size)
+            if not (preallocate and size and _reserve(fd, size)):
+                os.ftruncate(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"nvme_dir: cannot size the kept slot file {self.path!r} to {size} bytes "
+                              f"({exc.strerror or exc}); free room on that disk or lower nvme_size") from None
+        return fd
+
+    def _reserve_restored(self) -> None:
+        """The slots of the pages the journal restored are held for the spaces that will take them."""
+        assert self.journal is not None
+        good = []
+        for record in self.journal.pending:
+            if any(h > self.slot_size or h % ALIGN for h in record.held):
+                continue
+            for slot, held, value in zip(record.slots, record.held, record.digests):
+                self.digests.seal(slot, (value[0], value[1]))
+                if held < self.slot_size:
+                    self._held[slot] = held
+            good.append(record)
+        self.journal.pending = good
+        self.books.claim([s for r in good for s in r.slots])
+        if good:
+            log.info("nvme tier: %d page(s) of cached blocks restored from %s (verified when first read)",
+                     len(good), self.path)
 
     def _open_posix(self, direct: bool) -> tuple[int, str]:
         if direct and hasattr(os, "O_DIRECT"):
@@ -353,7 +422,7 @@ class NvmeTier:
     def describe(self) -> dict[str, object]:
         path = "a temporary file, deleted once open (freed when the process ends)" if self.anonymous else self.path
         return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": path, "mode": self.mode,
-                "checksums": self.digests.counts()}
+                "checksums": self.digests.counts(), "kept": self.journal is not None}
 
     def unlink(self) -> None:
         """Remove the slot file's name now (its descriptors keep it): a temporary tier that nothing can leave
@@ -368,7 +437,9 @@ class NvmeTier:
         else:
             self._pool.shutdown(wait=True)
             os.close(self._fd)
-        if not self.anonymous:
+        if self.journal is not None:
+            self.journal.close()
+        elif not self.anonymous:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         os.close(self._owner_fd)  # after the unlink: no scan may see a file without its owner's lock
