@@ -189,3 +189,25 @@ def test_a_directory_held_by_a_live_manager_gives_the_next_one_a_file_of_its_own
 def test_persist_needs_a_directory():
     with pytest.raises(kvtier.ConfigError, match=r"nvme.*persist.*set \[nvme\] dir"):
         kvtier.Config(nvme_persist=True)
+
+
+def test_a_journal_that_cannot_be_written_is_removed_and_the_tier_goes_on(make_manager, tmp_path, caplog):
+    mgr = _kept(make_manager, tmp_path)
+    journal = mgr.tiering.tier("nvme").journal
+    journal._file = open(tmp_path / JOURNAL_NAME)  # the edge: every write now fails (read-only), as on a full disk
+    caplog.set_level(logging.ERROR, logger="kvtier")
+    space = _space(mgr, make_manager)
+    space.allocate("r1", 40 * space.block_size)
+    write_seq(space, "r1")
+    space.publish("r1", space.block_keys(list(range(40 * space.block_size))))
+    space.offload("r1", tier="nvme").result()  # lands; the journal's append fails: it goes, the data stays good
+    assert any("cannot be written" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / JOURNAL_NAME).exists() and not mgr.stats()["tiers"]["nvme"]["kept"]
+    space.prefetch(["r1"]).result()
+    assert_holds(space, "r1", "r1", range(40))
+    mgr.check()
+    mgr.close()
+    # nothing is restored from a journal that could not say everything
+    mgr = _kept(make_manager, tmp_path)
+    assert _space(mgr, make_manager).stats()["cached_blocks"] == 0
+    mgr.check()

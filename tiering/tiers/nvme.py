@@ -264,7 +264,11 @@ class NvmeTier:
         try:
             self._open(device, threads, direct, files)
             if persist and self.path.endswith(SLOTS_NAME):
-                self.journal = SlotJournal(directory, fd, slot_size, self.slots)
+                try:
+                    self.journal = SlotJournal(directory, fd, slot_size, self.slots)
+                except OSError as exc:
+                    raise ConfigError(f"nvme persist: cannot write the journal in {directory!r} "
+                                      f"({exc.strerror or exc}); free room there or turn persist off") from None
         except BaseException:
             if self.journal is None and not self.path.endswith(SLOTS_NAME):
                 os.unlink(self.path)
@@ -422,7 +426,7 @@ class NvmeTier:
     def describe(self) -> dict[str, object]:
         path = "a temporary file, deleted once open (freed when the process ends)" if self.anonymous else self.path
         return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": path, "mode": self.mode,
-                "checksums": self.digests.counts(), "kept": self.journal is not None}
+                "checksums": self.digests.counts(), "kept": self.journal is not None and self.journal.kept}
 
     def unlink(self) -> None:
         """Remove the slot file's name now (its descriptors keep it): a temporary tier that nothing can leave

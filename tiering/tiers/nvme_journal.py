@@ -21,6 +21,7 @@ times that.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -171,11 +172,31 @@ class SlotJournal:
     def _append(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(_line(record))
-        self._file.flush()
-        self._stale += record["t"] != "page"
-        if self._stale * 2 > len(self._live) and self._file.tell() > COMPACT_MIN_BYTES:
-            self._rewrite()
+        try:
+            self._file.write(_line(record))
+            self._file.flush()
+            self._stale += record["t"] != "page"
+            if self._stale * 2 > len(self._live) and self._file.tell() > COMPACT_MIN_BYTES:
+                self._rewrite()
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        """The journal cannot be written (a full disk...): it is removed, so that no later start trusts what it
+        says without what it could not say (an erase above all); the tier goes on, not kept."""
+        log.error("nvme journal %s cannot be written (%s); it is removed and this NVMe tier is not kept across "
+                  "restarts any more (free room on that disk)", self.path, exc)
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    @property
+    def kept(self) -> bool:
+        """Whether the journal is being written (it stops for good on a write that fails)."""
+        return self._file is not None
 
     def _rewrite(self, keep_pending: bool = True) -> None:
         """The journal anew: the header and the records still true (written aside, then renamed over it)."""
@@ -198,6 +219,11 @@ class SlotJournal:
         """Rewrite the journal with what is true now, less the restored pages no space took."""
         if self._file is None:
             return
-        self._rewrite(keep_pending=False)
-        self._file.close()
-        self._file = None
+        try:
+            self._rewrite(keep_pending=False)
+        except OSError as exc:
+            self._give_up(exc)
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
