@@ -134,6 +134,25 @@ class Config(BaseModel):
                                 "kvtier.tiers); comma-separated in the environment")
     tier_settings: dict[str, dict[str, Any]] = _setting({}, "tiers", "a plug-in tier's own settings, [tiers.NAME] "
                                                         "(validated by its settings model)", env=None)
+    # [remote]
+    remote_backend: str | None = _setting(None, "remote", "a store shared by several machines for cached blocks, "
+                                          "found by their content keys: valkey or mooncake (unset: none)",
+                                          pattern="^(valkey|mooncake)$")
+    remote_address: str = _setting("127.0.0.1:6379", "remote", "valkey: the server's host:port; mooncake: this "
+                                   "host's address in the store (host, or host:port)")
+    remote_master: str = _setting("127.0.0.1:50051", "remote", "mooncake: the master's host:port")
+    remote_timeout_s: float = _setting(1.0, "remote", "deadline of a lookup or a read; past it the blocks are a "
+                                       "miss (recomputed), never a wait", gt=0)
+    remote_put_timeout_s: float = _setting(10.0, "remote", "deadline of a write (in the background)", gt=0)
+    remote_buffer: Size = _setting(256 * MiB, "remote", "host staging memory for objects going to and coming from "
+                                   "the store (registered once with mooncake); writes that find none free are "
+                                   "dropped, not waited for", size=True)
+    remote_object_bytes: Size = _setting(16 * MiB, "remote", "the most bytes of blocks in one object: a chain's "
+                                         "blocks go in groups of this size (fewer keys in the store)", size=True)
+    remote_segment: Size = _setting(512 * MiB, "remote", "mooncake: memory this process lends to the store",
+                                    size=True)
+    remote_negative_ttl_s: float = _setting(2.0, "remote", "how long a key found absent is not asked for again",
+                                            ge=0)
     # [metrics]
     metrics_port: int | None = _setting(None, "metrics", "serve Prometheus metrics on this port (0: any free "
                                         "one; unset: no endpoint); needs kvtier[metrics]", ge=0, le=65535,

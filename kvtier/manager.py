@@ -17,6 +17,7 @@ from kvtier.metrics import MetricsServer
 from kvtier.buffer import ElasticBuffer
 from kvtier.vmm.ledger import Ledger
 from kvtier.space import KVSpace, parse_dtype
+from kvtier.remote import RemoteCache
 from kvtier.room import RoomPlanner
 from kvtier.tiering import FileLayer, Tiering
 from kvtier.vmm import Backend, PagePool, open_backend, resolve_device
@@ -95,11 +96,15 @@ class TierManager:
                                 lambda: list(self.spaces.values()))
         mover = self.tiering.mover
         self.pool.yield_to = lambda: mover.down_in_flight > 0  # refills wait for copies down (see PagePool)
+        # the remote cache ([remote]): offer/find whole blocks by content through a store shared by machines
+        self.remote = RemoteCache(self.config, self.device) if self.config.remote_backend else None
         self.metrics: MetricsServer | None = None
         if self.config.metrics_port is not None:
             try:
                 self.metrics = MetricsServer(self, self.config.metrics_port, self.config.metrics_addr)
             except BaseException:
+                if self.remote is not None:
+                    self.remote.close()
                 self.tiering.stop()
                 self.tiering.close()
                 self._close_pool()
@@ -232,6 +237,7 @@ class TierManager:
                 "spaces": spaces,
                 "buffers": {name: b.stats() for name, b in self.buffers.items()},
                 "tiers": self.tiering.stats(),
+                "remote": self.remote.stats() if self.remote is not None else None,
                 "total": {key: sum(s[key] for s in spaces.values())
                           for key in ("stripes_mapped", "bytes_mapped", "map_calls", "map_seconds", "unmap_calls",
                                       "unmap_seconds")},
@@ -261,6 +267,8 @@ class TierManager:
             self._changed.notify_all()
         if self.metrics is not None:
             self.metrics.close()
+        if self.remote is not None:
+            self.remote.close()  # its writes under way finish first (they read its own staging memory only)
         self.tiering.stop()  # without the lock: the worker commits what is in flight
         with self.lock:
             for name in list(self.spaces):

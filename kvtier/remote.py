@@ -1,0 +1,455 @@
+"""A remote cache of whole blocks, shared by the machines that use one store (``[remote]``: Valkey or Mooncake).
+
+An engine offers a sequence's whole blocks under their content keys (``kvtier.prefix``) with :meth:`RemoteCache.
+offer`: they are published in the space as usual and, in the background, copied in groups (``kvtier.
+remote_objects``) to the store. :meth:`RemoteCache.find` starts a new sequence with the longest prefix of its keys
+the space holds (``share_prefix``) and asks the store for the rest: the groups found are read into host staging
+memory, checked (layout, keys, digest), copied into fresh blocks of the sequence and published locally; the engine
+computes what is left. Any process or machine on the same store finds what another offered.
+
+A cache, never the truth: an error, a deadline passed (``remote_timeout_s``), an absent key or an object that
+fails its check is a miss, and the engine recomputes. A store that fails is left alone for a while (doubling, up
+to ``MAX_BACKOFF_S``), said once in the log, counted, and tried again; a key found absent is not asked for again
+for ``remote_negative_ttl_s``. Writes never wait: one that finds no staging memory free, or a store that is down,
+is dropped. Staging memory lent to a call past its deadline comes back only when that call returns.
+
+Threads: one for the store's reads and one for its writes (the store's client is called from both), so that a
+lookup never queues behind a write; a call still running past its deadline keeps its thread, and later calls on
+it fail at once until it returns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from kvtier import remote_objects as obj
+from kvtier.config import Config
+from kvtier.errors import ConfigError, KVTierError, NotResidentError
+from kvtier.remote_store import RemoteStore, open_store
+from kvtier.space import KVSpace
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 30.0
+KNOWN_KEYS = 1 << 16  # keys remembered as stored (not written again)
+
+
+class _Miss(Exception):
+    """The store cannot answer now (down, busy past a deadline, an error): a miss."""
+
+
+class RemoteCache:
+    """The remote cache of one manager (see the module docstring); ``manager.remote`` where ``[remote]`` is set."""
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.slot_bytes = obj.HEADER + -(-config.remote_object_bytes // obj.ROW) * obj.ROW
+        slots = config.remote_buffer // self.slot_bytes
+        if slots < 1:
+            raise ConfigError(f"remote_buffer {config.remote_buffer} holds no object of remote_object_bytes "
+                              f"{config.remote_object_bytes}; raise remote_buffer")
+        pinned = device.type == "cuda"
+        self._host = torch.empty(slots * self.slot_bytes, dtype=torch.uint8, pin_memory=pinned)
+        self.buffer = self._host.numpy()
+        self._free = list(range(slots))
+        self._lock = threading.Lock()
+        self._store: RemoteStore | None = None
+        self._disabled: str | None = None  # a problem no retry mends (the client package is missing)
+        self._down_until = 0.0
+        self._backoff = 0.0
+        self._busy = False  # a read under way (perhaps past its deadline): the next one is a miss, not a wait
+        self._reads, self._writer = _Worker("kvtier-remote-read"), _Worker("kvtier-remote-write")
+        self._absent: dict[str, float] = {}
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self.counts: Counter[str] = Counter()
+        self._writes: list[cf.Future[Any]] = []
+        self._connecting = self._writer.submit(self._connect)  # in the background: no lookup waits for it
+
+    # --- the store, behind deadlines -------------------------------------------------------------------------------
+    def _connect(self) -> RemoteStore | None:
+        """The store's client, made on the write thread (Mooncake's setup retries for tens of seconds against a
+        master that is down); a failure backs off like any other."""
+        if self._store is None and not self._disabled and time.monotonic() >= self._down_until:
+            try:
+                self._store = open_store(self.config, self.buffer)
+                self._answered()
+            except Exception as exc:  # noqa: BLE001 - a store not there yet is a miss, whatever its client raised
+                self._failed("connection", exc)
+        return self._store
+
+    def _connected(self) -> RemoteStore:
+        """The store's client for a read: one made already, or a miss now (never a wait for a connection)."""
+        store = self._store
+        if store is None:
+            self._writer.submit(self._connect)
+            raise OSError("not connected yet")
+        return store
+
+    def _call(self, fn: Callable[[RemoteStore], Any], slots: Sequence[int]) -> Any:
+        """``fn(store)`` on the read thread, waited for at most ``remote_timeout_s``; raises :class:`_Miss`. The
+        caller owns ``slots`` after a result; on a miss they go back (after a deadline: once the call returns)."""
+        with self._lock:
+            if self._disabled or time.monotonic() < self._down_until or self._busy or self._store is None:
+                self.counts["reads_skipped"] += 1
+                self._give(slots)
+                if self._store is None and not self._disabled:
+                    self._writer.submit(self._connect)  # not connected (yet, or again): a miss, and a try
+                raise _Miss()
+            self._busy = True
+        state = {"returned": False, "abandoned": False}
+
+        def run() -> Any:
+            try:
+                return fn(self._connected())
+            finally:
+                with self._lock:
+                    self._busy = False
+                    state["returned"] = True
+                    if state["abandoned"]:
+                        self._give(slots)
+        future = self._reads.submit(run)
+        try:
+            result = future.result(self.config.remote_timeout_s)
+        except cf.TimeoutError:
+            with self._lock:
+                state["abandoned"] = True
+                if state["returned"]:
+                    self._give(slots)
+            self._failed("read", f"no answer within {self.config.remote_timeout_s:g} s")
+            raise _Miss() from None
+        except Exception as exc:  # noqa: BLE001 - whatever the client raises is a miss
+            with self._lock:
+                self._give(slots)
+            self._failed("read", exc)
+            raise _Miss() from None
+        self._answered()
+        return result
+
+    def _answered(self) -> None:
+        with self._lock:
+            if self._backoff:
+                log.warning("remote store answers again; the remote cache is back")
+            self._backoff = 0.0
+
+    def _failed(self, kind: str, exc: BaseException | str) -> None:
+        if isinstance(exc, ConfigError):  # the client package is missing: no retry mends that
+            self._disabled = str(exc)
+            log.error("remote cache off: %s", exc)
+            return
+        with self._lock:
+            self.counts["errors"] += 1
+            if not self._backoff:
+                log.warning("remote store (%s) failed a %s: %s; kvtier goes on without it and tries again",
+                            self.config.remote_backend, kind, exc)
+            self._backoff = min(max(2 * self._backoff, 0.25), MAX_BACKOFF_S)
+            self._down_until = time.monotonic() + self._backoff
+
+    def _take(self, n: int) -> list[int]:
+        with self._lock:
+            taken, self._free = self._free[:n], self._free[n:]
+            return taken
+
+    def _give(self, slots: Sequence[int]) -> None:  # with the lock held
+        self._free.extend(slots)
+
+    def _span(self, slot: int) -> np.ndarray:
+        return self.buffer[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
+
+    @property
+    def up(self) -> bool:
+        """Whether the store is being asked (not disabled, not backing off after a failure)."""
+        return self._disabled is None and time.monotonic() >= self._down_until
+
+    # --- down: offer ------------------------------------------------------------------------------------------------
+    def offer(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], salt: bytes = b"",
+              stream: Any = None) -> int:
+        """Publish ``seq_id``'s first whole blocks under ``keys`` in ``space`` (``space.publish``) and send the
+        groups the store does not hold yet to it in the background: their bytes are copied now, on ``stream``
+        (default: current) after the engine's writes, from the GPU (blocks not resident are not sent). Return
+        what ``publish`` returns."""
+        published = space.publish(seq_id, keys, salt)
+        if not self.up:
+            return published
+        blocks = space.blocks(seq_id)[:len(keys)]
+        layout, per = self._layout(space)
+        for first, last in obj.groups(len(keys), per):
+            name = _name(keys[last])
+            if name in self._known:
+                continue
+            part = blocks[first:last + 1]
+            try:
+                space.check_resident(part)
+            except NotResidentError:
+                self.counts["puts_not_resident"] += 1
+                continue
+            slot = self._take(1)
+            if not slot:
+                self.counts["puts_dropped"] += 1  # never wait: the store is a cache
+                break
+            done = self._gather(space, part, self._span(slot[0]), stream)
+            group = list(keys[first:last + 1])
+            self._remember(name)
+            self._write(space, name, group, slot[0], done, layout)
+        return published
+
+    def _gather(self, space: KVSpace, blocks: Sequence[int], span: np.ndarray, stream: Any) -> Any:
+        """Copy ``blocks`` of every region into the payload of ``span``, on ``stream``; return an event to wait on
+        (None on the CPU, where the copies are done)."""
+        host = torch.from_numpy(span[obj.HEADER:])
+        n, bb = len(blocks), space.block_bytes
+        cuda = space.kv(0)[0].is_cuda
+        with torch.cuda.stream(stream) if cuda and stream is not None else _nothing():
+            idx = torch.as_tensor(list(blocks), dtype=torch.int64, device=space.kv(0)[0].device)
+            for layer in range(space.num_layers):
+                for kv, tensor in enumerate(space.kv(layer)):
+                    r = 2 * layer + kv
+                    host[r * n * bb:(r + 1) * n * bb].copy_(tensor.index_select(0, idx).view(torch.uint8).view(-1),
+                                                            non_blocking=cuda)
+            if not cuda:
+                return None
+            event = torch.cuda.Event()
+            event.record()
+            return event
+
+    def _write(self, space: KVSpace, name: str, keys: list[bytes], slot: int, copied: Any, layout: bytes) -> None:
+        """Seal and put the object in ``slot`` on the write thread, once its copies have landed; not waited for."""
+        regions, bb = space.num_regions, space.block_bytes
+
+        def put() -> None:
+            try:
+                if self._disabled or time.monotonic() < self._down_until:
+                    self.counts["puts_dropped"] += 1
+                    self._forget(name)
+                    return
+                if copied is not None:
+                    copied.synchronize()
+                size = obj.seal(self._span(slot), keys, regions, bb, layout)
+                store = self._connect()
+                if store is None:
+                    raise OSError("not connected")
+                ok = store.put([name], [(slot * self.slot_bytes, size)])[0]
+                with self._lock:
+                    self.counts["puts" if ok else "puts_refused"] += 1
+                    self.counts["put_bytes"] += size if ok else 0
+                if not ok:
+                    self._forget(name)
+                self._answered()
+            except Exception as exc:  # noqa: BLE001 - a write that fails is dropped, whatever the client raised
+                self._forget(name)
+                self.counts["puts_dropped"] += 1
+                self._failed("write", exc)
+            finally:
+                with self._lock:
+                    self._give([slot])
+        self._writes = [f for f in self._writes if not f.done()] + [self._writer.submit(put)]
+
+    # --- up: find ---------------------------------------------------------------------------------------------------
+    def find(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], stream: Any = None) -> int:
+        """Start ``seq_id`` with the longest prefix of ``keys`` found: in ``space`` first (``share_prefix``), then
+        in the store, whose groups are read, checked, copied into fresh blocks of ``seq_id`` (on ``stream``,
+        waited for) and published in ``space``. Return the tokens it holds (0: a miss; it then holds nothing)."""
+        local = space.share_prefix(seq_id, keys)
+        have = local // space.block_size
+        if have == len(keys) or not self.up:
+            return local
+        layout, per = self._layout(space)
+        plan = self._lookup(keys, have, per)
+        if not plan:
+            return local
+        slots = self._take(len(plan))
+        plan = plan[:len(slots)]
+        if not plan:
+            self.counts["gets_no_buffer"] += 1
+            return local
+        names = [_name(keys[last]) for _, last in plan]
+        spans = [(s * self.slot_bytes, self.slot_bytes) for s in slots]
+        try:
+            sizes = self._call(lambda store: store.get(names, spans), slots)
+        except _Miss:
+            self.counts["gets_failed"] += 1
+            return local
+        try:
+            return self._bring_in(space, seq_id, keys, have, plan, slots, sizes, layout, stream)
+        finally:
+            with self._lock:
+                self._give(slots)
+
+    def _lookup(self, keys: Sequence[bytes], have: int, per: int) -> list[tuple[int, int]]:
+        """The groups to read, in order: whole ones while the store has them, then the longest part of the next."""
+        first = have - have % per
+        names = [_name(k) for k in keys[first:]]
+        now = time.monotonic()
+        ask = [n for n in names if self._absent.get(n, 0.0) <= now and n not in self._known]
+        try:
+            found = self._call(lambda store: store.exists(ask), ()) if ask else []
+        except _Miss:
+            self.counts["lookups_failed"] += 1
+            return []
+        there = {n for n, f in zip(ask, found) if f} | {n for n in names if n in self._known}
+        for n, f in zip(ask, found):
+            if not f:
+                self._absent[n] = now + self.config.remote_negative_ttl_s
+        if len(self._absent) > KNOWN_KEYS:
+            self._absent = {n: t for n, t in self._absent.items() if t > now}
+        plan = []
+        for start, last in obj.groups(len(keys), per, first):
+            ends = [e for e in range(last, max(start, have) - 1, -1) if _name(keys[e]) in there]
+            if not ends:
+                break
+            plan.append((start, ends[0]))
+            if ends[0] != last:
+                break
+        self.counts["lookups"] += 1
+        return plan
+
+    def _bring_in(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], have: int,
+                  plan: list[tuple[int, int]], slots: list[int], sizes: list[int], layout: bytes, stream: Any) -> int:
+        regions, bb, bs = space.num_regions, space.block_bytes, space.block_size
+        good = []
+        for (start, last), slot, size in zip(plan, slots, sizes):
+            why = "absent" if size < 0 else obj.check(self._span(slot), size, list(keys[start:last + 1]), regions,
+                                                       bb, layout)
+            if why is not None:
+                self.counts["gets_absent" if size < 0 else "gets_bad"] += 1
+                if size >= 0:
+                    log.warning("remote object for blocks %d..%d is not served: %s", start, last, why)
+                break
+            good.append((start, last, slot))
+        if not good:
+            return have * bs
+        total = good[-1][1] + 1
+        try:
+            blocks = space.allocate(seq_id, total * bs)[have:total]
+        except KVTierError as exc:  # no room for them now: the engine computes them
+            self.counts["gets_no_room"] += 1
+            log.info("remote hit of %d blocks not taken: %s", total - have, exc)
+            return have * bs
+        self._scatter(space, blocks, have, good, stream)
+        space.publish(seq_id, list(keys[:total]))
+        with self._lock:
+            self.counts["hit_blocks"] += total - have
+            self.counts["hit_bytes"] += (total - have) * bb * regions
+        for start, last, _ in good:
+            self._remember(_name(keys[last]))
+        return total * bs
+
+    def _scatter(self, space: KVSpace, blocks: list[int], have: int, good: list[tuple[int, int, int]],
+                 stream: Any) -> None:
+        """Copy the checked groups' blocks from ``have`` on into ``blocks``, every region; waited for."""
+        bb, dev = space.block_bytes, space.kv(0)[0].device
+        cuda = dev.type == "cuda"
+        with torch.cuda.stream(stream) if cuda and stream is not None else _nothing():
+            at = 0
+            for start, last, slot in good:
+                n, skip = last - start + 1, max(0, have - start)
+                host = torch.from_numpy(self._span(slot)[obj.HEADER:])
+                idx = torch.as_tensor(blocks[at:at + n - skip], dtype=torch.int64, device=dev)
+                for layer in range(space.num_layers):
+                    for kv, tensor in enumerate(space.kv(layer)):
+                        r = 2 * layer + kv
+                        src = host[(r * n + skip) * bb:(r + 1) * n * bb].to(dev, non_blocking=cuda)
+                        tensor.index_copy_(0, idx, src.view(tensor.dtype).view(n - skip, *tensor.shape[1:]))
+                at += n - skip
+            if cuda:
+                torch.cuda.current_stream(dev).synchronize()  # the staging memory goes back after this
+
+    # --- books ------------------------------------------------------------------------------------------------------
+    def _layout(self, space: KVSpace) -> tuple[bytes, int]:
+        return obj.layout_id(space.layout_tag), obj.group_blocks(space.block_bytes, space.num_regions,
+                                                                 self.config.remote_object_bytes)
+
+    def _remember(self, name: str) -> None:
+        with self._lock:
+            self._known[name] = None
+            self._known.move_to_end(name)
+            if len(self._known) > KNOWN_KEYS:
+                self._known.popitem(last=False)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._known.pop(name, None)
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait for the first connection to the store (made in the background from the start; lookups before it
+        are misses); whether there is one."""
+        try:
+            self._connecting.result(timeout)
+        except cf.TimeoutError:
+            pass
+        return self._store is not None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the writes under way (tests, and before a planned exit); whether all are done."""
+        done, pending = cf.wait(list(self._writes), timeout)
+        return not pending
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"backend": self.config.remote_backend, "up": self.up, "disabled": self._disabled,
+                    "staging_free": len(self._free), **dict(self.counts)}
+
+    def close(self) -> None:
+        """Stop: writes under way finish (waited for up to ``remote_put_timeout_s``), then the store is let go. A
+        call stuck in the store's client past that keeps its thread (a daemon) and the client is left open."""
+        stuck = not self.flush(self.config.remote_put_timeout_s)
+        for worker in (self._writer, self._reads):
+            stuck |= not worker.stop(0 if stuck else self.config.remote_timeout_s)
+        if stuck:
+            log.warning("remote store: a call is still under way at close; its client is left open")
+        elif self._store is not None:
+            try:
+                self._store.close()
+            except Exception as exc:  # noqa: BLE001 - a store gone away must not fail the manager's close
+                log.warning("remote store: close failed: %s", exc)
+            self._store = None
+
+
+def _name(key: bytes) -> str:
+    return "kvtier/" + key.hex()
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order (a call stuck in a store's client must not hold up the
+    interpreter's exit, as an executor's thread would)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.Queue[tuple[Callable[[], Any], cf.Future[Any]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any]) -> cf.Future[Any]:
+        future: cf.Future[Any] = cf.Future()
+        self._queue.put((fn, future))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(exc)
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the thread to end after what is queued; whether it did within ``timeout`` seconds."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

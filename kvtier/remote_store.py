@@ -1,0 +1,151 @@
+"""The stores a remote cache speaks to: Valkey (or Redis) and Mooncake Store, behind one small protocol.
+
+A store holds byte values under string keys for several processes and machines; kvtier uses it as a cache, never
+as the truth (see :mod:`kvtier.remote`). Calls block on the network: :class:`~kvtier.remote.RemoteCache` makes
+them from its own threads, with a deadline, and treats every error as a miss.
+
+Values move between the store and kvtier's host staging buffer: Mooncake's client reads and writes it in place
+(registered once, ``batch_put_from``/``batch_get_into``); Valkey's goes through Python bytes (pipelined).
+
+Each backend's package is imported when it is opened: ``pip install valkey`` (any Valkey or Redis server), or
+``mooncake-transfer-engine-non-cuda`` (the CUDA builds where they fit) with its master, ``mooncake_master``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from kvtier.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class RemoteStore(Protocol):
+    """Bytes under keys, shared. ``buffer`` is the host staging memory (a uint8 numpy array) every view passed to
+    ``put``/``get`` lies in, as ``(offset, nbytes)``. Every call raises ``OSError`` when the store cannot be asked.
+
+    - ``put(keys, spans) -> list[bool]``: store each span under its key (a key stored already is fine).
+    - ``get(keys, spans) -> list[int]``: read each value into the start of its span; the value's size, or -1
+      (absent, or larger than the span).
+    - ``exists(keys) -> list[bool]``.
+    - ``close()``: let go of the connection (and the buffer's registration).
+    """
+
+    def put(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[bool]: ...
+
+    def get(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[int]: ...
+
+    def exists(self, keys: Sequence[str]) -> list[bool]: ...
+
+    def close(self) -> None: ...
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", str(default_port))
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ConfigError(f"remote address {address!r}: expected host:port") from None
+
+
+class ValkeyStore:
+    """A Valkey or Redis server: pipelined SET and MGET, socket timeouts at the deadline."""
+
+    def __init__(self, address: str, buffer: np.ndarray, timeout_s: float) -> None:
+        try:
+            import valkey
+        except ImportError:
+            raise ConfigError("remote_backend = valkey needs the valkey client: pip install valkey") from None
+        host, port = _host_port(address, 6379)
+        self.buffer = buffer
+        self._client = valkey.Valkey(host=host, port=port, socket_timeout=timeout_s,
+                                     socket_connect_timeout=timeout_s)
+        self._errors: tuple[type[BaseException], ...] = (valkey.exceptions.ValkeyError,)
+
+    def _call(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except self._errors as exc:  # connection refused, timeouts, server errors (OOM under maxmemory...)
+            raise OSError(f"valkey: {exc}") from exc
+
+    def put(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[bool]:
+        def go() -> list[bool]:
+            pipe = self._client.pipeline(transaction=False)
+            for key, (off, n) in zip(keys, spans):
+                pipe.set(key, self.buffer[off:off + n].tobytes())
+            return [bool(r) and not isinstance(r, Exception) for r in pipe.execute(raise_on_error=False)]
+        return self._call(go)
+
+    def get(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[int]:
+        values = self._call(lambda: self._client.mget(list(keys)))
+        sizes = []
+        for value, (off, n) in zip(values, spans):
+            if value is None or len(value) > n:
+                sizes.append(-1)
+                continue
+            self.buffer[off:off + len(value)] = np.frombuffer(value, dtype=np.uint8)
+            sizes.append(len(value))
+        return sizes
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        def go() -> list[bool]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return [r == 1 for r in pipe.execute(raise_on_error=False)]
+        return self._call(go)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class MooncakeStore:
+    """A Mooncake Store client (``MooncakeDistributedStore``) over TCP, its master's address given: the staging
+    buffer is registered once and values move in place."""
+
+    def __init__(self, address: str, master: str, buffer: np.ndarray, segment_bytes: int) -> None:
+        os.environ.setdefault("GLOG_minloglevel", "2")  # its native logging is loud at INFO
+        try:
+            from mooncake.store import MooncakeDistributedStore
+        except ImportError as exc:
+            raise ConfigError("remote_backend = mooncake needs Mooncake's client: pip install "
+                              f"mooncake-transfer-engine-non-cuda (or a CUDA build); {exc}") from None
+        self.buffer = buffer
+        self._store = MooncakeDistributedStore()
+        rc = self._store.setup(address, "P2PHANDSHAKE", segment_bytes, 16 << 20, "tcp", "", master)
+        if rc != 0:
+            raise OSError(f"mooncake: setup with the master at {master} failed (code {rc}); is mooncake_master "
+                          "running there?")
+        self._base = buffer.ctypes.data
+        rc = self._store.register_buffer(self._base, buffer.nbytes)
+        if rc != 0:
+            self._store.close()
+            raise OSError(f"mooncake: registering the staging buffer failed (code {rc})")
+
+    def put(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[bool]:
+        codes = self._store.batch_put_from(list(keys), [self._base + o for o, _ in spans], [n for _, n in spans])
+        return [c == 0 for c in codes]
+
+    def get(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[int]:
+        got = self._store.batch_get_into(list(keys), [self._base + o for o, _ in spans], [n for _, n in spans])
+        return [int(g) if g >= 0 else -1 for g in got]
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        return [c == 1 for c in self._store.batch_is_exist(list(keys))]
+
+    def close(self) -> None:
+        self._store.unregister_buffer(self._base)
+        self._store.close()
+
+
+def open_store(config: Any, buffer: np.ndarray) -> RemoteStore:
+    """The store ``config.remote_backend`` names, connected (raises OSError where it cannot be reached)."""
+    if config.remote_backend == "valkey":
+        return ValkeyStore(config.remote_address, buffer, config.remote_timeout_s)
+    if config.remote_backend == "mooncake":
+        return MooncakeStore(config.remote_address, config.remote_master, buffer, config.remote_segment)
+    raise ConfigError(f"remote_backend {config.remote_backend!r}: expected valkey or mooncake")

@@ -1,0 +1,205 @@
+"""The remote cache (``[remote]``) against real stores on 127.0.0.1 -- a Valkey server and a Mooncake master
+started from their packages: whole blocks offered by one manager are found by another, byte for byte; and a store
+that is killed, restarted empty, paused, full or holding garbage under a live key gives misses, never a wrong
+byte and never a wait past the deadline (CPU; CUDA under -m gpu)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import assert_holds, write_seq
+from tests.stores import START
+
+BLOCKS = 40  # whole blocks of the prompt: 2.5 pages of 16; groups of 8 blocks (object_bytes below)
+
+
+@pytest.fixture(params=["valkey", "mooncake"])
+def store(request):
+    server = START[request.param]()
+    yield server
+    server.stop()
+
+
+def _remote(make_manager, store, **overrides):
+    page = make_manager.shape
+    block_bytes = page["block_size"] * page["num_kv_heads"] * page["head_dim"] * 2
+    options = dict(store.config, remote_object_bytes=8 * block_bytes * 2 * page["num_layers"],
+                   remote_buffer=16 * (8 * block_bytes * 2 * page["num_layers"] + 8192), remote_timeout_s=2.0,
+                   remote_negative_ttl_s=0.0)
+    options.update(overrides)
+    mgr = make_manager(**options)
+    assert mgr.remote.wait_connected(60), mgr.stats()["remote"]
+    return mgr
+
+
+def _space(mgr, make_manager):
+    return mgr.create_space("m", max_tokens=256 * make_manager.shape["block_size"], **make_manager.shape)
+
+
+def _offer(mgr, make_manager, tokens):
+    """A request computes ``tokens`` and offers its whole blocks: published here, sent to the store."""
+    space = _space(mgr, make_manager)
+    space.allocate("r1", len(tokens))
+    write_seq(space, "r1")
+    keys = space.block_keys(tokens)
+    assert mgr.remote.offer(space, "r1", keys) == len(keys)
+    assert mgr.remote.flush(30)
+    return space, keys
+
+
+def test_blocks_offered_by_one_manager_are_found_by_another(make_manager, store):
+    bs = make_manager.shape["block_size"]
+    tokens = list(range(BLOCKS * bs + 5))
+    # 1. manager A computes a prompt and offers it: 5 groups of 8 blocks go to the store
+    a = _remote(make_manager, store)
+    _, keys = _offer(a, make_manager, tokens)
+    assert a.stats()["remote"]["puts"] == 5
+    # 2. manager B (another client of the store) starts a request with the same prompt: it finds every block
+    b = _remote(make_manager, store)
+    space = _space(b, make_manager)
+    assert b.remote.find(space, "q", keys) == BLOCKS * bs
+    assert_holds(space, "q", "r1", range(BLOCKS))
+    assert b.stats()["remote"]["hit_blocks"] == BLOCKS
+    b.check()
+    # 3. they are published in B now: the next request finds them locally, without asking the store
+    asked = b.stats()["remote"]["lookups"]
+    assert b.remote.find(space, "q2", keys) == BLOCKS * bs and b.stats()["remote"]["lookups"] == asked
+    # 4. a longer prompt that goes on past them: the store's blocks, then the rest is the engine's to compute;
+    #    a prompt sharing only the first 20 blocks finds those 20 (the group holding block 19 is read whole)
+    c = _remote(make_manager, store)
+    other = _space(c, make_manager)
+    longer = other.block_keys(tokens[:20 * bs] + [7] * (30 * bs))
+    assert c.remote.find(other, "q", longer) == 16 * bs  # two whole groups; the third group's key is another
+    assert_holds(other, "q", "r1", range(16))
+    c.check()
+
+
+def test_a_prefix_held_locally_is_extended_from_the_store(make_manager, store):
+    bs = make_manager.shape["block_size"]
+    tokens = list(range(BLOCKS * bs))
+    a = _remote(make_manager, store)
+    _, keys = _offer(a, make_manager, tokens)
+    b = _remote(make_manager, store)
+    space = _space(b, make_manager)
+    # B holds the first 12 blocks itself (computed, published): a request finds 12 here and 28 more remotely
+    space.allocate("mine", 12 * bs)
+    write_seq(space, "mine")
+    space.publish("mine", keys[:12])
+    assert b.remote.find(space, "q", keys) == BLOCKS * bs
+    assert_holds(space, "q", "mine", range(12))
+    assert_holds(space, "q", "r1", range(12, BLOCKS))
+    b.check()
+
+
+def test_a_store_that_goes_away_is_a_miss_within_the_deadline_and_comes_back(make_manager, store):
+    bs = make_manager.shape["block_size"]
+    tokens = list(range(BLOCKS * bs))
+    a = _remote(make_manager, store)
+    _, keys = _offer(a, make_manager, tokens)
+    b = _remote(make_manager, store, remote_timeout_s=0.5)
+    space = _space(b, make_manager)
+    # 1. the server stops answering (SIGSTOP): the lookup is a miss, returned at its deadline, not a hang
+    store.pause()
+    started = time.monotonic()
+    assert b.remote.find(space, "q", keys) == 0
+    assert time.monotonic() - started < 5.0, "a lookup waited far past its deadline"
+    assert not b.stats()["remote"]["up"] and b.stats()["remote"]["errors"] >= 1
+    assert space.sequences() == []
+    # 2. while it is down, requests do not wait on it at all
+    assert b.remote.find(space, "q", keys) == 0
+    # 3. it is killed and started again, empty: once the back-off passes, lookups ask again, and miss
+    store.restart()
+    _wait_up(b)
+    assert b.remote.find(space, "q", keys) == 0 and space.sequences() == []
+    # 4. A offers again (its known keys were in a store that lost them: a fresh manager sends them); B finds them
+    #    as soon as its client is through to the new server (Mooncake's reconnects within seconds): until then,
+    #    misses that hold nothing
+    a2 = _remote(make_manager, store)
+    _offer(a2, make_manager, tokens)
+    deadline = time.monotonic() + 60
+    for attempt in range(10**6):
+        found = b.remote.find(space, ("q", attempt), keys)
+        if found:
+            break
+        assert ("q", attempt) not in space.sequences() and time.monotonic() < deadline, b.stats()["remote"]
+        time.sleep(0.2)
+    assert found == BLOCKS * bs
+    assert_holds(space, ("q", attempt), "r1", range(BLOCKS))
+    b.check()
+
+
+def _wait_up(mgr, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        space_free = mgr.stats()["remote"]
+        if space_free["up"]:
+            return
+        assert time.monotonic() < deadline, space_free
+        time.sleep(0.1)
+
+
+def test_garbage_under_a_live_key_is_a_miss_never_served(make_manager, store, caplog):
+    bs = make_manager.shape["block_size"]
+    tokens = list(range(BLOCKS * bs))
+    a = _remote(make_manager, store)
+    _, keys = _offer(a, make_manager, tokens)
+    # the group of blocks 8..15 is overwritten, under its live key, with other bytes of the same size
+    name = "kvtier/" + keys[15].hex()
+    raw = _raw_client(store)
+    value = bytearray(raw.get(name))
+    value[5000] ^= 0x40
+    raw.put(name, bytes(value))
+    b = _remote(make_manager, store)
+    space = _space(b, make_manager)
+    # the first group is served; the damaged one fails its check: the chain stops there
+    assert b.remote.find(space, "q", keys) == 8 * bs
+    assert_holds(space, "q", "r1", range(8))
+    assert b.stats()["remote"]["gets_bad"] == 1
+    assert any("not served" in r.getMessage() for r in caplog.records)
+    b.check()
+
+
+def test_a_full_store_evicts_and_the_cache_keeps_working(make_manager):
+    store = START["valkey"](maxmemory="3mb")
+    try:
+        bs = make_manager.shape["block_size"]
+        a = _remote(make_manager, store)
+        space = _space(a, make_manager)
+        # many prompts, several times what the store holds: it evicts (LRU); nothing fails on our side
+        prompts = [[p] * (16 * bs) for p in range(1, 13)]
+        for i, tokens in enumerate(prompts):
+            space.allocate(("r", i), len(tokens))
+            write_seq(space, ("r", i))
+            a.remote.offer(space, ("r", i), space.block_keys(tokens))
+            assert a.remote.flush(30)
+            space.free(("r", i), retain=False)
+        b = _remote(make_manager, store)
+        found = _space(b, make_manager)
+        got = {i: b.remote.find(found, ("q", i), found.block_keys(tokens)) for i, tokens in enumerate(prompts)}
+        assert got[len(prompts) - 1] == 16 * bs  # the newest is there
+        assert min(got.values()) < 16 * bs  # older ones were evicted: misses
+        for i, n in got.items():
+            if n:
+                assert_holds(found, ("q", i), ("r", i), range(n // bs))
+        b.check()
+    finally:
+        store.stop()
+
+
+class _raw_client:
+    """The store's own client, to write behind kvtier's back."""
+
+    def __init__(self, store):
+        if store.backend == "valkey":
+            import valkey
+            self.c = valkey.Valkey(host="127.0.0.1", port=store.port)
+            self.get, self.put = self.c.get, self.c.set
+        else:
+            from mooncake.store import MooncakeDistributedStore
+            self.c = MooncakeDistributedStore()
+            assert self.c.setup("127.0.0.1", "P2PHANDSHAKE", 64 << 20, 16 << 20, "tcp", "",
+                                store.config["remote_master"]) == 0
+            self.get = self.c.get
+            self.put = self.c.upsert  # a put of a key held already keeps the old value
