@@ -149,7 +149,8 @@ class Config(BaseModel):
                                    "dropped, not waited for", size=True)
     remote_object_bytes: Size = _setting(16 * MiB, "remote", "the most bytes of blocks in one object: a chain's "
                                          "blocks go in groups of this size (fewer keys in the store)", size=True)
-    remote_segment: Size = _setting(512 * MiB, "remote", "mooncake: memory this process lends to the store",
+    remote_segment: Size = _setting(0, "remote", "mooncake: memory this process lends to the store (the objects "
+                                    "in it go when the process does); 0: the store's own servers hold them",
                                     size=True)
     remote_negative_ttl_s: float = _setting(2.0, "remote", "how long a key found absent is not asked for again",
                                             ge=0)

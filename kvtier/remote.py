@@ -171,21 +171,30 @@ class RemoteCache:
 
     # --- down: offer ------------------------------------------------------------------------------------------------
     def offer(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], salt: bytes = b"",
-              stream: Any = None) -> int:
-        """Publish ``seq_id``'s first whole blocks under ``keys`` in ``space`` (``space.publish``) and send the
-        groups the store does not hold yet to it in the background: their bytes are copied now, on ``stream``
-        (default: current) after the engine's writes, from the GPU (blocks not resident are not sent). Return
-        what ``publish`` returns."""
+              stream: Any = None, start: int = 0) -> int:
+        """Publish ``seq_id``'s first whole blocks under ``keys`` in ``space`` (``space.publish``) and send them to
+        the store (:meth:`send`). ``start``: the chain position of its first block (its keys are blocks ``start..``
+        of a chain from the prompt's first token). Return what ``publish`` returns."""
         published = space.publish(seq_id, keys, salt)
+        self.send(space, space.blocks(seq_id)[:len(keys)], keys, start, stream)
+        return published
+
+    def send(self, space: KVSpace, blocks: Sequence[int], keys: Sequence[bytes], start: int = 0,
+             stream: Any = None) -> int:
+        """Send the groups of a chain that ``blocks`` of ``space`` hold -- ``blocks[i]`` holds chain position
+        ``start + i``, whose key is ``keys[i]`` -- to the store in the background, those it does not hold yet and
+        that lie whole in them (the chain's last group may be short). Their bytes are copied now, on ``stream``
+        (default: current) after the engine's writes, from the GPU (blocks not resident are not sent). Never
+        waits: a group that finds no staging memory free is dropped. Return the groups sent."""
         if not self.up:
-            return published
-        blocks = space.blocks(seq_id)[:len(keys)]
+            return 0
         layout, per = self._layout(space)
-        for first, last in obj.groups(len(keys), per):
-            name = _name(keys[last])
-            if name in self._known:
+        sent = 0
+        for first, last in obj.groups(start + len(keys), per, start):
+            name = _name(keys[last - start])
+            if first < start or name in self._known:
                 continue
-            part = blocks[first:last + 1]
+            part = list(blocks[first - start:last - start + 1])
             try:
                 space.check_resident(part)
             except NotResidentError:
@@ -196,10 +205,10 @@ class RemoteCache:
                 self.counts["puts_dropped"] += 1  # never wait: the store is a cache
                 break
             done = self._gather(space, part, self._span(slot[0]), stream)
-            group = list(keys[first:last + 1])
             self._remember(name)
-            self._write(space, name, group, slot[0], done, layout)
-        return published
+            self._write(space, name, list(keys[first - start:last - start + 1]), slot[0], done, layout)
+            sent += 1
+        return sent
 
     def _gather(self, space: KVSpace, blocks: Sequence[int], span: np.ndarray, stream: Any) -> Any:
         """Copy ``blocks`` of every region into the payload of ``span``, on ``stream``; return an event to wait on
@@ -253,12 +262,15 @@ class RemoteCache:
         self._writes = [f for f in self._writes if not f.done()] + [self._writer.submit(put)]
 
     # --- up: find ---------------------------------------------------------------------------------------------------
-    def find(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], stream: Any = None) -> int:
-        """Start ``seq_id`` with the longest prefix of ``keys`` found: in ``space`` first (``share_prefix``), then
-        in the store, whose groups are read, checked, copied into fresh blocks of ``seq_id`` (on ``stream``,
-        waited for) and published in ``space``. Return the tokens it holds (0: a miss; it then holds nothing)."""
-        local = space.share_prefix(seq_id, keys)
-        have = local // space.block_size
+    def find(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], stream: Any = None,
+             start: int = 0) -> int:
+        """Start ``seq_id`` with the longest run of ``keys[start:]`` found: in ``space`` first (``share_prefix``),
+        then in the store, whose groups are read, checked, copied into fresh blocks of ``seq_id`` (on ``stream``,
+        waited for) and published in ``space``. ``keys``: the chain from the prompt's first block; ``start``: the
+        block ``seq_id`` starts at (the caller holds those before it). Return the tokens ``seq_id`` holds (0: a
+        miss; it then holds nothing)."""
+        local = space.share_prefix(seq_id, list(keys[start:]))
+        have = start + local // space.block_size
         if have == len(keys) or not self.up:
             return local
         layout, per = self._layout(space)
@@ -278,7 +290,7 @@ class RemoteCache:
             self.counts["gets_failed"] += 1
             return local
         try:
-            return self._bring_in(space, seq_id, keys, have, plan, slots, sizes, layout, stream)
+            return self._bring_in(space, seq_id, keys, start, have, plan, slots, sizes, layout, stream)
         finally:
             with self._lock:
                 self._give(slots)
@@ -311,36 +323,37 @@ class RemoteCache:
         self.counts["lookups"] += 1
         return plan
 
-    def _bring_in(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], have: int,
-                  plan: list[tuple[int, int]], slots: list[int], sizes: list[int], layout: bytes, stream: Any) -> int:
+    def _bring_in(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], start: int, have: int,
+                  plan: list[tuple[int, int]], slots: list[int], sizes: list[int], layout: bytes,
+                  stream: Any) -> int:
         regions, bb, bs = space.num_regions, space.block_bytes, space.block_size
         good = []
-        for (start, last), slot, size in zip(plan, slots, sizes):
-            why = "absent" if size < 0 else obj.check(self._span(slot), size, list(keys[start:last + 1]), regions,
+        for (first, last), slot, size in zip(plan, slots, sizes):
+            why = "absent" if size < 0 else obj.check(self._span(slot), size, list(keys[first:last + 1]), regions,
                                                        bb, layout)
             if why is not None:
                 self.counts["gets_absent" if size < 0 else "gets_bad"] += 1
                 if size >= 0:
-                    log.warning("remote object for blocks %d..%d is not served: %s", start, last, why)
+                    log.warning("remote object for blocks %d..%d is not served: %s", first, last, why)
                 break
-            good.append((start, last, slot))
+            good.append((first, last, slot))
         if not good:
-            return have * bs
+            return (have - start) * bs
         total = good[-1][1] + 1
         try:
-            blocks = space.allocate(seq_id, total * bs)[have:total]
+            blocks = space.allocate(seq_id, (total - start) * bs)[have - start:]
         except KVTierError as exc:  # no room for them now: the engine computes them
             self.counts["gets_no_room"] += 1
             log.info("remote hit of %d blocks not taken: %s", total - have, exc)
-            return have * bs
+            return (have - start) * bs
         self._scatter(space, blocks, have, good, stream)
-        space.publish(seq_id, list(keys[:total]))
+        space.publish(seq_id, list(keys[start:total]))
         with self._lock:
             self.counts["hit_blocks"] += total - have
             self.counts["hit_bytes"] += (total - have) * bb * regions
-        for start, last, _ in good:
+        for _, last, _ in good:
             self._remember(_name(keys[last]))
-        return total * bs
+        return (total - start) * bs
 
     def _scatter(self, space: KVSpace, blocks: list[int], have: int, good: list[tuple[int, int, int]],
                  stream: Any) -> None:

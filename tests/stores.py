@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -37,32 +37,44 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
 
 @dataclass
 class Store:
-    """One store server: ``config`` is what a manager's Config takes to use it."""
+    """A store's server processes (the first one the store's front: paused by ``pause``); ``config`` is what a
+    manager's Config takes to use it."""
 
     backend: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    argv: list[str]
+    argvs: list[tuple[list[str], int]]  # each process's command line and the port it listens on
     config: dict[str, Any]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.argvs[0][1]
+
+    def start(self) -> "Store":
+        for argv, port in self.argvs:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "GLOG_minloglevel": "2"})
+            self.procs.append(proc)
+            _wait_port(port, proc, os.path.basename(argv[0]))
+        return self
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+        self.procs = []
 
     def restart(self) -> None:
-        """Killed and started again, empty, on the same port."""
+        """Killed and started again, empty, on the same ports."""
         self.stop()
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, "GLOG_minloglevel": "2"})
-        _wait_port(self.port, self.proc, self.backend)
+        self.start()
 
     def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        os.kill(self.procs[0].pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
+        os.kill(self.procs[0].pid, signal.SIGCONT)
 
 
 def start_valkey(maxmemory: str = "256mb") -> Store:
@@ -74,29 +86,30 @@ def start_valkey(maxmemory: str = "256mb") -> Store:
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port, proc, "valkey-server")
-    return Store("valkey", proc, port, argv, {"remote_backend": "valkey", "remote_address": f"127.0.0.1:{port}"})
+    return Store("valkey", [(argv, port)], {"remote_backend": "valkey",
+                                            "remote_address": f"127.0.0.1:{port}"}).start()
 
 
 def start_mooncake() -> Store:
-    binary = shutil.which("mooncake_master")
-    if binary is None:
+    binary, client = shutil.which("mooncake_master"), shutil.which("mooncake_client")
+    if binary is None or client is None:
         pytest.skip("no mooncake_master (pip install mooncake-transfer-engine-non-cuda)")
     try:
         from mooncake.store import MooncakeDistributedStore  # noqa: F401 - its native libraries load here
     except ImportError as exc:
         pytest.skip(f"Mooncake's client does not load ({exc}); it needs libibverbs1 librdmacm1 libnuma1 liburing2 "
                     "libcurl4")
-    port, metrics = free_port(), free_port()
-    argv = [binary, f"--rpc_port={port}", "--rpc_address=127.0.0.1", "--metrics_host=127.0.0.1",
-            f"--metrics_port={metrics}", "--default_kv_lease_ttl=1000"]
-    env = {**os.environ, "GLOG_minloglevel": "2"}
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _wait_port(port, proc, "mooncake_master")
-    return Store("mooncake", proc, port, argv, {"remote_backend": "mooncake", "remote_address": "127.0.0.1",
-                                                "remote_master": f"127.0.0.1:{port}",
-                                                "remote_segment": 64 << 20})
+    port, metrics, service = free_port(), free_port(), free_port()
+    master = [binary, f"--rpc_port={port}", "--rpc_address=127.0.0.1", "--metrics_host=127.0.0.1",
+              f"--metrics_port={metrics}", "--default_kv_lease_ttl=1000"]
+    # the store's memory: a store service lending a segment (what a deployment runs beside its master), so that
+    # objects outlive the client processes that put them (kvtier's own clients lend none: remote_segment = 0)
+    memory = [client, "--host=127.0.0.1", f"--port={service}",
+              f"--master_server_address=127.0.0.1:{port}", "--metadata_server=P2PHANDSHAKE",
+              "--global_segment_size=256MB", "--protocol=tcp"]
+    return Store("mooncake", [(master, port), (memory, service)],
+                 {"remote_backend": "mooncake", "remote_address": "127.0.0.1",
+                  "remote_master": f"127.0.0.1:{port}", "remote_segment": 0}).start()
 
 
 START = {"valkey": start_valkey, "mooncake": start_mooncake}

@@ -41,8 +41,9 @@ class TieredPrefixes:
         self._cache: "ElasticCache | None" = None
         self.stream: Any = None
         self.chunk_blocks: dict[str, int] = {}
-        # engine block -> (the engine's hash of it, kvtier's key of it): valid while the engine's hash is the same
-        self.keys: dict[str, dict[int, tuple[int, bytes]]] = {}
+        # engine block -> (the engine's hash of it, kvtier's key of it, its position in the prompt's chain, the key
+        # before it): valid while the engine's hash is the same
+        self.keys: dict[str, dict[int, tuple[int, bytes, int, bytes]]] = {}
         self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept sequence, its offload)
         self._ids = itertools.count()
 
@@ -100,7 +101,7 @@ class TieredPrefixes:
                     tokens = token_ids[i * tpp:(i + 1) * tpp]
                     if len(tokens) < tpp:
                         break
-                    known = (h, block_keys(tokens, tpp, self.layouts[name], parent=parent)[0])
+                    known = (h, block_keys(tokens, tpp, self.layouts[name], parent=parent)[0], i, parent)
                     keys[block] = known
                 parent = known[1]
 
@@ -120,7 +121,7 @@ class TieredPrefixes:
                 if key is not None:
                     todo.append((block, key))
             known = space.indexed([k for _, k in todo])
-            todo = [bk for bk, seen in zip(todo, known) if not seen]
+            todo = _chains([bk for bk, seen in zip(todo, known) if not seen], self.keys[name])
             step = self.chunk_blocks[name]
             for start in range(0, len(todo), step):
                 if not self._keep_chunk(name, todo[start:start + step]):
@@ -143,6 +144,10 @@ class TieredPrefixes:
             src = allocator._copy_view.index_select(0, torch.tensor([b for b, _ in part], device=device))
             put_blocks(space, dst, src, device)
         space.publish(seq, [k for _, k in part])
+        remote = self.engine.manager.remote
+        if remote is not None:  # runs of one chain go to the store too (the blocks are on the GPU until landed)
+            for at, stop, position in _runs(part, self.keys[name]):
+                remote.send(space, dst[at:stop], [k for _, k in part[at:stop]], position, self.stream)
         self._send_down(name, seq)
         self.engine.counts["prefix_kept_blocks"] += len(part)
         return True
@@ -189,7 +194,9 @@ class TieredPrefixes:
         try:
             for name in allocators:
                 keys = block_keys(prompt_ids[:last * tokens_per_block], tokens_per_block, self.layouts[name])
-                found = self.spaces[name].share_prefix(seq, keys[first:])
+                remote = self.engine.manager.remote
+                found = self.spaces[name].share_prefix(seq, keys[first:]) if remote is None else \
+                    remote.find(self.spaces[name], seq, keys, self.stream, start=first)
                 if found:
                     held.append(name)
                 count = min(count, found)
@@ -262,3 +269,33 @@ class TieredPrefixes:
             self.engine.manager.drop_space(space.name)
         self.spaces = {}
 
+
+
+def _chains(todo: list[tuple[int, bytes]], keys: dict[int, tuple[int, bytes, int, bytes]]) -> list[tuple[int, bytes]]:
+    """``todo`` ordered so that the blocks of one prompt's chain follow each other, from its first block."""
+    by_key = {k: (b, k) for b, k in todo}
+    children: dict[bytes, list[tuple[int, bytes]]] = {}
+    for b, k in todo:
+        children.setdefault(keys[b][3], []).append((b, k))
+    ordered, seen = [], set()
+    for b, k in todo:
+        if keys[b][3] in by_key or k in seen:
+            continue  # not a chain's first block here
+        stack = [(b, k)]
+        while stack:
+            entry = stack.pop()
+            if entry[1] not in seen:
+                seen.add(entry[1])
+                ordered.append(entry)
+                stack.extend(reversed(children.get(entry[1], [])))
+    return ordered + [e for e in todo if e[1] not in seen]
+
+
+def _runs(part: list[tuple[int, bytes]], keys: dict[int, tuple[int, bytes, int, bytes]]) -> list[tuple[int, int, int]]:
+    """The runs of ``part`` that are consecutive blocks of one chain: (first index, stop index, chain position)."""
+    runs, at = [], 0
+    for i in range(1, len(part) + 1):
+        if i == len(part) or keys[part[i][0]][3] != part[i - 1][1]:
+            runs.append((at, i, keys[part[at][0]][2]))
+            at = i
+    return runs
