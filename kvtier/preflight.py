@@ -60,6 +60,10 @@ def machine_problems(config: Config) -> list[tuple[str, str]]:
     policy = policy_problem(config)
     if policy:
         problems.append(policy)
+    if config.remote_backend:
+        problem = remote_problem(config)
+        if problem:
+            problems.append(problem)
     from kvtier.tiering.tiers.registry import section_problems
     return problems + [p for p in section_problems(config, load=True) if p not in problems]
 
@@ -107,3 +111,38 @@ def _ledger_problems(config: Config, device_key: str, page: int) -> list[tuple[s
                               f"{', '.join(map(str, sorted(other)))} bytes, this config {page}: give every process "
                               "on the device one page_size")]
     return []
+
+
+REMOTE_CHECK_S = 15.0  # Mooncake's client retries its setup for seconds against a master that is not there
+
+
+def remote_problem(config: Config) -> tuple[str, str] | None:
+    """Whether the ``[remote]`` store answers: connected and asked for one key, within ``REMOTE_CHECK_S``."""
+    import threading
+
+    import numpy as np
+
+    from kvtier.remote_store import open_store
+    where = config.remote_address if config.remote_backend == "valkey" else config.remote_master
+    setting = "remote_address" if config.remote_backend == "valkey" else "remote_master"
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            store = open_store(config, np.zeros(4096, dtype=np.uint8))
+            try:
+                store.exists(["kvtier/check"])
+            finally:
+                store.close()
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - reported, whatever the client raised
+            outcome.append(exc)
+    thread = threading.Thread(target=ask, name="kvtier-remote-check", daemon=True)
+    thread.start()
+    thread.join(REMOTE_CHECK_S)
+    if not outcome:
+        return setting, f"the {config.remote_backend} store at {where} did not answer within {REMOTE_CHECK_S:g} s"
+    if outcome[0] is not None:
+        return setting, (f"the {config.remote_backend} store at {where} cannot be used: {outcome[0]} (kvtier would "
+                         "run without it, every lookup a miss)")
+    return None

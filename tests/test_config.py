@@ -38,7 +38,7 @@ def test_sizes_sections_spaces_and_policy_parameters_load(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('[host]\nsize = "12 gigs"\n', '[host] size: "12 gigs" is not a size (use e.g. "12GiB"'),
     ('[host]\nsise = 3\n', "[host] sise: unknown key (known: size, chunk"),
-    ('[tier]\nx = 1\n', "[tier]: unknown key (known: gpu, host, ledger, metrics, nvme, policy, spaces, tiers)"),
+    ('[tier]\nx = 1\n', "[tier]: unknown key (known: gpu, host, ledger, metrics, nvme, policy, remote, spaces, tiers)"),
     ('[tiers]\nx = 1\n', "[tiers] x: unknown key (known: order)"),
     ('[tiers]\norder = ["host", "ssd"]\n', "[tiers] order: 'ssd' is not a tier (known: host, nvme"),
     ('[tiers.ssd]\nsize = 1\n', "[tiers.ssd]: settings of a tier not in [tiers] order"),

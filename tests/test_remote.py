@@ -203,3 +203,21 @@ class _raw_client:
                                 store.config["remote_master"]) == 0
             self.get = self.c.get
             self.put = self.c.upsert  # a put of a key held already keeps the old value
+
+
+def test_config_check_says_whether_the_store_answers(tmp_path):
+    from click.testing import CliRunner
+
+    from kvtier.cli import main
+    from tests.stores import free_port
+    store = START["valkey"]()
+    try:
+        up, down = tmp_path / "up.toml", tmp_path / "down.toml"
+        up.write_text(f'[gpu]\ndevice = "cpu"\n[remote]\nbackend = "valkey"\naddress = "127.0.0.1:{store.port}"\n')
+        down.write_text(f'[gpu]\ndevice = "cpu"\n[remote]\nbackend = "valkey"\naddress = "127.0.0.1:{free_port()}"\n')
+        result = CliRunner().invoke(main, ["config", "check", str(up), str(down)])
+        assert result.exit_code == 1
+        assert f"ok  {up}" in result.output
+        assert "[remote] address: the valkey store at 127.0.0.1:" in result.output and "cannot be used" in result.output
+    finally:
+        store.stop()
