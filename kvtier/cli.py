@@ -103,6 +103,8 @@ BENCHMARKS: dict[str, tuple[str, bool]] = {
                   "shared pool; TTFT per model and KV memory over time.", True),
     "processes": ("Two engine processes (one model each) on one GPU under bursts that take turns: a static equal "
                   "split against kvtier's per-device ledger; TTFT per model and pages per process over time.", True),
+    "remote": ("The remote cache's put and get through Valkey and Mooncake started here, against the store's own "
+               "client moving the same bytes; a hit against recomputing the prompt.", False),
     "peers": ("The same allocation work through kvtier and kvcached in one run (kvcached in a child process; "
               "skipped where it is not installed).", False),
     "long-context": ("A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (host "
@@ -139,6 +141,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
         "processes": (2, lambda step: [bench("processes").run(device, quick=quick, step=step)]),
         "peers": (2, lambda step: bench("peers").run(device, quick=quick, step=step)),
+        "remote": (2, lambda step: [bench("remote").run(device, quick=quick, step=step)]),
         "decode-pairs": (repeats or (30 if cuda else 4),
                          lambda step: [bench("pairs").run(device, quick=quick, rounds=repeats, step=step)]),
     }

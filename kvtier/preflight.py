@@ -61,9 +61,9 @@ def machine_problems(config: Config) -> list[tuple[str, str]]:
     if policy:
         problems.append(policy)
     if config.remote_backend:
-        problem = remote_problem(config)
-        if problem:
-            problems.append(problem)
+        unreachable = remote_problem(config)
+        if unreachable:
+            problems.append(unreachable)
     from kvtier.tiering.tiers.registry import section_problems
     return problems + [p for p in section_problems(config, load=True) if p not in problems]
 

@@ -137,3 +137,20 @@ def test_peers_bench_says_why_it_compares_nothing_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.read_text())["tables"][0]
     assert table["rows"] == [] and "CUDA only" in table["notes"][0]
+
+
+def test_remote_bench_moves_a_prompt_through_both_stores_on_the_cpu(tmp_path):
+    # kvtier's remote cache and each store's own client move the same bytes through a Valkey server and a Mooncake
+    # store started for the run; what comes back is what went (the bench checks it), and a hit is set against
+    # recomputing the prompt
+    out = tmp_path / "remote.json"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "remote", "--quick", "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"][0]
+    rows = {r["store"]: r for r in table["rows"]}
+    skipped = [n for n in table["notes"] if "skipped" in n]
+    assert set(rows) | {n.split()[0] for n in skipped} == {"valkey", "mooncake"}, table["notes"]
+    for row in rows.values():
+        assert row["kvtier put GB/s"] > 0 and row["kvtier get GB/s"] > 0 and row["put ratio"] > 0
+        assert row["hit ms"] > 0 and row["recompute ms"] > 0
