@@ -189,7 +189,7 @@ class RemoteCache:
         if not self.up:
             return 0
         layout, per = self._layout(space)
-        sent = 0
+        batch: list[tuple[str, list[bytes], int]] = []  # (name, keys, slot): put in one call
         for first, last in obj.groups(start + len(keys), per, start):
             name = _name(keys[last - start])
             if first < start or name in self._known:
@@ -204,15 +204,23 @@ class RemoteCache:
             if not slot:
                 self.counts["puts_dropped"] += 1  # never wait: the store is a cache
                 break
-            done = self._gather(space, part, self._span(slot[0]), stream)
+            self._gather(space, part, self._span(slot[0]), stream)
             self._remember(name)
-            self._write(space, name, list(keys[first - start:last - start + 1]), slot[0], done, layout)
-            sent += 1
-        return sent
+            batch.append((name, list(keys[first - start:last - start + 1]), slot[0]))
+        if batch:
+            self._write(space, batch, self._fence(space, stream), layout)
+        return len(batch)
 
-    def _gather(self, space: KVSpace, blocks: Sequence[int], span: np.ndarray, stream: Any) -> Any:
-        """Copy ``blocks`` of every region into the payload of ``span``, on ``stream``; return an event to wait on
-        (None on the CPU, where the copies are done)."""
+    def _fence(self, space: KVSpace, stream: Any) -> Any:
+        """An event after the copies queued on ``stream`` (None on the CPU, where they are done)."""
+        if not space.kv(0)[0].is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def _gather(self, space: KVSpace, blocks: Sequence[int], span: np.ndarray, stream: Any) -> None:
+        """Copy ``blocks`` of every region into the payload of ``span``, queued on ``stream`` (default: current)."""
         host = torch.from_numpy(span[obj.HEADER:])
         n, bb = len(blocks), space.block_bytes
         cuda = space.kv(0)[0].is_cuda
@@ -223,42 +231,41 @@ class RemoteCache:
                     r = 2 * layer + kv
                     host[r * n * bb:(r + 1) * n * bb].copy_(tensor.index_select(0, idx).view(torch.uint8).view(-1),
                                                             non_blocking=cuda)
-            if not cuda:
-                return None
-            event = torch.cuda.Event()
-            event.record()
-            return event
 
-    def _write(self, space: KVSpace, name: str, keys: list[bytes], slot: int, copied: Any, layout: bytes) -> None:
-        """Seal and put the object in ``slot`` on the write thread, once its copies have landed; not waited for."""
+    def _write(self, space: KVSpace, batch: list[tuple[str, list[bytes], int]], copied: Any, layout: bytes) -> None:
+        """Seal the objects of ``batch`` (name, keys, slot) once their copies have landed and put them in one call,
+        on the write thread; not waited for."""
         regions, bb = space.num_regions, space.block_bytes
+        names, slots = [name for name, _, _ in batch], [slot for _, _, slot in batch]
 
         def put() -> None:
             try:
                 if self._disabled or time.monotonic() < self._down_until:
-                    self.counts["puts_dropped"] += 1
-                    self._forget(name)
-                    return
+                    raise _Miss()
                 if copied is not None:
                     copied.synchronize()
-                size = obj.seal(self._span(slot), keys, regions, bb, layout)
+                sizes = [obj.seal(self._span(slot), keys, regions, bb, layout) for _, keys, slot in batch]
                 store = self._connect()
                 if store is None:
-                    raise OSError("not connected")
-                ok = store.put([name], [(slot * self.slot_bytes, size)])[0]
+                    raise _Miss()
+                done = store.put(names, [(slot * self.slot_bytes, n) for slot, n in zip(slots, sizes)])
                 with self._lock:
-                    self.counts["puts" if ok else "puts_refused"] += 1
-                    self.counts["put_bytes"] += size if ok else 0
-                if not ok:
-                    self._forget(name)
+                    self.counts["puts"] += sum(done)
+                    self.counts["puts_refused"] += len(done) - sum(done)
+                    self.counts["put_bytes"] += sum(n for n, ok in zip(sizes, done) if ok)
+                for name, ok in zip(names, done):
+                    if not ok:
+                        self._forget(name)
                 self._answered()
             except Exception as exc:  # noqa: BLE001 - a write that fails is dropped, whatever the client raised
-                self._forget(name)
-                self.counts["puts_dropped"] += 1
-                self._failed("write", exc)
+                for name in names:
+                    self._forget(name)
+                self.counts["puts_dropped"] += len(names)
+                if not isinstance(exc, _Miss):
+                    self._failed("write", exc)
             finally:
                 with self._lock:
-                    self._give([slot])
+                    self._give(slots)
         self._writes = [f for f in self._writes if not f.done()] + [self._writer.submit(put)]
 
     # --- up: find ---------------------------------------------------------------------------------------------------
@@ -365,12 +372,18 @@ class RemoteCache:
             for start, last, slot in good:
                 n, skip = last - start + 1, max(0, have - start)
                 host = torch.from_numpy(self._span(slot)[obj.HEADER:])
-                idx = torch.as_tensor(blocks[at:at + n - skip], dtype=torch.int64, device=dev)
+                mine = blocks[at:at + n - skip]
+                run = mine[-1] - mine[0] == len(mine) - 1  # consecutive (as fresh blocks mostly are): one copy
+                idx = None if run else torch.as_tensor(mine, dtype=torch.int64, device=dev)
                 for layer in range(space.num_layers):
                     for kv, tensor in enumerate(space.kv(layer)):
                         r = 2 * layer + kv
-                        src = host[(r * n + skip) * bb:(r + 1) * n * bb].to(dev, non_blocking=cuda)
-                        tensor.index_copy_(0, idx, src.view(tensor.dtype).view(n - skip, *tensor.shape[1:]))
+                        src = host[(r * n + skip) * bb:(r + 1) * n * bb].view(tensor.dtype)
+                        src = src.view(n - skip, *tensor.shape[1:])
+                        if run:
+                            tensor[mine[0]:mine[-1] + 1].copy_(src, non_blocking=cuda)
+                        else:
+                            tensor.index_copy_(0, idx, src.to(dev, non_blocking=cuda))
                 at += n - skip
             if cuda:
                 torch.cuda.current_stream(dev).synchronize()  # the staging memory goes back after this
