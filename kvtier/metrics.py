@@ -92,6 +92,20 @@ class _Collector:
                      "computed again)", ("space",), [((name,), p["tokens_shared"]) for name, p in prefix.items()])
         yield family(CounterMetricFamily, "kvtier_prefix_lookups_short", "Prefix lookups that stopped short of "
                      "their last key", ("space",), [((name,), p["lookups_short"]) for name, p in prefix.items()])
+        remote = stats["remote"]
+        if remote is not None:  # the remote cache ([remote]): is the store answering, what it served, what it cost
+            yield family(GaugeMetricFamily, "kvtier_remote_up", "1 while the remote store is asked (not backing "
+                         "off after a failure)", (), [((), int(remote["up"]))])
+            for name, key, doc in (("hit_blocks", "hit_blocks", "Blocks found in the remote store"),
+                                   ("hit_bytes", "hit_bytes", "Bytes read from the remote store for hits"),
+                                   ("put_objects", "puts", "Objects written to the remote store"),
+                                   ("put_bytes", "put_bytes", "Bytes written to the remote store"),
+                                   ("dropped_objects", "puts_dropped", "Writes dropped (no staging memory, store "
+                                    "down)"),
+                                   ("bad_objects", "gets_bad", "Objects read that failed their check (not served)"),
+                                   ("errors", "errors", "Calls to the remote store that failed or passed their "
+                                    "deadline")):
+                yield family(CounterMetricFamily, f"kvtier_remote_{name}", doc, (), [((), remote.get(key, 0))])
         hist = tiers["stall_histogram"]
         stalls = HistogramMetricFamily("kvtier_fault_back_stall_seconds", "How long steps waited on pages coming "
                                        "back", labels=("device",))

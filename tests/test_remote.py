@@ -140,6 +140,24 @@ def _wait_up(mgr, timeout=60.0):
         time.sleep(0.1)
 
 
+def test_the_metrics_endpoint_says_what_the_remote_cache_did(make_manager, store):
+    from tests.test_metrics import _scrape
+    bs = make_manager.shape["block_size"]
+    a = _remote(make_manager, store, metrics_port=0)
+    _, keys = _offer(a, make_manager, list(range(BLOCKS * bs)))
+    b = _remote(make_manager, store, metrics_port=0)
+    space = _space(b, make_manager)
+    assert b.remote.find(space, "q", keys) == BLOCKS * bs
+    put, got = _scrape(a.metrics.port), _scrape(b.metrics.port)
+    assert put[("kvtier_remote_up", ())] == 1 and put[("kvtier_remote_put_objects_total", ())] == 5
+    assert put[("kvtier_remote_put_bytes_total", ())] == a.stats()["remote"]["put_bytes"]
+    assert got[("kvtier_remote_hit_blocks_total", ())] == BLOCKS and got[("kvtier_remote_errors_total", ())] == 0
+    store.pause()  # a store that stops answering shows as down
+    b.remote.find(space, "q2", keys[:1] + [bytes(16)] * 3)
+    assert _scrape(b.metrics.port)[("kvtier_remote_up", ())] == 0
+    store.resume()
+
+
 def test_garbage_under_a_live_key_is_a_miss_never_served(make_manager, store, caplog):
     bs = make_manager.shape["block_size"]
     tokens = list(range(BLOCKS * bs))
