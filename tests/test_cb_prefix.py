@@ -131,3 +131,17 @@ def test_a_restarted_server_finds_the_last_ones_history_on_a_kept_nvme_tier(tmp_
             assert mgr.pool.in_use_pages == 0
             mgr.check()
     assert hits[0] > 0 and hits[1] > hits[0], hits
+
+
+def test_requests_marked_do_not_retain_are_kept_nowhere_and_answer_the_same():
+    model = _model("cpu")
+    expected = _chat(model, 12, one_session=True)
+    mgr = _manager("cpu")
+    with kvtier_engine(model, mgr, swap_tier="host") as engine:
+        engine.do_not_retain(*[f"t{turn}c{i}" for turn in range(TURNS) for i in range(CONVERSATIONS)])
+        got = _chat(model, 12, one_session=True)
+        stats = engine.stats()
+    assert got == expected
+    assert stats["prefix_kept_blocks"] == 0 and stats["prefix_tiers"]["cached_blocks"] == 0
+    mgr.check()
+    mgr.close()

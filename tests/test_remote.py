@@ -130,6 +130,32 @@ def test_a_store_that_goes_away_is_a_miss_within_the_deadline_and_comes_back(mak
     b.check()
 
 
+def test_a_store_killed_in_the_middle_of_reads_gives_whole_hits_or_misses(make_manager, store):
+    import threading
+    bs = make_manager.shape["block_size"]
+    a = _remote(make_manager, store)
+    _, keys = _offer(a, make_manager, list(range(BLOCKS * bs)))
+    b = _remote(make_manager, store, remote_timeout_s=1.0)
+    space = _space(b, make_manager)
+    # lookups run back to back while the server is killed under them: each one is a whole hit with the offered
+    # bytes, or a miss that holds nothing -- never part of a group, never other bytes, never a hang
+    killer = threading.Timer(0.05, store.stop)
+    killer.start()
+    outcomes = []
+    for i in range(40):
+        found = b.remote.find(space, ("q", i), keys)
+        outcomes.append(found)
+        if found:
+            assert found % (8 * bs) == 0 or found == BLOCKS * bs
+            assert_holds(space, ("q", i), "r1", range(found // bs))
+            space.free(("q", i), retain=False)  # not kept here: the next lookup asks the store again
+        else:
+            assert ("q", i) not in space.sequences()
+    killer.join()
+    assert 0 in outcomes  # the server went away during the run
+    b.check()
+
+
 def _wait_up(mgr, timeout=60.0):
     deadline = time.monotonic() + timeout
     while True:

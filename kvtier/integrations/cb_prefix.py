@@ -88,7 +88,10 @@ class TieredPrefixes:
 
     # --- keys -------------------------------------------------------------------------------------------------
     def note_complete(self, request_id: str, token_ids: list[int]) -> None:
-        """The engine hashed the request's completed blocks: key them too, chained from the first."""
+        """The engine hashed the request's completed blocks: key them too, chained from the first (not those of a
+        request marked ``do_not_retain``: a block with no key is never kept)."""
+        if request_id in self.engine.private:
+            return
         for name, allocator in self.cache.cache_allocators.items():
             hashes, keys, tpp = allocator.ledger.block_to_hash, self.keys[name], allocator.tokens_per_page
             parent = ROOT

@@ -189,6 +189,13 @@ class KVTierEngine:
         self.managers: weakref.WeakSet[ContinuousBatchingManager] = weakref.WeakSet()  # built inside the with
         self.stopping = threading.Event()
         self._peak_bytes = 0
+        self.private: set[str] = set()  # requests whose blocks kvtier keeps nowhere (do_not_retain)
+
+    def do_not_retain(self, *request_ids: str) -> None:
+        """Keep none of these requests' blocks below the GPU or in a remote store (a prompt that must not
+        outlive its request); they still find what others kept. Mark them before adding them. The engine's own
+        GPU prefix cache is the engine's: turn its sharing off (``allow_block_sharing=False``) to keep none there."""
+        self.private.update(request_ids)
 
     @staticmethod
     def bytes_per_block(config: Any, page_size: int, dtype: torch.dtype) -> int:
