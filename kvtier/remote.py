@@ -189,7 +189,7 @@ class RemoteCache:
         if not self.up:
             return 0
         layout, per = self._layout(space)
-        batch: list[tuple[str, list[bytes], int]] = []  # (name, keys, slot): put in one call
+        sent = 0
         for first, last in obj.groups(start + len(keys), per, start):
             name = _name(keys[last - start])
             if first < start or name in self._known:
@@ -206,10 +206,11 @@ class RemoteCache:
                 break
             self._gather(space, part, self._span(slot[0]), stream)
             self._remember(name)
-            batch.append((name, list(keys[first - start:last - start + 1]), slot[0]))
-        if batch:
-            self._write(space, batch, self._fence(space, stream), layout)
-        return len(batch)
+            # each object is put as soon as it is copied: its put overlaps the next one's copy
+            self._write(space, [(name, list(keys[first - start:last - start + 1]), slot[0])],
+                        self._fence(space, stream), layout)
+            sent += 1
+        return sent
 
     def _fence(self, space: KVSpace, stream: Any) -> Any:
         """An event after the copies queued on ``stream`` (None on the CPU, where they are done)."""
@@ -303,32 +304,41 @@ class RemoteCache:
                 self._give(slots)
 
     def _lookup(self, keys: Sequence[bytes], have: int, per: int) -> list[tuple[int, int]]:
-        """The groups to read, in order: whole ones while the store has them, then the longest part of the next."""
-        first = have - have % per
-        names = [_name(k) for k in keys[first:]]
-        now = time.monotonic()
-        ask = [n for n in names if self._absent.get(n, 0.0) <= now and n not in self._known]
+        """The groups to read, in order: whole ones while the store has them, then the longest part of the next.
+        One question for the groups' last keys; a second, for the keys inside the first group missing, only
+        when one is (a question for every block's key cost more than the read here: ~128 keys of a prompt)."""
+        groups = obj.groups(len(keys), per, have)
         try:
-            found = self._call(lambda store: store.exists(ask), ()) if ask else []
+            there = self._exists([_name(keys[last]) for _, last in groups])
+            plan = []
+            for first, last in groups:
+                if _name(keys[last]) in there:
+                    plan.append((first, last))
+                    continue
+                inside = [_name(keys[e]) for e in range(max(first, have), last)]
+                found = self._exists(inside) if inside else set()
+                ends = [e for e in range(last - 1, max(first, have) - 1, -1) if _name(keys[e]) in found]
+                if ends:
+                    plan.append((first, ends[0]))
+                break
         except _Miss:
             self.counts["lookups_failed"] += 1
             return []
-        there = {n for n, f in zip(ask, found) if f} | {n for n in names if n in self._known}
+        self.counts["lookups"] += 1
+        return plan
+
+    def _exists(self, names: list[str]) -> set[str]:
+        """Which of ``names`` the store holds: those known to be there, and those it says it has now (a name it
+        says it lacks is not asked for again for ``remote_negative_ttl_s``)."""
+        now = time.monotonic()
+        ask = [n for n in names if self._absent.get(n, 0.0) <= now and n not in self._known]
+        found = self._call(lambda store: store.exists(ask), ()) if ask else []
         for n, f in zip(ask, found):
             if not f:
                 self._absent[n] = now + self.config.remote_negative_ttl_s
         if len(self._absent) > KNOWN_KEYS:
             self._absent = {n: t for n, t in self._absent.items() if t > now}
-        plan = []
-        for start, last in obj.groups(len(keys), per, first):
-            ends = [e for e in range(last, max(start, have) - 1, -1) if _name(keys[e]) in there]
-            if not ends:
-                break
-            plan.append((start, ends[0]))
-            if ends[0] != last:
-                break
-        self.counts["lookups"] += 1
-        return plan
+        return {n for n, f in zip(ask, found) if f} | {n for n in names if n in self._known}
 
     def _bring_in(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], start: int, have: int,
                   plan: list[tuple[int, int]], slots: list[int], sizes: list[int], layout: bytes,
@@ -374,7 +384,7 @@ class RemoteCache:
                 host = torch.from_numpy(self._span(slot)[obj.HEADER:])
                 mine = blocks[at:at + n - skip]
                 run = mine[-1] - mine[0] == len(mine) - 1  # consecutive (as fresh blocks mostly are): one copy
-                idx = None if run else torch.as_tensor(mine, dtype=torch.int64, device=dev)
+                idx = torch.as_tensor(mine, dtype=torch.int64, device=dev)
                 for layer in range(space.num_layers):
                     for kv, tensor in enumerate(space.kv(layer)):
                         r = 2 * layer + kv
