@@ -76,6 +76,20 @@ def test_blocks_offered_by_one_manager_are_found_by_another(make_manager, store)
     c.check()
 
 
+def test_a_shorter_chain_is_found_to_its_last_block_by_a_longer_prompt(make_manager, store):
+    bs = make_manager.shape["block_size"]
+    tokens = list(range(BLOCKS * bs))
+    # A offers a 20-block prompt: groups 0..7, 8..15 and the short last one 16..19
+    a = _remote(make_manager, store)
+    _offer(a, make_manager, tokens[:20 * bs])
+    # B's prompt goes on past it: the two whole groups, then the store is asked inside the third: 16..19
+    b = _remote(make_manager, store)
+    space = _space(b, make_manager)
+    assert b.remote.find(space, "q", space.block_keys(tokens)) == 20 * bs
+    assert_holds(space, "q", "r1", range(20))
+    b.check()
+
+
 def test_a_prefix_held_locally_is_extended_from_the_store(make_manager, store):
     bs = make_manager.shape["block_size"]
     tokens = list(range(BLOCKS * bs))
