@@ -93,7 +93,7 @@ def start_valkey(maxmemory: str = "256mb") -> Store:
                                             "remote_address": f"127.0.0.1:{port}"}).start()
 
 
-def start_mooncake() -> Store:
+def start_mooncake(memory: str = "256MB") -> Store:
     binary, client = shutil.which("mooncake_master"), shutil.which("mooncake_client")
     if binary is None or client is None:
         raise StoreUnavailable("no mooncake_master (pip install mooncake-transfer-engine-non-cuda)")
@@ -109,7 +109,7 @@ def start_mooncake() -> Store:
     # objects outlive the client processes that put them (kvtier's own clients lend none: remote_segment = 0)
     memory = [client, "--host=127.0.0.1", f"--port={service}",
               f"--master_server_address=127.0.0.1:{port}", "--metadata_server=P2PHANDSHAKE",
-              "--global_segment_size=256MB", "--protocol=tcp"]
+              f"--global_segment_size={memory}", "--protocol=tcp"]
     return Store("mooncake", [(master, port), (memory, service)],
                  {"remote_backend": "mooncake", "remote_address": "127.0.0.1",
                   "remote_master": f"127.0.0.1:{port}", "remote_segment": 0}).start()

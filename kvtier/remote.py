@@ -8,25 +8,18 @@ memory, checked (layout, keys, digest), copied into fresh blocks of the sequence
 computes what is left. Any process or machine on the same store finds what another offered.
 
 A cache, never the truth: an error, a deadline passed (``remote_timeout_s``), an absent key or an object that
-fails its check is a miss, and the engine recomputes. A store that fails is left alone for a while (doubling, up
-to ``MAX_BACKOFF_S``), said once in the log, counted, and tried again; a key found absent is not asked for again
-for ``remote_negative_ttl_s``. Writes never wait: one that finds no staging memory free, or a store that is down,
-is dropped. Staging memory lent to a call past its deadline comes back only when that call returns.
-
-Threads: one for the store's reads and one for its writes (the store's client is called from both), so that a
-lookup never queues behind a write; a call still running past its deadline keeps its thread, and later calls on
-it fail at once until it returns.
+fails its check is a miss, and the engine recomputes (the line to the store, its threads, deadlines and back-off:
+``kvtier.remote_link``). A key found absent is not asked for again for ``remote_negative_ttl_s``. Writes never
+wait: one that finds no staging memory free, or a store that is down, is dropped.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
-import queue
 import threading
 import time
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -34,17 +27,14 @@ import torch
 from kvtier import remote_objects as obj
 from kvtier.config import Config
 from kvtier.errors import ConfigError, KVTierError, NotResidentError
-from kvtier.remote_store import RemoteStore, open_store
+from kvtier.remote_link import Miss, StoreLink
 from kvtier.space import KVSpace
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 30.0
 KNOWN_KEYS = 1 << 16  # keys remembered as stored (not written again)
-
-
-class _Miss(Exception):
-    """The store cannot answer now (down, busy past a deadline, an error): a miss."""
+READ_CHUNKS = 4  # a lookup's groups are read in up to this many calls: each one checked and copied in while the
+#                  next is read (measured on the CPU machine: the copy in was a quarter of a 64 MiB hit)
 
 
 class RemoteCache:
@@ -64,96 +54,28 @@ class RemoteCache:
         self.buffer = self._host.numpy()
         self._free = list(range(slots))
         self._lock = threading.Lock()
-        self._store: RemoteStore | None = None
-        self._disabled: str | None = None  # a problem no retry mends (the client package is missing)
-        self._down_until = 0.0
-        self._backoff = 0.0
-        self._busy = False  # a read under way (perhaps past its deadline): the next one is a miss, not a wait
-        self._reads, self._writer = _Worker("kvtier-remote-read"), _Worker("kvtier-remote-write")
         self._absent: dict[str, float] = {}
         self._known: OrderedDict[str, None] = OrderedDict()
         self.counts: Counter[str] = Counter()
-        self._writes: list[cf.Future[Any]] = []
-        self._connecting = self._writer.submit(self._connect)  # in the background: no lookup waits for it
+        self.link = StoreLink(config, self.buffer, self._lock, self.counts)
 
-    # --- the store, behind deadlines -------------------------------------------------------------------------------
-    def _connect(self) -> RemoteStore | None:
-        """The store's client, made on the write thread (Mooncake's setup retries for tens of seconds against a
-        master that is down); a failure backs off like any other."""
-        if self._store is None and not self._disabled and time.monotonic() >= self._down_until:
-            try:
-                self._store = open_store(self.config, self.buffer)
-                self._answered()
-            except Exception as exc:  # noqa: BLE001 - a store not there yet is a miss, whatever its client raised
-                self._failed("connection", exc)
-        return self._store
+    @property
+    def up(self) -> bool:
+        """Whether the store is being asked (not disabled, not backing off after a failure)."""
+        return self.link.up
 
-    def _connected(self) -> RemoteStore:
-        """The store's client for a read: one made already, or a miss now (never a wait for a connection)."""
-        store = self._store
-        if store is None:
-            self._writer.submit(self._connect)
-            raise OSError("not connected yet")
-        return store
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait for the first connection to the store (made in the background from the start; lookups before it
+        are misses); whether there is one."""
+        return self.link.wait_connected(timeout)
 
-    def _call(self, fn: Callable[[RemoteStore], Any], slots: Sequence[int]) -> Any:
-        """``fn(store)`` on the read thread, waited for at most ``remote_timeout_s``; raises :class:`_Miss`. The
-        caller owns ``slots`` after a result; on a miss they go back (after a deadline: once the call returns)."""
-        with self._lock:
-            if self._disabled or time.monotonic() < self._down_until or self._busy or self._store is None:
-                self.counts["reads_skipped"] += 1
-                self._give(slots)
-                if self._store is None and not self._disabled:
-                    self._writer.submit(self._connect)  # not connected (yet, or again): a miss, and a try
-                raise _Miss()
-            self._busy = True
-        state = {"returned": False, "abandoned": False}
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the writes under way (tests, and before a planned exit); whether all are done."""
+        return self.link.flush(timeout)
 
-        def run() -> Any:
-            try:
-                return fn(self._connected())
-            finally:
-                with self._lock:
-                    self._busy = False
-                    state["returned"] = True
-                    if state["abandoned"]:
-                        self._give(slots)
-        future = self._reads.submit(run)
-        try:
-            result = future.result(self.config.remote_timeout_s)
-        except cf.TimeoutError:
-            with self._lock:
-                state["abandoned"] = True
-                if state["returned"]:
-                    self._give(slots)
-            self._failed("read", f"no answer within {self.config.remote_timeout_s:g} s")
-            raise _Miss() from None
-        except Exception as exc:  # noqa: BLE001 - whatever the client raises is a miss
-            with self._lock:
-                self._give(slots)
-            self._failed("read", exc)
-            raise _Miss() from None
-        self._answered()
-        return result
-
-    def _answered(self) -> None:
-        with self._lock:
-            if self._backoff:
-                log.warning("remote store answers again; the remote cache is back")
-            self._backoff = 0.0
-
-    def _failed(self, kind: str, exc: BaseException | str) -> None:
-        if isinstance(exc, ConfigError):  # the client package is missing: no retry mends that
-            self._disabled = str(exc)
-            log.error("remote cache off: %s", exc)
-            return
-        with self._lock:
-            self.counts["errors"] += 1
-            if not self._backoff:
-                log.warning("remote store (%s) failed a %s: %s; kvtier goes on without it and tries again",
-                            self.config.remote_backend, kind, exc)
-            self._backoff = min(max(2 * self._backoff, 0.25), MAX_BACKOFF_S)
-            self._down_until = time.monotonic() + self._backoff
+    def close(self) -> None:
+        """Stop: writes under way finish (up to their deadline), then the store is let go."""
+        self.link.close()
 
     def _take(self, n: int) -> list[int]:
         with self._lock:
@@ -165,11 +87,6 @@ class RemoteCache:
 
     def _span(self, slot: int) -> np.ndarray:
         return self.buffer[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
-
-    @property
-    def up(self) -> bool:
-        """Whether the store is being asked (not disabled, not backing off after a failure)."""
-        return self._disabled is None and time.monotonic() >= self._down_until
 
     # --- down: offer ------------------------------------------------------------------------------------------------
     def offer(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], salt: bytes = b"",
@@ -243,14 +160,14 @@ class RemoteCache:
 
         def put() -> None:
             try:
-                if self._disabled or time.monotonic() < self._down_until:
-                    raise _Miss()
+                if not self.link.up:
+                    raise Miss()
                 if copied is not None:
                     copied.synchronize()
                 sizes = [obj.seal(self._span(slot), keys, regions, bb, layout) for _, keys, slot in batch]
-                store = self._connect()
+                store = self.link.connect()
                 if store is None:
-                    raise _Miss()
+                    raise Miss()
                 done = store.put(names, [(slot * self.slot_bytes, n) for slot, n in zip(slots, sizes)])
                 with self._lock:
                     self.counts["puts"] += sum(done)
@@ -259,17 +176,18 @@ class RemoteCache:
                 for name, ok in zip(names, done):
                     if not ok:
                         self._forget(name)
-                self._answered()
+                self.link.answered()
             except Exception as exc:  # noqa: BLE001 - a write that fails is dropped, whatever the client raised
                 for name in names:
                     self._forget(name)
-                self.counts["puts_dropped"] += len(names)
-                if not isinstance(exc, _Miss):
-                    self._failed("write", exc)
+                with self._lock:
+                    self.counts["puts_dropped"] += len(names)
+                if not isinstance(exc, Miss):
+                    self.link.failed("write", exc)
             finally:
                 with self._lock:
                     self._give(slots)
-        self._writes = [f for f in self._writes if not f.done()] + [self._writer.submit(put)]
+        self.link.write(put)
 
     # --- up: find ---------------------------------------------------------------------------------------------------
     def find(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], stream: Any = None,
@@ -283,55 +201,66 @@ class RemoteCache:
         have = start + local // space.block_size
         if have == len(keys) or not self.up:
             return local
-        layout, per = self._layout(space)
+        with self._lock:
+            self.counts["lookups"] += 1  # prompts the store was asked about
+        groups = obj.groups(len(keys), self._layout(space)[1], have)
         now = time.monotonic()
-        groups = obj.groups(len(keys), per, have)
         plan = []
-        for first, last in groups:  # no question first: groups absent read as absent
+        for first, last in groups:  # no question first: a group absent reads as absent
             if self._absent.get(_name(keys[last]), 0.0) > now:
                 break
             plan.append((first, last))
-        got = self._read(keys, plan) if plan else ([], [], [])
-        if got is None:
-            return local
-        plan, slots, sizes = got
-        owned = list(slots)
-        try:
-            whole = next((i for i, n in enumerate(sizes) if n < 0), len(sizes))
-            self.counts["gets_absent"] += len(plan) - whole
-            for _, last in plan[whole:]:
-                self._absent[_name(keys[last])] = now + self.config.remote_negative_ttl_s
-            plan, slots, sizes = plan[:whole], slots[:whole], sizes[:whole]
-            part = self._part(keys, groups[whole], have) if whole < len(groups) else None
-            more = self._read(keys, [part]) if part is not None else None
-            if more is not None:  # the chain goes on into the first group missing: its longest part stored
-                owned += more[1]
-                plan, slots, sizes = plan + more[0], slots + more[1], sizes + more[2]
-            if not plan:
-                return local
-            return self._bring_in(space, seq_id, keys, start, have, plan, slots, sizes, layout, stream)
-        finally:
-            with self._lock:
-                self._give(owned)
-
-    def _read(self, keys: Sequence[bytes], plan: list[tuple[int, int]]) \
-            -> tuple[list[tuple[int, int]], list[int], list[int]] | None:
-        """Read the groups of ``plan`` (as many as staging slots are free) in one call: (groups, their slots --
-        the caller's to give back --, the sizes read, -1 for an absent one); None on a miss."""
         slots = self._take(len(plan))
-        if not slots:
-            self.counts["gets_no_buffer"] += 1
-            return None
-        plan = plan[:len(slots)]
-        names = [_name(keys[last]) for _, last in plan]
-        spans = [(s * self.slot_bytes, self.slot_bytes) for s in slots]
+        if len(slots) < len(plan):
+            self.counts["gets_short_of_staging"] += 1
+        intake = _Intake(self, space, seq_id, keys, start, have, stream)
         try:
-            sizes = self._call(lambda store: store.get(names, spans), slots)
-        except _Miss:
-            self.counts["gets_failed"] += 1
-            return None
-        self.counts["lookups"] += 1
-        return plan, slots, sizes
+            whole = self._read_in(intake, keys, plan[:len(slots)], slots)
+            if whole is not None and whole < len(groups):  # the chain may go on into part of the next group
+                part = self._part(keys, groups[whole], intake.total)
+                if part is not None:
+                    self._read_in(intake, keys, [part], self._take(1))
+            return intake.finish()
+        except Miss:
+            with self._lock:
+                self.counts["gets_failed"] += 1
+            return intake.finish()
+
+    def _read_in(self, intake: "_Intake", keys: Sequence[bytes], plan: list[tuple[int, int]],
+                 slots: list[int]) -> int | None:
+        """Read the groups of ``plan`` into ``slots`` in up to ``READ_CHUNKS`` calls, each taken in while the next
+        is read; return how many were taken whole (None: one was bad, or there was no room for it)."""
+        if not plan or len(slots) < len(plan):
+            with self._lock:
+                self._give(slots)
+            return 0 if not plan else None
+        step = -(-len(plan) // READ_CHUNKS)
+        chunks = [(plan[i:i + step], slots[i:i + step]) for i in range(0, len(plan), step)]
+
+        def call(part: list[tuple[int, int]], mine: list[int]) -> Any:
+            names, spans = [_name(keys[last]) for _, last in part], [(s * self.slot_bytes, self.slot_bytes)
+                                                                    for s in mine]
+            return lambda store: store.get(names, spans)
+
+        def giver(mine: list[int]) -> Any:
+            return lambda: self._give(mine)
+        reads = self.link.stream([call(p, m) for p, m in chunks], [giver(m) for _, m in chunks])
+        taken, now = 0, time.monotonic()
+        try:
+            for (part, mine), sizes in zip(chunks, reads):
+                intake.owned += mine
+                for (first, last), slot, size in zip(part, mine, sizes):
+                    if size < 0:
+                        with self._lock:
+                            self.counts["gets_absent"] += 1
+                        self._absent[_name(keys[last])] = now + self.config.remote_negative_ttl_s
+                        return taken
+                    if not intake.take(first, last, slot, size):
+                        return None
+                    taken += 1
+            return taken
+        finally:
+            reads.close()
 
     def _part(self, keys: Sequence[bytes], group: tuple[int, int], have: int) -> tuple[int, int] | None:
         """The longest stored part of ``group`` (a shorter chain's last object) past ``have``, if any."""
@@ -339,7 +268,7 @@ class RemoteCache:
         inside = [_name(keys[e]) for e in range(max(first, have), last)]
         try:
             found = self._exists(inside) if inside else set()
-        except _Miss:
+        except Miss:
             return None
         ends = [e for e in range(last - 1, max(first, have) - 1, -1) if _name(keys[e]) in found]
         return (first, ends[0]) if ends else None
@@ -349,71 +278,13 @@ class RemoteCache:
         says it lacks is not asked for again for ``remote_negative_ttl_s``)."""
         now = time.monotonic()
         ask = [n for n in names if self._absent.get(n, 0.0) <= now and n not in self._known]
-        found = self._call(lambda store: store.exists(ask), ()) if ask else []
+        found = self.link.read(lambda store: store.exists(ask)) if ask else []
         for n, f in zip(ask, found):
             if not f:
                 self._absent[n] = now + self.config.remote_negative_ttl_s
         if len(self._absent) > KNOWN_KEYS:
             self._absent = {n: t for n, t in self._absent.items() if t > now}
         return {n for n, f in zip(ask, found) if f} | {n for n in names if n in self._known}
-
-    def _bring_in(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], start: int, have: int,
-                  plan: list[tuple[int, int]], slots: list[int], sizes: list[int], layout: bytes,
-                  stream: Any) -> int:
-        regions, bb, bs = space.num_regions, space.block_bytes, space.block_size
-        good = []
-        for (first, last), slot, size in zip(plan, slots, sizes):
-            why = "absent" if size < 0 else obj.check(self._span(slot), size, list(keys[first:last + 1]), regions,
-                                                       bb, layout)
-            if why is not None:
-                self.counts["gets_absent" if size < 0 else "gets_bad"] += 1
-                if size >= 0:
-                    log.warning("remote object for blocks %d..%d is not served: %s", first, last, why)
-                break
-            good.append((first, last, slot))
-        if not good:
-            return (have - start) * bs
-        total = good[-1][1] + 1
-        try:
-            blocks = space.allocate(seq_id, (total - start) * bs)[have - start:]
-        except KVTierError as exc:  # no room for them now: the engine computes them
-            self.counts["gets_no_room"] += 1
-            log.info("remote hit of %d blocks not taken: %s", total - have, exc)
-            return (have - start) * bs
-        self._scatter(space, blocks, have, good, stream)
-        space.publish(seq_id, list(keys[start:total]))
-        with self._lock:
-            self.counts["hit_blocks"] += total - have
-            self.counts["hit_bytes"] += (total - have) * bb * regions
-        for _, last, _ in good:
-            self._remember(_name(keys[last]))
-        return (total - start) * bs
-
-    def _scatter(self, space: KVSpace, blocks: list[int], have: int, good: list[tuple[int, int, int]],
-                 stream: Any) -> None:
-        """Copy the checked groups' blocks from ``have`` on into ``blocks``, every region; waited for."""
-        bb, dev = space.block_bytes, space.kv(0)[0].device
-        cuda = dev.type == "cuda"
-        with torch.cuda.stream(stream) if cuda and stream is not None else _nothing():
-            at = 0
-            for start, last, slot in good:
-                n, skip = last - start + 1, max(0, have - start)
-                host = torch.from_numpy(self._span(slot)[obj.HEADER:])
-                mine = blocks[at:at + n - skip]
-                run = mine[-1] - mine[0] == len(mine) - 1  # consecutive (as fresh blocks mostly are): one copy
-                idx = torch.as_tensor(mine, dtype=torch.int64, device=dev)
-                for layer in range(space.num_layers):
-                    for kv, tensor in enumerate(space.kv(layer)):
-                        r = 2 * layer + kv
-                        src = host[(r * n + skip) * bb:(r + 1) * n * bb].view(tensor.dtype)
-                        src = src.view(n - skip, *tensor.shape[1:])
-                        if run:
-                            tensor[mine[0]:mine[-1] + 1].copy_(src, non_blocking=cuda)
-                        else:
-                            tensor.index_copy_(0, idx, src.to(dev, non_blocking=cuda))
-                at += n - skip
-            if cuda:
-                torch.cuda.current_stream(dev).synchronize()  # the staging memory goes back after this
 
     # --- books ------------------------------------------------------------------------------------------------------
     def _layout(self, space: KVSpace) -> tuple[bytes, int]:
@@ -431,73 +302,79 @@ class RemoteCache:
         with self._lock:
             self._known.pop(name, None)
 
-    def wait_connected(self, timeout: float | None = None) -> bool:
-        """Wait for the first connection to the store (made in the background from the start; lookups before it
-        are misses); whether there is one."""
-        try:
-            self._connecting.result(timeout)
-        except cf.TimeoutError:
-            pass
-        return self._store is not None
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait for the writes under way (tests, and before a planned exit); whether all are done."""
-        done, pending = cf.wait(list(self._writes), timeout)
-        return not pending
-
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"backend": self.config.remote_backend, "up": self.up, "disabled": self._disabled,
+            return {"backend": self.config.remote_backend, "up": self.up, "disabled": self.link.disabled,
                     "staging_free": len(self._free), **dict(self.counts)}
-
-    def close(self) -> None:
-        """Stop: writes under way finish (waited for up to ``remote_put_timeout_s``), then the store is let go. A
-        call stuck in the store's client past that keeps its thread (a daemon) and the client is left open."""
-        stuck = not self.flush(self.config.remote_put_timeout_s)
-        for worker in (self._writer, self._reads):
-            stuck |= not worker.stop(0 if stuck else self.config.remote_timeout_s)
-        if stuck:
-            log.warning("remote store: a call is still under way at close; its client is left open")
-        elif self._store is not None:
-            try:
-                self._store.close()
-            except Exception as exc:  # noqa: BLE001 - a store gone away must not fail the manager's close
-                log.warning("remote store: close failed: %s", exc)
-            self._store = None
 
 
 def _name(key: bytes) -> str:
     return "kvtier/" + key.hex()
 
 
-class _Worker:
-    """One daemon thread running submitted calls in order (a call stuck in a store's client must not hold up the
-    interpreter's exit, as an executor's thread would)."""
+class _Intake:
+    """The groups read for one ``find``, checked and copied into fresh blocks of its sequence one by one."""
 
-    def __init__(self, name: str) -> None:
-        self._queue: queue.Queue[tuple[Callable[[], Any], cf.Future[Any]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+    def __init__(self, cache: RemoteCache, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], start: int,
+                 have: int, stream: Any) -> None:
+        self.cache, self.space, self.seq_id, self.keys, self.stream = cache, space, seq_id, keys, stream
+        self.start, self.have, self.total = start, have, have  # chain positions: asked from, held, held now
+        self.layout = obj.layout_id(space.layout_tag)
+        self.owned: list[int] = []  # staging slots read into: given back when done
+        self.cuda = space.kv(0)[0].is_cuda
 
-    def submit(self, fn: Callable[[], Any]) -> cf.Future[Any]:
-        future: cf.Future[Any] = cf.Future()
-        self._queue.put((fn, future))
-        return future
+    def take(self, first: int, last: int, slot: int, size: int) -> bool:
+        """Check the group ``first..last`` read into ``slot`` and copy its blocks past ``total`` into new blocks of
+        the sequence; whether it could."""
+        sp, cache = self.space, self.cache
+        why = obj.check(cache._span(slot), size, list(self.keys[first:last + 1]), sp.num_regions, sp.block_bytes,
+                        self.layout)
+        if why is not None:
+            with cache._lock:
+                cache.counts["gets_bad"] += 1
+            log.warning("remote object for blocks %d..%d is not served: %s", first, last, why)
+            return False
+        try:
+            blocks = sp.allocate(self.seq_id, (last + 1 - self.start) * sp.block_size)[self.total - self.start:]
+        except KVTierError as exc:  # no room for them now: the engine computes them
+            with cache._lock:
+                cache.counts["gets_no_room"] += 1
+            log.info("remote hit of blocks %d..%d not taken: %s", self.total, last, exc)
+            return False
+        self._copy(blocks, last - first + 1, self.total - first, slot)
+        self.total = last + 1
+        cache._remember(_name(self.keys[last]))
+        return True
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fn, future = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                    future.set_exception(exc)
+    def _copy(self, blocks: list[int], n: int, skip: int, slot: int) -> None:
+        """Blocks ``skip..n`` of the group in ``slot`` into ``blocks``, every region (queued on the stream)."""
+        sp, bb = self.space, self.space.block_bytes
+        host = torch.from_numpy(self.cache._span(slot)[obj.HEADER:])
+        run = blocks[-1] - blocks[0] == len(blocks) - 1  # consecutive (as fresh blocks mostly are): one copy
+        with torch.cuda.stream(self.stream) if self.cuda and self.stream is not None else _nothing():
+            idx = torch.as_tensor(blocks, dtype=torch.int64, device=sp.kv(0)[0].device)
+            for layer in range(sp.num_layers):
+                for kv, tensor in enumerate(sp.kv(layer)):
+                    r = 2 * layer + kv
+                    src = host[(r * n + skip) * bb:(r + 1) * n * bb].view(tensor.dtype).view(n - skip,
+                                                                                            *tensor.shape[1:])
+                    if run:
+                        tensor[blocks[0]:blocks[-1] + 1].copy_(src, non_blocking=self.cuda)
+                    else:
+                        tensor.index_copy_(0, idx, src.to(tensor.device, non_blocking=self.cuda))
 
-    def stop(self, timeout: float) -> bool:
-        """Ask the thread to end after what is queued; whether it did within ``timeout`` seconds."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    def finish(self) -> int:
+        """The copies landed, the staging goes back, the new blocks are published; the tokens the sequence holds."""
+        sp, cache = self.space, self.cache
+        if self.cuda and self.owned:
+            (self.stream or torch.cuda.current_stream(sp.kv(0)[0].device)).synchronize()
+        with cache._lock:
+            cache._give(self.owned)
+            cache.counts["hit_blocks"] += self.total - self.have
+            cache.counts["hit_bytes"] += (self.total - self.have) * sp.block_bytes * sp.num_regions
+        if self.total > self.have:
+            sp.publish(self.seq_id, list(self.keys[self.start:self.total]))
+        return (self.total - self.start) * sp.block_size
 
 
 class _nothing:
