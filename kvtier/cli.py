@@ -62,6 +62,10 @@ def info(device: str, config_path: str | None) -> None:
         cls = tier_class(name)
         settings = tier_settings(cls, config)
         facts[f"{name} tier"] = cls.summary(settings, dev) if hasattr(cls, "summary") else settings.model_dump()
+    if config.remote_backend:  # not asked here: `kvtier config check` tries to reach it
+        where = config.remote_address if config.remote_backend == "valkey" else config.remote_master
+        facts["remote store"] = (f"{config.remote_backend} at {where} (lookups within {config.remote_timeout_s:g} s, "
+                                 f"{_size(config.remote_buffer)} of staging)")
     for key, value in facts.items():
         console.print(f"[bold]{key:>14}[/bold]  {escape(str(value))}")
 

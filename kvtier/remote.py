@@ -85,6 +85,10 @@ class RemoteCache:
     def _give(self, slots: Sequence[int]) -> None:  # with the lock held
         self._free.extend(slots)
 
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._lock:  # the write thread counts too
+            self.counts[what] += n
+
     def _span(self, slot: int) -> np.ndarray:
         return self.buffer[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
 
@@ -117,11 +121,11 @@ class RemoteCache:
             try:
                 space.check_resident(part)
             except NotResidentError:
-                self.counts["puts_not_resident"] += 1
+                self._count("puts_not_resident")
                 continue
             slot = self._take(1)
             if not slot:
-                self.counts["puts_dropped"] += 1  # never wait: the store is a cache
+                self._count("puts_dropped")  # never wait: the store is a cache
                 break
             self._gather(space, part, self._span(slot[0]), stream)
             self._remember(name)
@@ -180,8 +184,7 @@ class RemoteCache:
             except Exception as exc:  # noqa: BLE001 - a write that fails is dropped, whatever the client raised
                 for name in names:
                     self._forget(name)
-                with self._lock:
-                    self.counts["puts_dropped"] += len(names)
+                self._count("puts_dropped", len(names))
                 if not isinstance(exc, Miss):
                     self.link.failed("write", exc)
             finally:
@@ -201,8 +204,7 @@ class RemoteCache:
         have = start + local // space.block_size
         if have == len(keys) or not self.up:
             return local
-        with self._lock:
-            self.counts["lookups"] += 1  # prompts the store was asked about
+        self._count("lookups")  # prompts the store was asked about
         groups = obj.groups(len(keys), self._layout(space)[1], have)
         now = time.monotonic()
         plan = []
@@ -212,7 +214,7 @@ class RemoteCache:
             plan.append((first, last))
         slots = self._take(len(plan))
         if len(slots) < len(plan):
-            self.counts["gets_short_of_staging"] += 1
+            self._count("gets_short_of_staging")
         intake = _Intake(self, space, seq_id, keys, start, have, stream)
         try:
             whole = self._read_in(intake, keys, plan[:len(slots)], slots)
@@ -222,8 +224,7 @@ class RemoteCache:
                     self._read_in(intake, keys, [part], self._take(1))
             return intake.finish()
         except Miss:
-            with self._lock:
-                self.counts["gets_failed"] += 1
+            self._count("gets_failed")
             return intake.finish()
 
     def _read_in(self, intake: "_Intake", keys: Sequence[bytes], plan: list[tuple[int, int]],
@@ -251,8 +252,7 @@ class RemoteCache:
                 intake.owned += mine
                 for (first, last), slot, size in zip(part, mine, sizes):
                     if size < 0:
-                        with self._lock:
-                            self.counts["gets_absent"] += 1
+                        self._count("gets_absent")
                         self._absent[_name(keys[last])] = now + self.config.remote_negative_ttl_s
                         return taken
                     if not intake.take(first, last, slot, size):
@@ -330,15 +330,13 @@ class _Intake:
         why = obj.check(cache._span(slot), size, list(self.keys[first:last + 1]), sp.num_regions, sp.block_bytes,
                         self.layout)
         if why is not None:
-            with cache._lock:
-                cache.counts["gets_bad"] += 1
+            cache._count("gets_bad")
             log.warning("remote object for blocks %d..%d is not served: %s", first, last, why)
             return False
         try:
             blocks = sp.allocate(self.seq_id, (last + 1 - self.start) * sp.block_size)[self.total - self.start:]
         except KVTierError as exc:  # no room for them now: the engine computes them
-            with cache._lock:
-                cache.counts["gets_no_room"] += 1
+            cache._count("gets_no_room")
             log.info("remote hit of blocks %d..%d not taken: %s", self.total, last, exc)
             return False
         self._copy(blocks, last - first + 1, self.total - first, slot)

@@ -211,3 +211,17 @@ def test_a_journal_that_cannot_be_written_is_removed_and_the_tier_goes_on(make_m
     mgr = _kept(make_manager, tmp_path)
     assert _space(mgr, make_manager).stats()["cached_blocks"] == 0
     mgr.check()
+
+
+def test_the_journal_stays_small_under_traffic_that_restores_nothing(make_manager, tmp_path, monkeypatch):
+    from kvtier.tiering.tiers import nvme_journal
+    monkeypatch.setattr(nvme_journal, "COMPACT_MIN_BYTES", 4096)  # rewrite early, to see it happen in a test
+    mgr = _kept(make_manager, tmp_path)
+    space = _space(mgr, make_manager)
+    space.allocate("live", 40 * space.block_size)  # never published: its pages restore nothing
+    write_seq(space, "live")
+    for _ in range(60):  # down to NVMe and back, 3 pages a time: 180 records that only void what was there
+        space.offload("live", tier="nvme").result()
+        space.prefetch(["live"]).result()
+    assert len(_records(tmp_path)) < 60  # rewritten along the way (the header and what is still true)
+    mgr.check()

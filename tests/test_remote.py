@@ -277,5 +277,8 @@ def test_config_check_says_whether_the_store_answers(tmp_path):
         assert result.exit_code == 1
         assert f"ok  {up}" in result.output
         assert "[remote] address: the valkey store at 127.0.0.1:" in result.output and "cannot be used" in result.output
+        info = CliRunner().invoke(main, ["info"], env={"KVTIER_REMOTE_BACKEND": "valkey", "KVTIER_DEVICE": "cpu",
+                                                       "KVTIER_REMOTE_ADDRESS": f"127.0.0.1:{store.port}"})
+        assert f"remote store  valkey at 127.0.0.1:{store.port}" in info.output
     finally:
         store.stop()

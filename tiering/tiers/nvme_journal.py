@@ -175,7 +175,7 @@ class SlotJournal:
         try:
             self._file.write(_line(record))
             self._file.flush()
-            self._stale += record["t"] != "page"
+            self._stale += record["t"] != "page" or not record["blocks"]  # lines that restore nothing
             if self._stale * 2 > len(self._live) and self._file.tell() > COMPACT_MIN_BYTES:
                 self._rewrite()
         except OSError as exc:
