@@ -15,18 +15,19 @@ wait: one that finds no staging memory free, or a store that is down, is dropped
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
 
 from kvtier import remote_objects as obj
 from kvtier.config import Config
-from kvtier.errors import ConfigError, KVTierError, NotResidentError
+from kvtier.errors import ConfigError, KVTierError, NotResidentError, TransferError
 from kvtier.remote_link import Miss, StoreLink
 from kvtier.space import KVSpace
 
@@ -85,6 +86,22 @@ class RemoteCache:
     def _give(self, slots: Sequence[int]) -> None:  # with the lock held
         self._free.extend(slots)
 
+    def erase(self, salt: bytes) -> int:
+        """Remove every object stored under ``salt`` from the store (a tenant's, written by any machine), waited
+        for up to ``remote_put_timeout_s``; return how many went. Raises :class:`~kvtier.errors.TransferError` if
+        the store cannot do it now (try again: nothing is half-trusted, a later find of those keys is a miss once
+        they are gone). The spaces' own copies go with ``space.erase(salt)``."""
+        prefix = _namer(salt)(b"")
+        with self._lock:  # not "known to be stored" any more
+            for name in [n for n in self._known if n.startswith(prefix)]:
+                del self._known[name]
+        future = self.link.call_on_writer(lambda store: store.remove_prefix(prefix))
+        try:
+            return int(future.result(self.config.remote_put_timeout_s))
+        except Exception as exc:  # noqa: BLE001 - the client's error, whatever it is, named to the caller
+            raise TransferError(f"remote store: erase of tenant {_tenant(salt)} failed or timed out ({exc}); try "
+                                "again") from None
+
     def _count(self, what: str, n: int = 1) -> None:
         with self._lock:  # the write thread counts too
             self.counts[what] += n
@@ -99,22 +116,24 @@ class RemoteCache:
         the store (:meth:`send`). ``start``: the chain position of its first block (its keys are blocks ``start..``
         of a chain from the prompt's first token). Return what ``publish`` returns."""
         published = space.publish(seq_id, keys, salt)
-        self.send(space, space.blocks(seq_id)[:len(keys)], keys, start, stream)
+        self.send(space, space.blocks(seq_id)[:len(keys)], keys, start, stream, salt)
         return published
 
     def send(self, space: KVSpace, blocks: Sequence[int], keys: Sequence[bytes], start: int = 0,
-             stream: Any = None) -> int:
+             stream: Any = None, salt: bytes = b"") -> int:
         """Send the groups of a chain that ``blocks`` of ``space`` hold -- ``blocks[i]`` holds chain position
         ``start + i``, whose key is ``keys[i]`` -- to the store in the background, those it does not hold yet and
         that lie whole in them (the chain's last group may be short). Their bytes are copied now, on ``stream``
         (default: current) after the engine's writes, from the GPU (blocks not resident are not sent). Never
-        waits: a group that finds no staging memory free is dropped. Return the groups sent."""
+        waits: a group that finds no staging memory free is dropped. ``salt``: the tenant's (the keys were made
+        with it; ``erase(salt)`` removes them from the store). Return the groups sent."""
         if not self.up:
             return 0
         layout, per = self._layout(space)
+        name_of = _namer(salt)
         sent = 0
         for first, last in obj.groups(start + len(keys), per, start):
-            name = _name(keys[last - start])
+            name = name_of(keys[last - start])
             if first < start or name in self._known:
                 continue
             part = list(blocks[first - start:last - start + 1])
@@ -194,32 +213,33 @@ class RemoteCache:
 
     # --- up: find ---------------------------------------------------------------------------------------------------
     def find(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], stream: Any = None,
-             start: int = 0) -> int:
+             start: int = 0, salt: bytes = b"") -> int:
         """Start ``seq_id`` with the longest run of ``keys[start:]`` found: in ``space`` first (``share_prefix``),
         then in the store, whose groups are read, checked, copied into fresh blocks of ``seq_id`` (on ``stream``,
         waited for) and published in ``space``. ``keys``: the chain from the prompt's first block; ``start``: the
-        block ``seq_id`` starts at (the caller holds those before it). Return the tokens ``seq_id`` holds (0: a
-        miss; it then holds nothing)."""
+        block ``seq_id`` starts at (the caller holds those before it); ``salt``: the tenant's, as the keys were made.
+        Return the tokens ``seq_id`` holds (0: a miss; it then holds nothing)."""
         local = space.share_prefix(seq_id, list(keys[start:]))
         have = start + local // space.block_size
         if have == len(keys) or not self.up:
             return local
         self._count("lookups")  # prompts the store was asked about
         groups = obj.groups(len(keys), self._layout(space)[1], have)
+        name_of = _namer(salt)
         now = time.monotonic()
         plan = []
         for first, last in groups:  # no question first: a group absent reads as absent
-            if self._absent.get(_name(keys[last]), 0.0) > now:
+            if self._absent.get(name_of(keys[last]), 0.0) > now:
                 break
             plan.append((first, last))
         slots = self._take(len(plan))
         if len(slots) < len(plan):
             self._count("gets_short_of_staging")
-        intake = _Intake(self, space, seq_id, keys, start, have, stream)
+        intake = _Intake(self, space, seq_id, keys, start, have, stream, name_of)
         try:
             whole = self._read_in(intake, keys, plan[:len(slots)], slots)
             if whole is not None and whole < len(groups):  # the chain may go on into part of the next group
-                part = self._part(keys, groups[whole], intake.total)
+                part = self._part(keys, groups[whole], intake.total, name_of)
                 if part is not None:
                     self._read_in(intake, keys, [part], self._take(1))
             return intake.finish()
@@ -238,8 +258,10 @@ class RemoteCache:
         step = -(-len(plan) // READ_CHUNKS)
         chunks = [(plan[i:i + step], slots[i:i + step]) for i in range(0, len(plan), step)]
 
+        name_of = intake.name
+
         def call(part: list[tuple[int, int]], mine: list[int]) -> Any:
-            names, spans = [_name(keys[last]) for _, last in part], [(s * self.slot_bytes, self.slot_bytes)
+            names, spans = [name_of(keys[last]) for _, last in part], [(s * self.slot_bytes, self.slot_bytes)
                                                                     for s in mine]
             return lambda store: store.get(names, spans)
 
@@ -253,7 +275,7 @@ class RemoteCache:
                 for (first, last), slot, size in zip(part, mine, sizes):
                     if size < 0:
                         self._count("gets_absent")
-                        self._absent[_name(keys[last])] = now + self.config.remote_negative_ttl_s
+                        self._absent[name_of(keys[last])] = now + self.config.remote_negative_ttl_s
                         return taken
                     if not intake.take(first, last, slot, size):
                         return None
@@ -262,15 +284,16 @@ class RemoteCache:
         finally:
             reads.close()
 
-    def _part(self, keys: Sequence[bytes], group: tuple[int, int], have: int) -> tuple[int, int] | None:
+    def _part(self, keys: Sequence[bytes], group: tuple[int, int], have: int,
+              name_of: Callable[[bytes], str]) -> tuple[int, int] | None:
         """The longest stored part of ``group`` (a shorter chain's last object) past ``have``, if any."""
         first, last = group
-        inside = [_name(keys[e]) for e in range(max(first, have), last)]
+        inside = [name_of(keys[e]) for e in range(max(first, have), last)]
         try:
             found = self._exists(inside) if inside else set()
         except Miss:
             return None
-        ends = [e for e in range(last - 1, max(first, have) - 1, -1) if _name(keys[e]) in found]
+        ends = [e for e in range(last - 1, max(first, have) - 1, -1) if name_of(keys[e]) in found]
         return (first, ends[0]) if ends else None
 
     def _exists(self, names: list[str]) -> set[str]:
@@ -308,16 +331,24 @@ class RemoteCache:
                     "staging_free": len(self._free), **dict(self.counts)}
 
 
-def _name(key: bytes) -> str:
-    return "kvtier/" + key.hex()
+def _tenant(salt: bytes) -> str:
+    """The part of an object's name that says whose it is: ``erase(salt)`` removes every name under it."""
+    return hashlib.blake2b(salt, digest_size=8).hexdigest()
+
+
+def _namer(salt: bytes) -> Callable[[bytes], str]:
+    """Object names under ``salt``: ``kvtier/<tenant>/<the key of the group's last block>``."""
+    prefix = f"kvtier/{_tenant(salt)}/"
+    return lambda key: prefix + key.hex()
 
 
 class _Intake:
     """The groups read for one ``find``, checked and copied into fresh blocks of its sequence one by one."""
 
     def __init__(self, cache: RemoteCache, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], start: int,
-                 have: int, stream: Any) -> None:
+                 have: int, stream: Any, name: Callable[[bytes], str]) -> None:
         self.cache, self.space, self.seq_id, self.keys, self.stream = cache, space, seq_id, keys, stream
+        self.name = name
         self.start, self.have, self.total = start, have, have  # chain positions: asked from, held, held now
         self.layout = obj.layout_id(space.layout_tag)
         self.owned: list[int] = []  # staging slots read into: given back when done
@@ -341,7 +372,7 @@ class _Intake:
             return False
         self._copy(blocks, last - first + 1, self.total - first, slot)
         self.total = last + 1
-        cache._remember(_name(self.keys[last]))
+        cache._remember(self.name(self.keys[last]))
         return True
 
     def _copy(self, blocks: list[int], n: int, skip: int, slot: int) -> None:

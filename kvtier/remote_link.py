@@ -168,6 +168,15 @@ class StoreLink:
         """Run ``fn`` on the write thread (it calls :meth:`connect` and handles its own failures); not waited for."""
         self._writes = [f for f in self._writes if not f.done()] + [self._writer.submit(fn)]
 
+    def call_on_writer(self, fn: Callable[[RemoteStore], Any]) -> cf.Future[Any]:
+        """``fn(store)`` on the write thread, after the writes queued before it (an erase must follow them)."""
+        def run() -> Any:
+            store = self.connect()
+            if store is None:
+                raise OSError("not connected")
+            return fn(store)
+        return self._writer.submit(run)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the writes under way; whether all are done."""
         done, pending = cf.wait(list(self._writes), timeout)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ class RemoteStore(Protocol):
     - ``get(keys, spans) -> list[int]``: read each value into the start of its span; the value's size, or -1
       (absent, or larger than the span).
     - ``exists(keys) -> list[bool]``.
+    - ``remove_prefix(prefix) -> int``: remove every key that starts with ``prefix`` (read leases too); how many.
     - ``close()``: let go of the connection (and the buffer's registration).
     """
 
@@ -40,6 +42,8 @@ class RemoteStore(Protocol):
     def get(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[int]: ...
 
     def exists(self, keys: Sequence[str]) -> list[bool]: ...
+
+    def remove_prefix(self, prefix: str) -> int: ...
 
     def close(self) -> None: ...
 
@@ -99,6 +103,17 @@ class ValkeyStore:
             return [r == 1 for r in pipe.execute(raise_on_error=False)]
         return self._call(go)
 
+    def remove_prefix(self, prefix: str) -> int:
+        def go() -> int:
+            removed, batch = 0, []
+            for key in self._client.scan_iter(match=prefix.replace("*", "\\*") + "*", count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    removed += self._client.delete(*batch)
+                    batch = []
+            return removed + (self._client.delete(*batch) if batch else 0)
+        return int(self._call(go))
+
     def close(self) -> None:
         self._client.close()
 
@@ -136,6 +151,13 @@ class MooncakeStore:
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         return [c == 1 for c in self._store.batch_is_exist(list(keys))]
+
+    def remove_prefix(self, prefix: str) -> int:
+        # force: a key read in the last lease period (10 s by default) is removed too (it answers -706 otherwise)
+        removed = self._store.remove_by_regex("^" + re.escape(prefix), True)
+        if removed < 0:
+            raise OSError(f"mooncake: remove_by_regex failed (code {removed})")
+        return int(removed)
 
     def close(self) -> None:
         self._store.unregister_buffer(self._base)
