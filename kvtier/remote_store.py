@@ -109,9 +109,9 @@ class ValkeyStore:
             for key in self._client.scan_iter(match=prefix.replace("*", "\\*") + "*", count=1000):
                 batch.append(key)
                 if len(batch) == 1000:
-                    removed += self._client.delete(*batch)
+                    removed += int(self._client.delete(*batch))  # type: ignore[arg-type]  # sync client
                     batch = []
-            return removed + (self._client.delete(*batch) if batch else 0)
+            return removed + (int(self._client.delete(*batch)) if batch else 0)  # type: ignore[arg-type]
         return int(self._call(go))
 
     def close(self) -> None:
