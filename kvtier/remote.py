@@ -109,6 +109,11 @@ class RemoteCache:
     def _span(self, slot: int) -> np.ndarray:
         return self.buffer[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
 
+    def _payload(self, slot: int) -> torch.Tensor:
+        """The slot past its header, as a slice of the (pinned, on CUDA) staging tensor: copies to and from the
+        device through it are asynchronous."""
+        return self._host[slot * self.slot_bytes + obj.HEADER:(slot + 1) * self.slot_bytes]
+
     # --- down: offer ------------------------------------------------------------------------------------------------
     def offer(self, space: KVSpace, seq_id: Hashable, keys: Sequence[bytes], salt: bytes = b"",
               stream: Any = None, start: int = 0) -> int:
@@ -146,7 +151,7 @@ class RemoteCache:
             if not slot:
                 self._count("puts_dropped")  # never wait: the store is a cache
                 break
-            self._gather(space, part, self._span(slot[0]), stream)
+            self._gather(space, part, slot[0], stream)
             self._remember(name)
             # each object is put as soon as it is copied: its put overlaps the next one's copy
             self._write(space, [(name, list(keys[first - start:last - start + 1]), slot[0])],
@@ -162,9 +167,9 @@ class RemoteCache:
         event.record(stream)
         return event
 
-    def _gather(self, space: KVSpace, blocks: Sequence[int], span: np.ndarray, stream: Any) -> None:
-        """Copy ``blocks`` of every region into the payload of ``span``, queued on ``stream`` (default: current)."""
-        host = torch.from_numpy(span[obj.HEADER:])
+    def _gather(self, space: KVSpace, blocks: Sequence[int], slot: int, stream: Any) -> None:
+        """Copy ``blocks`` of every region into the payload of ``slot``, queued on ``stream`` (default: current)."""
+        host = self._payload(slot)
         n, bb = len(blocks), space.block_bytes
         cuda = space.kv(0)[0].is_cuda
         with torch.cuda.stream(stream) if cuda and stream is not None else _nothing():
@@ -378,7 +383,7 @@ class _Intake:
     def _copy(self, blocks: list[int], n: int, skip: int, slot: int) -> None:
         """Blocks ``skip..n`` of the group in ``slot`` into ``blocks``, every region (queued on the stream)."""
         sp, bb = self.space, self.space.block_bytes
-        host = torch.from_numpy(self.cache._span(slot)[obj.HEADER:])
+        host = self.cache._payload(slot)
         run = blocks[-1] - blocks[0] == len(blocks) - 1  # consecutive (as fresh blocks mostly are): one copy
         with torch.cuda.stream(self.stream) if self.cuda and self.stream is not None else _nothing():
             idx = torch.as_tensor(blocks, dtype=torch.int64, device=sp.kv(0)[0].device)
