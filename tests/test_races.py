@@ -68,3 +68,42 @@ def test_mark_written_while_the_worker_commits_a_prefetch_never_brings_old_bytes
         space.prefetch(["a"]).result()
         assert (k[block] == salt).all() and (v[block] == -salt).all(), f"round {salt}: old bytes came back"
     mgr.check()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shared_blocks_found_forked_and_copied_on_write_while_the_worker_commits(make_manager, slow_commits, seed):
+    # a prompt is published and freed (cached); a request shares it and is sent down -- not waited for -- while
+    # another request shares the same blocks, is brought back (the step may run before the commits end), forked,
+    # and the fork rewrites its first block after copy on write. Whatever point of the worker's commits each call
+    # lands in, every sharer reads the prompt's bytes and the fork reads its own
+    from tests.conftest import assert_holds
+    rng = random.Random(seed)
+    mgr = make_manager(pages=64, keep_copies=True)
+    space = mgr.create_space("s", **make_manager.shape)
+    bs, per_stripe = space.block_size, space.page_size // space.block_bytes
+    k, v = space.kv(0)
+    for r in range(25):
+        tokens = list(range(r * 10_000, r * 10_000 + 2 * per_stripe * bs))  # new keys each round
+        keys = space.block_keys(tokens)
+        space.allocate("p", len(tokens))
+        write_seq(space, "p")
+        space.publish("p", keys)
+        space.free("p")  # cached: found by its keys
+        assert space.share_prefix("q", keys) == len(tokens)
+        down = space.offload("q", tier="host")  # its stripes go down; not waited for
+        time.sleep(rng.uniform(0, 4e-3))
+        assert space.share_prefix("r", keys) == len(tokens)
+        space.prefetch(["r"]).wait(None)  # the step may run; commits may still be under way
+        assert_holds(space, "r", "p", range(2 * per_stripe))
+        space.fork("r", "fork")  # whole blocks: shared, nothing copied
+        space.own("fork", 0, bs)  # copy on write before the fork rewrites its first block
+        _rewrite(k, v, space.blocks("fork")[0], r + 1)
+        assert_holds(space, "r", "p", range(2 * per_stripe))  # the others still read the prompt
+        assert (k[space.blocks("fork")[0]] == r + 1).all() and space.blocks("fork")[1:] == space.blocks("r")[1:]
+        down.settle()
+        space.prefetch(["q"]).result()
+        assert_holds(space, "q", "p", range(2 * per_stripe))
+        for seq in ("q", "r", "fork"):
+            space.free(seq, retain=False)
+        space.erase(b"")  # the cached prompt goes too: the next round starts empty
+        mgr.check()
