@@ -204,7 +204,8 @@ def test_garbage_under_a_live_key_is_a_miss_never_served(make_manager, store, ca
     a = _remote(make_manager, store)
     _, keys = _offer(a, make_manager, tokens)
     # the group of blocks 8..15 is overwritten, under its live key, with other bytes of the same size
-    name = "kvtier/" + keys[15].hex()
+    from kvtier.remote import _namer
+    name = _namer(b"")(keys[15])  # its name in the store: kvtier/<tenant>/<key>
     raw = _raw_client(store)
     value = bytearray(raw.get(name))
     value[5000] ^= 0x40
