@@ -33,7 +33,8 @@ from kvtier.space import KVSpace
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = 1 << 16  # keys remembered as stored (not written again)
+KNOWN_KEYS = 1 << 16  # names remembered as stored (not written again, not asked about)...
+KNOWN_TTL_S = 60.0    # ...for this long: the store may evict them, and a later offer must write them again
 READ_CHUNKS = 4  # a lookup's groups are read in up to this many calls: each one checked and copied in while the
 #                  next is read (measured on the CPU machine: the copy in was a quarter of a 64 MiB hit)
 
@@ -56,7 +57,7 @@ class RemoteCache:
         self._free = list(range(slots))
         self._lock = threading.Lock()
         self._absent: dict[str, float] = {}
-        self._known: OrderedDict[str, None] = OrderedDict()
+        self._known: OrderedDict[str, float] = OrderedDict()  # name -> when it was last known to be stored
         self.counts: Counter[str] = Counter()
         self.link = StoreLink(config, self.buffer, self._lock, self.counts)
 
@@ -139,7 +140,7 @@ class RemoteCache:
         sent = 0
         for first, last in obj.groups(start + len(keys), per, start):
             name = name_of(keys[last - start])
-            if first < start or name in self._known:
+            if first < start or self._is_known(name):
                 continue
             part = list(blocks[first - start:last - start + 1])
             try:
@@ -305,14 +306,14 @@ class RemoteCache:
         """Which of ``names`` the store holds: those known to be there, and those it says it has now (a name it
         says it lacks is not asked for again for ``remote_negative_ttl_s``)."""
         now = time.monotonic()
-        ask = [n for n in names if self._absent.get(n, 0.0) <= now and n not in self._known]
+        ask = [n for n in names if self._absent.get(n, 0.0) <= now and not self._is_known(n)]
         found = self.link.read(lambda store: store.exists(ask)) if ask else []
         for n, f in zip(ask, found):
             if not f:
                 self._absent[n] = now + self.config.remote_negative_ttl_s
         if len(self._absent) > KNOWN_KEYS:
             self._absent = {n: t for n, t in self._absent.items() if t > now}
-        return {n for n, f in zip(ask, found) if f} | {n for n in names if n in self._known}
+        return {n for n, f in zip(ask, found) if f} | {n for n in names if self._is_known(n)}
 
     # --- books ------------------------------------------------------------------------------------------------------
     def _layout(self, space: KVSpace) -> tuple[bytes, int]:
@@ -321,10 +322,13 @@ class RemoteCache:
 
     def _remember(self, name: str) -> None:
         with self._lock:
-            self._known[name] = None
+            self._known[name] = time.monotonic()
             self._known.move_to_end(name)
             if len(self._known) > KNOWN_KEYS:
                 self._known.popitem(last=False)
+
+    def _is_known(self, name: str) -> bool:
+        return time.monotonic() - self._known.get(name, -KNOWN_TTL_S) < KNOWN_TTL_S
 
     def _forget(self, name: str) -> None:
         with self._lock:
