@@ -248,10 +248,12 @@ class RemoteCache:
                 part = self._part(keys, groups[whole], intake.total, name_of)
                 if part is not None:
                     self._read_in(intake, keys, [part], self._take(1))
-            return intake.finish()
         except Miss:
             self._count("gets_failed")
-            return intake.finish()
+        except BaseException:
+            intake.release()  # an error not of the store's: its staging still goes back
+            raise
+        return intake.finish()
 
     def _read_in(self, intake: "_Intake", keys: Sequence[bytes], plan: list[tuple[int, int]],
                  slots: list[int]) -> int | None:
@@ -401,13 +403,19 @@ class _Intake:
                     else:
                         tensor.index_copy_(0, idx, src.to(tensor.device, non_blocking=self.cuda))
 
-    def finish(self) -> int:
-        """The copies landed, the staging goes back, the new blocks are published; the tokens the sequence holds."""
-        sp, cache = self.space, self.cache
+    def release(self) -> None:
+        """The copies landed (waited for); the staging read into goes back."""
         if self.cuda and self.owned:
-            (self.stream or torch.cuda.current_stream(sp.kv(0)[0].device)).synchronize()
+            (self.stream or torch.cuda.current_stream(self.space.kv(0)[0].device)).synchronize()
+        with self.cache._lock:
+            self.cache._give(self.owned)
+        self.owned = []
+
+    def finish(self) -> int:
+        """The staging goes back, the new blocks are published; the tokens the sequence holds."""
+        sp, cache = self.space, self.cache
+        self.release()
         with cache._lock:
-            cache._give(self.owned)
             cache.counts["hit_blocks"] += self.total - self.have
             cache.counts["hit_bytes"] += (self.total - self.have) * sp.block_bytes * sp.num_regions
         if self.total > self.have:

@@ -90,9 +90,9 @@ class SlotJournal:
                        "ino": st.st_ino}
         self._live: dict[int, PageRecord] = {}   # record id -> a page that may still be read back
         self._owner: dict[int, int] = {}         # slot -> the live record naming it
-        self.pending = self._replay(slots)
-        self._stale = 0
+        self._stale = 0                          # lines that no longer restore anything (counted by _void too)
         self._file: TextIO | None = None
+        self.pending = self._replay(slots)
         self._rewrite()
 
     def _replay(self, slots: int) -> list[PageRecord]:
