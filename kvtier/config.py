@@ -56,8 +56,9 @@ def _budget(value: Any) -> Any:
 
 
 def _device(value: Any) -> Any:
-    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value)):
-        raise ValueError(f"{value!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')")
+    if not (isinstance(value, str) and re.fullmatch(r"auto|(cpu|cuda)(:\d+)?", value)):
+        raise ValueError(f"{value!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N'; 'cpu:N' stands in for "
+                         "a device N of its own on the CPU backend)")
     return value
 
 

@@ -64,8 +64,15 @@ def machine_problems(config: Config) -> list[tuple[str, str]]:
         unreachable = remote_problem(config)
         if unreachable:
             problems.append(unreachable)
-    from kvtier.tiering.tiers.registry import section_problems
-    return problems + [p for p in section_problems(config, load=True) if p not in problems]
+    from kvtier.tiering.tiers.registry import section_problems, tier_class, tier_settings
+    problems += [p for p in section_problems(config, load=True) if p not in problems]
+    if not any(where.startswith("tier") for where, _ in problems):
+        for name in config.tiers:  # a tier that would be unavailable here (the peer tier without a peer) says why
+            cls = tier_class(name)
+            why = cls.problem(tier_settings(cls, config), device) if hasattr(cls, "problem") else None
+            if why:
+                problems.append((f"tier_settings.{name}", why))
+    return problems
 
 
 def _tempdir() -> str:

@@ -45,7 +45,7 @@ def test_sizes_sections_spaces_and_policy_parameters_load(tmp_path):
     ('[tiers.host]\nsize = 1\n', "[tiers.host]: the host tier is set in its own section, not [tiers.host]"),
     ('[gpu]\npool_budget = 1.5\n', "[gpu] pool_budget: fraction 1.5 is outside (0, 1]"),
     ('[gpu]\npool_budget = 1\n', "[gpu] pool_budget: 1 bytes is less than one page"),
-    ('[gpu]\ndevice = "gpu"\n', "[gpu] device: 'gpu' is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')"),
+    ('[gpu]\ndevice = "gpu"\n', "[gpu] device: 'gpu' is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ('[host]\nkeep_copies = "no"\n', "[host] keep_copies: 'no': Input should be a valid boolean"),
     ('[gpu]\nlow_watermark = 0.5\nhigh_watermark = 0.2\n', "[gpu] low_watermark: 0.5 is above the high watermark 0.2"),
     ('[nvme]\nthreads = 0\n', "[nvme] threads: 0: Input should be greater than or equal to 1"),

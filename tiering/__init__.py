@@ -12,7 +12,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "FIRST_LOWER": "state.tier", "IO_ALIGN": "state.tier", "HostSlots": "state.tier", "LowerTier": "state.tier",
+    "FIRST_LOWER": "state.tier", "IO_ALIGN": "state.tier", "HostSlots": "state.tier", "ElasticTier": "state.tier",
+    "LowerTier": "state.tier",
     "Tier": "state.tier", "TierStack": "state.tier", "is_lower": "state.tier", "PageTable": "state.pagetable",
     "DemotionPlan": "state.plans", "PlannedMove": "state.plans",
     "TierContext": "tiers.registry", "known_tiers": "tiers.registry", "register_tier": "tiers.registry",

@@ -39,6 +39,15 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def peer_access(index: int, peer: int) -> bool:
+    """Whether device ``index`` can read and write memory on device ``peer`` (NVLink or PCIe peer-to-peer)."""
+    if _drv is None or index == peer:
+        return False
+    _check("cuInit", _drv.cuInit(0))
+    dev, other = _check("cuDeviceGet", _drv.cuDeviceGet(index)), _check("cuDeviceGet", _drv.cuDeviceGet(peer))
+    return bool(_check("cuDeviceCanAccessPeer", _drv.cuDeviceCanAccessPeer(dev, other)))
+
+
 def _check(call: str, result: Any) -> Any:
     """Unpack a cuda-python result tuple, raising CudaError on failure."""
     err, *values = result if isinstance(result, tuple) else (result,)
@@ -93,6 +102,15 @@ class CudaBackend:
         props = torch.cuda.get_device_properties(self.device)
         self.device_key = f"cuda-{getattr(props, 'uuid', None) or f'{index}-{props.name}'}"
 
+    def grant(self, index: int) -> None:
+        """Let device ``index`` read and write what this backend maps from now on (its copy engines then copy to
+        and from these pages: the peer tier's slots on another GPU)."""
+        access = _drv.CUmemAccessDesc()
+        access.location.type = _drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = index
+        access.flags = _drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self.access.append(access)
+
     def _bind(self) -> None:
         # Driver calls act on the calling thread's current context; make it torch's primary one once per thread.
         if not getattr(self._bound, "done", False):
@@ -134,7 +152,7 @@ class CudaBackend:
             for i, handle in enumerate(handles):
                 _check("cuMemMap", _drv.cuMemMap(address + i * page_size, page_size, 0, handle, 0))
                 mapped += 1
-            _check("cuMemSetAccess", _drv.cuMemSetAccess(address, mapped * page_size, self.access, 1))
+            _check("cuMemSetAccess", _drv.cuMemSetAccess(address, mapped * page_size, self.access, len(self.access)))
         except CudaError:
             if mapped:  # leave nothing half-mapped behind: the caller's books say "unmapped"
                 _drv.cuMemUnmap(address, mapped * page_size)

@@ -34,4 +34,4 @@ def open_backend(device: torch.device) -> Backend:
     """The backend for a resolved device."""
     if device.type == "cuda":
         return _cuda.CudaBackend(device.index or 0)
-    return HostBackend()
+    return HostBackend(device.index or 0)

@@ -55,10 +55,13 @@ class HostBackend:
     name = "host"
     granularity = mmap.PAGESIZE
     default_page_size = 8 << 20  # same as the CUDA default, so CPU runs mirror the GPU's page counts
-    device_key = "host"
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        """``index``: which stand-in device (``cpu:N``): each has pages of its own and a ledger of its own, so two
+        of them stand in for two GPUs of one host (the peer tier's tests)."""
         self.device = torch.device("cpu")
+        self.index = index
+        self.device_key = "host" if not index else f"host-{index}"
         self._fd = os.memfd_create("kvtier-pages", os.MFD_CLOEXEC)
         self._slot_size: int | None = None
         self._slots = 0                 # slots the memfd has room for
@@ -66,7 +69,8 @@ class HostBackend:
         self._slot_lock = threading.Lock()  # the pool creates from its worker thread while others release
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "host", "device": "cpu", "granularity": self.granularity,
+        return {"backend": "host", "device": f"cpu:{self.index}" if self.index else "cpu",
+                "granularity": self.granularity,
                 "why": "no usable CUDA device, or device='cpu' was asked for"}
 
     def free_memory(self) -> int:

@@ -4,8 +4,9 @@ GPU: when fewer than ``gpu_low_watermark`` of the pool's pages are free, idle pa
 ``gpu_high_watermark`` is free. A lower tier with watermarks (the host tier: ``host_high_watermark``): above its
 high mark kept copies are dropped first (it costs nothing), then its coldest pages cascade to the tiers below it
 (where the policy places them) until its low mark -- once past its high mark a tier drains to its low mark over
-as many ticks as it takes, counting the slots already on their way out. Every move is planned and committed under the manager's
-lock, like any other.
+as many ticks as it takes, counting the slots already on their way out. A tier whose size follows a shared budget
+(``ElasticTier``: the peer tier) is rebalanced every tick, and what it owes goes down the same way. Every move is
+planned and committed under the manager's lock, like any other.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from kvtier.config import Config
 from kvtier.policies import PageRef
-from kvtier.tiering.state.tier import LowerTier
+from kvtier.tiering.state.tier import ElasticTier, LowerTier
 
 if TYPE_CHECKING:
     from kvtier.tiering.engine.tiering import Tiering
@@ -66,8 +67,14 @@ class Demoter:
 
     def _tick(self) -> None:
         self._keep_gpu()
-        for tier in self.tiering.stack.tiers[:-1]:  # the last one has nowhere to cascade to
-            if tier.watermarks is not None:
+        tiers = self.tiering.stack.tiers
+        for tier in tiers:
+            owed = tier.rebalance() if isinstance(tier, ElasticTier) else 0
+            if tier is tiers[-1]:
+                continue  # the last one has nowhere to cascade to
+            if owed > 0:
+                self._give_back(tier, owed)
+            elif tier.watermarks is not None:
                 self._keep(tier, *tier.watermarks)
         self._answer_pressure()
         if self.config.map_ahead:
@@ -128,6 +135,14 @@ class Demoter:
             return
         self.tiering.drop_copies_until(tier.id, books.total - low)  # copies first, down to the low mark if they can
         wanted = used() - self._leaving(tier) - low
+        if wanted > 0:
+            self._cascade(tier, wanted)
+
+    def _give_back(self, tier: LowerTier, owed: int) -> None:
+        """``tier`` owes ``owed`` of its used slots to the budget it shares: kept copies there are dropped first
+        (it costs nothing), then its coldest pages go down; it gives the slots back once they are free."""
+        self.tiering.drop_copies_until(tier.id, owed)
+        wanted = owed - tier.books.free - self._leaving(tier)
         if wanted > 0:
             self._cascade(tier, wanted)
 

@@ -70,10 +70,10 @@ def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: int | None, policy:
                   spaces: Iterable[TieredSpace], free: Mapping[int, int], stack: TierStack,
                   reachable: Callable[[int, int], bool] = lambda src, dst: True) -> DemotionPlan:
     """Plan moving each ``(space, page)`` of ``picks`` down, in order. With ``dst``: there, or -- for a GPU page
-    when ``dst`` has no room -- the nearest tier below it that has (a page already below ``dst``'s level, or at
-    it, stays). Without: where ``policy.place`` says among the tiers below the page that ``reachable`` (a route
-    exists) -- each candidate with its room -- or nowhere (it stays). Pages that find no room stay. No side
-    effects."""
+    when ``dst`` has no room or no route -- the nearest tier below it that has (a page already below ``dst``'s
+    level, or at it, stays). Without: where ``policy.place`` says among the tiers below the page that
+    ``reachable`` (a route exists) -- each candidate with its room -- or nowhere (it stays). Pages that find no
+    room stay. No side effects."""
     planned = {(s.name, p) for s, p in picks}
     room = room_below(spaces, free, planned)
     plan = DemotionPlan()
@@ -88,11 +88,11 @@ def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: int | None, policy:
             name = policy.place(PageRef(space.name, p), stack.label(src),
                                 [Candidate(stack[t].name, room[t] // R, fits(t)) for t in below])
             want = stack.named(name) if name is not None else None
-        elif dst not in below:
-            want = None
+        elif src == Tier.GPU:  # there, or the nearest tier below it with room (a tier with no route has none)
+            spill = [t for t in below if t >= dst and fits(t)]
+            want = spill[0] if spill else dst if dst in below else None
         else:
-            spill = [t for t in below if t >= dst and fits(t)] if src == Tier.GPU else [dst]
-            want = spill[0] if spill else dst
+            want = dst if dst in below else None
         if want is None or want == src or want not in below:
             continue
         if copy is not None and copy[0] == want:

@@ -26,6 +26,23 @@ class SlotBooks:
             self._free.extend(range(first + count - 1, first - 1, -1))
             self.capacity += count
 
+    def add(self, slots: list[int]) -> None:
+        """More slots, free (a tier whose size follows a budget: the peer tier)."""
+        with self._lock:
+            self._free.extend(slots)
+            self.capacity += len(slots)
+            self.total += len(slots)
+
+    def remove_free(self, n: int) -> list[int]:
+        """Up to ``n`` free slots out of the books for good (the tier gives their memory back); which ones."""
+        with self._lock:
+            n = min(n, len(self._free))
+            gone = self._free[len(self._free) - n:]
+            del self._free[len(self._free) - n:]
+            self.capacity -= n
+            self.total -= n
+            return gone
+
     @property
     def used(self) -> int:
         return self.capacity - len(self._free)

@@ -85,6 +85,18 @@ class LowerTier(Protocol):
 
 
 @runtime_checkable
+class ElasticTier(Protocol):
+    """A lower tier whose size follows a budget it shares with others (the peer tier: another GPU's ledger).
+
+    The background demoter calls ``rebalance()`` every tick, under the manager's lock: the tier grows, or gives
+    back free slots (``SlotBooks.remove_free``), as its budget says, and returns how many of its *used* slots it
+    still owes; the demoter then drops kept copies there and moves that many slots' worth of its pages down, and
+    the tier gives those slots back at a later tick, once they are free."""
+
+    def rebalance(self) -> int: ...
+
+
+@runtime_checkable
 class HostSlots(Protocol):
     """A lower tier whose slots are host memory a device copy or a file's I/O can reach (the host tier). Other
     tiers use it: the NVMe tier stages GPU pages through its lent slots and reads and writes its slots -- with

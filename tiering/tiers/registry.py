@@ -25,21 +25,23 @@ if TYPE_CHECKING:
     from kvtier.config import Config
     from kvtier.tiering.state.tier import LowerTier, TierStack
 
-_BUILT_IN = {"host": "kvtier.tiering.tiers.host:HostTier", "nvme": "kvtier.tiering.tiers.nvme:NvmeTier"}
+_BUILT_IN = {"host": "kvtier.tiering.tiers.host:HostTier", "nvme": "kvtier.tiering.tiers.nvme:NvmeTier",
+             "peer": "kvtier.tiering.tiers.peer:PeerTier"}
 _TIERS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
 class TierContext:
     """What a tier is built with: the manager's device and backend, the slot size (one page of one region), the
-    file layer the tests put under disk tiers (None: the real one), and the tiers opened before it (nearer the
-    GPU)."""
+    file layer the tests put under disk tiers (None: the real one), the tiers opened before it (nearer the GPU),
+    and the manager's config (read-only: e.g. the ledger's directory, for a tier that shares a device's pages)."""
 
     device: Any
     backend: Any
     slot_size: int
     files: Any = None
     above: tuple["LowerTier", ...] = ()
+    config: Any = None
 
 
 def register_tier(cls: Any) -> Any:
@@ -141,7 +143,7 @@ def open_stack(config: "Config", context: TierContext,
     try:
         for name in config.tiers:
             cls = tier_class(name)
-            ctx = TierContext(context.device, context.backend, context.slot_size, context.files, tuple(tiers))
+            ctx = TierContext(context.device, context.backend, context.slot_size, context.files, tuple(tiers), config)
             tiers.append(cls.open(tier_settings(cls, config), ctx))
             opened(tiers[-1])
         return TierStack(tiers)
