@@ -111,7 +111,7 @@ def test_the_peer_gives_its_pages_back_when_that_devices_own_engine_needs_them(m
     ledger = dict(ledger_dir=str(tmp_path), ledger_budget=16 * page)
     # A (on cpu) keeps up to 12 pages of cpu:1 as its peer tier, and fills 8 of them with two idle sequences
     a = _make(make_manager, peer, slots=12, background_demotion=True, gpu_low_watermark=0.0, gpu_high_watermark=0.0,
-              **ledger)
+              peer_settings={"regrow_after_s": 0.5}, **ledger)
     space = _space(a, make_manager)
     for seq in ("x", "y"):
         space.allocate(seq, _page_tokens(space))
@@ -135,6 +135,13 @@ def test_the_peer_gives_its_pages_back_when_that_devices_own_engine_needs_them(m
         assert_seq(space, seq, salt=3)
     a.check()
     b.check()
+    # B ends: nobody on cpu:1 asks any more, and the peer tier grows back to its size
+    b.close()
+    deadline = time.monotonic() + 10
+    while tier.books.capacity < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tier.books.capacity == 12 and tier.describe()["grown"] > 12
+    a.check()
 
 
 def test_a_copy_that_fails_either_way_leaves_the_page_where_it_was(backend_name, peer):

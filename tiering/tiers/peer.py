@@ -10,14 +10,15 @@ device's ledger -- the books every kvtier process on that device shares -- as a 
 ``priority`` (below the engines' by default): when a process there is short of pages, the tier is first in line to
 give back; it hands over its free slots at once, and the background demoter moves the pages of the rest down (host,
 then NVMe) until it has paid what was asked. It grows back toward ``size`` once nobody has asked for
-``REGROW_AFTER_S``. Without a ledger it takes ``size`` at start, as far as the peer has memory free, and keeps it.
+``regrow_after_s``. Without a ledger it takes ``size`` at start, as far as the peer has memory free, and keeps it.
 
 Where there is no peer (one GPU, no peer access between the two, the CPU backend with no stand-in named, a peer
 ledger counting pages of another size) the tier is *unavailable*: no slots, no routes, and ``kvtier info``,
 ``config check`` and ``mgr.stats()`` say why; the manager runs without it. On the CPU backend ``device = "cpu:N"``
 stands in for a second GPU: a second mapping of its own memory and its own ledger, so bytes really move.
 
-Settings: ``[tiers.peer]`` (``device``, ``size``, ``priority``, ``low_watermark``/``high_watermark``).
+Settings: ``[tiers.peer]`` (``device``, ``size``, ``priority``, ``regrow_after_s``,
+``low_watermark``/``high_watermark``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOOK_S = 0.05          # between looks at the peer's ledger (others short of pages)
-REGROW_AFTER_S = 10.0  # no one asked for pages this long: grow back toward ``size``
 GROW_SLOTS = 64        # slots created per demoter tick while growing (64 handles: ~2 ms of driver calls)
 
 
@@ -57,6 +57,7 @@ class PeerSettings(BaseModel):
     device: str = "auto"  # "cuda:N", or "auto": the first other GPU this one has peer access to; "cpu:N" on CPU
     size: Size = 8 << 30  # at most this much of the peer's memory
     priority: int = -1    # on the peer's ledger: below its engines' (0), so the tier gives back first
+    regrow_after_s: float = Field(10.0, ge=0)  # no one there asked for pages this long: grow back toward size
     low_watermark: float = Field(0.80, ge=0, le=1)
     high_watermark: float = Field(0.90, ge=0, le=1)
 
@@ -132,7 +133,7 @@ class PeerTier:
         self._held: dict[int, int] = {}     # slot -> bytes it holds, where less than the slot
         self._owed = 0                      # used slots to empty and give back (the peer's processes want them)
         self._looked = -1.0
-        self._asked_at = -REGROW_AFTER_S    # when a process on the peer last asked for pages
+        self._asked_at = -settings.regrow_after_s  # when a process on the peer last asked for pages
         self.given_back = self.grown = 0    # slots, over the tier's life
         peer, why = find_peer(settings, context.device)
         if peer is None or not self.max_slots:
@@ -146,6 +147,8 @@ class PeerTier:
             return
         self.peer = peer
         self._grow(self.max_slots)  # what it may take now; the rest later, as the peer's ledger allows
+        if self.ledger is not None:  # said at once: a process there short of pages waits for these, not in vain
+            self.ledger.pressure(self.books.capacity)
         log.info("peer tier: %d slots on %s (up to %d)", self.books.capacity, peer, self.max_slots)
 
     def _unavailable(self, why: str) -> None:
@@ -248,7 +251,7 @@ class PeerTier:
             self._owed -= self._shrink(self._owed)
             if self._owed:
                 return self._owed
-        if now - self._asked_at >= REGROW_AFTER_S and self.books.capacity < self.max_slots:
+        if now - self._asked_at >= self.settings.regrow_after_s and self.books.capacity < self.max_slots:
             self._grow(GROW_SLOTS)
         return 0
 
