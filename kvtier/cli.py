@@ -92,8 +92,8 @@ def _bench_options(fn: Any) -> Any:
 # name -> (what it measures, whether it needs transformers); ``kvtier bench`` with no name runs ALL
 BENCHMARKS: dict[str, tuple[str, bool]] = {
     "vmm": ("Map/unmap cost vs page size, allocate latency, decode-attention overhead.", False),
-    "tiers": ("Every tier path for a whole sequence, and GPU<->host vs transfer size, against same-run ceilings.",
-              False),
+    "tiers": ("Every tier path for a whole sequence, GPU<->host vs transfer size, and the peer tier (another GPU), "
+              "against same-run ceilings.", False),
     "prefetch": ("Fault-back latency vs sequence length, mapping included.", False),
     "nvme": ("Disk throughput vs threads and I/O size; kvikio (GDS or compat) on GPU machines.", False),
     "generate": ("transformers generate: DynamicCache vs its offloaded variant vs TieredCache.", True),
@@ -134,7 +134,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
     table = {
         "vmm": (1, lambda step: bench("vmm").run(device, quick=quick)),
         "tiers": (1 + len(tokens), lambda step: bench("tiers").run(device, quick=quick, nvme_dir=nvme_dir)
-                  + [bench("tiers").sweep(device, tokens, step)]),
+                  + [bench("tiers").sweep(device, tokens, step), bench("peer_tier").run(device, quick=quick)]),
         "prefetch": (len(tokens), lambda step: [bench("prefetch").run(device, tokens, nvme_dir=nvme_dir, step=step)]),
         "nvme": (len(threads) * len(sizes), lambda step: [bench("nvme").run((256 if quick else 1024) << 20, threads,
                                                                             sizes, nvme_dir=nvme_dir, step=step)]),
