@@ -215,3 +215,16 @@ def test_a_peer_ledger_that_counts_pages_of_another_size_makes_the_tier_unavaila
     stats = mgr.stats()["tiers"]["peer"]
     assert not stats["available"] and "page_size" in stats["why"]
     mgr.check()
+
+
+def test_the_readmes_peer_section_is_a_config_that_checks(tmp_path):
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.S) if "[tiers.peer]" in b)
+    path = tmp_path / "peer.toml"
+    path.write_text(block)
+    config = kvtier.Config.from_file(str(path))
+    assert config.tiers == ["peer", "host", "nvme"] and config.tier_settings["peer"]["size"] == "16GiB"
+    out = CliRunner().invoke(main, ["config", "check", "--schema-only", str(path)])
+    assert out.exit_code == 0, out.output
