@@ -355,8 +355,9 @@ def _ledger_table() -> Any:
 
     def table(directory: str) -> Any:
         out = RichTable(title=f"kvtier processes (ledgers in {directory})", title_justify="left")
-        for column in ("device", "pid", "name", "priority", "pages", "GPU memory", "limit", "of the device"):
-            out.add_column(column, justify="left" if column in ("device", "name") else "right")
+        for column in ("device", "pid", "name", "priority", "pages", "GPU memory", "limit", "of the device",
+                       "cache hits", "tokens saved", "hits from"):
+            out.add_column(column, justify="left" if column in ("device", "name", "hits from") else "right")
         for path in ledgers(directory):
             device = path.rsplit("kvtier-ledger-", 1)[1]
             try:
@@ -370,7 +371,7 @@ def _ledger_table() -> Any:
                 limit = proc["limit_pages"]
                 out.add_row(device, str(proc["pid"]), escape(proc["name"]), str(proc["priority"]), str(proc["pages"]),
                             _size(proc["pages"] * page), "none" if limit is None else _size(limit * page),
-                            f"{proc['pages'] / budget:.0%}" if budget else "n/a")
+                            f"{proc['pages'] / budget:.0%}" if budget else "n/a", *_cache_cells(proc.get("cache")))
             used = sum(p["pages"] for p in books["procs"].values())
             out.add_row(device, "", "[bold]all[/bold]", "", str(used), _size(used * page), _size(budget * page),
                         f"{used / budget:.0%}" if budget else "n/a", end_section=True)
@@ -378,10 +379,20 @@ def _ledger_table() -> Any:
     return table
 
 
+def _cache_cells(cache: dict[str, int] | None) -> tuple[str, str, str]:
+    """A process's prefix-cache counters as the ledger has them: blocks found, tokens not computed, and where the
+    blocks it shared rested (gpu, host, nvme..., remote)."""
+    if not cache:
+        return "", "", ""
+    where = ", ".join(f"{k.removeprefix('from_')} {v}" for k, v in sorted(cache.items())
+                      if k.startswith("from_") and v)
+    return str(cache.get("hit_blocks", 0)), str(cache.get("tokens_saved", 0)), where
+
+
 @main.command("ls")
 @_LEDGER_DIR
 def ls_command(ledger_dir: str) -> None:
-    """The kvtier processes sharing each device (from the ledgers): pages, limits, priorities."""
+    """The kvtier processes sharing each device (from the ledgers): pages, limits, priorities, prefix-cache hits."""
     console.print(_ledger_table()(ledger_dir))
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -206,6 +207,20 @@ class TierManager:
 
     def pages_changed(self) -> None:
         self._changed.notify_all()
+
+    def cache_counters(self) -> dict[str, int]:
+        """What the spaces' prefix caches (and the remote cache) found, summed: ``kvtier top`` shows it."""
+        out: Counter[str] = Counter()
+        for space in self.spaces.values():
+            index = space.prefix
+            out["hit_blocks"] += index.hits
+            out["tokens_saved"] += index.tokens_shared
+            out["lookups_short"] += index.misses
+            for place, n in index.shared.items():
+                out[f"from_{place}"] += n
+        if self.remote is not None:
+            out["from_remote"] += self.remote.counts["hit_blocks"]
+        return dict(out)
 
     def give_pages(self, handles: list[Any]) -> None:
         self.pool.give(handles)

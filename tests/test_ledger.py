@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -161,6 +162,29 @@ def test_two_managers_share_the_devices_budget_and_pages_flow_back(tmp_path, bac
         a.check()
         b.check()
     assert _books(str(tmp_path))["procs"] == {}
+
+
+def test_top_shows_each_processes_prefix_cache_hits(tmp_path):
+    # a process publishes a prompt's blocks and a second request finds them: its demoter says so in the ledger
+    # (counters ride along with its idle count), and kvtier ls / top show the hits and the tokens saved
+    with _manager(tmp_path, "cached model", 8) as a:
+        space = a.create_space("s", num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
+        prompt = list(range(64))
+        keys = space.block_keys(prompt)
+        space.allocate("r1", len(prompt))
+        space.publish("r1", keys)
+        assert space.share_prefix("r2", keys) == 64
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cache = next(iter(_books(str(tmp_path))["procs"].values())).get("cache")
+            if cache and cache["hit_blocks"] == 4:
+                break
+            time.sleep(0.05)
+        assert cache == {"hit_blocks": 4, "tokens_saved": 64, "lookups_short": 0, "from_gpu": 4}
+        out = CliRunner().invoke(main, ["ls", "--ledger-dir", str(tmp_path)])
+        assert out.exit_code == 0, out.output
+        row = next(line for line in out.output.splitlines() if "cached model" in line)
+        assert "gpu 4" in row and " 64 " in row, out.output
 
 
 def test_ls_and_limit_show_and_change_a_share(tmp_path):

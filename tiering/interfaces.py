@@ -80,6 +80,8 @@ class SpaceDirectory(Protocol):
     - ``tiered_spaces()`` lists the open spaces.
     - ``pages_changed()`` is called (under the lock) whenever committed transfers may have made room, so that
       callers waiting for pages plan again.
+    - ``cache_counters()`` sums what the prefix caches found (blocks hit, tokens not computed, hits by where the
+      blocks rested): published on the device's ledger for ``kvtier top``.
     """
 
     lock: threading.RLock
@@ -87,3 +89,5 @@ class SpaceDirectory(Protocol):
     def tiered_spaces(self) -> list[TieredSpace]: ...
 
     def pages_changed(self) -> None: ...
+
+    def cache_counters(self) -> dict[str, int]: ...

@@ -255,16 +255,18 @@ class Ledger:
             return sum(p["pages"] for pid, p in books["procs"].items() if pid != self.id)
         return 0
 
-    def pressure(self, idle_pages: int) -> int:
-        """Publish this process's idle pages; return how many pages it should give back now: what others want,
-        if it is the lowest-priority process with idle pages besides them (a lower priority's idle go first).
-        Read-mostly: the books are rewritten only when the count changed or half its life has passed."""
+    def pressure(self, idle_pages: int, cache: dict[str, int] | None = None) -> int:
+        """Publish this process's idle pages (and its cache's counters, ``cache``: ``kvtier top`` shows them);
+        return how many pages it should give back now: what others want, if it is the lowest-priority process with
+        idle pages besides them (a lower priority's idle go first). Read-mostly: the books are rewritten only when
+        the count changed or half its life has passed (counters alone: at most every quarter of it)."""
         now = time.time()
         try:
             with self._books(write=False) as books:
                 mine = self._mine(books)
                 said = mine.get("idle")
-                stale = not said or said[0] != idle_pages or now - said[1] > WANT_TTL_S / 2
+                stale = not said or said[0] != idle_pages or now - said[1] > WANT_TTL_S / 2 or (
+                    cache is not None and mine.get("cache") != cache and now - said[1] > WANT_TTL_S / 4)
                 others = [p for pid, p in books["procs"].items() if pid != self.id]
                 wanting = [p for p in others if _fresh(p.get("wants"), now)]
                 lower = [p for p in others if p not in wanting and p["priority"] < mine["priority"]
@@ -272,6 +274,8 @@ class Ledger:
             if stale:
                 with self._books() as books:
                     self._mine(books)["idle"] = [idle_pages, now]
+                    if cache is not None:
+                        self._mine(books)["cache"] = dict(cache)
         except LedgerError:
             return 0  # no one can be heard: keep what this process holds
         return 0 if not wanting or lower else sum(p["wants"][0] for p in wanting)

@@ -51,7 +51,9 @@ def _record_ok(record: Any) -> bool:
     return (isinstance(record, dict) and _int(record.get("pid"), 1) and isinstance(record.get("name"), str)
             and _int(record.get("priority"), -2**63) and _int(record.get("pages"))
             and (record.get("limit_pages") is None or _int(record.get("limit_pages")))
-            and all(_said(record[k]) for k in ("wants", "idle") if k in record))
+            and all(_said(record[k]) for k in ("wants", "idle") if k in record)
+            and ("cache" not in record or isinstance(record["cache"], dict)
+                 and all(isinstance(k, str) and _int(v) for k, v in record["cache"].items())))
 
 
 def _books_ok(books: Any) -> bool:

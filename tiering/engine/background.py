@@ -111,7 +111,7 @@ class Demoter:
             return
         self._pressure_at = now
         idle = self.tiering.plan_room(pool.budget_pages)  # what could go down now (no side effect)
-        wanted = pool.ledger.pressure(idle.gpu_handles + pool.free_pages)
+        wanted = pool.ledger.pressure(idle.gpu_handles + pool.free_pages, self.tiering.directory.cache_counters())
         if wanted <= 0:
             return
         wanted -= pool.release_free(wanted)
