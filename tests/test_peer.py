@@ -144,6 +144,51 @@ def test_the_peer_gives_its_pages_back_when_that_devices_own_engine_needs_them(m
     a.check()
 
 
+@pytest.mark.parametrize("seed", [30, 31, 32])
+def test_a_random_walk_while_the_peers_engine_takes_and_gives_back_pages_never_changes_a_byte(make_manager, peer,
+                                                                                              tmp_path, seed):
+    if make_manager.name != "cpu":
+        pytest.skip("CPU stand-ins for both devices")
+    import random
+    rng = random.Random(seed)
+    page = PAGE["cpu"]
+    # the engine on cpu:1 first: it sets that device's budget (16 pages); A's own device gets 64
+    b = make_manager(device=peer, ledger_name="engine on cpu:1", tiers=["host"], ledger_dir=str(tmp_path),
+                     ledger_budget=16 * page)
+    a = _make(make_manager, peer, slots=12, background_demotion=True, peer_settings={"regrow_after_s": 0.2},
+              ledger_dir=str(tmp_path), ledger_budget=64 * page)
+    space = _space(a, make_manager)
+    engine = b.create_space("e", max_tokens=8192, **make_manager.shape)
+    seqs = [f"s{i}" for i in range(6)]
+    for i, seq in enumerate(seqs):
+        space.allocate(seq, _page_tokens(space))
+        write_seq(space, seq, salt=i)
+    taken = refused = 0
+    for step in range(80):
+        op = rng.random()
+        if op < 0.4:  # a sequence goes idle, down to a tier or left to the demoter
+            space.offload(rng.choice(seqs), tier=rng.choice(["peer", "peer", "host", "nvme", None])).result()
+        elif op < 0.7:  # some come back for a step
+            space.prefetch(rng.sample(seqs, rng.randint(1, 3))).result()
+        elif taken:  # the engine on cpu:1 lets its pages go
+            engine.free("x")
+            taken = 0
+        else:  # the engine on cpu:1 needs pages: the peer tier gives them back
+            try:
+                engine.allocate("x", rng.randint(1, 3) * _page_tokens(engine))
+                taken = 1
+            except kvtier.OutOfPagesError:
+                refused += 1  # nobody could give them in time: a clear error, nothing changed
+        a.check()
+        b.check()
+    # every sequence comes back as written, wherever the walk left it
+    space.ensure_resident(seqs)
+    for i, seq in enumerate(seqs):
+        assert_seq(space, seq, salt=i)
+    assert a.tiering.tier("peer").describe()["given_back"] > 0 and refused < 3
+    a.check()
+
+
 def test_a_copy_that_fails_either_way_leaves_the_page_where_it_was(backend_name, peer):
     if backend_name != "cpu":
         pytest.skip("copies that fail on cue: the CPU backend's")
