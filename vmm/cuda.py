@@ -11,8 +11,9 @@ A range unmapped and mapped again needs its access set again (without it a kerne
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -60,8 +61,23 @@ def _check(call: str, result: Any) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+@contextlib.contextmanager
+def context_kept() -> Iterator[None]:
+    """Whatever context the calling thread has current is current again afterwards: a backend of another device
+    (the peer tier's) binds its own for its calls, and torch would otherwise see that device as the current one."""
+    if _drv is None:
+        yield
+        return
+    before = _check("cuCtxGetCurrent", _drv.cuCtxGetCurrent())
+    try:
+        yield
+    finally:
+        _drv.cuCtxSetCurrent(before)
+
+
 class CudaBackend:
     name = "cuda"
+    _live = 0  # backends open in the process: more than one (the peer tier's), and contexts are checked per call
     granularity: int
     # Measured on an H100 (README, "Choosing the page size"): map + set-access costs ~27 us per handle whatever
     # its size, so an 8k-token Llama-3-8B allocation (1 GiB) takes 14 ms with 2 MiB handles and 3.8 ms with 8 MiB.
@@ -82,6 +98,7 @@ class CudaBackend:
         _check("cuInit", _drv.cuInit(0))
         self._dev = _check("cuDeviceGet", _drv.cuDeviceGet(index))
         self._ctx = _check("cuDevicePrimaryCtxRetain", _drv.cuDevicePrimaryCtxRetain(self._dev))
+        CudaBackend._live += 1
         self._bound = threading.local()
         self._bind()
         attr = _drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
@@ -112,7 +129,13 @@ class CudaBackend:
         self.access.append(access)
 
     def _bind(self) -> None:
-        # Driver calls act on the calling thread's current context; make it torch's primary one once per thread.
+        # Driver calls act on the calling thread's current context; make it torch's primary one once per thread --
+        # or, while a backend of another device is open too (the peer tier's), whenever another one is current.
+        if CudaBackend._live > 1:
+            current = _check("cuCtxGetCurrent", _drv.cuCtxGetCurrent())
+            if current is None or int(current) != int(self._ctx):
+                _check("cuCtxSetCurrent", _drv.cuCtxSetCurrent(self._ctx))
+            return
         if not getattr(self._bound, "done", False):
             _check("cuCtxSetCurrent", _drv.cuCtxSetCurrent(self._ctx))
             self._bound.done = True
@@ -194,3 +217,4 @@ class CudaBackend:
     def close(self) -> None:
         self._bind()
         _drv.cuDevicePrimaryCtxRelease(self._dev)
+        CudaBackend._live -= 1

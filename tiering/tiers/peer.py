@@ -23,6 +23,7 @@ Settings: ``[tiers.peer]`` (``device``, ``size``, ``priority``, ``regrow_after_s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -129,6 +130,7 @@ class PeerTier:
         self.backend: Any = None
         self.ledger: Ledger | None = None
         self.base = 0
+        self._cuda = False  # the peer is a GPU: its backend's calls keep this thread's context (``_on_peer``)
         self._handles: dict[int, Any] = {}  # slot -> its physical page on the peer
         self._held: dict[int, int] = {}     # slot -> bytes it holds, where less than the slot
         self._owed = 0                      # used slots to empty and give back (the peer's processes want them)
@@ -155,7 +157,20 @@ class PeerTier:
         self.why, self.watermarks = why, None
         log.warning("peer tier unavailable: %s; kvtier runs without it", why)
 
+    def _on_peer(self) -> Any:
+        """Around calls to the peer's backend: it makes the peer's context current for them, and the thread's own
+        (this GPU's, which torch reads as the current device) is current again after."""
+        if self._cuda:
+            from kvtier.vmm.cuda import context_kept
+            return context_kept()
+        return contextlib.nullcontext()
+
     def _open(self, peer: torch.device, context: "TierContext") -> None:
+        self._cuda = peer.type == "cuda"
+        with self._on_peer():
+            self._open_backend(peer, context)
+
+    def _open_backend(self, peer: torch.device, context: "TierContext") -> None:
         if peer.type == "cuda":
             from kvtier.vmm.cuda import CudaBackend
             self.backend = CudaBackend(peer.index or 0)
@@ -192,6 +207,10 @@ class PeerTier:
 
     def _grow(self, n: int) -> int:
         """Create and map up to ``n`` more slots, as the peer's ledger (or free memory) allows; how many."""
+        with self._on_peer():
+            return self._grow_on_peer(n)
+
+    def _grow_on_peer(self, n: int) -> int:
         n = min(n, self.max_slots - self.books.capacity)
         if self.ledger is None:
             n = min(n, max(0, self.backend.free_memory() - (1 << 30)) // self.slot_size)  # 1 GiB left to the peer
@@ -224,11 +243,12 @@ class PeerTier:
     def _shrink(self, n: int) -> int:
         """Give up to ``n`` free slots' memory back to the peer; how many."""
         gone = sorted(self.books.remove_free(n))
-        for first, count in runs(gone):
-            self.backend.unmap(self.address(first), count * self.slot_size)
-            for slot in range(first, first + count):
-                self.backend.release(self._handles.pop(slot))
-                self._held.pop(slot, None)
+        with self._on_peer():
+            for first, count in runs(gone):
+                self.backend.unmap(self.address(first), count * self.slot_size)
+                for slot in range(first, first + count):
+                    self.backend.release(self._handles.pop(slot))
+                    self._held.pop(slot, None)
         if self.ledger is not None and gone:
             self.ledger.release(len(gone))
         self.given_back += len(gone)
@@ -267,6 +287,10 @@ class PeerTier:
     def close(self) -> None:
         if self.backend is None:
             return
+        with self._on_peer():
+            self._close_on_peer()
+
+    def _close_on_peer(self) -> None:
         if self._handles:
             for first, count in runs(sorted(self._handles)):
                 self.backend.unmap(self.address(first), count * self.slot_size)
