@@ -1,8 +1,11 @@
 """``kvtier bench long-context``: a context whose KV does not fit beside the weights on the GPU.
 
 A Llama-2-7B-shaped model (MHA: 512 KiB of KV per token) with random bf16 weights, and a prompt of ``tokens``
-tokens (160k: 80 GiB of KV) fed in chunks. TieredCache runs first: as many layers resident as the pool holds
-beside the weights, the rest streamed through pinned host memory and read every step. Then DynamicCache and its
+tokens fed in chunks: by default sized to the machine, a context whose KV is 1.15x the GPU's memory (on a 141 GB
+H200 ~310k tokens, 150 GiB of KV), so that no cache can hold it on the GPU; ``--tokens`` sets it. TieredCache runs
+first: as many layers resident as the pool holds beside the weights, the rest streamed through pinned host memory
+and read every step; the host tier is sized for the streamed layers only (a run that needs more host memory than
+the process may take says so before it starts). Then DynamicCache and its
 offloaded variant are tried (they run out of memory, or crawl: each is given ``deadline`` seconds). Reported: prefill
 time, decode tokens/s, peak GPU memory, bytes below, and the decode step against its physical limit -- the bytes
 read from below each step over the host-to-device bandwidth of a pinned copy measured in the same run.
@@ -19,6 +22,8 @@ import torch
 from kvtier.bench.common import Table, random_model
 from kvtier.bench.tiers import pcie_ceilings
 from kvtier.config import Config, GiB, MiB
+from kvtier.errors import ConfigError
+from kvtier.tiering.tiers.host import memory_limit
 from kvtier.integrations.transformers import cache_kwarg
 from kvtier.manager import TierManager
 
@@ -34,6 +39,19 @@ def _llama2_7b(cuda: bool, quick: bool) -> Any:
                            num_key_value_heads=32, vocab_size=32000, max_position_embeddings=262144)
     return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=1024, max_position_embeddings=262144)
+
+
+def _streamed_bytes(config: Any, max_tokens: int, pool: int, page: int, itemsize: int) -> int:
+    """Host memory the layers TieredCache streams take at ``max_tokens``, with a pool of ``pool`` bytes: as many
+    layers resident as the pool holds (``TieredCache.pool_bytes``), the rest whole in the host tier."""
+    from kvtier.integrations.cache_layers import _layer_bytes
+    from kvtier.integrations.transformers import TieredCache
+    n = config.num_hidden_layers
+    resident = max((r for r in range(n + 1) if TieredCache.pool_bytes(config, max_tokens, r, page_size=page,
+                                                                       itemsize=itemsize) <= pool), default=0)
+    token_bytes = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * itemsize
+    layer, _ = _layer_bytes(token_bytes, -(-max_tokens // 16) * 16, 1, page)
+    return (n - resident) * layer
 
 
 def _run(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int, chunk: int, deadline: float,
@@ -70,15 +88,17 @@ def run(device: str = "auto", quick: bool = False, tokens: int | None = None, ne
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
-    tokens = tokens or (163840 if cuda and not quick else 2048)
     new_tokens = new_tokens or (8 if cuda else 4)
     chunk = CHUNK if cuda and not quick else 256
     config = _llama2_7b(cuda, quick)
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    model = random_model(config, dev)
     itemsize = 2 if cuda else 4
     token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * \
         (config.hidden_size // config.num_attention_heads) * itemsize
+    if not tokens:  # sized to the machine: more KV than the GPU has memory
+        total = torch.cuda.get_device_properties(dev).total_memory if cuda and not quick else 0
+        tokens = -(-int(1.15 * total) // token_bytes // CHUNK) * CHUNK if total else 2048
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    model = random_model(config, dev)
     ids = torch.randint(0, config.vocab_size, (1, tokens), device=dev)
     table = Table(f"long context: Llama-2-7B shape ({token_bytes // 1024} KiB of KV a token), {tokens} tokens "
                   f"({tokens * token_bytes / GiB:.1f} GiB of KV), prefill in chunks of {chunk}, {new_tokens} new",
@@ -96,8 +116,13 @@ def run(device: str = "auto", quick: bool = False, tokens: int | None = None, ne
         budget = max(torch.cuda.mem_get_info(dev)[0] - (12 * GiB if not quick else 256 * MiB), 64 * MiB)
     else:  # one layer resident, so that the CPU run streams the others too
         budget = TieredCache.pool_bytes(config, tokens + new_tokens, 1, page_size=base.page_size, itemsize=itemsize)
-    cfg = base.replace(pool_budget=budget, pool_ready=0,
-                       host_size=kv_bytes + 4 * GiB if cuda else 4 * kv_bytes, host_chunk=1 * GiB if cuda else 4 * MiB,
+    page = base.page_size or (8 << 20)
+    host = _streamed_bytes(config, tokens + new_tokens, budget, page, itemsize) + (1 * GiB if cuda else 4 * MiB)
+    limit, where = memory_limit()
+    if host > limit:
+        raise ConfigError(f"long-context: {tokens} tokens stream {host / GiB:.1f} GiB of KV through host memory, and "
+                          f"this process may take {limit / GiB:.1f} GiB ({where}); pass a smaller --tokens")
+    cfg = base.replace(pool_budget=budget, pool_ready=0, host_size=host, host_chunk=1 * GiB if cuda else 4 * MiB,
                        host_high_watermark=1.0, host_low_watermark=1.0)  # the host tier holds it all: no cascade
     manager = TierManager(cfg)
     try:

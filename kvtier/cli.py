@@ -86,6 +86,9 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option("--repeats", type=click.IntRange(1), default=None,
                       help="generate: interleaved runs of each cache (default 3 on a GPU); decode-pairs: rounds "
                       "(default 30).")(fn)
+    fn = click.option("--tokens", type=click.IntRange(256), default=None,
+                      help="long-context: the context's length (default: sized to the GPU, 1.15x its memory in "
+                      "KV; 2048 on CPU or with --quick).")(fn)
     return fn
 
 
@@ -111,14 +114,14 @@ BENCHMARKS: dict[str, tuple[str, bool]] = {
                "client moving the same bytes; a hit against recomputing the prompt.", False),
     "peers": ("The same allocation work through kvtier and kvcached in one run (kvcached in a child process; "
               "skipped where it is not installed).", False),
-    "long-context": ("A context whose KV does not fit on the GPU: TieredCache where DynamicCache runs out (host "
-                     "memory for 80 GiB of KV: only when named).", True),
+    "long-context": ("A context whose KV does not fit on the GPU (sized to it; --tokens): TieredCache where "
+                     "DynamicCache runs out (host memory for the streamed layers: only when named).", True),
 }
 ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
 
 
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
-           repeats: int | None = None) -> list[tuple[str, int, Any]]:
+           repeats: int | None = None, context: int | None = None) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each benchmark asked for; each module is imported only when its
     benchmark runs (those of transformers' engines need it installed)."""
     import importlib
@@ -139,7 +142,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "nvme": (len(threads) * len(sizes), lambda step: [bench("nvme").run((256 if quick else 1024) << 20, threads,
                                                                             sizes, nvme_dir=nvme_dir, step=step)]),
         "generate": (20, lambda step: [bench("generate").run(device, quick=quick, step=step, repeats=repeats)]),
-        "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step)]),
+        "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step, tokens=context)]),
         "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step)]),
         "prefix": (2, lambda step: [bench("prefix").run(device, quick=quick, step=step)]),
         "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
@@ -161,7 +164,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
 
 
 def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-               nvme_dir: str | None, repeats: int | None = None) -> None:
+               nvme_dir: str | None, repeats: int | None = None, tokens: int | None = None) -> None:
     """System header first, then each table (a progress bar on a terminal, a line per step elsewhere); the same
     facts go to the JSON file. On the CPU backend the GPU targets are not judged (``met``: n/a)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -176,7 +179,7 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
     kinds: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as progress:
-        for name, steps, run in _parts(names, device, quick, nvme_dir, repeats):
+        for name, steps, run in _parts(names, device, quick, nvme_dir, repeats, tokens):
             task = progress.add_task(f"bench {name}", total=steps)
             done = [0]
 
@@ -224,9 +227,9 @@ def _targets_not_judged(table: Any) -> None:
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False),
               help="Run nothing: draw the --plot PNGs of a run saved with --json (plots that match its tables).")
 def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-          nvme_dir: str | None, repeats: int | None, from_json: str | None) -> None:
+          nvme_dir: str | None, repeats: int | None, tokens: int | None, from_json: str | None) -> None:
     """Run the benchmarks NAMES in order (none: vmm, tiers, prefetch, nvme, generate; long-context only when
-    named: it needs host memory for 80 GiB of KV). The list of names is below."""
+    named: it needs host memory for the layers it streams). The list of names is below."""
     if from_json:
         from kvtier.bench import plots
         if not plot_dir:
@@ -238,7 +241,7 @@ def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | Non
             console.print(f"plot: {escape(path)}")
         return
     chosen = list(dict.fromkeys(names)) or list(ALL)
-    _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats)
+    _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats, tokens)
 
 
 @main.group()

@@ -58,6 +58,18 @@ def test_long_context_bench_runs_the_path_on_the_cpu(tmp_path):
     assert rows["TieredCache"]["decode tok/s"] > 0 and rows["TieredCache"]["GiB below"] > 0
 
 
+def test_long_context_asks_host_memory_for_the_layers_it_streams_only():
+    # the H200 case: ~310k tokens of the Llama-2-7B shape (152 GiB of KV) with a 100 GiB pool: the layers the pool
+    # holds stay on the GPU, and the host tier is sized for the others -- not for all of the KV
+    pytest.importorskip("transformers")
+    from kvtier.bench.long_context import _llama2_7b, _streamed_bytes
+    config = _llama2_7b(cuda=True, quick=False)
+    tokens, GiB = 311296, 1 << 30
+    kv, layer = tokens * (512 << 10), tokens * (512 << 10) // config.num_hidden_layers
+    host = _streamed_bytes(config, tokens + 8, 100 * GiB, 8 << 20, 2)
+    assert kv - 100 * GiB <= host <= kv - 100 * GiB + 4 * layer  # the pool's resident layers, less its ring
+
+
 def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
     # the engine as shipped and the engine on kvtier serve the same requests under the same KV budget: both
     # preempt, kvtier keeps what it preempted, and every output equals the other run's
