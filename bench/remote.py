@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kvtier.bench.common import Table, random_model
+from kvtier.bench.remote_servers import two_servers
 from kvtier.bench.stores import START, Store, StoreUnavailable
 from kvtier.config import Config, MiB
 from kvtier.manager import TierManager
@@ -138,12 +139,15 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> Table:
     table = Table(f"Remote cache vs the store's own client ({tokens}-token prompt of an 8-layer, 8-KV-head shape: "
                   f"{tokens * 2 * 8 * 8 * 128 * 2 // MiB} MiB of KV, objects of {OBJECT // MiB} MiB; 127.0.0.1)",
                   ["store", "kvtier put GB/s", "client put GB/s", "put ratio", "kvtier get GB/s",
-                   "client get GB/s", "get ratio", "hit ms", "recompute ms", "recompute / hit"])
+                   "client get GB/s", "get ratio", "hit ms", "recompute ms", "recompute / hit",
+                   "2nd server TTFT hit ms", "TTFT miss ms", "miss / hit"])
+    served = 1024 if quick else tokens  # the two-server rows' prompt (each server is a process of its own)
     try:
         recompute = _prefill_seconds(dev, tokens)
+        engines = True
     except ImportError:
-        recompute = float("nan")
-        table.notes.append("recompute: needs transformers")
+        recompute, engines = float("nan"), False
+        table.notes.append("recompute and the two servers: need transformers")
     for backend in ("valkey", "mooncake"):
         try:
             store = START[backend](**({"memory": "4GB"} if backend == "mooncake" else {"maxmemory": "4gb"}))
@@ -156,8 +160,10 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> Table:
             raw_puts, raw_gets = _store_client(store, objects, nbytes // objects, rounds)
             put_s, get_s, raw_put, raw_get = (statistics.median(x) for x in (puts, gets, raw_puts, raw_gets))
             gb = nbytes / 1e9
+            ttft = two_servers(str(dev), served, store.config, OBJECT) if engines else None
             table.add(backend, gb / put_s, gb / raw_put, raw_put / put_s, gb / get_s, gb / raw_get, raw_get / get_s,
-                      1e3 * get_s, 1e3 * recompute, recompute / get_s)
+                      1e3 * get_s, 1e3 * recompute, recompute / get_s, 1e3 * ttft["hit"] if ttft else None,
+                      1e3 * ttft["miss"] if ttft else None, ttft["miss"] / ttft["hit"] if ttft else None)
         except StoreUnavailable as exc:
             table.notes.append(f"{backend} skipped: {exc}")
         finally:
@@ -167,4 +173,8 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> Table:
     table.notes.append(f"medians of {rounds} rounds after a warm-up, new keys each; ratio: the store's own "
                        "client's time over kvtier's for the same bytes (1.0: as fast); kvtier's get includes the "
                        "lookup, the checks and the copy into the space's blocks; hit ms: that get")
+    table.notes.append(f"two servers: transformers' continuous batching on kvtier in separate processes, a "
+                       f"{served}-token prompt; the second server's time to first token when the first one computed "
+                       "the prompt (its blocks read from the store) against a prompt nobody computed (kvtier."
+                       "bench.remote_servers)")
     return table

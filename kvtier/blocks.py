@@ -24,6 +24,9 @@ class BlockBooks:
         b = np.arange(num_blocks, dtype=np.int64)
         self.first_page = b * block_bytes // page_size
         self.last_page = ((b + 1) * block_bytes - 1) // page_size
+        # a block larger than a page can touch three or more (a large model's engine block as one kvtier token):
+        # then the pages between its first and last are its too, and every per-block page test spans them
+        self.wide = bool(num_blocks) and int((self.last_page - self.first_page).max()) > 1
         self.free = np.ones(num_blocks, dtype=bool)
         self.free_count = num_blocks
         self.refs = np.zeros(num_blocks, dtype=np.int32)  # sequences holding each block (0: free)
@@ -36,9 +39,23 @@ class BlockBooks:
     def pages_of(self, blocks: np.ndarray) -> list[int]:
         """Pages touched by each block, once per (block, page) pair."""
         first, last = self.first_page[blocks], self.last_page[blocks]
+        if self.wide:
+            counts = last - first + 1
+            offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            return (np.repeat(first, counts) + offsets).tolist()
         pages = first.tolist()
         pages.extend(last[np.flatnonzero(last != first)].tolist())
         return pages
+
+    def all_on(self, mask: np.ndarray, blocks: np.ndarray | None = None) -> np.ndarray:
+        """For each of ``blocks`` (default: every block), whether every page it touches is set in the page mask
+        ``mask``."""
+        first = self.first_page if blocks is None else self.first_page[blocks]
+        last = self.last_page if blocks is None else self.last_page[blocks]
+        if not self.wide:
+            return mask[first] & mask[last]
+        counted = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+        return counted[last + 1] - counted[first] == last - first + 1
 
     def live_bytes(self, page: int, align: int) -> int:
         """Bytes of ``page`` (in each region) from its start to the end of its last live block, rounded up to
@@ -87,7 +104,7 @@ class BlockBooks:
         if not held:
             return []
         first, last = int(self.first_page[held[-1]]), int(self.last_page[held[-1]])
-        return [first] if first == last else [first, last]
+        return list(range(first, last + 1))
 
     def grow(self, seq_id: Hashable, blocks: np.ndarray, num_tokens: int) -> list[int]:
         """Give ``blocks`` (free) to ``seq_id``, now holding ``num_tokens``; return the pages that had no live

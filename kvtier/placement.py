@@ -42,13 +42,12 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
     if need > books.free_count:
         raise SpaceFullError(f"space {books.space_name!r}: {need} more blocks wanted, {books.free_count} free of "
                              f"{books.num_blocks}; free sequences or create the space with a larger max_tokens")
-    first, last = books.first_page, books.last_page
     last_block = held[-1] if held else -1
     taken = np.zeros(books.num_blocks, dtype=bool)
     chosen: list[np.ndarray] = []
 
     def take(pages: np.ndarray) -> int:  # take free blocks lying wholly on ``pages``; return still needed
-        cands = np.flatnonzero(books.free & ~taken & pages[first] & pages[last])
+        cands = np.flatnonzero(books.free & ~taken & books.all_on(pages))
         got = _prefer_after(cands, last_block)[:need - int(taken.sum())]
         taken[got] = True
         chosen.append(got)
@@ -70,7 +69,7 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
         allowed = allowed | (mapped & (books.live == 0))
         rest = take(allowed)
     unmapped = np.flatnonzero(masks.vacant)  # never over pages whose data is elsewhere
-    after_page = int(last[last_block]) + 1 if last_block >= 0 else 0
+    after_page = int(books.last_page[last_block]) + 1 if last_block >= 0 else 0
     sharing = allowed is not own and bool((allowed == mapped).all())
     if rest and not sharing and not can_back(books.fresh_pages_needed(rest)):
         allowed, sharing = mapped.copy(), True  # pressure: share pages with other sequences rather than fail
@@ -82,7 +81,7 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
             pages = _pick_pages(unmapped, k, after_page)
             grown = allowed.copy()
             grown[pages] = True
-            cands = np.flatnonzero(books.free & ~taken & grown[first] & grown[last])
+            cands = np.flatnonzero(books.free & ~taken & books.all_on(grown))
             if len(cands) >= rest:
                 blocks = np.concatenate(chosen + [cands[:rest]])
                 used = set(books.pages_of(blocks))

@@ -312,7 +312,7 @@ class KVSpace:
                 mapped[list(self.range.handles)] = True
                 mapped[list(self.range.partial)] = False  # going down: some regions are gone already
             b = self.block_books
-            bad = ids[b.free[ids] | ~mapped[b.first_page[ids]] | ~mapped[b.last_page[ids]]]
+            bad = ids[b.free[ids] | ~b.all_on(mapped, ids)]
             if bad.size:
                 raise NotResidentError(f"space {self.name!r}: blocks {bad[:8].tolist()} are not allocated and "
                                        "mapped; allocate (or prefetch) them before the step")

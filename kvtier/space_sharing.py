@@ -235,8 +235,7 @@ class SpaceSharing:
         """Which of ``blocks`` lie on a page whose data is gone (lost, dropped)."""
         sp, b = self.space, np.asarray(blocks, dtype=np.int64)
         tier, books = sp.pages.tier, sp.block_books
-        return np.isin(tier[books.first_page[b]], (Tier.LOST, Tier.DROPPED)) | \
-            np.isin(tier[books.last_page[b]], (Tier.LOST, Tier.DROPPED))
+        return ~books.all_on(~np.isin(tier, (Tier.LOST, Tier.DROPPED)), b)
 
     # --- kept across restarts ([nvme] persist) ---------------------------------------------------------------------
     def prefix_blocks(self, page: int) -> list[tuple[int, bytes, bytes]]:

@@ -167,7 +167,7 @@ class SpaceTiers:
             raise InvalidArgumentError(f"tokens {start!r}..{stop!r} are not within the "
                                        f"{b.tokens[seq_id]} tokens {seq_id!r} holds")
         blocks = np.asarray(held[start // self.space.block_size: -(-stop // self.space.block_size)], dtype=np.int64)
-        pages = np.unique(np.concatenate((b.first_page[blocks], b.last_page[blocks]))).tolist()
+        pages = np.unique(np.asarray(b.pages_of(blocks), dtype=np.int64)).tolist()
         moving = self.pages.moving
         pending = list({moving[p] for p in pages if p in moving}) if moving else []
         if pending:

@@ -449,3 +449,32 @@ def test_an_elastic_buffer_released_more_than_acquired_is_refused_unchanged(make
     assert buf.mapped_pages == 1
     buf.release([(0, 10), (0, 10)])
     mgr.check()
+
+
+@pytest.mark.parametrize("pages_per_block", [1.5, 3, 8])
+def test_a_block_larger_than_a_page_is_mapped_whole_and_moves_whole(make_manager, pages_per_block):
+    # blocks that span more than two pages (an engine block of a large model as one kvtier token, as the
+    # continuous-batching integration keeps them): every page under a block is mapped before it is handed out,
+    # check_resident sees every page, and the bytes survive a trip down and back
+    page = PAGE_BYTES[make_manager.name]
+    mgr = make_manager(pages=256)
+    head_dim = int(page * pages_per_block) // 2  # float16: one token of one head is the whole block
+    space = mgr.create_space("wide", num_layers=1, num_kv_heads=1, head_dim=head_dim, dtype=torch.float16,
+                             block_size=1, max_tokens=40, map_ahead=False)
+    assert space.block_bytes == int(page * pages_per_block)
+    for seq, n in (("a", 3), ("b", 5), ("c", 2)):
+        space.allocate(seq, n)
+        space.check_resident(space.blocks(seq))
+        write_seq(space, seq)
+    space.free("b")
+    space.allocate("a", 7)  # grows into what b left, and past it
+    space.check_resident(space.blocks("a"))
+    write_seq(space, "a", salt=1)
+    space.offload("a", tier="host").result()
+    with pytest.raises(kvtier.NotResidentError):
+        space.check_resident(space.blocks("a"))
+    space.prefetch(["a"]).result()
+    space.check_resident(space.blocks("a"))
+    assert_seq(space, "a", salt=1)
+    assert_seq(space, "c")
+    mgr.check()
