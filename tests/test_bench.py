@@ -153,8 +153,9 @@ def test_peers_bench_says_why_it_compares_nothing_on_the_cpu(tmp_path):
 
 def test_remote_bench_moves_a_prompt_through_both_stores_on_the_cpu(tmp_path):
     # kvtier's remote cache and each store's own client move the same bytes through a Valkey server and a Mooncake
-    # store started for the run; what comes back is what went (the bench checks it), and a hit is set against
-    # recomputing the prompt
+    # store started for the run; what comes back is what went (the bench checks it), a hit is set against
+    # recomputing the prompt, and a second server process finds what a first one computed (the bench checks that
+    # it hit, and that a prompt nobody computed did not)
     out = tmp_path / "remote.json"
     done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "remote", "--quick", "--device", "cpu",
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
@@ -166,3 +167,4 @@ def test_remote_bench_moves_a_prompt_through_both_stores_on_the_cpu(tmp_path):
     for row in rows.values():
         assert row["kvtier put GB/s"] > 0 and row["kvtier get GB/s"] > 0 and row["put ratio"] > 0
         assert row["hit ms"] > 0 and row["recompute ms"] > 0
+        assert row["2nd server TTFT hit ms"] > 0 and row["TTFT miss ms"] > 0
