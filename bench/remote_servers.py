@@ -54,7 +54,7 @@ def serve(device: str, tokens: int, seed: int, store: dict[str, Any], object_byt
     block_tokens = 16
     kv = (tokens + 256) * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * \
         model.dtype.itemsize
-    cfg = Config(device=device, pool_budget=2 * kv + 256 * MiB, pool_ready=0, host_size=kv + 64 * MiB, nvme_size=0,
+    cfg = Config(device=device, pool_budget=3 * kv + 512 * MiB, pool_ready=0, host_size=kv + 64 * MiB, nvme_size=0,
                  tiers=["host"], page_size=None if dev.type == "cuda" else 64 << 10, remote_object_bytes=object_bytes,
                  remote_buffer=kv + 64 * MiB, remote_timeout_s=60.0, remote_put_timeout_s=120.0,
                  remote_negative_ttl_s=0.0, **store)
@@ -64,7 +64,7 @@ def serve(device: str, tokens: int, seed: int, store: dict[str, Any], object_byt
     with TierManager(cfg) as mgr:
         if mgr.remote is None or not mgr.remote.wait_connected(60):
             raise RuntimeError("bench remote: the server's remote cache did not connect")
-        with kvtier_engine(model, mgr, name="bench", capacity_bytes=kv + 64 * MiB, staging_bytes=64 * MiB):
+        with kvtier_engine(model, mgr, name="bench", capacity_bytes=kv + 64 * MiB, staging_bytes=kv + 64 * MiB):
             with model.continuous_batching_context_manager(generation_config=gen,
                                                            continuous_batching_config=cb) as engine:
                 ttft = {}

@@ -18,19 +18,24 @@ SEQS = st.sampled_from(["s0", "s1", "s2", "s3", "s4"])
 Content = tuple[str, int, int]  # (writer, salt, block index): what pattern() wrote into a block
 
 
-def _machine(backend: str) -> type[RuleBasedStateMachine]:
+def _machine(backend: str, wide: bool = False) -> type[RuleBasedStateMachine]:
+    """``wide``: blocks of two and a half pages each (an engine block of a large model as one token), so that a
+    block's middle page is its alone and pages are shared by neighbouring blocks at both ends."""
     class SharingMachine(RuleBasedStateMachine):
         @initialize()
         def setup(self) -> None:
             page = PAGE[backend]
             shape = dict(SHAPE[backend], num_layers=1)
-            self.mgr = kvtier.TierManager(kvtier.Config(device=backend, page_size=page, pool_budget=12 * page,
-                                                        pool_ready=4 * page, debug_checks=True, host_size=4 * page,
-                                                        host_chunk=2 * page, nvme_size=8 * page,
-                                                        background_demotion=False))
+            if wide:
+                shape["head_dim"] *= 40
+            pages = 60 if wide else 12
+            self.mgr = kvtier.TierManager(kvtier.Config(device=backend, page_size=page, pool_budget=pages * page,
+                                                        pool_ready=4 * page, debug_checks=True,
+                                                        host_size=pages // 3 * page, host_chunk=2 * page,
+                                                        nvme_size=2 * pages // 3 * page, background_demotion=False))
             self.mgr.tiering.wait_ready()
-            # 80 blocks (5 pages): full soon, so cached blocks give way to live ones
-            self.space = self.mgr.create_space("m", max_tokens=80 * shape["block_size"], **shape)
+            # 80 blocks (5 pages; wide: 16 blocks, 40 pages): full soon, so cached blocks give way to live ones
+            self.space = self.mgr.create_space("m", max_tokens=(16 if wide else 80) * shape["block_size"], **shape)
             self.model: dict[str, list[Content | None]] = {}  # per sequence, what each of its blocks holds
             self.offloaded: set[str] = set()
             self.published: list[list[Content]] = []  # every chain published: its blocks may stay cached
@@ -54,6 +59,7 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
         def allocate(self, seq: str, blocks: int) -> None:
             if seq in self.offloaded:
                 return
+            blocks = 1 + blocks % 6 if wide else blocks
             try:
                 got = self.space.allocate(seq, blocks * self.space.block_size)
             except kvtier.OutOfPagesError:
@@ -165,6 +171,8 @@ def _machine(backend: str) -> type[RuleBasedStateMachine]:
     return SharingMachine
 
 
-def test_random_sharing_keeps_every_byte(backend_name: str) -> None:
-    run_state_machine_as_test(_machine(backend_name), settings=settings(
-        max_examples=200, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)))
+@pytest.mark.parametrize("wide", [False, True], ids=["blocks within pages", "blocks of 2.5 pages"])
+def test_random_sharing_keeps_every_byte(backend_name: str, wide: bool) -> None:
+    run_state_machine_as_test(_machine(backend_name, wide), settings=settings(
+        max_examples=60 if wide else 200, stateful_step_count=60, deadline=None,
+        suppress_health_check=list(HealthCheck)))
