@@ -86,6 +86,21 @@ def test_chats_find_their_history_in_the_tiers_with_the_engines_tokens(backend_n
     mgr.close()
 
 
+def test_engine_blocks_larger_than_kvtier_pages_are_kept_and_found_with_the_engines_tokens():
+    # 32 KiB engine blocks over 4 KiB kvtier pages: each kept block spans four pages of the prefix space (the
+    # middle ones its alone) -- kept, sent down, found and copied back in, with the engine's tokens
+    model = _model("cpu", "llama-wide")
+    expected = _chat(model, 12, one_session=False)
+    with _manager("cpu", pages=512, page=4096, host_size=512 * 4096, host_chunk=128 * 4096) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = _chat(model, 12, one_session=False)
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_kept_blocks"] > 0 and stats["prefix_hit_blocks"] > 0
+        assert mgr.pool.in_use_pages == 0
+        mgr.check()
+
+
 def test_without_keep_prefixes_nothing_goes_down(backend_name):
     model = _model(backend_name)
     mgr = _manager(backend_name)

@@ -32,6 +32,9 @@ def _model(backend: str, kind: str = "llama", seed: int = 0) -> torch.nn.Module:
                   num_key_value_heads=2, max_position_embeddings=512)
     if kind == "mistral-window":  # every layer slides: the engine's sliding-window allocator
         model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=24, **common))
+    elif kind == "llama-wide":  # 32 KiB engine blocks: each spans 4 kvtier pages of 4 KiB per region (K, V)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(common, hidden_size=128,
+                                                                                num_key_value_heads=4)))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     model.config._attn_implementation = "sdpa"
@@ -84,6 +87,16 @@ def test_preemption_with_pages_much_larger_than_blocks(tier):
     _preempt_and_compare("cpu", "llama", tier, page=2 << 20)
 
 
+@pytest.mark.parametrize("tier", ["host", "nvme", "peer"])
+def test_engine_blocks_larger_than_kvtier_pages_come_back_with_the_engines_tokens(tier):
+    # an engine block of 32 KiB held as one kvtier token over 4 KiB pages: each block spans four pages of its
+    # swap space (the middle ones its alone); preempted to the host, NVMe, or the peer tier (cpu:1 standing in
+    # for a second GPU), every request comes back with the engine's tokens
+    peer = dict(tiers=["peer", "host", "nvme"], tier_settings={"peer": {"device": "cpu:1", "size": 1 << 20}})
+    _preempt_and_compare("cpu", "llama-wide", tier, page=4096, pages=256, host_pages=256,
+                         **(peer if tier == "peer" else {}))
+
+
 def test_preempted_requests_spill_to_nvme_when_the_host_is_full(backend_name):
     # the default tier is the host; with room there for one chunk, the others go straight on to NVMe (a chunk
     # left on the GPU would keep the very pages the preemption was for)
@@ -92,14 +105,14 @@ def test_preempted_requests_spill_to_nvme_when_the_host_is_full(backend_name):
 
 
 def _preempt_and_compare(backend_name: str, kind: str, tier: str, page: int | None = None,
-                         host_pages: int = 16) -> dict:
+                         host_pages: int = 16, pages: int = 16, **overrides: object) -> dict:
     model = _model(backend_name, kind)
     prompts = _prompts()
     # the engine as shipped, with room for everything: no preemption
     expected = _generate(model, prompts, num_blocks=64)
     blocks = 8  # room for 128 tokens of the ~360 the six requests reach: the engine must preempt
-    with _manager(backend_name, page=page, host_size=host_pages * (page or PAGE[backend_name]),
-                  host_chunk=host_pages * (page or PAGE[backend_name])) as mgr:
+    with _manager(backend_name, pages=pages, page=page, host_size=host_pages * (page or PAGE[backend_name]),
+                  host_chunk=host_pages * (page or PAGE[backend_name]), **overrides) as mgr:
         with kvtier_engine(model, mgr, name="m", capacity_bytes=blocks * _block_bytes(model),
                            staging_bytes=2 * _block_bytes(model), swap_tier=tier) as engine:
             got = _generate(model, prompts, num_blocks=None)
