@@ -59,6 +59,7 @@ class RemoteCache:
         self._absent: dict[str, float] = {}
         self._known: OrderedDict[str, float] = OrderedDict()  # name -> when it was last known to be stored
         self.counts: Counter[str] = Counter()
+        self._too_large: set[str] = set()  # spaces whose one block is larger than an object (said once)
         self.link = StoreLink(config, self.buffer, self._lock, self.counts)
 
     @property
@@ -133,7 +134,7 @@ class RemoteCache:
         (default: current) after the engine's writes, from the GPU (blocks not resident are not sent). Never
         waits: a group that finds no staging memory free is dropped. ``salt``: the tenant's (the keys were made
         with it; ``erase(salt)`` removes them from the store). Return the groups sent."""
-        if not self.up:
+        if not self.up or not self._fits(space):
             return 0
         layout, per = self._layout(space)
         name_of = _namer(salt)
@@ -227,7 +228,7 @@ class RemoteCache:
         Return the tokens ``seq_id`` holds (0: a miss; it then holds nothing)."""
         local = space.share_prefix(seq_id, list(keys[start:]))
         have = start + local // space.block_size
-        if have == len(keys) or not self.up:
+        if have == len(keys) or not self.up or not self._fits(space):
             return local
         self._count("lookups")  # prompts the store was asked about
         groups = obj.groups(len(keys), self._layout(space)[1], have)
@@ -318,6 +319,19 @@ class RemoteCache:
         return {n for n, f in zip(ask, found) if f} | {n for n in names if self._is_known(n)}
 
     # --- books ------------------------------------------------------------------------------------------------------
+    def _fits(self, space: KVSpace) -> bool:
+        """Whether one block of ``space`` (every region) fits an object; a space whose blocks do not is not sent
+        or looked up (said once)."""
+        if space.block_bytes * space.num_regions <= self.slot_bytes - obj.HEADER:
+            return True
+        if space.name not in self._too_large:
+            self._too_large.add(space.name)
+            log.warning("remote cache: a block of space %r takes %d bytes, more than [remote] object_bytes (%d); its "
+                        "blocks are not sent to the store nor looked up there: raise object_bytes (and buffer)",
+                        space.name, space.block_bytes * space.num_regions, self.config.remote_object_bytes)
+        self._count("blocks_too_large")
+        return False
+
     def _layout(self, space: KVSpace) -> tuple[bytes, int]:
         return obj.layout_id(space.layout_tag), obj.group_blocks(space.block_bytes, space.num_regions,
                                                                  self.config.remote_object_bytes)

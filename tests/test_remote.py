@@ -76,6 +76,23 @@ def test_blocks_offered_by_one_manager_are_found_by_another(make_manager, store)
     c.check()
 
 
+def test_blocks_larger_than_an_object_are_kept_local_and_said_so(make_manager, store, caplog):
+    # object_bytes below one block of the space (every region): offers publish locally and send nothing, lookups
+    # find what is local only -- no error reaches the engine, a warning names the setting, stats count it
+    bs = make_manager.shape["block_size"]
+    block = make_manager.shape["block_size"] * make_manager.shape["num_kv_heads"] * make_manager.shape["head_dim"]
+    a = _remote(make_manager, store, remote_object_bytes=block)  # a region's block, of 2 x layers regions
+    tokens = list(range(8 * bs))
+    space, keys = _offer(a, make_manager, tokens)
+    assert a.stats()["remote"].get("puts", 0) == 0 and a.stats()["remote"]["blocks_too_large"] > 0
+    assert "raise object_bytes" in caplog.text
+    assert a.remote.find(space, "q", keys) == 8 * bs  # published here: found locally
+    b = _remote(make_manager, store, remote_object_bytes=block)
+    assert b.remote.find(_space(b, make_manager), "q", keys) == 0
+    a.check()
+    b.check()
+
+
 def test_a_shorter_chain_is_found_to_its_last_block_by_a_longer_prompt(make_manager, store):
     bs = make_manager.shape["block_size"]
     tokens = list(range(BLOCKS * bs))
