@@ -65,7 +65,7 @@ def info(device: str, config_path: str | None) -> None:
     if config.remote_backend:  # not asked here: `kvtier config check` tries to reach it
         where = config.remote_address if config.remote_backend == "valkey" else config.remote_master
         facts["remote store"] = (f"{config.remote_backend} at {where} (lookups within {config.remote_timeout_s:g} s, "
-                                 f"{_size(config.remote_buffer)} of staging)")
+                                 f"{_size(config.remote_buffer)} of staging, writes: {config.remote_write})")
     for key, value in facts.items():
         console.print(f"[bold]{key:>14}[/bold]  {escape(str(value))}")
 

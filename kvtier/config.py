@@ -155,6 +155,9 @@ class Config(BaseModel):
                                     size=True)
     remote_negative_ttl_s: float = _setting(2.0, "remote", "how long a key found absent is not asked for again",
                                             ge=0)
+    remote_write: str = _setting("through", "remote", "through: whole blocks go to the store as they are offered "
+                                 "(kept, published); none: this process only reads the store (a replica of a "
+                                 "cache others fill)", pattern="^(through|none)$")
     # [metrics]
     metrics_port: int | None = _setting(None, "metrics", "serve Prometheus metrics on this port (0: any free "
                                         "one; unset: no endpoint); needs kvtier[metrics]", ge=0, le=65535,

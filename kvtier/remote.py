@@ -133,8 +133,9 @@ class RemoteCache:
         that lie whole in them (the chain's last group may be short). Their bytes are copied now, on ``stream``
         (default: current) after the engine's writes, from the GPU (blocks not resident are not sent). Never
         waits: a group that finds no staging memory free is dropped. ``salt``: the tenant's (the keys were made
-        with it; ``erase(salt)`` removes them from the store). Return the groups sent."""
-        if not self.up or not self._fits(space):
+        with it; ``erase(salt)`` removes them from the store). Nothing is sent with ``[remote] write = "none"``.
+        Return the groups sent."""
+        if self.config.remote_write == "none" or not self.up or not self._fits(space):
             return 0
         layout, per = self._layout(space)
         name_of = _namer(salt)

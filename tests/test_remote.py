@@ -93,6 +93,26 @@ def test_blocks_larger_than_an_object_are_kept_local_and_said_so(make_manager, s
     b.check()
 
 
+def test_a_reader_only_process_finds_what_others_wrote_and_writes_nothing(make_manager, store):
+    # [remote] write = "none": a replica reads what a writer offered, and its own offers stay local
+    bs = make_manager.shape["block_size"]
+    tokens = list(range(16 * bs))
+    a = _remote(make_manager, store)
+    _, keys = _offer(a, make_manager, tokens[:8 * bs])
+    reader = _remote(make_manager, store, remote_write="none")
+    space = _space(reader, make_manager)
+    assert reader.remote.find(space, "q", keys) == 8 * bs
+    assert_holds(space, "q", "r1", range(8))
+    space.allocate("mine", 16 * bs)
+    write_seq(space, "mine", salt=3)
+    theirs = space.block_keys(list(range(1000, 1000 + 16 * bs)))
+    assert reader.remote.offer(space, "mine", theirs) == 16 and reader.remote.flush(30)
+    assert reader.stats()["remote"].get("puts", 0) == 0
+    third = _remote(make_manager, store)
+    assert third.remote.find(_space(third, make_manager), "q", theirs) == 0
+    reader.check()
+
+
 def test_a_shorter_chain_is_found_to_its_last_block_by_a_longer_prompt(make_manager, store):
     bs = make_manager.shape["block_size"]
     tokens = list(range(BLOCKS * bs))
