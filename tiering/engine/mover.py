@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict, deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -154,6 +154,46 @@ class Mover:
         if failed:
             raise PairsFailed(failed)
 
+    def copies_down(self, copies: list[tuple[int, int, int]], copy: Callable[..., None], after: Any, tags: Any,
+                    on_done: Any, landed: Callable[[list[int]], None] | None = None, on_part: Any = None) -> Work:
+        """Copies ``(dst, src, nbytes)`` that leave the GPU's pages, by ``copy(dst, src, nbytes, stream)`` (a
+        backend's ``copy_async``) on the stream down after ``after``, fed in gated batches (:meth:`pipeline`) by
+        the worker; each batch reported as it lands. On the CPU backend each copy is done when ``copy`` returns."""
+        stream = self.down
+
+        def submit(indices: list[int]) -> Any:
+            if stream is None:
+                for i in indices:
+                    copy(*copies[i])
+                return _Landed()
+            with torch.cuda.stream(stream):
+                if indices[0] == 0 and after is not None:
+                    stream.wait_event(after)  # never copy a page the engine's kernels are still writing
+                for i in indices:
+                    copy(*copies[i], stream)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return event
+        return Work(io=[lambda: self.pipeline(submit, len(copies), tags, on_done, landed, on_part=on_part)])
+
+    def copies_up(self, copies: Iterable[tuple[int, int, int] | None], copy: Callable[..., None],
+                  after: Any) -> Work:
+        """Copies ``(dst, src, nbytes)`` into the GPU's pages, enqueued now on the stream up after ``after`` (they
+        hold up no mapping); one event covers them all. ``copies`` is consumed as they are enqueued (a route may
+        check each source just before its copy); ``None`` items are skipped."""
+        up = self.up
+        with torch.cuda.stream(up) if up is not None else contextlib.nullcontext():
+            if up is not None and after is not None:
+                up.wait_event(after)  # the destination may still be read by the engine's kernels
+            for item in copies:
+                if item is not None:
+                    copy(*item, up)
+            if up is None:
+                return Work()
+            event = torch.cuda.Event()
+            event.record(up)
+        return Work(event=event)
+
     def futures(self, ops: dict[int, Callable[[], Any]]) -> "_Futures":
         """A batch of I/O started now (``ops[i]()`` starts item ``i`` and returns its future), for a
         :meth:`pipeline`'s ``submit``."""
@@ -175,6 +215,13 @@ class Mover:
             if errors:
                 raise PairsFailed({(tags[i] if tags is not None else i): exc for i, exc in errors.items()})
         return Work(io=[run])
+
+
+class _Landed:
+    """A batch of copies done when submitted (the CPU backend's): nothing failed."""
+
+    def synchronize(self) -> dict[int, BaseException]:
+        return {}
 
 
 class _Futures:

@@ -11,13 +11,12 @@ other host-memory tier of the stack (a memcpy by the worker). Settings: ``[host]
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -199,7 +198,6 @@ class HostTier:
                   on_part: Any = None) -> Work:
         """Fed in batches by the worker (see ``Mover``); a page's regions are reported (``on_part``) as their
         copies land, so that they can be unmapped while the rest copy."""
-        stream, backend = mover.down, self.backend
         copies = [(self.address(slot), view.data_ptr(), view.numel()) for view, slot in pairs]
         for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
             self.hold(slot, view.numel())
@@ -212,22 +210,7 @@ class HostTier:
             def landed(indices: list[int]) -> None:
                 for i in indices:
                     digests.seal(pairs[i][1], digests.compute(self.data(pairs[i][1])))
-
-        def submit(indices: list[int]) -> Any:
-            if stream is None:  # CPU backend: plain memcpy, done when it returns
-                for i in indices:
-                    backend.copy_async(*copies[i])
-                return _Done()
-            with torch.cuda.stream(stream):
-                if indices[0] == 0 and after is not None:
-                    stream.wait_event(after)  # never copy a page the engine's kernels are still writing
-                for i in indices:
-                    backend.copy_async(*copies[i], stream)
-                event = torch.cuda.Event()
-                event.record(stream)
-            return event
-
-        return Work(io=[lambda: mover.pipeline(submit, len(copies), tags, on_done, landed, on_part=on_part)])
+        return mover.copies_down(copies, self.backend.copy_async, after, tags, on_done, landed, on_part)
 
     def _to_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
                 on_part: Any = None) -> Work:
@@ -236,20 +219,15 @@ class HostTier:
         each slot is verified on the host just before its copy is enqueued (so the copies run while the next slots
         are checked); a page that fails is copied no further, and an I/O step reports it."""
         failed: dict[Any, BaseException] = {}
-        up, backend = mover.up, self.backend
-        with torch.cuda.stream(up) if up is not None else contextlib.nullcontext():
-            if up is not None and after is not None:
-                up.wait_event(after)  # the destination may still be read by the engine's kernels
+
+        def checked() -> Iterator[tuple[int, int, int] | None]:
             for i, (slot, view) in enumerate(pairs):
                 tag = tags[i] if tags is not None else i
-                if tag in failed or self._bad_slot(slot, tag, failed):
-                    continue
-                backend.copy_async(view.data_ptr(), self.address(slot), min(view.numel(), self.held(slot)), up)
-            event = None
-            if up is not None:
-                event = torch.cuda.Event()
-                event.record(up)
-        return Work(event=event, io=[lambda: _raise(PairsFailed(failed))] if failed else [])
+                bad = tag in failed or self._bad_slot(slot, tag, failed)
+                yield None if bad else (view.data_ptr(), self.address(slot), min(view.numel(), self.held(slot)))
+        work = mover.copies_up(checked(), self.backend.copy_async, after)
+        work.io = [lambda: _raise(PairsFailed(failed))] if failed else []
+        return work
 
     def _bad_slot(self, slot: int, tag: Any, failed: dict[Any, BaseException]) -> bool:
         """With checksums: whether the slot's bytes changed at rest (then ``failed[tag]`` says so)."""
@@ -292,8 +270,3 @@ def _host_to_host(src: HostSlots, dst: HostSlots, pairs: list[tuple[Any, Any]], 
 
 def _raise(exc: BaseException) -> None:
     raise exc
-
-
-class _Done:
-    def synchronize(self) -> dict[int, BaseException]:
-        return {}

@@ -319,50 +319,18 @@ class PeerTier:
             if isinstance(other, HostSlots):
                 mover.register(self.id, other.id, lambda *a, other=other: self._to_host(mover, other, *a))
 
-    def _copies(self, mover: "Mover", copies: list[tuple[int, int, int]], after: Any, tags: Any, on_done: Any,
-                landed: Any = None, on_part: Any = None) -> Work:
-        """``copies`` (dst, src, bytes) on the stream down, fed like every copy that leaves the GPU's pages (see
-        ``Mover``), each batch reported as it lands."""
-        stream, own = mover.down, self.own
-
-        def submit(indices: list[int]) -> Any:
-            if stream is None:  # the CPU backend: a memcpy, done when it returns
-                for i in indices:
-                    own.copy_async(*copies[i])
-                return _Done()
-            with torch.cuda.stream(stream):
-                if indices[0] == 0 and after is not None:
-                    stream.wait_event(after)  # never copy a page the engine's kernels are still writing
-                for i in indices:
-                    own.copy_async(*copies[i], stream)
-                event = torch.cuda.Event()
-                event.record(stream)
-            return event
-        return Work(io=[lambda: mover.pipeline(submit, len(copies), tags, on_done, landed, on_part=on_part)])
-
     def _from_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
                   on_part: Any = None) -> Work:
         for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
             self._hold(slot, view.numel())
         copies = [(self.address(slot), view.data_ptr(), view.numel()) for view, slot in pairs]
-        return self._copies(mover, copies, after, tags, on_done, on_part=on_part)
+        return mover.copies_down(copies, self.own.copy_async, after, tags, on_done, on_part=on_part)
 
     def _to_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
                 on_part: Any = None) -> Work:
         """Enqueued at once on the stream up (device-to-device copies hold up no mapping); one event covers them."""
-        up = mover.up
-        if up is None:
-            for slot, view in pairs:
-                self.own.copy_async(view.data_ptr(), self.address(slot), min(view.numel(), self.held(slot)))
-            return Work()
-        with torch.cuda.stream(up):
-            if after is not None:
-                up.wait_event(after)  # the destination may still be read by the engine's kernels
-            for slot, view in pairs:
-                self.own.copy_async(view.data_ptr(), self.address(slot), min(view.numel(), self.held(slot)), up)
-            event = torch.cuda.Event()
-            event.record(up)
-        return Work(event=event)
+        copies = [(view.data_ptr(), self.address(slot), min(view.numel(), self.held(slot))) for slot, view in pairs]
+        return mover.copies_up(copies, self.own.copy_async, after)
 
     def _to_host(self, mover: "Mover", host: HostSlots, pairs: list[tuple[Any, Any]], after: Any, tags: Any,
                  on_done: Any, on_part: Any = None) -> Work:
@@ -379,10 +347,4 @@ class PeerTier:
                     b = pairs[i][1]
                     digests.seal(b, digests.compute(host.data(b)))
         copies = [(host.address(b), self.address(a), self.held(a)) for a, b in pairs]
-        return self._copies(mover, copies, after, tags, on_done, landed)
-
-
-class _Done:
-    def synchronize(self) -> dict[int, BaseException]:
-        return {}
-
+        return mover.copies_down(copies, self.own.copy_async, after, tags, on_done, landed)
