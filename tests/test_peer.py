@@ -273,3 +273,72 @@ def test_the_readmes_peer_section_is_a_config_that_checks(tmp_path):
     assert config.tiers == ["peer", "host", "nvme"] and config.tier_settings["peer"]["size"] == "16GiB"
     out = CliRunner().invoke(main, ["config", "check", "--schema-only", str(path)])
     assert out.exit_code == 0, out.output
+
+
+PEER_LOCK_HOLDER = """
+import os, signal, sys
+from kvtier.vmm.ledger import locked_books, ledger_path
+with locked_books(ledger_path(sys.argv[1], "host-1"), holder=f"{os.getpid()} stuck debugger") as books:
+    print("holding", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_peer_ledger_held_by_a_stopped_process_neither_hangs_nor_breaks_the_tier(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from kvtier.vmm import ledger as ledger_module
+    from kvtier.vmm import ledger_books
+    monkeypatch.setattr(ledger_books, "LOCK_TIMEOUT_S", 0.3)
+    page = PAGE["cpu"]
+    config = dict(device="cpu", page_size=page, pool_budget=64 * page, pool_ready=0, debug_checks=True,
+                  host_size=16 * page, host_chunk=4 * page, nvme_size=16 * page, ledger_dir=str(tmp_path),
+                  tiers=["peer", "host"], tier_settings={"peer": {"device": "cpu:1", "size": 8 * page}})
+
+    def stopped_holder() -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", PEER_LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE,
+                                  text=True)
+        assert holder.stdout.readline().strip() == "holding"
+        return holder
+
+    # 1. the peer's ledger is held when the tier opens: unavailable, naming the holder; kvtier runs without it
+    holder = stopped_holder()
+    try:
+        with kvtier.TierManager(kvtier.Config(**config, background_demotion=False)) as mgr:
+            why = mgr.stats()["tiers"]["peer"]["why"]
+            assert f"pid {holder.pid}" in why and "stopped" in why
+            space = mgr.create_space("m", max_tokens=8192, **SHAPE["cpu"])
+            space.allocate("a", _page_tokens(space))
+            write_seq(space, "a")
+            space.offload("a", tier="peer").result()
+            assert _places(space, "a") == ["host"]
+            mgr.check()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(ledger_module.BUSY_BACKOFF_S)
+    # 2. held while the tier runs: its looks at the ledger fail fast (the demoter goes on), pages still go to the
+    #    peer and come back whole; once the holder is gone the books are right
+    with kvtier.TierManager(kvtier.Config(**config, background_demotion=True)) as mgr:
+        tier = mgr.tiering.tier("peer")
+        assert tier.describe()["available"] and tier.books.capacity == 8
+        space = mgr.create_space("m", max_tokens=8192, **SHAPE["cpu"])
+        space.allocate("a", _page_tokens(space))
+        write_seq(space, "a", salt=5)
+        holder = stopped_holder()
+        try:
+            space.offload("a", tier="peer").result()
+            time.sleep(0.5)  # the demoter looks at the held ledger several times meanwhile
+            assert _places(space, "a") == ["peer"] and mgr.tiering.demoter.errors == 0
+            space.prefetch(["a"]).result()
+            assert_seq(space, "a", salt=5)
+            mgr.check()
+        finally:
+            holder.kill()
+            holder.wait()
+        time.sleep(ledger_module.BUSY_BACKOFF_S + 0.2)
+        peer_books = next(path for path in ledger_module.ledgers(str(tmp_path)) if path.endswith("host-1"))
+        held = {p["name"]: p["pages"] for p in ledger_module.snapshot(peer_books)["procs"].values()}
+        assert list(held.values()) == [8] and next(iter(held)).startswith("peer tier of")
+        mgr.check()
