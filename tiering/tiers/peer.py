@@ -183,7 +183,11 @@ class PeerTier:
         self.base = self.backend.reserve(self.max_slots * self.slot_size, self.slot_size)
         config = context.config
         if config is not None and config.ledger_dir is not None:
-            budget = (config.ledger_budget or int(self.backend.free_memory() * 0.9)) // self.slot_size
+            # the device's budget as a manager on the peer would set it (the first process on a ledger sets it)
+            share = config.pool_budget
+            device_bytes = config.ledger_budget or (int(self.backend.free_memory() * share)
+                                                    if isinstance(share, float) else share)
+            budget = device_bytes // self.slot_size
             self.ledger = Ledger(config.ledger_dir, self.backend.device_key, budget, self.slot_size,
                                  f"peer tier of {config.ledger_name or f'pid {os.getpid()}'}",
                                  self.settings.priority, limit_pages=self.max_slots)
