@@ -5,6 +5,7 @@ ports and stopped by its PID. :class:`StoreUnavailable` says why one cannot run 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -24,6 +25,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the server's process before it starts: it is killed when the thread that started it ends, however the
+    process dies (a crash or SIGKILL skips ``stop``; servers left behind hold ports and memory)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
@@ -55,7 +63,7 @@ class Store:
     def start(self) -> "Store":
         for argv, port in self.argvs:
             proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env={**os.environ, "GLOG_minloglevel": "2"})
+                                    env={**os.environ, "GLOG_minloglevel": "2"}, preexec_fn=_die_with_parent)
             self.procs.append(proc)
             _wait_port(port, proc, os.path.basename(argv[0]))
         return self

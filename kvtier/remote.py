@@ -142,9 +142,10 @@ class RemoteCache:
         sent = 0
         for first, last in obj.groups(start + len(keys), per, start):
             name = name_of(keys[last - start])
-            if first < start or self._is_known(name):
+            if self._is_known(name):
                 continue
-            part = list(blocks[first - start:last - start + 1])
+            lo = max(first, start)  # a group begun before ``start``: its end only (the rest went as a shorter chain)
+            part = list(blocks[lo - start:last - start + 1])
             try:
                 space.check_resident(part)
             except NotResidentError:
@@ -157,8 +158,8 @@ class RemoteCache:
             self._gather(space, part, slot[0], stream)
             self._remember(name)
             # each object is put as soon as it is copied: its put overlaps the next one's copy
-            self._write(space, [(name, list(keys[first - start:last - start + 1]), slot[0])],
-                        self._fence(space, stream), layout)
+            self._write(space, [(name, list(keys[lo - start:last - start + 1]), slot[0])],
+                        self._fence(space, stream), layout, ends_only=lo > first)
             sent += 1
         return sent
 
@@ -183,9 +184,11 @@ class RemoteCache:
                     host[r * n * bb:(r + 1) * n * bb].copy_(tensor.index_select(0, idx).view(torch.uint8).view(-1),
                                                             non_blocking=cuda)
 
-    def _write(self, space: KVSpace, batch: list[tuple[str, list[bytes], int]], copied: Any, layout: bytes) -> None:
+    def _write(self, space: KVSpace, batch: list[tuple[str, list[bytes], int]], copied: Any, layout: bytes,
+               ends_only: bool = False) -> None:
         """Seal the objects of ``batch`` (name, keys, slot) once their copies have landed and put them in one call,
-        on the write thread; not waited for."""
+        on the write thread; not waited for. ``ends_only``: they hold the ends of their groups, and are not put
+        where the store holds the name already (it may be a whole group, which every reader can use)."""
         regions, bb = space.num_regions, space.block_bytes
         names, slots = [name for name, _, _ in batch], [slot for _, _, slot in batch]
 
@@ -199,6 +202,10 @@ class RemoteCache:
                 store = self.link.connect()
                 if store is None:
                     raise Miss()
+                if ends_only and all(store.exists(names)):
+                    with self._lock:
+                        self.counts["puts_ends_not_needed"] += len(names)
+                    return
                 done = store.put(names, [(slot * self.slot_bytes, n) for slot, n in zip(slots, sizes)])
                 with self._lock:
                     self.counts["puts"] += sum(done)
@@ -232,24 +239,30 @@ class RemoteCache:
         if have == len(keys) or not self.up or not self._fits(space):
             return local
         self._count("lookups")  # prompts the store was asked about
-        groups = obj.groups(len(keys), self._layout(space)[1], have)
-        name_of = _namer(salt)
-        now = time.monotonic()
-        plan = []
-        for first, last in groups:  # no question first: a group absent reads as absent
-            if self._absent.get(name_of(keys[last]), 0.0) > now:
-                break
-            plan.append((first, last))
-        slots = self._take(len(plan))
-        if len(slots) < len(plan):
-            self._count("gets_short_of_staging")
+        per, name_of = self._layout(space)[1], _namer(salt)
         intake = _Intake(self, space, seq_id, keys, start, have, stream, name_of)
         try:
-            whole = self._read_in(intake, keys, plan[:len(slots)], slots)
-            if whole is not None and whole < len(groups):  # the chain may go on into part of the next group
-                part = self._part(keys, groups[whole], intake.total, name_of)
-                if part is not None:
-                    self._read_in(intake, keys, [part], self._take(1))
+            while True:
+                held = intake.total
+                groups = obj.groups(len(keys), per, held)
+                now = time.monotonic()
+                plan = []
+                for first, last in groups:  # no question first: a group absent reads as absent
+                    if self._absent.get(name_of(keys[last]), 0.0) > now:
+                        break
+                    plan.append((first, last))
+                slots = self._take(len(plan))
+                if len(slots) < len(plan):
+                    self._count("gets_short_of_staging")
+                taken, stopped = self._read_in(intake, keys, plan[:len(slots)], slots)
+                if stopped == "bad" or taken >= len(groups):
+                    break
+                # it stopped inside group ``taken``: the part of it a shorter chain stored (or an earlier turn of
+                # this one, whose next turn stored only the group's end: then go on past it)
+                part = self._part(keys, groups[taken], intake.total, name_of)
+                if part is None or self._read_in(intake, keys, [part], self._take(1))[0] != 1 or \
+                        stopped != "gap" or intake.total <= held:
+                    break
         except Miss:
             self._count("gets_failed")
         except BaseException:
@@ -258,13 +271,15 @@ class RemoteCache:
         return intake.finish()
 
     def _read_in(self, intake: "_Intake", keys: Sequence[bytes], plan: list[tuple[int, int]],
-                 slots: list[int]) -> int | None:
+                 slots: list[int]) -> tuple[int, str | None]:
         """Read the groups of ``plan`` into ``slots`` in up to ``READ_CHUNKS`` calls, each taken in while the next
-        is read; return how many were taken whole (None: one was bad, or there was no room for it)."""
+        is read; return how many were taken, and why it stopped short of the plan: "absent", "gap" (an object
+        holding only its group's end, past what is held) or "bad" (one failed its check, or there was no room
+        for it); None: it did not."""
         if not plan or len(slots) < len(plan):
             with self._lock:
                 self._give(slots)
-            return 0 if not plan else None
+            return 0, None if not plan else "bad"
         step = -(-len(plan) // READ_CHUNKS)
         chunks = [(plan[i:i + step], slots[i:i + step]) for i in range(0, len(plan), step)]
 
@@ -286,11 +301,12 @@ class RemoteCache:
                     if size < 0:
                         self._count("gets_absent")
                         self._absent[name_of(keys[last])] = now + self.config.remote_negative_ttl_s
-                        return taken
-                    if not intake.take(first, last, slot, size):
-                        return None
+                        return taken, "absent"
+                    why = intake.take(first, last, slot, size)
+                    if why is not None:
+                        return taken, why
                     taken += 1
-            return taken
+            return taken, None
         finally:
             reads.close()
 
@@ -380,26 +396,31 @@ class _Intake:
         self.owned: list[int] = []  # staging slots read into: given back when done
         self.cuda = space.kv(0)[0].is_cuda
 
-    def take(self, first: int, last: int, slot: int, size: int) -> bool:
-        """Check the group ``first..last`` read into ``slot`` and copy its blocks past ``total`` into new blocks of
-        the sequence; whether it could."""
+    def take(self, first: int, last: int, slot: int, size: int) -> str | None:
+        """Check the object of group ``first..last`` read into ``slot`` (all of it, or its end) and copy its blocks
+        past ``total`` into new blocks of the sequence; None if it could, else why not: "gap" (it starts past
+        ``total``), "bad"."""
         sp, cache = self.space, self.cache
-        why = obj.check(cache._span(slot), size, list(self.keys[first:last + 1]), sp.num_regions, sp.block_bytes,
-                        self.layout)
+        why, n = obj.check(cache._span(slot), size, list(self.keys[first:last + 1]), sp.num_regions,
+                           sp.block_bytes, self.layout)
         if why is not None:
             cache._count("gets_bad")
             log.warning("remote object for blocks %d..%d is not served: %s", first, last, why)
-            return False
+            return "bad"
+        held = last + 1 - n  # the object's first block
+        if held > self.total:
+            cache._count("gets_gap")
+            return "gap"
         try:
             blocks = sp.allocate(self.seq_id, (last + 1 - self.start) * sp.block_size)[self.total - self.start:]
         except KVTierError as exc:  # no room for them now: the engine computes them
             cache._count("gets_no_room")
             log.info("remote hit of blocks %d..%d not taken: %s", self.total, last, exc)
-            return False
-        self._copy(blocks, last - first + 1, self.total - first, slot)
+            return "bad"
+        self._copy(blocks, n, self.total - held, slot)
         self.total = last + 1
         cache._remember(self.name(self.keys[last]))
-        return True
+        return None
 
     def _copy(self, blocks: list[int], n: int, skip: int, slot: int) -> None:
         """Blocks ``skip..n`` of the group in ``slot`` into ``blocks``, every region (queued on the stream)."""

@@ -4,7 +4,9 @@ A chain of block keys (``kvtier.prefix``) is cut into groups from its start -- b
 ... -- ``G`` chosen so that a group holds at most ``[remote] object_bytes``, and the last group may be short. A
 group is stored under its last block's key: that key names every token before it, so the object can only hold
 those blocks' KV, in that layout, for that model and tenant. Fewer keys than one a block: a Mooncake master has run
-out of memory near 12.5 million keys.
+out of memory near 12.5 million keys. An object may hold only the end of its group -- blocks ``s..last`` -- when
+its writer had the rest already sent as a shorter chain's last object (the next turn of a chat goes on from
+there); a reader takes it if it holds the blocks before ``s``.
 
 An object is a 4 KiB header and the payload: each region's blocks in order (region 0's blocks, then region 1's...),
 padded to whole 4 KiB rows. The header holds the layout's fingerprint, the sizes, the payload's digest
@@ -63,22 +65,24 @@ def seal(buf: np.ndarray, keys: Sequence[bytes], regions: int, block_bytes: int,
 
 
 def check(buf: np.ndarray, size: int, keys: Sequence[bytes], regions: int, block_bytes: int,
-          layout: bytes) -> str | None:
-    """Why the object of ``size`` bytes in ``buf`` is not the group of ``keys`` in this layout (None: it is)."""
+          layout: bytes) -> tuple[str | None, int]:
+    """Whether the object of ``size`` bytes in ``buf`` is the group of ``keys`` (or its end) in this layout: why
+    not (None: it is), and how many of the last ``keys`` it holds."""
     if size < HEADER:
-        return "shorter than its header"
+        return "shorter than its header", 0
     raw = buf[:HEADER].tobytes()
     magic, blocks, regs, bb, nbytes, lay, value = _FIXED.unpack_from(raw)
     head_len = _FIXED.size + 16 * blocks if magic == MAGIC and blocks <= MAX_BLOCKS else 0
     if not head_len or hashlib.blake2b(raw[:head_len], digest_size=16).digest() != raw[head_len:head_len + 16]:
-        return "not a kvtier object, or its header changed"
+        return "not a kvtier object, or its header changed", 0
     if (lay, regs, bb) != (layout, regions, block_bytes):
-        return "another layout"
-    if raw[_FIXED.size:head_len] != b"".join(keys) or nbytes != payload_bytes(len(keys), bb, regs):
-        return "another chain of blocks"
+        return "another layout", 0
+    if not 0 < blocks <= len(keys) or raw[_FIXED.size:head_len] != b"".join(keys[len(keys) - blocks:]) or \
+            nbytes != payload_bytes(blocks, bb, regs):
+        return "another chain of blocks", 0
     if size != HEADER + nbytes:
-        return f"{size} bytes where its header says {HEADER + nbytes}"
+        return f"{size} bytes where its header says {HEADER + nbytes}", 0
     a, b = digest(torch.from_numpy(buf[HEADER:HEADER + nbytes]))
     if a.to_bytes(8, "little") + b.to_bytes(8, "little") != value:
-        return "its bytes changed (digest mismatch)"
-    return None
+        return "its bytes changed (digest mismatch)", 0
+    return None, blocks

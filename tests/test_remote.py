@@ -127,6 +127,43 @@ def test_a_shorter_chain_is_found_to_its_last_block_by_a_longer_prompt(make_mana
     b.check()
 
 
+def test_a_chain_extended_mid_group_is_found_whole_across_its_turns(make_manager, store):
+    # the next turn of a chat: A offers 20 blocks (groups 0..7, 8..15 and the short 16..19), then the chain goes on
+    # to 40 from block 20 -- the group 16..23 is written as its end only (20..23), beside the earlier 16..19
+    bs = make_manager.shape["block_size"]
+    tokens = list(range(BLOCKS * bs))
+    a = _remote(make_manager, store)
+    space, _ = _offer(a, make_manager, tokens[:20 * bs])
+    space.allocate("r1", BLOCKS * bs)
+    write_seq(space, "r1")  # the same content pattern: blocks 0..19 unchanged, 20..39 new
+    keys = space.block_keys(tokens)
+    assert a.remote.send(space, space.blocks("r1")[20:], keys[20:], start=20) == 3 and a.remote.flush(30)
+    # B's 40-block prompt: 0..15 whole, then 16..19 (the shorter chain's end), then 20..23 and on: all 40
+    b = _remote(make_manager, store)
+    found = _space(b, make_manager)
+    assert b.remote.find(found, "q", keys) == BLOCKS * bs
+    assert_holds(found, "q", "r1", range(BLOCKS))
+    assert b.stats()["remote"]["gets_gap"] == 1
+    b.check()
+    # a writer of the whole chain stored earlier is not overwritten by an end: C holds all 40 from the start
+    c = _remote(make_manager, store)
+    other = _space(c, make_manager)
+    salted = other.block_keys(tokens, salt=b"t2")
+    other.allocate("w", BLOCKS * bs)
+    write_seq(other, "w")  # other bytes under the same keys: which object is served shows in the bytes
+    assert c.remote.send(other, other.blocks("w"), salted, salt=b"t2") == 5 and c.remote.flush(30)
+    assert a.remote.send(space, space.blocks("r1")[20:], space.block_keys(tokens, salt=b"t2")[20:], start=20,
+                         salt=b"t2") == 3 and a.remote.flush(30)
+    assert a.stats()["remote"]["puts_ends_not_needed"] == 1
+    d = _remote(make_manager, store)
+    mine = _space(d, make_manager)
+    assert d.remote.find(mine, "q", salted, salt=b"t2") == BLOCKS * bs
+    # C's group 16..23 whole: the end A offered later was not put over it (which copy of a whole group a re-put
+    # leaves is the store's choice -- Valkey's is the last, Mooncake's the first -- equal bytes in a real chain)
+    assert_holds(mine, "q", "w", range(24))
+    d.check()
+
+
 def test_a_prefix_held_locally_is_extended_from_the_store(make_manager, store):
     bs = make_manager.shape["block_size"]
     tokens = list(range(BLOCKS * bs))

@@ -195,8 +195,10 @@ class TieredPrefixes:
         held: list[str] = []  # the allocators whose space holds ``seq`` now
         count = last - first
         try:
+            # looked up to the prompt's last whole block (a store's object may end there), taken up to ``last``
+            whole = len(prompt_ids) // tokens_per_block
             for name in allocators:
-                keys = block_keys(prompt_ids[:last * tokens_per_block], tokens_per_block, self.layouts[name])
+                keys = block_keys(prompt_ids[:whole * tokens_per_block], tokens_per_block, self.layouts[name])
                 remote = self.engine.manager.remote
                 found = self.spaces[name].share_prefix(seq, keys[first:]) if remote is None else \
                     remote.find(self.spaces[name], seq, keys, self.stream, start=first)
