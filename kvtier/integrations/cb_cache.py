@@ -99,12 +99,21 @@ class ElasticSectors(CachePool):
 
     def allocate_sector(self, index: int) -> None:
         # the cheapest free sector (on pages mapped already), the most recently freed among equals
-        sector = min(reversed(self.free_sectors), key=self._cost)
-        self.buffer.acquire([self.span(sector)])  # OutOfPagesError: nothing changed
-        self.free_sectors.remove(sector)
+        self.allocate_sectors(index, 1)
+
+    def allocate_sectors(self, index: int, n: int) -> None:
+        """``n`` free sectors for allocator ``index``, chosen and mapped at once: the cheapest by their cost now,
+        the most recently freed among equals (one sector at a time scanned every free sector's cost for each:
+        0.75 s of a 4096-token hit's 1.8 s here). OutOfPagesError (or fewer than ``n`` free): nothing changed."""
+        if n > len(self.free_sectors):
+            raise OutOfPagesError(f"{n} sector(s) wanted, {len(self.free_sectors)} free")
+        chosen = sorted(reversed(self.free_sectors), key=self._cost)[:n]  # stable: recency among equal costs
+        self.buffer.acquire([self.span(sector) for sector in chosen])
+        for sector in chosen:
+            self.free_sectors.remove(sector)
+            self._free_blocks[index].add_tree(sector)
         self._changes += 1
         self.peak_held = max(self.peak_held, self.held)
-        self._free_blocks[index].add_tree(sector)
 
     def try_to_free_sectors(self) -> None:
         before = len(self.free_sectors)

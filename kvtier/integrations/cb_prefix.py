@@ -232,8 +232,8 @@ class TieredPrefixes:
         if sum(need) > pool.num_free_sectors:
             return False
         for a, sectors in zip(self.cache.cache_allocators.values(), need):
-            for _ in range(sectors):
-                pool.allocate_sector(a.index)  # OutOfPagesError: the pool moved (a miss)
+            if sectors:
+                pool.allocate_sectors(a.index, sectors)  # OutOfPagesError: the pool moved (a miss)
         return True
 
     def _copy_in(self, request_id: str, prompt_ids: list[int], first: int, count: int, seq: Hashable) -> None:
