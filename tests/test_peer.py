@@ -189,6 +189,34 @@ def test_a_random_walk_while_the_peers_engine_takes_and_gives_back_pages_never_c
     a.check()
 
 
+def test_a_peer_tier_that_owes_with_no_tier_below_says_so_once(make_manager, peer, tmp_path, caplog):
+    if make_manager.name != "cpu":
+        pytest.skip("CPU stand-ins for both devices")
+    page = PAGE["cpu"]
+    # the peer is the only tier: what the engine on cpu:1 asks for can be paid from free slots only
+    b = make_manager(device=peer, ledger_name="engine on cpu:1", tiers=["host"], ledger_dir=str(tmp_path),
+                     ledger_budget=12 * page)
+    a = make_manager(tiers=["peer"], tier_settings={"peer": {"device": peer, "size": 8 * page}},
+                     background_demotion=True, gpu_low_watermark=0.0, gpu_high_watermark=0.0,
+                     ledger_dir=str(tmp_path), ledger_budget=64 * page)
+    space = _space(a, make_manager)
+    space.allocate("x", _page_tokens(space))
+    write_seq(space, "x")
+    space.offload("x", tier="peer").result()
+    # the engine on cpu:1 says it wants 8 pages: the 4 free slots go back at once, the 4 in use cannot go anywhere
+    tier = a.tiering.tier("peer")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("is the last tier" in r.message for r in caplog.records):
+        b.pool.ledger.want(8)
+        time.sleep(0.05)
+    assert sum("is the last tier" in r.message for r in caplog.records) == 1
+    assert tier.books.capacity == tier.books.used == REGIONS and tier.describe()["owed"] > 0
+    space.prefetch(["x"]).result()
+    assert_seq(space, "x")
+    a.check()
+    b.check()
+
+
 def test_a_copy_that_fails_either_way_leaves_the_page_where_it_was(backend_name, peer):
     if backend_name != "cpu":
         pytest.skip("copies that fail on cue: the CPU backend's")

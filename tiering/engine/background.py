@@ -39,6 +39,7 @@ class Demoter:
         self._closed = False
         self._pressure_at = -1.0
         self._draining: set[int] = set()  # lower tiers that passed their high mark and are not yet at their low one
+        self._stuck: set[int] = set()  # elastic tiers that owed slots with no tier below them (said once)
         self.errors = 0  # checks that raised (logged; the thread goes on)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-demoter", daemon=True)
@@ -70,8 +71,13 @@ class Demoter:
         tiers = self.tiering.stack.tiers
         for tier in tiers:
             owed = tier.rebalance() if isinstance(tier, ElasticTier) else 0
-            if tier is tiers[-1]:
-                continue  # the last one has nowhere to cascade to
+            if tier is tiers[-1]:  # the last one has nowhere to cascade to
+                if owed and tier.id not in self._stuck:
+                    self._stuck.add(tier.id)
+                    log.warning("kvtier demoter: the %s tier owes %d slots to the budget it shares but is the last "
+                                "tier, so its pages cannot go down; put a tier after it in [tiers] order", tier.name,
+                                owed)
+                continue
             if owed > 0:
                 self._give_back(tier, owed)
             elif tier.watermarks is not None:
