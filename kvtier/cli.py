@@ -137,7 +137,8 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
     table = {
         "vmm": (1, lambda step: bench("vmm").run(device, quick=quick)),
         "tiers": (1 + len(tokens), lambda step: bench("tiers").run(device, quick=quick, nvme_dir=nvme_dir)
-                  + [bench("tiers").sweep(device, tokens, step), bench("peer_tier").run(device, quick=quick)]),
+                  + [bench("tiers").sweep(device, tokens, step), bench("host_capacity").run(device, quick=quick),
+                     bench("peer_tier").run(device, quick=quick)]),
         "prefetch": (len(tokens), lambda step: [bench("prefetch").run(device, tokens, nvme_dir=nvme_dir, step=step)]),
         "nvme": (len(threads) * len(sizes), lambda step: [bench("nvme").run((256 if quick else 1024) << 20, threads,
                                                                             sizes, nvme_dir=nvme_dir, step=step)]),

@@ -107,6 +107,10 @@ class Config(BaseModel):
     host_size: Size = _setting(1 * GiB, "host", "pinned host tier, pinned chunk by chunk in the background",
                                size=True)
     host_chunk: Size = _setting(128 * MiB, "host", "bytes pinned at a time", size=True)
+    host_pieces: int = _setting(4, "host", "a slot (one page of one region) splits into up to this many equal "
+                                "pieces (a power of two): a page whose live bytes fit half or a quarter takes that "
+                                "much, so short sequences take host memory in proportion to their KV; 1: whole "
+                                "pages", ge=1, le=64, strict=True)
     keep_copies: bool = _setting(True, "host", "a page brought back up keeps its lower copy until it may be "
                                  "written (a token allocated in it, its sequence's last block on it, mark_written); "
                                  "offloading it again then copies nothing", strict=True)
@@ -127,6 +131,8 @@ class Config(BaseModel):
     nvme_persist: bool = _setting(False, "nvme", "keep the slot file and a journal of the cached (published) blocks "
                                   "on it in dir at close, so that a manager started later on dir finds them again "
                                   "(verified when first read); needs dir", strict=True)
+    nvme_pieces: int = _setting(4, "nvme", "as [host] pieces, for the slot file: a page takes a slot of a half, a "
+                                "quarter ... of a page when its live bytes fit", ge=1, le=64, strict=True)
     nvme_min_uses: int = _setting(0, "nvme", "admission filter: only pages used this often go to NVMe (0: off)",
                                   ge=0, strict=True)
     # [tiers]
@@ -204,6 +210,9 @@ class Config(BaseModel):
         for low, high in (("gpu_low_watermark", "gpu_high_watermark"), ("host_low_watermark", "host_high_watermark")):
             if getattr(self, low) > getattr(self, high):
                 problems.append((low, f"{getattr(self, low)} is above the high watermark {getattr(self, high)}"))
+        for name in ("host_pieces", "nvme_pieces"):
+            if getattr(self, name) & (getattr(self, name) - 1):
+                problems.append((name, f"{getattr(self, name)} is not a power of two (1, 2, 4 ... 64)"))
         if self.nvme_persist and self.nvme_dir is None:
             problems.append(("nvme_persist", "a cache kept across restarts needs a directory of its own; set "
                                              "[nvme] dir"))

@@ -32,8 +32,9 @@ def test_loop_on_a_failing_disk_recomputes_what_was_lost_and_decodes_the_same():
     roomy = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=4096 * PAGE, host_size=64 * PAGE,
                           nvme_size=64 * PAGE, background_demotion=False)
     expected, _ = run(roomy, PROMPTS, steps=18)
-    # a host tier of 4 pages: most idle sequences go on to NVMe, where the faults are
-    tight = roomy.replace(pool_budget=48 * PAGE, host_size=4 * PAGE, nvme_size=512 * PAGE, debug_checks=True)
+    # a host tier of 4 whole-page slots: most idle sequences go on to NVMe, where the faults are
+    tight = roomy.replace(pool_budget=48 * PAGE, host_size=4 * PAGE, host_pieces=1, nvme_size=512 * PAGE,
+                          debug_checks=True)
     files = FaultyFiles(PAGE)
     files.chaos(0.1, seed=11)
     got, stats = run(tight, PROMPTS, steps=18, files=files)

@@ -97,9 +97,9 @@ def test_bytes_changed_at_rest_are_a_miss_and_not_restored_again(make_manager, t
     if make_manager.name != "cpu":
         pytest.skip("writes into the slot file behind the tier's back: the CPU case says it")
     keys = _first_life(make_manager, tmp_path)
-    first_page = _records(tmp_path)[1]
+    header, first_page = _records(tmp_path)[:2]
     with open(tmp_path / SLOTS_NAME, "r+b") as f:  # one byte of the prompt's first page, in its first region
-        f.seek(first_page["slots"][0] * PAGE["cpu"] + 100)
+        f.seek(first_page["slots"][0] * PAGE["cpu"] // header["pieces"] + 100)  # a slot is named by its first unit
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x40]))
@@ -287,3 +287,26 @@ def test_a_process_killed_mid_write_leaves_nothing_that_is_served_wrong(make_man
         mgr.check()
         mgr.close()
     assert restored  # the journal did bring pages back after a kill (not only misses)
+
+
+def test_a_slot_landing_inside_a_larger_one_voids_that_ones_record(tmp_path):
+    """Slots of a quarter, a half... of a page (``[nvme] pieces``) are named by their first unit: a page landing
+    in part of the units another page's record names voids that record, whichever units they share."""
+    from kvtier.tiering.tiers.nvme_journal import PageRecord, SlotJournal
+    fd = os.open(tmp_path / SLOTS_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        journal = SlotJournal(str(tmp_path), fd, 4 << 20, 2, pieces=4)  # two frames of four 1 MiB units
+        block = [[0, "00" * 16, ""]]
+        whole = PageRecord("m", [1], [0, 4], [4 << 20, 3 << 20], [[1, 2], [3, 4]], block)  # units 0..3 and 4..7
+        journal.landed(whole)
+        assert journal.span(3 << 20) == 4 and journal.span(1 << 20) == 1 and journal.span((1 << 20) + 4096) == 2
+        # a quarter landing at unit 5 (inside the second slot of the first page): that page is not restored
+        journal.landed(PageRecord("m", [1], [2, 5], [1 << 20, 1 << 20], [[5, 6], [7, 8]], block))
+        journal.close()
+        again = SlotJournal(str(tmp_path), fd, 4 << 20, 2, pieces=4)
+        assert [r.slots for r in again.pending] == [[2, 5]]
+        again.close()
+        # read with other pieces, the journal is another layout's: nothing is restored
+        assert SlotJournal(str(tmp_path), fd, 4 << 20, 2, pieces=1).pending == []
+    finally:
+        os.close(fd)

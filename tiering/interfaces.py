@@ -44,6 +44,7 @@ class TieredSpace(Protocol):
 
     name: str
     num_regions: int
+    page_size: int
     pages: PageTable
     idle_fence: Any
     maps_ahead: bool

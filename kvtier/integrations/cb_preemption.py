@@ -51,7 +51,7 @@ class TieredOffloading(OffloadingManager):
         the staging pages, in blocks -- capped, since the space's books cost a few bytes a block (past the cap, a
         swap-out finds no room and the request is recomputed: the engine's own fallback)."""
         mgr = self.engine.manager
-        slots = sum(t.books.total for t in mgr.tiering.stack)  # a slot is one page of one region
+        slots = sum(t.books.total for t in mgr.tiering.stack)  # a unit holds at most one page of one region
         pages = slots // 2 + self.engine.staging_pages() + 2 * num_blocks
         return max(num_blocks, min(pages * 2 * mgr.page_size // bytes_per_block, self.MAX_SWAP_BLOCKS))
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from kvtier.config import Config
 from kvtier.policies import PageRef
+from kvtier.tiering.interfaces import TieredSpace
 from kvtier.tiering.state.tier import ElasticTier, LowerTier
 
 if TYPE_CHECKING:
@@ -139,7 +140,8 @@ class Demoter:
         if used() <= low:  # hysteresis: a round that left it just under its high mark does not end the drain
             self._draining.discard(tier.id)
             return
-        self.tiering.drop_copies_until(tier.id, books.total - low)  # copies first, down to the low mark if they can
+        # copies first, down to the low mark if they can
+        self.tiering.drop_copies_until(tier.id, lambda b: b.free >= b.total - low)
         wanted = used() - self._leaving(tier) - low
         if wanted > 0:
             self._cascade(tier, wanted)
@@ -147,18 +149,22 @@ class Demoter:
     def _give_back(self, tier: LowerTier, owed: int) -> None:
         """``tier`` owes ``owed`` of its used slots to the budget it shares: kept copies there are dropped first
         (it costs nothing), then its coldest pages go down; it gives the slots back once they are free."""
-        self.tiering.drop_copies_until(tier.id, owed)
+        self.tiering.drop_copies_until(tier.id, lambda b: b.free >= owed)
         wanted = owed - tier.books.free - self._leaving(tier)
         if wanted > 0:
             self._cascade(tier, wanted)
 
     def _leaving(self, tier: LowerTier) -> int:
-        """Slots of ``tier`` whose pages are already in flight out of it (they are freed when the moves land)."""
-        return sum(s.num_regions * int(np.count_nonzero(s.pages.tier[list(s.pages.moving)] == tier.id))
-                   for s in self.tiering.directory.tiered_spaces() if s.pages.moving)
+        """Units of ``tier`` whose pages are already in flight out of it (they are freed when the moves land)."""
+        return sum(self._units(tier, s, p) for s in self.tiering.directory.tiered_spaces()
+                   for p in s.pages.moving if s.pages.tier_of(p) == tier.id)
+
+    @staticmethod
+    def _units(tier: LowerTier, space: TieredSpace, page: int) -> int:
+        return sum(tier.books.size(slot) for slot in space.pages.slots[page])
 
     def _cascade(self, tier: LowerTier, slots: int) -> None:
-        """Move the coldest pages of ``tier`` down until about ``slots`` of its slots are on their way out."""
+        """Move the coldest pages of ``tier`` down until about ``slots`` of its units are on their way out."""
         t = self.tiering
         below = t.stack.below(tier.id)
         if all(t.health[b].backing_off() for b in below):  # writes keep failing: not every tick (tiering.health)
@@ -171,7 +177,7 @@ class Demoter:
             if slots <= 0:
                 break
             picks.append((spaces[ref.space], ref.page))
-            slots -= spaces[ref.space].num_regions
+            slots -= self._units(tier, spaces[ref.space], ref.page)
         plan = t.plan(picks, automatic=True)
         if plan.moves:
             t.start_demotion(plan)

@@ -33,7 +33,8 @@ from kvtier.tiering.interfaces import SpaceDirectory, TieredSpace
 from kvtier.tiering.tiers.digest import ChecksumMismatch
 from kvtier.tiering.tiers.nvme_journal import PageRecord, SlotJournal
 from kvtier.tiering.engine.health import WriteHealth
-from kvtier.tiering.state.plans import DemotionPlan, PlannedMove, plan_demotion, room_below
+from kvtier.tiering.state.plans import DemotionPlan, PlannedMove, plan_demotion, room_below, slot_size
+from kvtier.tiering.state.slots import FreePieces, SlotBooks
 from kvtier.tiering.tiers.registry import TierContext, open_stack
 from kvtier.tiering.state.tier import HostSlots, LowerTier, Tier, TierStack, is_lower
 from kvtier.tiering.engine.mover import Mover
@@ -93,10 +94,11 @@ class Tiering:
                 self._gate.wait()
 
     def _lend(self, tier: HostSlots, n: int) -> list[int]:
-        """Up to ``n`` free slots of ``tier``, at most half of those free (the other half stays for pages), as a
-        transfer's scratch space; under the lock, so that no plan counts them meanwhile."""
+        """Up to ``n`` free whole slots of ``tier``, at most half of those free (the other half stays for pages),
+        as a transfer's scratch space; under the lock, so that no plan counts them meanwhile."""
         with self.lock:
-            return tier.books.lend(min(n, tier.books.free // 2))
+            books = tier.books
+            return books.lend(min(n, books.free_pieces().fits(books.pieces) // 2))
 
     def books(self, tier: int) -> Any:
         return self.stack[tier].books
@@ -106,8 +108,20 @@ class Tiering:
         return self.stack[self.stack.named(name)]
 
     def free_slots(self, tier: str) -> int:
-        """Slots free now in the tier called ``tier`` (a page of one region takes one)."""
-        return self.books(self.stack.named(tier)).free
+        """Whole slots (a page of one region each) that could be taken now in the tier called ``tier``; a page
+        that holds less takes less (see ``SlotBooks``)."""
+        books = self.books(self.stack.named(tier))
+        return books.free_pieces().fits(books.pieces)
+
+    def page_bytes(self, space: TieredSpace, page: int) -> int:
+        """Bytes per region ``page`` holds, what each of its slots below must hold: its live blocks' on the GPU
+        (a page moves only those), what its slots hold below."""
+        place = space.pages.tier_of(page)
+        if is_lower(place):
+            tier = self.stack[place]
+            return max(tier.held(s) for s in space.pages.slots[page])
+        live = space.live_bytes(page)
+        return live if 0 < live < space.page_size else space.page_size
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until every tier is built whole (the host tier pins in the background): tests and benchmarks."""
@@ -132,11 +146,11 @@ class Tiering:
             self.demoter.poke()
 
     # --- plans (no side effects) -------------------------------------------------------------------------------
-    def _free_slots(self, automatic: bool = False, on_demand: bool = False) -> dict[int, int]:
+    def _free_slots(self, automatic: bool = False, on_demand: bool = False) -> dict[int, FreePieces]:
         """Free slots per lower tier; for ``automatic`` plans, none in a tier backing off after failed writes
         (``on_demand``: room a request waits for, see ``WriteHealth.backing_off``)."""
-        return {t: 0 if automatic and self.health[t].backing_off(on_demand) else self.books(t).free
-                for t in self.stack.ids}
+        return {t: FreePieces.none(self.books(t).pieces) if automatic and self.health[t].backing_off(on_demand)
+                else self.books(t).free_pieces() for t in self.stack.ids}
 
     def retry_soon(self) -> bool:
         """Whether a lower tier left alone after failed writes will be tried again shortly (worth waiting for)."""
@@ -147,7 +161,8 @@ class Tiering:
         """Where each ``(space, page)`` of ``picks`` would go down (to ``dst``, or where the policy says among the
         tiers below it that a route reaches), and which find room (see ``plan_demotion``)."""
         return plan_demotion(picks, dst, self.policy, self.directory.tiered_spaces(),
-                             self._free_slots(automatic, on_demand), self.stack, self.mover.has_route)
+                             self._free_slots(automatic, on_demand), self.stack, self.page_bytes,
+                             self.mover.has_route)
 
     def plan_demote(self, space: TieredSpace, pages: Iterable[int], dst: int | None = None) -> DemotionPlan:
         """Where ``pages`` of ``space`` would go down (or to ``dst``), and which find room."""
@@ -182,11 +197,17 @@ class Tiering:
         """Carry out a plan made under the same lock: one transfer per space. Copies from a GPU page wait for
         ``after`` (default: the space's ``idle_fence``); a clean move unmaps once it has passed."""
         exclude = {(m.space.name, m.page) for m in plan.moves}
-        return [self._demote(space, moves, after if after is not None else space.idle_fence, inline, exclude)
+        wanted: dict[int, list[tuple[int, int]]] = defaultdict(list)  # tier -> (slots, size) a page, in order
+        for m in plan.moves:
+            if not m.clean:
+                self.drop_copies(m.space, [m.page])  # going elsewhere: the copy would be a stale second home
+                wanted[m.dst].append((m.space.num_regions, slot_size(self.stack[m.dst], m.nbytes)))
+        for tier, slots in wanted.items():
+            self._make_room(tier, slots, exclude)
+        return [self._demote(space, moves, after if after is not None else space.idle_fence, inline)
                 for space, moves in plan.by_space().values()]
 
-    def _demote(self, space: TieredSpace, planned: list[PlannedMove], after: Any, inline: bool,
-                exclude: set[tuple[str, int]]) -> TransferHandle:
+    def _demote(self, space: TieredSpace, planned: list[PlannedMove], after: Any, inline: bool) -> TransferHandle:
         R, table = space.num_regions, space.pages
         moves: list[Move] = []
         pairs: dict[tuple[int, int], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
@@ -201,9 +222,8 @@ class Tiering:
                 self.copies_reused += 1
                 moves.append(self._move(space, p, pm.src, pm.dst, slots, clean=True))
                 continue
-            self.drop_copies(space, [p])  # going elsewhere: the copy would be a stale second home
-            self._drop_copies_for(pm.dst, R, exclude)
-            slots = self.books(pm.dst).take(R)  # the plan counted this room: it cannot fail here
+            # the plan counted this room, and start_demotion made it: it cannot fail here
+            slots = self.books(pm.dst).take(R, slot_size(self.stack[pm.dst], pm.nbytes))
             moves.append(self._move(space, p, pm.src, pm.dst, slots))
             live = space.live_bytes(p) if pm.src == Tier.GPU else 0  # only its live blocks' bytes
             for r in range(R):
@@ -258,17 +278,24 @@ class Tiering:
         them (``stage_target``), so that a later fault-back crosses PCIe only. Pages past that tier's room (free
         slots and droppable copies) stay where they are."""
         R, table = space.num_regions, space.pages
-        room = room_below(self.directory.tiered_spaces(), self._free_slots(), set())
-        moves: list[Move] = []
-        pairs: dict[tuple[int, int], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
+        room = room_below(self.directory.tiered_spaces(), self._free_slots(), set(), self.stack)
+        chosen: list[tuple[int, int, int, int]] = []
+        wanted: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for p in pages:
             src = table.tier_of(p)
             dst = self.stage_target(src)
-            if dst is None or room[dst] < R:
+            size = slot_size(self.stack[dst], self.page_bytes(space, p)) if dst is not None else 0
+            if dst is None or not room[dst].can_take(R, size):
                 continue
-            room[dst] -= R
-            self._drop_copies_for(dst, R, set())
-            slots = self.books(dst).take(R)
+            room[dst].take(R, size)
+            chosen.append((p, src, dst, size))
+            wanted[dst].append((R, size))
+        for tier, slots in wanted.items():
+            self._make_room(tier, slots, set())
+        moves: list[Move] = []
+        pairs: dict[tuple[int, int], list[tuple[Any, Any, Move, int]]] = defaultdict(list)
+        for p, src, dst, size in chosen:
+            slots = self.books(dst).take(R, size)
             moves.append(self._move(space, p, src, dst, slots))
             pairs[(src, dst)] += [(a, b, moves[-1], r) for r, (a, b) in enumerate(zip(table.slots[p], slots))]
         return self._launch("stage", moves, pairs, None, False)
@@ -358,21 +385,25 @@ class Tiering:
             if item is not None:
                 self.books(item[0]).give(item[1])
 
-    def drop_copies_until(self, tier: int, free_slots: int, exclude: Collection[tuple[str, int]] = ()) -> bool:
-        """Drop kept copies in ``tier`` (pages not in ``exclude``) until it has ``free_slots`` free slots; whether
-        it has them."""
+    def drop_copies_until(self, tier: int, enough: Callable[[SlotBooks], bool],
+                          exclude: Collection[tuple[str, int]] = ()) -> bool:
+        """Drop kept copies in ``tier`` (pages not in ``exclude``) until ``enough(its books)``; whether it is."""
         books = self.books(tier)
         for s in self.directory.tiered_spaces():
-            if books.can_take(free_slots):
+            if enough(books):
                 return True
             for p in [p for p, (t, _) in s.pages.copies.items() if t == tier and (s.name, p) not in exclude]:
                 self.drop_copies(s, [p])
-                if books.can_take(free_slots):
+                if enough(books):
                     return True
-        return books.can_take(free_slots)
+        return enough(books)
 
-    def _drop_copies_for(self, tier: int, slots: int, exclude: set[tuple[str, int]]) -> None:
-        if not self.drop_copies_until(tier, slots, exclude):
+    def _make_room(self, tier: int, wanted: list[tuple[int, int]], exclude: set[tuple[str, int]]) -> None:
+        """Room in ``tier`` for every ``(n, size)`` of ``wanted`` (``n`` slots of ``size`` units, taken in that
+        order), that a plan counted: kept copies go for it, before any is taken -- dropped as each take needs, a
+        quarter taken from a whole free slot could leave a later whole one short though the copies' pieces, free,
+        would have made room for both."""
+        if not self.drop_copies_until(tier, lambda books: books.free_pieces().can_take_all(wanted), exclude):
             raise AssertionError(f"a plan counted room in the {self.stack.label(tier)} tier that is not there")
 
     # --- pages that hold nothing live any more ------------------------------------------------------------------------
@@ -574,17 +605,17 @@ class Tiering:
     def check(self) -> None:
         """Every slot taken is held by a page below, a kept copy, a move in flight, or a restored page no space
         has taken yet."""
-        held = {t: sum(len(r.slots) for r in j.pending) if (j := self._journal(t)) is not None else 0
-                for t in self.stack.ids}
+        held: dict[int, list[int]] = {t: [s for r in j.pending for s in r.slots]
+                                      if (j := self._journal(t)) is not None else [] for t in self.stack.ids}
         for s in self.directory.tiered_spaces():
             for p, slots in s.pages.slots.items():
-                held[s.pages.tier_of(p)] += len(slots)
+                held[s.pages.tier_of(p)] += slots
             for tier, slots in s.pages.copies.values():
-                held[tier] += len(slots)
+                held[tier] += slots
         for h in self._inflight:
             for m in h.moves:
                 if is_lower(m.dst) and id(m) not in h.done_moves:
-                    held[m.dst] += len(m.taken)
+                    held[m.dst] += m.taken
         for t in self.stack.ids:
             self.books(t).check(held[t])
 

@@ -4,9 +4,10 @@ A plan is made against the books under the manager's lock and committed in the s
 (``Tiering.start_demotion``), so the books it counted on cannot change in between. A plan that cannot be
 carried out whole is cut short or refused before anything moves: the caller sees ``gpu_handles`` and decides.
 
-Room below a GPU page counts a tier's free slots plus the slots of kept copies (``PageTable.copies``) of pages
-outside the plan, which may be dropped to make room (a copy is a cache). A page of the plan that keeps a copy in
-the tier it goes to moves *clean*: its copy becomes its home and nothing is copied.
+Room below a GPU page counts a tier's free slots by size (``FreePieces``: a page takes one slot per region, as
+large as its live bytes need) plus the slots of kept copies (``PageTable.copies``) of pages outside the plan, which
+may be dropped to make room (a copy is a cache). A page of the plan that keeps a copy in the tier it goes to moves
+*clean*: its copy becomes its home and nothing is copied.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from kvtier.policies import Candidate, PageRef
 from kvtier.tiering.interfaces import TieredSpace
-from kvtier.tiering.state.tier import Tier, TierStack
+from kvtier.tiering.state.slots import FreePieces
+from kvtier.tiering.state.tier import LowerTier, Tier, TierStack
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class PlannedMove:
     src: int  # Tier.GPU or a lower tier's id
     dst: int
     clean: bool  # the page's kept copy in ``dst`` becomes its home: nothing to copy
+    nbytes: int = 0  # bytes per region the page holds: what each of its slots below must hold
 
 
 @dataclass
@@ -55,38 +58,48 @@ class DemotionPlan:
         return out
 
 
-def room_below(spaces: Iterable[TieredSpace], free: Mapping[int, int],
-               exclude: set[tuple[str, int]]) -> dict[int, int]:
+def slot_size(tier: LowerTier, nbytes: int) -> int:
+    """The size (units) of the slots of ``tier`` that hold ``nbytes`` of a region each."""
+    return tier.books.units_for(nbytes, tier.slot_size)
+
+
+def room_below(spaces: Iterable[TieredSpace], free: Mapping[int, FreePieces], exclude: set[tuple[str, int]],
+               stack: TierStack) -> dict[int, FreePieces]:
     """Slots each lower tier can give: free ones plus kept copies of pages not in ``exclude``."""
-    room = dict(free)
+    room = {t: f.copy() for t, f in free.items()}
     for s in spaces:
         for p, (tier, slots) in s.pages.copies.items():
             if (s.name, p) not in exclude:
-                room[tier] += len(slots)
+                books = stack[tier].books
+                for slot in slots:
+                    room[tier].give(books.size(slot))
     return room
 
 
 def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: int | None, policy: Any,
-                  spaces: Iterable[TieredSpace], free: Mapping[int, int], stack: TierStack,
+                  spaces: Iterable[TieredSpace], free: Mapping[int, FreePieces], stack: TierStack,
+                  nbytes: Callable[[TieredSpace, int], int],
                   reachable: Callable[[int, int], bool] = lambda src, dst: True) -> DemotionPlan:
     """Plan moving each ``(space, page)`` of ``picks`` down, in order. With ``dst``: there, or -- for a GPU page
     when ``dst`` has no room or no route -- the nearest tier below it that has (a page already below ``dst``'s
     level, or at it, stays). Without: where ``policy.place`` says among the tiers below the page that
     ``reachable`` (a route exists) -- each candidate with its room -- or nowhere (it stays). Pages that find no
-    room stay. No side effects."""
+    room stay. ``nbytes(space, page)``: the bytes per region a page holds. No side effects."""
     planned = {(s.name, p) for s, p in picks}
-    room = room_below(spaces, free, planned)
+    room = room_below(spaces, free, planned, stack)
     plan = DemotionPlan()
     for space, p in picks:
         R, table = space.num_regions, space.pages
         src, copy = table.tier_of(p), table.copies.get(p)
         below = [t for t in stack.below(src) if reachable(src, t)]
+        held = nbytes(space, p)
+        size = {t: slot_size(stack[t], held) for t in below}
 
         def fits(t: int) -> bool:
-            return room[t] >= R or (copy is not None and copy[0] == t)
+            return room[t].can_take(R, size[t]) or (copy is not None and copy[0] == t)
         if dst is None:
             name = policy.place(PageRef(space.name, p), stack.label(src),
-                                [Candidate(stack[t].name, room[t] // R, fits(t)) for t in below])
+                                [Candidate(stack[t].name, room[t].fits(size[t]) // R, fits(t)) for t in below])
             want = stack.named(name) if name is not None else None
         elif src == Tier.GPU:  # there, or the nearest tier below it with room (a tier with no route has none)
             spill = [t for t in below if t >= dst and fits(t)]
@@ -96,12 +109,13 @@ def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: int | None, policy:
         if want is None or want == src or want not in below:
             continue
         if copy is not None and copy[0] == want:
-            plan.moves.append(PlannedMove(space, p, src, want, clean=True))
+            plan.moves.append(PlannedMove(space, p, src, want, clean=True, nbytes=held))
             continue
         if copy is not None:  # going elsewhere: its copy is dropped, and its slots are room
-            room[copy[0]] += len(copy[1])
-        if room[want] < R:
+            for slot in copy[1]:
+                room[copy[0]].give(stack[copy[0]].books.size(slot))
+        if not room[want].can_take(R, size[want]):
             continue  # no room below: the page stays
-        room[want] -= R
-        plan.moves.append(PlannedMove(space, p, src, want, clean=False))
+        room[want].take(R, size[want])
+        plan.moves.append(PlannedMove(space, p, src, want, clean=False, nbytes=held))
     return plan

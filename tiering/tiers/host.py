@@ -6,7 +6,11 @@ it is pinned, so the tier serves while it grows. On the CPU backend the memory i
 
 Its routes: GPU <-> its slots (``cuMemcpyAsync`` on the mover's streams), and between its slots and those of any
 other host-memory tier of the stack (a memcpy by the worker). Settings: ``[host]`` (``size``, ``chunk``,
-``checksums``, the cascade's ``low_watermark``/``high_watermark``).
+``checksums``, ``pieces``, the cascade's ``low_watermark``/``high_watermark``).
+
+A slot is one page of one region, split into ``pieces`` (see ``SlotBooks``): a page moves only its live blocks'
+bytes, and takes slots of the size they need -- a half, a quarter ... of a page, each starting on an ``IO_ALIGN``
+boundary (NVMe reads into them with ``O_DIRECT``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from kvtier.errors import ConfigError
 from kvtier.tiering.tiers.digest import Digests
 from kvtier.tiering.state.slots import SlotBooks
-from kvtier.tiering.state.tier import HostSlots, Tier, TierStack
+from kvtier.tiering.state.tier import IO_ALIGN, HostSlots, Tier, TierStack
 from kvtier.tiering.engine.transfer import PairsFailed, Work
 from kvtier.vmm.base import Backend
 from kvtier.vmm.host import map_anonymous, unmap_anonymous
@@ -68,6 +72,7 @@ class HostSettings(BaseModel):
     size: int = 1 << 30
     chunk: int = 128 << 20
     checksums: bool = False
+    pieces: int = 4
     low_watermark: float = 0.80
     high_watermark: float = 0.90
 
@@ -82,7 +87,8 @@ class HostTier:
     @classmethod
     def settings_from(cls, config: "Config") -> HostSettings:
         return HostSettings(size=config.host_size, chunk=config.host_chunk, checksums=config.host_checksums,
-                            low_watermark=config.host_low_watermark, high_watermark=config.host_high_watermark)
+                            pieces=config.host_pieces, low_watermark=config.host_low_watermark,
+                            high_watermark=config.host_high_watermark)
 
     @staticmethod
     def summary(settings: HostSettings, device: torch.device) -> str:
@@ -95,10 +101,10 @@ class HostTier:
     @classmethod
     def open(cls, settings: HostSettings, context: "TierContext") -> "HostTier":
         return cls(context.backend, context.slot_size, settings.size, settings.chunk, settings.checksums,
-                   (settings.low_watermark, settings.high_watermark))
+                   (settings.low_watermark, settings.high_watermark), settings.pieces)
 
     def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int, checksums: bool = False,
-                 watermarks: tuple[float, float] | None = (0.80, 0.90)) -> None:
+                 watermarks: tuple[float, float] | None = (0.80, 0.90), pieces: int = 4) -> None:
         limit, what = memory_limit()
         if size > limit:  # pinned later, in the background: too late to fail cleanly (the OOM killer would)
             setting = "host_size" if self.name == "host" else f"[tiers.{self.name}] size"
@@ -107,12 +113,15 @@ class HostTier:
         self.backend, self.slot_size, self.watermarks = backend, slot_size, watermarks
         self.id = 0  # set by its TierStack
         self.slots_per_chunk = max(1, chunk // slot_size)
+        while pieces > 1 and (slot_size % pieces or (slot_size // pieces) % IO_ALIGN):
+            pieces //= 2  # a piece starts on an I/O block
+        self.unit = slot_size // pieces
         total = size // slot_size
-        self.books = SlotBooks(self.name, total)
+        self.books = SlotBooks(self.name, total, pieces)
         self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see hold)
-        self.digests = Digests(total) if checksums else None  # host checksums: an option (they cost CPU time)
+        self.digests = Digests(self.books.total) if checksums else None  # an option (they cost CPU time)
         self._chunks: list[tuple[int, int, torch.Tensor]] = []  # (address, bytes, uint8 view)
-        self._views: dict[int, torch.Tensor] = {}  # slot -> its view, made once (see ``view``)
+        self._views: dict[tuple[int, int], torch.Tensor] = {}  # (slot, size) -> its view, made once (see ``view``)
         self._closed = False
         self.pin_seconds = 0.0
         self._n_chunks = math.ceil(total / self.slots_per_chunk) if total else 0
@@ -143,25 +152,30 @@ class HostTier:
         return self._ready.wait(timeout)
 
     def view(self, slot: int) -> torch.Tensor:
-        """The slot's memory as a ``uint8`` CPU tensor. Made once per slot: a move of a 4 GiB sequence takes 512
-        views each way, and a tensor slice costs microseconds of the call that starts the move."""
-        view = self._views.get(slot)
+        """The slot's memory as a ``uint8`` CPU tensor. Made once per slot and size: a move of a 4 GiB sequence
+        takes 512 views each way, and a tensor slice costs microseconds of the call that starts the move."""
+        size = self.books.size(slot)
+        view = self._views.get((slot, size))
         if view is None:
-            chunk, index = divmod(slot, self.slots_per_chunk)
-            view = self._views[slot] = self._chunks[chunk][2][index * self.slot_size:(index + 1) * self.slot_size]
+            chunk, index = divmod(slot, self.slots_per_chunk * self.books.pieces)
+            start = index * self.unit
+            view = self._views[(slot, size)] = self._chunks[chunk][2][start:start + size * self.unit]
         return view
 
     def address(self, slot: int) -> int:
         """Where the slot's memory starts (pinned host memory: copies to and from the device run at PCIe speed)."""
-        chunk, index = divmod(slot, self.slots_per_chunk)
-        return self._chunks[chunk][0] + index * self.slot_size
+        chunk, index = divmod(slot, self.slots_per_chunk * self.books.pieces)
+        return self._chunks[chunk][0] + index * self.unit
 
     def held(self, slot: int) -> int:
-        return self._held.get(slot, self.slot_size)
+        held = self._held.get(slot)
+        return self.books.size(slot) * self.unit if held is None else held
 
     def hold(self, slot: int, nbytes: int) -> None:
         """The slot now holds ``nbytes`` (a page moves only its live blocks' bytes: a prefix of each region)."""
-        if nbytes == self.slot_size:
+        whole = self.books.size(slot) * self.unit
+        assert nbytes <= whole, f"{self.name} slot {slot}: {nbytes} bytes do not fit its {whole}"
+        if nbytes == whole:
             self._held.pop(slot, None)
         else:
             self._held[slot] = nbytes
@@ -172,7 +186,8 @@ class HostTier:
         return self.view(slot) if held is None else self.view(slot)[:held]
 
     def describe(self) -> dict[str, object]:
-        return {"slots": self.books.total, "slot_bytes": self.slot_size, "ready_slots": self.books.capacity,
+        return {"slots": self.books.total, "slot_bytes": self.unit, "pieces": self.books.pieces,
+                "ready_slots": self.books.capacity,
                 "pinned": self.backend.name == "cuda", "pin_seconds": self.pin_seconds,
                 "checksums": self.digests.counts() if self.digests is not None else "off"}
 

@@ -191,6 +191,7 @@ class NvmeSettings(BaseModel):
     threads: int = 4
     direct: bool = True
     persist: bool = False
+    pieces: int = 4
 
 
 class NvmeTier:
@@ -204,7 +205,8 @@ class NvmeTier:
     @classmethod
     def settings_from(cls, config: "Config") -> NvmeSettings:
         return NvmeSettings(dir=config.nvme_dir, size=config.nvme_size, preallocate=config.nvme_preallocate,
-                            threads=config.nvme_threads, direct=config.nvme_direct, persist=config.nvme_persist)
+                            threads=config.nvme_threads, direct=config.nvme_direct, persist=config.nvme_persist,
+                            pieces=config.nvme_pieces)
 
     @classmethod
     def open(cls, settings: NvmeSettings, context: "TierContext") -> "NvmeTier":
@@ -219,7 +221,7 @@ class NvmeTier:
         directory = settings.dir or tempfile.mkdtemp(prefix="kvtier-nvme-")
         try:
             tier = cls(context.device, context.slot_size, directory, settings.size, settings.threads,
-                       settings.direct, context.files, settings.preallocate, settings.persist)
+                       settings.direct, context.files, settings.preallocate, settings.persist, settings.pieces)
         except BaseException:
             if own_dir:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -245,8 +247,11 @@ class NvmeTier:
 
     def __init__(self, device: torch.device, slot_size: int, directory: str, size: int, threads: int,
                  direct: bool, files: FileLayer | None = None, preallocate: bool = True,
-                 persist: bool = False) -> None:
+                 persist: bool = False, pieces: int = 4) -> None:
         self.slot_size, self.slots = slot_size, size // slot_size
+        while pieces > 1 and (slot_size % pieces or (slot_size // pieces) % ALIGN):
+            pieces //= 2  # a piece starts on an O_DIRECT block
+        self.unit = slot_size // pieces
         self.id = 0  # set by its TierStack
         self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see write)
         if files is not None and device.type == "cuda":
@@ -265,7 +270,7 @@ class NvmeTier:
             self._open(device, threads, direct, files)
             if persist and self.path.endswith(SLOTS_NAME):
                 try:
-                    self.journal = SlotJournal(directory, fd, slot_size, self.slots)
+                    self.journal = SlotJournal(directory, fd, slot_size, self.slots, pieces)
                 except OSError as exc:
                     raise ConfigError(f"nvme persist: cannot write the journal in {directory!r} "
                                       f"({exc.strerror or exc}); free room there or turn persist off") from None
@@ -274,9 +279,9 @@ class NvmeTier:
                 os.unlink(self.path)
             os.close(self._owner_fd)
             raise
-        self.books = SlotBooks("nvme", self.slots)
+        self.books = SlotBooks("nvme", self.slots, pieces)
         self.books.grow(0, self.slots)
-        self.digests = Digests(self.slots)
+        self.digests = Digests(self.books.total)
         if self.journal is not None:
             self._reserve_restored()
 
@@ -361,11 +366,10 @@ class NvmeTier:
                 continue
             for slot, held, value in zip(record.slots, record.held, record.digests):
                 self.digests.seal(slot, (value[0], value[1]))
-                if held < self.slot_size:
-                    self._held[slot] = held
+                self._held[slot] = held
             good.append(record)
         self.journal.pending = good
-        self.books.claim([s for r in good for s in r.slots])
+        self.books.claim([s for r in good for s in r.slots], [self.journal.span(h) for r in good for h in r.held])
         if good:
             log.info("nvme tier: %d page(s) of cached blocks restored from %s (verified when first read)",
                      len(good), self.path)
@@ -382,11 +386,11 @@ class NvmeTier:
     def write(self, slot: int, src: torch.Tensor, value: tuple[int, int] | None = None) -> Any:
         """Write ``src`` (the slot's size or a prefix of it, in whole ``ALIGN`` blocks) into the slot, which then
         holds that many bytes; ``value``: its digest where the caller has it (verified above)."""
-        size = src.numel() * src.element_size()
-        if size > self.slot_size or size % ALIGN:
-            raise ValueError(f"nvme tier: a slot takes up to {self.slot_size} bytes in blocks of {ALIGN}, not {size}")
+        size, whole = src.numel() * src.element_size(), self.books.size(slot) * self.unit
+        if size > whole or size % ALIGN:
+            raise ValueError(f"nvme tier: slot {slot} takes up to {whole} bytes in blocks of {ALIGN}, not {size}")
         self.digests.open(slot)
-        if size == self.slot_size:
+        if size == whole:
             self._held.pop(slot, None)
         else:
             self._held[slot] = size
@@ -396,7 +400,8 @@ class NvmeTier:
 
     def held(self, slot: int) -> int:
         """Bytes the slot holds: what was last written into it."""
-        return self._held.get(slot, self.slot_size)
+        held = self._held.get(slot)
+        return self.books.size(slot) * self.unit if held is None else held
 
     def read(self, slot: int, dst: torch.Tensor, then: Callable[[tuple[int, int]], None] | None = None) -> Any:
         """Read the bytes the slot holds into the start of ``dst`` (all of them, or a prefix when ``dst`` is
@@ -416,7 +421,7 @@ class NvmeTier:
         return _Checked(self._submit(False, slot, buf), held, False, slot, then=verify)
 
     def _submit(self, write: bool, slot: int, buf: torch.Tensor) -> Any:
-        offset, size = slot * self.slot_size, buf.numel() * buf.element_size()
+        offset, size = slot * self.unit, buf.numel() * buf.element_size()
         if self._kvikio is not None:
             target = buf if buf.is_cuda else buf.numpy()
             return (self._kvikio.pwrite if write else self._kvikio.pread)(target, size, offset)
@@ -425,7 +430,8 @@ class NvmeTier:
 
     def describe(self) -> dict[str, object]:
         path = "a temporary file, deleted once open (freed when the process ends)" if self.anonymous else self.path
-        return {"slots": self.books.total, "slot_bytes": self.slot_size, "path": path, "mode": self.mode,
+        return {"slots": self.books.total, "slot_bytes": self.unit, "pieces": self.books.pieces, "path": path,
+                "mode": self.mode,
                 "checksums": self.digests.counts(), "kept": self.journal is not None and self.journal.kept}
 
     def unlink(self) -> None:

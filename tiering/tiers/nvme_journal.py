@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,12 @@ def _records(path: str) -> Iterator[dict[str, Any]]:
         return
 
 
-def _well_formed(r: PageRecord, slots: int) -> bool:
+def _well_formed(r: PageRecord, units: int, span: Callable[[int], int]) -> bool:
     try:
         return isinstance(r.space, str) and len(r.held) == len(r.digests) == len(r.slots) == len(set(r.slots)) > 0 and \
-            all(isinstance(s, int) and 0 <= s < slots for s in r.slots) and \
             all(isinstance(h, int) and 0 < h for h in r.held) and \
+            all(isinstance(s, int) and 0 <= s and s % span(h) == 0 and s + span(h) <= units
+                for s, h in zip(r.slots, r.held)) and \
             all(len(d) == 2 and all(isinstance(x, int) and 0 <= x < 2**64 for x in d) for d in r.digests) and \
             all(len(b) == 3 and isinstance(b[0], int) and len(bytes.fromhex(b[1])) == 16 and
                 isinstance(bytes.fromhex(b[2]), bytes) for b in r.blocks)
@@ -83,26 +84,40 @@ class SlotJournal:
     """The journal of one persistent slot file (see the module docstring). ``pending`` holds the restored pages
     no space has taken yet (their slots are not free); the manager's lock serialises every call."""
 
-    def __init__(self, directory: str, slot_fd: int, slot_size: int, slots: int) -> None:
+    def __init__(self, directory: str, slot_fd: int, slot_size: int, slots: int, pieces: int = 1) -> None:
+        """``slots`` frames of ``slot_size`` bytes, each of ``pieces`` units: a slot is named by its first unit
+        and spans as many as the bytes it holds need (see ``SlotBooks``)."""
         self.path = os.path.join(directory, JOURNAL_NAME)
         st = os.fstat(slot_fd)
-        self.header = {"kvtier": "nvme-journal", "version": VERSION, "slot_size": slot_size, "dev": st.st_dev,
-                       "ino": st.st_ino}
+        self.header = {"kvtier": "nvme-journal", "version": VERSION, "slot_size": slot_size, "pieces": pieces,
+                       "dev": st.st_dev, "ino": st.st_ino}
+        self.unit, self.pieces = slot_size // pieces, pieces
         self._live: dict[int, PageRecord] = {}   # record id -> a page that may still be read back
-        self._owner: dict[int, int] = {}         # slot -> the live record naming it
+        self._owner: dict[int, int] = {}         # unit -> the live record whose slots cover it
         self._stale = 0                          # lines that no longer restore anything (counted by _void too)
         self._file: TextIO | None = None
-        self.pending = self._replay(slots)
+        self.pending = self._replay(slots * pieces)
         self._rewrite()
 
-    def _replay(self, slots: int) -> list[PageRecord]:
+    def span(self, held: int) -> int:
+        """The units a slot holding ``held`` bytes spans."""
+        size = 1
+        while size < self.pieces and size * self.unit < held:
+            size *= 2
+        return size
+
+    def _units(self, record: PageRecord) -> list[int]:
+        return [u for s, h in zip(record.slots, record.held) for u in range(s, s + self.span(h))]
+
+    def _replay(self, units: int) -> list[PageRecord]:
         records = _records(self.path)
         header = next(records, None)
         if header is None:
             return []
         if header != self.header:
             log.warning("nvme journal %s belongs to another slot file or layout (%s); starting empty", self.path,
-                        {k: header.get(k) for k in ("version", "slot_size")} if isinstance(header, dict) else header)
+                        {k: header.get(k) for k in ("version", "slot_size", "pieces")} if isinstance(header, dict)
+                        else header)
             return []
         try:
             for record in records:
@@ -116,24 +131,29 @@ class SlotJournal:
         except (KeyError, TypeError, ValueError) as exc:  # checked lines of another program's making
             log.warning("nvme journal %s: a record of an unknown form (%s); the records after it are ignored",
                         self.path, exc)
-        pages = [r for r in self._live.values() if _well_formed(r, slots)]
+        pages = [r for r in self._live.values() if _well_formed(r, units, self.span)]
         self._live = {id(r): r for r in pages}
-        self._owner = {s: id(r) for r in pages for s in r.slots}
+        self._owner = {u: id(r) for r in pages for u in self._units(r)}
         return pages
 
     # --- records -------------------------------------------------------------------------------------------------
     def _add(self, record: PageRecord) -> None:
-        self._void(record.slots)
+        try:
+            units = self._units(record)
+        except TypeError:  # a malformed record: it restores nothing (_replay drops it)
+            units = []
+        self._void(units)
         if record.blocks:
             self._live[id(record)] = record
-            for s in record.slots:
-                self._owner[s] = id(record)
+            for u in units:
+                self._owner[u] = id(record)
 
-    def _void(self, slots: list[int]) -> None:
-        for s in slots:
-            rid = self._owner.get(s)
+    def _void(self, units: list[int]) -> None:
+        """The records whose slots cover any of ``units`` (the first units of slots, or every unit of some)."""
+        for u in units:
+            rid = self._owner.get(u)
             if rid is not None:
-                for t in self._live.pop(rid).slots:
+                for t in self._units(self._live.pop(rid)):
                     self._owner.pop(t, None)
                 self._stale += 1
 
