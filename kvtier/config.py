@@ -114,8 +114,10 @@ class Config(BaseModel):
     keep_copies: bool = _setting(True, "host", "a page brought back up keeps its lower copy until it may be "
                                  "written (a token allocated in it, its sequence's last block on it, mark_written); "
                                  "offloading it again then copies nothing", strict=True)
-    host_checksums: bool = _setting(False, "host", "a digest of each page written to host memory, verified before "
-                                    "it goes back up or down to NVMe (NVMe pages always have one)", strict=True)
+    host_checksums: bool = _setting(True, "host", "a digest of each page written to host memory, taken on the GPU "
+                                    "beside its copy down and checked on the GPU where it lands back before any "
+                                    "step reads it (a mismatch: the page is lost, the engine recomputes); checked on "
+                                    "the host on its way to NVMe (NVMe pages always have one)", strict=True)
     host_high_watermark: Fraction = _setting(0.90, "host", "host fraction above which pages cascade to NVMe")
     host_low_watermark: Fraction = _setting(0.80, "host", "host fraction the cascade stops at")
     # [nvme]

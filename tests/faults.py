@@ -33,11 +33,14 @@ class Rule:
     errno: int = 0
     slot: int | None = None
     times: int | None = None
+    gate: threading.Event | None = None
 
 
 class FaultyFiles:
-    def __init__(self, slot_size: int) -> None:
-        self.slot_size = slot_size
+    def __init__(self, page_size: int, pieces: int = 4) -> None:
+        """Rules name slots as the NVMe tier does: by their first unit, ``page_size // pieces`` bytes each
+        (``[nvme] pieces``, 4 by default)."""
+        self.slot_size = page_size // pieces
         self.rules: list[Rule] = []
         self.calls: Counter[str] = Counter()
         self.fired: Counter[str] = Counter()
@@ -54,6 +57,10 @@ class FaultyFiles:
 
     def corrupt(self, op: str, slot: int | None = None, times: int | None = None) -> None:
         self.rules.append(Rule(op, "corrupt", 0, slot, times))
+
+    def hold(self, op: str, gate: threading.Event, times: int | None = None) -> None:
+        """Calls wait until ``gate`` is set, then go on as usual (an I/O thread stuck on a slow disk)."""
+        self.rules.append(Rule(op, "hold", 0, None, times, gate))
 
     def chaos(self, rate: float, seed: int = 0) -> None:
         """From now on, each call fails at random with probability ``rate``: EIO, a short transfer or a corrupt
@@ -84,6 +91,9 @@ class FaultyFiles:
     # --- the file layer ----------------------------------------------------------------------------------------------
     def pwrite(self, fd: int, view: memoryview, offset: int) -> int:
         rule = self._rule("write", offset)
+        if rule is not None and rule.gate is not None:
+            rule.gate.wait()
+            rule = None
         if rule is None:
             return os.pwrite(fd, view, offset)
         if rule.action == "errno":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -224,6 +225,37 @@ def test_host_checksums_catch_host_memory_changed_at_rest(make_manager):
     assert mgr.stats()["tiers"]["host"]["checksums"]["mismatches"] == 2
     for seq in ("a", "c"):
         space.free(seq)
+    mgr.check()
+
+
+def test_a_host_fault_back_is_checked_by_its_waiter_while_the_worker_is_busy(make_manager):
+    if make_manager.name != "cpu":
+        pytest.skip("the file layer is the POSIX path's")
+    files = FaultyFiles(PAGE["cpu"])
+    mgr = make_manager(files=files)  # host checksums: on by default
+    space = _space(mgr, make_manager)
+    for seq in ("a", "b"):
+        space.allocate(seq, BPP * space.block_size)
+        write_seq(space, seq, salt=3)
+    space.offload("a", tier="host").result()
+    # the transfer worker is stuck in b's NVMe write (a slow disk)
+    gate = threading.Event()
+    files.hold("write", gate)
+    going = space.offload("b", tier="nvme")
+    try:
+        # a's fault-back from host memory: its bytes are checked where they landed by the caller waiting for
+        # them, not behind b's write in the worker's line
+        waited = threading.Thread(target=lambda: space.prefetch(["a"]).wait())
+        waited.start()
+        waited.join(20)
+        assert not waited.is_alive(), "the fault-back waited for the worker"
+        assert mgr.stats()["tiers"]["host"]["checksums"]["verified"] == space.num_regions
+        assert_seq(space, "a", salt=3)
+    finally:
+        gate.set()
+    going.result()
+    space.ensure_resident(["b"])
+    assert_seq(space, "b", salt=3)
     mgr.check()
 
 

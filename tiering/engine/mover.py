@@ -155,13 +155,22 @@ class Mover:
             raise PairsFailed(failed)
 
     def copies_down(self, copies: list[tuple[int, int, int]], copy: Callable[..., None], after: Any, tags: Any,
-                    on_done: Any, landed: Callable[[list[int]], None] | None = None, on_part: Any = None) -> Work:
+                    on_done: Any, landed: Callable[[list[int]], None] | None = None, on_part: Any = None,
+                    started: Callable[[list[int]], None] | None = None) -> Work:
         """Copies ``(dst, src, nbytes)`` that leave the GPU's pages, by ``copy(dst, src, nbytes, stream)`` (a
         backend's ``copy_async``) on the stream down after ``after``, fed in gated batches (:meth:`pipeline`) by
-        the worker; each batch reported as it lands. On the CPU backend each copy is done when ``copy`` returns."""
+        the worker; each batch reported as it lands (``landed``, then ``on_part``/``on_done``), and to
+        ``started(indices)`` once its copies are enqueued. On the CPU backend each copy is done when ``copy``
+        returns."""
         stream = self.down
 
         def submit(indices: list[int]) -> Any:
+            waiter = _submit(indices)
+            if started is not None:
+                started(indices)
+            return waiter
+
+        def _submit(indices: list[int]) -> Any:
             if stream is None:
                 for i in indices:
                     copy(*copies[i])

@@ -257,8 +257,7 @@ class Tiering:
                 group = range(r + 1 - ((r % every) + 1), r + 1)  # the regions mapped since the last group
                 step = self.mover.start(src, Tier.GPU, [(table.slots[p][g], space.region_view(g, p)) for g in group],
                                         tags=[move] * len(group), pages=int(group.start == 0))
-                work.event = step.event or work.event  # one stream: the last event covers every earlier copy
-                work.io += step.io
+                work.add(step)  # one stream: the last event covers every earlier copy
 
             try:
                 space.map_pages([p], handles[i * R:(i + 1) * R], copy_up)  # on failure its handles go back
@@ -324,8 +323,7 @@ class Tiering:
         for src, items in by_tier.items():
             step = self.mover.start(src, Tier.GPU, [(a, b) for a, b, _ in items], after,
                                     tags=[p for *_, p in items], label=f"{self.stack.label(src)}->read")
-            work.event = step.event or work.event
-            work.io += step.io
+            work.add(step)
         handle.attach(work)
         if work.io:  # NVMe reads (or failed checks): run by the worker, in order with the transfers queued before
             handle.committed = False  # pages that fail to read are marked lost when it commits
@@ -347,8 +345,7 @@ class Tiering:
             step = self.mover.start(src, dst, [(a, b) for a, b, *_ in prs], after if src == Tier.GPU else None,
                                     tags=[m for _, _, m, _ in prs], on_done=lambda m: self.commit(handle, [m]),
                                     on_part=on_part)
-            work.event = step.event or work.event
-            work.io += step.io
+            work.add(step)
         handle.attach(work)
         for m in moves:
             m.space.pages.start_move(m.page, handle)

@@ -54,10 +54,20 @@ class Move:
 
 @dataclass
 class Work:
-    """What a route started: a device event to wait on and/or host I/O still to run."""
+    """What a route started: a device event to wait on and/or host I/O still to run. ``local``: the host steps
+    wait for nothing queued before them (checks of bytes already copied), so whoever waits for the transfer may
+    run them rather than wait for the worker to reach them behind others' I/O."""
 
     event: Any = None
     io: list[Callable[[], None]] = field(default_factory=list)
+    local: bool = False
+
+    def add(self, step: "Work") -> None:
+        """``step``'s work too (copies on one stream: its event covers every earlier one)."""
+        if step.io:
+            self.local = step.local and (self.local or not self.io)
+            self.io += step.io
+        self.event = step.event or self.event
 
 
 class TransferHandle:
@@ -72,6 +82,8 @@ class TransferHandle:
         self._io: list[Callable[[], None]] = []
         self._io_done = threading.Event()
         self._io_done.set()
+        self._io_local = False
+        self._io_claimed = threading.Lock()  # held by whoever runs the host steps (once)
         self.done_moves: set[int] = set()
         self.error: BaseException | None = None
         self.lost: list[Any] = []
@@ -81,13 +93,17 @@ class TransferHandle:
 
     def attach(self, work: Work) -> None:
         """What the routes started: a device event to wait on, host steps for the worker."""
-        self._event, self._io = work.event, list(work.io)
+        self._event, self._io, self._io_local = work.event, list(work.io), work.local
         if self._io:
             self._io_done.clear()
 
     def run_io(self) -> None:
-        """Run the host part (NVMe I/O): every step, even after one failed (each page stands alone). Called once,
-        by the tiering worker or inline."""
+        """Run the host part (NVMe I/O, checks): every step, even after one failed (each page stands alone). Run
+        once, by the tiering worker, inline, or -- ``local`` steps -- by a caller waiting for them; another caller
+        waits until it is done."""
+        if not self._io_claimed.acquire(blocking=False):
+            self._io_done.wait()
+            return
         errors: list[BaseException] = []
         try:
             for step in self._io:
@@ -122,8 +138,10 @@ class TransferHandle:
 
     def wait(self, stream: Any = None) -> None:
         """Make ``stream`` (default: the current one) wait until the data has landed."""
-        if not self._io_done.is_set():  # NVMe reads must have landed before any stream may read
+        if not self._io_done.is_set():  # NVMe reads must have landed (and checks passed) before any stream reads
             start = time.perf_counter()
+            if self._io_local:
+                self.run_io()
             self._io_done.wait()
             self._owner.stall_seconds.append(time.perf_counter() - start)
         if self.error is not None:
@@ -132,6 +150,8 @@ class TransferHandle:
             self._owner.stream_wait(stream, self._event)
 
     def result(self, timeout: float | None = None) -> None:
+        if self._io_local and not self._io_done.is_set():
+            self.run_io()
         if not self._io_done.wait(timeout):
             raise TimeoutError("transfer still running")
         if self._event is not None:

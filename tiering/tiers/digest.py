@@ -13,7 +13,9 @@ such as xxhash would have needed the bytes on the host.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,17 +35,85 @@ def digest(buf: torch.Tensor) -> tuple[int, int]:
     """The digest of ``buf`` (contiguous bytes, a multiple of 4 KiB, 8-byte aligned) on its own device. On the
     GPU it runs on a side stream: the caller must know the bytes have landed (a synchronized event, a finished
     read), and it waits for its result."""
-    nbytes = buf.numel() * buf.element_size()
-    if nbytes % ROW or buf.data_ptr() % 8 or not buf.is_contiguous():
-        raise ValueError(f"a digest needs contiguous, 8-byte aligned whole rows of {ROW} bytes; got {nbytes} bytes "
-                         f"at {buf.data_ptr():#x}")
-    words = buf.view(torch.uint8).view(torch.int64).view(-1, WORDS)
+    words = _words(buf)
     if buf.is_cuda:
         with torch.cuda.stream(side_stream(buf.device)):
             sums = torch.cat((words.sum(1), words.sum(0))).cpu()  # the copy to the host waits for the sums
     else:
         sums = torch.cat((words.sum(1), words.sum(0)))
     return _fold(sums.numpy().view(np.uint64), words.shape[0])
+
+
+class PendingDigests:
+    """The digests of several buffers, under way (see :func:`digests_of`)."""
+
+    def __init__(self, sums: torch.Tensor, layout: list[tuple[int, int]], event: Any = None) -> None:
+        self._sums, self._layout, self._event = sums, layout, event
+        self._values: list[tuple[int, int]] | None = None
+
+    def values(self) -> list[tuple[int, int]]:
+        """One digest per buffer, in order (waits for them once)."""
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            flat = self._sums.numpy().view(np.uint64)
+            self._values = [_fold(flat[at:at + rows + WORDS], rows) for at, rows in self._layout]
+        return self._values
+
+
+def _words(buf: torch.Tensor) -> torch.Tensor:
+    nbytes = buf.numel() * buf.element_size()
+    if nbytes % ROW or buf.data_ptr() % 8 or not buf.is_contiguous():
+        raise ValueError(f"a digest needs contiguous, 8-byte aligned whole rows of {ROW} bytes; got {nbytes} bytes "
+                         f"at {buf.data_ptr():#x}")
+    return buf.view(torch.uint8).view(torch.int64).view(-1, WORDS)
+
+
+def _runs(bufs: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int]]:
+    """``bufs`` as 3-d word tensors, (buffers, rows, words): a run of buffers of one length, one storage and one
+    address step -- the regions of one page, side by side in a space's range -- is one strided tensor, so that
+    its sums take two reductions, not two a buffer."""
+    i = 0
+    while i < len(bufs):
+        first = _words(bufs[i])
+        j, step = i + 1, 0
+        while j < len(bufs) and bufs[j].numel() == bufs[i].numel() and bufs[j].dtype == bufs[i].dtype:
+            gap = bufs[j].data_ptr() - bufs[j - 1].data_ptr()
+            if gap <= 0 or gap % 8 or (step and gap != step) or \
+                    bufs[j].untyped_storage().data_ptr() != bufs[i].untyped_storage().data_ptr():
+                break
+            _words(bufs[j])
+            step, j = gap, j + 1
+        rows = first.shape[0]
+        run = first.as_strided((j - i, rows, WORDS), (step // 8, WORDS, 1)) if j > i + 1 else first.view(1, rows, WORDS)
+        yield run, j - i
+        i = j
+
+
+def digests_of(bufs: list[torch.Tensor], after: Any = None) -> PendingDigests:
+    """The digests of ``bufs`` (as :func:`digest` takes each), started now where they are: on the GPU on the side
+    stream once ``after`` (an event: the bytes are there and stay until the results are waited for), their sums
+    copied to pinned host memory; ``values()`` waits for them. Measured on the copies' path: see ``Digests``."""
+    if not bufs:
+        return PendingDigests(torch.zeros(0, dtype=torch.int64), [])
+    cuda = bufs[0].is_cuda
+    layout, parts, at = [], [], 0
+    with torch.cuda.stream(side_stream(bufs[0].device)) if cuda else contextlib.nullcontext():
+        if cuda and after is not None:
+            torch.cuda.current_stream(bufs[0].device).wait_event(after)
+        for words, count in _runs(bufs):
+            rows = words.shape[1]
+            parts.append(torch.cat((words.sum(2), words.sum(1)), dim=1).view(-1))
+            layout += [(at + k * (rows + WORDS), rows) for k in range(count)]
+            at += count * (rows + WORDS)
+        sums = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if not cuda:
+            return PendingDigests(sums, layout)
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    return PendingDigests(host, layout, event)
 
 
 def _fold(sums: np.ndarray, rows: int) -> tuple[int, int]:
@@ -84,14 +154,18 @@ class Digests:
 
     def verify(self, slot: int, buf: torch.Tensor, tier: str) -> tuple[int, int]:
         """Raise :class:`ChecksumMismatch` unless ``buf`` holds what was sealed in ``slot``; return its digest."""
-        got, want = digest(buf), self.value(slot)
+        return self.check(slot, digest(buf), buf.numel() * buf.element_size(), tier)
+
+    def check(self, slot: int, got: tuple[int, int], nbytes: int, tier: str) -> tuple[int, int]:
+        """:meth:`verify` of a digest taken elsewhere (of ``nbytes``: on the GPU, where the bytes went)."""
+        want = self.value(slot)
         if got != want:
             self.mismatches += 1
             raise ChecksumMismatch(f"{tier} slot {slot}: checksum mismatch (" +
                                    ("no digest: never written whole" if want is None else "the bytes changed at rest")
                                    + ")")
         self.verified += 1
-        self.verified_bytes += buf.numel() * buf.element_size()
+        self.verified_bytes += nbytes
         return got
 
     def counts(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kvtier.errors import ConfigError
-from kvtier.tiering.tiers.digest import Digests
+from kvtier.tiering.tiers.digest import Digests, PendingDigests, digests_of
 from kvtier.tiering.state.slots import SlotBooks
 from kvtier.tiering.state.tier import IO_ALIGN, HostSlots, Tier, TierStack
 from kvtier.tiering.engine.transfer import PairsFailed, Work
@@ -71,7 +71,7 @@ class HostSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     size: int = 1 << 30
     chunk: int = 128 << 20
-    checksums: bool = False
+    checksums: bool = True
     pieces: int = 4
     low_watermark: float = 0.80
     high_watermark: float = 0.90
@@ -103,7 +103,7 @@ class HostTier:
         return cls(context.backend, context.slot_size, settings.size, settings.chunk, settings.checksums,
                    (settings.low_watermark, settings.high_watermark), settings.pieces)
 
-    def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int, checksums: bool = False,
+    def __init__(self, backend: Backend, slot_size: int, size: int, chunk: int, checksums: bool = True,
                  watermarks: tuple[float, float] | None = (0.80, 0.90), pieces: int = 4) -> None:
         limit, what = memory_limit()
         if size > limit:  # pinned later, in the background: too late to fail cleanly (the OOM killer would)
@@ -119,7 +119,7 @@ class HostTier:
         total = size // slot_size
         self.books = SlotBooks(self.name, total, pieces)
         self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see hold)
-        self.digests = Digests(self.books.total) if checksums else None  # an option (they cost CPU time)
+        self.digests = Digests(self.books.total) if checksums else None  # on by default: taken on the GPU
         self._chunks: list[tuple[int, int, torch.Tensor]] = []  # (address, bytes, uint8 view)
         self._views: dict[tuple[int, int], torch.Tensor] = {}  # (slot, size) -> its view, made once (see ``view``)
         self._closed = False
@@ -212,36 +212,66 @@ class HostTier:
     def _from_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
                   on_part: Any = None) -> Work:
         """Fed in batches by the worker (see ``Mover``); a page's regions are reported (``on_part``) as their
-        copies land, so that they can be unmapped while the rest copy."""
+        copies land, so that they can be unmapped while the rest copy. With checksums each batch's digests are
+        taken of the pages on the GPU, beside their copies (``digests_of``: on the side stream, a run of regions
+        at a time), and sealed as the batch lands -- before any region is unmapped."""
         copies = [(self.address(slot), view.data_ptr(), view.numel()) for view, slot in pairs]
         for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
             self.hold(slot, view.numel())
         digests = self.digests
-        landed = None
-        if digests is not None:  # checksums: taken of the bytes as they landed
-            for _, slot in pairs:
-                digests.open(slot)
+        if digests is None:
+            return mover.copies_down(copies, self.backend.copy_async, after, tags, on_done, None, on_part)
+        for _, slot in pairs:
+            digests.open(slot)
+        taking: dict[int, tuple[PendingDigests, int]] = {}  # pair -> its batch's digests, its place there
 
-            def landed(indices: list[int]) -> None:
-                for i in indices:
-                    digests.seal(pairs[i][1], digests.compute(self.data(pairs[i][1])))
-        return mover.copies_down(copies, self.backend.copy_async, after, tags, on_done, landed, on_part)
+        def started(indices: list[int]) -> None:
+            pending = digests_of([pairs[i][0] for i in indices], after)
+            taking.update((i, (pending, k)) for k, i in enumerate(indices))
+
+        def landed(indices: list[int]) -> None:
+            for i in indices:
+                pending, k = taking.pop(i)
+                digests.seal(pairs[i][1], pending.values()[k])
+        return mover.copies_down(copies, self.backend.copy_async, after, tags, on_done, landed, on_part, started)
 
     def _to_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
                 on_part: Any = None) -> Work:
         """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. What the
         slot holds lands at the start of the view (a view shorter than that takes its first bytes). With checksums
-        each slot is verified on the host just before its copy is enqueued (so the copies run while the next slots
-        are checked); a page that fails is copied no further, and an I/O step reports it."""
+        the bytes are verified where they landed, on the GPU (``digests_of`` once the copies are done), by an I/O
+        step the transfer waits for: no stream reads them before (a page that fails is lost). A view shorter than
+        what its slot holds is verified on the host before its copy."""
         failed: dict[Any, BaseException] = {}
+        digests = self.digests
+        after_copy: list[tuple[int, Any, int, torch.Tensor]] = []  # (pair, tag, slot, landed bytes)
 
         def checked() -> Iterator[tuple[int, int, int] | None]:
             for i, (slot, view) in enumerate(pairs):
                 tag = tags[i] if tags is not None else i
-                bad = tag in failed or self._bad_slot(slot, tag, failed)
-                yield None if bad else (view.data_ptr(), self.address(slot), min(view.numel(), self.held(slot)))
+                held = self.held(slot)
+                if digests is not None and view.numel() >= held and view.data_ptr() % 8 == 0:
+                    after_copy.append((i, tag, slot, view[:held]))
+                elif tag in failed or self._bad_slot(slot, tag, failed):
+                    yield None
+                    continue
+                yield view.data_ptr(), self.address(slot), min(view.numel(), held)
         work = mover.copies_up(checked(), self.backend.copy_async, after)
-        work.io = [lambda: _raise(PairsFailed(failed))] if failed else []
+        if not after_copy:
+            work.io = [lambda: _raise(PairsFailed(failed))] if failed else []
+            return work
+        pending = digests_of([buf for *_, buf in after_copy], work.event)
+
+        def verify() -> None:
+            assert digests is not None
+            for (i, tag, slot, buf), value in zip(after_copy, pending.values()):
+                try:
+                    digests.check(slot, value, buf.numel(), self.name)
+                except OSError as exc:
+                    failed.setdefault(tag, exc)
+            if failed:
+                raise PairsFailed(failed)
+        work.io, work.local = [verify], True  # a check of these copies only: a waiter may run it
         return work
 
     def _bad_slot(self, slot: int, tag: Any, failed: dict[Any, BaseException]) -> bool:
