@@ -100,7 +100,7 @@ def test_engine_blocks_larger_than_kvtier_pages_come_back_with_the_engines_token
 def test_preempted_requests_spill_to_nvme_when_the_host_is_full(backend_name):
     # the default tier is the host; with room there for one chunk, the others go straight on to NVMe (a chunk
     # left on the GPU would keep the very pages the preemption was for)
-    paths = _preempt_and_compare(backend_name, "llama", "host", host_pages=2)
+    paths = _preempt_and_compare(backend_name, "llama", "host", host_pages=2, host_pieces=1)  # 2 whole-page slots
     assert paths["gpu->host"]["stripes"] > 0 and paths["gpu->nvme"]["stripes"] > 0
 
 

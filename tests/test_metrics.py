@@ -44,7 +44,8 @@ def test_the_endpoint_reports_what_the_books_say_and_goes_away_at_close(make_man
     # a lost page shows as one
     space.offload("a", tier="nvme").result()
     with open(mgr.tiering.tier("nvme").path, "r+b") as f:
-        f.seek(space.pages.slots[space.block_books.pages_of_seqs(["a"])[0]][0] * mgr.page_size)
+        unit = mgr.stats()["tiers"]["nvme"]["slot_bytes"]  # a slot is named by its first unit
+        f.seek(space.pages.slots[space.block_books.pages_of_seqs(["a"])[0]][0] * unit)
         f.write(b"\xff" * 4096)
     with pytest.raises(kvtier.TransferError):
         space.ensure_resident(["a"])

@@ -250,7 +250,7 @@ class HostTier:
             for i, (slot, view) in enumerate(pairs):
                 tag = tags[i] if tags is not None else i
                 held = self.held(slot)
-                if digests is not None and view.numel() >= held and view.data_ptr() % 8 == 0:
+                if digests is not None and view.numel() >= held and view.data_ptr() % 8 == 0 and view.is_contiguous():
                     after_copy.append((i, tag, slot, view[:held]))
                 elif tag in failed or self._bad_slot(slot, tag, failed):
                     yield None
