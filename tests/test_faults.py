@@ -43,7 +43,7 @@ def test_a_slot_file_overwritten_at_rest_is_a_lost_page_never_a_hit(make_manager
     # someone overwrites one of a's slots in the file (the attack): same length, other bytes
     slot = _slots(space, "a")[1]
     with open(mgr.tiering.tier("nvme").path, "r+b") as f:
-        f.seek(slot * mgr.page_size + 100)
+        f.seek(slot * mgr.tiering.tier("nvme").unit + 100)  # a slot is named by its first unit
         f.write(os.urandom(4096))
     # bringing a back reports it lost; b comes back whole; nothing stale is served
     with pytest.raises(kvtier.TransferError) as failure:
