@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.tiering.tiers.digest import ROW, ChecksumMismatch, Digests, digest
+from kvtier.tiering.tiers.digest import ROW, ChecksumMismatch, Digests, digest, digests_of
 
 
 def _page(nbytes=64 << 10, seed=0):
@@ -47,3 +47,21 @@ def test_books_refuse_a_slot_never_sealed_or_changed_at_rest():
 def test_a_buffer_that_is_not_whole_rows_is_refused():
     with pytest.raises(ValueError, match="whole rows"):
         digest(_page()[:ROW + 8])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_digests_of_many_buffers_equal_each_ones_digest(device):
+    """The copies' path digests a batch at once, runs of equally spaced regions as one strided tensor, folded
+    where they are: the values are the ones the host computes, buffer by buffer (bytes that overflow every sum)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    whole = torch.full((12 << 16,), 0xFF, dtype=torch.uint8)
+    whole[::7] = torch.randint(0, 256, whole[::7].shape, generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    whole = whole.to(device)
+    region = 1 << 16
+    bufs = [whole[r * region:r * region + 4 * ROW] for r in range(5)]   # one run: five regions' first rows
+    bufs += [whole[6 * region:7 * region]]                              # a whole region: another length
+    bufs += [whole[8 * region + ROW:8 * region + 2 * ROW], whole[9 * region:9 * region + ROW]]  # another step
+    bufs += [_page(2 * ROW, seed=9).to(device)]                         # another storage
+    assert digests_of(bufs).values() == [digest(b.cpu()) for b in bufs]
+    assert digests_of([]).values() == []
