@@ -158,3 +158,12 @@ def test_pages_of_every_size_go_down_to_nvme_and_come_back(make_manager):
 def test_host_pieces_must_be_a_power_of_two():
     with pytest.raises(kvtier.errors.ConfigError, match="host_pieces.*power of two"):
         kvtier.Config(host_pieces=3)
+
+
+def test_a_host_tier_pinned_in_chunks_that_do_not_divide_it_has_its_size_in_units(make_manager):
+    page = PAGE[make_manager.name]
+    mgr = make_manager(host_size=10 * page, host_chunk=4 * page)  # chunks of 4, 4 and 2 pages
+    host = mgr.stats()["tiers"]["host"]
+    assert host["ready_slots"] == host["slots"] == 10 * host["pieces"]
+    assert host["slots"] * host["slot_bytes"] == 10 * page
+    mgr.check()

@@ -116,7 +116,7 @@ class HostTier:
         while pieces > 1 and (slot_size % pieces or (slot_size // pieces) % IO_ALIGN):
             pieces //= 2  # a piece starts on an I/O block
         self.unit = slot_size // pieces
-        total = size // slot_size
+        self.frames = total = size // slot_size  # page-sized frames (the books count units: see SlotBooks)
         self.books = SlotBooks(self.name, total, pieces)
         self._held: dict[int, int] = {}  # slot -> bytes it holds, where less than the slot (see hold)
         self.digests = Digests(self.books.total) if checksums else None  # on by default: taken on the GPU
@@ -134,7 +134,7 @@ class HostTier:
             for i in range(self._n_chunks):
                 if self._closed:
                     return
-                count = min(self.slots_per_chunk, self.books.total - i * self.slots_per_chunk)
+                count = min(self.slots_per_chunk, self.frames - i * self.slots_per_chunk)
                 nbytes = count * self.slot_size
                 start = time.perf_counter()
                 address = map_anonymous(nbytes)
