@@ -23,7 +23,7 @@ import torch
 ROW = 4096  # bytes per row: the digest covers whole rows (every slot is a multiple of it)
 WORDS = ROW // 8
 
-_streams: dict[torch.device, torch.cuda.Stream] = {}
+_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 _streams_lock = threading.Lock()
 
 
@@ -89,16 +89,19 @@ def _runs(bufs: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int]]:
         i = j
 
 
-def digests_of(bufs: list[torch.Tensor], after: Any = None) -> PendingDigests:
+def digests_of(bufs: list[torch.Tensor], after: Any = None, lane: str = "") -> PendingDigests:
     """The digests of ``bufs`` (as :func:`digest` takes each), started now where they are: on the GPU on the side
     stream once ``after`` (an event: the bytes are there and stay until the results are waited for), folded there
     too (two words a buffer come back, to pinned host memory); ``values()`` waits for them. H200 (721501f): with
-    the sums folded on the host instead, the host's share cost a 1024-token sequence's round trip 5 ms."""
+    the sums folded on the host instead, the host's share cost a 1024-token sequence's round trip 5 ms. ``lane``:
+    a side stream of its own (the copies down and the copies up each have one: on one stream, digests of pages
+    going down queued behind those waiting for copies coming up, and both directions at once ran at 0.90x one
+    way, ddf0c00 on the H200)."""
     if not bufs:
         return PendingDigests(torch.zeros((0, 2), dtype=torch.int64))
     cuda = bufs[0].is_cuda
     parts = []
-    with torch.cuda.stream(side_stream(bufs[0].device)) if cuda else contextlib.nullcontext():
+    with torch.cuda.stream(side_stream(bufs[0].device, lane)) if cuda else contextlib.nullcontext():
         if cuda and after is not None:
             torch.cuda.current_stream(bufs[0].device).wait_event(after)
         for words, _ in _runs(bufs):
@@ -132,11 +135,11 @@ def _fold(sums: np.ndarray, rows: int) -> tuple[int, int]:
     return int((sums[:rows] * weights[:rows]).sum()), int((sums[rows:] * weights[:WORDS]).sum())  # wraps: mod 2^64
 
 
-def side_stream(device: torch.device) -> torch.cuda.Stream:
+def side_stream(device: torch.device, lane: str = "") -> torch.cuda.Stream:
     with _streams_lock:  # several I/O threads may digest at once
-        if device not in _streams:
-            _streams[device] = torch.cuda.Stream(device)
-        return _streams[device]
+        if (device, lane) not in _streams:
+            _streams[(device, lane)] = torch.cuda.Stream(device)
+        return _streams[(device, lane)]
 
 
 class Digests:

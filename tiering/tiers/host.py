@@ -226,7 +226,7 @@ class HostTier:
         taking: dict[int, tuple[PendingDigests, int]] = {}  # pair -> its batch's digests, its place there
 
         def started(indices: list[int]) -> None:
-            pending = digests_of([pairs[i][0] for i in indices], after)
+            pending = digests_of([pairs[i][0] for i in indices], after, lane="down")
             taking.update((i, (pending, k)) for k, i in enumerate(indices))
 
         def landed(indices: list[int]) -> None:
@@ -260,7 +260,7 @@ class HostTier:
         if not after_copy:
             work.io = [lambda: _raise(PairsFailed(failed))] if failed else []
             return work
-        pending = digests_of([buf for *_, buf in after_copy], work.event)
+        pending = digests_of([buf for *_, buf in after_copy], work.event, lane="up")
 
         def verify() -> None:
             assert digests is not None
