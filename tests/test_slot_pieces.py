@@ -155,9 +155,14 @@ def test_pages_of_every_size_go_down_to_nvme_and_come_back(make_manager):
     mgr.check()
 
 
-def test_host_pieces_must_be_a_power_of_two():
-    with pytest.raises(kvtier.errors.ConfigError, match="host_pieces.*power of two"):
-        kvtier.Config(host_pieces=3)
+def test_pieces_must_be_a_power_of_two():
+    for name in ("host_pieces", "nvme_pieces"):
+        with pytest.raises(kvtier.errors.ConfigError, match=f"{name}.*power of two"):
+            kvtier.Config(**{name: 3})
+    from pydantic import ValidationError
+    from kvtier.tiering.tiers.host import HostSettings
+    with pytest.raises(ValidationError, match="power of two"):  # a host-memory tier's own section, the same
+        HostSettings(pieces=12)
 
 
 def test_a_host_tier_pinned_in_chunks_that_do_not_divide_it_has_its_size_in_units(make_manager):

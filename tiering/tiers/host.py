@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvtier.errors import ConfigError
 from kvtier.tiering.tiers.digest import Digests, PendingDigests, digests_of
@@ -72,9 +72,16 @@ class HostSettings(BaseModel):
     size: int = 1 << 30
     chunk: int = 128 << 20
     checksums: bool = True
-    pieces: int = 4
+    pieces: int = Field(4, ge=1, le=64)
     low_watermark: float = 0.80
     high_watermark: float = 0.90
+
+    @field_validator("pieces")
+    @classmethod
+    def _power_of_two(cls, pieces: int) -> int:
+        if pieces & (pieces - 1):
+            raise ValueError(f"{pieces} is not a power of two (1, 2, 4 ... 64)")
+        return pieces
 
 
 class HostTier:
