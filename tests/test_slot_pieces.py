@@ -136,6 +136,14 @@ def test_pages_of_every_size_go_down_to_nvme_and_come_back(make_manager):
     for name in lengths:
         space.offload(name, tier="host").result()
     mgr.check()
+    # each page below holds its live bytes in slots of the smallest size that takes them
+    host = mgr.tiering.tier("host")
+    sizes = set()
+    for page, slots in space.pages.slots.items():
+        for slot in slots:
+            assert host.books.size(slot) == host.books.units_for(host.held(slot), host.slot_size), (page, slot)
+            sizes.add(host.books.size(slot))
+    assert len(sizes) >= 2, sizes  # short and long pages: slots of more than one size
     # host -> NVMe: what a slot holds goes down, then back up through host memory and to the GPU
     for name in ["one", "half+"]:
         space.offload(name, tier="nvme").result()
