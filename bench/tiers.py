@@ -236,25 +236,35 @@ def _digest_speed(device: torch.device, page: int) -> str:
 
 def _without_host_checksums(table: Table, config: Config, shape: dict, tokens: int, pcie: dict[str, float],
                             gb: float) -> None:
-    """The two PCIe paths again with host checksums off (they are on by default: the rows above), to show what
-    they cost."""
+    """The PCIe paths again with host checksums off (they are on by default: the rows above), to show what they
+    cost: warmed up as those are (the first move of a space's pages makes their views and touches fresh slots)."""
     with TierManager(config) as mgr:
         mgr.tiering.wait_ready()
-        space = mgr.create_space("bench", max_tokens=tokens + 8192, **shape)
+        space = mgr.create_space("bench", max_tokens=2 * tokens + 8192, **shape)
         ids = torch.tensor(space.allocate("a", tokens), device=mgr.device)
+        both = torch.tensor(space.blocks("a") + space.allocate("b", tokens), device=mgr.device)
         for layer in range(space.num_layers):
             for t in space.kv(layer):
-                t[ids] = torch.randn(t[ids].shape, device=mgr.device, dtype=t.dtype)
+                t[both] = torch.randn(t[both].shape, device=mgr.device, dtype=t.dtype)
         probe = space.kv(space.num_layers - 1)[1][ids].clone()
+        for h in (space.offload("a", tier="host"), space.offload("b", tier="host")):
+            h.result()
+        space.ensure_resident(["a", "b"])
+        for seq in ("a", "b"):
+            space.mark_written(seq, 0, tokens)  # no kept copy: going down copies every byte again
         mgr.backend.synchronize()
         down = _timed(lambda: space.offload("a", tier="host").result())
         up = _timed(lambda: space.ensure_resident(["a"]))
+        space.mark_written("a", 0, tokens)
+        together = _timed(lambda: [h.result() for h in (space.offload("b", tier="host"), space.prefetch(["a"]))])
         if not torch.equal(space.kv(space.num_layers - 1)[1][ids], probe):
             raise AssertionError("no host checksums: data changed on its way through the host tier")
     table.add("gpu -> host, checksums off", gb / down, gb / pcie["down"], pcie["down"] / down, "pinned copy",
               "(option: what they cost)")
     table.add("host -> gpu, checksums off", gb / up, gb / pcie["up"], pcie["up"] / up, "pinned copy",
               "(option: what they cost)")
+    table.add("both at once, checksums off", 2 * gb / together, 2 * gb / pcie["both"], pcie["both"] / together,
+              "two pinned copies", f"(option: {2 * gb / together / (gb / pcie['down']):.2f}x one way)")
 
 
 def _down_while_the_pool_refills(table: Table, config: Config, shape: dict, tokens: int, pcie: dict[str, float],
