@@ -69,8 +69,10 @@ def room_below(spaces: Iterable[TieredSpace], free: Mapping[int, FreePieces], ex
     room = {t: f.copy() for t, f in free.items()}
     for s in spaces:
         for p, (tier, slots) in s.pages.copies.items():
-            if (s.name, p) not in exclude:  # a page's slots were taken together: one size
-                room[tier].give(stack[tier].books.size(slots[0]), len(slots))
+            if (s.name, p) not in exclude:  # slot by slot: a restored page's may differ
+                books = stack[tier].books
+                for slot in slots:
+                    room[tier].give(books.size(slot))
     return room
 
 
@@ -110,7 +112,8 @@ def plan_demotion(picks: list[tuple[TieredSpace, int]], dst: int | None, policy:
             plan.moves.append(PlannedMove(space, p, src, want, clean=True, nbytes=held))
             continue
         if copy is not None:  # going elsewhere: its copy is dropped, and its slots are room
-            room[copy[0]].give(stack[copy[0]].books.size(copy[1][0]), len(copy[1]))
+            for slot in copy[1]:
+                room[copy[0]].give(stack[copy[0]].books.size(slot))
         if not room[want].can_take(R, size[want]):
             continue  # no room below: the page stays
         room[want].take(R, size[want])
