@@ -65,3 +65,45 @@ def test_digests_of_many_buffers_equal_each_ones_digest(device):
     bufs += [_page(2 * ROW, seed=9).to(device)]                         # another storage
     assert digests_of(bufs).values() == [digest(b.cpu()) for b in bufs]
     assert digests_of([]).values() == []
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_digests_sealed_later_are_the_values_taken_and_a_reopened_slot_keeps_none(device):
+    """The copies down seal a batch's slots with values still on their way to the host: asked for, a slot gives
+    the value its bytes had; a slot opened again before that (its bytes about to change) gives none; batches
+    whose values came are settled by the next seal."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pages = [_page(4 * ROW, seed=s).to(device) for s in range(6)]
+    books = Digests(8)
+    # 1. two batches taken and read (the pages may change from here on), sealed with their places
+    first, second = digests_of(pages[:3]), digests_of(pages[3:])
+    first.read(), second.read()
+    books.seal_later(first, [(5, 0), (1, 1), (7, 2)])
+    books.seal_later(second, [(0, 0), (2, 2)])  # the second batch's middle page failed: not sealed
+    # 2. slot 7 is reopened before its value was asked for: it has none, whatever the pending batch says
+    books.open(7)
+    # 3. the values, asked for: each slot the digest of the bytes it was given
+    want = [digest(p.cpu()) for p in pages]
+    assert [books.value(s) for s in (5, 1, 0, 2)] == [want[0], want[1], want[3], want[5]]
+    assert books.value(7) is None and books.value(3) is None
+    # 4. a third batch settles what came before; a slot sealed at once wins over nothing pending
+    third = digests_of(pages[:1])
+    third.read()
+    books.seal_later(third, [(3, 0)])
+    books.seal(4, want[4])
+    assert books.value(3) == want[0] and books.value(4) == want[4]
+
+
+@pytest.mark.gpu
+def test_the_gpu_writes_the_sums_into_pinned_host_memory_itself():
+    """The sums come back through the pinned memory's device address, written by a kernel: a copy of them would
+    queue on the copy engine behind the page copies enqueued before it (H200: gpu -> host 0.81 of the pinned
+    copy that way, dd0df62). Every H100/H200 machine addresses pinned host memory from the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from kvtier.tiering.tiers import digest as digest_module
+    pages = [_page(4 * ROW, seed=s).cuda() for s in range(3)]
+    pending = digests_of(pages)
+    assert pending.values() == [digest(p.cpu()) for p in pages]
+    assert digest_module._mapped_ok[pages[0].device] is True

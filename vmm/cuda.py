@@ -49,6 +49,16 @@ def peer_access(index: int, peer: int) -> bool:
     return bool(_check("cuDeviceCanAccessPeer", _drv.cuDeviceCanAccessPeer(dev, other)))
 
 
+def device_address(host_address: int) -> int | None:
+    """The address at which the GPU reaches pinned host memory (the same one where addressing is unified), or
+    None where it cannot or this cannot be asked (no cuda-python)."""
+    if _drv is None:
+        return None
+    attribute = _drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_POINTER
+    err, address = _drv.cuPointerGetAttribute(attribute, host_address)
+    return int(address) if err == _drv.CUresult.CUDA_SUCCESS and int(address) else None
+
+
 def _check(call: str, result: Any) -> Any:
     """Unpack a cuda-python result tuple, raising CudaError on failure."""
     err, *values = result if isinstance(result, tuple) else (result,)

@@ -221,7 +221,8 @@ class HostTier:
         """Fed in batches by the worker (see ``Mover``); a page's regions are reported (``on_part``) as their
         copies land, so that they can be unmapped while the rest copy. With checksums each batch's digests are
         taken of the pages on the GPU, beside their copies (``digests_of``: on the side stream, a run of regions
-        at a time), and sealed as the batch lands -- before any region is unmapped."""
+        at a time); as the batch lands the worker waits for the sums to have read its pages -- before any region
+        is unmapped -- and the slots are sealed with their values when those are asked for (``seal_later``)."""
         copies = [(self.address(slot), view.data_ptr(), view.numel()) for view, slot in pairs]
         for view, slot in pairs:  # a page's live bytes: the slot holds that prefix
             self.hold(slot, view.numel())
@@ -237,9 +238,13 @@ class HostTier:
             taking.update((i, (pending, k)) for k, i in enumerate(indices))
 
         def landed(indices: list[int]) -> None:
+            batches: dict[int, tuple[PendingDigests, list[tuple[int, int]]]] = {}
             for i in indices:
                 pending, k = taking.pop(i)
-                digests.seal(pairs[i][1], pending.values()[k])
+                batches.setdefault(id(pending), (pending, []))[1].append((pairs[i][1], k))
+            for pending, places in batches.values():
+                pending.read()  # the sums have read the pages: they may be unmapped now
+                digests.seal_later(pending, places)
         return mover.copies_down(copies, self.backend.copy_async, after, tags, on_done, landed, on_part, started)
 
     def _to_gpu(self, mover: "Mover", pairs: list[tuple[Any, Any]], after: Any, tags: Any, on_done: Any,
