@@ -16,6 +16,20 @@ import numpy as np
 from kvtier.errors import UnknownSequenceError
 
 
+# pages a grow or release counts one by one; more, with numpy: on the CPU machine the loop costs ~0.23 us a page
+# and numpy ~20 us a call (grow + release of 64 blocks: 42 us looped, 46 us with numpy; of 512: 244 vs 94 us)
+_LOOP = 64
+
+
+def _distinct(pages: list[int], by_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``pages`` in the order they first appear (``by_last``: last appear) -- as the loop would meet
+    a page's first (last) block -- and how often each appears."""
+    arr = np.asarray(pages, dtype=np.int64)
+    uniq, at, counts = np.unique(arr[::-1] if by_last else arr, return_index=True, return_counts=True)
+    order = np.argsort(-at if by_last else at, kind="stable")
+    return uniq[order], counts[order].astype(np.int32)
+
+
 class BlockBooks:
     def __init__(self, space_name: str, num_blocks: int, block_bytes: int, block_size: int, page_size: int) -> None:
         self.space_name, self.num_blocks, self.block_bytes = space_name, num_blocks, block_bytes
@@ -114,11 +128,17 @@ class BlockBooks:
         self.free[blocks] = False
         self.refs[blocks] = 1
         self.free_count -= len(blocks)
-        fresh = []
-        for p in self.pages_of(blocks):
-            if self.live[p] == 0:
-                fresh.append(p)
-            self.live[p] += 1
+        pages = self.pages_of(blocks)
+        if len(pages) > _LOOP:
+            touched, counts = _distinct(pages)
+            fresh = touched[self.live[touched] == 0].tolist()
+            self.live[touched] += counts
+        else:
+            fresh = []
+            for p in pages:
+                if self.live[p] == 0:
+                    fresh.append(p)
+                self.live[p] += 1
         self.seqs[seq_id] = self.seqs.get(seq_id, []) + blocks.tolist()
         self.tokens[seq_id] = num_tokens
         for p in self._tail_pages(seq_id):
@@ -155,12 +175,17 @@ class BlockBooks:
         np.subtract.at(self.tail, self._tail_pages(seq_id), 1)
         held = np.asarray(self.seqs.pop(seq_id), dtype=np.int64)
         del self.tokens[seq_id]
-        np.subtract.at(self.refs, held, 1)
+        self.refs[held] -= 1  # a sequence holds a block once (``check``)
         blocks = held[self.refs[held] == 0]
         self.free[blocks] = True
         self.free_count += len(blocks)
+        pages = self.pages_of(blocks)
+        if len(pages) > _LOOP:
+            touched, counts = _distinct(pages, by_last=True)  # a page empties at its last block
+            self.live[touched] -= counts
+            return touched[self.live[touched] == 0].tolist()
         emptied = []
-        for p in self.pages_of(blocks):
+        for p in pages:
             self.live[p] -= 1
             if self.live[p] == 0:
                 emptied.append(p)

@@ -45,13 +45,16 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
     last_block = held[-1] if held else -1
     taken = np.zeros(books.num_blocks, dtype=bool)
     chosen: list[np.ndarray] = []
+    got_count = 0
 
     def take(pages: np.ndarray) -> int:  # take free blocks lying wholly on ``pages``; return still needed
+        nonlocal got_count
         cands = np.flatnonzero(books.free & ~taken & books.all_on(pages))
-        got = _prefer_after(cands, last_block)[:need - int(taken.sum())]
+        got = _prefer_after(cands, last_block)[:need - got_count]
         taken[got] = True
         chosen.append(got)
-        return need - int(taken.sum())
+        got_count += len(got)
+        return need - got_count
 
     own = np.zeros(books.num_pages, dtype=bool)
     if held:
@@ -61,7 +64,7 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
         own &= masks.allocatable | masks.promoting
     mapped = masks.allocatable & ~masks.idle
     allowed = own
-    rest = take(allowed)
+    rest = take(allowed) if held else need  # a new sequence has no pages of its own to look over
     if rest and len(held) + need < books.page_size // books.block_bytes:
         allowed = mapped.copy()  # a sequence shorter than a page packs with others: no page per request
         rest = take(allowed)

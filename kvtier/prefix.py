@@ -111,6 +111,8 @@ class PrefixIndex:
 
     def forget(self, blocks: Iterable[int]) -> None:
         """``blocks`` no longer hold what their keys say (freed, rewritten, dropped, lost)."""
+        if not self.key_of:  # the common case: nothing published in this space
+            return
         for block in blocks:
             key = self.key_of.pop(int(block), None)
             if key is not None:

@@ -32,6 +32,8 @@ from kvtier.tiering.state.tier import FIRST_LOWER, Tier, is_lower
 LOWER = "lower"  # any lower tier, in ``LEGAL``
 # The legal transitions of a page (``PageTable._set`` checks them with ``debug``): mapped fresh, moved between
 # the GPU and the tiers below and between lower tiers, restored below from a kept tier, lost, dropped, given back.
+_GPU, _UNMAPPED = int(Tier.GPU), int(Tier.UNMAPPED)  # numpy compares an array with a plain int ~5x faster
+
 LEGAL = {(Tier.UNMAPPED, Tier.GPU), (Tier.UNMAPPED, LOWER), (Tier.GPU, Tier.UNMAPPED), (Tier.GPU, LOWER),
          (LOWER, Tier.GPU), (LOWER, LOWER), (Tier.GPU, Tier.LOST), (LOWER, Tier.LOST), (Tier.GPU, Tier.DROPPED),
          (LOWER, Tier.DROPPED), (LOWER, Tier.UNMAPPED), (Tier.LOST, Tier.UNMAPPED), (Tier.DROPPED, Tier.UNMAPPED)}
@@ -85,11 +87,11 @@ class PageTable:
 
     def allocatable(self) -> np.ndarray:
         """Pages whose free blocks may be handed out now: on the GPU and not in flight."""
-        return (self.tier == Tier.GPU) & ~self.moving_mask()
+        return (self.tier == _GPU) & ~self.moving_mask()
 
     def vacant(self) -> np.ndarray:
         """Pages that hold no data anywhere: free to map fresh."""
-        return self.tier == Tier.UNMAPPED
+        return self.tier == _UNMAPPED
 
     def count(self, tier: int) -> int:
         return int((self.tier == tier).sum())
