@@ -112,6 +112,39 @@ def test_a_killed_processes_pages_are_taken_back(tmp_path):
         holder.wait()
 
 
+LEFT_OPEN = textwrap.dedent("""
+    import sys, time, kvtier
+    mgr = kvtier.TierManager(device="cpu", page_size=65536, pool_budget=8 << 20, host_size=1 << 20,
+                             nvme_size=1 << 20, ledger_dir=sys.argv[1], ledger_name="left open")
+    space = mgr.create_space("m", num_layers=2, num_kv_heads=2, head_dim=64, max_tokens=4096)
+    space.allocate("a", 2048)
+    space.offload("a", tier="nvme").result()
+    print("held", flush=True)
+    if sys.argv[2] == "raises":
+        raise RuntimeError("the engine failed")
+    if sys.argv[2] == "sleeps":
+        time.sleep(120)
+""")
+
+
+@pytest.mark.parametrize("end", ["returns", "raises", "sleeps"])
+def test_a_manager_left_open_gives_its_pages_back_when_the_process_exits(tmp_path, end):
+    # a script that never closes its manager: it ends, dies of an exception, or is stopped by Ctrl-C
+    proc = subprocess.Popen([sys.executable, "-c", LEFT_OPEN, str(tmp_path), end], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        if end == "sleeps":
+            proc.send_signal(signal.SIGINT)
+        # it exits (closing a manager during the interpreter's teardown could hang: threads cannot run then)
+        assert proc.wait(timeout=60) != 0 if end != "returns" else proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    # its pages went back at exit: the books hold no process of it, before anyone sweeps the dead
+    assert _books(str(tmp_path))["procs"] == {}
+
+
 def test_a_process_past_its_fair_share_stops_growing_while_another_wants(tmp_path):
     a = Ledger(str(tmp_path), "host", budget_pages=12, page_size=PAGE, name="a")
     b = Ledger(str(tmp_path), "host", budget_pages=12, page_size=PAGE, name="b")
