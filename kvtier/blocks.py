@@ -172,7 +172,8 @@ class BlockBooks:
     def release(self, seq_id: Hashable) -> list[int]:
         """Let go of every block of ``seq_id``; those no other sequence holds are free again. Return the pages
         left with no live block."""
-        np.subtract.at(self.tail, self._tail_pages(seq_id), 1)
+        for p in self._tail_pages(seq_id):  # one or two pages: a loop costs a tenth of ``np.subtract.at``
+            self.tail[p] -= 1
         held = np.asarray(self.seqs.pop(seq_id), dtype=np.int64)
         del self.tokens[seq_id]
         self.refs[held] -= 1  # a sequence holds a block once (``check``)
