@@ -61,7 +61,7 @@ class PendingDigests:
 
     def read(self) -> None:
         """Wait until the buffers have been read (their sums taken): after it they may change or be unmapped.
-        Their values may still be on their way to the host, queued on the copy engine behind page copies."""
+        Their values may still be on their way to the host."""
         if self._reduced is not None:
             self._reduced.synchronize()
 
