@@ -38,9 +38,8 @@ _open: "weakref.WeakSet[TierManager]" = weakref.WeakSet()  # managers not closed
 @atexit.register
 def _close_at_exit() -> None:
     """At a normal exit (the script's end, an unhandled exception, Ctrl-C), close the managers left open while their
-    threads and torch still run: pages go back to the device's ledger, files close. Before, ``__del__`` closed them
-    during the interpreter's teardown, where a close may join threads that can no longer run; once, a child ended by
-    SIGINT on the loaded CI machine did not exit in 60 s (not reproduced in 50 tries here)."""
+    threads and torch still run: pages go back to the device's ledger, files close. ``__del__`` would close them
+    during the interpreter's teardown, which works only while the threads a close joins may still run."""
     for mgr in list(_open):
         try:
             mgr.close()

@@ -113,7 +113,8 @@ def test_a_killed_processes_pages_are_taken_back(tmp_path):
 
 
 LEFT_OPEN = textwrap.dedent("""
-    import sys, time, kvtier
+    import signal, sys, time, kvtier
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever it inherited
     mgr = kvtier.TierManager(device="cpu", page_size=65536, pool_budget=8 << 20, host_size=1 << 20,
                              nvme_size=1 << 20, ledger_dir=sys.argv[1], ledger_name="left open")
     space = mgr.create_space("m", num_layers=2, num_kv_heads=2, head_dim=64, max_tokens=4096)

@@ -77,7 +77,8 @@ def test_the_slot_file_is_reserved_on_disk_and_a_disk_short_of_room_is_refused_a
 
 
 TEMP_OWNER = textwrap.dedent("""
-    import time, kvtier
+    import signal, time, kvtier
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever it inherited
     mgr = kvtier.TierManager(device="cpu", page_size=64 << 10, pool_budget=8 << 20, host_size=1 << 20,
                              nvme_size=4 << 20)
     space = mgr.create_space("m", num_layers=2, num_kv_heads=2, head_dim=64, max_tokens=4096)
