@@ -71,6 +71,8 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
     if rest:
         allowed = allowed | (mapped & (books.live == 0))
         rest = take(allowed)
+    if rest == 0:  # the common case: mapped pages had room (no fresh pages to pick)
+        return np.concatenate(chosen), []
     unmapped = np.flatnonzero(masks.vacant)  # never over pages whose data is elsewhere
     after_page = int(books.last_page[last_block]) + 1 if last_block >= 0 else 0
     sharing = allowed is not own and bool((allowed == mapped).all())
