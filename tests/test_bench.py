@@ -143,13 +143,21 @@ def test_decode_pairs_settles_within_5_percent_by_the_medians_interval():
     assert median_interval([1.0]) == (1.0, 1.0)
 
 
-def test_peers_bench_says_why_it_compares_nothing_on_the_cpu(tmp_path):
+def test_peers_bench_times_kvtier_alone_on_the_cpu_and_says_why(tmp_path):
+    # kvcached runs on CUDA only: on the CPU backend the table has kvtier's side (the host-side cost of the same
+    # calls) and an empty kvcached column, and says why
     out = tmp_path / "peers.json"
-    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "peers", "--device", "cpu", "--json",
-                           str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "peers", "--quick", "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.read_text())["tables"][0]
-    assert table["rows"] == [] and "CUDA only" in table["notes"][0]
+    rows = {r["work"]: r for r in table["rows"]}
+    for k in (1, 16, 64, 512):
+        assert rows[f"alloc + free of {k} block(s)"]["kvtier"] > 0
+        assert rows[f"alloc + free of {k} block(s)"]["kvcached"] is None
+    assert rows["grow to 2048 tokens, 16 at a time: all"]["kvtier"] > 0
+    assert rows["device memory held with the 2048-token sequence"]["kvtier"] is None
+    assert "CUDA only" in table["notes"][0]
 
 
 def test_remote_bench_moves_a_prompt_through_both_stores_on_the_cpu(tmp_path):
