@@ -52,6 +52,9 @@ class BlockBooks:
     # --- queries -----------------------------------------------------------------------------------------------
     def pages_of(self, blocks: np.ndarray) -> list[int]:
         """Pages touched by each block, once per (block, page) pair."""
+        if len(blocks) == 1 and not self.wide:  # a decode step's one block (twice a step): no numpy calls
+            first_page, last_page = int(self.first_page[blocks[0]]), int(self.last_page[blocks[0]])
+            return [first_page] if first_page == last_page else [first_page, last_page]
         first, last = self.first_page[blocks], self.last_page[blocks]
         if self.wide:
             counts = last - first + 1

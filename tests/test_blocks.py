@@ -4,6 +4,7 @@ the books' own scenario, ahead of the space's fork (the prefix cache builds on i
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,3 +72,13 @@ def _last_touched(books: BlockBooks, blocks: list[int]) -> list[int]:
     """The pages ``blocks`` touch, each once, in the order ``pages_of`` lists them for the last time."""
     pages = books.pages_of(np.asarray(blocks, dtype=np.int64))
     return list(dict.fromkeys(reversed(pages)))[::-1]
+
+
+@pytest.mark.parametrize("block_bytes", [512, 1536, 4096, 6144, 10240])
+def test_the_pages_of_a_block_are_those_its_bytes_lie_on(block_bytes):
+    # one block (a decode step's: plain ints) or many (numpy), straddling pages or wider than one
+    books = BlockBooks("s", num_blocks=40, block_bytes=block_bytes, block_size=16, page_size=4096)
+    want = {b: list(range(b * block_bytes // 4096, ((b + 1) * block_bytes - 1) // 4096 + 1)) for b in range(40)}
+    for b in range(40):
+        assert books.pages_of(np.asarray([b], dtype=np.int64)) == want[b]
+    assert sorted(books.pages_of(np.arange(40, dtype=np.int64))) == sorted(p for b in range(40) for p in want[b])
