@@ -146,6 +146,38 @@ def test_a_manager_left_open_gives_its_pages_back_when_the_process_exits(tmp_pat
     assert _books(str(tmp_path))["procs"] == {}
 
 
+LOCK_HOLDER = textwrap.dedent("""
+    import os, signal, sys
+    from kvtier.vmm.ledger import locked_books, ledger_path
+    with locked_books(ledger_path(sys.argv[1], "host"), holder=f"{os.getpid()} stuck debugger"):
+        print("holding", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+""")
+
+
+def test_a_manager_left_open_exits_while_a_stopped_process_holds_the_ledger(tmp_path):
+    # the script ends with its manager open while another process holds the books' lock, stopped (a debugger)
+    proc = subprocess.Popen([sys.executable, "-c", LEFT_OPEN, str(tmp_path), "sleeps"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    holder = None
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE,
+                                  text=True)
+        assert holder.stdout.readline().strip() == "holding"
+        proc.send_signal(signal.SIGINT)
+        # the close at exit waits for the lock a bounded time, says so, and the process ends
+        assert proc.wait(timeout=60) != 0
+        assert "ledger" in proc.stderr.read()
+    finally:
+        for p in (proc, holder):
+            if p is not None:
+                p.kill()
+                p.wait()
+    # its record stayed on the books; its lock died with it, so the next look sweeps it
+    assert _books(str(tmp_path))["procs"] == {}
+
+
 def test_a_process_past_its_fair_share_stops_growing_while_another_wants(tmp_path):
     a = Ledger(str(tmp_path), "host", budget_pages=12, page_size=PAGE, name="a")
     b = Ledger(str(tmp_path), "host", budget_pages=12, page_size=PAGE, name="b")
