@@ -55,7 +55,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _grow(step: Callable[[int], None], device: torch.device, tokens: int, before: int) -> dict[str, float]:
+def _grow(step: Callable[[int], None], device: torch.device, tokens: int, before: int) -> dict[str, float | None]:
     """Grow one sequence to ``tokens`` in 16-token steps: per-call p50/p99 us, total ms, and the device MiB
     held then over ``before`` (the bytes used before the library set up its cache)."""
     _sync(device)
