@@ -136,6 +136,21 @@ class FailingCopies(HostBackend):
         super().copy_async(dst, src, nbytes, stream)
 
 
+class FailingPins(HostBackend):
+    """The CPU backend, whose ``pin`` fails from the ``n``-th call on (as ``cuMemHostRegister`` does when the
+    process may lock no more memory); it notes the addresses it refused."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.left, self.refused = n, []  # type: list[int]
+
+    def pin(self, address: int, size: int) -> None:
+        if self.left <= 0:
+            self.refused.append(address)
+            raise CudaError("cuMemHostRegister", "CUDA_ERROR_OUT_OF_MEMORY", "failed on cue (tests/faults.py)")
+        self.left -= 1
+
+
 class FlakyPolicy(LRUPolicy):
     """A policy plug-in (``tests.faults:FlakyPolicy``) whose first ``fail`` calls of ``victims`` raise: a bug in
     user code, met first by the background demoter."""

@@ -180,3 +180,40 @@ def test_a_host_tier_pinned_in_chunks_that_do_not_divide_it_has_its_size_in_unit
     assert host["ready_slots"] == host["slots"] == 10 * host["pieces"]
     assert host["slots"] * host["slot_bytes"] == 10 * page
     mgr.check()
+
+
+def _mapped(address: int) -> bool:
+    """Whether ``address`` lies in a mapping of this process (Linux)."""
+    with open("/proc/self/maps") as maps:
+        spans = [line.split()[0].split("-") for line in maps]
+    return any(int(lo, 16) <= address < int(hi, 16) for lo, hi in spans)
+
+
+@pytest.mark.parametrize("pins", [0, 1, 2, 10], ids=["none", "first-only", "two", "all"])
+def test_a_host_tier_takes_pages_as_it_opens_and_keeps_what_it_pinned_when_pinning_fails(pins, caplog):
+    from kvtier.tiering.tiers.host import HostTier
+    from tests.faults import FailingPins
+
+    page = PAGE["cpu"]
+    backend = FailingPins(pins)
+    tier = HostTier(backend, page, size=10 * page, chunk=4 * page)  # chunks of 4, 4 and 2 pages
+    try:
+        # 1. the first chunk is pinned before the tier is handed out: an offload made at once finds room there (the
+        #    worker may have pinned more by now)
+        assert tier.books.capacity >= 4 * tier.books.pieces if pins else tier.books.capacity == 0
+        # 2. the worker pins the rest; a refused chunk ends it: the tier keeps the chunks before, and says so
+        assert tier.wait_ready(timeout=60)
+        assert tier.books.capacity == min(10, 4 * pins) * tier.books.pieces
+        assert len(backend.refused) == (pins < 3)
+        if backend.refused:
+            assert "pinning stopped" in caplog.text
+            # 3. the refused chunk's memory went back
+            assert not _mapped(backend.refused[0])
+        # 4. what it pinned holds pages: a slot taken and written reads back
+        if pins:
+            slot = tier.books.take(1, tier.books.pieces)[0]
+            tier.view(slot).fill_(7)
+            assert int(tier.view(slot).sum()) == 7 * page
+            tier.books.give([slot])
+    finally:
+        tier.close()

@@ -1,8 +1,8 @@
 """The host tier: slots of page-locked host memory, pinned in chunks by a background thread.
 
 Pinning costs ~0.5 s/GiB, so a large tier pinned up front would block start-up. Chunks are mapped (exact size,
-``mmap``) and pinned (``cuMemHostRegister``) one at a time by a worker; each chunk's slots become usable as soon as
-it is pinned, so the tier serves while it grows. On the CPU backend the memory is plain (nothing to DMA from).
+``mmap``) and pinned (``cuMemHostRegister``) one at a time -- the first as the tier opens, the rest by a worker;
+each chunk's slots become usable as soon as it is pinned, so the tier serves while it grows. On the CPU backend the memory is plain (nothing to DMA from).
 
 Its routes: GPU <-> its slots (``cuMemcpyAsync`` on the mover's streams), and between its slots and those of any
 other host-memory tier of the stack (a memcpy by the worker). Settings: ``[host]`` (``size``, ``chunk``,
@@ -133,26 +133,39 @@ class HostTier:
         self.pin_seconds = 0.0
         self._n_chunks = math.ceil(total / self.slots_per_chunk) if total else 0
         self._ready = threading.Event()
-        self._worker = threading.Thread(target=self._pin_all, name=f"kvtier-{self.name}-pin", daemon=True)
+        # the first chunk here, so that the tier takes pages from the moment it opens (an engine's first offload
+        # found no room while the worker had not yet run: pages stayed on the GPU); the rest in the background
+        first = self._pin_chunks(range(min(1, self._n_chunks)))
+        self._worker = threading.Thread(target=self._pin_chunks, args=(range(1, self._n_chunks) if first else (),),
+                                        name=f"kvtier-{self.name}-pin", daemon=True)
         self._worker.start()
 
-    def _pin_all(self) -> None:
+    def _pin_chunks(self, chunks: range | tuple[()]) -> bool:
+        """Pin ``chunks`` in order; whether all were (the tier keeps what it pinned before a failure, and says so).
+        The worker's call sets ``_ready`` when it ends."""
         try:
-            for i in range(self._n_chunks):
+            for i in chunks:
                 if self._closed:
-                    return
+                    return False
                 count = min(self.slots_per_chunk, self.frames - i * self.slots_per_chunk)
                 nbytes = count * self.slot_size
                 start = time.perf_counter()
                 address = map_anonymous(nbytes)
-                self.backend.pin(address, nbytes)
+                try:
+                    self.backend.pin(address, nbytes)
+                except BaseException:
+                    unmap_anonymous(address, nbytes)
+                    raise
                 self._chunks.append((address, nbytes, tensor_over(address, nbytes, torch.device("cpu"))))
                 self.pin_seconds += time.perf_counter() - start
                 self.books.grow(i * self.slots_per_chunk, count)
+            return True
         except Exception:  # noqa: BLE001 - the tier keeps what it pinned; say so
             log.exception("%s tier: pinning stopped at %d of %d chunks", self.name, len(self._chunks), self._n_chunks)
+            return False
         finally:
-            self._ready.set()
+            if threading.current_thread() is getattr(self, "_worker", None):
+                self._ready.set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until every chunk is pinned (tests and benchmarks; the engine need not)."""
