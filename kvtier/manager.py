@@ -288,7 +288,9 @@ class TierManager:
                 buffer.check()
             in_spaces = sum(s.range.handle_count() for s in self.spaces.values())
             in_spaces += sum(b.mapped_pages for b in self.buffers.values())
-            assert in_spaces == self.pool.in_use_pages, (in_spaces, self.pool.in_use_pages)
+            # a handle two spaces map (``share_pages``) is one page in use
+            in_use = self.pool.in_use_pages + self.pool.extra_mappings
+            assert in_spaces == in_use, (in_spaces, self.pool.in_use_pages, self.pool.extra_mappings)
 
     def close(self) -> None:
         """Drop every space and release every page. Tensors from ``space.kv`` must not be used afterwards. Safe

@@ -35,6 +35,7 @@ from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, 
                            SpaceFullError)
 from kvtier.placement import PageMasks, plan_blocks, plan_range
 from kvtier.policies import PageRef
+from kvtier.space_pages import SpacePages
 from kvtier.space_sharing import SpaceSharing
 from kvtier.tiering import IO_ALIGN, PageTable, Tier, TransferHandle
 from kvtier.space_tiers import SpaceTiers
@@ -92,6 +93,7 @@ class KVSpace:
         self.tiers = SpaceTiers(self)  # offload, prefetch, stage, read: the methods of the same name below call it
         self.sharing = SpaceSharing(self)  # fork, own, publish, share_prefix, the cache: the methods below call it
         self.prefix = self.sharing.prefix
+        self.shared_pages = SpacePages(self)  # pages mapped with another space's handles: the methods below call it
         self._layout = (num_layers, num_kv_heads, head_dim, str(dtype).removeprefix("torch."), block_size)
         self.layout_tag: list[Any] = [*self._layout, P]  # a kept tier restores pages only into this layout
 
@@ -163,6 +165,8 @@ class KVSpace:
         masks = self._masks()
         if first_block is None:
             return plan_blocks(self.block_books, held, need, masks, lambda n: self._room.can_back(self, n))
+        if self.shared_pages.adopted:  # pages shared from another space: booked only by a range, as they are
+            masks.allocatable[list(self.shared_pages.adopted)] = True
         return plan_range(self.block_books, first_block, len(held), need, masks)
 
     def _next_on_tail_page(self, held: list[int], need: int) -> np.ndarray | None:
@@ -188,6 +192,7 @@ class KVSpace:
         for p in books.grow(seq_id, blocks, num_tokens):
             policy.on_create(PageRef(self.name, p), priority)
             self._empty.pop(p, None)
+        self.shared_pages.booked(books.pages_of(blocks))
         for p in set(books.pages_of(blocks)):  # the rest of an active sequence is never a candidate
             policy.on_use(PageRef(self.name, p))
         self._written(books.seqs[seq_id], old_tokens, num_tokens)
@@ -263,9 +268,10 @@ class KVSpace:
         fence = self._backend.record_fence(stream) if emptied else None
         for p in emptied:
             self._tiering.policy.on_remove(PageRef(self.name, p))
+        self._tiering.release(self, emptied)
+        for p in self.shared_pages.emptied(emptied, fence) if self.pages.shared else emptied:
             if self.pages.tier_of(p) == Tier.GPU:
                 self._empty[p] = fence
-        self._tiering.release(self, emptied)
         self.sharing.dropped(seq_id)
         self._trim()
         self._debug_check()
@@ -382,6 +388,31 @@ class KVSpace:
     def evict_cached(self, pages: int, blocks: int = 0) -> int:
         """Drop cached blocks no sequence holds, oldest first (``RoomUser``)."""
         return self.sharing.evict_cached(pages, blocks)
+
+    # --- pages shared with another space (kvtier/space_pages.py has the contract) -----------------------------------
+    def whole_pages(self, seq_tokens: dict[Hashable, int]) -> list[int]:
+        """GPU pages holding nothing but whole blocks below ``seq_tokens[seq]`` tokens of each given sequence."""
+        with self._lock:
+            self._check_open()
+            return self.shared_pages.whole_pages(seq_tokens)
+
+    def share_pages(self, source: "KVSpace", pages: Sequence[int]) -> None:
+        """Map this space's vacant ``pages`` with the physical pages ``source`` (a space of the same manager and
+        layout) maps at the same positions -- on the GPU, whole, not in flight: no byte copied. Book their blocks
+        with ``allocate(seq, tokens, first_block=...)``; neither side may write a shared page before ``unshare``."""
+        with self._lock:
+            self._check_open()
+            source._check_open()
+            self.shared_pages.share_pages(source, pages)
+
+    def unshare(self, pages: Iterable[int] | None = None) -> int:
+        """Give this space's shared ``pages`` (default: all) memory of its own with the same bytes, before writing
+        them; return how many were copied (none where the other side has let go)."""
+        return self._room.run_planned(lambda: self._unshare(pages))
+
+    def _unshare(self, pages: Iterable[int] | None) -> int:
+        self._check_open()
+        return self.shared_pages.unshare(pages) if self.pages.shared else 0
 
     # --- between the tiers (kvtier/space_tiers.py has the contracts) ------------------------------------------
     def offload(self, seq_id: Hashable, tier: str | None = None, stream: Any = None) -> TransferHandle:
@@ -542,7 +573,9 @@ class KVSpace:
         self.pages.check(live, self.range.handles)
         on_gpu = self.pages.tier == Tier.GPU
         assert (self.pages.tier[live > 0] != Tier.UNMAPPED).all(), "a live block sits on a page with no data"
-        assert set(self._empty) == set(np.flatnonzero(on_gpu & (live == 0)).tolist()), "empty pages"
+        adopted = self.shared_pages.adopted  # shared from another space, blocks not all booked yet: not empty pages
+        assert set(self._empty) == set(np.flatnonzero(on_gpu & (live == 0)).tolist()) - adopted, "empty pages"
+        assert not adopted & set(self._empty), "a page shared from another space kept as empty"
         assert not self.pages.lower_mask()[live == 0].any(), "a lower tier holds a page with no live block"
         assert self._offloaded <= set(self.block_books.seqs)
         self.prefix.check(self.block_books.free)

@@ -102,7 +102,8 @@ class SpaceTiers:
         with self._lock:
             self.space._check_open()
             moving = self.pages.moving_mask()
-            pages = [p for p in self._prefix_pages(seq_id, tokens) if not moving[p]]
+            shared = self.pages.shared  # mapped by another space too: it stays, the tokens are still never read
+            pages = [p for p in self._prefix_pages(seq_id, tokens) if not moving[p] and p not in shared]
             tiers = self.pages.tier[pages] if pages else np.zeros(0, dtype=np.int8)
             self._tiering.drop_below(self.space, [p for p, t in zip(pages, tiers) if t >= FIRST_LOWER])
             plan = self._tiering.plan_drop(self.space, [p for p, t in zip(pages, tiers) if t == Tier.GPU])

@@ -462,6 +462,62 @@ def test_a_deep_copied_prompt_cache_answers_several_questions_as_dynamic_cache(a
     assert original.manager.closed  # the last of the caches sharing its manager closed it
 
 
+@pytest.mark.parametrize("tier", ["resident", "some-host"])
+def test_copies_of_a_prompt_cache_share_its_pages_and_each_writes_only_its_own(tier):
+    # copies that crop back into the prompt, reorder their rows and generate, while the original goes on and
+    # closes first: each side's tokens are DynamicCache's, whatever the other side wrote into pages they shared
+    import copy
+    model, config = _arch("llama")
+    prompt = _ids(2, 70)
+    question = _ids(2, 6, seed=21)
+
+    def run(prompt_cache):
+        with torch.no_grad():
+            model(prompt, **{CACHE_KW: prompt_cache})
+        cropped, swapped, later = (copy.deepcopy(prompt_cache) for _ in range(3))
+        out = []
+        if isinstance(prompt_cache, TieredCache):
+            # 1. the copies map the original's whole pages of its resident layers: no new memory for them
+            spaces = [s for i, s in enumerate(cropped.spaces) if i not in cropped.streamed_layers]
+            assert all(s.pages.shared for s in spaces) and prompt_cache.manager.pool.extra_mappings > 0
+        # 2. a copy cropped back into the shared pages writes there: it gets pages of its own first
+        cropped.crop(-30)
+        out.append(_generate(model, torch.cat([prompt[:, :40], question], dim=1), cropped, max_new_tokens=8,
+                             do_sample=False))
+        _owns_its_pages(cropped)
+        # 3. another copy swaps its rows (rewrites them all in place, as a beam reorder does)
+        swapped.batch_select_indices(torch.tensor([1, 0]))
+        out.append(_generate(model, torch.cat([prompt.flip(0), question], dim=1), swapped, max_new_tokens=8,
+                             do_sample=False))
+        _owns_its_pages(swapped)
+        # 4. the original answers too, then closes while a copy still reads the pages they shared
+        out.append(_generate(model, torch.cat([prompt, question[:, :3]], dim=1), prompt_cache, max_new_tokens=8,
+                             do_sample=False))
+        if isinstance(prompt_cache, TieredCache):
+            prompt_cache.manager.check()
+            prompt_cache.close()
+        out.append(_generate(model, torch.cat([prompt, question], dim=1), later, max_new_tokens=8,
+                             do_sample=False))
+        if isinstance(later, TieredCache):
+            later.manager.check()
+        for cache in (cropped, swapped, later):
+            if isinstance(cache, TieredCache):
+                cache.close()
+        return out
+
+    expected = run(transformers.DynamicCache(config=config))
+    original = _tiered(config, tier)
+    got = run(original)
+    assert original.manager.closed
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def _owns_its_pages(cache) -> None:
+    """A TieredCache that rewrote its shared tokens shares no page any more."""
+    if isinstance(cache, TieredCache):
+        assert not any(s.pages.shared for s in cache.spaces)
+
+
 def test_the_first_updates_shape_is_what_the_cache_holds_falcon_multi_query():
     # Falcon's multi_query keeps one K/V head whatever num_kv_heads says: the cache holds what the first update
     # gives (not a head per attention head), and generates DynamicCache's tokens

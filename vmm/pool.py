@@ -7,6 +7,10 @@ create and release in a loop). The pool never holds more than ``budget_pages`` p
 
 Contract: ``can_take(n)`` has no side effects; ``take(n)`` either returns exactly ``n`` handles or raises
 :class:`OutOfPagesError` and changes nothing; ``give(handles)`` of handles from ``take`` is always safe.
+
+A handle may be mapped at more than one place (two spaces reading the same KV: ``TieredCache``'s copies):
+``share(handles)`` counts each further mapping, and ``give`` then takes one mapping away; the handle comes back to
+the free list only with its last.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ LIMIT_CHECK_S = 0.1
 REFILL_CHUNK = 16  # pages the worker creates between looks at ``yield_to``
 
 
+def _key(handle: Handle) -> int:
+    """A handle as a dict key: its value (cuda-python's handle objects convert to the driver's integer)."""
+    try:
+        return int(handle)
+    except TypeError:
+        return id(handle)  # a backend whose handles are opaque objects: the pool gives back the same objects
+
+
 class PagePool:
     def __init__(self, backend: Backend, page_size: int, budget_pages: int, ready_pages: int,
                  ledger: Ledger | None = None) -> None:
@@ -34,6 +46,7 @@ class PagePool:
         self._limit_checked = -1.0
         self.budget_pages, self.ready_pages = budget_pages, min(ready_pages, budget_pages)
         self._free: list[Handle] = []
+        self._shares: dict[int, int] = {}  # handle's key -> its mappings beyond the first (see ``share``)
         self._created = 0            # pages that exist
         self._creating = 0           # pages being created now (count against the budget, not yet in the books)
         self._lock = threading.Lock()
@@ -124,8 +137,28 @@ class PagePool:
                 raise
         return taken
 
+    def share(self, handles: Sequence[Handle]) -> None:
+        """``handles`` (taken) are mapped once more: each comes back only when ``give`` has had it once per
+        mapping."""
+        with self._lock:
+            for key in map(_key, handles):
+                self._shares[key] = self._shares.get(key, 0) + 1
+
+    def is_shared(self, handle: Handle) -> bool:
+        """Whether ``handle`` is mapped at more than one place now."""
+        with self._lock:
+            return _key(handle) in self._shares
+
+    @property
+    def extra_mappings(self) -> int:
+        """Mappings beyond the first, over every handle (spaces' mapped handles = pages in use + this)."""
+        with self._lock:
+            return sum(self._shares.values())
+
     def give(self, handles: Sequence[Handle]) -> None:
         with self._lock:
+            if self._shares:
+                handles = [h for h in handles if not self._unshare_locked(h)]
             self._free.extend(handles)
             if self.ledger is not None:
                 self._give_back_over_limit()
@@ -133,6 +166,18 @@ class PagePool:
                 self._wake.notify()
             elif not self.ready_pages:
                 self._release_locked(len(self._free))
+
+    def _unshare_locked(self, handle: Handle) -> bool:
+        """One mapping of ``handle`` went; whether another still holds it."""
+        key = _key(handle)
+        left = self._shares.get(key, 0)
+        if not left:
+            return False
+        if left == 1:
+            del self._shares[key]
+        else:
+            self._shares[key] = left - 1
+        return True
 
     def release_free(self, n: int) -> int:
         """Release up to ``n`` unused pages now (another process on the device wants them); return how many."""
@@ -244,3 +289,4 @@ class PagePool:
         with self._lock:
             assert 0 <= len(self._free) <= self._created <= self.budget_pages, \
                 (len(self._free), self._created, self.budget_pages)
+            assert not self._shares.keys() & set(map(_key, self._free)), "a handle mapped twice is on the free list"

@@ -34,6 +34,7 @@ import bisect
 import math
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
@@ -113,6 +114,9 @@ class TieredCache(Cache):
         self._generation = 0  # spaces made so far (their names must differ on a shared manager)
         self._dropped = [[0] * self.rows for _ in range(num_layers)]  # sliding layers: tokens dropped, per row
         self._high = [0] * num_layers  # the furthest token each layer has written since the last reset
+        # tokens a row below which a layer's pages may be shared with a copy of this cache (``__deepcopy__``): a
+        # write there gives the layer pages of its own first
+        self._shared_upto = [0] * num_layers
         # layers whose K/V later layers of the same forward read (KV sharing, e.g. Gemma 3n): the views their
         # update returns must stay valid until the forward ends -- never streamed, old pages dropped only as the
         # next forward starts; layers that reuse another's K/V never update the cache
@@ -193,6 +197,7 @@ class TieredCache(Cache):
         self._down.clear()
         self._allocated = [0] * len(self.layers)
         self._high = [0] * len(self.layers)
+        self._shared_upto = [0] * len(self.layers)
         self._slot_user, self._last = [None] * RING_SLOTS, -1
 
     @property
@@ -276,6 +281,8 @@ class TieredCache(Cache):
             for row in self._rows():  # also tells kvtier which pages change (their kept copies are stale now)
                 space.allocate(row, upto, first_block=row * self.blocks_per_row)
             self._allocated[i] = upto
+        if start < self._shared_upto[i]:  # rewriting tokens a copy of this cache reads too: pages of its own first
+            self._unshare(i)
         rows_k, rows_v = self._rows_of(space)
         rows_k.narrow(1, start, new).copy_(key_states.transpose(1, 2))  # narrow: cheaper on the host than [:, a:b]
         rows_v.narrow(1, start, new).copy_(value_states.transpose(1, 2))
@@ -389,6 +396,7 @@ class TieredCache(Cache):
             self._dropped[i] = [0] * self.rows
             self._allocated[i] = 0
             self._high[i] = 0
+            self._shared_upto[i] = 0  # its rows are freed: pages shared with a copy went with them
         if i == 0:  # a new generation: the ring is mapped again when a step needs it
             for _, handles, _ in self._reads.values():  # reads ahead into the ring land before it is unmapped
                 for handle in handles:
@@ -489,6 +497,8 @@ class TieredCache(Cache):
         if not layer.length:
             return
         self._materialize(i)
+        if self._shared_upto[i]:  # every row is rewritten
+            self._unshare(i)
         k, v = self._rows_of(space)
         length, device, kept = layer.length, k.device, max(self._dropped[i])  # tokens before ``kept`` are gone
         new_k, new_v = (t[:, kept:length].index_select(0, src.to(device)) for t in (k, v))  # copies
@@ -525,6 +535,7 @@ class TieredCache(Cache):
                     t_new.view(shape_new)[:self.rows, kept:length].copy_(t_old.view(shape_old)[:self.rows, kept:length])
                 self._dropped[i] = [0] * self.rows  # the new space maps them all: dropped again as it grows
             self._manager.drop_space(old.name)
+            self._shared_upto[i] = 0
             self.spaces[i] = new
         self._views.clear()
 
@@ -566,8 +577,11 @@ class TieredCache(Cache):
     # --- copies ---------------------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> "TieredCache":
         """A cache holding the same KV, on the same manager (transformers' prompt-reuse recipe: a prompt's cache
-        computed once, ``copy.deepcopy(prompt_cache)`` for each question). The bytes are copied once, from
-        whichever tier they are in, into new spaces all on the GPU; the original is left as it was."""
+        computed once, ``copy.deepcopy(prompt_cache)`` for each question). A resident layer's pages of whole
+        blocks are shared, not copied (``KVSpace.share_pages``): both caches map the same GPU memory until one
+        of them rewrites a token there (a crop below the copy's length, a beam reorder), which first gives that
+        cache pages of its own. The rest -- each row's last page, streamed and sliding layers -- is copied once,
+        from whichever tier it is in, into pages all on the GPU. The original is left as it was."""
         self._copies += 1
         twin = TieredCache(manager=self.manager, name=f"{self.name}.copy{self._copies}", **self._args)
         twin._own_manager, twin._users = self._own_manager, self._users
@@ -589,13 +603,38 @@ class TieredCache(Cache):
             if layer.is_initialized:
                 like = torch.empty(0, dtype=mine.dtype, device=layer.device)
                 twin.layers[i].lazy_initialization(like, like)
+            shared = self._share_layer(i, theirs)
             for row in self._rows():
                 theirs.allocate(row, self._allocated[i], first_block=row * self.blocks_per_row)
-            self._copy_layer(i, theirs.kv(0))
+            if shared:
+                self._shared_upto[i] = twin._shared_upto[i] = layer.length
+            self._copy_layer(i, theirs.kv(0), set(shared))
         return twin
 
-    def _copy_layer(self, i: int, dst: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Layer ``i``'s kept tokens into ``dst`` (tensors shaped like its space's), from any tier."""
+    def _share_layer(self, i: int, theirs: Any) -> list[int]:
+        """Map into the copy's space ``theirs`` the pages of layer ``i`` that hold only whole blocks of its rows,
+        where the layer is resident and all on the GPU; return them."""
+        layer = self.layers[i]
+        if i in self._settled or layer.window is not None or i in self._shared:
+            return []  # streamed, sliding (its pages are dropped as it goes), read by later layers
+        if i in self._down:  # sent down by the prompt's prefill: back now, as the next step would bring it
+            self._materialize(i)
+        pending = self._pending.pop(i, None)
+        if pending is not None:
+            pending.result()
+        mine = self.spaces[i]
+        pages = mine.whole_pages({row: layer.length for row in self._rows()})
+        theirs.share_pages(mine, pages)
+        return pages
+
+    def _unshare(self, i: int) -> None:
+        """Layer ``i`` is about to rewrite tokens a copy of this cache may read: pages of its own first."""
+        self.spaces[i].unshare()
+        self._shared_upto[i] = 0
+
+    def _copy_layer(self, i: int, dst: tuple[torch.Tensor, torch.Tensor], shared: set[int]) -> None:
+        """Layer ``i``'s kept tokens into ``dst`` (tensors shaped like its space's), from any tier -- but those on
+        ``shared`` pages, which ``dst`` maps already."""
         space, length, kept = self.spaces[i], self.layers[i].length, max(self._dropped[i])
         pending = self._pending.pop(i, None)
         if pending is not None:
@@ -603,10 +642,28 @@ class TieredCache(Cache):
         read = self._reads.get(i)
         for handle in read[1] if read is not None else []:
             handle.result()  # a read ahead holds the pages where they are until it lands
-        handles = [space.read(row, [dst], start=max(kept, self._dropped[i][row]), stop=length)
-                   for row in self._rows()]
+        handles = [space.read(row, [dst], start=a, stop=b) for row in self._rows()
+                   for a, b in self._unshared_runs(space, row, max(kept, self._dropped[i][row]), length, shared)]
         for handle in handles:
             handle.result()
+
+    def _unshared_runs(self, space: Any, row: int, start: int, stop: int, shared: set[int]) -> list[tuple[int, int]]:
+        """The runs of tokens ``start..stop`` of ``row`` whose blocks do not lie wholly on ``shared`` pages."""
+        if not shared:
+            return [(start, stop)] if stop > start else []
+        bs, books = self.block_size, space.block_books
+        first = row * self.blocks_per_row
+        runs: list[tuple[int, int]] = []
+        for k in range(start // bs, -(-stop // bs)):
+            block = np.asarray([first + k], dtype=np.int64)
+            if set(books.pages_of(block)) <= shared:
+                continue
+            a, b = max(start, k * bs), min(stop, (k + 1) * bs)
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((a, b))
+        return runs
 
     def close(self) -> None:
         """Give the pages back (and close the manager if this cache made it and no copy of it still uses it)."""

@@ -16,6 +16,12 @@ A GPU page brought up from below may keep its old slots as a *copy* (``copies``:
 there equal the page's until a token is written into it again, so offloading it once more only unmaps it. A copy
 is a cache: dropping it is always safe.
 
+A GPU page may be *shared* (``shared``): mapped with the same physical handles as the same page of another space
+(``KVSpace.share_pages``), so that two spaces read one copy of the bytes. Such a page is not written, handed out
+(``allocatable``) or moved while shared; it leaves the set when it is unmapped, leaves the GPU, or gets a copy of
+its own (``unshared``). The flag may outlive the other mapping (the pool's counts say whether it is still shared):
+that only keeps the page where it is until its space looks again.
+
 A lower page being *read* (copied into an engine's buffer, without mapping) is listed in ``reading`` until the
 read is done: it is not moved, freed or overwritten meanwhile. Finished reads are forgotten by
 :meth:`forget_finished_reads`, which only commands call; queries never change the table.
@@ -54,6 +60,7 @@ class PageTable:
         self.copies: dict[int, tuple[int, list[int]]] = {}
         self.written_in_flight: set[int] = set()  # pages written while coming up: their old slots are no copy
         self.reading: dict[int, Any] = {}  # lower pages a read is copying from: they stay until it is done
+        self.shared: set[int] = set()  # GPU pages mapped with handles another space maps too
 
     # --- queries (no side effects) --------------------------------------------------------------------------
     def tier_of(self, page: int) -> int:
@@ -86,8 +93,11 @@ class PageTable:
         return list({self.moving[p] for p in pages if p in self.moving} | {reading[p] for p in pages if p in reading})
 
     def allocatable(self) -> np.ndarray:
-        """Pages whose free blocks may be handed out now: on the GPU and not in flight."""
-        return (self.tier == _GPU) & ~self.moving_mask()
+        """Pages whose free blocks may be handed out now: on the GPU, not in flight, not shared."""
+        mask = (self.tier == _GPU) & ~self.moving_mask()
+        if self.shared:
+            mask[list(self.shared)] = False
+        return mask
 
     def vacant(self) -> np.ndarray:
         """Pages that hold no data anywhere: free to map fresh."""
@@ -108,10 +118,27 @@ class PageTable:
                 assert (_kind(src), _kind(dst)) in LEGAL and src != dst, f"page table: {src} -> {dst} is not a " \
                     "transition"
         self.tier[idx] = dst
+        if self.shared and dst != _GPU:
+            self.shared.difference_update(idx.tolist())
 
     def mapped(self, pages: Iterable[int]) -> None:
         """Vacant pages were mapped fresh (an allocation, map-ahead): on the GPU, empty."""
         self._set(list(pages), Tier.GPU)
+
+    def aliased(self, pages: Iterable[int]) -> None:
+        """Vacant pages were mapped with another space's handles for the same pages: on the GPU, shared."""
+        pages = list(pages)
+        self._set(pages, Tier.GPU)
+        self.shared.update(pages)
+
+    def share(self, pages: Iterable[int]) -> None:
+        """GPU pages (not in flight) another space now maps too: shared (their kept copies stay valid: nothing
+        writes them while shared)."""
+        self.shared.update(pages)
+
+    def unshared(self, pages: Iterable[int]) -> None:
+        """Shared pages now hold handles of their own (or the other mapping is gone)."""
+        self.shared.difference_update(pages)
 
     def restored(self, page: int, tier: int, slots: list[int]) -> None:
         """A vacant page takes the data a kept tier restored at start (``slots`` there, one a region)."""
@@ -215,6 +242,7 @@ class PageTable:
             assert live[p] > 0, f"page {p} holds data of no live block"
         assert set(self.slots) == lower, "slots held by pages not in a lower tier"
         assert set(self.copies) <= on_gpu, "a copy kept for a page that is not on the GPU"
+        assert self.shared <= on_gpu and not self.shared & set(self.moving), "a shared page off the GPU or moving"
         assert self.written_in_flight <= promoting, "a written mark on a page not coming up"
         for p, (tier, slots) in self.copies.items():
             assert is_lower(tier) and len(slots) == self.num_regions, f"copy of page {p}"
