@@ -262,7 +262,7 @@ class TierManager:
             return {
                 "device": str(self.device), "backend": self.backend.name, "page_size": self.page_size,
                 "pool": {"budget_pages": pool.budget_pages, "pages_free": pool.free_pages,
-                         "pages_in_use": pool.in_use_pages, "bytes_in_use": pool.in_use_pages * self.page_size,
+                         "pages_in_use": pool.in_use_pages, "extra_mappings": pool.extra_mappings, "bytes_in_use": pool.in_use_pages * self.page_size,
                          "peak_bytes_in_use": pool.peak_in_use * self.page_size,
                          "bytes_created": pool.created_pages * self.page_size,
                          "peak_bytes_created": pool.peak_created * self.page_size,

@@ -340,7 +340,7 @@ class KVSpace:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             t, mapped = self.pages, len(self.range.handles)
-            return {"stripes_mapped": mapped, "stripes_empty": len(self._empty),
+            return {"stripes_mapped": mapped, "stripes_empty": len(self._empty), "stripes_shared": len(t.shared),
                     **{f"stripes_{tier.name}": t.count(tier.id) for tier in self._tiering.stack},
                     "stripes_lost": t.count(Tier.LOST), "stripes_dropped": t.count(Tier.DROPPED),
                     "stripes_reserved": self.num_pages,

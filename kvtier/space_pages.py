@@ -74,12 +74,15 @@ class SpacePages:
                                        "pages; only a space of the same layout can share pages")
         if not pages:
             return
-        if not sp.pages.vacant()[pages].all():
+        empty = [p for p in pages if p in sp._empty]  # mapped, no live block: its own memory goes back first
+        if not (sp.pages.vacant()[pages] | np.isin(pages, empty)).all():
             raise InvalidArgumentError(f"share_pages: pages of {sp.name!r} to share hold data already")
         if (source.pages.tier[pages] != Tier.GPU).any() or source.pages.moving_mask()[pages].any() or \
                 set(pages) & source.range.partial:
             raise InvalidArgumentError(f"share_pages: pages of {source.name!r} must be on the GPU, whole and "
                                        "not in flight")
+        if empty:
+            sp.reclaim(empty)
         handles = [h for p in pages for h in source.range.handles[p]]
         pool = sp._room.pool
         pool.share(handles)

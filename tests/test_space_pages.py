@@ -126,3 +126,86 @@ def test_an_adopted_page_can_be_unshared_before_any_block_is_booked_on_it(make_m
     assert_seq(a, "s")
     assert_seq(b, "s", salt=3)
     mgr.check()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_random_walk_of_two_spaces_sharing_pages_reads_back_what_each_wrote(make_manager, seed):
+    _walk(make_manager, seed)
+
+
+def test_the_random_walks_wrote_into_shared_pages(make_manager):
+    # the walks are worth something only if they rewrote pages both sides mapped
+    assert sum(_walk(make_manager, seed) for seed in range(8)) > 0
+
+
+def _walk(make_manager, seed: int) -> int:
+    """A random walk (see the test above); the pages ``unshare`` copied."""
+    # two spaces hold one sequence each way: they share its whole pages, grow it, rewrite blocks (unsharing the
+    # page first, as the contract says), free it, send it down and back; every byte each side reads is what that
+    # side last wrote, and the books agree after every step
+    import random
+    rng = random.Random(seed)
+    mgr = make_manager(pages=96)
+    sides = [mgr.create_space(name, max_tokens=8 * BLOCKS_PER_PAGE * 16, **make_manager.shape) for name in "ab"]
+    bs = sides[0].block_size
+    salts: list[dict[int, int] | None] = [None, None]  # per side: block index -> salt written (None: no sequence)
+    counter = iter(range(1, 10_000))
+
+    def page_of(space: kvtier.KVSpace, i: int) -> list[int]:
+        block = space.blocks("s")[i]
+        return sorted({block * space.block_bytes // space.page_size,
+                       ((block + 1) * space.block_bytes - 1) // space.page_size})
+
+    copied = 0  # pages unshare copied: the walk wrote into shared pages
+    for step in range(40):
+        k = rng.randrange(2) if step > 1 else step  # it starts by making the sequence on one side, sharing it
+        me, other = sides[k], sides[1 - k]
+        op = rng.choice(["make", "share", "grow", "rewrite", "free", "down-up"]) if step > 1 else \
+            ["make", "share"][step]
+        if op == "make" and salts[k] is None:
+            n = rng.randrange(1 if step else 2 * BLOCKS_PER_PAGE, 4 * BLOCKS_PER_PAGE)
+            me.allocate("s", n * bs, first_block=0)
+            salts[k] = {}
+            _write_blocks(me, "s", range(n), salt=0)
+            salts[k] = dict.fromkeys(range(n), 0)
+        elif op == "share" and salts[k] is None and salts[1 - k] is not None:
+            tokens = other.num_tokens("s")
+            pages = other.whole_pages({"s": tokens})
+            me.share_pages(other, pages)
+            me.allocate("s", tokens, first_block=0)
+            n = len(other.blocks("s"))
+            rest = [i for i in range(n) if not set(page_of(me, i)) <= set(pages)]
+            for layer in range(me.num_layers):
+                for src, dst in zip(other.kv(layer), me.kv(layer)):
+                    dst[rest] = src[rest]
+            salts[k] = dict(salts[1 - k])
+        elif op == "grow" and salts[k] is not None:
+            n = len(salts[k])
+            more = min(rng.randrange(1, BLOCKS_PER_PAGE), 8 * BLOCKS_PER_PAGE - n)
+            me.allocate("s", (n + more) * bs, first_block=0)
+            salt = next(counter)
+            if any(p in me.pages.shared for i in range(n, n + more) for p in page_of(me, i)):
+                pytest.fail("a sequence's new blocks fell on a shared page")
+            _write_blocks(me, "s", range(n, n + more), salt)
+            salts[k].update(dict.fromkeys(range(n, n + more), salt))
+        elif op == "rewrite" and salts[k]:
+            i, salt = rng.randrange(len(salts[k])), next(counter)
+            copied += me.unshare(page_of(me, i))  # the contract: a writer unshares first
+            _write_blocks(me, "s", range(i, i + 1), salt)
+            salts[k][i] = salt
+        elif op == "free" and salts[k] is not None:
+            me.free("s")
+            salts[k] = None
+        elif op == "down-up" and salts[k] is not None:
+            me.offload("s", tier=rng.choice(["host", "nvme"])).result()
+            me.ensure_resident(["s"])
+        mgr.check()
+        for side, expected in zip(sides, salts):
+            if expected is not None:
+                _assert_blocks(side, "s", expected)
+    for side, expected in zip(sides, salts):
+        if expected is not None:
+            side.free("s")
+    mgr.check()
+    assert mgr.pool.extra_mappings == 0
+    return copied

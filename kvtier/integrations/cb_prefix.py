@@ -263,7 +263,7 @@ class TieredPrefixes:
             for tier, n in s["prefix"]["shared_blocks"].items():
                 hits[tier] = hits.get(tier, 0) + n
             for key, n in s.items():
-                if key.startswith("stripes_") and key not in ("stripes_reserved", "stripes_empty"):
+                if key.startswith("stripes_") and key not in ("stripes_reserved", "stripes_empty", "stripes_shared"):
                     stripes[key[len("stripes_"):]] = stripes.get(key[len("stripes_"):], 0) + n
         return {"cached_blocks": kept, "hit_blocks_by_tier": hits, "stripes": stripes}
 
