@@ -56,7 +56,7 @@ class SpacePages:
         others = np.flatnonzero(~full)
         if others.size:
             covered[b.pages_of(others)] = False  # a page with any other block on it (free or not) is written later
-        covered &= sp.pages.allocatable()
+        covered &= (sp.pages.tier == Tier.GPU) & ~sp.pages.moving_mask()  # shared already: may be shared again
         if sp.range.partial:
             covered[list(sp.range.partial)] = False
         return np.flatnonzero(covered).tolist()

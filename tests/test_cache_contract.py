@@ -478,8 +478,10 @@ def test_copies_of_a_prompt_cache_share_its_pages_and_each_writes_only_its_own(t
         out = []
         if isinstance(prompt_cache, TieredCache):
             # 1. the copies map the original's whole pages of its resident layers: no new memory for them
-            spaces = [s for i, s in enumerate(cropped.spaces) if i not in cropped.streamed_layers]
-            assert all(s.pages.shared for s in spaces) and prompt_cache.manager.pool.extra_mappings > 0
+            for twin in (cropped, swapped, later):  # each copy, not only the first
+                assert all(s.pages.shared for i, s in enumerate(twin.spaces) if i not in twin.streamed_layers)
+            assert prompt_cache.manager.pool.extra_mappings == 3 * sum(
+                len(s.pages.shared) * s.num_regions for s in cropped.spaces)
         # 2. a copy cropped back into the shared pages writes there: it gets pages of its own first
         cropped.crop(-30)
         out.append(_generate(model, torch.cat([prompt[:, :40], question], dim=1), cropped, max_new_tokens=8,
