@@ -427,9 +427,9 @@ class KVSpace:
         """Give back the pages holding only ``seq_id``'s first ``tokens`` tokens (never read again)."""
         return self.tiers.drop_prefix(seq_id, tokens, stream)
 
-    def prefetch(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
-        """Start bringing every page of ``seq_ids`` to the GPU; they become active again."""
-        return self.tiers.prefetch(seq_ids)
+    def prefetch(self, seq_ids: Iterable[Hashable], start: int = 0) -> TransferHandle:
+        """Start bringing the pages of ``seq_ids`` (from token ``start`` on) to the GPU; they become active."""
+        return self.tiers.prefetch(seq_ids, start)
 
     def ensure_resident(self, seq_ids: Iterable[Hashable]) -> None:
         """``prefetch(seq_ids).result()``."""
@@ -457,6 +457,8 @@ class KVSpace:
         """GPU pages, not in flight, whose live blocks all belong to offloaded sequences."""
         if not self._offloaded:  # the common case on the allocation path: nothing is idle
             return []
+        if self.pages.shared:  # pages another space let go of since they were shared may go down again
+            self.shared_pages.settle()
         active = self.block_books.pages_used_by(q for q in self.block_books.seqs if q not in self._offloaded)
         return np.flatnonzero(self.pages.allocatable() & (self.block_books.live > 0) & ~active).tolist()
 

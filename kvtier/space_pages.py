@@ -117,6 +117,12 @@ class SpacePages:
         sp.unmap_pages(shared)
         return [p for p in pages if p not in set(shared)]
 
+    def settle(self) -> None:
+        """Clear the flag of shared pages whose other mappings are gone (they may be moved and handed out again)."""
+        sp = self.space
+        pool = sp._room.pool
+        sp.pages.unshared([p for p in sp.pages.shared if not any(pool.is_shared(h) for h in sp.range.handles[p])])
+
     def unshare(self, pages: Iterable[int] | None) -> int:
         """Give the shared ``pages`` (default: all) handles of their own holding the same bytes; return how many
         were copied. Waits for the device first (kernels may still read or write the old mapping); the copies

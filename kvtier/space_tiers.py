@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from kvtier.checks import seq_ids_arg
+from kvtier.checks import int_arg, seq_ids_arg
 from kvtier.errors import InvalidArgumentError, PagesInFlight, TransferError
 from kvtier.policies import PageRef
 from kvtier.tiering import FIRST_LOWER, Tier, TierStack, TransferHandle
@@ -113,16 +113,20 @@ class SpaceTiers:
         handles = self._tiering.start_demotion(plan, after=after)
         return handles[0] if handles else TransferHandle(self._tiering, "demote", [])
 
-    def prefetch(self, seq_ids: Iterable[Hashable]) -> TransferHandle:
-        """Start bringing every page of ``seq_ids`` to the GPU; they become active again. The handle's
-        ``wait(stream)`` makes the step's stream wait on the device; ``result()`` blocks. Raises OutOfPagesError
-        (nothing started) when the GPU cannot take them even after demoting idle pages."""
+    def prefetch(self, seq_ids: Iterable[Hashable], start: int = 0) -> TransferHandle:
+        """Start bringing every page of ``seq_ids`` to the GPU -- with ``start``, only those holding their tokens
+        from ``start`` on (a past kept below with ``offload_prefix`` stays there); they become active again. The
+        handle's ``wait(stream)`` makes the step's stream wait on the device; ``result()`` blocks. Raises
+        OutOfPagesError (nothing started) when the GPU cannot take them even after demoting idle pages."""
         seqs = seq_ids_arg("prefetch", seq_ids)
-        return self._room.run_planned(lambda: self._prefetch(seqs))
+        int_arg("start", start, 0, self.space.max_tokens)
+        return self._room.run_planned(lambda: self._prefetch(seqs, start))
 
-    def _prefetch(self, seqs: list[Hashable]) -> TransferHandle:
+    def _prefetch(self, seqs: list[Hashable], start: int = 0) -> TransferHandle:
         self.space._check_open()
-        pages = self.block_books.pages_of_seqs(seqs)
+        b = self.block_books
+        pages = b.pages_of_seqs(seqs) if not start else sorted({p for q in seqs for p in b.pages_of(
+            np.asarray(b.blocks_of(q)[start // self.space.block_size:], dtype=np.int64))})
         pending = self.pages.in_flight(pages)
         if pending:
             raise PagesInFlight(f"space {self.space.name!r}: pages in flight", pending)

@@ -486,15 +486,18 @@ def test_copies_of_a_prompt_cache_share_its_pages_and_each_writes_only_its_own(t
         cropped.crop(-30)
         out.append(_generate(model, torch.cat([prompt[:, :40], question], dim=1), cropped, max_new_tokens=8,
                              do_sample=False))
-        _owns_its_pages(cropped)
+        _shares_only_below(cropped, 40)  # the pages wholly before the crop stay shared
         # 3. another copy swaps its rows (rewrites them all in place, as a beam reorder does)
         swapped.batch_select_indices(torch.tensor([1, 0]))
         out.append(_generate(model, torch.cat([prompt.flip(0), question], dim=1), swapped, max_new_tokens=8,
                              do_sample=False))
-        _owns_its_pages(swapped)
+        _shares_only_below(swapped, 0)
         # 4. the original answers too, then closes while a copy still reads the pages they shared
         out.append(_generate(model, torch.cat([prompt, question[:, :3]], dim=1), prompt_cache, max_new_tokens=8,
                              do_sample=False))
+        # 5. the original is reset and fills again with another prompt: the pages its copy reads stay as they were
+        prompt_cache.reset()
+        out.append(_generate(model, question, prompt_cache, max_new_tokens=4, do_sample=False))
         if isinstance(prompt_cache, TieredCache):
             prompt_cache.manager.check()
             prompt_cache.close()
@@ -514,10 +517,50 @@ def test_copies_of_a_prompt_cache_share_its_pages_and_each_writes_only_its_own(t
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-def _owns_its_pages(cache) -> None:
-    """A TieredCache that rewrote its shared tokens shares no page any more."""
-    if isinstance(cache, TieredCache):
-        assert not any(s.pages.shared for s in cache.spaces)
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_an_idle_cache_sent_down_steps_again_as_dynamic_cache(tier):
+    # a cache kept idle (idle(): what PromptCaches does with the caches it keeps) whose pages then all go down, as
+    # pressure would send them: a copy of it, and the cache itself stepped again, answer as DynamicCache does
+    import copy
+    model, config = _arch("llama")
+    prompt, question = _ids(2, 70), _ids(2, 5, seed=30)
+
+    def run(cache):
+        with torch.no_grad():
+            model(prompt, **{CACHE_KW: cache})
+        if isinstance(cache, TieredCache):
+            cache.idle()
+            for space in cache.spaces:
+                for row in space.sequences():
+                    space.offload(row, tier=cache.offload_tier).result()
+            assert cache.residency()["gpu"] == 0
+        twin = copy.deepcopy(cache)
+        out = [_generate(model, torch.cat([prompt, question], dim=1), c, max_new_tokens=6, do_sample=False)
+               for c in (twin, cache)]
+        if isinstance(cache, TieredCache):
+            cache.manager.check()
+            twin.close()
+            cache.close()
+        return out
+
+    expected = run(transformers.DynamicCache(config=config))
+    got = run(_tiered(config, tier))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def _shares_only_below(cache, tokens: int) -> None:
+    """A TieredCache that rewrote its tokens from ``tokens`` on shares no page holding them; pages wholly before
+    them stay shared in its resident layers."""
+    if not isinstance(cache, TieredCache):
+        return
+    import numpy as np
+    for i, space in enumerate(cache.spaces):
+        first = tokens // cache.block_size
+        later = np.asarray([r * cache.blocks_per_row + k for r in range(cache.rows)
+                            for k in range(first, cache.blocks_per_row)], dtype=np.int64)
+        assert not space.pages.shared & set(space.block_books.pages_of(later))
+        if i not in cache.streamed_layers and tokens >= PAGE // (2 * 16 * 4):  # a page's tokens, a row
+            assert space.pages.shared
 
 
 def test_the_first_updates_shape_is_what_the_cache_holds_falcon_multi_query():

@@ -49,6 +49,8 @@ def test_each_turn_of_a_chat_starts_from_the_kept_cache_of_the_last(resident_lay
             expected = _generate(model, prompt, transformers.DynamicCache(config=config), max_new_tokens=8,
                                  do_sample=False)
             assert torch.equal(out, expected)
+            if turn and resident_layers is None:  # the prefix found stays in pages shared with the kept cache
+                assert all(s.pages.shared for s in cache.spaces) and mgr.pool.extra_mappings > 0
             # 3. kept for the next turn (the last token generated has no KV: left out)
             assert caches.add(out, cache) > 0
             mgr.check()
@@ -73,3 +75,44 @@ def test_bad_input_is_refused_naming_what_to_do():
             caches.add([1, 2, 3], TieredCache(config, max_tokens=64))  # nothing stored yet
         with pytest.raises(kvtier.InvalidArgumentError, match="one row"):
             caches.lookup(torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_kept_caches_go_down_under_pressure_and_answer_from_there():
+    # more kept prompts than the GPU pool holds: the caches PromptCaches keeps are idle, so they go down to host
+    # memory as new prompts need the room (before, they pinned their pages and the fourth prompt failed); a later
+    # question over each kept prompt finds it there and answers as DynamicCache does from scratch
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SMALL)
+    model = transformers.LlamaForCausalLM(config).eval()
+    kcfg = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=48 * PAGE, pool_ready=0, host_size=1024 * PAGE,
+                         host_chunk=256 * PAGE, nvme_size=2048 * PAGE, debug_checks=True)
+    mgr = kvtier.TierManager(kcfg)
+    prompts = [_ids(1, 200, seed=50 + k) for k in range(6)]
+    with PromptCaches(model_id="tiny-llama") as caches:
+        # 1. six prompts of 200 tokens, each kept (about 3x what the pool holds at once)
+        for k, prompt in enumerate(prompts):
+            cache = TieredCache(config, max_tokens=256, manager=mgr, name=f"kept{k}")
+            with torch.no_grad():
+                model(prompt, **_kw(cache))
+            caches.add(prompt[0], cache)
+            mgr.check()
+        assert mgr.stats()["tiers"]["host"]["ready_slots"] > 0
+        assert sum(c.residency()["host"] for c in caches.caches) > 0  # some went down
+        # 2. a question over each: found, copied from where it rests, the same tokens as computed from scratch
+        for k, prompt in enumerate(prompts):
+            ids = torch.cat([prompt, _ids(1, 4, seed=70 + k)], dim=1)
+            cache, found = caches.lookup(ids)
+            assert cache is not None and found == 192
+            out = _generate(model, ids, cache, max_new_tokens=4, do_sample=False)
+            expected = _generate(model, ids, transformers.DynamicCache(config=config), max_new_tokens=4,
+                                 do_sample=False)
+            assert torch.equal(out, expected)
+            cache.close()
+            mgr.check()
+    assert mgr.pool.in_use_pages == 0
+    mgr.close()
+
+
+def _kw(cache):
+    from kvtier.integrations.transformers import cache_kwarg
+    return {cache_kwarg(): cache}

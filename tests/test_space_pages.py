@@ -84,7 +84,14 @@ def test_a_space_shares_whole_pages_of_another_until_it_writes_them(make_manager
     assert not a.range.handles.keys() & {0, 1, 2} and pool.extra_mappings == 0
     _assert_blocks(b, "s", dict.fromkeys(page0, 1))
     mgr.check()
-    # 7. with the other side gone, unsharing copies nothing; freeing the copy gives every page back
+    # 7. with the other side gone, its pages are its own again: they go down and come back like any other
+    assert b.pages.shared == {1, 2}
+    b.offload("s", tier="host").result()
+    assert not b.pages.shared and all(b.pages.tier_of(p) != Tier.GPU for p in (0, 1, 2))  # (3: "other" is on it)
+    b.ensure_resident(["s"])
+    _assert_blocks(b, "s", dict.fromkeys(page0, 1))
+    mgr.check()
+    # 8. unsharing then copies nothing; freeing the copy gives every page back
     assert b.unshare() == 0 and not b.pages.shared
     b.free("s")
     b.free("other")

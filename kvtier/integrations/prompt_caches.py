@@ -9,7 +9,8 @@
 transformers' own recipe for reusing a prompt's KV is ``copy.deepcopy(prompt_cache)`` of one cache the caller
 chose; this finds which, by the prompt's tokens: each kept cache is indexed under kvtier's 128-bit chained keys of
 its whole blocks (``kvtier.prefix``: the model's KV layout, ``model_id`` and the block size in them), a lookup
-walks a new prompt's keys, and the hit is deep-copied (from whichever tier its pages rest in) and cropped. Kept
+walks a new prompt's keys, and the hit is deep-copied and cropped: its resident layers' whole pages before the
+crop stay shared with the kept cache (``TieredCache.__deepcopy__``), the rest is copied from whichever tier. Kept
 caches go down the tiers like any idle TieredCache: their manager's demoter sends their pages to host memory or
 NVMe under pressure.
 """
@@ -65,6 +66,7 @@ class PromptCaches:
         ids = ids[:cache.get_seq_length()]
         if cache not in self.caches:
             self.caches.append(cache)
+        cache.idle()  # kept, not stepped: its pages may go down the tiers under pressure
         added = 0
         for n, key in enumerate(self._keys(ids), start=1):
             if key not in self.index:  # a key kept already keeps its cache (the same tokens, the same KV)
@@ -88,7 +90,7 @@ class PromptCaches:
             self.misses += 1
             return None, 0
         source, tokens = found
-        twin = copy.deepcopy(source)  # the bytes, once, from whichever tier they rest in
+        twin = copy.deepcopy(source)  # resident whole pages shared, the rest copied once from whichever tier
         extra = twin.get_seq_length() - tokens
         if extra:
             twin.crop(-extra)

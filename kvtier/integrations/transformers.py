@@ -96,6 +96,8 @@ class TieredCache(Cache):
         self._users = [1]  # caches sharing the manager this one made (deepcopy): the last to close closes it
         self._closed = False
         self._copies = 0
+        self._idle = False  # kept for later copies (``idle``): its resident layers may rest below meanwhile
+        self._asleep: set[int] = set()  # streamed layers whose rows ``idle`` made idle: woken as a step comes
         self._args = dict(model_config=model_config, max_tokens=max_tokens, batch_size=batch_size, config=config,
                           resident_layers=resident_layers, offload_tier=offload_tier, block_size=block_size)
         self.resident_layers, self.offload_tier = resident_layers, offload_tier
@@ -195,6 +197,7 @@ class TieredCache(Cache):
         self.spaces, self._ring = [], []
         self._views.clear()
         self._down.clear()
+        self._asleep.clear()
         self._allocated = [0] * len(self.layers)
         self._high = [0] * len(self.layers)
         self._shared_upto = [0] * len(self.layers)
@@ -254,6 +257,7 @@ class TieredCache(Cache):
             self._teardown()  # an empty cache takes the new batch (a smaller one keeps the room reserved)
         if not self.spaces:
             self._setup(key_states)
+        self._idle = False  # stepped again: its layers come back as the step reaches them (``_down``)
         i = layer.index
         start, stop = layer.length, layer.length + new
         if stop > self.max_tokens:
@@ -276,13 +280,17 @@ class TieredCache(Cache):
         if i in self._down and start:  # a later chunk over a layer the first one sent down: it comes back
             self._down.discard(i)
             space.prefetch(self._rows()).wait(stream)
+        if i in self._asleep:  # a streamed layer of a cache kept idle: what its rows keep on the GPU comes back
+            self._asleep.discard(i)
+            for row in self._rows():
+                space.prefetch([row], start=self._settled[i][row]).wait(stream)
         if stop > self._allocated[i]:  # whole blocks at a time: one call per block, not per token
             upto = min(self.max_tokens, -(-stop // self.block_size) * self.block_size)
             for row in self._rows():  # also tells kvtier which pages change (their kept copies are stale now)
                 space.allocate(row, upto, first_block=row * self.blocks_per_row)
             self._allocated[i] = upto
         if start < self._shared_upto[i]:  # rewriting tokens a copy of this cache reads too: pages of its own first
-            self._unshare(i)
+            self._unshare(i, start)
         rows_k, rows_v = self._rows_of(space)
         rows_k.narrow(1, start, new).copy_(key_states.transpose(1, 2))  # narrow: cheaper on the host than [:, a:b]
         rows_v.narrow(1, start, new).copy_(value_states.transpose(1, 2))
@@ -382,6 +390,7 @@ class TieredCache(Cache):
     def _reset_layer(self, layer: TieredLayer) -> None:
         i = layer.index
         self._down.discard(i)
+        self._asleep.discard(i)
         if self.spaces:
             handle = self._pending.pop(i, None)
             if handle is not None:
@@ -550,8 +559,9 @@ class TieredCache(Cache):
             for handle in read[1]:
                 handle.result()
             self._slot_user[read[0]] = None
-        below = i in self._down or any(self._settled.get(i, ()))
+        below = i in self._down or i in self._asleep or any(self._settled.get(i, ()))
         self._down.discard(i)
+        self._asleep.discard(i)
         if below:
             self.spaces[i].prefetch(self._rows()).result()
         if i in self._settled:
@@ -564,6 +574,30 @@ class TieredCache(Cache):
                 handle.result()
         self._reads.clear()
         self._slot_user = [None] * RING_SLOTS
+
+    def idle(self) -> None:
+        """The cache will not be stepped for a while (kept for later prompts: ``PromptCaches`` calls it): its
+        resident layers' pages may go down the tiers under pressure, as an idle sequence's do, and its streamed
+        layers keep only each row's last page on the GPU. A copy takes them from wherever they rest; the next step
+        brings each layer back before its attention reads it."""
+        if not self.spaces:
+            return
+        self._settle_reads()
+        for handle in self._pending.values():
+            handle.result()
+        self._pending.clear()
+        for ring in self._ring:  # the ring is mapped again when a step needs it
+            for row in ring.sequences():
+                ring.free(row)
+        for i, layer in enumerate(self.layers):
+            if not layer.length or i in self._down or i in self._asleep:
+                continue
+            if i in self._settled:  # streamed: all but each row's last page goes down now, as a step would send it
+                self._settle(i, None, wait=True)
+            for row in self._rows():
+                self.spaces[i].offload(row)  # no tier: the policy sends it down when room is short
+            (self._asleep if i in self._settled else self._down).add(i)
+        self._idle = True
 
     def residency(self) -> dict[str, int]:
         """Bytes of this cache per tier, over every layer and row (the ring's copies not counted)."""
@@ -581,7 +615,8 @@ class TieredCache(Cache):
         blocks are shared, not copied (``KVSpace.share_pages``): both caches map the same GPU memory until one
         of them rewrites a token there (a crop below the copy's length, a beam reorder), which first gives that
         cache pages of its own. The rest -- each row's last page, streamed and sliding layers -- is copied once,
-        from whichever tier it is in, into pages all on the GPU. The original is left as it was."""
+        from whichever tier it is in; a streamed layer goes down again before the next is copied (the room a
+        prefill takes). The original is left as it was."""
         self._copies += 1
         twin = TieredCache(manager=self.manager, name=f"{self.name}.copy{self._copies}", **self._args)
         twin._own_manager, twin._users = self._own_manager, self._users
@@ -593,7 +628,7 @@ class TieredCache(Cache):
         twin.rows, twin.capacity, twin._generation = self.rows, self.capacity, 1
         twin.spaces = [twin._new_space(f"{twin.name}.L{i}", space.dtype) for i, space in enumerate(self.spaces)]
         twin._streamed = list(self._streamed)
-        twin._settled = {i: [0] * self.rows for i in self._streamed}  # all on the GPU: its next step settles them
+        twin._settled = {i: [0] * self.rows for i in self._streamed}  # each settled as it is copied
         twin._dropped = [list(d) for d in self._dropped]
         twin._allocated, twin._high = list(self._allocated), list(self._high)
         for i, (layer, mine, theirs) in enumerate(zip(self.layers, self.spaces, twin.spaces)):
@@ -609,6 +644,8 @@ class TieredCache(Cache):
             if shared:
                 self._shared_upto[i] = twin._shared_upto[i] = layer.length
             self._copy_layer(i, theirs.kv(0), set(shared))
+            if i in twin._settled:  # streamed: down again before the next layer is copied (the room a prefill
+                twin._settle(i, None, wait=True)  # takes, not the whole cache's)
         return twin
 
     def _share_layer(self, i: int, theirs: Any) -> list[int]:
@@ -617,8 +654,8 @@ class TieredCache(Cache):
         layer = self.layers[i]
         if i in self._settled or layer.window is not None or i in self._shared:
             return []  # streamed, sliding (its pages are dropped as it goes), read by later layers
-        if i in self._down:  # sent down by the prompt's prefill: back now, as the next step would bring it
-            self._materialize(i)
+        if i in self._down and not self._idle:  # sent down by the prompt's prefill: back now, as the next step
+            self._materialize(i)                  # would bring it (an idle cache's stay where they are)
         pending = self._pending.pop(i, None)
         if pending is not None:
             pending.result()
@@ -627,10 +664,16 @@ class TieredCache(Cache):
         theirs.share_pages(mine, pages)
         return pages
 
-    def _unshare(self, i: int) -> None:
-        """Layer ``i`` is about to rewrite tokens a copy of this cache may read: pages of its own first."""
-        self.spaces[i].unshare()
-        self._shared_upto[i] = 0
+    def _unshare(self, i: int, start: int = 0) -> None:
+        """Layer ``i`` is about to rewrite its tokens from ``start`` on, which a copy of this cache may read: the
+        pages holding them get memory of their own first (those wholly before ``start`` stay shared: a prompt
+        cache's copy cropped to the prefix a new prompt shares keeps that prefix's pages shared)."""
+        space = self.spaces[i]
+        first = start // self.block_size
+        blocks = np.asarray([row * self.blocks_per_row + k for row in self._rows()
+                             for k in range(first, self.blocks_per_row)], dtype=np.int64)
+        space.unshare(space.block_books.pages_of(blocks) if first else None)
+        self._shared_upto[i] = start
 
     def _copy_layer(self, i: int, dst: tuple[torch.Tensor, torch.Tensor], shared: set[int]) -> None:
         """Layer ``i``'s kept tokens into ``dst`` (tensors shaped like its space's), from any tier -- but those on
