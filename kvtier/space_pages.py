@@ -68,10 +68,10 @@ class SpacePages:
         pages = sorted(set(pages))
         if source is sp or source._room is not sp._room:
             raise InvalidArgumentError("share_pages: the source must be another space of the same manager")
-        if (source.num_regions, source.page_size) != (sp.num_regions, sp.page_size) or \
-                (pages and pages[-1] >= min(sp.num_pages, source.num_pages)):
-            raise InvalidArgumentError(f"share_pages: spaces {source.name!r} and {sp.name!r} differ in regions or "
-                                       "pages; only a space of the same layout can share pages")
+        if source.layout_tag != sp.layout_tag or (pages and pages[-1] >= min(sp.num_pages, source.num_pages)):
+            raise InvalidArgumentError(f"share_pages: spaces {source.name!r} and {sp.name!r} differ in layout (layers, "
+                                       "heads, head dim, dtype, block or page size) or those pages lie outside one; "
+                                       "only a space of the same layout can share pages")
         if not pages:
             return
         empty = [p for p in pages if p in sp._empty]  # mapped, no live block: its own memory goes back first

@@ -357,6 +357,48 @@ def test_modes_on_the_gpu(mode, resident):
         cache.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_copies_of_a_prompt_cache_share_its_pages_on_the_gpu():
+    # the same physical pages mapped by two caches (cuMemMap of one handle at two places): copies answer as
+    # DynamicCache's do, one cropped back into the shared pages gets its own, the original goes on and closes first
+    import copy
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
+                                      max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(config).eval().cuda()
+    prompt, question = _ids(1, 2100).cuda(), _ids(1, 6, seed=21).cuda()  # two whole 2 MiB pages a row, and some
+
+    def run(prompt_cache):
+        with torch.no_grad():
+            model(prompt, **{CACHE_KW: prompt_cache})
+        cropped, later = copy.deepcopy(prompt_cache), copy.deepcopy(prompt_cache)
+        if isinstance(prompt_cache, TieredCache):
+            assert all(s.pages.shared for s in cropped.spaces) and prompt_cache.manager.pool.extra_mappings > 0
+        cropped.crop(-1200)
+        out = [_generate(model, torch.cat([prompt[:, :900], question], dim=1), cropped, max_new_tokens=8,
+                         do_sample=False),
+               _generate(model, torch.cat([prompt, question[:, :3]], dim=1), prompt_cache, max_new_tokens=8,
+                         do_sample=False)]
+        if isinstance(prompt_cache, TieredCache):
+            _shares_only_below(cropped, 900)
+            prompt_cache.manager.check()
+            prompt_cache.close()
+        out.append(_generate(model, torch.cat([prompt, question], dim=1), later, max_new_tokens=8, do_sample=False))
+        for cache in (cropped, later):
+            if isinstance(cache, TieredCache):
+                cache.manager.check()
+                cache.close()
+        return out
+
+    expected = run(transformers.DynamicCache(config=config))
+    kcfg = kvtier.Config(device="cuda", page_size=2 << 20, pool_budget=512 << 20, pool_ready=8 << 20,
+                         host_size=256 << 20, nvme_size=64 << 20, debug_checks=True)
+    got = run(TieredCache(config, max_tokens=4096, config=kcfg))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def _gpu_chat(model, ids, cache):
     out = []
     for turn in range(3):
@@ -559,8 +601,8 @@ def _shares_only_below(cache, tokens: int) -> None:
         later = np.asarray([r * cache.blocks_per_row + k for r in range(cache.rows)
                             for k in range(first, cache.blocks_per_row)], dtype=np.int64)
         assert not space.pages.shared & set(space.block_books.pages_of(later))
-        if i not in cache.streamed_layers and tokens >= PAGE // (2 * 16 * 4):  # a page's tokens, a row
-            assert space.pages.shared
+        if i not in cache.streamed_layers and tokens >= space.page_size // (space.block_bytes // space.block_size):
+            assert space.pages.shared  # a page of a row's tokens lies wholly before them
 
 
 def test_the_first_updates_shape_is_what_the_cache_holds_falcon_multi_query():

@@ -695,13 +695,19 @@ class TieredCache(Cache):
         if not shared:
             return [(start, stop)] if stop > start else []
         bs, books = self.block_size, space.block_books
-        first = row * self.blocks_per_row
+        k = np.arange(start // bs, -(-stop // bs))
+        blocks = row * self.blocks_per_row + k
+        on = np.zeros(space.num_pages, dtype=bool)
+        on[list(shared)] = True
+        # a block lies on its first and last page and those between (a block wider than a page): all shared
+        if books.wide:
+            skip = np.fromiter((on[books.first_page[b]:books.last_page[b] + 1].all() for b in blocks), dtype=bool,
+                               count=len(blocks))
+        else:
+            skip = on[books.first_page[blocks]] & on[books.last_page[blocks]]
         runs: list[tuple[int, int]] = []
-        for k in range(start // bs, -(-stop // bs)):
-            block = np.asarray([first + k], dtype=np.int64)
-            if set(books.pages_of(block)) <= shared:
-                continue
-            a, b = max(start, k * bs), min(stop, (k + 1) * bs)
+        for j in np.flatnonzero(~skip).tolist():
+            a, b = max(start, int(k[j]) * bs), min(stop, (int(k[j]) + 1) * bs)
             if runs and runs[-1][1] == a:
                 runs[-1] = (runs[-1][0], b)
             else:
