@@ -405,6 +405,16 @@ class KVSpace:
             source._check_open()
             self.shared_pages.share_pages(source, pages)
 
+    def share_whole_pages(self, source: "KVSpace", seq_tokens: dict[Hashable, int]) -> list[int]:
+        """``share_pages(source, source.whole_pages(seq_tokens))`` in one step (the demoter cannot move a page
+        between the two); return the pages shared."""
+        with self._lock:
+            self._check_open()
+            source._check_open()
+            pages = source.shared_pages.whole_pages(seq_tokens)
+            self.shared_pages.share_pages(source, pages)
+            return pages
+
     def unshare(self, pages: Iterable[int] | None = None) -> int:
         """Give this space's shared ``pages`` (default: all) memory of its own with the same bytes, before writing
         them; return how many were copied (none where the other side has let go)."""

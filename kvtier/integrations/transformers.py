@@ -659,10 +659,7 @@ class TieredCache(Cache):
         pending = self._pending.pop(i, None)
         if pending is not None:
             pending.result()
-        mine = self.spaces[i]
-        pages = mine.whole_pages({row: layer.length for row in self._rows()})
-        theirs.share_pages(mine, pages)
-        return pages
+        return theirs.share_whole_pages(self.spaces[i], {row: layer.length for row in self._rows()})
 
     def _unshare(self, i: int, start: int = 0) -> None:
         """Layer ``i`` is about to rewrite its tokens from ``start`` on, which a copy of this cache may read: the
