@@ -107,3 +107,44 @@ def test_shared_blocks_found_forked_and_copied_on_write_while_the_worker_commits
             space.free(seq, retain=False)
         space.erase(b"")  # the cached prompt goes too: the next round starts empty
         mgr.check()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pages_shared_with_another_space_while_the_worker_sends_them_down(make_manager, slow_commits, seed):
+    # a sequence's first stripes go down -- not waited for -- while another space shares its whole pages (what a
+    # copy of an idle TieredCache does while the demoter works): pages in flight or below are not shared (the copy
+    # reads them from wherever they are), the rest are; every byte both sides read is the sequence's, and a write on one side
+    # after unshare is not seen by the other
+    import numpy as np
+    from tests.conftest import assert_seq
+    rng = random.Random(seed)
+    mgr = make_manager(pages=96)
+    a = mgr.create_space("a", **make_manager.shape)
+    b = mgr.create_space("b", **make_manager.shape)
+    bs, per_stripe = a.block_size, a.page_size // a.block_bytes
+    for r in range(20):
+        tokens = (3 * per_stripe + rng.randrange(per_stripe)) * bs
+        a.allocate("s", tokens, first_block=0)
+        write_seq(a, "s", salt=r)
+        down = a.offload_prefix("s", rng.randrange(1, 3) * per_stripe * bs, tier="host")  # its first stripes go
+        #                                                                                      down, not waited for
+        time.sleep(rng.uniform(0, 3e-3))
+        shared = set(b.share_whole_pages(a, {"s": tokens}))
+        b.allocate("s", tokens, first_block=0)
+        books = b.block_books
+        rest = [i for i, blk in enumerate(b.blocks("s"))
+                if not set(books.pages_of(np.asarray([blk], dtype=np.int64))) <= shared]
+        for i in rest:  # the blocks not shared: read from wherever they are (a read waits for pages in flight)
+            a.read("s", [b.kv(layer) for layer in range(b.num_layers)], start=i * bs, stop=(i + 1) * bs).result()
+        assert_seq(b, "s", salt=r)
+        assert shared  # the stripes that stayed on the GPU
+        down.settle()
+        a.ensure_resident(["s"])
+        assert_seq(a, "s", salt=r)
+        b.unshare()
+        write_seq(b, "s", salt=r + 100)
+        assert_seq(a, "s", salt=r)
+        a.free("s")
+        b.free("s")
+        mgr.check()
+    assert mgr.pool.extra_mappings == 0
