@@ -60,7 +60,8 @@ class _Collector:
         pool = stats["pool"]
         yield family(GaugeMetricFamily, "kvtier_pool_pages", "GPU pages of the pool", ("state",),
                      [(("free",), pool["pages_free"]), (("in_use",), pool["pages_in_use"]),
-                      (("budget",), pool["budget_pages"])])
+                      (("budget",), pool["budget_pages"]),
+                      (("mapped_again",), pool["extra_mappings"])])  # pages two spaces map (share_pages)
         yield family(GaugeMetricFamily, "kvtier_space_stripes", "Stripes of each space per tier (a stripe: one page of every (layer, K|V) region)", ("space", "tier"),
                      [((name, tier), s[key]) for name, s in stats["spaces"].items()
                       for tier, key in (("gpu", "stripes_mapped"), *((t, f"stripes_{t}") for t in order),

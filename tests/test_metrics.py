@@ -32,6 +32,7 @@ def test_the_endpoint_reports_what_the_books_say_and_goes_away_at_close(make_man
     got, stats = _scrape(mgr.metrics.port), mgr.stats()
     tiers = stats["tiers"]
     assert got[("kvtier_pool_pages", (("state", "in_use"),))] == stats["pool"]["pages_in_use"]
+    assert got[("kvtier_pool_pages", (("state", "mapped_again"),))] == stats["pool"]["extra_mappings"] == 0
     assert got[("kvtier_space_stripes", (("space", "chat"), ("tier", "host")))] == stats["spaces"]["chat"]["stripes_host"]
     assert got[("kvtier_space_stripes", (("space", "chat"), ("tier", "gpu")))] == stats["spaces"]["chat"]["stripes_mapped"]
     for path in ("gpu->host", "gpu->nvme", "nvme->gpu"):
