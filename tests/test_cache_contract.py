@@ -326,16 +326,21 @@ def test_a_positive_crop_is_refused_as_dynamic_cache_refuses_it():
 
 
 # --- on the GPU: a subset, with a model whose prompt fills 2 MiB pages ----------------------------------------------
+def _gpu_llama():
+    """A 4-layer Llama with 8 KV heads of 128 (2 KiB of K a token: 1024 tokens a 2 MiB page), fp32, on the GPU."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
+                                      max_position_embeddings=4096)
+    return transformers.LlamaForCausalLM(config).eval().cuda(), config
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["beam", "chunked", "chat", "loop"])
 @pytest.mark.parametrize("resident", [None, 1])
 def test_modes_on_the_gpu(mode, resident):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
-                                      max_position_embeddings=4096)
-    model = transformers.LlamaForCausalLM(config).eval().cuda()
+    model, config = _gpu_llama()
     ids = _ids(2, 600).cuda()
     runs = {
         "beam": lambda c: _generate(model, ids, c, max_new_tokens=8, num_beams=2, do_sample=False),
@@ -363,11 +368,7 @@ def test_copies_of_a_prompt_cache_share_its_pages_on_the_gpu():
     # the same physical pages mapped by two caches (cuMemMap of one handle at two places): copies answer as
     # DynamicCache's do, one cropped back into the shared pages gets its own, the original goes on and closes first
     import copy
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=128,
-                                      max_position_embeddings=4096)
-    model = transformers.LlamaForCausalLM(config).eval().cuda()
+    model, config = _gpu_llama()
     prompt, question = _ids(1, 2100).cuda(), _ids(1, 6, seed=21).cuda()  # two whole 2 MiB pages a row, and some
 
     def run(prompt_cache):

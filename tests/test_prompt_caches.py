@@ -17,14 +17,19 @@ from kvtier.integrations.transformers import TieredCache  # noqa: E402
 PAGE = 4 << 10
 
 
-@pytest.mark.parametrize("resident_layers, tier", [(None, "host"), (0, "nvme")], ids=["resident", "streamed-nvme"])
-def test_each_turn_of_a_chat_starts_from_the_kept_cache_of_the_last(resident_layers, tier):
+def _llama_and_manager(pool_pages: int):
+    """The tiny Llama of the cache contract's tests, and a CPU manager with a pool of ``pool_pages`` pages."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**SMALL)
     model = transformers.LlamaForCausalLM(config).eval()
-    kcfg = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=2048 * PAGE, pool_ready=0, host_size=1024 * PAGE,
-                         host_chunk=256 * PAGE, nvme_size=2048 * PAGE, debug_checks=True)
-    mgr = kvtier.TierManager(kcfg)
+    kcfg = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=pool_pages * PAGE, pool_ready=0,
+                         host_size=1024 * PAGE, host_chunk=256 * PAGE, nvme_size=2048 * PAGE, debug_checks=True)
+    return model, config, kvtier.TierManager(kcfg)
+
+
+@pytest.mark.parametrize("resident_layers, tier", [(None, "host"), (0, "nvme")], ids=["resident", "streamed-nvme"])
+def test_each_turn_of_a_chat_starts_from_the_kept_cache_of_the_last(resident_layers, tier):
+    model, config, mgr = _llama_and_manager(pool_pages=2048)
     system = _ids(1, 50)
     made = [0]
 
@@ -81,12 +86,7 @@ def test_kept_caches_go_down_under_pressure_and_answer_from_there():
     # more kept prompts than the GPU pool holds: the caches PromptCaches keeps are idle, so they go down to host
     # memory as new prompts need the room (before, they pinned their pages and the fourth prompt failed); a later
     # question over each kept prompt finds it there and answers as DynamicCache does from scratch
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SMALL)
-    model = transformers.LlamaForCausalLM(config).eval()
-    kcfg = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=48 * PAGE, pool_ready=0, host_size=1024 * PAGE,
-                         host_chunk=256 * PAGE, nvme_size=2048 * PAGE, debug_checks=True)
-    mgr = kvtier.TierManager(kcfg)
+    model, config, mgr = _llama_and_manager(pool_pages=48)
     prompts = [_ids(1, 200, seed=50 + k) for k in range(6)]
     with PromptCaches(model_id="tiny-llama") as caches:
         # 1. six prompts of 200 tokens, each kept (about 3x what the pool holds at once)
