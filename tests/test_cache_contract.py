@@ -484,10 +484,12 @@ def test_a_deep_copied_prompt_cache_answers_several_questions_as_dynamic_cache(a
         with torch.no_grad():
             model(prompt, **{CACHE_KW: prompt_cache})
         out = []
-        for question in questions:
+        for q, question in enumerate(questions):
             cache = copy.deepcopy(prompt_cache)
+            # the second question by prompt-lookup decoding: k-token steps into the copy, crops of what is rejected
+            lookup = {"prompt_lookup_num_tokens": 3} if q == 1 else {}
             out.append(_generate(model, torch.cat([prompt, question], dim=1), cache, max_new_tokens=12,
-                                 do_sample=False))
+                                 do_sample=False, **lookup))
             if isinstance(cache, TieredCache):
                 cache.manager.check()
                 cache.close()
