@@ -415,6 +415,14 @@ class KVSpace:
             self.shared_pages.share_pages(source, pages)
             return pages
 
+    def alias_pages(self, pairs: Sequence[tuple[int, int]]) -> int:
+        """Map page ``dst`` with the physical memory page ``src`` maps, for each ``(src, dst)`` (pages of this space
+        on the GPU): ``dst`` then reads ``src``'s bytes, no byte copied (a beam reorder: a row takes another's whole
+        pages); both are shared (``unshare`` before writing them). Returns how many were mapped anew."""
+        with self._lock:
+            self._check_open()
+            return self.shared_pages.alias(pairs)
+
     def unshare(self, pages: Iterable[int] | None = None) -> int:
         """Give this space's shared ``pages`` (default: all) memory of its own with the same bytes, before writing
         them; return how many were copied (none where the other side has let go)."""

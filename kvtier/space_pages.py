@@ -95,6 +95,38 @@ class SpacePages:
         source.pages.share(pages)
         self.adopted.update(pages)
 
+    def alias(self, pairs: Sequence[tuple[int, int]]) -> int:
+        """Map each ``dst`` of ``pairs`` ``(src, dst)`` -- pages of this space on the GPU, whole, not in flight --
+        with the handles ``src`` maps now (all read before any changes: rows may swap); ``dst``'s old handles go
+        back (freed with their last mapping). Both become shared. Waits for the device first (kernels may still
+        read ``dst``). Return how many pages were mapped anew (a pair already mapping the same handles is left)."""
+        sp = self.space
+        table, held = sp.pages, sp.range.handles
+        pages = sorted({p for pair in pairs for p in pair})
+        if (table.tier[pages] != Tier.GPU).any() or table.moving_mask()[pages].any() or set(pages) & sp.range.partial:
+            raise InvalidArgumentError(f"alias: pages of {sp.name!r} must be on the GPU, whole and not in flight")
+        todo = {d: s for s, d in pairs if any(a is not b for a, b in zip(held[s], held[d]))}
+        if len({d for _, d in pairs}) != len(pairs):
+            raise InvalidArgumentError("alias: a page is mapped anew at most once")
+        if not todo:
+            return 0
+        dsts = sorted(todo)
+        fresh = [h for d in dsts for h in held[todo[d]]]
+        pool = sp._room.pool
+        pool.share(fresh)
+        sp._backend.synchronize()
+        old = sp.range.unmap(dsts)
+        try:
+            sp.range.map(dsts, fresh)
+        except BaseException:
+            sp.range.map(dsts, old)  # the same handles at the same place again: the pages are as they were
+            pool.give(fresh)
+            raise
+        sp._room.give_pages(old)  # one mapping fewer each: freed with their last
+        sp._tiering.drop_copies(sp, dsts)  # their bytes changed: a copy kept below is stale
+        table.share(dsts + [todo[d] for d in dsts])
+        return len(dsts)
+
     def booked(self, pages: Iterable[int]) -> None:
         """Blocks on ``pages`` were booked: adopted ones with no free block left are the space's own from now."""
         if not self.adopted:

@@ -312,6 +312,40 @@ def test_batch_select_and_repeat_keep_each_rows_past():
             cache.close()
 
 
+def test_a_beam_reorder_maps_rows_whole_pages_instead_of_copying_them():
+    # beams reordered as beam search does, step after step: a row that takes another's past maps that row's whole
+    # pages (the four beams' common prompt held once), copies only its last page; crops back into the remapped
+    # past and reorders again; every K and V equal DynamicCache's, and the pool holds what was shared once
+    model, config = _arch("llama")
+    prompt = _ids(1, 130).repeat(4, 1)  # four beams over one prompt: 4 whole pages of 32 tokens a row, and 2
+    reference, cache = transformers.DynamicCache(config=config), _tiered(config, "resident")
+    try:
+        with torch.no_grad():
+            for c in (reference, cache):
+                model(prompt, **{CACHE_KW: c})
+            before = cache.manager.pool.in_use_pages
+            steps = [[0, 0, 0, 0], [1, 0, 3, 2], [2, 2, 1, 0], [3, 3, 3, 3]]
+            for n, order in enumerate(steps):
+                for c in (reference, cache):
+                    c.reorder_cache(torch.tensor(order))
+                    model(_ids(4, 1, seed=40 + n), **{CACHE_KW: c})
+                if n == 0:  # every row maps row 0's whole pages: three rows' worth of them went back
+                    regions = 2 * len(cache.layers)
+                    assert cache.manager.pool.in_use_pages == before - 3 * 4 * regions
+                    assert all(len(s.pages.shared) == 16 for s in cache.spaces)
+                cache.manager.check()
+            for c in (reference, cache):  # back into the remapped past, then on
+                c.crop(-40)
+                model(_ids(4, 2, seed=50), **{CACHE_KW: c})
+                c.reorder_cache(torch.tensor([2, 3, 0, 1]))
+                model(_ids(4, 1, seed=51), **{CACHE_KW: c})
+        for (k, v, *_), (rk, rv, *_) in zip(cache, reference):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+        cache.manager.check()
+    finally:
+        cache.close()
+
+
 def test_a_positive_crop_is_refused_as_dynamic_cache_refuses_it():
     model, config = _arch("llama")
     cache = _tiered(config, "resident")
@@ -398,6 +432,32 @@ def test_copies_of_a_prompt_cache_share_its_pages_on_the_gpu():
                          host_size=256 << 20, nvme_size=64 << 20, debug_checks=True)
     got = run(TieredCache(config, max_tokens=4096, config=kcfg))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_beam_reorder_maps_rows_whole_pages_on_the_gpu():
+    # the CPU test's reorders with 2 MiB pages: two whole pages a row remapped (cuMemUnmap/cuMemMap of the same
+    # handles at another row), the rest copied; K and V equal DynamicCache's
+    model, config = _gpu_llama()
+    prompt = _ids(1, 2100).cuda().repeat(4, 1)
+    kcfg = kvtier.Config(device="cuda", page_size=2 << 20, pool_budget=512 << 20, pool_ready=8 << 20,
+                         host_size=256 << 20, nvme_size=64 << 20, debug_checks=True)
+    reference, cache = transformers.DynamicCache(config=config), TieredCache(config, max_tokens=4096, config=kcfg)
+    try:
+        with torch.no_grad():
+            for c in (reference, cache):
+                model(prompt, **{CACHE_KW: c})
+            for n, order in enumerate([[0, 0, 0, 0], [1, 0, 3, 2], [3, 3, 3, 3]]):
+                for c in (reference, cache):
+                    c.reorder_cache(torch.tensor(order).cuda())
+                    model(_ids(4, 1, seed=40 + n).cuda(), **{CACHE_KW: c})
+                assert all(s.pages.shared for s in cache.spaces)
+                cache.manager.check()
+        for (k, v, *_), (rk, rv, *_) in zip(cache, reference):
+            assert torch.equal(k, rk) and torch.equal(v, rv)
+    finally:
+        cache.close()
 
 
 def _gpu_chat(model, ids, cache):
@@ -532,11 +592,11 @@ def test_copies_of_a_prompt_cache_share_its_pages_and_each_writes_only_its_own(t
         out.append(_generate(model, torch.cat([prompt[:, :40], question], dim=1), cropped, max_new_tokens=8,
                              do_sample=False))
         _shares_only_below(cropped, 40)  # the pages wholly before the crop stay shared
-        # 3. another copy swaps its rows (rewrites them all in place, as a beam reorder does)
+        # 3. another copy swaps its rows, as a beam reorder does: each row maps the other's whole pages
         swapped.batch_select_indices(torch.tensor([1, 0]))
         out.append(_generate(model, torch.cat([prompt.flip(0), question], dim=1), swapped, max_new_tokens=8,
                              do_sample=False))
-        _shares_only_below(swapped, 0)
+        _shares_only_below(swapped, 64)  # the rows swapped their whole pages (remapped, not copied)
         # 4. the original answers too, then closes while a copy still reads the pages they shared
         out.append(_generate(model, torch.cat([prompt, question[:, :3]], dim=1), prompt_cache, max_new_tokens=8,
                              do_sample=False))

@@ -22,9 +22,10 @@ a chunked prefill) brings the resident layers back.
 
 The whole Cache contract: the batch is learned from the first update; ``reorder_cache`` (beam search),
 ``batch_select_indices``, ``batch_repeat_interleave`` and ``crop`` (assisted and prompt-lookup decoding) work as
-DynamicCache's do. They bring a streamed layer's pages up one layer at a time, rewrite its rows on the GPU and
-send them down again, so they cost a PCIe round trip of the streamed layers (beam search over streamed layers is
-correct, not fast). ``layers[i].keys`` / ``.values`` are always safe to read: views of the resident pages, or a
+DynamicCache's do. In a resident layer whose rows start on page boundaries, a row that takes another's past maps
+that row's whole pages (``KVSpace.alias_pages``: beams over one prompt hold it once) and copies only the rest.
+They bring a streamed layer's pages up one layer at a time, rewrite its rows on the GPU and send them down again,
+so they cost a PCIe round trip of the streamed layers (beam search over streamed layers is correct, not fast). ``layers[i].keys`` / ``.values`` are always safe to read: views of the resident pages, or a
 fresh copy when the layer's past lies below.
 """
 
@@ -506,21 +507,39 @@ class TieredCache(Cache):
         if not layer.length:
             return
         self._materialize(i)
-        if self._shared_upto[i]:  # every row is rewritten
-            self._unshare(i)
         k, v = self._rows_of(space)
         length, device, kept = layer.length, k.device, max(self._dropped[i])  # tokens before ``kept`` are gone
-        new_k, new_v = (t[:, kept:length].index_select(0, src.to(device)) for t in (k, v))  # copies
+        whole, per_row = self._whole_pages_below(i)  # rows' whole pages: remapped, not copied
+        start = max(kept, whole)
+        if self._shared_upto[i] > start:  # the tokens rewritten from ``start`` on may lie on shared pages
+            self._unshare(i, start)
+        new_k, new_v = (t[:, start:length].index_select(0, src.to(device)) for t in (k, v))  # copies
         upto = self._allocated[i]
         for row in range(len(src)):
             if row >= self.rows or row not in space.sequences():
                 space.allocate(row, upto, first_block=row * self.blocks_per_row)
+        if whole:  # row r maps the whole pages of row src[r]: the beams' common past is held once
+            pages = whole * (space.block_bytes // self.block_size) // self._manager.page_size
+            space.alias_pages([(int(s_) * per_row + j, r * per_row + j) for r, s_ in enumerate(src.tolist())
+                               if s_ != r for j in range(pages)])
+            self._shared_upto[i] = max(self._shared_upto[i], whole)
         shape = (self.capacity, self.max_tokens, self.num_kv_heads, self.head_dim)
         for t, new in zip(space.kv(0), (new_k, new_v)):
-            t.view(shape)[:len(src), kept:length].copy_(new)
+            t.view(shape)[:len(src), start:length].copy_(new)
         for row in range(len(src)):
-            space.mark_written(row, kept, length)
+            space.mark_written(row, start, length)
         self._dropped[i] = [self._dropped[i][r] if r < self.rows else 0 for r in range(len(src))]
+
+    def _whole_pages_below(self, i: int) -> tuple[int, int]:
+        """For a row reorder of layer ``i``: the tokens a row whose pages are wholly below its length (0 where
+        rows do not start on page boundaries, or the layer is streamed, sliding or read by later layers), and the
+        pages a row spans."""
+        space, page = self.spaces[i], self._manager.page_size
+        token_bytes, row_bytes = space.block_bytes // self.block_size, self.blocks_per_row * space.block_bytes
+        if i in self._settled or i in self._shared or self.layers[i].window is not None or row_bytes % page \
+                or page % token_bytes:
+            return 0, 0
+        return self.layers[i].length * token_bytes // page * (page // token_bytes), row_bytes // page
 
     def _grow(self, rows: int) -> None:
         """New spaces with room for ``rows`` rows, holding what the old ones held (one layer at a time)."""
