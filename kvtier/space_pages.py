@@ -68,7 +68,8 @@ class SpacePages:
         pages = sorted(set(pages))
         if source is sp or source._room is not sp._room:
             raise InvalidArgumentError("share_pages: the source must be another space of the same manager")
-        if source.layout_tag != sp.layout_tag or (pages and pages[-1] >= min(sp.num_pages, source.num_pages)):
+        if source.layout_tag != sp.layout_tag or \
+                (pages and not 0 <= pages[0] <= pages[-1] < min(sp.num_pages, source.num_pages)):
             raise InvalidArgumentError(f"share_pages: spaces {source.name!r} and {sp.name!r} differ in layout (layers, "
                                        "heads, head dim, dtype, block or page size) or those pages lie outside one; "
                                        "only a space of the same layout can share pages")
@@ -103,6 +104,8 @@ class SpacePages:
         sp = self.space
         table, held = sp.pages, sp.range.handles
         pages = sorted({p for pair in pairs for p in pair})
+        if pages and not (0 <= pages[0] and pages[-1] < sp.num_pages):
+            raise InvalidArgumentError(f"alias: pages must lie in 0..{sp.num_pages - 1}, got {pages[0]}..{pages[-1]}")
         if (table.tier[pages] != Tier.GPU).any() or table.moving_mask()[pages].any() or set(pages) & sp.range.partial:
             raise InvalidArgumentError(f"alias: pages of {sp.name!r} must be on the GPU, whole and not in flight")
         todo = {d: s for s, d in pairs if any(a is not b for a, b in zip(held[s], held[d]))}

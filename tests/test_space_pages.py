@@ -216,3 +216,40 @@ def _walk(make_manager, seed: int) -> int:
     mgr.check()
     assert mgr.pool.extra_mappings == 0
     return copied
+
+
+def test_alias_pages_maps_one_page_onto_another_of_the_same_space(make_manager):
+    mgr = make_manager(pages=64)
+    space = mgr.create_space("s", max_tokens=8192, **make_manager.shape)
+    pool = mgr.pool
+    n = 2 * BLOCKS_PER_PAGE * space.block_size
+    for seq, first in (("x", 0), ("y", 2 * BLOCKS_PER_PAGE)):  # two stripes each: pages 0-1 and 2-3
+        space.allocate(seq, n, first_block=first)
+        write_seq(space, seq, salt=1 if seq == "x" else 2)
+    used = pool.in_use_pages
+    # 1. swapped: x's pages map y's memory and y's map x's, read from the state before (no byte copied)
+    assert space.alias_pages([(2, 0), (3, 1), (0, 2), (1, 3)]) == 4
+    for i in range(2 * BLOCKS_PER_PAGE):
+        for layer in range(space.num_layers):
+            for kv, t in enumerate(space.kv(layer)):
+                assert torch.equal(t[i].cpu(), pattern(space, "y", 2, i, layer, kv))
+                assert torch.equal(t[2 * BLOCKS_PER_PAGE + i].cpu(), pattern(space, "x", 1, i, layer, kv))
+    assert pool.in_use_pages == used and pool.extra_mappings == 0  # each handle still mapped once
+    mgr.check()
+    # 2. a page onto another: the memory it held goes back to the pool; mapping it again changes nothing
+    assert space.unshare() == 0  # (nothing is mapped twice: only the flags go)
+    assert space.alias_pages([(0, 2)]) == 1 and space.alias_pages([(0, 2)]) == 0
+    assert pool.in_use_pages == used - space.num_regions and pool.extra_mappings == space.num_regions
+    # 3. refused: a page mapped anew twice, a page not on the GPU; nothing changed
+    with pytest.raises(InvalidArgumentError, match="at most once"):
+        space.alias_pages([(0, 3), (1, 3)])
+    with pytest.raises(InvalidArgumentError, match="on the GPU"):
+        space.alias_pages([(0, 20)])
+    with pytest.raises(InvalidArgumentError, match="must lie in"):
+        space.alias_pages([(0, space.num_pages)])
+    assert pool.in_use_pages == used - space.num_regions
+    # 4. freed: the last mapping of each handle gives it back
+    space.free("x")
+    space.free("y")
+    mgr.check()
+    assert pool.extra_mappings == 0
