@@ -149,6 +149,12 @@ class TieredCache(Cache):
         self.rows = key_states.shape[0]
         self.capacity = max(self.capacity, self.rows)
         self._generation += 1
+        # rows start on page boundaries (the row's blocks rounded up to whole pages, address space only), so that a
+        # row may map another's whole pages (a beam reorder, ``_remap_rows``)
+        block_bytes = self.block_size * key_states.shape[1] * key_states.shape[3] * key_states.element_size()
+        per_page = self._manager.page_size // block_bytes if self._manager.page_size % block_bytes == 0 else 1
+        self.blocks_per_row = -(-math.ceil(self._args["max_tokens"] / self.block_size) // per_page) * per_page
+        self.max_tokens = self.blocks_per_row * self.block_size
         for i in range(n):
             self.spaces.append(self._new_space(f"{self.name}.L{i}", key_states.dtype))
         self._dropped = [[0] * self.rows for _ in range(n)]
@@ -645,6 +651,7 @@ class TieredCache(Cache):
             return twin
         twin.num_kv_heads, twin.head_dim = self.num_kv_heads, self.head_dim
         twin.rows, twin.capacity, twin._generation = self.rows, self.capacity, 1
+        twin.blocks_per_row, twin.max_tokens = self.blocks_per_row, self.max_tokens  # as set up (page-aligned rows)
         twin.spaces = [twin._new_space(f"{twin.name}.L{i}", space.dtype) for i, space in enumerate(self.spaces)]
         twin._streamed = list(self._streamed)
         twin._settled = {i: [0] * self.rows for i in self._streamed}  # each settled as it is copied
