@@ -62,11 +62,12 @@ def _arch(name: str):
     raise AssertionError(name)
 
 
-def _tiered(config, tier: str, **kwargs) -> TieredCache:
+def _tiered(config, tier: str, max_tokens: int = 512, **kwargs) -> TieredCache:
     resident, offload = TIERS[tier]
     kcfg = kvtier.Config(device="cpu", page_size=PAGE, pool_budget=2048 * PAGE, pool_ready=0,
                          host_size=1024 * PAGE, host_chunk=256 * PAGE, nvme_size=2048 * PAGE, debug_checks=True)
-    return TieredCache(config, max_tokens=512, config=kcfg, resident_layers=resident, offload_tier=offload, **kwargs)
+    return TieredCache(config, max_tokens=max_tokens, config=kcfg, resident_layers=resident, offload_tier=offload,
+                       **kwargs)
 
 
 def _generate(model, ids, cache, **kwargs):
@@ -312,13 +313,15 @@ def test_batch_select_and_repeat_keep_each_rows_past():
             cache.close()
 
 
-def test_a_beam_reorder_maps_rows_whole_pages_instead_of_copying_them():
+@pytest.mark.parametrize("max_tokens", [512, 500])
+def test_a_beam_reorder_maps_rows_whole_pages_instead_of_copying_them(max_tokens):
     # beams reordered as beam search does, step after step: a row that takes another's past maps that row's whole
     # pages (the four beams' common prompt held once), copies only its last page; crops back into the remapped
-    # past and reorders again; every K and V equal DynamicCache's, and the pool holds what was shared once
+    # past and reorders again; every K and V equal DynamicCache's, and the pool holds what was shared once. (500
+    # tokens a row are not whole pages: the row's room is rounded up to them)
     model, config = _arch("llama")
     prompt = _ids(1, 130).repeat(4, 1)  # four beams over one prompt: 4 whole pages of 32 tokens a row, and 2
-    reference, cache = transformers.DynamicCache(config=config), _tiered(config, "resident")
+    reference, cache = transformers.DynamicCache(config=config), _tiered(config, "resident", max_tokens=max_tokens)
     try:
         with torch.no_grad():
             for c in (reference, cache):
