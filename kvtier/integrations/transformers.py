@@ -35,12 +35,12 @@ import bisect
 import math
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
 from kvtier.config import Config
 from kvtier.errors import InvalidArgumentError, TransferError
+from kvtier.integrations.cache_copies import CacheCopies
 from kvtier.integrations.cache_layers import (TieredLayer, _dynamic_cache_item_arity, _kv_shape, _layer_bytes,
                                               _windows, cache_kwarg, unsupported_reason)
 from kvtier.manager import TierManager
@@ -97,6 +97,7 @@ class TieredCache(Cache):
         self._users = [1]  # caches sharing the manager this one made (deepcopy): the last to close closes it
         self._closed = False
         self._copies = 0
+        self.copies = CacheCopies(self)  # deep copies and row remaps by shared pages (cache_copies.py)
         self._idle = False  # kept for later copies (``idle``): its resident layers may rest below meanwhile
         self._asleep: set[int] = set()  # streamed layers whose rows ``idle`` made idle: woken as a step comes
         self._args = dict(model_config=model_config, max_tokens=max_tokens, batch_size=batch_size, config=config,
@@ -297,7 +298,7 @@ class TieredCache(Cache):
                 space.allocate(row, upto, first_block=row * self.blocks_per_row)
             self._allocated[i] = upto
         if start < self._shared_upto[i]:  # rewriting tokens a copy of this cache reads too: pages of its own first
-            self._unshare(i, start)
+            self.copies.unshare(i, start)
         rows_k, rows_v = self._rows_of(space)
         rows_k.narrow(1, start, new).copy_(key_states.transpose(1, 2))  # narrow: cheaper on the host than [:, a:b]
         rows_v.narrow(1, start, new).copy_(value_states.transpose(1, 2))
@@ -515,10 +516,10 @@ class TieredCache(Cache):
         self._materialize(i)
         k, v = self._rows_of(space)
         length, device, kept = layer.length, k.device, max(self._dropped[i])  # tokens before ``kept`` are gone
-        whole, per_row = self._whole_pages_below(i)  # rows' whole pages: remapped, not copied
+        whole, per_row = self.copies.whole_pages_below(i)  # rows' whole pages: remapped, not copied
         start = max(kept, whole)
         if self._shared_upto[i] > start:  # the tokens rewritten from ``start`` on may lie on shared pages
-            self._unshare(i, start)
+            self.copies.unshare(i, start)
         new_k, new_v = (t[:, start:length].index_select(0, src.to(device)) for t in (k, v))  # copies
         upto = self._allocated[i]
         for row in range(len(src)):
@@ -535,17 +536,6 @@ class TieredCache(Cache):
         for row in range(len(src)):
             space.mark_written(row, start, length)
         self._dropped[i] = [self._dropped[i][r] if r < self.rows else 0 for r in range(len(src))]
-
-    def _whole_pages_below(self, i: int) -> tuple[int, int]:
-        """For a row reorder of layer ``i``: the tokens a row whose pages are wholly below its length (0 where
-        rows do not start on page boundaries, or the layer is streamed, sliding or read by later layers), and the
-        pages a row spans."""
-        space, page = self.spaces[i], self._manager.page_size
-        token_bytes, row_bytes = space.block_bytes // self.block_size, self.blocks_per_row * space.block_bytes
-        if i in self._settled or i in self._shared or self.layers[i].window is not None or row_bytes % page \
-                or page % token_bytes:
-            return 0, 0
-        return self.layers[i].length * token_bytes // page * (page // token_bytes), row_bytes // page
 
     def _grow(self, rows: int) -> None:
         """New spaces with room for ``rows`` rows, holding what the old ones held (one layer at a time)."""
@@ -636,106 +626,8 @@ class TieredCache(Cache):
     # --- copies ---------------------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> "TieredCache":
         """A cache holding the same KV, on the same manager (transformers' prompt-reuse recipe: a prompt's cache
-        computed once, ``copy.deepcopy(prompt_cache)`` for each question). A resident layer's pages of whole
-        blocks are shared, not copied (``KVSpace.share_pages``): both caches map the same GPU memory until one
-        of them rewrites a token there (a crop below the copy's length, a beam reorder), which first gives that
-        cache pages of its own. The rest -- each row's last page, streamed and sliding layers -- is copied once,
-        from whichever tier it is in; a streamed layer goes down again before the next is copied (the room a
-        prefill takes). The original is left as it was."""
-        self._copies += 1
-        twin = TieredCache(manager=self.manager, name=f"{self.name}.copy{self._copies}", **self._args)
-        twin._own_manager, twin._users = self._own_manager, self._users
-        self._users[0] += 1
-        memo[id(self)] = twin
-        if not self.spaces:
-            return twin
-        twin.num_kv_heads, twin.head_dim = self.num_kv_heads, self.head_dim
-        twin.rows, twin.capacity, twin._generation = self.rows, self.capacity, 1
-        twin.blocks_per_row, twin.max_tokens = self.blocks_per_row, self.max_tokens  # as set up (page-aligned rows)
-        twin.spaces = [twin._new_space(f"{twin.name}.L{i}", space.dtype) for i, space in enumerate(self.spaces)]
-        twin._streamed = list(self._streamed)
-        twin._settled = {i: [0] * self.rows for i in self._streamed}  # each settled as it is copied
-        twin._dropped = [list(d) for d in self._dropped]
-        twin._allocated, twin._high = list(self._allocated), list(self._high)
-        for i, (layer, mine, theirs) in enumerate(zip(self.layers, self.spaces, twin.spaces)):
-            twin.layers[i].length = layer.length
-            if not layer.length:
-                continue
-            if layer.is_initialized:
-                like = torch.empty(0, dtype=mine.dtype, device=layer.device)
-                twin.layers[i].lazy_initialization(like, like)
-            shared = self._share_layer(i, theirs)
-            for row in self._rows():
-                theirs.allocate(row, self._allocated[i], first_block=row * self.blocks_per_row)
-            if shared:
-                self._shared_upto[i] = twin._shared_upto[i] = layer.length
-            self._copy_layer(i, theirs.kv(0), set(shared))
-            if i in twin._settled:  # streamed: down again before the next layer is copied (the room a prefill
-                twin._settle(i, None, wait=True)  # takes, not the whole cache's)
-        return twin
-
-    def _share_layer(self, i: int, theirs: Any) -> list[int]:
-        """Map into the copy's space ``theirs`` the pages of layer ``i`` that hold only whole blocks of its rows,
-        where the layer is resident and all on the GPU; return them."""
-        layer = self.layers[i]
-        if i in self._settled or layer.window is not None or i in self._shared:
-            return []  # streamed, sliding (its pages are dropped as it goes), read by later layers
-        if i in self._down and not self._idle:  # sent down by the prompt's prefill: back now, as the next step
-            self._materialize(i)                  # would bring it (an idle cache's stay where they are)
-        pending = self._pending.pop(i, None)
-        if pending is not None:
-            pending.result()
-        return theirs.share_whole_pages(self.spaces[i], {row: layer.length for row in self._rows()})
-
-    def _unshare(self, i: int, start: int = 0) -> None:
-        """Layer ``i`` is about to rewrite its tokens from ``start`` on, which a copy of this cache may read: the
-        pages holding them get memory of their own first (those wholly before ``start`` stay shared: a prompt
-        cache's copy cropped to the prefix a new prompt shares keeps that prefix's pages shared)."""
-        space = self.spaces[i]
-        first = start // self.block_size
-        blocks = np.asarray([row * self.blocks_per_row + k for row in self._rows()
-                             for k in range(first, self.blocks_per_row)], dtype=np.int64)
-        space.unshare(space.block_books.pages_of(blocks) if first else None)
-        self._shared_upto[i] = start
-
-    def _copy_layer(self, i: int, dst: tuple[torch.Tensor, torch.Tensor], shared: set[int]) -> None:
-        """Layer ``i``'s kept tokens into ``dst`` (tensors shaped like its space's), from any tier -- but those on
-        ``shared`` pages, which ``dst`` maps already."""
-        space, length, kept = self.spaces[i], self.layers[i].length, max(self._dropped[i])
-        pending = self._pending.pop(i, None)
-        if pending is not None:
-            pending.result()
-        read = self._reads.get(i)
-        for handle in read[1] if read is not None else []:
-            handle.result()  # a read ahead holds the pages where they are until it lands
-        handles = [space.read(row, [dst], start=a, stop=b) for row in self._rows()
-                   for a, b in self._unshared_runs(space, row, max(kept, self._dropped[i][row]), length, shared)]
-        for handle in handles:
-            handle.result()
-
-    def _unshared_runs(self, space: Any, row: int, start: int, stop: int, shared: set[int]) -> list[tuple[int, int]]:
-        """The runs of tokens ``start..stop`` of ``row`` whose blocks do not lie wholly on ``shared`` pages."""
-        if not shared:
-            return [(start, stop)] if stop > start else []
-        bs, books = self.block_size, space.block_books
-        k = np.arange(start // bs, -(-stop // bs))
-        blocks = row * self.blocks_per_row + k
-        on = np.zeros(space.num_pages, dtype=bool)
-        on[list(shared)] = True
-        # a block lies on its first and last page and those between (a block wider than a page): all shared
-        if books.wide:
-            skip = np.fromiter((on[books.first_page[b]:books.last_page[b] + 1].all() for b in blocks), dtype=bool,
-                               count=len(blocks))
-        else:
-            skip = on[books.first_page[blocks]] & on[books.last_page[blocks]]
-        runs: list[tuple[int, int]] = []
-        for j in np.flatnonzero(~skip).tolist():
-            a, b = max(start, int(k[j]) * bs), min(stop, (int(k[j]) + 1) * bs)
-            if runs and runs[-1][1] == a:
-                runs[-1] = (runs[-1][0], b)
-            else:
-                runs.append((a, b))
-        return runs
+        computed once, ``copy.deepcopy(prompt_cache)`` for each question): see ``CacheCopies.deep_copy``."""
+        return self.copies.deep_copy(memo)
 
     def close(self) -> None:
         """Give the pages back (and close the manager if this cache made it and no copy of it still uses it)."""
