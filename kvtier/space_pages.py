@@ -1,9 +1,12 @@
-"""Pages two spaces map together: one physical copy of KV that both read, until one of them writes.
+"""Pages mapped twice -- by two spaces, or at two pages of one -- one physical copy of KV read by both, until one
+of them writes.
 
 ``TieredCache``'s copy (transformers' prompt-reuse recipe, ``copy.deepcopy(prompt_cache)`` for each question)
 must show the same tokens at its own addresses: each layer is one strided view of a space, so a fork of block
 ids (``KVSpace.fork``) cannot serve it. Instead the copy's space maps, at the same page positions, the very
-physical handles the original maps (``share_pages``): no byte is copied for a page that no one will write.
+physical handles the original maps (``share_pages``): no byte is copied for a page that no one will write. A row
+that takes another row's past (a beam reorder) maps that row's whole pages at its own the same way
+(``alias_pages``).
 
 Contract, for the spaces on both sides (their page tables mark the pages ``shared``):
 

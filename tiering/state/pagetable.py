@@ -17,7 +17,7 @@ there equal the page's until a token is written into it again, so offloading it 
 is a cache: dropping it is always safe.
 
 A GPU page may be *shared* (``shared``): mapped with the same physical handles as the same page of another space
-(``KVSpace.share_pages``), so that two spaces read one copy of the bytes. Such a page is not written, handed out
+(``KVSpace.share_pages``) or as another page of its own (``alias_pages``), so that both read one copy of the bytes. Such a page is not written, handed out
 (``allocatable``) or moved while shared; it leaves the set when it is unmapped, leaves the GPU, or gets a copy of
 its own (``unshared``). The flag may outlive the other mapping (the pool's counts say whether it is still shared):
 that only keeps the page where it is until its space looks again.
@@ -60,7 +60,7 @@ class PageTable:
         self.copies: dict[int, tuple[int, list[int]]] = {}
         self.written_in_flight: set[int] = set()  # pages written while coming up: their old slots are no copy
         self.reading: dict[int, Any] = {}  # lower pages a read is copying from: they stay until it is done
-        self.shared: set[int] = set()  # GPU pages mapped with handles another space maps too
+        self.shared: set[int] = set()  # GPU pages mapped with handles mapped elsewhere too (another space, page)
 
     # --- queries (no side effects) --------------------------------------------------------------------------
     def tier_of(self, page: int) -> int:
@@ -132,7 +132,7 @@ class PageTable:
         self.shared.update(pages)
 
     def share(self, pages: Iterable[int]) -> None:
-        """GPU pages (not in flight) another space now maps too: shared (their kept copies stay valid: nothing
+        """GPU pages (not in flight) whose handles are now mapped elsewhere too: shared (their kept copies stay valid: nothing
         writes them while shared)."""
         self.shared.update(pages)
 
