@@ -253,3 +253,23 @@ def test_alias_pages_maps_one_page_onto_another_of_the_same_space(make_manager):
     space.free("y")
     mgr.check()
     assert pool.extra_mappings == 0
+
+
+def test_the_source_dropped_before_the_copy_books_its_pages_leaves_the_copy_whole(make_manager):
+    mgr = make_manager(pages=64)
+    a = mgr.create_space("a", max_tokens=8192, **make_manager.shape)
+    b = mgr.create_space("b", max_tokens=8192, **make_manager.shape)
+    n = 2 * BLOCKS_PER_PAGE * a.block_size
+    a.allocate("s", n, first_block=0)
+    write_seq(a, "s")
+    # 1. shared, then the source space goes (its mapping with it) before the copy books a block
+    assert b.share_whole_pages(a, {"s": n}) == [0, 1]
+    mgr.drop_space("a")
+    assert mgr.pool.extra_mappings == 0
+    # 2. the copy books them: the bytes are the source's, the memory now the copy's alone
+    b.allocate("s", n, first_block=0)
+    assert_seq(b, "s")
+    mgr.check()
+    b.free("s")
+    mgr.check()
+    assert mgr.pool.in_use_pages == 0
