@@ -36,7 +36,9 @@ class Chats:
 
     @classmethod
     def make(cls, conversations: int, turns: int, system: int, user: tuple[int, int], answer: tuple[int, int],
-             rate: float, think_s: float, vocab: int, page_size: int, seed: int = 0) -> "Chats":
+             rate: float, think_s: float, vocab: int, page_size: int, seed: int = 0,
+             first: tuple[int, int] | None = None) -> "Chats":
+        """``first``: the length of each conversation's first user turn (a document asked about), if not ``user``."""
         gen = torch.Generator().manual_seed(seed)
 
         def uniform(lo: int, hi: int) -> int:
@@ -45,7 +47,8 @@ class Chats:
         def tokens(n: int) -> list[int]:
             return torch.randint(1, vocab, (n,), generator=gen).tolist()
 
-        chats = [[(tokens(uniform(*user)), uniform(*answer)) for _ in range(turns)] for _ in range(conversations)]
+        chats = [[(tokens(uniform(*(first if first and t == 0 else user))), uniform(*answer)) for t in range(turns)]
+                 for _ in range(conversations)]
         gaps = torch.empty(conversations).exponential_(rate, generator=gen).tolist()
         starts = [sum(gaps[:i]) for i in range(conversations)]
         think = [torch.empty(turns).exponential_(1 / think_s, generator=gen).tolist() if think_s > 0
@@ -172,7 +175,11 @@ class _Counted:
             setattr(cls, name, original)
 
 
-def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None) -> Table:
+def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None,
+        workload: str = "chats") -> Table:
+    """``workload``: "chats" (turns of a few hundred tokens over one system prompt: what the engine's own sharing
+    mostly keeps) or "documents" (each conversation opens with its own document of thousands of tokens, then asks
+    short questions about it: what it forgets between turns is most of each prompt)."""
     from transformers import LlamaConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -191,11 +198,17 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         chats = Chats.make(12 if quick else 32, 4, 2048, (128, 512), (8, 24), rate=1.0, think_s=4.0,
                            vocab=32000, page_size=256)
         budget_share, max_batch = 0.25, 4096
+        if workload == "documents":  # a Llama-3-8B shape (128 KiB of KV a token): a document's prefill is long
+            config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                 max_position_embeddings=16384)
+            chats = Chats.make(8 if quick else 16, 4, 512, (64, 256), (16, 32), rate=0.5, think_s=2.0,
+                               vocab=32000, page_size=256, first=(4096, 8192))
     else:
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
         chats = Chats.make(6 if quick else 10, 3, 40, (8, 16), (4, 8), rate=1e6, think_s=0.0, vocab=128,
-                           page_size=16)
+                           page_size=16, first=(48, 96) if workload == "documents" else None)
         budget_share, max_batch = 0.4, 128
     model = random_model(config, dev)
     model.config._attn_implementation = "sdpa"
@@ -206,7 +219,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     budget_blocks = max(8, int(working * budget_share))
     budget = budget_blocks * block_bytes
     timeout = 400.0 if cuda else 180.0
-    table = Table(f"Chats over one system prompt ({len(chats.turns)} conversations x {len(chats.turns[0])} turns, "
+    table = Table(f"{'Documents asked about' if workload == 'documents' else 'Chats'} over one system prompt ({len(chats.turns)} conversations x {len(chats.turns[0])} turns, "
                   f"{config.num_hidden_layers}-layer Llama) with KV for {budget_blocks} blocks of "
                   f"{chats.page_size} tokens ({budget / MiB:.0f} MiB; the chats' KV: {working} blocks)",
                   ["engine", "output tok/s", "TTFT p50 s", "TTFT p99 s", "prompt tokens", "computed",

@@ -89,6 +89,9 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option("--tokens", type=click.IntRange(256), default=None,
                       help="long-context: the context's length (default: sized to the GPU, 1.15x its memory in "
                       "KV; 2048 on CPU or with --quick).")(fn)
+    fn = click.option("--workload", type=click.Choice(["chats", "documents"]), default="chats", show_default=True,
+                      help="prefix: chats (short turns over one system prompt, a 1B shape) or documents (each "
+                      "conversation opens with its own long document, then short questions; an 8B shape).")(fn)
     return fn
 
 
@@ -121,7 +124,8 @@ ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
 
 
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
-           repeats: int | None = None, context: int | None = None) -> list[tuple[str, int, Any]]:
+           repeats: int | None = None, context: int | None = None, workload: str = "chats"
+           ) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each benchmark asked for; each module is imported only when its
     benchmark runs (those of transformers' engines need it installed)."""
     import importlib
@@ -145,7 +149,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "generate": (20, lambda step: [bench("generate").run(device, quick=quick, step=step, repeats=repeats)]),
         "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step, tokens=context)]),
         "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step)]),
-        "prefix": (2, lambda step: [bench("prefix").run(device, quick=quick, step=step)]),
+        "prefix": (2, lambda step: [bench("prefix").run(device, quick=quick, step=step, workload=workload)]),
         "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
         "processes": (2, lambda step: [bench("processes").run(device, quick=quick, step=step)]),
         "peers": (2, lambda step: bench("peers").run(device, quick=quick, step=step)),
@@ -165,7 +169,8 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
 
 
 def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-               nvme_dir: str | None, repeats: int | None = None, tokens: int | None = None) -> None:
+               nvme_dir: str | None, repeats: int | None = None, tokens: int | None = None,
+               workload: str = "chats") -> None:
     """System header first, then each table (a progress bar on a terminal, a line per step elsewhere); the same
     facts go to the JSON file. On the CPU backend the GPU targets are not judged (``met``: n/a)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -180,7 +185,7 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
     kinds: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as progress:
-        for name, steps, run in _parts(names, device, quick, nvme_dir, repeats, tokens):
+        for name, steps, run in _parts(names, device, quick, nvme_dir, repeats, tokens, workload):
             task = progress.add_task(f"bench {name}", total=steps)
             done = [0]
 
@@ -228,7 +233,8 @@ def _targets_not_judged(table: Any) -> None:
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False),
               help="Run nothing: draw the --plot PNGs of a run saved with --json (plots that match its tables).")
 def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-          nvme_dir: str | None, repeats: int | None, tokens: int | None, from_json: str | None) -> None:
+          nvme_dir: str | None, repeats: int | None, tokens: int | None, workload: str,
+          from_json: str | None) -> None:
     """Run the benchmarks NAMES in order (none: vmm, tiers, prefetch, nvme, generate; long-context only when
     named: it needs host memory for the layers it streams). The list of names is below."""
     if from_json:
@@ -242,7 +248,7 @@ def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | Non
             console.print(f"plot: {escape(path)}")
         return
     chosen = list(dict.fromkeys(names)) or list(ALL)
-    _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats, tokens)
+    _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats, tokens, workload)
 
 
 @main.group()

@@ -4,8 +4,9 @@ A store holds byte values under string keys for several processes and machines; 
 as the truth (see :mod:`kvtier.remote`). Calls block on the network: :class:`~kvtier.remote.RemoteCache` makes
 them from its own threads, with a deadline, and treats every error as a miss.
 
-Values move between the store and kvtier's host staging buffer: Mooncake's client reads and writes it in place
-(registered once, ``batch_put_from``/``batch_get_into``); Valkey's goes through Python bytes (pipelined).
+Values move between the store and kvtier's host staging buffer in place: Mooncake's client reads and writes it
+(registered once, ``batch_put_from``/``batch_get_into``); for Valkey, :mod:`kvtier.valkey_wire` sends SETs from it
+and receives MGET replies into it (pipelined; the client library would go through Python bytes).
 
 Each backend's package is imported when it is opened: ``pip install valkey`` (any Valkey or Redis server), or
 ``mooncake-transfer-engine-non-cuda`` (the CUDA builds where they fit) with its master, ``mooncake_master``.
@@ -16,11 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from kvtier.errors import ConfigError
+from kvtier.valkey_wire import Connection
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ def _host_port(address: str, default_port: int) -> tuple[str, int]:
 
 
 class ValkeyStore:
-    """A Valkey or Redis server: pipelined SET and MGET, socket timeouts at the deadline."""
+    """A Valkey or Redis server: pipelined SET and MGET on a connection of each calling thread's own (values
+    straight from and into the staging buffer), the rest through the client; socket timeouts at the deadline."""
 
     def __init__(self, address: str, buffer: np.ndarray, timeout_s: float) -> None:
         try:
@@ -69,6 +73,27 @@ class ValkeyStore:
         self._client = valkey.Valkey(host=host, port=port, socket_timeout=timeout_s,
                                      socket_connect_timeout=timeout_s)
         self._errors: tuple[type[BaseException], ...] = (valkey.exceptions.ValkeyError,)
+        self._address, self._timeout_s = (host, port), timeout_s
+        self._local = threading.local()  # .conn: this thread's Connection
+        self._lock = threading.Lock()
+        self._conns: set[Connection] = set()  # every one open, for close()
+
+    def _wire(self, fn: Any) -> Any:
+        """``fn(connection)`` on this thread's connection (opened on first use); a call that fails closes it."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = Connection(*self._address, self._timeout_s)
+            self._local.conn = conn
+            with self._lock:
+                self._conns.add(conn)
+        try:
+            return fn(conn)
+        except (OSError, ValueError) as exc:  # timeouts, a reset, a reply not of the shape asked for
+            self._local.conn = None
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+            raise OSError(f"valkey: {exc}") from exc
 
     def _call(self, fn: Any) -> Any:
         try:
@@ -77,23 +102,11 @@ class ValkeyStore:
             raise OSError(f"valkey: {exc}") from exc
 
     def put(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[bool]:
-        def go() -> list[bool]:
-            pipe = self._client.pipeline(transaction=False)
-            for key, (off, n) in zip(keys, spans):
-                pipe.set(key, self.buffer[off:off + n].tobytes())
-            return [bool(r) and not isinstance(r, Exception) for r in pipe.execute(raise_on_error=False)]
-        return self._call(go)
+        views = [self.buffer[off:off + n].data for off, n in spans]
+        return list(self._wire(lambda conn: conn.set_many(keys, views)))
 
     def get(self, keys: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[int]:
-        values = self._call(lambda: self._client.mget(list(keys)))
-        sizes = []
-        for value, (off, n) in zip(values, spans):
-            if value is None or len(value) > n:
-                sizes.append(-1)
-                continue
-            self.buffer[off:off + len(value)] = np.frombuffer(value, dtype=np.uint8)
-            sizes.append(len(value))
-        return sizes
+        return list(self._wire(lambda conn: conn.mget_into(keys, self.buffer, spans)))
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         def go() -> list[bool]:
@@ -115,6 +128,10 @@ class ValkeyStore:
         return int(self._call(go))
 
     def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            conn.close()
         self._client.close()
 
 

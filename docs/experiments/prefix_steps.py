@@ -2,7 +2,7 @@
 prompt tokens the engine as shipped recomputes, yet TTFT p50 was equal (1.14 s against 1.19 s) -- far above what a
 prefill of a few thousand tokens of a 1B model takes. This times the engine's scheduler thread in both runs: its
 steps (prepare / forward / update), the tokens each step ran, and kvtier's hooks on that thread (keeping forgotten
-blocks, finding prompts below). Run on a GPU machine: python docs/experiments/prefix_steps.py [--quick]"""
+blocks, finding prompts below). Run on a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents]"""
 
 import statistics
 import sys
@@ -66,7 +66,8 @@ def report(label: str) -> None:
 
 
 names = iter(["engine as shipped", "engine on kvtier"])
-table = prefix.run("auto", quick="--quick" in sys.argv, step=lambda: report(next(names)))
+table = prefix.run("auto", quick="--quick" in sys.argv, step=lambda: report(next(names)),
+                   workload="documents" if "--documents" in sys.argv else "chats")
 rich.console.Console(width=200).print(table.render())
 for label, parts, qs in rows:
     print(f"\n{label}: {len(qs)} steps")
