@@ -160,3 +160,41 @@ def test_requests_marked_do_not_retain_are_kept_nowhere_and_answer_the_same():
     assert stats["prefix_kept_blocks"] == 0 and stats["prefix_tiers"]["cached_blocks"] == 0
     mgr.check()
     mgr.close()
+
+
+def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself():
+    # documents asked about one after another on a cache of 10 blocks, 7 a request: each next one makes the engine
+    # forget the one before (kept below); when the first is asked about again the cache holds the third's 6
+    # cached blocks and 4 free. The first's 6 blocks are found below: the engine's cached blocks are forgotten
+    # (kept below too) to make room for them, and they are brought up, not computed again
+    model = _model("cpu")
+    docs = [_tokens(6 * TOKENS_PER_BLOCK, 50 + i) for i in range(3)]
+    asks = docs + [docs[0] + _tokens(3, 7)]
+
+    def serve() -> list[list[int]]:
+        gen, cb = _config(10)
+        server = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        server.start()
+        try:
+            out = []
+            for i, prompt in enumerate(asks):  # one at a time
+                server.add_request(prompt, request_id=f"r{i}")
+                result = server.get_result(timeout=120)
+                assert result is not None, f"the engine stopped: {server.background_thread_status.fatal_error}"
+                out.append(list(result.generated_tokens))
+            return out
+        finally:
+            server.stop(block=True)
+            model.destroy_cached_continuous_batching_manager()
+
+    # 1. the engine as shipped
+    expected = serve()
+    # 2. on kvtier: the same tokens, and the last request's 6 blocks came from host memory
+    with _manager("cpu", pages=64) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = serve()
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_hit_blocks"] == 6, stats
+        assert stats["prefix_tiers"]["hit_blocks_by_tier"].get("host", 0) == 6
+        mgr.check()

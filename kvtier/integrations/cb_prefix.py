@@ -193,25 +193,27 @@ class TieredPrefixes:
             return matched
         seq: Hashable = ("hit", next(self._ids))
         held: list[str] = []  # the allocators whose space holds ``seq`` now
-        count = last - first
+        remote = self.engine.manager.remote
+        # looked up to the prompt's last whole block (a store's object may end there), taken up to ``last``
+        whole = len(prompt_ids) // tokens_per_block
+        keys = {name: block_keys(prompt_ids[:whole * tokens_per_block], tokens_per_block, self.layouts[name])
+                for name in allocators}
+        here = min(_leading(self.spaces[name].indexed(keys[name][first:last])) for name in allocators)
+        count = 0
         try:
-            # looked up to the prompt's last whole block (a store's object may end there), taken up to ``last``
-            whole = len(prompt_ids) // tokens_per_block
-            for name in allocators:
-                keys = block_keys(prompt_ids[:whole * tokens_per_block], tokens_per_block, self.layouts[name])
-                remote = self.engine.manager.remote
-                found = self.spaces[name].share_prefix(seq, keys[first:]) if remote is None else \
-                    remote.find(self.spaces[name], seq, keys, self.stream, start=first)
+            # room first: a hit with nowhere to go would be brought up for nothing (a document's 24 blocks were, on
+            # a full cache: 14 GB up in one bench run, and every one of them computed again)
+            count = self._room(here if remote is None else last - first, sure=here)
+            for name in allocators if count else ():
+                found = self.spaces[name].share_prefix(seq, keys[name][first:first + count]) if remote is None \
+                    else remote.find(self.spaces[name], seq, keys[name], self.stream, start=first)
                 if found:
                     held.append(name)
                 count = min(count, found)
             if count:
-                for name in held:  # up from wherever they rest, before any sector is taken for them
+                for name in held:  # up from wherever they rest
                     self.spaces[name].ensure_resident([seq])
-            if count and self._room_for(count):
                 self._copy_in(request_id, prompt_ids, first, count, seq)
-            else:
-                count = 0
         except KVTierError as exc:  # lost below (the tiers' checks), no room to bring them up: a miss
             log.info("continuous batching %r: prefix of request %s not brought up from the tiers (%s)",
                      self.engine.name, request_id, exc)
@@ -224,17 +226,24 @@ class TieredPrefixes:
             self.engine.counts["prefix_hit_tokens"] += count * tokens_per_block
         return matched + count * tokens_per_block
 
-    def _room_for(self, count: int) -> bool:
-        """Whether every allocator can take ``count`` fresh blocks now (taking the sectors it needs)."""
-        pool = self.cache.pool
-        need = [max(0, -(-(count - pool.count_free_blocks(a.index)) // a.blocks_per_sector))
-                for a in self.cache.cache_allocators.values()]
-        if sum(need) > pool.num_free_sectors:
-            return False
-        for a, sectors in zip(self.cache.cache_allocators.values(), need):
+    def _room(self, count: int, sure: int) -> int:
+        """How many of ``count`` fresh blocks every allocator can take now, the sectors for them taken. Short of
+        room for the ``sure`` first (indexed in the spaces: a hit in hand), the engine's cached blocks are evicted
+        first, as it does itself under pressure (they go down the tiers) -- never for a lookup that may miss.
+        OutOfPagesError: the pool moved."""
+        pool, allocators = self.cache.pool, list(self.cache.cache_allocators.values())
+
+        def need(n: int) -> list[int]:
+            return [max(0, -(-(n - pool.count_free_blocks(a.index)) // a.blocks_per_sector)) for a in allocators]
+        if sure and sum(need(min(count, sure))) > pool.num_free_sectors and self.cache.evict_cached_blocks():
+            pool.try_to_free_sectors()
+        fits = count
+        while fits and sum(need(fits)) > pool.num_free_sectors:  # a few steps: a sector holds many blocks
+            fits -= 1
+        for a, sectors in zip(allocators, need(fits)):
             if sectors:
-                pool.allocate_sectors(a.index, sectors)  # OutOfPagesError: the pool moved (a miss)
-        return True
+                pool.allocate_sectors(a.index, sectors)
+        return fits
 
     def _copy_in(self, request_id: str, prompt_ids: list[int], first: int, count: int, seq: Hashable) -> None:
         device = self.cache.device
@@ -294,6 +303,11 @@ def _chains(todo: list[tuple[int, bytes]], keys: dict[int, tuple[int, bytes, int
                 ordered.append(entry)
                 stack.extend(reversed(children.get(entry[1], [])))
     return ordered + [e for e in todo if e[1] not in seen]
+
+
+def _leading(flags: list[bool]) -> int:
+    """How many of ``flags`` are True before the first False."""
+    return next((i for i, f in enumerate(flags) if not f), len(flags))
 
 
 def _runs(part: list[tuple[int, bytes]], keys: dict[int, tuple[int, bytes, int, bytes]]) -> list[tuple[int, int, int]]:
