@@ -272,10 +272,16 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
             up = sum(p["bytes"] for name, p in mgr.stats()["tiers"]["paths"].items() if name.endswith("->gpu"))
             created = mgr.pool.peak_created * mgr.page_size
         hits = dict(stats["prefix_tiers"]["hit_blocks_by_tier"])
+        engine_counts.update({k: stats.get(k, 0) for k in ("prefix_kept_blocks", "prefix_not_kept",
+                                                           "prefix_hit_blocks", "preempted_to_tiers", "restored",
+                                                           "soft_resets", "lost")})
         return out, hits, up, created
 
+    engine_counts: dict[str, int] = {}
     measure("engine as shipped", stock)
     measure("engine on kvtier", on_kvtier)
+    table.notes.append("the engine on kvtier: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                           for k, v in engine_counts.items()))
     table.notes.append("same chats and KV budget for both (seeded lengths, Poisson starts, think-time gaps); TTFT "
                        "from a turn's arrival to its first token; prompt tokens = the tokens of every turn's prompt; "
                        "computed = prompt tokens the engine ran through the model (those not found on the GPU by its "
