@@ -162,11 +162,15 @@ def test_requests_marked_do_not_retain_are_kept_nowhere_and_answer_the_same():
     mgr.close()
 
 
-def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself():
+@pytest.mark.parametrize("staging_blocks", [None, 2], ids=["default-staging", "staging-of-2-blocks"])
+def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_blocks):
     # documents asked about one after another on a cache of 10 blocks, 7 a request: each next one makes the engine
     # forget the one before (kept below); when the first is asked about again the cache holds the third's 6
     # cached blocks and 4 free. The first's 6 blocks are found below: the engine's cached blocks are forgotten
-    # (kept below too) to make room for them, and they are brought up, not computed again
+    # (kept below too) to make room for them, and they are brought up, not computed again. With 4 KiB pages, a
+    # pool of 30 and staging for 2 blocks, the pool's room left beside the engine's cache (24 pages at its peak)
+    # takes 2 or 4 of the 6 blocks: they come up a chunk of 2 at a time (all at once, they took the room the
+    # engine needed next, and it stopped)
     model = _model("cpu")
     docs = [_tokens(6 * TOKENS_PER_BLOCK, 50 + i) for i in range(3)]
     asks = docs + [docs[0] + _tokens(3, 7)]
@@ -190,8 +194,12 @@ def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself():
     # 1. the engine as shipped
     expected = serve()
     # 2. on kvtier: the same tokens, and the last request's 6 blocks came from host memory
-    with _manager("cpu", pages=64) as mgr:
-        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+    tight = staging_blocks is not None
+    page, pages = (4096, 30) if tight else (None, 64)
+    with _manager("cpu", pages=pages, page=page, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
+        block_bytes = 2 * 2 * 2 * 16 * TOKENS_PER_BLOCK * 4  # layers, K and V, KV heads, head dim, tokens, fp32
+        sizes = dict(staging_bytes=staging_blocks * block_bytes, capacity_bytes=(pages - 6) * 4096) if tight else {}
+        with kvtier_engine(model, mgr, swap_tier="host", **sizes) as engine:
             got = serve()
             stats = engine.stats()
         assert got == expected

@@ -191,29 +191,54 @@ class TieredPrefixes:
         first, last = matched // tokens_per_block, (len(prompt_ids) - 1) // tokens_per_block  # never the whole
         if last <= first:
             return matched
-        seq: Hashable = ("hit", next(self._ids))
-        held: list[str] = []  # the allocators whose space holds ``seq`` now
         remote = self.engine.manager.remote
         # looked up to the prompt's last whole block (a store's object may end there), taken up to ``last``
         whole = len(prompt_ids) // tokens_per_block
         keys = {name: block_keys(prompt_ids[:whole * tokens_per_block], tokens_per_block, self.layouts[name])
                 for name in allocators}
         here = min(_leading(self.spaces[name].indexed(keys[name][first:last])) for name in allocators)
-        count = 0
         try:
             # room first: a hit with nowhere to go would be brought up for nothing (a document's 24 blocks were, on
             # a full cache: 14 GB up in one bench run, and every one of them computed again)
-            count = self._room(here if remote is None else last - first, sure=here)
-            for name in allocators if count else ():
-                found = self.spaces[name].share_prefix(seq, keys[name][first:first + count]) if remote is None \
-                    else remote.find(self.spaces[name], seq, keys[name], self.stream, start=first)
+            want = self._room(here if remote is None else last - first, sure=here)
+        except KVTierError as exc:  # the pool moved under the count: a miss
+            log.info("continuous batching %r: no room for the prefix of request %s (%s)", self.engine.name,
+                     request_id, exc)
+            return matched
+        # through the spaces' staging room a chunk at a time (a document's hit is larger than it); a store's
+        # objects are read whole, at once
+        step = want if remote is not None else min(self.chunk_blocks.values())
+        count = 0
+        while count < want:
+            n = min(step, want - count)
+            got = self._bring_in(request_id, prompt_ids, first + count, n, keys)
+            count += got
+            if got < n:
+                break
+            self.settle(wait=count < want)  # the chunk's staging back before the next takes it
+        if count:
+            self.engine.counts["prefix_hit_blocks"] += count
+            self.engine.counts["prefix_hit_tokens"] += count * tokens_per_block
+        return matched + count * tokens_per_block
+
+    def _bring_in(self, request_id: str, prompt_ids: list[int], at: int, n: int, keys: dict[str, list[bytes]]
+                  ) -> int:
+        """Blocks ``at..at+n`` of the prompt from the tiers (or the store) into fresh blocks of the request, as
+        many as were found from ``at``; how many."""
+        seq: Hashable = ("hit", next(self._ids))
+        held: list[str] = []  # the allocators whose space holds ``seq`` now
+        remote, count = self.engine.manager.remote, n
+        try:
+            for name in self.cache.cache_allocators:
+                found = self.spaces[name].share_prefix(seq, keys[name][at:at + n]) if remote is None \
+                    else remote.find(self.spaces[name], seq, keys[name], self.stream, start=at)
                 if found:
                     held.append(name)
                 count = min(count, found)
             if count:
                 for name in held:  # up from wherever they rest
                     self.spaces[name].ensure_resident([seq])
-                self._copy_in(request_id, prompt_ids, first, count, seq)
+                self._copy_in(request_id, prompt_ids, at, count, seq)
         except KVTierError as exc:  # lost below (the tiers' checks), no room to bring them up: a miss
             log.info("continuous batching %r: prefix of request %s not brought up from the tiers (%s)",
                      self.engine.name, request_id, exc)
@@ -221,10 +246,7 @@ class TieredPrefixes:
         finally:
             for name in held:  # the blocks stay cached in the space, back down once copied (a kept copy: cheap)
                 self._send_down(name, seq)
-        if count:
-            self.engine.counts["prefix_hit_blocks"] += count
-            self.engine.counts["prefix_hit_tokens"] += count * tokens_per_block
-        return matched + count * tokens_per_block
+        return count
 
     def _room(self, count: int, sure: int) -> int:
         """How many of ``count`` fresh blocks every allocator can take now, the sectors for them taken. Short of
