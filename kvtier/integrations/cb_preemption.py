@@ -71,12 +71,19 @@ class TieredOffloading(OffloadingManager):
         """Nothing of its own to preempt, and nothing scheduled: the engine would stop with an error. If what it
         lacks is pool room (its own sectors are free, the pages are held by another engine on the pool or another
         process on the device), wait for that room to grow -- their requests finish, or they preempt theirs --
-        and let the engine schedule again; after ``room_wait_s`` with no change, a clear OutOfPagesError."""
+        and let the engine schedule again; after ``room_wait_s`` with no change, a clear OutOfPagesError. Room
+        held by its own prefix spaces' blocks on their way down comes back first (waited for: they land soon;
+        a hit brought up whole had held the room the engine needed next, and the engine failed the request)."""
         sectors = self.cache.pool
         if not sectors.free_sectors:  # its own cache is full: the engine's own error
             return False
         buffer, engine = self.cache.buffer, self.engine
         before = buffer.available()
+        prefixes = self.cache.prefixes
+        if prefixes is not None and prefixes.going_down:  # its own kept or found blocks on their way down
+            prefixes.settle(wait=True)
+            if buffer.available() > before:
+                return True
         wanted = min(sectors._cost(s) for s in sectors.free_sectors) - before
         holders = self._others_holding()
         if not holders:  # no one else holds the room it lacks: waiting cannot help
