@@ -51,6 +51,8 @@ class Connection:
     def mget_into(self, keys: Sequence[str], buffer: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[int]:
         """MGET the keys; each value is received into the start of its span ``(offset, nbytes)`` of ``buffer``.
         The values' sizes, -1 for an absent key or a value larger than its span (read past, not kept)."""
+        if not keys:
+            return []  # an MGET of nothing is an error reply
         self._sock.sendall(b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)
                            + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in (key.encode() for key in keys)))
         head = self._line()

@@ -47,8 +47,10 @@ def test_values_go_out_of_and_come_back_into_the_buffer_byte_for_byte(valkey_ser
         for (off, n), v in zip(spans, values):
             assert np.array_equal(back[off:off + n], v)
         assert (back[15 * MiB:] == 0xAB).all()  # the value too large was read past, not written
-        # 3. the connection is still in step: the same read again gives the same
+        # 3. the connection is still in step: the same read again gives the same; nothing asked, nothing sent
         assert conn.mget_into(keys[:2], back, spans[:2]) == sizes[:2]
+        assert conn.mget_into([], back, []) == [] and conn.set_many([], []) == []
+        assert conn.mget_into(keys[:1], back, spans[:1]) == sizes[:1]
     finally:
         conn.close()
 
