@@ -162,6 +162,28 @@ def test_requests_marked_do_not_retain_are_kept_nowhere_and_answer_the_same():
     mgr.close()
 
 
+DOCS = [_tokens(6 * TOKENS_PER_BLOCK, 50 + i) for i in range(3)]  # documents of 6 blocks
+BLOCK_BYTES = 2 * 2 * 2 * 16 * TOKENS_PER_BLOCK * 4  # the tiny llama's: layers, K and V, KV heads, head dim, fp32
+
+
+def ask_one_by_one(model: torch.nn.Module, asks: list[list[int]], num_blocks: int) -> list[list[int]]:
+    """Each prompt of ``asks`` in turn, the next once the last was answered, in one engine session."""
+    gen, cb = _config(num_blocks)
+    server = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+    server.start()
+    try:
+        out = []
+        for i, prompt in enumerate(asks):
+            server.add_request(prompt, request_id=f"r{i}")
+            result = server.get_result(timeout=120)
+            assert result is not None, f"the engine stopped: {server.background_thread_status.fatal_error}"
+            out.append(list(result.generated_tokens))
+        return out
+    finally:
+        server.stop(block=True)
+        model.destroy_cached_continuous_batching_manager()
+
+
 @pytest.mark.parametrize("staging_blocks", [None, 2], ids=["default-staging", "staging-of-2-blocks"])
 def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_blocks):
     # documents asked about one after another on a cache of 10 blocks, 7 a request: each next one makes the engine
@@ -172,24 +194,10 @@ def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_bl
     # takes 2 or 4 of the 6 blocks: they come up a chunk of 2 at a time (all at once, they took the room the
     # engine needed next, and it stopped)
     model = _model("cpu")
-    docs = [_tokens(6 * TOKENS_PER_BLOCK, 50 + i) for i in range(3)]
-    asks = docs + [docs[0] + _tokens(3, 7)]
+    asks = DOCS + [DOCS[0] + _tokens(3, 7)]
 
     def serve() -> list[list[int]]:
-        gen, cb = _config(10)
-        server = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
-        server.start()
-        try:
-            out = []
-            for i, prompt in enumerate(asks):  # one at a time
-                server.add_request(prompt, request_id=f"r{i}")
-                result = server.get_result(timeout=120)
-                assert result is not None, f"the engine stopped: {server.background_thread_status.fatal_error}"
-                out.append(list(result.generated_tokens))
-            return out
-        finally:
-            server.stop(block=True)
-            model.destroy_cached_continuous_batching_manager()
+        return ask_one_by_one(model, asks, 10)
 
     # 1. the engine as shipped
     expected = serve()
@@ -197,8 +205,7 @@ def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_bl
     tight = staging_blocks is not None
     page, pages = (4096, 30) if tight else (None, 64)
     with _manager("cpu", pages=pages, page=page, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
-        block_bytes = 2 * 2 * 2 * 16 * TOKENS_PER_BLOCK * 4  # layers, K and V, KV heads, head dim, tokens, fp32
-        sizes = dict(staging_bytes=staging_blocks * block_bytes, capacity_bytes=(pages - 6) * 4096) if tight else {}
+        sizes = dict(staging_bytes=staging_blocks * BLOCK_BYTES, capacity_bytes=(pages - 6) * 4096) if tight else {}
         with kvtier_engine(model, mgr, swap_tier="host", **sizes) as engine:
             got = serve()
             stats = engine.stats()
