@@ -219,7 +219,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
     budget_blocks = max(8, int(working * budget_share))
     budget = budget_blocks * block_bytes
     timeout = 400.0 if cuda else 180.0
-    table = Table(f"{'Documents asked about' if workload == 'documents' else 'Chats'} over one system prompt ({len(chats.turns)} conversations x {len(chats.turns[0])} turns, "
+    what = "Documents asked about" if workload == "documents" else "Chats"
+    table = Table(f"{what} over one system prompt ({len(chats.turns)} conversations x {len(chats.turns[0])} turns, "
                   f"{config.num_hidden_layers}-layer Llama) with KV for {budget_blocks} blocks of "
                   f"{chats.page_size} tokens ({budget / MiB:.0f} MiB; the chats' KV: {working} blocks)",
                   ["engine", "output tok/s", "TTFT p50 s", "TTFT p99 s", "prompt tokens", "computed",

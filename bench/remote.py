@@ -1,11 +1,12 @@
 """``kvtier bench remote``: the remote cache against the store's own client, on stores started here (127.0.0.1).
 
 Per store (Valkey; Mooncake with a store service holding its memory): a prompt's KV of an 8-layer model shape (on
-a GPU: Llama-3-8B's, 32 layers) is offered by one manager and found by another -- through kvtier's remote cache (objects of ``object_bytes``,
-checked, staged in host memory, copied into fresh blocks) -- and the same number of objects of the same size
-moved by the store's own client in the same run (Valkey: pipelined SET and MGET; Mooncake: batch_put_from and
-batch_get_into from a registered buffer): the ratios are kvtier's share of what the client reaches. Then the hit
-itself against the alternative, recomputing the prompt: a model of that KV shape (random weights) prefills it.
+a GPU: Llama-3-8B's, 32 layers) is offered by one manager and found by another -- through kvtier's remote cache
+(objects of ``object_bytes``, checked, staged in host memory, copied into fresh blocks) -- and the same number of
+objects of the same size moved by the store's own client in the same run (Valkey: pipelined SET and MGET;
+Mooncake: batch_put_from and batch_get_into from a registered buffer): the ratios are kvtier's share of what the
+client reaches. Then the hit itself against the alternative, recomputing the prompt: a model of that KV shape
+(random weights) prefills it.
 """
 
 from __future__ import annotations

@@ -86,12 +86,15 @@ def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
     assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
 
 
-def test_prefix_bench_serves_the_chats_both_ways_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("workload", ["chats", "documents"])
+def test_prefix_bench_serves_the_chats_both_ways_on_the_cpu(tmp_path, workload):
     # the engine as shipped and the engine on kvtier serve the same chats under the same KV budget: kvtier finds
-    # history in host memory, computes fewer prompt tokens, and every output equals the other run's
+    # history in host memory, computes fewer prompt tokens, and every output equals the other run's (documents:
+    # each conversation's first turn a document, asked about again)
     out, plots = tmp_path / "prefix.json", tmp_path / "plots"
     done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "prefix", "--quick", "--device", "cpu",
-                           "--json", str(out), "--plot", str(plots)], capture_output=True, text=True, timeout=600)
+                           "--workload", workload, "--json", str(out), "--plot", str(plots)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.read_text())["tables"][0]
     rows = {r["engine"]: r for r in table["rows"]}
@@ -101,6 +104,7 @@ def test_prefix_bench_serves_the_chats_both_ways_on_the_cpu(tmp_path):
     assert shipped["outputs differing"] == ours["outputs differing"] == 0
     assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
     assert "engine on kvtier: host" in table["series"] and (plots / "prefix.png").exists()
+    assert table["title"].startswith("Documents asked about" if workload == "documents" else "Chats")
 
 
 @pytest.mark.parametrize("bench, shared, series", [
