@@ -205,6 +205,8 @@ class TieredPrefixes:
             log.info("continuous batching %r: no room for the prefix of request %s (%s)", self.engine.name,
                      request_id, exc)
             return matched
+        self.engine.counts["prefix_found_below"] += here
+        self.engine.counts["prefix_short_of_room"] += max(0, here - want)
         # through the spaces' staging room a chunk at a time (a document's hit is larger than it); a store's
         # objects are read whole, at once
         step = want if remote is not None else min(self.chunk_blocks.values())
