@@ -217,3 +217,35 @@ def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_bl
             assert stats["prefix_hit_blocks"] == 6, stats
             assert stats["prefix_tiers"]["hit_blocks_by_tier"].get("host", 0) == 6
         mgr.check()
+
+
+def test_a_hit_short_of_room_at_its_lookup_is_brought_in_when_room_comes():
+    # a session answers two documents and ends: their blocks are kept in host memory. The next session gets a long
+    # new prompt (9 blocks of a cache of 10) and the first document again, at once. The long one's prefill takes the
+    # whole token budget of its steps; the document's lookup comes in the step of its last 3 tokens, finds its 6
+    # blocks below and room for 1. Its request then waits for room where it is, part-way through its prompt (not
+    # swapped out: back, it would compute its next chunk at once); when room comes, its lookup is made again before
+    # its next chunk is computed, and the other 5 come up too (before this, 4 of them were computed)
+    model = _model("cpu")
+    gen, cb = _config(10)
+    first = [DOCS[0] + _tokens(3, 7), DOCS[1] + _tokens(3, 8)]
+    second = [_tokens(8 * TOKENS_PER_BLOCK + 3, 9), DOCS[0] + _tokens(5, 10)]
+
+    def serve() -> list[list[list[int]]]:
+        out = []
+        for inputs in (first, second):
+            got = model.generate_batch(inputs=inputs, generation_config=gen, continuous_batching_config=cb)
+            out.append([list(got[rid].generated_tokens) for rid in sorted(got, key=lambda r: int(r[4:]))])
+        return out
+
+    # 1. the engine as shipped (a new cache each session: the document is computed again)
+    expected = serve()
+    # 2. on kvtier: the same tokens; the document's 6 blocks came from host memory, 5 of them once room came
+    with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = serve()
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_short_of_room"] >= 5, stats
+        assert stats["prefix_hit_blocks"] == 6, stats
+        mgr.check()

@@ -166,6 +166,17 @@ class ElasticCache(PagedAttentionCache):
         # and after it, what the tiers hold (not under the manager's lock: a wait for a read lets transfers commit)
         return self.prefixes.extend(request_id, prompt_ids, matched)
 
+    def resume_prefix(self, state: Any) -> None:
+        """Before the next chunk of a request part-way through its prompt is computed: the blocks after what it
+        holds that its lookup found below with no room for them then, brought in now if room came."""
+        held, prompt = state.position_offset, state.initial_tokens
+        if self.prefixes is None or held + len(state.remaining_prefill_tokens) != len(prompt):
+            return
+        got = self.prefixes.resume(state.request_id, prompt, held)
+        if got > held:
+            state.remaining_prefill_tokens = state.remaining_prefill_tokens[got - held:]
+            state.position_offset = got
+
     def mark_complete_blocks(self, state: Any, complete_blocks: dict[str, int]) -> None:
         super().mark_complete_blocks(state, complete_blocks)
         if self.prefixes is not None and complete_blocks and state.request_id in self._tables():
@@ -181,6 +192,8 @@ class ElasticCache(PagedAttentionCache):
 
     def free_blocks(self, request_id: str, no_cache: bool = False) -> None:
         super().free_blocks(request_id, no_cache)
+        if self.prefixes is not None and not self.holding:  # finished (a preempted one comes back where it was)
+            self.prefixes.forget(request_id)
         if not self.holding:
             self.pool.try_to_free_sectors()  # a finished request's pages go back to the pool
 

@@ -57,6 +57,13 @@ class TieredOffloading(OffloadingManager):
 
     # --- down -------------------------------------------------------------------------------------------------
     def offload_requests(self) -> bool:
+        prefixes = self.cache.prefixes
+        if prefixes is not None and prefixes.short and not self.nothing_scheduled:
+            # a batch runs, so room comes: a request whose lookup found more below than it had room for waits for
+            # it where it is (its lookup is made again before its next chunk); swapped out, it would come back to
+            # compute its next chunk at once, though its blocks rest below
+            starved = self.scheduler.starved_requests
+            starved[:] = [(s, n) for s, n in starved if s.request_id not in prefixes.short]
         self.cache.holding = True
         try:
             moved = super().offload_requests()

@@ -45,6 +45,7 @@ class TieredPrefixes:
         # before it): valid while the engine's hash is the same
         self.keys: dict[str, dict[int, tuple[int, bytes, int, bytes]]] = {}
         self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept sequence, its offload)
+        self.short: set[str] = set()  # requests whose lookup found blocks below with no room for them yet
         self._ids = itertools.count()
 
     @property
@@ -72,6 +73,7 @@ class TieredPrefixes:
             self.chunk_blocks[name] = max(1, engine.staging_bytes // a.bytes_per_block)
             self.keys[name] = {}
         self._cache, self.stream = cache, stream
+        self.short = set()
         cache.prefixes = self
 
     def unbind(self) -> None:
@@ -207,6 +209,10 @@ class TieredPrefixes:
             return matched
         self.engine.counts["prefix_found_below"] += here
         self.engine.counts["prefix_short_of_room"] += max(0, here - want)
+        if want < here:
+            self.short.add(request_id)  # looked for again before its next chunk is computed (``resume``)
+        else:
+            self.short.discard(request_id)
         # through the spaces' staging room a chunk at a time (a document's hit is larger than it); a store's
         # objects are read whole, at once
         step = want if remote is not None else min(self.chunk_blocks.values())
@@ -222,6 +228,23 @@ class TieredPrefixes:
             self.engine.counts["prefix_hit_blocks"] += count
             self.engine.counts["prefix_hit_tokens"] += count * tokens_per_block
         return matched + count * tokens_per_block
+
+    def resume(self, request_id: str, prompt_ids: list[int], held: int) -> int:
+        """A request part-way through its prompt (``held`` tokens of ``prompt_ids`` in its blocks) whose lookup
+        found blocks below with no room for them: look again before its next chunk is computed (a document's
+        request waits its turn on a cache full of others' prefills; room comes as they finish). Only at a block
+        boundary with every block held hashed (the chain goes on from the last). Return the tokens it holds."""
+        if request_id not in self.short:
+            return held
+        for allocator in self.cache.cache_allocators.values():
+            table, tpp = allocator.block_table.get(request_id, []), allocator.tokens_per_page
+            if held % tpp or len(table) != held // tpp or (table and table[-1] not in allocator.ledger.block_to_hash):
+                return held  # mid-block, or blocks allocated ahead: the engine computes on
+        return self.extend(request_id, prompt_ids, held)
+
+    def forget(self, request_id: str) -> None:
+        """The request is done (or lost its blocks): no lookup is resumed for it."""
+        self.short.discard(request_id)
 
     def _bring_in(self, request_id: str, prompt_ids: list[int], at: int, n: int, keys: dict[str, list[bytes]]
                   ) -> int:

@@ -52,6 +52,7 @@ from transformers.generation.continuous_batching.cache_allocators import SLIDING
 from transformers.generation.continuous_batching.continuous_api import (ContinuousBatchingManager,
                                                                         ContinuousBatchProcessor)
 from transformers.generation.continuous_batching.initialization import update_cb_config_after_cache_creation
+from transformers.generation.continuous_batching.requests import RequestStatus
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
@@ -141,6 +142,15 @@ class KVTierBatchingManager(ContinuousBatchingManager):
             return out
 
         scheduler.schedule_batch = schedule_batch  # wrapped in place: the engine calls the scheduler's attribute
+        infer = scheduler._infer_request_tokens
+
+        def infer_request_tokens(state: Any, *args: Any, **kwargs: Any) -> Any:
+            # a request part-way through its prompt whose lookup was short of room: look again before its next chunk
+            if state.status == RequestStatus.PREFILLING and not state.is_cpu_offloaded:
+                cache.resume_prefix(state)
+            return infer(state, *args, **kwargs)
+
+        scheduler._infer_request_tokens = infer_request_tokens
         return processor
 
     def stop(self, *args: Any, **kwargs: Any) -> None:
