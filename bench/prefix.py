@@ -208,7 +208,10 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
         chats = Chats.make(6 if quick else 10, 3, 40, (8, 16), (4, 8), rate=1e6, think_s=0.0, vocab=128,
-                           page_size=16, first=(48, 96) if workload == "documents" else None)
+                           page_size=16)
+        if workload == "documents":  # as on a GPU, a document spans chunks of the engine's steps (8 blocks here)
+            chats = Chats.make(6 if quick else 10, 4, 40, (8, 32), (4, 8), rate=20.0, think_s=0.05, vocab=128,
+                               page_size=16, first=(200, 400))
         budget_share, max_batch = 0.4, 128
     model = random_model(config, dev)
     model.config._attn_implementation = "sdpa"
