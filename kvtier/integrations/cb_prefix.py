@@ -46,6 +46,7 @@ class TieredPrefixes:
         self.keys: dict[str, dict[int, tuple[int, bytes, int, bytes]]] = {}
         self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept sequence, its offload)
         self.short: set[str] = set()  # requests whose lookup found blocks below with no room for them yet
+        self.looked: set[str] = set()  # requests looked up (their finds counted), until they finish
         self._ids = itertools.count()
 
     @property
@@ -73,7 +74,7 @@ class TieredPrefixes:
             self.chunk_blocks[name] = max(1, engine.staging_bytes // a.bytes_per_block)
             self.keys[name] = {}
         self._cache, self.stream = cache, stream
-        self.short = set()
+        self.short, self.looked = set(), set()
         cache.prefixes = self
 
     def unbind(self) -> None:
@@ -207,8 +208,10 @@ class TieredPrefixes:
             log.info("continuous batching %r: no room for the prefix of request %s (%s)", self.engine.name,
                      request_id, exc)
             return matched
-        self.engine.counts["prefix_found_below"] += here
-        self.engine.counts["prefix_short_of_room"] += max(0, here - want)
+        if request_id not in self.looked:  # counted at a request's first lookup (not again when resumed)
+            self.looked.add(request_id)
+            self.engine.counts["prefix_found_below"] += here
+            self.engine.counts["prefix_short_of_room"] += max(0, here - want)
         if want < here:
             self.short.add(request_id)  # looked for again before its next chunk is computed (``resume``)
         else:
@@ -245,6 +248,7 @@ class TieredPrefixes:
     def forget(self, request_id: str) -> None:
         """The request is done (or lost its blocks): no lookup is resumed for it."""
         self.short.discard(request_id)
+        self.looked.discard(request_id)
 
     def _bring_in(self, request_id: str, prompt_ids: list[int], at: int, n: int, keys: dict[str, list[bytes]]
                   ) -> int:
