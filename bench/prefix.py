@@ -278,8 +278,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         hits = dict(stats["prefix_tiers"]["hit_blocks_by_tier"])
         engine_counts.update({k: stats.get(k, 0) for k in ("prefix_kept_blocks", "prefix_not_kept",
                                                            "prefix_hit_blocks", "prefix_found_below",
-                                                           "prefix_short_of_room", "preempted_to_tiers", "restored",
-                                                           "soft_resets", "lost")})
+                                                           "prefix_short_of_room", "prefix_requeued",
+                                                           "preempted_to_tiers", "restored", "soft_resets", "lost")})
         return out, hits, up, created
 
     engine_counts: dict[str, int] = {}

@@ -249,3 +249,33 @@ def test_a_hit_short_of_room_at_its_lookup_is_brought_in_when_room_comes():
         assert stats["prefix_short_of_room"] >= 5, stats
         assert stats["prefix_hit_blocks"] == 6, stats
         mgr.check()
+
+
+def test_a_request_holding_only_found_blocks_is_requeued_not_swapped_when_the_engine_must_preempt():
+    # as above, but the long prompt's answer crosses into a tenth block: when it needs it, the document's request
+    # holds the one block it found room for and waits for more, so nothing can be scheduled and the engine must
+    # preempt. The document's request holds only blocks found below (resting there still): it is requeued from its
+    # prompt, not copied down, and its next lookup finds all 6 again
+    model = _model("cpu")
+    gen, cb = _config(10)
+    first = [DOCS[0] + _tokens(3, 7), DOCS[1] + _tokens(3, 8)]
+    second = [_tokens(8 * TOKENS_PER_BLOCK + 10, 9), DOCS[0] + _tokens(5, 10)]
+
+    def serve() -> list[list[list[int]]]:
+        out = []
+        for inputs in (first, second):
+            got = model.generate_batch(inputs=inputs, generation_config=gen, continuous_batching_config=cb)
+            out.append([list(got[rid].generated_tokens) for rid in sorted(got, key=lambda r: int(r[4:]))])
+        return out
+
+    # 1. the engine as shipped
+    expected = serve()
+    # 2. on kvtier: the same tokens; the document's request was requeued (no swap), and found its blocks again
+    with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = serve()
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_requeued"] == 1 and stats["preempted_to_tiers"] == 0, stats
+        assert stats["prefix_hit_blocks"] >= 6, stats
+        mgr.check()

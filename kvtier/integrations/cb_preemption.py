@@ -58,12 +58,13 @@ class TieredOffloading(OffloadingManager):
     # --- down -------------------------------------------------------------------------------------------------
     def offload_requests(self) -> bool:
         prefixes = self.cache.prefixes
-        if prefixes is not None and prefixes.short and not self.nothing_scheduled:
-            # a batch runs, so room comes: a request whose lookup found more below than it had room for waits for
-            # it where it is (its lookup is made again before its next chunk); swapped out, it would come back to
-            # compute its next chunk at once, though its blocks rest below
+        if prefixes is not None and prefixes.found and not self.nothing_scheduled:
+            # a batch runs, so room comes: a request holding only what its lookup brought up waits for it where it
+            # is (one that found more below than it had room for is looked up again before its next chunk);
+            # swapped out, its blocks would go back down just up, and it would come back to compute its next
+            # chunk at once, though the rest of its blocks rest below
             starved = self.scheduler.starved_requests
-            starved[:] = [(s, n) for s, n in starved if s.request_id not in prefixes.short]
+            starved[:] = [(s, n) for s, n in starved if not prefixes.waits_for_room(s.request_id, s.position_offset)]
         self.cache.holding = True
         try:
             moved = super().offload_requests()
@@ -130,9 +131,15 @@ class TieredOffloading(OffloadingManager):
 
     def _offload_to_cpu(self, victims: list[Any], victim_block_tables: dict[str, dict[str, list[int]]]) -> set[str]:
         done = set()
+        prefixes = self.cache.prefixes
         for state in victims:
             table = {name: blocks for name, blocks in victim_block_tables[state.request_id].items() if blocks}
             if not table:
+                continue
+            if prefixes is not None and prefixes.waits_for_room(state.request_id, state.position_offset):
+                # it holds only blocks its lookup found (they rest below, and the engine's matched ones stay
+                # cached): requeued from its prompt, it finds them again -- no copy down of what is already there
+                self.engine.counts["prefix_requeued"] += 1
                 continue
             try:
                 self._swap_out(state.request_id, table)

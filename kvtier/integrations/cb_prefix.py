@@ -47,6 +47,7 @@ class TieredPrefixes:
         self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept sequence, its offload)
         self.short: set[str] = set()  # requests whose lookup found blocks below with no room for them yet
         self.looked: set[str] = set()  # requests looked up (their finds counted), until they finish
+        self.found: dict[str, int] = {}  # request -> the tokens it held after its last lookup that found any
         self._ids = itertools.count()
 
     @property
@@ -74,7 +75,7 @@ class TieredPrefixes:
             self.chunk_blocks[name] = max(1, engine.staging_bytes // a.bytes_per_block)
             self.keys[name] = {}
         self._cache, self.stream = cache, stream
-        self.short, self.looked = set(), set()
+        self.short, self.looked, self.found = set(), set(), {}
         cache.prefixes = self
 
     def unbind(self) -> None:
@@ -230,7 +231,15 @@ class TieredPrefixes:
         if count:
             self.engine.counts["prefix_hit_blocks"] += count
             self.engine.counts["prefix_hit_tokens"] += count * tokens_per_block
+        if count or request_id in self.short:
+            self.found[request_id] = matched + count * tokens_per_block
         return matched + count * tokens_per_block
+
+    def waits_for_room(self, request_id: str, held: int) -> bool:
+        """Whether the request, holding ``held`` tokens, holds only what its lookups gave it (blocks brought up
+        for it, or fewer than were found for want of room) and has computed nothing since: swapped out now, its
+        blocks would go straight back down and up again."""
+        return request_id in self.short or self.found.get(request_id) == held
 
     def resume(self, request_id: str, prompt_ids: list[int], held: int) -> int:
         """A request part-way through its prompt (``held`` tokens of ``prompt_ids`` in its blocks) whose lookup
@@ -249,6 +258,7 @@ class TieredPrefixes:
         """The request is done (or lost its blocks): no lookup is resumed for it."""
         self.short.discard(request_id)
         self.looked.discard(request_id)
+        self.found.pop(request_id, None)
 
     def _bring_in(self, request_id: str, prompt_ids: list[int], at: int, n: int, keys: dict[str, list[bytes]]
                   ) -> int:

@@ -193,7 +193,7 @@ class KVTierEngine:
         self.counts = {"preempted_to_tiers": 0, "soft_resets": 0, "restored": 0, "staged": 0, "lost": 0,
                        "bytes_down": 0, "room_waits": 0, "prefix_kept_blocks": 0, "prefix_not_kept": 0,
                        "prefix_hit_blocks": 0, "prefix_hit_tokens": 0, "prefix_found_below": 0,
-                       "prefix_short_of_room": 0}
+                       "prefix_short_of_room": 0, "prefix_requeued": 0}
         self.cache: ElasticCache | None = None
         self.offloading: TieredOffloading | None = None
         self.prefixes: TieredPrefixes | None = None  # kept blocks, across the engine's sessions in the ``with``
