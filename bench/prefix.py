@@ -127,15 +127,16 @@ def _serve(model: Any, chats: Chats, cb: Any, timeout: float, sample: Callable[[
             series.append((time.perf_counter() - start, sample()))
     if len(results) < total:
         raise TimeoutError(f"bench prefix: {len(results)} of {total} requests done in {timeout:.0f} s")
-    ttft, tokens = [], 0
+    ttft, tokens, by_request = [], 0, {}
     for rid, r in results.items():
         tokens += len(r.generated_tokens)
         if r.timestamps:
             ttft.append(r.timestamps[0] - arrived[rid])
+            by_request[rid] = (ttft[-1], arrived[rid] - start)  # its TTFT and when it came (for the tail's story)
     end = max(r.timestamps[-1] for r in results.values() if r.timestamps)
     return {"tokens": {rid: list(r.generated_tokens) for rid, r in results.items()},
             "errors": sum(r.error is not None for r in results.values()), "tok_s": tokens / (end - start),
-            "ttft": ttft, "asked": asked[0], "series": series}
+            "ttft": ttft, "ttft_by_request": by_request, "asked": asked[0], "series": series}
 
 
 class _Counted:

@@ -2,7 +2,8 @@
 prompt tokens the engine as shipped recomputes, yet TTFT p50 was equal (1.14 s against 1.19 s) -- far above what a
 prefill of a few thousand tokens of a 1B model takes. This times the engine's scheduler thread in both runs: its
 steps (prepare / forward / update), the tokens each step ran, and kvtier's hooks on that thread (keeping forgotten
-blocks, finding prompts below). Run on a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents]"""
+blocks, finding prompts below). Also: the five slowest first tokens of each run, with each one's lookups below
+and preemptions. Run on a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents]"""
 
 import statistics
 import sys
@@ -14,6 +15,7 @@ import rich.console
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
 
 from kvtier.bench import prefix
+from kvtier.integrations.cb_preemption import TieredOffloading
 from kvtier.integrations.cb_prefix import TieredPrefixes
 
 spent: dict[str, list[float]] = defaultdict(list)
@@ -54,6 +56,48 @@ timed(TieredPrefixes, "keep", "kvtier keep (forgotten blocks down)")
 timed(TieredPrefixes, "extend", "kvtier extend (prompt found below)")
 timed(TieredPrefixes, "settle", "kvtier settle")
 
+# the story of the slowest first tokens: each request's lookups below and preemptions, seconds from the run's start
+events: dict[str, list[tuple[float, str]]] = defaultdict(list)
+served: list[dict] = []
+run_start = [time.perf_counter()]
+
+
+def note(request_id: str, what: str) -> None:
+    events[request_id].append((time.perf_counter() - run_start[0], what))
+
+
+def traced_extend(original):
+    def wrapper(self, request_id, prompt_ids, matched):
+        held = original(self, request_id, prompt_ids, matched)
+        note(request_id, f"lookup {matched} -> {held} tokens" + (" (short of room)" if request_id in self.short
+                                                                  else ""))
+        return held
+    return wrapper
+
+
+def traced_victims(original):
+    def wrapper(self, victims, tables):
+        done = original(self, victims, tables)
+        for state in victims:
+            note(state.request_id, "swapped out" if state.request_id in done else "requeued or reset")
+        return done
+    return wrapper
+
+
+def captured_serve(original):
+    def wrapper(*args, **kwargs):
+        events.clear()
+        run_start[0] = time.perf_counter()
+        out = original(*args, **kwargs)
+        served.append({"ttft": out["ttft_by_request"], "events": dict(events)})
+        return out
+    return wrapper
+
+
+TieredPrefixes.extend = traced_extend(TieredPrefixes.extend)
+TieredOffloading._offload_to_cpu = traced_victims(TieredOffloading._offload_to_cpu)
+prefix._serve = captured_serve(prefix._serve)
+
 rows = []
 original_measure_step = None
 
@@ -77,3 +121,9 @@ for label, parts, qs in rows:
         q, kv = [a for a, _ in qs], [b for _, b in qs]
         print(f"  query tokens per step: median {statistics.median(q):.0f}, max {max(q)}, steps over 512: "
               f"{sum(x > 512 for x in q)}; kv read per step: median {statistics.median(kv):.0f}, max {max(kv)}")
+for (label, *_), run in zip(rows, served):
+    print(f"\n{label}: the five slowest first tokens (s from the run's start)")
+    for rid, (ttft, came) in sorted(run["ttft"].items(), key=lambda kv: -kv[1][0])[:5]:
+        print(f"  {rid}: came at {came:.2f}, first token after {ttft:.2f}")
+        for at, what in run["events"].get(rid, [])[:10]:
+            print(f"      {at:8.2f}  {what}")
