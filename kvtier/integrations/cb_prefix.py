@@ -238,8 +238,9 @@ class TieredPrefixes:
     def waits_for_room(self, request_id: str, held: int) -> bool:
         """Whether the request, holding ``held`` tokens, holds only what its lookups gave it (blocks brought up
         for it, or fewer than were found for want of room) and has computed nothing since: swapped out now, its
-        blocks would go straight back down and up again."""
-        return request_id in self.short or self.found.get(request_id) == held
+        blocks would go straight back down and up again (one that computed since is not: requeued, it would lose
+        that)."""
+        return self.found.get(request_id) == held
 
     def resume(self, request_id: str, prompt_ids: list[int], held: int) -> int:
         """A request part-way through its prompt (``held`` tokens of ``prompt_ids`` in its blocks) whose lookup
