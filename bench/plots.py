@@ -78,7 +78,8 @@ def write(tables: dict[str, Table], directory: str, title: str) -> list[str]:
         for name, points in tables["prefix"].series.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], "-", label=f"{name} (blocks found, total)")
         ax.set(xlabel="seconds", ylabel="blocks", ylim=(0, None))
-        written.append(_save(fig, directory, "prefix.png", "chats' history found below the GPU, over time", title))
+        what = "documents" if tables["prefix"].title.startswith("Documents") else "chats"
+        written.append(_save(fig, directory, "prefix.png", f"{what}' history found below the GPU, over time", title))
     return written
 
 
@@ -110,7 +111,7 @@ def tables_from_json(path: str) -> dict[str, Table]:
         saved = json.load(f)
     kinds = {"GPU <-> host": "sweep", "Fault-back": "prefetch", "NVMe throughput": "nvme", "Two models": "colocated",
              "Two engine processes": "processes",
-             "Chats over one system prompt": "prefix"}
+             "Chats over one system prompt": "prefix", "Documents asked about": "prefix"}
     tables = {}
     for t in saved["tables"]:
         kind = next((k for prefix, k in kinds.items() if t["title"].startswith(prefix)), None)
