@@ -219,17 +219,14 @@ def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_bl
         mgr.check()
 
 
-def test_a_hit_short_of_room_at_its_lookup_is_brought_in_when_room_comes():
-    # a session answers two documents and ends: their blocks are kept in host memory. The next session gets a long
-    # new prompt (9 blocks of a cache of 10) and the first document again, at once. The long one's prefill takes the
-    # whole token budget of its steps; the document's lookup comes in the step of its last 3 tokens, finds its 6
-    # blocks below and room for 1. Its request then waits for room where it is, part-way through its prompt (not
-    # swapped out: back, it would compute its next chunk at once); when room comes, its lookup is made again before
-    # its next chunk is computed, and the other 5 come up too (before this, 4 of them were computed)
+def document_behind_a_long_prompt(tail: int) -> tuple[list[list[list[int]]], list[list[list[int]]], dict]:
+    """A session answers two documents and ends (their blocks kept in host memory); the next gets, at once, a
+    new prompt of 8 blocks and ``tail`` tokens on a cache of 10 blocks, and the first document with a new question.
+    The engine as shipped, then on kvtier (checked after): both runs' tokens, and kvtier's engine stats."""
     model = _model("cpu")
     gen, cb = _config(10)
     first = [DOCS[0] + _tokens(3, 7), DOCS[1] + _tokens(3, 8)]
-    second = [_tokens(8 * TOKENS_PER_BLOCK + 3, 9), DOCS[0] + _tokens(5, 10)]
+    second = [_tokens(8 * TOKENS_PER_BLOCK + tail, 9), DOCS[0] + _tokens(5, 10)]
 
     def serve() -> list[list[list[int]]]:
         out = []
@@ -238,17 +235,26 @@ def test_a_hit_short_of_room_at_its_lookup_is_brought_in_when_room_comes():
             out.append([list(got[rid].generated_tokens) for rid in sorted(got, key=lambda r: int(r[4:]))])
         return out
 
-    # 1. the engine as shipped (a new cache each session: the document is computed again)
-    expected = serve()
-    # 2. on kvtier: the same tokens; the document's 6 blocks came from host memory, 5 of them once room came
+    expected = serve()  # a new cache each session: the document is computed again
     with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
         with kvtier_engine(model, mgr, swap_tier="host") as engine:
             got = serve()
             stats = engine.stats()
-        assert got == expected
-        assert stats["prefix_short_of_room"] >= 5, stats
-        assert stats["prefix_hit_blocks"] == 6, stats
         mgr.check()
+    return expected, got, stats
+
+
+def test_a_hit_short_of_room_at_its_lookup_is_brought_in_when_room_comes():
+    # the long prompt's prefill takes the whole token budget of its steps; the document's lookup comes in the step
+    # of its last 3 tokens, finds its 6 blocks below and room for 1. Its request then waits for room where it is,
+    # part-way through its prompt (not swapped out: back, it would compute its next chunk at once); when room
+    # comes, its lookup is made again before its next chunk is computed, and the other 5 come up too (before this,
+    # 4 of them were computed)
+    expected, got, stats = document_behind_a_long_prompt(3)
+    # the same tokens as the engine as shipped; the document's 6 blocks came from host memory, 5 once room came
+    assert got == expected
+    assert stats["prefix_short_of_room"] >= 5, stats
+    assert stats["prefix_hit_blocks"] == 6, stats
 
 
 def test_a_request_holding_only_found_blocks_is_requeued_not_swapped_when_the_engine_must_preempt():
@@ -256,26 +262,8 @@ def test_a_request_holding_only_found_blocks_is_requeued_not_swapped_when_the_en
     # holds the one block it found room for and waits for more, so nothing can be scheduled and the engine must
     # preempt. The document's request holds only blocks found below (resting there still): it is requeued from its
     # prompt, not copied down, and its next lookup finds all 6 again
-    model = _model("cpu")
-    gen, cb = _config(10)
-    first = [DOCS[0] + _tokens(3, 7), DOCS[1] + _tokens(3, 8)]
-    second = [_tokens(8 * TOKENS_PER_BLOCK + 10, 9), DOCS[0] + _tokens(5, 10)]
-
-    def serve() -> list[list[list[int]]]:
-        out = []
-        for inputs in (first, second):
-            got = model.generate_batch(inputs=inputs, generation_config=gen, continuous_batching_config=cb)
-            out.append([list(got[rid].generated_tokens) for rid in sorted(got, key=lambda r: int(r[4:]))])
-        return out
-
-    # 1. the engine as shipped
-    expected = serve()
-    # 2. on kvtier: the same tokens; the document's request was requeued (no swap), and found its blocks again
-    with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
-        with kvtier_engine(model, mgr, swap_tier="host") as engine:
-            got = serve()
-            stats = engine.stats()
-        assert got == expected
-        assert stats["prefix_requeued"] == 1 and stats["preempted_to_tiers"] == 0, stats
-        assert stats["prefix_hit_blocks"] >= 6, stats
-        mgr.check()
+    expected, got, stats = document_behind_a_long_prompt(10)
+    # the same tokens; the document's request was requeued (no swap), and found its blocks again
+    assert got == expected
+    assert stats["prefix_requeued"] == 1 and stats["preempted_to_tiers"] == 0, stats
+    assert stats["prefix_hit_blocks"] >= 6, stats
