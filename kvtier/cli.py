@@ -85,7 +85,8 @@ def _bench_options(fn: Any) -> Any:
                       "temporary directory; point it at the NVMe you will deploy on).")(fn)
     fn = click.option("--repeats", type=click.IntRange(1), default=None,
                       help="generate: interleaved runs of each cache (default 3 on a GPU); decode-pairs: rounds "
-                      "(default 30).")(fn)
+                      "(default 30); prefix: runs of both engines, taking turns, with each one's medians (default "
+                      "1).")(fn)
     fn = click.option("--tokens", type=click.IntRange(256), default=None,
                       help="long-context: the context's length (default: sized to the GPU, 1.15x its memory in "
                       "KV; 2048 on CPU or with --quick).")(fn)
@@ -149,7 +150,8 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "generate": (20, lambda step: [bench("generate").run(device, quick=quick, step=step, repeats=repeats)]),
         "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step, tokens=context)]),
         "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step)]),
-        "prefix": (2, lambda step: [bench("prefix").run(device, quick=quick, step=step, workload=workload)]),
+        "prefix": (2 * (repeats or 1), lambda step: [bench("prefix").run(device, quick=quick, step=step,
+                                                                          workload=workload, repeats=repeats or 1)]),
         "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
         "processes": (2, lambda step: [bench("processes").run(device, quick=quick, step=step)]),
         "peers": (2, lambda step: bench("peers").run(device, quick=quick, step=step)),

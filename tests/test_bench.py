@@ -107,6 +107,21 @@ def test_prefix_bench_serves_the_chats_both_ways_on_the_cpu(tmp_path, workload):
     assert table["title"].startswith("Documents asked about" if workload == "documents" else "Chats")
 
 
+def test_prefix_bench_repeats_take_turns_and_report_each_engines_medians(tmp_path):
+    # two runs of each engine, taking turns: a row a run, then each engine's medians over its runs
+    out = tmp_path / "prefix.json"
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "prefix", "--quick", "--device", "cpu",
+                           "--repeats", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["engine"]: r for r in json.loads(out.read_text())["tables"][0]["rows"]}
+    for engine in ("engine as shipped", "engine on kvtier"):
+        runs = [rows[f"{engine} (run {i})"] for i in (1, 2)]
+        median = rows[f"{engine} (median of 2)"]
+        assert median["computed"] == (runs[0]["computed"] + runs[1]["computed"]) / 2
+        assert median["TTFT p50 s"] == (runs[0]["TTFT p50 s"] + runs[1]["TTFT p50 s"]) / 2
+        assert all(r["outputs differing"] == 0 for r in runs)
+
+
 @pytest.mark.parametrize("bench, shared, series", [
     ("colocated", "kvtier shared pool", "kvtier"),  # two models in one process: the KV each mapped over time
     ("processes", "kvtier ledger", "ledger"),       # a process per model: the pages each held, read from the ledger
