@@ -267,3 +267,35 @@ def test_a_request_holding_only_found_blocks_is_requeued_not_swapped_when_the_en
     assert got == expected
     assert stats["prefix_requeued"] == 1 and stats["preempted_to_tiers"] == 0, stats
     assert stats["prefix_hit_blocks"] >= 6, stats
+
+
+@pytest.mark.parametrize("tail", [3, 10], ids=["waits-for-room", "requeued"])
+def test_forked_answers_of_a_document_waiting_for_room_are_the_engines(tail):
+    # the two scenarios above with two answers a prompt (num_return_sequences: the engine forks each request's
+    # blocks into its children once its prompt is in): the document's request waits for room or is requeued, its
+    # children share what came up from below, and every answer equals the engine as shipped's
+    model = _model("cpu")
+    gen = transformers.GenerationConfig(max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0, do_sample=True,
+                                        top_k=1, num_return_sequences=2)  # top_k=1: sampling that stays exact
+    cb = _config(10)[1]
+    first = [DOCS[0] + _tokens(3, 7), DOCS[1] + _tokens(3, 8)]
+    second = [_tokens(8 * TOKENS_PER_BLOCK + tail, 9), DOCS[0] + _tokens(5, 10)]
+
+    def serve() -> list[dict[str, list[int]]]:
+        out = []
+        for inputs in (first, second):
+            got = model.generate_batch(inputs=inputs, generation_config=gen, continuous_batching_config=cb)
+            out.append({rid: list(got[rid].generated_tokens) for rid in got})
+        return out
+
+    # 1. the engine as shipped: four answers a session
+    expected = serve()
+    assert [len(s) for s in expected] == [4, 4]
+    # 2. on kvtier: the same answers, the document's blocks found below
+    with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = serve()
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_hit_blocks"] >= 6, stats
+        mgr.check()
