@@ -137,7 +137,7 @@ def _serve(model: Any, chats: Chats, cb: Any, timeout: float, sample: Callable[[
     end = max(r.timestamps[-1] for r in results.values() if r.timestamps)
     return {"tokens": {rid: list(r.generated_tokens) for rid, r in results.items()},
             "errors": sum(r.error is not None for r in results.values()), "tok_s": tokens / (end - start),
-            "ttft": ttft, "ttft_by_request": by_request, "asked": asked[0], "series": series}
+            "ttft": ttft, "ttft_by_request": by_request, "asked": asked[0], "series": series, "start": start}
 
 
 class _Counted:

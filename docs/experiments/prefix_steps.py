@@ -14,6 +14,8 @@ import rich.console
 
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
 
+from transformers.generation.continuous_batching.scheduler import Scheduler
+
 from kvtier.bench import prefix
 from kvtier.integrations.cb_preemption import TieredOffloading
 from kvtier.integrations.cb_prefix import TieredPrefixes
@@ -59,11 +61,10 @@ timed(TieredPrefixes, "settle", "kvtier settle")
 # the story of the slowest first tokens: each request's lookups below and preemptions, seconds from the run's start
 events: dict[str, list[tuple[float, str]]] = defaultdict(list)
 served: list[dict] = []
-run_start = [time.perf_counter()]
 
 
-def note(request_id: str, what: str) -> None:
-    events[request_id].append((time.perf_counter() - run_start[0], what))
+def note(request_id: str, what: str) -> None:  # times made relative to the run's start when it ended
+    events[request_id].append((time.perf_counter(), what))
 
 
 def traced_extend(original):
@@ -87,13 +88,29 @@ def traced_victims(original):
 def captured_serve(original):
     def wrapper(*args, **kwargs):
         events.clear()
-        run_start[0] = time.perf_counter()
+        admitted.clear()
         out = original(*args, **kwargs)
-        served.append({"ttft": out["ttft_by_request"], "events": dict(events)})
+        t0 = out["start"]
+        served.append({"ttft": out["ttft_by_request"], "admitted": {r: t - t0 for r, t in admitted.items()},
+                       "events": {r: [(t - t0, what) for t, what in e] for r, e in events.items()}})
         return out
     return wrapper
 
 
+admitted: dict[str, float] = {}  # request -> when it was first in a scheduled batch (s from the run's start)
+
+
+def traced_admission(original):
+    def wrapper(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        for future in out[0]:
+            if future.state.request_id not in admitted:
+                admitted[future.state.request_id] = time.perf_counter()
+        return out
+    return wrapper
+
+
+Scheduler._process_candidates = traced_admission(Scheduler._process_candidates)
 TieredPrefixes.extend = traced_extend(TieredPrefixes.extend)
 TieredOffloading._offload_to_cpu = traced_victims(TieredOffloading._offload_to_cpu)
 prefix._serve = captured_serve(prefix._serve)
@@ -122,8 +139,17 @@ for label, parts, qs in rows:
         print(f"  query tokens per step: median {statistics.median(q):.0f}, max {max(q)}, steps over 512: "
               f"{sum(x > 512 for x in q)}; kv read per step: median {statistics.median(kv):.0f}, max {max(kv)}")
 for (label, *_), run in zip(rows, served):
+    # a first token's time in two: waiting to be in a batch at all (KV room, the safety margin, the token budget),
+    # then from the first batch it was in to its first token (its prefill's steps, beside others' work)
+    waits = {rid: run["admitted"][rid] - came for rid, (_, came) in run["ttft"].items() if rid in run["admitted"]}
+    after = [run["ttft"][rid][0] - w for rid, w in waits.items()]
+    if waits:
+        print(f"\n{label}: TTFT p50 {statistics.median(t for t, _ in run['ttft'].values()):.2f} s = waiting for a "
+              f"first batch p50 {statistics.median(waits.values()):.2f} s (max {max(waits.values()):.2f}) + first "
+              f"batch to first token p50 {statistics.median(after):.2f} s (max {max(after):.2f})")
     print(f"\n{label}: the five slowest first tokens (s from the run's start)")
     for rid, (ttft, came) in sorted(run["ttft"].items(), key=lambda kv: -kv[1][0])[:5]:
-        print(f"  {rid}: came at {came:.2f}, first token after {ttft:.2f}")
+        print(f"  {rid}: came at {came:.2f}, first in a batch at {run['admitted'].get(rid, float('nan')):.2f}, "
+              f"first token after {ttft:.2f}")
         for at, what in run["events"].get(rid, [])[:10]:
             print(f"      {at:8.2f}  {what}")
