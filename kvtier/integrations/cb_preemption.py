@@ -58,11 +58,11 @@ class TieredOffloading(OffloadingManager):
     # --- down -------------------------------------------------------------------------------------------------
     def offload_requests(self) -> bool:
         prefixes = self.cache.prefixes
-        if prefixes is not None and prefixes.found and not self.nothing_scheduled:
-            # a batch runs, so room comes: a request holding only what its lookup brought up waits for it where it
-            # is (one that found more below than it had room for is looked up again before its next chunk);
-            # swapped out, its blocks would go back down just up, and it would come back to compute its next
-            # chunk at once, though the rest of its blocks rest below
+        if prefixes is not None and prefixes.after_lookup and not self.nothing_scheduled:
+            # a batch runs, so room comes: a request holding only what its lookup gave it waits for it where it is
+            # (one that found more below than it had room for is looked up again before its next chunk); swapped
+            # out, its blocks would go back down just up (or those the engine matched, cached, be copied down),
+            # and it would wait behind later requests, keeping new ones out
             starved = self.scheduler.starved_requests
             starved[:] = [(s, n) for s, n in starved if not prefixes.waits_for_room(s.request_id, s.position_offset)]
         self.cache.holding = True
@@ -136,7 +136,7 @@ class TieredOffloading(OffloadingManager):
             table = {name: blocks for name, blocks in victim_block_tables[state.request_id].items() if blocks}
             if not table:
                 continue
-            if prefixes is not None and prefixes.waits_for_room(state.request_id, state.position_offset):
+            if prefixes is not None and prefixes.holds_only_found(state.request_id, state.position_offset):
                 # it holds only blocks its lookup found (they rest below, and the engine's matched ones stay
                 # cached): requeued from its prompt, it finds them again -- no copy down of what is already there
                 self.engine.counts["prefix_requeued"] += 1

@@ -47,7 +47,8 @@ class TieredPrefixes:
         self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept sequence, its offload)
         self.short: set[str] = set()  # requests whose lookup found blocks below with no room for them yet
         self.looked: set[str] = set()  # requests looked up (their finds counted), until they finish
-        self.found: dict[str, int] = {}  # request -> the tokens it held after its last lookup that found any
+        self.found: dict[str, int] = {}  # request -> the tokens it held after its last lookup that found any below
+        self.after_lookup: dict[str, int] = {}  # request -> the tokens it held after its last lookup (if any)
         self._ids = itertools.count()
 
     @property
@@ -75,7 +76,7 @@ class TieredPrefixes:
             self.chunk_blocks[name] = max(1, engine.staging_bytes // a.bytes_per_block)
             self.keys[name] = {}
         self._cache, self.stream = cache, stream
-        self.short, self.looked, self.found = set(), set(), {}
+        self.short, self.looked, self.found, self.after_lookup = set(), set(), {}, {}
         cache.prefixes = self
 
     def unbind(self) -> None:
@@ -187,6 +188,12 @@ class TieredPrefixes:
         """The engine matched ``matched`` tokens of the prompt on the GPU (and gave the request those blocks);
         look for the blocks after them in the tiers, bring them into fresh blocks of the engine's and index them
         there. Return the tokens the request now holds."""
+        held = self._extend(request_id, prompt_ids, matched)
+        if held:
+            self.after_lookup[request_id] = held
+        return held
+
+    def _extend(self, request_id: str, prompt_ids: list[int], matched: int) -> int:
         allocators = self.cache.cache_allocators
         tpp = {a.tokens_per_page for a in allocators.values()}
         if len(tpp) != 1:
@@ -236,10 +243,18 @@ class TieredPrefixes:
         return matched + count * tokens_per_block
 
     def waits_for_room(self, request_id: str, held: int) -> bool:
-        """Whether the request, holding ``held`` tokens, holds only what its lookups gave it (blocks brought up
-        for it, or fewer than were found for want of room) and has computed nothing since: swapped out now, its
-        blocks would go straight back down and up again (one that computed since is not: requeued, it would lose
-        that)."""
+        """Whether the request, holding ``held`` tokens, holds only what its last lookup gave it (the engine's
+        match on the GPU, blocks brought up for it) and has computed nothing since: it waits for room where it is
+        while a batch runs. Swapped out, it would copy down blocks that are cached or rest below already, go to
+        the back of the line and keep new requests out until one finishes (the H100 trace of 91a7480: documents
+        swapped out at their lookup holding the system prompt's two blocks waited 10-13 s for a first batch)."""
+        return self.after_lookup.get(request_id) == held
+
+    def holds_only_found(self, request_id: str, held: int) -> bool:
+        """Whether the request, holding ``held`` tokens, holds only what its lookups found below (and the engine's
+        match) and has computed nothing since: when the engine must preempt it, it is requeued from its prompt
+        (its blocks rest below; its next lookup finds them) rather than copied down again (one that computed
+        since is not: requeued, it would lose that)."""
         return self.found.get(request_id) == held
 
     def resume(self, request_id: str, prompt_ids: list[int], held: int) -> int:
@@ -260,6 +275,7 @@ class TieredPrefixes:
         self.short.discard(request_id)
         self.looked.discard(request_id)
         self.found.pop(request_id, None)
+        self.after_lookup.pop(request_id, None)
 
     def _bring_in(self, request_id: str, prompt_ids: list[int], at: int, n: int, keys: dict[str, list[bytes]]
                   ) -> int:
