@@ -299,3 +299,48 @@ def test_forked_answers_of_a_document_waiting_for_room_are_the_engines(tail):
         assert got == expected
         assert stats["prefix_hit_blocks"] >= 6, stats
         mgr.check()
+
+
+def test_a_request_holding_only_the_engines_match_waits_for_room_where_it_is():
+    # one engine session: a chat's turn over the system prompt is answered (its blocks stay cached on the GPU); then
+    # a long prompt of 140 tokens and a new document over the same system prompt come at once, on a cache of 14
+    # blocks. The long prompt's prefill takes the token budget of two steps; in its third, the document's lookup
+    # matches the system prompt's two blocks on the GPU (nothing below: the document is new), and there is no room
+    # for its next chunk. It waits for room where it is while the long prompt decodes: swapped out, it would copy
+    # the two cached blocks down, go to the back of the line and keep new requests out (the H100 documents load:
+    # such requests waited 10-13 s for a first batch)
+    model = _model("cpu")
+    gen, cb = _config(14)
+    system = _tokens(SYSTEM, 0)
+    chat, long_prompt = system + _tokens(QUESTION, 1), _tokens(140, 2)
+    document = system + _tokens(5 * TOKENS_PER_BLOCK, 3) + _tokens(4, 4)
+
+    def serve() -> dict[str, list[int]]:
+        server = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        server.start()
+        try:
+            server.add_request(chat, request_id="chat")
+            out = {}
+            for wanted in (1, 2):
+                if wanted == 2:
+                    server.add_request(long_prompt, request_id="long")
+                    server.add_request(document, request_id="document")
+                while len(out) < 1 + 2 * (wanted == 2):
+                    result = server.get_result(timeout=120)
+                    assert result is not None, f"the engine stopped: {server.background_thread_status.fatal_error}"
+                    out[result.request_id] = list(result.generated_tokens)
+            return out
+        finally:
+            server.stop(block=True)
+            model.destroy_cached_continuous_batching_manager()
+
+    # 1. the engine as shipped (it recomputes the document after a soft reset)
+    expected = serve()
+    # 2. on kvtier: the same tokens; the document's request was never swapped out (it had been, before d8ed23a)
+    with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = serve()
+            stats = engine.stats()
+        mgr.check()
+    assert got == expected
+    assert stats["preempted_to_tiers"] == 0 and stats["soft_resets"] == 0 and stats["prefix_requeued"] == 0, stats
