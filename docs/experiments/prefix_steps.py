@@ -3,8 +3,11 @@ prompt tokens the engine as shipped recomputes, yet TTFT p50 was equal (1.14 s a
 prefill of a few thousand tokens of a 1B model takes. This times the engine's scheduler thread in both runs: its
 steps (prepare / forward / update), the tokens each step ran, and kvtier's hooks on that thread (keeping forgotten
 blocks, finding prompts below). Also: the five slowest first tokens of each run, with each one's lookups below
-and preemptions. Run on a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents]"""
+and preemptions. Run on a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents] [--profile] (--profile: where
+the scheduler's batch making spends its time, cProfile'd on its thread)"""
 
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -51,6 +54,23 @@ def timed_step(owner):
     owner._generation_step = wrapper
 
 
+profiles: list[cProfile.Profile] = [cProfile.Profile()]  # --profile: the scheduler's batch making, per run
+
+
+def profiled(owner, name):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        profiles[-1].enable()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            profiles[-1].disable()
+    setattr(owner, name, wrapper)
+
+
+if "--profile" in sys.argv:
+    profiled(ContinuousBatchProcessor, "prepare_next_batch")
 timed(ContinuousBatchProcessor, "prepare_next_batch", "prepare_next_batch")
 timed(ContinuousBatchProcessor, "update_batch", "update_batch")
 timed_step(ContinuousBatchProcessor)
@@ -124,6 +144,7 @@ def report(label: str) -> None:
                          for k, v in spent.items()}, list(q_tokens)))
     spent.clear()
     q_tokens.clear()
+    profiles.append(cProfile.Profile())
 
 
 names = iter(["engine as shipped", "engine on kvtier"])
@@ -138,6 +159,11 @@ for label, parts, qs in rows:
         q, kv = [a for a, _ in qs], [b for _, b in qs]
         print(f"  query tokens per step: median {statistics.median(q):.0f}, max {max(q)}, steps over 512: "
               f"{sum(x > 512 for x in q)}; kv read per step: median {statistics.median(kv):.0f}, max {max(kv)}")
+if "--profile" in sys.argv:
+    for (label, *_), profile in zip(rows, profiles):
+        print(f"\n{label}: prepare_next_batch, by time inside (with what it called)")
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(28)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(12)  # the leaves: driver calls, waits
 for (label, *_), run in zip(rows, served):
     # a first token's time in two: waiting to be in a batch at all (KV room, the safety margin, the token budget),
     # then from the first batch it was in to its first token (its prefill's steps, beside others' work)
