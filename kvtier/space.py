@@ -462,6 +462,11 @@ class KVSpace:
         """Copy the KV of ``seq_id``'s tokens ``start..stop`` into ``dst`` from whichever tier holds them."""
         return self.tiers.read(seq_id, dst, start, stop, stream)
 
+    def read_blocks(self, seq_id: Hashable, dst: Callable[[int, int], torch.Tensor], count: int | None = None,
+                    stream: Any = None) -> TransferHandle:
+        """Copy the bytes of ``seq_id``'s first ``count`` blocks into ``dst(region, i)``, from whichever tier."""
+        return self.tiers.read_blocks(seq_id, dst, count, stream)
+
     def residency(self, seq_id: Hashable) -> dict[str, int]:
         """Bytes of ``seq_id``'s blocks per place: ``gpu``, each configured tier, ``lost``."""
         return self.tiers.residency(seq_id)

@@ -9,7 +9,7 @@ the moves to ``kvtier.tiering``, as the rest of the space does for allocation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -186,6 +186,42 @@ class SpaceTiers:
 
         def target(region: int, page: int) -> torch.Tensor:  # the page's bytes in dst (the last page is short)
             return flat[region][page * P: min((page + 1) * P, used)]
+        return self._tiering.read(self.space, pages, target, stream)
+
+    def read_blocks(self, seq_id: Hashable, dst: Callable[[int, int], torch.Tensor], count: int | None = None,
+                    stream: Any = None) -> TransferHandle:
+        """Copy the bytes of ``seq_id``'s first ``count`` blocks (default: all) into ``dst(region, i)`` -- the
+        i-th block's bytes of that region, a contiguous tensor of ``block_bytes`` bytes on the space's device,
+        anywhere (an engine's own blocks) -- from whichever tier each page is in, as :meth:`read` does: nothing
+        mapped, GPU pages copied on ``stream`` at once, lower ones after the work queued on it so far, checked
+        where they land (host checksums). Needs blocks of whole pages (``block_bytes`` a multiple of the page
+        size: each page then holds one block's bytes). ``handle.result()``: the copies and their checks done
+        (TransferError: a page failed its check and is lost)."""
+        B, P = self.space.block_bytes, self.space.page_size
+        if B % P:
+            raise InvalidArgumentError(f"space {self.space.name!r}: read_blocks needs blocks of whole pages "
+                                       f"({B} bytes a block, pages of {P}); use read()")
+        return self._room.run_planned(lambda: self._read_blocks(seq_id, dst, count, stream))
+
+    def _read_blocks(self, seq_id: Hashable, dst: Callable[[int, int], torch.Tensor], count: int | None,
+                     stream: Any) -> TransferHandle:
+        self.space._check_open()
+        held = self.block_books.blocks_of(seq_id)
+        count = len(held) if count is None else count
+        int_arg("count", count, 0, len(held))
+        per = self.space.block_bytes // self.space.page_size  # pages a block spans in each region
+        index = {b * per + k: (i, k) for i, b in enumerate(held[:count]) for k in range(per)}  # page -> (i, part)
+        pages = sorted(index)
+        moving = self.pages.moving
+        pending = list({moving[p] for p in pages if p in moving}) if moving else []
+        if pending:
+            raise PagesInFlight(f"space {self.space.name!r}: pages in flight", pending)
+        self._refuse_lost(pages)
+        P = self.space.page_size
+
+        def target(region: int, page: int) -> torch.Tensor:
+            i, part = index[page]
+            return dst(region, i).view(torch.uint8).view(-1)[part * P:(part + 1) * P]
         return self._tiering.read(self.space, pages, target, stream)
 
     def _check_read_target(self, dst: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:

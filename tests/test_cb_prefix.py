@@ -219,11 +219,14 @@ def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_bl
         mgr.check()
 
 
-def document_behind_a_long_prompt(tail: int) -> tuple[list[list[list[int]]], list[list[list[int]]], dict]:
+def document_behind_a_long_prompt(tail: int, path: str = "staging"
+                                  ) -> tuple[list[list[list[int]]], list[list[list[int]]], dict]:
     """A session answers two documents and ends (their blocks kept in host memory); the next gets, at once, a
     new prompt of 8 blocks and ``tail`` tokens on a cache of 10 blocks, and the first document with a new question.
-    The engine as shipped, then on kvtier (checked after): both runs' tokens, and kvtier's engine stats."""
-    model = _model("cpu")
+    The engine as shipped, then on kvtier (checked after): both runs' tokens, and kvtier's engine stats. ``path``:
+    "staging" (the tiny llama: hits come up through the prefix space) or "direct" (the wide llama on 4 KiB pages:
+    hits are read straight into the engine's blocks)."""
+    model = _model("cpu", "llama" if path == "staging" else "llama-wide")
     gen, cb = _config(10)
     first = [DOCS[0] + _tokens(3, 7), DOCS[1] + _tokens(3, 8)]
     second = [_tokens(8 * TOKENS_PER_BLOCK + tail, 9), DOCS[0] + _tokens(5, 10)]
@@ -236,7 +239,9 @@ def document_behind_a_long_prompt(tail: int) -> tuple[list[list[list[int]]], lis
         return out
 
     expected = serve()  # a new cache each session: the document is computed again
-    with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
+    page = None if path == "staging" else 4096
+    with _manager("cpu", pages=64 if page is None else 1024, page=page, host_size=256 * 4096,
+                  host_chunk=64 * 4096) as mgr:
         with kvtier_engine(model, mgr, swap_tier="host") as engine:
             got = serve()
             stats = engine.stats()
@@ -244,25 +249,27 @@ def document_behind_a_long_prompt(tail: int) -> tuple[list[list[list[int]]], lis
     return expected, got, stats
 
 
-def test_a_hit_short_of_room_at_its_lookup_is_brought_in_when_room_comes():
+@pytest.mark.parametrize("path", ["staging", "direct"])
+def test_a_hit_short_of_room_at_its_lookup_is_brought_in_when_room_comes(path):
     # the long prompt's prefill takes the whole token budget of its steps; the document's lookup comes in the step
     # of its last 3 tokens, finds its 6 blocks below and room for 1. Its request then waits for room where it is,
     # part-way through its prompt (not swapped out: back, it would compute its next chunk at once); when room
     # comes, its lookup is made again before its next chunk is computed, and the other 5 come up too (before this,
     # 4 of them were computed)
-    expected, got, stats = document_behind_a_long_prompt(3)
+    expected, got, stats = document_behind_a_long_prompt(3, path)
     # the same tokens as the engine as shipped; the document's 6 blocks came from host memory, 5 once room came
     assert got == expected
     assert stats["prefix_short_of_room"] >= 5, stats
     assert stats["prefix_hit_blocks"] == 6, stats
 
 
-def test_a_request_holding_only_found_blocks_is_requeued_not_swapped_when_the_engine_must_preempt():
+@pytest.mark.parametrize("path", ["staging", "direct"])
+def test_a_request_holding_only_found_blocks_is_requeued_not_swapped_when_the_engine_must_preempt(path):
     # as above, but the long prompt's answer crosses into a tenth block: when it needs it, the document's request
     # holds the one block it found room for and waits for more, so nothing can be scheduled and the engine must
     # preempt. The document's request holds only blocks found below (resting there still): it is requeued from its
     # prompt, not copied down, and its next lookup finds all 6 again
-    expected, got, stats = document_behind_a_long_prompt(10)
+    expected, got, stats = document_behind_a_long_prompt(10, path)
     # the same tokens; the document's request was requeued (no swap), and found its blocks again
     assert got == expected
     assert stats["prefix_requeued"] == 1 and stats["preempted_to_tiers"] == 0, stats
@@ -344,3 +351,49 @@ def test_a_request_holding_only_the_engines_match_waits_for_room_where_it_is():
         mgr.check()
     assert got == expected
     assert stats["preempted_to_tiers"] == 0 and stats["soft_resets"] == 0 and stats["prefix_requeued"] == 0, stats
+
+
+@pytest.mark.parametrize("path", ["staging", "direct"])
+def test_kept_blocks_changed_in_host_memory_are_a_miss_and_recomputed(path):
+    # staging: the tiny llama's 4 KiB block halves share 64 KiB pages, so a hit comes up through the prefix space's
+    # staging room; direct: the wide llama's 16 KiB halves span 4 KiB pages whole, so a hit is read from host memory
+    # straight into the engine's blocks and checked there
+    model = _model("cpu", "llama" if path == "staging" else "llama-wide")
+    gen, cb = _config(14)
+    system = _tokens(SYSTEM, 0)
+    first = [system + _tokens(QUESTION, 1 + i) for i in range(3)]
+
+    def serve(between: object = None) -> list[list[list[int]]]:
+        one = model.generate_batch(inputs=first, generation_config=gen, continuous_batching_config=cb)
+        answers = [list(one[rid].generated_tokens) for rid in sorted(one, key=lambda r: int(r[4:]))]
+        if between is not None:
+            between()
+        second = [p + a + _tokens(FOLLOW_UP, 20 + i) for i, (p, a) in enumerate(zip(first, answers))]
+        two = model.generate_batch(inputs=second, generation_config=gen, continuous_batching_config=cb)
+        return [answers, [list(two[rid].generated_tokens) for rid in sorted(two, key=lambda r: int(r[4:]))]]
+
+    # 1. the engine as shipped: a new cache each session, the history computed again
+    expected = serve()
+    page = None if path == "staging" else 4096
+    with _manager("cpu", pages=512 if page else 16, page=page, host_size=512 * 4096, host_chunk=128 * 4096) as mgr:
+        host = mgr.tiering.stack.get("host")
+
+        def change_a_byte_of_every_kept_page() -> None:
+            # bytes at rest in host memory change (a stray write, a bad DIMM): every slot the prefix space holds
+            (space,) = [s for name, s in mgr.spaces.items() if "/prefix/" in name]
+            on_host = [p for p in space.pages.slots if space.pages.tier_of(p) == host.id]
+            assert on_host
+            for p in on_host:
+                for slot in space.pages.slots[p]:
+                    data = host.data(slot)
+                    data[len(data) // 2] ^= 0x10
+
+        # 2. on kvtier: the first session's blocks are kept in host memory, then changed there; the second's
+        # prompts find their keys, and the checks where the bytes land fail: a miss, computed again, same tokens
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = serve(change_a_byte_of_every_kept_page)
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_kept_blocks"] > 0 and stats["prefix_hit_blocks"] == 0, stats
+        assert host.digests.counts()["mismatches"] > 0
+        mgr.check()

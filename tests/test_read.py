@@ -191,3 +191,51 @@ def test_growing_never_hands_out_a_free_block_on_a_page_sent_down(make_manager):
     space.check_resident(blocks[15:])  # the new block is on a mapped page, not on page 0 below
     assert blocks[-1] >= 2 * bpp
     mgr.check()
+
+
+@pytest.mark.parametrize("tier", ["gpu", "host", "nvme"])
+def test_read_blocks_lands_each_block_where_the_caller_says_from_every_tier(make_manager, tier):
+    # blocks of one whole page each (an engine's 256-token block of a large model, one kvtier token a block), a
+    # sequence's four of them read into the rows of an engine's own cache, in an order of its choosing: K in the
+    # first half of a row, V in the second
+    mgr = make_manager()
+    page = mgr.page_size
+    space = mgr.create_space("blocks", num_layers=1, num_kv_heads=1, head_dim=page // 2, dtype=torch.float16,
+                             block_size=1, max_tokens=16)
+    space.allocate("a", 4)
+    space.allocate("b", 2)
+    write_seq(space, "a")
+    write_seq(space, "b", salt=1)
+    if tier != "gpu":
+        space.offload("a", tier=tier).result()
+    rows = torch.zeros(8, 2 * page, dtype=torch.uint8, device=space.kv(0)[0].device)
+    order = [5, 0, 7, 2]  # the i-th block of "a" -> row order[i]
+
+    def dst(region: int, i: int) -> torch.Tensor:
+        return rows[order[i], region * page:(region + 1) * page]
+    # 1. every block lands in its row, from wherever it rests; nothing else is written
+    space.read_blocks("a", dst).result()
+    if rows.is_cuda:
+        torch.cuda.synchronize()
+    for i, row in enumerate(order):
+        for kv in (0, 1):
+            expected = pattern(space, "a", 0, i, 0, kv).view(torch.uint8).view(-1)
+            assert torch.equal(rows[row, kv * page:(kv + 1) * page].cpu(), expected), f"block {i}, region {kv}"
+    assert not rows[[1, 3, 4, 6]].any()
+    assert space.residency("a")[tier] > 0  # read, not moved
+    # 2. the first two only
+    rows.zero_()
+    space.read_blocks("a", dst, count=2).result()
+    if rows.is_cuda:
+        torch.cuda.synchronize()
+    assert rows[order[:2]].any(dim=1).all() and not rows[order[2:]].any()
+    mgr.check()
+
+
+def test_read_blocks_refuses_blocks_that_share_a_page(make_manager):
+    mgr = make_manager()
+    space = _space(mgr, make_manager)  # 16 blocks a page
+    space.allocate("a", 4 * space.block_size)
+    with pytest.raises(InvalidArgumentError, match="whole pages"):
+        space.read_blocks("a", lambda region, i: torch.empty(0))
+    mgr.check()

@@ -224,6 +224,9 @@ class TieredPrefixes:
             self.short.add(request_id)  # looked for again before its next chunk is computed (``resume``)
         else:
             self.short.discard(request_id)
+        if remote is None and want and self._direct():  # straight from where they rest into the engine's blocks
+            count = self._read_in(request_id, prompt_ids, first, want, keys)
+            return self._took(request_id, matched, count, tokens_per_block)
         # through the spaces' staging room a chunk at a time (a document's hit is larger than it); a store's
         # objects are read whole, at once
         step = want if remote is not None else min(self.chunk_blocks.values())
@@ -235,12 +238,64 @@ class TieredPrefixes:
             if got < n:
                 break
             self.settle(wait=count < want)  # the chunk's staging back before the next takes it
+        return self._took(request_id, matched, count, tokens_per_block)
+
+    def _took(self, request_id: str, matched: int, count: int, tokens_per_block: int) -> int:
         if count:
             self.engine.counts["prefix_hit_blocks"] += count
             self.engine.counts["prefix_hit_tokens"] += count * tokens_per_block
         if count or request_id in self.short:
             self.found[request_id] = matched + count * tokens_per_block
         return matched + count * tokens_per_block
+
+    def _direct(self) -> bool:
+        """Whether hits can be read from where they rest straight into the engine's blocks: every space's blocks
+        span whole pages (an engine block of 32 MiB, a Llama-3-8B shape's 256 tokens, does on 8 MiB pages; the
+        1B shape's 8 MiB blocks share a page between two and go through the staging room)."""
+        return all(space.block_bytes % space.page_size == 0 for space in self.spaces.values())
+
+    def _read_in(self, request_id: str, prompt_ids: list[int], at: int, n: int, keys: dict[str, list[bytes]]
+                 ) -> int:
+        """Blocks ``at..at+n`` of the prompt read from the tiers straight into fresh blocks of the request (no
+        staging room, no mapping: the copies land in the engine's blocks, checked there before any step reads
+        them); as many as were found from ``at``. A failed check or a lost page: a miss, the blocks given back."""
+        seq: Hashable = ("hit", next(self._ids))
+        held: list[str] = []
+        count = n
+        try:
+            for name in self.cache.cache_allocators:
+                found = self.spaces[name].share_prefix(seq, keys[name][at:at + n])
+                if found:
+                    held.append(name)
+                count = min(count, found)
+            if not count:
+                return 0
+            fresh = {name: a.pool.get_free_blocks(a.index, count) for name, a in self.cache.cache_allocators.items()}
+            try:
+                handles = []
+                for name, allocator in self.cache.cache_allocators.items():
+                    rows, half = allocator._copy_view, allocator.bytes_per_block // 2
+                    blocks = fresh[name]
+
+                    def dst(region: int, i: int, rows: torch.Tensor = rows, blocks: list[int] = blocks,
+                            half: int = half) -> torch.Tensor:  # K in the first half of the engine's block, V after
+                        return rows[blocks[i], region * half:(region + 1) * half]
+                    handles.append(self.spaces[name].read_blocks(seq, dst, count, stream=self.stream))
+                for handle in handles:
+                    handle.result()  # copied and checked: no step reads them before
+            except BaseException:
+                for name, allocator in self.cache.cache_allocators.items():
+                    allocator.pool.free_blocks(allocator.index, fresh[name])
+                raise
+            self._index(request_id, prompt_ids, at, fresh)
+            return count
+        except KVTierError as exc:  # lost below (a failed check), or the pool moved: a miss
+            log.info("continuous batching %r: prefix of request %s not read from the tiers (%s)", self.engine.name,
+                     request_id, exc)
+            return 0
+        finally:
+            for name in held:  # the blocks stay cached in the space, where they rest
+                self.spaces[name].free(seq, stream=self.stream)
 
     def waits_for_room(self, request_id: str, held: int) -> bool:
         """Whether the request, holding ``held`` tokens, holds only what its last lookup gave it (the engine's
@@ -324,20 +379,26 @@ class TieredPrefixes:
         return fits
 
     def _copy_in(self, request_id: str, prompt_ids: list[int], first: int, count: int, seq: Hashable) -> None:
-        device = self.cache.device
+        device, fresh = self.cache.device, {}
         for name, allocator in self.cache.cache_allocators.items():
-            space, tpp = self.spaces[name], allocator.tokens_per_page
-            fresh = allocator.pool.get_free_blocks(allocator.index, count)
+            space = self.spaces[name]
+            fresh[name] = allocator.pool.get_free_blocks(allocator.index, count)
             with stream_context(self.stream):
                 src = get_blocks(space, space.blocks(seq)[:count], device)
-                allocator._copy_view.index_copy_(0, torch.tensor(fresh, device=device), src)
+                allocator._copy_view.index_copy_(0, torch.tensor(fresh[name], device=device), src)
+        self._index(request_id, prompt_ids, first, fresh)
+
+    def _index(self, request_id: str, prompt_ids: list[int], first: int, fresh: dict[str, list[int]]) -> None:
+        """The blocks filled for prompt blocks ``first...`` enter the request's table and the engine's index."""
+        for name, allocator in self.cache.cache_allocators.items():
+            tpp = allocator.tokens_per_page
             table = allocator.block_table.setdefault(request_id, [])
             hashes = allocator.ledger.block_to_hash
             parent = hashes.get(table[-1]) if table else None
-            for i, block in enumerate(fresh, start=first):
+            for i, block in enumerate(fresh[name], start=first):
                 parent = compute_block_hash(parent, prompt_ids[i * tpp:(i + 1) * tpp])
                 allocator.ledger.register_new_hash(block, parent)  # a duplicate registered meanwhile: unhashed
-            table.extend(fresh)
+            table.extend(fresh[name])
         # the engine hashed them: kvtier's keys for them, chained from the start of the prompt
         self.note_complete(request_id, prompt_ids)
 
