@@ -4,8 +4,10 @@ The engine keeps the full blocks of finished requests cached on the GPU and shar
 whose prompts start the same way (``allow_block_sharing``, its default), but under memory pressure it forgets
 them all at once. Here, before it does, their bytes are copied into a kvtier space, published under kvtier's
 content keys and sent down the tiers; a later request whose prompt goes on past what the GPU still holds finds
-the rest there: fresh blocks of the engine's are filled from the tiers before the step that reads them, and
-enter the engine's own index again. Keys are kvtier's 128-bit chained keys of the blocks' tokens (the engine's
+the rest there: fresh blocks of the engine's are filled from the tiers before the step that reads them (read
+straight from host memory or NVMe into them where an engine block spans whole kvtier pages, as a large model's
+do; otherwise brought up through the prefix space's staging room a chunk at a time), and enter the engine's own
+index again. Keys are kvtier's 128-bit chained keys of the blocks' tokens (the engine's
 own hashes are 64-bit); a block whose tokens were never seen here (it entered the engine before) is not kept.
 """
 
