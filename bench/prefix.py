@@ -277,7 +277,9 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                 return dict(engine.stats()["prefix_tiers"]["hit_blocks_by_tier"])
             out = _serve(model, chats, cb_config(None), timeout, sample)
             stats = engine.stats()
-            up = sum(p["bytes"] for name, p in mgr.stats()["tiers"]["paths"].items() if name.endswith("->gpu"))
+            # up into the spaces (staged hits, restores) and read straight into the engine's blocks (hits)
+            up = sum(p["bytes"] for name, p in mgr.stats()["tiers"]["paths"].items()
+                     if name.endswith("->gpu") or name.endswith("->read"))
             created = mgr.pool.peak_created * mgr.page_size
         hits = dict(stats["prefix_tiers"]["hit_blocks_by_tier"])
         engine_counts.update({k: stats.get(k, 0) for k in ("prefix_kept_blocks", "prefix_not_kept",
