@@ -3,8 +3,9 @@ prompt tokens the engine as shipped recomputes, yet TTFT p50 was equal (1.14 s a
 prefill of a few thousand tokens of a 1B model takes. This times the engine's scheduler thread in both runs: its
 steps (prepare / forward / update), the tokens each step ran, and kvtier's hooks on that thread (keeping forgotten
 blocks, finding prompts below). Also: the five slowest first tokens of each run, with each one's lookups below
-and preemptions. Run on a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents] [--profile] (--profile: where
-the scheduler's batch making spends its time, cProfile'd on its thread)"""
+and preemptions, and each run's first tokens split into the wait for a first batch and the steps after it. Run on
+a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents] [--profile] (--profile: where the
+scheduler's batch making spends its time, cProfile'd on its thread)"""
 
 import cProfile
 import pstats

@@ -46,7 +46,7 @@ class TieredPrefixes:
         # engine block -> (the engine's hash of it, kvtier's key of it, its position in the prompt's chain, the key
         # before it): valid while the engine's hash is the same
         self.keys: dict[str, dict[int, tuple[int, bytes, int, bytes]]] = {}
-        self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept sequence, its offload)
+        self.going_down: list[tuple[str, Hashable, Any]] = []  # (allocator, kept or hit sequence, its offload or read)
         self.short: set[str] = set()  # requests whose lookup found blocks below with no room for them yet
         self.looked: set[str] = set()  # requests looked up (their finds counted), until they finish
         self.found: dict[str, int] = {}  # request -> the tokens it held after its last lookup that found any below
@@ -296,8 +296,11 @@ class TieredPrefixes:
                      request_id, exc)
             return 0
         finally:
+            # let go once the engine's stream got past the copies of pages met on the GPU (queued there, not waited
+            # for): held till then, the pages are not idle, so no demotion can unmap them under a pending copy
+            fence = _Fence(self.spaces[held[0]]._backend.record_fence(self.stream)) if held else None
             for name in held:  # the blocks stay cached in the space, where they rest
-                self.spaces[name].free(seq, stream=self.stream)
+                self.going_down.append((name, seq, fence))
 
     def waits_for_room(self, request_id: str, held: int) -> bool:
         """Whether the request, holding ``held`` tokens, holds only what its last lookup gave it (the engine's
@@ -424,6 +427,21 @@ class TieredPrefixes:
             self.engine.manager.drop_space(space.name)
         self.spaces = {}
 
+
+
+class _Fence:
+    """The engine's stream past a point (a fence, or None where copies are synchronous), as the handles of
+    ``going_down`` are waited for."""
+
+    def __init__(self, fence: Any) -> None:
+        self.fence = fence
+
+    def done(self) -> bool:
+        return self.fence is None or self.fence.query()
+
+    def settle(self) -> None:
+        if self.fence is not None:
+            self.fence.synchronize()
 
 
 def _chains(todo: list[tuple[int, bytes]], keys: dict[int, tuple[int, bytes, int, bytes]]) -> list[tuple[int, bytes]]:
