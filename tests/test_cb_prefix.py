@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtier.vmm import cuda as vmm_cuda
 from tests.conftest import PAGE
 from tests.faults import FaultyFiles
 from tests.test_continuous_batching import TOKENS_PER_BLOCK, _manager, _model, cb_integration, transformers
@@ -19,10 +20,13 @@ SYSTEM, QUESTION, FOLLOW_UP, NEW = 40, 10, 7, 8  # tokens: a shared system promp
 CONVERSATIONS, TURNS = 6, 3
 
 
-def _config(num_blocks: int) -> tuple[object, ContinuousBatchingConfig]:
+def _config(num_blocks: int, tokens_per_block: int = TOKENS_PER_BLOCK, use_async_batching: bool = False
+            ) -> tuple[object, ContinuousBatchingConfig]:
     gen = transformers.GenerationConfig(max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0, do_sample=False)
-    cb = ContinuousBatchingConfig(page_size=TOKENS_PER_BLOCK, num_blocks=num_blocks, max_batch_tokens=64,
-                                  allow_block_sharing=True, auto_switch_to_flash=False, use_cuda_graph=False)
+    cb = ContinuousBatchingConfig(page_size=tokens_per_block, num_blocks=num_blocks,
+                                  max_batch_tokens=4 * tokens_per_block, allow_block_sharing=True,
+                                  auto_switch_to_flash=False, use_cuda_graph=False,
+                                  use_async_batching=use_async_batching)
     return gen, cb
 
 
@@ -30,13 +34,15 @@ def _tokens(n: int, seed: int) -> list[int]:
     return torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _chat(model: torch.nn.Module, num_blocks: int, one_session: bool) -> list[list[list[int]]]:
+def _chat(model: torch.nn.Module, num_blocks: int, one_session: bool, scale: int = 1,
+          use_async_batching: bool = False) -> list[list[list[int]]]:
     """TURNS turns of CONVERSATIONS chats over one system prompt: each turn's prompt is the whole history so
     far. ``one_session``: one engine session serves every turn (its cache fills, and it forgets its cached
-    blocks under pressure); otherwise each turn is a ``generate_batch`` of its own (a new cache each time)."""
-    system = _tokens(SYSTEM, 0)
-    history = [system + _tokens(QUESTION, 1 + i) for i in range(CONVERSATIONS)]
-    gen, cb = _config(num_blocks)
+    blocks under pressure); otherwise each turn is a ``generate_batch`` of its own (a new cache each time).
+    ``scale``: blocks and prompts that many times longer."""
+    system = _tokens(SYSTEM * scale, 0)
+    history = [system + _tokens(QUESTION * scale, 1 + i) for i in range(CONVERSATIONS)]
+    gen, cb = _config(num_blocks, TOKENS_PER_BLOCK * scale, use_async_batching)
     outputs = []
     server = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb) \
         if one_session else None
@@ -56,7 +62,8 @@ def _chat(model: torch.nn.Module, num_blocks: int, one_session: bool) -> list[li
                 out = model.generate_batch(inputs=history, generation_config=gen, continuous_batching_config=cb)
                 answers = [list(out[rid].generated_tokens) for rid in sorted(out, key=lambda r: int(r[4:]))]
             outputs.append(answers)
-            history = [h + a + _tokens(FOLLOW_UP, 100 * turn + i) for i, (h, a) in enumerate(zip(history, answers))]
+            history = [h + a + _tokens(FOLLOW_UP * scale, 100 * turn + i)
+                       for i, (h, a) in enumerate(zip(history, answers))]
     finally:
         if server is not None:
             server.stop(block=True)
@@ -396,4 +403,35 @@ def test_kept_blocks_changed_in_host_memory_are_a_miss_and_recomputed(path):
         assert got == expected
         assert stats["prefix_kept_blocks"] > 0 and stats["prefix_hit_blocks"] == 0, stats
         assert host.digests.counts()["mismatches"] > 0
+        mgr.check()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["staging", "direct"])
+def test_chats_under_async_batching_find_their_history_with_the_engines_tokens(path):
+    # async batching (the engine's default where its attention needs no mask): the next batch is made while the GPU
+    # runs the one in flight, so a hit's copies into the engine's blocks queue behind that batch, and the pages they
+    # read must stay mapped until they ran. direct: blocks of 256 tokens of a wider model, 4 MiB (2 MiB halves over
+    # pages of 2 MiB): read straight into the engine's blocks; staging: the tiny llama's, up through the prefix space
+    if not vmm_cuda.available():
+        pytest.skip("needs a CUDA GPU and cuda-python (kvtier[cu12] or kvtier[cu13])")
+    torch.manual_seed(0)
+    wide = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=8) if path == "direct" else {}
+    config = transformers.LlamaConfig(**{**dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=8192), **wide})
+    model = transformers.LlamaForCausalLM(config).to("cuda").eval()
+    model.config._attn_implementation = "sdpa"
+    scale = 16 if path == "direct" else 1
+    # 1. the engine as shipped, async, one session: its cache fills and it forgets its cached blocks
+    expected = _chat(model, 12, one_session=True, scale=scale, use_async_batching=True)
+    # 2. on kvtier, async: the same tokens, the history found below
+    with _manager("cuda", pages=96 if path == "direct" else 16, host_size=256 * PAGE["cuda"],
+                  host_chunk=16 * PAGE["cuda"]) as mgr:
+        with kvtier_engine(model, mgr, swap_tier="host") as engine:
+            got = _chat(model, 12, one_session=True, scale=scale, use_async_batching=True)
+            stats = engine.stats()
+        assert got == expected
+        assert stats["prefix_hit_blocks"] > 0, stats
         mgr.check()
