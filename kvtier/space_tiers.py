@@ -195,8 +195,9 @@ class SpaceTiers:
         anywhere (an engine's own blocks) -- from whichever tier each page is in, as :meth:`read` does: nothing
         mapped, GPU pages copied on ``stream`` at once, lower ones after the work queued on it so far, checked
         where they land (host checksums). Needs blocks of whole pages (``block_bytes`` a multiple of the page
-        size: each page then holds one block's bytes). ``handle.result()``: the copies and their checks done
-        (TransferError: a page failed its check and is lost)."""
+        size: each page then holds one block's bytes). ``handle.result()``: the copies from below and their checks
+        done (TransferError: a page failed its check and is lost); copies of GPU pages run on ``stream``: hold
+        ``seq_id`` until the stream got past them (let go, its pages may go down and be unmapped)."""
         B, P = self.space.block_bytes, self.space.page_size
         if B % P:
             raise InvalidArgumentError(f"space {self.space.name!r}: read_blocks needs blocks of whole pages "
@@ -217,11 +218,20 @@ class SpaceTiers:
         if pending:
             raise PagesInFlight(f"space {self.space.name!r}: pages in flight", pending)
         self._refuse_lost(pages)
-        P = self.space.page_size
+        P, B, device = self.space.page_size, self.space.block_bytes, self.space.range.whole.device
+        places: dict[tuple[int, int], torch.Tensor] = {}  # (region, i) -> the block's bytes there, checked first
+        for region in range(self.space.num_regions):
+            for i in range(count):
+                t = dst(region, i)
+                if not isinstance(t, torch.Tensor) or t.device.type != device.type or not t.is_contiguous() or \
+                        t.numel() * t.element_size() != B or t.data_ptr() % 8:
+                    raise InvalidArgumentError(f"read_blocks: dst({region}, {i}) must be a contiguous, 8-byte "
+                                               f"aligned tensor of {B} bytes on {device}")
+                places[(region, i)] = t.view(torch.uint8).view(-1)
 
         def target(region: int, page: int) -> torch.Tensor:
             i, part = index[page]
-            return dst(region, i).view(torch.uint8).view(-1)[part * P:(part + 1) * P]
+            return places[(region, i)][part * P:(part + 1) * P]
         return self._tiering.read(self.space, pages, target, stream)
 
     def _check_read_target(self, dst: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -239,3 +239,20 @@ def test_read_blocks_refuses_blocks_that_share_a_page(make_manager):
     with pytest.raises(InvalidArgumentError, match="whole pages"):
         space.read_blocks("a", lambda region, i: torch.empty(0))
     mgr.check()
+
+
+def test_read_blocks_refuses_places_of_the_wrong_size_before_copying_anything(make_manager):
+    mgr = make_manager()
+    page = mgr.page_size
+    space = mgr.create_space("blocks", num_layers=1, num_kv_heads=1, head_dim=page // 2, dtype=torch.float16,
+                             block_size=1, max_tokens=4)
+    space.allocate("a", 2)
+    write_seq(space, "a")
+    space.offload("a", tier="host").result()
+    short = torch.zeros(2, page // 2, dtype=torch.uint8, device=space.kv(0)[0].device)  # half a block each
+    with pytest.raises(InvalidArgumentError, match="bytes"):
+        space.read_blocks("a", lambda region, i: short[i])
+    # nothing was started: the sequence reads back whole, and comes back
+    space.ensure_resident(["a"])
+    assert_seq(space, "a")
+    mgr.check()

@@ -261,6 +261,7 @@ class TieredPrefixes:
         """Blocks ``at..at+n`` of the prompt read from the tiers straight into fresh blocks of the request (no
         staging room, no mapping: the copies land in the engine's blocks, checked there before any step reads
         them); as many as were found from ``at``. A failed check or a lost page: a miss, the blocks given back."""
+        self.settle(wait=False)  # earlier hits whose copies the stream got past let go of their blocks
         seq: Hashable = ("hit", next(self._ids))
         held: list[str] = []
         count = n
