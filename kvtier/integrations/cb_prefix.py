@@ -329,7 +329,11 @@ class TieredPrefixes:
             table, tpp = allocator.block_table.get(request_id, []), allocator.tokens_per_page
             if held % tpp or len(table) != held // tpp or (table and table[-1] not in allocator.ledger.block_to_hash):
                 return held  # mid-block, or blocks allocated ahead: the engine computes on
-        return self.extend(request_id, prompt_ids, held)
+        only_found = self.found.get(request_id) == held
+        got = self.extend(request_id, prompt_ids, held)
+        if not only_found:  # it computed chunks since its first lookup: requeued, it would lose them
+            self.found.pop(request_id, None)
+        return got
 
     def forget(self, request_id: str) -> None:
         """The request is done (or lost its blocks): no lookup is resumed for it."""
