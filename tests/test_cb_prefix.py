@@ -119,14 +119,19 @@ def test_without_keep_prefixes_nothing_goes_down(backend_name):
     mgr.close()
 
 
-def test_kept_blocks_read_back_corrupt_are_a_miss_and_recomputed():
-    model = _model("cpu")
+@pytest.mark.parametrize("path", ["staging", "direct"])
+def test_kept_blocks_read_back_corrupt_are_a_miss_and_recomputed(path):
+    model = _model("cpu", "llama" if path == "staging" else "llama-wide")
     expected = _chat(model, 14, one_session=False)
     # every read from the NVMe tier hands back a flipped byte: the tier's digest fails, the pages are lost, and
-    # the prompts that would have found them compute them again
-    files = FaultyFiles(PAGE["cpu"])
+    # the prompts that would have found them compute them again (direct: read straight into the engine's blocks,
+    # which go back to its pool)
+    page = PAGE["cpu"] if path == "staging" else 4096
+    files = FaultyFiles(page)
     files.corrupt("read")
-    with _manager("cpu", files=files) as mgr:
+    sizes = {} if path == "staging" else dict(pages=512, page=page, host_size=512 * page, host_chunk=128 * page,
+                                               nvme_size=1024 * page)
+    with _manager("cpu", files=files, **sizes) as mgr:
         with kvtier_engine(model, mgr, swap_tier="nvme") as engine:
             got = _chat(model, 14, one_session=False)
             stats = engine.stats()
