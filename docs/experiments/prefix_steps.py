@@ -17,7 +17,6 @@ from collections import defaultdict
 import rich.console
 
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
-
 from transformers.generation.continuous_batching.scheduler import Scheduler
 
 from kvtier.bench import prefix
