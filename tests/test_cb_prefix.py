@@ -288,12 +288,13 @@ def test_a_request_holding_only_found_blocks_is_requeued_not_swapped_when_the_en
     assert stats["prefix_hit_blocks"] >= 6, stats
 
 
+@pytest.mark.parametrize("path", ["staging", "direct"])
 @pytest.mark.parametrize("tail", [3, 10], ids=["waits-for-room", "requeued"])
-def test_forked_answers_of_a_document_waiting_for_room_are_the_engines(tail):
+def test_forked_answers_of_a_document_waiting_for_room_are_the_engines(tail, path):
     # the two scenarios above with two answers a prompt (num_return_sequences: the engine forks each request's
     # blocks into its children once its prompt is in): the document's request waits for room or is requeued, its
     # children share what came up from below, and every answer equals the engine as shipped's
-    model = _model("cpu")
+    model = _model("cpu", "llama" if path == "staging" else "llama-wide")
     gen = transformers.GenerationConfig(max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0, do_sample=True,
                                         top_k=1, num_return_sequences=2)  # top_k=1: sampling that stays exact
     cb = _config(10)[1]
@@ -311,7 +312,9 @@ def test_forked_answers_of_a_document_waiting_for_room_are_the_engines(tail):
     expected = serve()
     assert [len(s) for s in expected] == [4, 4]
     # 2. on kvtier: the same answers, the document's blocks found below
-    with _manager("cpu", pages=64, host_size=256 * 4096, host_chunk=64 * 4096) as mgr:
+    page = None if path == "staging" else 4096
+    with _manager("cpu", pages=64 if page is None else 1024, page=page, host_size=256 * 4096,
+                  host_chunk=64 * 4096) as mgr:
         with kvtier_engine(model, mgr, swap_tier="host") as engine:
             got = serve()
             stats = engine.stats()
