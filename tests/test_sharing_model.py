@@ -1,5 +1,5 @@
 """Model-based test of shared blocks: random allocate / write (copy on write first) / fork / publish / share a
-prefix / offload / prefetch / free over one space with a tiny pool and tiny tiers. The model knows what every
+prefix / offload / prefetch / read_blocks / free over one space with a tiny pool and tiny tiers. The model knows what every
 block of every sequence holds; after every step every resident sequence reads exactly that, a prefix found by
 its keys holds exactly the content the keys name, and the books balance."""
 
@@ -18,16 +18,17 @@ SEQS = st.sampled_from(["s0", "s1", "s2", "s3", "s4"])
 Content = tuple[str, int, int]  # (writer, salt, block index): what pattern() wrote into a block
 
 
-def _machine(backend: str, wide: bool = False) -> type[RuleBasedStateMachine]:
-    """``wide``: blocks of two and a half pages each (an engine block of a large model as one token), so that a
-    block's middle page is its alone and pages are shared by neighbouring blocks at both ends."""
+def _machine(backend: str, wide: float = 0) -> type[RuleBasedStateMachine]:
+    """``wide``: blocks of that many pages each (an engine block of a large model as one token): 2.5, so that a
+    block's middle page is its alone and pages are shared by neighbouring blocks at both ends; 2, so that every
+    page is one block's (what ``read_blocks`` takes)."""
     class SharingMachine(RuleBasedStateMachine):
         @initialize()
         def setup(self) -> None:
             page = PAGE[backend]
             shape = dict(SHAPE[backend], num_layers=1)
             if wide:
-                shape["head_dim"] *= 40
+                shape["head_dim"] *= int(16 * wide)  # 16: one page a block
             pages = 60 if wide else 12
             self.mgr = kvtier.TierManager(kvtier.Config(device=backend, page_size=page, pool_budget=pages * page,
                                                         pool_ready=4 * page, debug_checks=True,
@@ -151,6 +152,29 @@ def _machine(backend: str, wide: bool = False) -> type[RuleBasedStateMachine]:
                 return
             self.offloaded.discard(seq)
 
+        @rule(seq=SEQS)
+        def read_blocks(self, seq: str) -> None:
+            # every block read from wherever it rests into rows of an engine's own, reversed: what the model says
+            if seq not in self.model:
+                return
+            sp = self.space
+            if sp.block_bytes % sp.page_size:
+                with pytest.raises(kvtier.InvalidArgumentError):
+                    sp.read_blocks(seq, lambda region, i: torch.empty(0))
+                return
+            contents = self.model[seq]
+            rows = torch.zeros(len(contents), 2, sp.block_bytes, dtype=torch.uint8, device=sp.kv(0)[0].device)
+            last = len(contents) - 1
+            sp.read_blocks(seq, lambda region, i: rows[last - i, region]).result()
+            if rows.is_cuda:
+                torch.cuda.synchronize()
+            for i, content in enumerate(contents):
+                if content is not None:
+                    writer, salt, block = content
+                    for kv in (0, 1):
+                        want = pattern(sp, writer, salt, block, 0, kv).view(torch.uint8).view(-1)
+                        assert torch.equal(rows[last - i, kv].cpu(), want), (seq, i, content)
+
         @invariant()
         def every_resident_byte_is_the_models(self) -> None:
             if not hasattr(self, "mgr"):
@@ -171,8 +195,8 @@ def _machine(backend: str, wide: bool = False) -> type[RuleBasedStateMachine]:
     return SharingMachine
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["blocks within pages", "blocks of 2.5 pages"])
-def test_random_sharing_keeps_every_byte(backend_name: str, wide: bool) -> None:
+@pytest.mark.parametrize("wide", [0, 2.5, 2], ids=["blocks within pages", "blocks of 2.5 pages", "blocks of 2 pages"])
+def test_random_sharing_keeps_every_byte(backend_name: str, wide: float) -> None:
     run_state_machine_as_test(_machine(backend_name, wide), settings=settings(
         max_examples=60 if wide else 200, stateful_step_count=60, deadline=None,
         suppress_health_check=list(HealthCheck)))
