@@ -1,7 +1,7 @@
 """Model-based test of shared blocks: random allocate / write (copy on write first) / fork / publish / share a
-prefix / offload / prefetch / read_blocks / free over one space with a tiny pool and tiny tiers. The model knows what every
-block of every sequence holds; after every step every resident sequence reads exactly that, a prefix found by
-its keys holds exactly the content the keys name, and the books balance."""
+prefix / offload / prefetch / read_blocks / free over one space with a tiny pool and tiny tiers. The model knows
+what every block of every sequence holds; after every step every resident sequence reads exactly that, a prefix
+found by its keys holds exactly the content the keys name, and the books balance."""
 
 from __future__ import annotations
 
