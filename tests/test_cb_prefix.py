@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.vmm import cuda as vmm_cuda
 from tests.conftest import PAGE
 from tests.faults import FaultyFiles
 from tests.test_continuous_batching import TOKENS_PER_BLOCK, _manager, _model, cb_integration, transformers
@@ -414,31 +413,30 @@ def test_kept_blocks_changed_in_host_memory_are_a_miss_and_recomputed(path):
         mgr.check()
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("path", ["staging", "direct"])
-def test_chats_under_async_batching_find_their_history_with_the_engines_tokens(path):
+def test_chats_of_engine_sized_blocks_find_their_history_with_the_engines_tokens(backend_name, path):
+    # direct: blocks of 256 tokens of a wider model, 4 MiB (2 MiB K and V halves over whole pages): read straight into
+    # the engine's blocks; staging: the tiny llama's 16-token blocks, up through the prefix space. On a GPU with
     # async batching (the engine's default where its attention needs no mask): the next batch is made while the GPU
     # runs the one in flight, so a hit's copies into the engine's blocks queue behind that batch, and the pages they
-    # read must stay mapped until they ran. direct: blocks of 256 tokens of a wider model, 4 MiB (2 MiB halves over
-    # pages of 2 MiB): read straight into the engine's blocks; staging: the tiny llama's, up through the prefix space
-    if not vmm_cuda.available():
-        pytest.skip("needs a CUDA GPU and cuda-python (kvtier[cu12] or kvtier[cu13])")
+    # read must stay mapped until they ran
+    page = PAGE[backend_name]
     torch.manual_seed(0)
     wide = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=8) if path == "direct" else {}
     config = transformers.LlamaConfig(**{**dict(vocab_size=128, hidden_size=64, intermediate_size=128,
                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                 max_position_embeddings=8192), **wide})
-    model = transformers.LlamaForCausalLM(config).to("cuda").eval()
+    model = transformers.LlamaForCausalLM(config).to(backend_name).eval()
     model.config._attn_implementation = "sdpa"
-    scale = 16 if path == "direct" else 1
-    # 1. the engine as shipped, async, one session: its cache fills and it forgets its cached blocks
-    expected = _chat(model, 12, one_session=True, scale=scale, use_async_batching=True)
-    # 2. on kvtier, async: the same tokens, the history found below
-    with _manager("cuda", pages=96 if path == "direct" else 16, host_size=256 * PAGE["cuda"],
-                  host_chunk=16 * PAGE["cuda"]) as mgr:
+    scale, async_batching = (16 if path == "direct" else 1), backend_name == "cuda"
+    # 1. the engine as shipped, one session: its cache fills and it forgets its cached blocks
+    expected = _chat(model, 12, one_session=True, scale=scale, use_async_batching=async_batching)
+    # 2. on kvtier: the same tokens, the history found below
+    pool = (192 << 20) if path == "direct" else 16 * page
+    with _manager(backend_name, pages=pool // page, host_size=512 << 20, host_chunk=32 << 20) as mgr:
         with kvtier_engine(model, mgr, swap_tier="host") as engine:
-            got = _chat(model, 12, one_session=True, scale=scale, use_async_batching=True)
+            got = _chat(model, 12, one_session=True, scale=scale, use_async_batching=async_batching)
             stats = engine.stats()
         assert got == expected
         assert stats["prefix_hit_blocks"] > 0, stats
