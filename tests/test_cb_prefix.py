@@ -230,6 +230,13 @@ def test_a_hit_on_a_cache_full_of_cached_blocks_makes_room_for_itself(staging_bl
         mgr.check()
 
 
+def _document_manager(path: str):
+    """The manager of the document scenarios: "staging" on the default pages, "direct" on 4 KiB pages (the wide
+    llama's 16 KiB block halves span them whole)."""
+    page = None if path == "staging" else 4096
+    return _manager("cpu", pages=64 if page is None else 1024, page=page, host_size=256 * 4096, host_chunk=64 * 4096)
+
+
 def document_behind_a_long_prompt(tail: int, path: str = "staging"
                                   ) -> tuple[list[list[list[int]]], list[list[list[int]]], dict]:
     """A session answers two documents and ends (their blocks kept in host memory); the next gets, at once, a
@@ -250,9 +257,7 @@ def document_behind_a_long_prompt(tail: int, path: str = "staging"
         return out
 
     expected = serve()  # a new cache each session: the document is computed again
-    page = None if path == "staging" else 4096
-    with _manager("cpu", pages=64 if page is None else 1024, page=page, host_size=256 * 4096,
-                  host_chunk=64 * 4096) as mgr:
+    with _document_manager(path) as mgr:
         with kvtier_engine(model, mgr, swap_tier="host") as engine:
             got = serve()
             stats = engine.stats()
@@ -311,9 +316,7 @@ def test_forked_answers_of_a_document_waiting_for_room_are_the_engines(tail, pat
     expected = serve()
     assert [len(s) for s in expected] == [4, 4]
     # 2. on kvtier: the same answers, the document's blocks found below
-    page = None if path == "staging" else 4096
-    with _manager("cpu", pages=64 if page is None else 1024, page=page, host_size=256 * 4096,
-                  host_chunk=64 * 4096) as mgr:
+    with _document_manager(path) as mgr:
         with kvtier_engine(model, mgr, swap_tier="host") as engine:
             got = serve()
             stats = engine.stats()
