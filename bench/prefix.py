@@ -178,12 +178,14 @@ class _Counted:
 
 
 def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None,
-        workload: str = "chats", repeats: int = 1) -> Table:
+        workload: str = "chats", repeats: int = 1, graphs: bool = True) -> Table:
     """``workload``: "chats" (turns of a few hundred tokens over one system prompt: what the engine's own sharing
     mostly keeps) or "documents" (each conversation opens with its own document of thousands of tokens, then asks
     short questions about it: what it forgets between turns is most of each prompt). ``repeats``: runs of the two
     engines, taking turns, and each engine's medians over them (one run's TTFT is a loose figure: the engine as
-    shipped ran the same seeded documents at a p50 of 3.95 s and of 6.93 s on two H200s)."""
+    shipped ran the same seeded documents at a p50 of 3.95 s and of 6.93 s on two H200s). ``graphs``: on a GPU, both
+    engines run their decode steps as CUDA graphs, as served (a decode step of the 8B shape: 80 ms without them on an
+    H100, 40-50 ms with them; with slow steps a turn's first token waits mostly for KV room, not for prefill)."""
     from transformers import LlamaConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -237,7 +239,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
 
     def cb_config(num_blocks: int | None) -> Any:
         return ContinuousBatchingConfig(page_size=chats.page_size, num_blocks=num_blocks, max_batch_tokens=max_batch,
-                                        allow_block_sharing=True, auto_switch_to_flash=False, use_cuda_graph=False)
+                                        allow_block_sharing=True, auto_switch_to_flash=False,
+                                        use_cuda_graph=(False, graphs and cuda))
 
     def measure(label: str, serve: Callable[[], tuple[dict[str, Any], dict[str, int], int, int]]) -> None:
         nonlocal first
@@ -311,6 +314,8 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                        "the first run's; MiB up = every byte read up to the GPU (hits and preempted requests); peak "
                        "GPU = torch's allocator peak plus kvtier's created pages")
     if cuda:
+        table.notes.append("decode steps as CUDA graphs, both engines" if graphs else
+                           "decode steps without CUDA graphs (--no-cuda-graphs), both engines")
         table.notes.append("bf16 on a GPU rounds differently in batches of different make-up: runs that schedule "
                            "differently may part ways on near-tied tokens (the CPU tests compare exactly, in fp32)")
     else:

@@ -93,6 +93,9 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option("--workload", type=click.Choice(["chats", "documents"]), default="chats", show_default=True,
                       help="prefix: chats (short turns over one system prompt, a 1B shape) or documents (each "
                       "conversation opens with its own long document, then short questions; an 8B shape).")(fn)
+    fn = click.option("--cuda-graphs/--no-cuda-graphs", "graphs", default=True, show_default=True,
+                      help="prefix: run the engine's decode steps as CUDA graphs, both engines alike (its own default "
+                      "where attention needs no mask; SDPA, used here, needs one).")(fn)
     return fn
 
 
@@ -125,7 +128,7 @@ ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
 
 
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
-           repeats: int | None = None, context: int | None = None, workload: str = "chats"
+           repeats: int | None = None, context: int | None = None, workload: str = "chats", graphs: bool = True
            ) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each benchmark asked for; each module is imported only when its
     benchmark runs (those of transformers' engines need it installed)."""
@@ -151,7 +154,8 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
         "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step, tokens=context)]),
         "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step)]),
         "prefix": (2 * (repeats or 1), lambda step: [bench("prefix").run(device, quick=quick, step=step,
-                                                                          workload=workload, repeats=repeats or 1)]),
+                                                                          workload=workload, repeats=repeats or 1,
+                                                                          graphs=graphs)]),
         "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
         "processes": (2, lambda step: [bench("processes").run(device, quick=quick, step=step)]),
         "peers": (2, lambda step: bench("peers").run(device, quick=quick, step=step)),
@@ -172,7 +176,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
 
 def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
                nvme_dir: str | None, repeats: int | None = None, tokens: int | None = None,
-               workload: str = "chats") -> None:
+               workload: str = "chats", graphs: bool = True) -> None:
     """System header first, then each table (a progress bar on a terminal, a line per step elsewhere); the same
     facts go to the JSON file. On the CPU backend the GPU targets are not judged (``met``: n/a)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -187,7 +191,7 @@ def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None
     kinds: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as progress:
-        for name, steps, run in _parts(names, device, quick, nvme_dir, repeats, tokens, workload):
+        for name, steps, run in _parts(names, device, quick, nvme_dir, repeats, tokens, workload, graphs):
             task = progress.add_task(f"bench {name}", total=steps)
             done = [0]
 
@@ -235,7 +239,7 @@ def _targets_not_judged(table: Any) -> None:
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False),
               help="Run nothing: draw the --plot PNGs of a run saved with --json (plots that match its tables).")
 def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-          nvme_dir: str | None, repeats: int | None, tokens: int | None, workload: str,
+          nvme_dir: str | None, repeats: int | None, tokens: int | None, workload: str, graphs: bool,
           from_json: str | None) -> None:
     """Run the benchmarks NAMES in order (none: vmm, tiers, prefetch, nvme, generate; long-context only when
     named: it needs host memory for the layers it streams). The list of names is below."""
@@ -250,7 +254,7 @@ def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | Non
             console.print(f"plot: {escape(path)}")
         return
     chosen = list(dict.fromkeys(names)) or list(ALL)
-    _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats, tokens, workload)
+    _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats, tokens, workload, graphs)
 
 
 @main.group()

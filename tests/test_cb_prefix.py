@@ -19,12 +19,12 @@ SYSTEM, QUESTION, FOLLOW_UP, NEW = 40, 10, 7, 8  # tokens: a shared system promp
 CONVERSATIONS, TURNS = 6, 3
 
 
-def _config(num_blocks: int, tokens_per_block: int = TOKENS_PER_BLOCK, use_async_batching: bool = False
-            ) -> tuple[object, ContinuousBatchingConfig]:
+def _config(num_blocks: int, tokens_per_block: int = TOKENS_PER_BLOCK, use_async_batching: bool = False,
+            decode_graphs: bool = False) -> tuple[object, ContinuousBatchingConfig]:
     gen = transformers.GenerationConfig(max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0, do_sample=False)
     cb = ContinuousBatchingConfig(page_size=tokens_per_block, num_blocks=num_blocks,
                                   max_batch_tokens=4 * tokens_per_block, allow_block_sharing=True,
-                                  auto_switch_to_flash=False, use_cuda_graph=False,
+                                  auto_switch_to_flash=False, use_cuda_graph=(False, decode_graphs),
                                   use_async_batching=use_async_batching)
     return gen, cb
 
@@ -34,14 +34,14 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 
 def _chat(model: torch.nn.Module, num_blocks: int, one_session: bool, scale: int = 1,
-          use_async_batching: bool = False) -> list[list[list[int]]]:
+          use_async_batching: bool = False, decode_graphs: bool = False) -> list[list[list[int]]]:
     """TURNS turns of CONVERSATIONS chats over one system prompt: each turn's prompt is the whole history so
     far. ``one_session``: one engine session serves every turn (its cache fills, and it forgets its cached
     blocks under pressure); otherwise each turn is a ``generate_batch`` of its own (a new cache each time).
     ``scale``: blocks and prompts that many times longer."""
     system = _tokens(SYSTEM * scale, 0)
     history = [system + _tokens(QUESTION * scale, 1 + i) for i in range(CONVERSATIONS)]
-    gen, cb = _config(num_blocks, TOKENS_PER_BLOCK * scale, use_async_batching)
+    gen, cb = _config(num_blocks, TOKENS_PER_BLOCK * scale, use_async_batching, decode_graphs)
     outputs = []
     server = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb) \
         if one_session else None
@@ -420,9 +420,10 @@ def test_kept_blocks_changed_in_host_memory_are_a_miss_and_recomputed(path):
 def test_chats_of_engine_sized_blocks_find_their_history_with_the_engines_tokens(backend_name, path):
     # direct: blocks of 256 tokens of a wider model, 4 MiB (2 MiB K and V halves over whole pages): read straight into
     # the engine's blocks; staging: the tiny llama's 16-token blocks, up through the prefix space. On a GPU with
-    # async batching (the engine's default where its attention needs no mask): the next batch is made while the GPU
-    # runs the one in flight, so a hit's copies into the engine's blocks queue behind that batch, and the pages they
-    # read must stay mapped until they ran
+    # async batching and decode steps in CUDA graphs (the engine's defaults where its attention needs no mask): the
+    # next batch is made while the GPU runs the one in flight, so a hit's copies into the engine's blocks queue behind
+    # that batch, and the pages they read must stay mapped until they ran; a graph replays reads of the engine's
+    # blocks at the addresses it was captured with
     page = PAGE[backend_name]
     torch.manual_seed(0)
     wide = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
@@ -432,14 +433,14 @@ def test_chats_of_engine_sized_blocks_find_their_history_with_the_engines_tokens
                                                 max_position_embeddings=8192), **wide})
     model = transformers.LlamaForCausalLM(config).to(backend_name).eval()
     model.config._attn_implementation = "sdpa"
-    scale, async_batching = (16 if path == "direct" else 1), backend_name == "cuda"
+    scale, served = (16 if path == "direct" else 1), backend_name == "cuda"
     # 1. the engine as shipped, one session: its cache fills and it forgets its cached blocks
-    expected = _chat(model, 12, one_session=True, scale=scale, use_async_batching=async_batching)
+    expected = _chat(model, 12, one_session=True, scale=scale, use_async_batching=served, decode_graphs=served)
     # 2. on kvtier: the same tokens, the history found below
     pool = (192 << 20) if path == "direct" else 16 * page
     with _manager(backend_name, pages=pool // page, host_size=512 << 20, host_chunk=32 << 20) as mgr:
         with kvtier_engine(model, mgr, swap_tier="host") as engine:
-            got = _chat(model, 12, one_session=True, scale=scale, use_async_batching=async_batching)
+            got = _chat(model, 12, one_session=True, scale=scale, use_async_batching=served, decode_graphs=served)
             stats = engine.stats()
         assert got == expected
         assert stats["prefix_hit_blocks"] > 0, stats

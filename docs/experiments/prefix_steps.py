@@ -149,7 +149,7 @@ def report(label: str) -> None:
 
 names = iter(["engine as shipped", "engine on kvtier"])
 table = prefix.run("auto", quick="--quick" in sys.argv, step=lambda: report(next(names)),
-                   workload="documents" if "--documents" in sys.argv else "chats")
+                   workload="documents" if "--documents" in sys.argv else "chats", graphs="--no-graphs" not in sys.argv)
 rich.console.Console(width=200).print(table.render())
 for label, parts, qs in rows:
     print(f"\n{label}: {len(qs)} steps")
