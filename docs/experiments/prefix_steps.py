@@ -4,8 +4,9 @@ prefill of a few thousand tokens of a 1B model takes. This times the engine's sc
 steps (prepare / forward / update), the tokens each step ran, and kvtier's hooks on that thread (keeping forgotten
 blocks, finding prompts below). Also: the five slowest first tokens of each run, with each one's lookups below
 and preemptions, and each run's first tokens split into the wait for a first batch and the steps after it. Run on
-a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents] [--profile] (--profile: where the
-scheduler's batch making spends its time, cProfile'd on its thread)"""
+a GPU machine: python docs/experiments/prefix_steps.py [--quick] [--documents] [--profile] [--no-graphs] (--profile:
+where the scheduler's batch making spends its time, cProfile'd on its thread; --no-graphs: decode steps without CUDA
+graphs, as the bench ran them before 3e677f6)"""
 
 import cProfile
 import pstats
