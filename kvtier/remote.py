@@ -175,16 +175,17 @@ class RemoteCache:
 
     def _gather(self, space: KVSpace, blocks: Sequence[int], slot: int, stream: Any) -> None:
         """Copy ``blocks`` of every region into the payload of ``slot``, queued on ``stream`` (default: current)."""
-        host = self._payload(slot)
-        n, bb = len(blocks), space.block_bytes
+        n, bb, R = len(blocks), space.block_bytes, space.num_regions
+        host = self._payload(slot)[:R * n * bb].view(R, n * bb)  # a region's blocks a row
         cuda = space.kv(0)[0].is_cuda
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
+            if blocks[-1] - blocks[0] == n - 1:  # consecutive: one copy for every region
+                host.copy_(space.block_rows(blocks[0], n), non_blocking=cuda)
+                return
             idx = torch.as_tensor(list(blocks), dtype=torch.int64, device=space.kv(0)[0].device)
-            for layer in range(space.num_layers):
-                for kv, tensor in enumerate(space.kv(layer)):
-                    r = 2 * layer + kv
-                    host[r * n * bb:(r + 1) * n * bb].copy_(tensor.index_select(0, idx).view(torch.uint8).view(-1),
-                                                            non_blocking=cuda)
+            for r in range(R):
+                rows = space.kv(r // 2)[r % 2].index_select(0, idx)
+                host[r].copy_(rows.view(torch.uint8).view(-1), non_blocking=cuda)
 
     def _write(self, space: KVSpace, batch: list[tuple[str, list[bytes], int]], copied: Any, layout: bytes,
                ends_only: bool = False) -> None:

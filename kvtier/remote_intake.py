@@ -59,20 +59,17 @@ class Intake:
 
     def _copy(self, blocks: list[int], n: int, skip: int, slot: int) -> None:
         """Blocks ``skip..n`` of the group in ``slot`` into ``blocks``, every region (queued on the stream)."""
-        sp, bb = self.space, self.space.block_bytes
-        host = self.cache._payload(slot)
-        run = blocks[-1] - blocks[0] == len(blocks) - 1  # consecutive (as fresh blocks mostly are): one copy
+        sp, bb, R = self.space, self.space.block_bytes, self.space.num_regions
+        src = self.cache._payload(slot)[:R * n * bb].view(R, n * bb)[:, skip * bb:]  # a region's blocks a row
         with torch.cuda.stream(self.stream) if self.cuda and self.stream is not None else contextlib.nullcontext():
+            if blocks[-1] - blocks[0] == len(blocks) - 1:  # consecutive (as fresh blocks mostly are): one copy
+                sp.block_rows(blocks[0], len(blocks)).copy_(src, non_blocking=self.cuda)
+                return
             idx = torch.as_tensor(blocks, dtype=torch.int64, device=sp.kv(0)[0].device)
-            for layer in range(sp.num_layers):
-                for kv, tensor in enumerate(sp.kv(layer)):
-                    r = 2 * layer + kv
-                    src = host[(r * n + skip) * bb:(r + 1) * n * bb].view(tensor.dtype).view(n - skip,
-                                                                                            *tensor.shape[1:])
-                    if run:
-                        tensor[blocks[0]:blocks[-1] + 1].copy_(src, non_blocking=self.cuda)
-                    else:
-                        tensor.index_copy_(0, idx, src.to(tensor.device, non_blocking=self.cuda))
+            for r in range(R):
+                tensor = sp.kv(r // 2)[r % 2]
+                rows = src[r].view(tensor.dtype).view(len(blocks), *tensor.shape[1:])
+                tensor.index_copy_(0, idx, rows.to(tensor.device, non_blocking=self.cuda))
 
     def release(self) -> None:
         """The copies landed (waited for); the staging read into goes back."""

@@ -106,6 +106,17 @@ class KVSpace:
                                        f"{self.num_layers} layers (0..{self.num_layers - 1})")
         return self._kv[layer]
 
+    def block_rows(self, first: int, count: int) -> torch.Tensor:
+        """Blocks ``first .. first + count - 1`` of every region as one ``[num_regions, count * block_bytes]``
+        ``uint8`` view, a region a row (the regions lie at one stride in the space's range): a run of blocks moves
+        in one copy, not one a region (a 32-layer model's 64 copies of a block were launched one by one)."""
+        self._check_open()
+        int_arg("first", first, 0, self.num_blocks)
+        int_arg("count", count, 0, self.num_blocks - first)
+        whole = self.range.whole
+        return whole.as_strided((self.num_regions, count * self.block_bytes), (self.region_bytes, 1),
+                                whole.storage_offset() + first * self.block_bytes)
+
     def allocate(self, seq_id: Hashable, num_tokens: int, first_block: int | None = None) -> list[int]:
         """Grow ``seq_id`` to hold ``num_tokens`` tokens in total; return all its block ids in order.
 

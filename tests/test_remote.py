@@ -76,6 +76,41 @@ def test_blocks_offered_by_one_manager_are_found_by_another(make_manager, store)
     c.check()
 
 
+def test_blocks_scattered_in_both_spaces_go_and_come_back_whole(make_manager, store):
+    # both managers' spaces hold a pinned block on every page, in a pool of just those pages: a sequence's blocks
+    # then skip one on each page, and a group of 8 is not one run of blocks -- copied out and in region by region,
+    # not as one run of every region
+    bs, per_page = make_manager.shape["block_size"], 16
+    pages = 16 * 2 * make_manager.shape["num_layers"]  # the space's 16 stripes of pages, one a region
+    tokens = list(range(BLOCKS * bs))
+
+    def pinned(mgr):
+        space = _space(mgr, make_manager)
+        for p in range(space.num_blocks // per_page):
+            space.allocate(("pin", p), bs, first_block=p * per_page + 4)
+        return space
+
+    def scattered(blocks):
+        return any(y - x != 1 for x, y in zip(blocks[:8], blocks[1:8]))
+
+    # 1. manager A's request computes the prompt on scattered blocks and offers it
+    a = _remote(make_manager, store, pages=pages)
+    src = pinned(a)
+    src.allocate("r1", len(tokens))
+    assert scattered(src.blocks("r1"))
+    write_seq(src, "r1")
+    keys = src.block_keys(tokens)
+    assert a.remote.offer(src, "r1", keys) == len(keys) and a.remote.flush(30)
+    # 2. manager B finds all of it, into scattered fresh blocks, byte for byte
+    b = _remote(make_manager, store, pages=pages)
+    dst = pinned(b)
+    assert b.remote.find(dst, "q", keys) == BLOCKS * bs
+    assert scattered(dst.blocks("q"))
+    assert_holds(dst, "q", "r1", range(BLOCKS))
+    a.check()
+    b.check()
+
+
 def test_blocks_larger_than_an_object_are_kept_local_and_said_so(make_manager, store, caplog):
     # object_bytes below one block of the space (every region): offers publish locally and send nothing, lookups
     # find what is local only -- no error reaches the engine, a warning names the setting, stats count it

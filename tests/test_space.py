@@ -420,6 +420,8 @@ BAD_CALLS = [  # (what, call): each must raise a KVTierError naming the argument
     ("create_space with a huge priority", lambda s, m: m.create_space("t", 1, 1, 64, priority=2**64)),
     ("offload to a tier that is not one", lambda s, m: s.offload("a", tier="tape")),
     ("offload_prefix a string", lambda s, m: s.offload_prefix("a", "10")),
+    ("block_rows past the last block", lambda s, m: s.block_rows(s.num_blocks - 1, 2)),
+    ("block_rows from a negative block", lambda s, m: s.block_rows(-1, 1)),
 ]
 
 
@@ -434,6 +436,30 @@ def test_every_bad_argument_is_a_kvtier_error_and_changes_nothing(make_manager, 
     with pytest.raises(kvtier.KVTierError):
         call(space, mgr)
     assert _snapshot(mgr, space) == before
+    mgr.check()
+
+
+def test_block_rows_are_a_run_of_blocks_in_every_region(make_manager):
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=256 * make_manager.shape["block_size"], **make_manager.shape)
+    blocks = space.allocate("a", 20 * space.block_size)
+    write_seq(space, "a")
+    # a run of blocks across a page boundary: row r is region r's bytes of those blocks, in order
+    assert blocks == list(range(blocks[0], blocks[0] + 20))  # a fresh space hands out a run
+    first, count = blocks[10], 9
+    rows = space.block_rows(first, count)
+    assert rows.shape == (space.num_regions, count * space.block_bytes) and rows.dtype == torch.uint8
+    for r in range(space.num_regions):
+        region = space.kv(r // 2)[r % 2][first:first + count]
+        assert torch.equal(rows[r].cpu(), region.contiguous().view(torch.uint8).view(-1).cpu())
+    # one copy into the rows writes those blocks of every region, and nothing else
+    mine = slice(blocks[0], blocks[-1] + 1)  # only the sequence's blocks are mapped (their pages)
+    before = [t[mine].clone() for layer in range(space.num_layers) for t in space.kv(layer)]
+    rows.copy_(torch.full_like(rows, 7))
+    after = [t[mine] for layer in range(space.num_layers) for t in space.kv(layer)]
+    for old, new in zip(before, after):
+        assert (new[10:19].view(torch.uint8) == 7).all()
+        assert torch.equal(old[:10], new[:10]) and torch.equal(old[19:], new[19:])
     mgr.check()
 
 

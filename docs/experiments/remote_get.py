@@ -1,0 +1,70 @@
+"""Where does a remote get's time go? `kvtier bench remote` gives Mooncake gets at 0.80 of the store's own client on
+an H100 (d690c54) and 0.55-0.76 on the 2-core CPU machine, whose reads alone take the client's time. This runs the
+bench's rounds (a 4096-token prompt offered by one manager, found by another; the client moving the same objects)
+for each store and each number of read calls a lookup makes (``READ_CHUNKS``), a store started afresh each time,
+and times the parts of kvtier's ``find`` on its calling thread: the checks of the staged objects, the copies into
+the space's blocks (queued, on a GPU), the rest (waiting for reads, allocating, publishing). Run where the stores
+are installed: python docs/experiments/remote_get.py [--device cpu|cuda] [--stores mooncake,valkey] [--chunks 1,4]
+(on the GPU machine Mooncake's wheel and libraries are carried: shared/notes/remote-stores.md)"""
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import kvtier.remote
+from kvtier import remote_intake
+from kvtier.bench import remote
+from kvtier.bench.stores import START
+from kvtier.vmm import resolve_device
+
+spent: dict[str, float] = defaultdict(float)
+
+
+def timed(owner, name, label):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - t
+    setattr(owner, name, wrapper)
+
+
+timed(remote_intake.obj, "check", "checks")
+timed(remote_intake.Intake, "_copy", "copies")
+timed(remote_intake.Intake, "finish", "finish")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--device", default="auto")
+parser.add_argument("--stores", default="mooncake,valkey")
+parser.add_argument("--chunks", default="1,4")
+parser.add_argument("--rounds", type=int, default=7)
+args = parser.parse_args()
+dev = resolve_device(args.device)
+tokens = 4096
+rows = []
+for backend in args.stores.split(","):
+    for chunks in [int(c) for c in args.chunks.split(",")]:
+        kvtier.remote.READ_CHUNKS = chunks
+        size = 16 if dev.type == "cuda" else 4
+        store = START[backend](**({"memory": f"{size}GB"} if backend == "mooncake" else {"maxmemory": f"{size}gb"}))
+        try:
+            spent.clear()
+            puts, gets, nbytes = remote._through_kvtier(dev, store, tokens, args.rounds)
+            parts = {k: v / (args.rounds + 1) for k, v in spent.items()}  # the warm-up round included
+            objects = -(-nbytes // (remote.OBJECT + 4096))
+            raw_puts, raw_gets = remote._store_client(store, objects, nbytes // objects, args.rounds)
+        finally:
+            store.stop()
+        get, raw = statistics.median(gets), statistics.median(raw_gets)
+        rows.append((backend, chunks, nbytes, get, raw, parts, gets))
+
+print(f"\n{dev}: a {tokens}-token prompt, medians of {args.rounds} rounds; parts: means per find, warm-up included")
+for backend, chunks, nbytes, get, raw, parts, gets in rows:
+    rest = get - sum(parts.values())
+    print(f"{backend:9s} read calls {chunks}: {nbytes / 2**20:.0f} MiB  find {get * 1e3:6.1f} ms  client "
+          f"{raw * 1e3:6.1f} ms  ratio {raw / get:.3f}  | " + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items())
+          + f"  rest ~{rest * 1e3:.1f} ms  | finds {[round(g * 1e3) for g in gets]}")
