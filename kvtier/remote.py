@@ -179,7 +179,7 @@ class RemoteCache:
         host = self._payload(slot)[:R * n * bb].view(R, n * bb)  # a region's blocks a row
         cuda = space.kv(0)[0].is_cuda
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
-            if blocks[-1] - blocks[0] == n - 1:  # consecutive: one copy for every region
+            if list(blocks) == list(range(blocks[0], blocks[0] + n)):  # a run: one copy for every region
                 host.copy_(space.block_rows(blocks[0], n), non_blocking=cuda)
                 return
             idx = torch.as_tensor(list(blocks), dtype=torch.int64, device=space.kv(0)[0].device)

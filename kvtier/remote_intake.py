@@ -62,7 +62,7 @@ class Intake:
         sp, bb, R = self.space, self.space.block_bytes, self.space.num_regions
         src = self.cache._payload(slot)[:R * n * bb].view(R, n * bb)[:, skip * bb:]  # a region's blocks a row
         with torch.cuda.stream(self.stream) if self.cuda and self.stream is not None else contextlib.nullcontext():
-            if blocks[-1] - blocks[0] == len(blocks) - 1:  # consecutive (as fresh blocks mostly are): one copy
+            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):  # a run (fresh blocks mostly are): one copy
                 sp.block_rows(blocks[0], len(blocks)).copy_(src, non_blocking=self.cuda)
                 return
             idx = torch.as_tensor(blocks, dtype=torch.int64, device=sp.kv(0)[0].device)
