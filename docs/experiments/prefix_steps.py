@@ -23,21 +23,9 @@ from transformers.generation.continuous_batching.scheduler import Scheduler
 from kvtier.bench import prefix
 from kvtier.integrations.cb_preemption import TieredOffloading
 from kvtier.integrations.cb_prefix import TieredPrefixes
+from timing import spent, timed
 
-spent: dict[str, list[float]] = defaultdict(list)
 q_tokens: list[tuple[int, int]] = []
-
-
-def timed(owner, name, label):
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[label].append(time.perf_counter() - t)
-    setattr(owner, name, wrapper)
 
 
 def timed_step(owner):

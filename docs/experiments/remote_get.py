@@ -9,29 +9,13 @@ are installed: python docs/experiments/remote_get.py [--device cpu|cuda] [--stor
 
 import argparse
 import statistics
-import time
-from collections import defaultdict
 
 import kvtier.remote
 from kvtier import remote_intake
 from kvtier.bench import remote
 from kvtier.bench.stores import START
 from kvtier.vmm import resolve_device
-
-spent: dict[str, float] = defaultdict(float)
-
-
-def timed(owner, name, label):
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[label] += time.perf_counter() - t
-    setattr(owner, name, wrapper)
-
+from timing import spent, timed
 
 timed(remote_intake.obj, "check", "checks")
 timed(remote_intake.Intake, "_copy", "copies")
@@ -54,7 +38,7 @@ for backend in args.stores.split(","):
         try:
             spent.clear()
             puts, gets, nbytes = remote._through_kvtier(dev, store, tokens, args.rounds)
-            parts = {k: v / (args.rounds + 1) for k, v in spent.items()}  # the warm-up round included
+            parts = {k: sum(v) / (args.rounds + 1) for k, v in spent.items()}  # the warm-up round included
             objects = -(-nbytes // (remote.OBJECT + 4096))
             raw_puts, raw_gets = remote._store_client(store, objects, nbytes // objects, args.rounds)
         finally:
