@@ -243,7 +243,7 @@ class RemoteCache:
             return local
         self._count("lookups")  # prompts the store was asked about
         per, name_of = self._layout(space)[1], _namer(salt)
-        intake = Intake(self, space, seq_id, keys, start, have, stream, name_of)
+        intake = Intake(self, space, seq_id, keys, start, have, stream, name_of, salt)
         try:
             while True:
                 held = intake.total
@@ -264,7 +264,7 @@ class RemoteCache:
         except Miss:
             self._count("gets_failed")
         except BaseException:
-            intake.release()  # an error not of the store's: its staging still goes back
+            intake.abandon()  # an error not of the store's: unchecked blocks and the staging still go back
             raise
         return intake.finish()
 

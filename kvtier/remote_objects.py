@@ -68,21 +68,36 @@ def check(buf: np.ndarray, size: int, keys: Sequence[bytes], regions: int, block
           layout: bytes) -> tuple[str | None, int]:
     """Whether the object of ``size`` bytes in ``buf`` is the group of ``keys`` (or its end) in this layout: why
     not (None: it is), and how many of the last ``keys`` it holds."""
+    why, blocks, value = check_header(buf, size, keys, regions, block_bytes, layout)
+    if why is None and not payload_matches(buf, blocks, block_bytes, regions, value):
+        return "its bytes changed (digest mismatch)", 0
+    return why, blocks
+
+
+def check_header(buf: np.ndarray, size: int, keys: Sequence[bytes], regions: int, block_bytes: int,
+                 layout: bytes) -> tuple[str | None, int, bytes]:
+    """:func:`check` but for the payload's digest: why not (None: the header says it is the group of ``keys``),
+    how many of the last ``keys`` it holds, and the digest its payload must have (16 bytes: two little-endian
+    words, as :func:`digest` gives them)."""
     if size < HEADER:
-        return "shorter than its header", 0
+        return "shorter than its header", 0, b""
     raw = buf[:HEADER].tobytes()
     magic, blocks, regs, bb, nbytes, lay, value = _FIXED.unpack_from(raw)
     head_len = _FIXED.size + 16 * blocks if magic == MAGIC and blocks <= MAX_BLOCKS else 0
     if not head_len or hashlib.blake2b(raw[:head_len], digest_size=16).digest() != raw[head_len:head_len + 16]:
-        return "not a kvtier object, or its header changed", 0
+        return "not a kvtier object, or its header changed", 0, b""
     if (lay, regs, bb) != (layout, regions, block_bytes):
-        return "another layout", 0
+        return "another layout", 0, b""
     if not 0 < blocks <= len(keys) or raw[_FIXED.size:head_len] != b"".join(keys[len(keys) - blocks:]) or \
             nbytes != payload_bytes(blocks, bb, regs):
-        return "another chain of blocks", 0
+        return "another chain of blocks", 0, b""
     if size != HEADER + nbytes:
-        return f"{size} bytes where its header says {HEADER + nbytes}", 0
+        return f"{size} bytes where its header says {HEADER + nbytes}", 0, b""
+    return None, blocks, value
+
+
+def payload_matches(buf: np.ndarray, blocks: int, block_bytes: int, regions: int, value: bytes) -> bool:
+    """Whether the payload in ``buf`` (after the header) of an object of ``blocks`` has the digest ``value``."""
+    nbytes = payload_bytes(blocks, block_bytes, regions)
     a, b = digest(torch.from_numpy(buf[HEADER:HEADER + nbytes]))
-    if a.to_bytes(8, "little") + b.to_bytes(8, "little") != value:
-        return "its bytes changed (digest mismatch)", 0
-    return None, blocks
+    return a.to_bytes(8, "little") + b.to_bytes(8, "little") == value

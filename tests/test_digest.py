@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.tiering.tiers.digest import ROW, ChecksumMismatch, Digests, digest, digests_of
+from kvtier.tiering.tiers.digest import ROW, ChecksumMismatch, Digests, digest, digest_of_rows, digests_of
 
 
 def _page(nbytes=64 << 10, seed=0):
@@ -65,6 +65,22 @@ def test_digests_of_many_buffers_equal_each_ones_digest(device):
     bufs += [_page(2 * ROW, seed=9).to(device)]                         # another storage
     assert digests_of(bufs).values() == [digest(b.cpu()) for b in bufs]
     assert digests_of([]).values() == []
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_digest_of_rows_is_the_digest_of_those_rows_one_after_another(device):
+    """A remote object's payload is checked in the blocks it was copied into: rows of every region, apart in the
+    space; their digest is the one the writer took of the same bytes side by side (bytes that overflow every sum)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    whole = torch.full((6, 8 * ROW), 0xFF, dtype=torch.uint8)
+    whole[:, ::5] = torch.randint(0, 256, whole[:, ::5].shape, generator=torch.Generator().manual_seed(4),
+                                  dtype=torch.uint8)
+    rows = whole.to(device)[:, 2 * ROW:5 * ROW]  # three rows of 4 KiB from each of six regions
+    value = digest_of_rows(rows).cpu().numpy().view("uint64").tolist()
+    assert tuple(value) == digest(rows.cpu().contiguous().view(-1))
+    with pytest.raises(ValueError, match="whole"):
+        digest_of_rows(whole[:, :ROW + 8])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -107,8 +107,17 @@ def test_blocks_scattered_in_both_spaces_go_and_come_back_whole(make_manager, st
     assert b.remote.find(dst, "q", keys) == BLOCKS * bs
     assert scattered(dst.blocks("q"))
     assert_holds(dst, "q", "r1", range(BLOCKS))
+    # 3. the group of blocks 8..15 is damaged in the store: C checks it in staging (its fresh blocks are no run),
+    #    after they were allocated -- the sequence goes back to the first group, which is served
+    _damage(store, keys[15])
+    c = _remote(make_manager, store, pages=pages)
+    again = pinned(c)
+    assert c.remote.find(again, "q", keys) == 8 * bs and len(again.blocks("q")) == 8
+    assert_holds(again, "q", "r1", range(8))
+    assert c.stats()["remote"]["gets_bad"] == 1
     a.check()
     b.check()
+    c.check()
 
 
 def test_blocks_larger_than_an_object_are_kept_local_and_said_so(make_manager, store, caplog):
@@ -307,25 +316,37 @@ def test_the_metrics_endpoint_says_what_the_remote_cache_did(make_manager, store
     store.resume()
 
 
-def test_garbage_under_a_live_key_is_a_miss_never_served(make_manager, store, caplog):
+def _damage(store, key):
+    """One byte of the payload of the object named by ``key`` flipped, under its live key, behind kvtier's back."""
+    from kvtier.remote import _namer
+    raw = _raw_client(store)
+    name = _namer(b"")(key)  # its name in the store: kvtier/<tenant>/<key>
+    value = bytearray(raw.get(name))
+    value[5000] ^= 0x40
+    raw.put(name, bytes(value))
+
+
+@pytest.mark.parametrize("damaged", [0, 1])
+def test_garbage_under_a_live_key_is_a_miss_never_served(make_manager, store, caplog, damaged):
     bs = make_manager.shape["block_size"]
     tokens = list(range(BLOCKS * bs))
     a = _remote(make_manager, store)
     _, keys = _offer(a, make_manager, tokens)
-    # the group of blocks 8..15 is overwritten, under its live key, with other bytes of the same size
-    from kvtier.remote import _namer
-    name = _namer(b"")(keys[15])  # its name in the store: kvtier/<tenant>/<key>
-    raw = _raw_client(store)
-    value = bytearray(raw.get(name))
-    value[5000] ^= 0x40
-    raw.put(name, bytes(value))
+    # the group of blocks 0..7 or 8..15 is overwritten, under its live key, with other bytes of the same size
+    _damage(store, keys[8 * damaged + 7])
     b = _remote(make_manager, store)
     space = _space(b, make_manager)
-    # the first group is served; the damaged one fails its check: the chain stops there
-    assert b.remote.find(space, "q", keys) == 8 * bs
-    assert_holds(space, "q", "r1", range(8))
+    # the groups before it are served; the damaged one fails its check (where it landed): the chain stops there
+    assert b.remote.find(space, "q", keys) == 8 * damaged * bs
+    if damaged:
+        assert space.blocks("q") and len(space.blocks("q")) == 8
+        assert_holds(space, "q", "r1", range(8))
+    else:
+        assert "q" not in space.sequences()
     assert b.stats()["remote"]["gets_bad"] == 1
     assert any("not served" in r.getMessage() for r in caplog.records)
+    # nothing of the damaged group is published: a sequence sharing the prompt finds the groups before it only
+    assert space.share_prefix("q2", keys) == 8 * damaged * bs
     b.check()
 
 
@@ -424,6 +445,7 @@ def test_erase_removes_a_tenants_objects_from_the_store_and_no_other(make_manage
     b = _remote(make_manager, store)
     found = _space(b, make_manager)
     assert b.remote.find(found, "warm", keys[b"tenant-a"], salt=b"tenant-a") == BLOCKS * bs
+    assert found.erase(b"tenant-a") == BLOCKS  # published in b's space under its tenant's salt
     # tenant-a is erased from the store: another manager finds nothing of it, and all of tenant-b
     assert a.remote.erase(b"tenant-a") == 5
     c = _remote(make_manager, store)

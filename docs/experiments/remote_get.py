@@ -2,8 +2,9 @@
 an H100 (d690c54) and 0.55-0.76 on the 2-core CPU machine, whose reads alone take the client's time. This runs the
 bench's rounds (a 4096-token prompt offered by one manager, found by another; the client moving the same objects)
 for each store and each number of read calls a lookup makes (``READ_CHUNKS``), a store started afresh each time,
-and times the parts of kvtier's ``find`` on its calling thread: the checks of the staged objects, the copies into
-the space's blocks (queued, on a GPU), the rest (waiting for reads, allocating, publishing). Run where the stores
+and times the parts of kvtier's ``find`` on its calling thread: the headers' checks, the payloads checked in
+staging (those copied in part; all of them before 2026-12-06), the copies into the space's blocks (and the digests
+of what landed, queued on a GPU), the rest (waiting for reads, allocating, publishing). Run where the stores
 are installed: python docs/experiments/remote_get.py [--device cpu|cuda] [--stores mooncake,valkey] [--chunks 1,4]
 (on the GPU machine Mooncake's wheel and libraries are carried: shared/notes/remote-stores.md)"""
 
@@ -17,9 +18,10 @@ from kvtier.bench.stores import START
 from kvtier.vmm import resolve_device
 from timing import spent, timed
 
-timed(remote_intake.obj, "check", "checks")
-timed(remote_intake.Intake, "_copy", "copies")
-timed(remote_intake.Intake, "finish", "finish")
+timed(remote_intake.obj, "check_header", "headers")
+timed(remote_intake.obj, "payload_matches", "staged checks")
+timed(remote_intake.Intake, "_copy", "copies")  # with the digests of what landed, queued after them on a GPU
+timed(remote_intake.Intake, "finish", "finish")  # waits for those digests
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="auto")
