@@ -48,78 +48,117 @@ def _manager(device: torch.device, store: Store, tokens: int) -> TierManager:
     return mgr
 
 
-def _through_kvtier(device: torch.device, store: Store, tokens: int,
-                    rounds: int) -> tuple[list[float], list[float], int]:
-    """(send+flush seconds, find seconds) of each round after a warm-up one, and the bytes a round puts: one
-    prompt of ``tokens`` under new keys each round (a salt), found by the other manager and let go there."""
-    a, b = _manager(device, store, tokens), _manager(device, store, tokens)
-    try:
-        space = a.create_space("bench", max_tokens=tokens, **_shape(device))
-        space.allocate("p", tokens)
-        for layer in range(space.num_layers):
-            for t in space.kv(layer):
+class Through:
+    """kvtier's remote cache, a round at a time: one prompt of ``tokens`` under new keys each round (a salt),
+    offered by one manager and found by another (then let go there); what came back is checked against what went."""
+
+    def __init__(self, device: torch.device, store: Store, tokens: int) -> None:
+        self.store, self.tokens = store, tokens
+        self.a, self.b = _manager(device, store, tokens), _manager(device, store, tokens)
+        self.space = self.a.create_space("bench", max_tokens=tokens, **_shape(device))
+        self.space.allocate("p", tokens)
+        for layer in range(self.space.num_layers):
+            for t in self.space.kv(layer):
                 t.normal_()
-        found = b.create_space("bench", max_tokens=tokens, **_shape(device))
-        puts, gets = [], []
-        for r in range(rounds + 1):  # the first touches the memory both sides use (steady state after it)
-            keys = space.block_keys(list(range(tokens)), salt=b"round %d" % r)
-            start = time.perf_counter()
-            a.remote.send(space, space.blocks("p"), keys)
-            assert a.remote.flush(300), "writes did not finish"
-            puts.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            got = b.remote.find(found, "q", keys)
-            gets.append(time.perf_counter() - start)
-            assert got == tokens, f"{store.backend}: {got} of {tokens} tokens found ({b.stats()['remote']})"
-            for layer in range(space.num_layers):  # what came back is what was offered
-                for mine, theirs in zip(space.kv(layer), found.kv(layer)):
-                    assert torch.equal(mine[space.blocks("p")].cpu(), theirs[found.blocks("q")].cpu())
-            found.free("q", retain=False)
-        return puts[1:], gets[1:], a.stats()["remote"]["put_bytes"] // (rounds + 1)
-    finally:
-        a.close()
-        b.close()
+        self.found = self.b.create_space("bench", max_tokens=tokens, **_shape(device))
+        self.rounds = 0
+
+    def round(self) -> tuple[float, float]:
+        """(send + flush seconds, find seconds)."""
+        space, found, tokens = self.space, self.found, self.tokens
+        keys = space.block_keys(list(range(tokens)), salt=b"round %d" % self.rounds)
+        self.rounds += 1
+        start = time.perf_counter()
+        self.a.remote.send(space, space.blocks("p"), keys)
+        assert self.a.remote.flush(300), "writes did not finish"
+        put = time.perf_counter() - start
+        start = time.perf_counter()
+        got = self.b.remote.find(found, "q", keys)
+        get = time.perf_counter() - start
+        assert got == tokens, f"{self.store.backend}: {got} of {tokens} tokens found ({self.b.stats()['remote']})"
+        for layer in range(space.num_layers):  # what came back is what was offered
+            for mine, theirs in zip(space.kv(layer), found.kv(layer)):
+                assert torch.equal(mine[space.blocks("p")].cpu(), theirs[found.blocks("q")].cpu())
+        found.free("q", retain=False)
+        return put, get
+
+    def round_bytes(self) -> int:
+        return self.a.stats()["remote"]["put_bytes"] // self.rounds
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
 
 
-def _store_client(store: Store, count: int, size: int, rounds: int) -> tuple[list[float], list[float]]:
-    """(put seconds, get seconds) of each round of ``count`` values of ``size`` bytes (new keys each round)
-    through the store's own client, into and out of one buffer."""
-    buf = np.random.default_rng(0).integers(0, 255, count * size, dtype=np.uint8)
-    puts, gets = [], []
-    if store.backend == "valkey":
-        import valkey
-        client = valkey.Valkey(host="127.0.0.1", port=store.port)
-        for r in range(rounds):
-            keys = [f"raw/{r}/{i}" for i in range(count)]
+class Client:
+    """The store's own client, a round at a time: ``count`` values of ``size`` bytes under new keys each round,
+    put from one buffer and read back into it (Valkey: pipelined SET, MGET; Mooncake: batch_put_from and
+    batch_get_into from a registered buffer)."""
+
+    def __init__(self, store: Store, count: int, size: int) -> None:
+        self.store, self.count, self.size, self.rounds = store, count, size, 0
+        self.buf = np.random.default_rng(0).integers(0, 255, count * size, dtype=np.uint8)
+        if store.backend == "valkey":
+            import valkey
+            self.client = valkey.Valkey(host="127.0.0.1", port=store.port)
+            return
+        from mooncake.store import MooncakeDistributedStore
+        self.client = MooncakeDistributedStore()
+        assert self.client.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "",
+                                 store.config["remote_master"]) == 0
+        self.client.register_buffer(self.buf.ctypes.data, self.buf.nbytes)
+
+    def round(self) -> tuple[float, float]:
+        """(put seconds, get seconds)."""
+        buf, size, count = self.buf, self.size, self.count
+        keys = [f"raw/{self.rounds}/{i}" for i in range(count)]
+        self.rounds += 1
+        if self.store.backend == "valkey":
             start = time.perf_counter()
-            pipe = client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             for i, k in enumerate(keys):
                 pipe.set(k, buf[i * size:(i + 1) * size].tobytes())
             pipe.execute()
-            puts.append(time.perf_counter() - start)
+            put = time.perf_counter() - start
             start = time.perf_counter()
-            for i, v in enumerate(client.mget(keys)):
+            for i, v in enumerate(self.client.mget(keys)):
                 buf[i * size:(i + 1) * size] = np.frombuffer(v, dtype=np.uint8)
-            gets.append(time.perf_counter() - start)
-        client.close()
-        return puts, gets
-    from mooncake.store import MooncakeDistributedStore
-    client = MooncakeDistributedStore()
-    assert client.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "", store.config["remote_master"]) == 0
-    base = buf.ctypes.data
-    client.register_buffer(base, buf.nbytes)
-    ptrs, sizes = [base + i * size for i in range(count)], [size] * count
-    for r in range(rounds):
-        keys = [f"raw/{r}/{i}" for i in range(count)]
+            return put, time.perf_counter() - start
+        ptrs, sizes = [buf.ctypes.data + i * size for i in range(count)], [size] * count
         start = time.perf_counter()
-        assert all(c == 0 for c in client.batch_put_from(keys, ptrs, sizes))
-        puts.append(time.perf_counter() - start)
+        assert all(c == 0 for c in self.client.batch_put_from(keys, ptrs, sizes))
+        put = time.perf_counter() - start
         start = time.perf_counter()
-        assert all(g == size for g in client.batch_get_into(keys, ptrs, sizes))
-        gets.append(time.perf_counter() - start)
-    client.unregister_buffer(base)
-    client.close()
-    return puts, gets
+        assert all(g == size for g in self.client.batch_get_into(keys, ptrs, sizes))
+        return put, time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.store.backend == "mooncake":
+            self.client.unregister_buffer(self.buf.ctypes.data)
+        self.client.close()
+
+
+def side_by_side(device: torch.device, store: Store, tokens: int,
+                 rounds: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int]:
+    """Rounds of kvtier and of the store's client taking turns, so that both meet the same store and machine
+    (run one after the other, the client's gets varied by 1.25x between stores started afresh: H200, 54e6c03):
+    each side's (put, get) seconds of ``rounds`` rounds after a warm-up one, and the bytes a round moves."""
+    through = Through(device, store, tokens)
+    try:
+        mine = [through.round()]  # the warm-up: touches the memory both managers use
+        nbytes = through.round_bytes()
+        objects = -(-nbytes // (OBJECT + 4096))
+        client = Client(store, objects, nbytes // objects)
+        try:
+            theirs = [client.round()]
+            for _ in range(rounds):
+                mine.append(through.round())
+                theirs.append(client.round())
+        finally:
+            client.close()
+        return mine[1:], theirs[1:], nbytes
+    finally:
+        through.close()
 
 
 def _prefill_seconds(device: torch.device, tokens: int) -> float:
@@ -169,10 +208,8 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> Table:
             table.notes.append(f"{backend} skipped: {exc}")
             continue
         try:
-            puts, gets, nbytes = _through_kvtier(dev, store, tokens, rounds)
-            objects = -(-nbytes // (OBJECT + 4096))
-            raw_puts, raw_gets = _store_client(store, objects, nbytes // objects, rounds)
-            put_s, get_s, raw_put, raw_get = (statistics.median(x) for x in (puts, gets, raw_puts, raw_gets))
+            mine, theirs, nbytes = side_by_side(dev, store, tokens, rounds)
+            put_s, get_s, raw_put, raw_get = (statistics.median(x) for x in (*zip(*mine), *zip(*theirs)))
             gb = nbytes / 1e9
             ttft = two_servers(str(dev), served, store.config, OBJECT) if engines else None
             table.add(backend, gb / put_s, gb / raw_put, raw_put / put_s, gb / get_s, gb / raw_get, raw_get / get_s,
@@ -187,9 +224,10 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> Table:
     if dev.type == "cuda":
         table.notes.append(f"on a GPU the puts, gets and the recompute use a Llama-3-8B shape ({GPU_LAYERS} layers, "
                            "random weights); the two servers' rows an 8-layer one")
-    table.notes.append(f"medians of {rounds} rounds after a warm-up, new keys each; ratio: the store's own "
-                       "client's time over kvtier's for the same bytes (1.0: as fast); kvtier's get includes the "
-                       "lookup, the checks and the copy into the space's blocks; hit ms: that get")
+    table.notes.append(f"medians of {rounds} rounds after a warm-up, new keys each, kvtier's and the client's "
+                       "taking turns; ratio: the store's own client's time over kvtier's for the same bytes (1.0: as "
+                       "fast); kvtier's get includes the lookup, the checks and the copy into the space's blocks; "
+                       "hit ms: that get")
     table.notes.append(f"two servers: transformers' continuous batching on kvtier in separate processes, a "
                        f"{served}-token prompt; the second server's time to first token when the first one computed "
                        "the prompt (its blocks read from the store) against a prompt nobody computed (kvtier."

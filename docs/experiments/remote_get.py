@@ -39,13 +39,12 @@ for backend in args.stores.split(","):
         store = START[backend](**({"memory": f"{size}GB"} if backend == "mooncake" else {"maxmemory": f"{size}gb"}))
         try:
             spent.clear()
-            puts, gets, nbytes = remote._through_kvtier(dev, store, tokens, args.rounds)
+            mine, theirs, nbytes = remote.side_by_side(dev, store, tokens, args.rounds)
             parts = {k: sum(v) / (args.rounds + 1) for k, v in spent.items()}  # the warm-up round included
-            objects = -(-nbytes // (remote.OBJECT + 4096))
-            raw_puts, raw_gets = remote._store_client(store, objects, nbytes // objects, args.rounds)
         finally:
             store.stop()
-        get, raw = statistics.median(gets), statistics.median(raw_gets)
+        gets = [g for _, g in mine]
+        get, raw = statistics.median(gets), statistics.median(g for _, g in theirs)
         rows.append((backend, chunks, nbytes, get, raw, parts, gets))
 
 print(f"\n{dev}: a {tokens}-token prompt, medians of {args.rounds} rounds; parts: means per find, warm-up included")
