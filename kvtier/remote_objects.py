@@ -51,12 +51,14 @@ def payload_bytes(blocks: int, block_bytes: int, regions: int) -> int:
     return -(-blocks * block_bytes * regions // ROW) * ROW
 
 
-def seal(buf: np.ndarray, keys: Sequence[bytes], regions: int, block_bytes: int, layout: bytes) -> int:
-    """Write the header of the object whose payload lies in ``buf[HEADER:]``; return the object's size."""
+def seal(buf: np.ndarray, keys: Sequence[bytes], regions: int, block_bytes: int, layout: bytes,
+         value: tuple[int, int] | None = None) -> int:
+    """Write the header of the object whose payload lies in ``buf[HEADER:]`` (``value``: its digest, taken where
+    the bytes came from; None: taken here); return the object's size."""
     size = payload_bytes(len(keys), block_bytes, regions)
     payload = torch.from_numpy(buf[HEADER:HEADER + size])
     payload[len(keys) * block_bytes * regions:] = 0  # the padding: part of what the digest covers
-    a, b = digest(payload)
+    a, b = digest(payload) if value is None else value
     head = _FIXED.pack(MAGIC, len(keys), regions, block_bytes, size, layout,
                        a.to_bytes(8, "little") + b.to_bytes(8, "little")) + b"".join(keys)
     buf[:len(head)] = np.frombuffer(head, dtype=np.uint8)

@@ -76,6 +76,33 @@ def test_blocks_offered_by_one_manager_are_found_by_another(make_manager, store)
     c.check()
 
 
+def test_an_offer_short_of_staging_sends_what_fits_and_drops_the_rest(make_manager, store):
+    bs = make_manager.shape["block_size"]
+    page = make_manager.shape
+    group = 8 * bs * page["num_kv_heads"] * page["head_dim"] * 2 * 2 * page["num_layers"]
+    tokens = list(range(BLOCKS * bs))
+    # 1. a manager whose staging holds two objects offers five groups: two are sent, three dropped, never waited
+    a = _remote(make_manager, store, remote_buffer=2 * (group + 8192))
+    space = _space(a, make_manager)
+    space.allocate("r1", len(tokens))
+    write_seq(space, "r1")
+    keys = space.block_keys(tokens)
+    assert a.remote.send(space, space.blocks("r1"), keys) == 2 and a.remote.flush(30)
+    assert a.stats()["remote"]["puts"] == 2 and a.stats()["remote"]["puts_dropped"] == 3
+    # 2. another manager finds those two groups, byte for byte; the engine computes the rest
+    b = _remote(make_manager, store)
+    found = _space(b, make_manager)
+    assert b.remote.find(found, "q", keys) == 16 * bs
+    assert_holds(found, "q", "r1", range(16))
+    # 3. the staging came back: the next offer sends the three left (the two sent are known to be stored)
+    assert a.remote.send(space, space.blocks("r1"), keys) == 2 and a.remote.flush(30)
+    assert a.remote.send(space, space.blocks("r1"), keys) == 1 and a.remote.flush(30)
+    assert b.remote.find(found, "q2", keys) == BLOCKS * bs
+    assert_holds(found, "q2", "r1", range(BLOCKS))
+    a.check()
+    b.check()
+
+
 def test_blocks_scattered_in_both_spaces_go_and_come_back_whole(make_manager, store):
     # both managers' spaces hold a pinned block on every page, in a pool of just those pages: a sequence's blocks
     # then skip one on each page, and a group of 8 is not one run of blocks -- copied out and in region by region,
