@@ -195,7 +195,9 @@ class RemoteCache:
             if list(blocks) == list(range(blocks[0], blocks[0] + n)):  # a run: one copy for every region
                 rows = space.block_rows(blocks[0], n)
                 host.copy_(rows, non_blocking=cuda)
-                # the digest on the GPU, not on the write thread: 25 ms of a 512 MiB put there (H200, 7aeb5b9)
+                # the digest on the GPU, not on the write thread (25 ms of a 512 MiB put there, H200, 7aeb5b9), on
+                # the caller's stream after the copy (~6 ms of it for 512 MiB at the digest's ~90 GB/s): on a side
+                # stream, a free after the offer could unmap the blocks under it (its fence is on this stream)
                 return digest_of_rows(rows) if cuda and n * bb % obj.ROW == 0 else None
             idx = torch.as_tensor(list(blocks), dtype=torch.int64, device=space.kv(0)[0].device)
             for r in range(R):
@@ -282,7 +284,10 @@ class RemoteCache:
         except Miss:
             self._count("gets_failed")
         except BaseException:
-            intake.abandon()  # an error not of the store's: unchecked blocks and the staging still go back
+            try:
+                intake.abandon()  # an error not of the store's: unchecked blocks and the staging still go back
+            except Exception:  # noqa: BLE001 - the first error is the one to raise
+                log.exception("remote cache: cleaning up after a failed lookup of %r failed too", seq_id)
             raise
         return intake.finish()
 
