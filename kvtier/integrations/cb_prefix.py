@@ -299,7 +299,7 @@ class TieredPrefixes:
         finally:
             # let go once the engine's stream got past the copies of pages met on the GPU (queued there, not waited
             # for): held till then, the pages are not idle, so no demotion can unmap them under a pending copy
-            fence = _Fence(self.spaces[held[0]]._backend.record_fence(self.stream)) if held else None
+            fence = _Fence(self.engine.manager.backend.record_fence(self.stream)) if held else None
             for name in held:  # the blocks stay cached in the space, where they rest
                 self.going_down.append((name, seq, fence))
 
