@@ -107,7 +107,7 @@ class Intake:
         if not self.pending:
             return
         landed = [d for _, _, _, d in self.pending if d is not None]
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        with torch.cuda.stream(self.stream) if self.cuda and self.stream is not None else contextlib.nullcontext():
             got = iter(torch.stack(landed).cpu().numpy().view(np.uint64).tolist() if landed else [])
         for held, last, value, d in self.pending:
             if d is not None:
@@ -154,9 +154,10 @@ class Intake:
             self._verify()
         finally:
             self.release()
+        found = max(0, self.total - self.have)  # a cut may find fewer than were held (evicted meanwhile)
         with cache._lock:
-            cache.counts["hit_blocks"] += self.total - self.have
-            cache.counts["hit_bytes"] += (self.total - self.have) * sp.block_bytes * sp.num_regions
+            cache.counts["hit_blocks"] += found
+            cache.counts["hit_bytes"] += found * sp.block_bytes * sp.num_regions
         if self.total > self.have:
             sp.publish(self.seq_id, list(self.keys[self.start:self.total]), self.salt)
         return (self.total - self.start) * sp.block_size

@@ -374,6 +374,12 @@ def test_garbage_under_a_live_key_is_a_miss_never_served(make_manager, store, ca
     assert any("not served" in r.getMessage() for r in caplog.records)
     # nothing of the damaged group is published: a sequence sharing the prompt finds the groups before it only
     assert space.share_prefix("q2", keys) == 8 * damaged * bs
+    # asked again, the space gives what it holds and the store the damaged group again: cut back to the same point
+    assert b.remote.find(space, "q3", keys) == 8 * damaged * bs
+    if damaged:
+        assert len(space.blocks("q3")) == 8
+        assert_holds(space, "q3", "r1", range(8))
+    assert b.stats()["remote"]["gets_bad"] == 2
     b.check()
 
 
