@@ -31,6 +31,22 @@ def test_every_kind_of_damage_changes_the_digest(change):
     assert not torch.equal(bad, page) and digest(bad) != digest(page)
 
 
+@pytest.mark.parametrize("rows", [4, 127, 128, 192, 1024])
+def test_the_digest_is_its_definition_in_plain_integers(rows):
+    """Row sums weighted by row number, column sums by column number, mod 2^64, computed here word by word with
+    numpy: whatever way torch is asked to reduce (the host sums columns in pieces from 128 rows), the value is
+    this one (bytes that overflow every sum)."""
+    import numpy as np
+    page = torch.full((rows * ROW,), 0xFF, dtype=torch.uint8)
+    page[::3] = _page(rows * ROW, seed=rows)[::3]
+    words = page.numpy().view(np.uint64).reshape(rows, ROW // 8)
+    with np.errstate(over="ignore"):
+        a = (words.sum(1, dtype=np.uint64) * np.arange(1, rows + 1, dtype=np.uint64)).sum(dtype=np.uint64)
+        b = (words.sum(0, dtype=np.uint64) * np.arange(1, ROW // 8 + 1, dtype=np.uint64)).sum(dtype=np.uint64)
+    assert digest(page) == (int(a), int(b))
+    assert digests_of([page, page.clone()]).values() == [(int(a), int(b))] * 2
+
+
 def test_books_refuse_a_slot_never_sealed_or_changed_at_rest():
     books = Digests(4)
     page = _page()
