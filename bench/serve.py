@@ -36,7 +36,8 @@ class Workload:
 
     @classmethod
     def make(cls, n: int, prompt: tuple[int, int], output: tuple[int, int], rate: float, vocab: int,
-             page_size: int, budget_share: float, seed: int = 0, start: float = 0.0) -> "Workload":
+             page_size: int, budget_share: float, seed: int = 0, start: float = 0.0,
+             budget_blocks: int | None = None) -> "Workload":
         gen = torch.Generator().manual_seed(seed)
 
         def uniform(lo: int, hi: int) -> int:
@@ -47,7 +48,7 @@ class Workload:
         gaps = torch.empty(n).exponential_(rate, generator=gen).tolist()
         arrivals = [start + sum(gaps[:i]) for i in range(n)]
         total_blocks = sum(-(-(len(p) + m) // page_size) for p, m in zip(prompts, new_tokens))
-        return cls(prompts, new_tokens, arrivals, page_size, max(4, int(total_blocks * budget_share)))
+        return cls(prompts, new_tokens, arrivals, page_size, budget_blocks or max(4, int(total_blocks * budget_share)))
 
 
 class _Preemptions(logging.Handler):
@@ -113,14 +114,22 @@ def _serve(model: Any, work: Workload, cb: Any, timeout: float) -> dict[str, Any
             "tok_s": tokens / (end - start), "ttft": ttft, "tpot": tpot, "end": end - start}
 
 
-def _cb_config(work: Workload, num_blocks: int | None, cpu_offload_gib: float, cuda: bool) -> Any:
+def _cb_config(work: Workload, num_blocks: int | None, cpu_offload_gib: float, cuda: bool, graphs: bool) -> Any:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     return ContinuousBatchingConfig(page_size=work.page_size, num_blocks=num_blocks, max_batch_tokens=2048 if cuda
                                     else 128, allow_block_sharing=False, auto_switch_to_flash=False,
-                                    use_cuda_graph=False, cpu_offload_space=cpu_offload_gib)
+                                    use_cuda_graph=(False, graphs and cuda), cpu_offload_space=cpu_offload_gib)
 
 
-def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None) -> Table:
+WORKLOADS = ("small", "8b")
+
+
+def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | None = None,
+        workload: str = "small", graphs: bool = True) -> Table:
+    """``workload``: "small" (a Llama-3.2-1B shape, 32 requests on a GPU; a 2-layer toy on the CPU) or "8b" (GPU
+    only: a Llama-3-8B shape, 96 requests of 512-4096 prompt tokens and 128 new, a KV budget of 256 blocks of 256
+    tokens, 8 GiB: issue 29's serving target). ``graphs``: on a GPU every engine runs its decode steps as CUDA
+    graphs, as served (the prefix bench's decode steps of the 8B shape: ~80 ms without, 40-50 ms with, H100)."""
     from transformers import LlamaConfig
 
     from kvtier.integrations.continuous_batching import kvtier_engine
@@ -128,7 +137,16 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
-    if cuda:  # a Llama-3.2-1B shape: 32 KiB of KV a token
+    if workload not in WORKLOADS:
+        raise ValueError(f"bench serve: workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
+    if workload == "8b" and not cuda:
+        raise ValueError("bench serve: the 8b workload needs a GPU (an 8B model with random weights, 16 GB in bf16)")
+    if workload == "8b":
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192)
+        work = Workload.make(24 if quick else 96, (512, 4096), (128, 128), rate=16.0, vocab=32000, page_size=256,
+                             budget_share=0.0, budget_blocks=64 if quick else 256)
+    elif cuda:  # a Llama-3.2-1B shape: 32 KiB of KV a token
         config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192)
         # outputs long beside prompts and a budget a fifth of the peak: admitted requests outgrow the cache while
@@ -180,7 +198,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         engine_log.addHandler(counter)
         engine_log.setLevel(logging.INFO)
         try:
-            out = _serve(model, work, _cb_config(work, work.budget_blocks, offload_gib, cuda), timeout)
+            out = _serve(model, work, _cb_config(work, work.budget_blocks, offload_gib, cuda, graphs), timeout)
         finally:
             engine_log.removeHandler(counter)
             engine_log.setLevel(level)
@@ -195,7 +213,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                       nvme_size=256 * MiB, page_size=None if cuda else 64 << 10)
         with TierManager(kcfg) as mgr, kvtier_engine(model, mgr, name="bench", capacity_bytes=budget,
                                                      staging_bytes=staging) as engine:
-            out = _serve(model, work, _cb_config(work, None, 0.0, cuda), timeout)
+            out = _serve(model, work, _cb_config(work, None, 0.0, cuda, graphs), timeout)
             stats = engine.stats()
             created = mgr.pool.peak_created * mgr.page_size
         return out, stats["preempted_to_tiers"], stats["soft_resets"], created
@@ -208,6 +226,7 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
                        "arrival to first token; peak GPU = torch's allocator peak plus kvtier's created pages; "
                        "same tokens = every request's output equals the first run's")
     if cuda:
+        table.notes.append(f"decode steps {'as CUDA graphs' if graphs else 'without CUDA graphs'}, every engine alike")
         table.notes.append("bf16 on a GPU rounds differently in batches of different make-up, so runs that schedule "
                            "differently may part ways on near-tied tokens (the CPU tests compare exactly, in fp32)")
     else:

@@ -90,12 +90,14 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option("--tokens", type=click.IntRange(256), default=None,
                       help="long-context: the context's length (default: sized to the GPU, 1.15x its memory in "
                       "KV; 2048 on CPU or with --quick).")(fn)
-    fn = click.option("--workload", type=click.Choice(["chats", "documents"]), default="chats", show_default=True,
-                      help="prefix: chats (short turns over one system prompt, a 1B shape) or documents (each "
-                      "conversation opens with its own long document, then short questions; an 8B shape).")(fn)
+    fn = click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default=None,
+                      help="prefix: chats (default: short turns over one system prompt, a 1B shape) or documents "
+                      "(each conversation opens with its own long document, then short questions; an 8B shape); "
+                      "serve: small (default: a 1B shape, 32 requests) or 8b (GPU only: an 8B shape, 96 requests of "
+                      "512-4096 prompt tokens, 8 GiB of KV budget).")(fn)
     fn = click.option("--cuda-graphs/--no-cuda-graphs", "graphs", default=True, show_default=True,
-                      help="prefix: run the engine's decode steps as CUDA graphs, both engines alike (its own default "
-                      "where attention needs no mask; SDPA, used here, needs one).")(fn)
+                      help="prefix and serve: run the engines' decode steps as CUDA graphs, every engine alike (the "
+                      "engine's own default where attention needs no mask; SDPA, used here, needs one).")(fn)
     return fn
 
 
@@ -125,11 +127,12 @@ BENCHMARKS: dict[str, tuple[str, bool]] = {
                      "DynamicCache runs out (host memory for the streamed layers: only when named).", True),
 }
 ALL = ["vmm", "tiers", "prefetch", "nvme", "generate"]
+WORKLOADS = {"chats": "prefix", "documents": "prefix", "small": "serve", "8b": "serve"}  # --workload: its bench
 
 
 def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
-           repeats: int | None = None, context: int | None = None, workload: str = "chats", graphs: bool = True
-           ) -> list[tuple[str, int, Any]]:
+           repeats: int | None = None, context: int | None = None, workload: str | None = None,
+           graphs: bool = True) -> list[tuple[str, int, Any]]:
     """(name, steps, run(step) -> tables) for each benchmark asked for; each module is imported only when its
     benchmark runs (those of transformers' engines need it installed)."""
     import importlib
@@ -152,10 +155,11 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
                                                                             sizes, nvme_dir=nvme_dir, step=step)]),
         "generate": (20, lambda step: [bench("generate").run(device, quick=quick, step=step, repeats=repeats)]),
         "long-context": (3, lambda step: [bench("long_context").run(device, quick=quick, step=step, tokens=context)]),
-        "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step)]),
+        "serve": (3 if cuda else 2, lambda step: [bench("serve").run(device, quick=quick, step=step,
+                                                                     workload=workload or "small", graphs=graphs)]),
         "prefix": (2 * (repeats or 1), lambda step: [bench("prefix").run(device, quick=quick, step=step,
-                                                                          workload=workload, repeats=repeats or 1,
-                                                                          graphs=graphs)]),
+                                                                          workload=workload or "chats",
+                                                                          repeats=repeats or 1, graphs=graphs)]),
         "colocated": (2, lambda step: [bench("colocated").run(device, quick=quick, step=step)]),
         "processes": (2, lambda step: [bench("processes").run(device, quick=quick, step=step)]),
         "peers": (2, lambda step: bench("peers").run(device, quick=quick, step=step)),
@@ -176,7 +180,7 @@ def _parts(names: list[str], device: str, quick: bool, nvme_dir: str | None,
 
 def _run_bench(names: list[str], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
                nvme_dir: str | None, repeats: int | None = None, tokens: int | None = None,
-               workload: str = "chats", graphs: bool = True) -> None:
+               workload: str | None = None, graphs: bool = True) -> None:
     """System header first, then each table (a progress bar on a terminal, a line per step elsewhere); the same
     facts go to the JSON file. On the CPU backend the GPU targets are not judged (``met``: n/a)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -239,7 +243,7 @@ def _targets_not_judged(table: Any) -> None:
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False),
               help="Run nothing: draw the --plot PNGs of a run saved with --json (plots that match its tables).")
 def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | None, plot_dir: str | None,
-          nvme_dir: str | None, repeats: int | None, tokens: int | None, workload: str, graphs: bool,
+          nvme_dir: str | None, repeats: int | None, tokens: int | None, workload: str | None, graphs: bool,
           from_json: str | None) -> None:
     """Run the benchmarks NAMES in order (none: vmm, tiers, prefetch, nvme, generate; long-context only when
     named: it needs host memory for the layers it streams). The list of names is below."""
@@ -254,6 +258,13 @@ def bench(names: tuple[str, ...], device: str, quick: bool, json_path: str | Non
             console.print(f"plot: {escape(path)}")
         return
     chosen = list(dict.fromkeys(names)) or list(ALL)
+    if workload is not None and WORKLOADS[workload] not in chosen:
+        raise click.UsageError(f"--workload {workload} is a workload of bench {WORKLOADS[workload]}, which is not "
+                               f"among those asked for ({' '.join(chosen)})")
+    if workload == "8b":
+        from kvtier.vmm import resolve_device
+        if resolve_device(device).type != "cuda":
+            raise click.UsageError("--workload 8b needs a GPU (an 8B model with random weights, 16 GB in bf16)")
     _run_bench(chosen, device, quick, json_path, plot_dir, nvme_dir, repeats, tokens, workload, graphs)
 
 

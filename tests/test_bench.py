@@ -86,6 +86,19 @@ def test_serve_bench_serves_the_workload_both_ways_on_the_cpu(tmp_path):
     assert ours["output tok/s"] > 0 and ours["TTFT p99 s"] >= ours["TTFT p50 s"] > 0
 
 
+@pytest.mark.parametrize("args, says", [
+    (["serve", "--workload", "documents"], "--workload documents is a workload of bench prefix"),
+    (["prefix", "--workload", "8b"], "--workload 8b is a workload of bench serve"),
+    (["serve", "--workload", "8b", "--device", "cpu"], "--workload 8b needs a GPU"),
+])
+def test_a_workload_of_another_bench_or_device_is_refused_before_anything_runs(args, says):
+    from click.testing import CliRunner
+
+    from kvtier.cli import main
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
 @pytest.mark.parametrize("workload", ["chats", "documents"])
 def test_prefix_bench_serves_the_chats_both_ways_on_the_cpu(tmp_path, workload):
     # the engine as shipped and the engine on kvtier serve the same chats under the same KV budget: kvtier finds
