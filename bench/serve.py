@@ -114,11 +114,13 @@ def _serve(model: Any, work: Workload, cb: Any, timeout: float) -> dict[str, Any
             "tok_s": tokens / (end - start), "ttft": ttft, "tpot": tpot, "end": end - start}
 
 
-def _cb_config(work: Workload, num_blocks: int | None, cpu_offload_gib: float, cuda: bool, graphs: bool) -> Any:
+def _cb_config(work: Workload, num_blocks: int | None, cpu_offload_gib: float, cuda: bool,
+               graphs: bool = False) -> Any:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     return ContinuousBatchingConfig(page_size=work.page_size, num_blocks=num_blocks, max_batch_tokens=2048 if cuda
                                     else 128, allow_block_sharing=False, auto_switch_to_flash=False,
-                                    use_cuda_graph=(False, graphs and cuda), cpu_offload_space=cpu_offload_gib)
+                                    use_cuda_graph=(False, True) if graphs and cuda else False,
+                                    cpu_offload_space=cpu_offload_gib)
 
 
 WORKLOADS = ("small", "8b")
