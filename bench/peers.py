@@ -55,9 +55,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SETTLE_S = 0.5  # the libraries' background threads top their reserves up meanwhile (kvtier's map-ahead, kvcached's
+#                pre-allocation): held memory is read in that steady state -- read at once, kvtier's was 1352 or
+#                2376 MiB in runs of the same code (H100, c26f179), as the map-ahead had run or not
+
+
 def _grow(step: Callable[[int], None], device: torch.device, tokens: int, before: int) -> dict[str, float | None]:
     """Grow one sequence to ``tokens`` in 16-token steps: per-call p50/p99 us, total ms, and the device MiB
-    held then over ``before`` (the bytes used before the library set up its cache)."""
+    held over ``before`` (the bytes used before the library set up its cache) once its reserves have settled."""
     _sync(device)
     times = []
     for t in range(BLOCK, tokens + 1, BLOCK):
@@ -65,6 +70,7 @@ def _grow(step: Callable[[int], None], device: torch.device, tokens: int, before
         step(t)
         times.append(time.perf_counter() - start)
     _sync(device)
+    time.sleep(SETTLE_S if device.type == "cuda" else 0)
     return {"p50": percentile(times, 50) * 1e6, "p99": percentile(times, 99) * 1e6, "total": sum(times) * 1e3,
             "held": (_used(device) - before) / 2**20 if device.type == "cuda" else None}
 
@@ -201,7 +207,8 @@ def run(device: str = "auto", quick: bool = False, step: Any = None) -> list[Tab
     table.notes.append(f"{said}; n/a = not available in that library (kvcached keeps KV on the GPU only and does not "
                        "count its driver calls); both with their defaults: kvtier maps ahead (map_ahead), kvcached "
                        "pre-allocates reserved pages; held = cudaMemGetInfo's used bytes over those before the "
-                       "library set up (its mapped pages, reserves included)")
+                       f"library set up (its mapped pages, reserves included), {SETTLE_S} s after the growth, once "
+                       "each library's background thread has topped its reserve up")
     return [table]
 
 
