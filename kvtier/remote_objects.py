@@ -66,21 +66,12 @@ def seal(buf: np.ndarray, keys: Sequence[bytes], regions: int, block_bytes: int,
     return HEADER + size
 
 
-def check(buf: np.ndarray, size: int, keys: Sequence[bytes], regions: int, block_bytes: int,
-          layout: bytes) -> tuple[str | None, int]:
-    """Whether the object of ``size`` bytes in ``buf`` is the group of ``keys`` (or its end) in this layout: why
-    not (None: it is), and how many of the last ``keys`` it holds."""
-    why, blocks, value = check_header(buf, size, keys, regions, block_bytes, layout)
-    if why is None and not payload_matches(buf, blocks, block_bytes, regions, value):
-        return "its bytes changed (digest mismatch)", 0
-    return why, blocks
-
-
 def check_header(buf: np.ndarray, size: int, keys: Sequence[bytes], regions: int, block_bytes: int,
                  layout: bytes) -> tuple[str | None, int, bytes]:
-    """:func:`check` but for the payload's digest: why not (None: the header says it is the group of ``keys``),
-    how many of the last ``keys`` it holds, and the digest its payload must have (16 bytes: two little-endian
-    words, as :func:`digest` gives them)."""
+    """Whether the object of ``size`` bytes in ``buf`` is, by its header, the group of ``keys`` (or its end) in
+    this layout: why not (None: it is), how many of the last ``keys`` it holds, and the digest its payload must have
+    (16 bytes: two little-endian words, as :func:`digest` gives them; :func:`payload_matches` checks it in
+    staging, ``digest_of_rows`` where the payload landed)."""
     if size < HEADER:
         return "shorter than its header", 0, b""
     raw = buf[:HEADER].tobytes()
