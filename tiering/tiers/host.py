@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvtier.errors import ConfigError
-from kvtier.tiering.tiers.digest import Digests, PendingDigests, digests_of
+from kvtier.tiering.tiers.digest import ROW, Digests, PendingDigests, digests_of
 from kvtier.tiering.state.slots import SlotBooks
 from kvtier.tiering.state.tier import IO_ALIGN, HostSlots, Tier, TierStack
 from kvtier.tiering.engine.transfer import PairsFailed, Work
@@ -140,9 +140,26 @@ class HostTier:
                                         name=f"kvtier-{self.name}-pin", daemon=True)
         self._worker.start()
 
+    def _warm_digests(self) -> None:
+        """Take a digest on the device both ways once, off the engine's path: CUDA loads a kernel at its first
+        launch: the first offload of an 8192-token Llama-3-8B sequence (1 GiB) in a process took 94 ms with checksums,
+        the first of a later manager 30-35 ms with or without them, every later one 14 ms (H100, c26f179,
+        docs/experiments/first_offload.py)."""
+        device = self.backend.device
+        if self.digests is None or device.type != "cuda":
+            return
+        try:
+            regions = torch.zeros((2, 2 * ROW), dtype=torch.uint8, device=device)  # a run of two, as a page's are
+            for lane in ("down", "up"):
+                digests_of([regions[0, :ROW], regions[1, :ROW]], lane=lane).values()
+        except Exception:  # noqa: BLE001 - only a warm-up: the first real digest pays for it instead
+            log.debug("%s tier: warming the digests failed", self.name, exc_info=True)
+
     def _pin_chunks(self, chunks: range | tuple[()]) -> bool:
         """Pin ``chunks`` in order; whether all were (the tier keeps what it pinned before a failure, and says so).
-        The worker's call sets ``_ready`` when it ends."""
+        The worker's call sets ``_ready`` when it ends (after warming the digests first)."""
+        if threading.current_thread() is getattr(self, "_worker", None):
+            self._warm_digests()
         try:
             for i in chunks:
                 if self._closed:
