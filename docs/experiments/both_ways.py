@@ -98,46 +98,65 @@ for name, b in (("one run", bufs), ("scattered", scattered)):
     print(f"digests_of 8 x 8 MiB, {name}: launch {statistics.median(launch) * 1e6:.0f} us, with values "
           f"{statistics.median(whole) * 1e6:.0f} us ({64 * MiB / statistics.median(whole) / 1e9:.0f} GB/s)", flush=True)
 
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-mgr, space = setup(True)
-try:
-    for seq in ("a", "b"):
-        space.mark_written(seq, 0, tokens)
-    space.offload("a", tier="host").result()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        both = timed(lambda: [h.result() for h in (space.offload("b", tier="host"), space.prefetch(["a"]))])
-    print(f"profiled both at once: {both * 1e3:.1f} ms")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-finally:
-    mgr.close()
 
-with open(path) as f:
-    events = json.load(f)["traceEvents"]
-gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-t0 = min(e["ts"] for e in gpu)
-streams = collections.defaultdict(list)
-for e in gpu:
-    streams[(e["args"].get("stream"), e["cat"], e["name"][:40])].append((e["ts"] - t0, e["dur"]))
-print("stream  kind        name                                      count  busy ms  first ms  last end ms")
-for (stream, cat, name), spans in sorted(streams.items(), key=lambda kv: (str(kv[0][0]), kv[1][0][0])):
-    busy = sum(d for _, d in spans) / 1e3
-    print(f"{str(stream):6s}  {cat:10s}  {name:40s}  {len(spans):5d}  {busy:7.2f}  {spans[0][0] / 1e3:8.2f}  "
-          f"{max(s + d for s, d in spans) / 1e3:11.2f}")
-# gaps in each direction's copies: time its copy engine stood still between the first and the last copy
-for kind in ("DtoH", "HtoD"):
-    spans = sorted((e["ts"] - t0, e["dur"]) for e in gpu if e["cat"] == "gpu_memcpy" and kind in e["name"])
-    if spans:
-        end, idle, worst = spans[0][0], 0.0, 0.0
-        for s, d in spans:
-            if s > end:
-                idle, worst = idle + s - end, max(worst, s - end)
-            end = max(end, s + d)
-        print(f"{kind}: {len(spans)} copies from {spans[0][0] / 1e3:.2f} to {end / 1e3:.2f} ms, idle between them "
-              f"{idle / 1e3:.2f} ms (longest {worst / 1e3:.2f} ms)")
-if args.trace:
-    with gzip.open(args.trace, "wt") as f:
-        json.dump({"traceEvents": gpu}, f)
+def profiled(checks: bool) -> None:
+    """One both-at-once round under the profiler: when the prefetch call returned (its mapping done: copies down
+    start no new batch meanwhile), when each direction's copies ran, what the streams did."""
+    mgr, space = setup(checks)
+    try:
+        for seq in ("a", "b"):
+            space.mark_written(seq, 0, tokens)
+        space.offload("a", tier="host").result()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            def both() -> None:
+                with record_function("offload call"):
+                    down = space.offload("b", tier="host")
+                with record_function("prefetch call"):
+                    up = space.prefetch(["a"])
+                down.result()
+                up.result()
+            seconds = timed(both)
+        print(f"\n=== profiled both at once, checksums {'on' if checks else 'off'}: {seconds * 1e3:.1f} ms")
+        if checks:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+        path = os.path.join(tempfile.mkdtemp(), "trace.json")
+        prof.export_chrome_trace(path)
+    finally:
+        mgr.close()
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    calls = {e["name"]: e for e in events if e.get("name") in ("offload call", "prefetch call") and "dur" in e}
+    t0 = min([e["ts"] for e in gpu] + [e["ts"] for e in calls.values()])
+    for name, e in calls.items():
+        print(f"{name}: from {(e['ts'] - t0) / 1e3:.2f} to {(e['ts'] + e['dur'] - t0) / 1e3:.2f} ms")
+    streams = collections.defaultdict(list)
+    for e in gpu:
+        streams[(e["args"].get("stream"), e["cat"], e["name"][:40])].append((e["ts"] - t0, e["dur"]))
+    print("stream  kind        name                                      count  busy ms  first ms  last end ms")
+    for (stream, cat, name), spans in sorted(streams.items(), key=lambda kv: (str(kv[0][0]), kv[1][0][0])):
+        busy = sum(d for _, d in spans) / 1e3
+        print(f"{str(stream):6s}  {cat:10s}  {name:40s}  {len(spans):5d}  {busy:7.2f}  {spans[0][0] / 1e3:8.2f}  "
+              f"{max(s + d for s, d in spans) / 1e3:11.2f}")
+    # each direction's copies: when they ran and how long their copy engine stood still between the first and last
+    for kind in ("DtoH", "HtoD"):
+        spans = sorted((e["ts"] - t0, e["dur"]) for e in gpu if e["cat"] == "gpu_memcpy" and kind in e["name"])
+        if spans:
+            end, idle, worst = spans[0][0], 0.0, 0.0
+            for s, d in spans:
+                if s > end:
+                    idle, worst = idle + s - end, max(worst, s - end)
+                end = max(end, s + d)
+            print(f"{kind}: {len(spans)} copies from {spans[0][0] / 1e3:.2f} to {end / 1e3:.2f} ms, idle between "
+                  f"them {idle / 1e3:.2f} ms (longest {worst / 1e3:.2f} ms)")
+    if args.trace:
+        keep = [e for e in events if e.get("ph") == "X" and "dur" in e]
+        with gzip.open(args.trace.replace(".json", f"-{'on' if checks else 'off'}.json"), "wt") as f:
+            json.dump({"traceEvents": keep}, f)
+
+
+profiled(True)
+profiled(False)

@@ -325,6 +325,7 @@ class Tiering:
                                     tags=[p for *_, p in items], label=f"{self.stack.label(src)}->read")
             work.add(step)
         handle.attach(work)
+        work.start_later()
         if work.io:  # NVMe reads (or failed checks): run by the worker, in order with the transfers queued before
             handle.committed = False  # pages that fail to read are marked lost when it commits
             self._queue.put(handle)
@@ -347,6 +348,7 @@ class Tiering:
                                     on_part=on_part)
             work.add(step)
         handle.attach(work)
+        work.start_later()  # after the mapping (a promotion's): see Work.start_later
         for m in moves:
             m.space.pages.start_move(m.page, handle)
         if moves:

@@ -281,8 +281,8 @@ class HostTier:
                 on_part: Any = None) -> Work:
         """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. What the
         slot holds lands at the start of the view (a view shorter than that takes its first bytes). With checksums
-        the bytes are verified where they landed, on the GPU (``digests_of`` once the copies are done), by an I/O
-        step the transfer waits for: no stream reads them before (a page that fails is lost). A view shorter than
+        the bytes are verified where they landed, on the GPU (``digests_of`` once the copies are done, queued when
+        the caller is done mapping: ``Work.later``), by an I/O step the transfer waits for: no stream reads them before (a page that fails is lost). A view shorter than
         what its slot holds is verified on the host before its copy."""
         failed: dict[Any, BaseException] = {}
         digests = self.digests
@@ -302,11 +302,16 @@ class HostTier:
         if not after_copy:
             work.io = [lambda: _raise(PairsFailed(failed))] if failed else []
             return work
-        pending = digests_of([buf for *_, buf in after_copy], work.event, lane="up")
+        launched: list[PendingDigests] = []
+
+        def launch() -> None:  # the digests, queued after the copies (see Work.start_later)
+            if not launched:
+                launched.append(digests_of([buf for *_, buf in after_copy], work.event, lane="up"))
 
         def verify() -> None:
             assert digests is not None
-            for (i, tag, slot, buf), value in zip(after_copy, pending.values()):
+            launch()
+            for (i, tag, slot, buf), value in zip(after_copy, launched[0].values()):
                 try:
                     digests.check(slot, value, buf.numel(), self.name)
                 except OSError as exc:
@@ -314,6 +319,7 @@ class HostTier:
             if failed:
                 raise PairsFailed(failed)
         work.io, work.local = [verify], True  # a check of these copies only: a waiter may run it
+        work.later.append(launch)
         return work
 
     def _bad_slot(self, slot: int, tag: Any, failed: dict[Any, BaseException]) -> bool:
