@@ -89,10 +89,14 @@ class PendingDigests:
     def values(self) -> list[tuple[int, int]]:
         """One digest per buffer, in order (waits for them once)."""
         if self._values is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._values = [(a, b) for a, b in self._folded.numpy().view(np.uint64).tolist()]
+            self._values = [(a, b) for a, b in self.array().tolist()]
         return self._values
+
+    def array(self) -> np.ndarray:
+        """The digests as a ``[buffers, 2]`` uint64 array (waits for them)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._folded.numpy().view(np.uint64)
 
 
 def _words(buf: torch.Tensor) -> torch.Tensor:
@@ -299,6 +303,24 @@ class Digests:
         self.verified += 1
         self.verified_bytes += nbytes
         return got
+
+    def check_all(self, slots: list[int], got: np.ndarray, nbytes: list[int], tier: str) -> dict[int, OSError]:
+        """:meth:`check` of many slots at once (``got``: their digests, ``[n, 2]`` uint64, as
+        :meth:`PendingDigests.array` gives them): the failures, by index into ``slots``. One comparison of arrays,
+        not a call a slot: a streamed layer's read checks hundreds of slots while the step waits for it."""
+        with self._lock:
+            for slot in slots:
+                if slot in self._later:
+                    self._settle(slot)
+            index = np.asarray(slots, dtype=np.int64)
+            good = self._sealed[index] & (self._values[index] == got).all(axis=1)
+            bad = np.flatnonzero(~good).tolist()
+            self.mismatches += len(bad)
+            self.verified += len(slots) - len(bad)
+            self.verified_bytes += sum(nbytes) - sum(nbytes[i] for i in bad)
+            return {i: ChecksumMismatch(f"{tier} slot {slots[i]}: checksum mismatch (" +
+                                        ("the bytes changed at rest" if self._sealed[slots[i]] else
+                                         "no digest: never written whole") + ")") for i in bad}
 
     def counts(self) -> dict[str, int]:
         return {"verified": self.verified, "verified_bytes": self.verified_bytes, "mismatches": self.mismatches}
