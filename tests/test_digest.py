@@ -60,6 +60,23 @@ def test_books_refuse_a_slot_never_sealed_or_changed_at_rest():
     assert books.counts() == {"verified": 1, "verified_bytes": page.numel(), "mismatches": 2}
 
 
+def test_checking_many_slots_at_once_finds_each_bad_one():
+    # three slots sealed, one never: a transfer's check of four copies that landed
+    books = Digests(4)
+    bufs = [torch.full((ROW,), k, dtype=torch.uint8) for k in range(4)]
+    for slot in range(3):
+        books.seal(slot, digest(bufs[slot]))
+    got = digests_of(bufs).array().copy()
+    # slot 1's bytes changed on the way: its digest is not the one sealed
+    got[1] = digest(torch.full((ROW,), 9, dtype=torch.uint8))
+    bad = books.check_all([0, 1, 2, 3], got, [ROW] * 4, "host")
+    # the changed slot and the slot never sealed fail, each saying why; the others count as verified
+    assert sorted(bad) == [1, 3]
+    assert "changed at rest" in str(bad[1]) and "never written whole" in str(bad[3])
+    assert all(isinstance(e, ChecksumMismatch) for e in bad.values())
+    assert books.counts() == {"verified": 2, "verified_bytes": 2 * ROW, "mismatches": 2}
+
+
 def test_a_buffer_that_is_not_whole_rows_is_refused():
     with pytest.raises(ValueError, match="whole rows"):
         digest(_page()[:ROW + 8])
