@@ -29,9 +29,10 @@ config = _llama2_7b(True, False)
 model = random_model(config, dev)
 ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=dev)
 base = Config(device="cuda")
-budget = TieredCache.pool_bytes(config, args.tokens + args.steps + 1, args.resident, page_size=base.page_size,
-                                itemsize=2) + 2 * GiB
-host = _streamed_bytes(config, args.tokens + args.steps + 1, budget, base.page_size, 2) + 1 * GiB
+page = base.page_size or 8 << 20
+budget = TieredCache.pool_bytes(config, args.tokens + args.steps + 1, args.resident, page_size=page,
+                                itemsize=2)
+host = _streamed_bytes(config, args.tokens + args.steps + 1, budget, page, 2) + 1 * GiB
 up = pcie_ceilings(dev, 1 * GiB)["up"] / GiB
 
 for checks in (True, False, True):
