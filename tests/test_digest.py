@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,10 @@ def test_digests_of_many_buffers_equal_each_ones_digest(device):
     bufs += [whole[8 * region + ROW:8 * region + 2 * ROW], whole[9 * region:9 * region + ROW]]  # another step
     bufs += [_page(2 * ROW, seed=9).to(device)]                         # another storage
     assert digests_of(bufs).values() == [digest(b.cpu()) for b in bufs]
+    # listed out of address order (a read lists each page's regions in turn): each value still where its buffer is
+    shuffled = [bufs[i] for i in (3, 0, 8, 5, 1, 7, 2, 6, 4)]
+    assert digests_of(shuffled).values() == [digest(b.cpu()) for b in shuffled]
+    assert (digests_of(shuffled).array() == np.array([digest(b.cpu()) for b in shuffled], dtype=np.uint64)).all()
     assert digests_of([]).values() == []
 
 

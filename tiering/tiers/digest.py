@@ -72,8 +72,10 @@ class PendingDigests:
     """The digests of several buffers, under way (see :func:`digests_of`): ``read`` once the buffers may change,
     ``values`` when the digests are needed."""
 
-    def __init__(self, folded: torch.Tensor, event: Any = None, reduced: Any = None) -> None:
-        self._folded, self._event, self._reduced = folded, event, reduced
+    def __init__(self, folded: torch.Tensor, event: Any = None, reduced: Any = None,
+                 order: list[int] | None = None) -> None:
+        """``order``: the buffers' indices in the order ``folded`` has their digests (None: as given)."""
+        self._folded, self._event, self._reduced, self._order = folded, event, reduced, order
         self._values: list[tuple[int, int]] | None = None
 
     def read(self) -> None:
@@ -96,7 +98,12 @@ class PendingDigests:
         """The digests as a ``[buffers, 2]`` uint64 array (waits for them)."""
         if self._event is not None:
             self._event.synchronize()
-        return self._folded.numpy().view(np.uint64)
+        folded = self._folded.numpy().view(np.uint64)
+        if self._order is None:
+            return folded
+        out = np.empty_like(folded)
+        out[self._order] = folded
+        return out
 
 
 def _words(buf: torch.Tensor) -> torch.Tensor:
@@ -148,6 +155,14 @@ def digests_of(bufs: list[torch.Tensor], after: Any = None, lane: str = "") -> P
     way, ddf0c00 on the H200)."""
     if not bufs:
         return PendingDigests(torch.zeros((0, 2), dtype=torch.int64))
+    # by address, so that runs form (_runs): a read lists its pages region after region within each page, and
+    # taken in that order every buffer was a run of its own -- 64 runs and ~450 launches a streamed layer's read
+    # of 1 GiB (H100, 5184017, docs/experiments/streamed_checks.py)
+    order: list[int] | None = sorted(range(len(bufs)), key=lambda i: bufs[i].data_ptr())
+    if order == list(range(len(bufs))):
+        order = None
+    else:
+        bufs = [bufs[i] for i in order]  # type: ignore[union-attr]
     cuda = bufs[0].is_cuda
     parts = []
     with torch.cuda.stream(side_stream(bufs[0].device, lane)) if cuda else contextlib.nullcontext():
@@ -160,14 +175,14 @@ def digests_of(bufs: list[torch.Tensor], after: Any = None, lane: str = "") -> P
                                       (_column_sums(words) * weights[:WORDS]).sum(1)), dim=1))
         folded = torch.cat(parts) if len(parts) > 1 else parts[0]
         if not cuda:
-            return PendingDigests(folded)
+            return PendingDigests(folded, order=order)
         reduced = torch.cuda.Event()
         reduced.record()
         host = _to_host(folded)
         event = torch.cuda.Event()
         event.record()
         _keep_until(event, host)
-    return PendingDigests(host, event, reduced)
+    return PendingDigests(host, event, reduced, order)
 
 
 _mapped_ok: dict[torch.device, bool] = {}
