@@ -276,13 +276,13 @@ def test_blocks_handed_out_again_on_a_shared_page_move_with_their_new_bytes(make
     mgr.check()
 
 
-@pytest.mark.parametrize("failing_call", [1, 3], ids=["first-region", "later-region"])
+@pytest.mark.parametrize("failing_call", [3, 6], ids=["first-page", "second-page"])
 @pytest.mark.parametrize("tier", ["host", "nvme"])
 def test_a_map_that_fails_mid_page_during_prefetch_leaves_everything_as_it_was(make_manager, tier, failing_call):
-    # prefetch maps its pages region after region (both pages of a region in one call) and enqueues each
-    # region's copies up at once; a driver map failing part-way (after earlier regions' copies were queued)
-    # unmaps what it mapped once those copies have landed, gives the handles back and leaves the sequence below,
-    # intact: a later prefetch brings the same bytes
+    # prefetch maps a page region after region and enqueues each region's copy up at once; a driver map failing
+    # part-way (after earlier regions' copies were queued) unmaps what it mapped once those copies have landed,
+    # gives the handles back and leaves the sequence below, intact: a later prefetch brings the same bytes (a
+    # failure in the second page also takes the whole first page, copied up already, back off the GPU)
     mgr = make_manager()
     space = _space(mgr, make_manager)
     space.allocate("a", 2 * BPP * space.block_size)

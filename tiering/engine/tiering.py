@@ -43,7 +43,7 @@ from kvtier.vmm import Backend, PagePool
 
 log = logging.getLogger(__name__)
 
-PROMOTE_GROUPS = 8  # a page's worth of regions is mapped and copied up in this many groups (see promote)
+PROMOTE_GROUPS = 8  # a page's regions are mapped and copied up in this many groups (see promote)
 STALLS_KEPT = 100_000  # stall samples kept for the stats' percentiles
 STALL_EVENTS_PENDING = 256  # unread stall timings (event pairs) above which they are read as they complete
 STALL_BUCKETS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5, 1.0)  # seconds (metrics histogram)
@@ -238,35 +238,38 @@ class Tiering:
         return self._launch("demote", moves, pairs, after, inline, work)
 
     def promote(self, space: TieredSpace, pages: list[int], handles: list[Any]) -> TransferHandle:
-        """Map ``pages`` (sorted; in host or NVMe, not in flight) with ``handles`` (``num_regions`` per page) and
-        start copying them up. Region after region over all the pages at once (a run of pages one driver call),
-        each group of regions' copies enqueued right after their mapping, so the driver's mapping work overlaps
-        the copies already running. (H100, 952e6ad: a 1024-token Llama-3-8B sequence is one page of 64 regions;
-        mapped whole before its copies, fault-back took 7.2 ms against 2.6 ms of copy, 3.4 ms of it mapping.)
-        Page by page, a 4 GiB promotion made 512 map calls and 64 routes' calls, and held the mapping gate --
-        copies down stand still meanwhile -- for 37 ms (H100, 256a039, docs/experiments/both_ways.py)."""
+        """Map ``pages`` (in host or NVMe; not in flight) with ``handles`` (``num_regions`` per page) and start
+        copying them up. Pages are mapped one by one, and within a page region after region, each group of
+        regions' copies enqueued right after their mapping, so the driver's mapping work overlaps the copies
+        already running. (H100, 952e6ad: a 1024-token Llama-3-8B sequence is one page of 64 regions; mapped whole
+        before its copies, fault-back took 7.2 ms against 2.6 ms of copy, 3.4 ms of it mapping.)"""
         R, table = space.num_regions, space.pages
-        moves = [self._move(space, p, table.tier_of(p), Tier.GPU, []) for p in pages]
-        by_source: dict[int, list[Move]] = defaultdict(list)
-        for move in moves:
-            by_source[move.src].append(move)
+        moves: list[Move] = []
         work = Work()
-        every = max(1, R // PROMOTE_GROUPS // max(1, len(pages)))  # regions a group: ~R/8 handles, as for one page
+        every = max(1, R // PROMOTE_GROUPS)
+        for i, p in enumerate(pages):
+            src = table.tier_of(p)
+            move = self._move(space, p, src, Tier.GPU, [])
 
-        def copy_up(r: int) -> None:
-            if (r + 1) % every and r + 1 < R:
-                return
-            group = range(r + 1 - ((r % every) + 1), r + 1)  # the regions mapped since the last group
-            for src, these in by_source.items():
-                step = self.mover.start(src, Tier.GPU, [(table.slots[m.page][g], space.region_view(g, m.page))
-                                                        for g in group for m in these],
-                                        tags=[m for _ in group for m in these],
-                                        pages=len(these) if group.start == 0 else 0)
+            def copy_up(r: int, p: int = p, src: int = src, move: Move = move) -> None:
+                if (r + 1) % every and r + 1 < R:
+                    return
+                group = range(r + 1 - ((r % every) + 1), r + 1)  # the regions mapped since the last group
+                step = self.mover.start(src, Tier.GPU, [(table.slots[p][g], space.region_view(g, p)) for g in group],
+                                        tags=[move] * len(group), pages=int(group.start == 0))
                 work.add(step)  # one stream: the last event covers every earlier copy
 
-        # all or nothing: on failure every page mapped so far is unmapped (once its queued copies have landed)
-        # and the handles go back to the pool -- everything stays below, as before the call
-        space.map_pages(pages, handles, copy_up)
+            try:
+                space.map_pages([p], handles[i * R:(i + 1) * R], copy_up)  # on failure its handles go back
+            except BaseException:
+                # the pages mapped so far go back too (once their queued copies have landed), and the handles
+                # not yet used: everything stays below, as before the call
+                if moves:
+                    self.backend.synchronize()
+                    space.unmap_pages([m.page for m in moves], still_below=True)
+                self.pool.give(handles[(i + 1) * R:])
+                raise
+            moves.append(move)
         return self._launch("promote", moves, {}, None, False, work)
 
     def stage(self, space: TieredSpace, pages: list[int]) -> TransferHandle:
