@@ -30,6 +30,16 @@ def _distinct(pages: list[int], by_last: bool = False) -> tuple[np.ndarray, np.n
     return uniq[order], counts[order].astype(np.int32)
 
 
+def _tally(pages: list[int]) -> dict[int, int]:
+    """How often each of ``pages`` appears, in the order they first appear. A dict of Python ints, and one numpy
+    update a page after it: a loop indexing the numpy counts per block cost ~0.4 us a block (an alloc + free of 64
+    blocks: 72 us, CPU machine, 8b92b9d)."""
+    counts: dict[int, int] = {}
+    for p in pages:
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
 class BlockBooks:
     def __init__(self, space_name: str, num_blocks: int, block_bytes: int, block_size: int, page_size: int) -> None:
         self.space_name, self.num_blocks, self.block_bytes = space_name, num_blocks, block_bytes
@@ -137,11 +147,10 @@ class BlockBooks:
             fresh = touched[self.live[touched] == 0].tolist()
             self.live[touched] += counts
         else:
-            fresh = []
-            for p in pages:
-                if self.live[p] == 0:
-                    fresh.append(p)
-                self.live[p] += 1
+            tally = _tally(pages)
+            fresh = [p for p in tally if self.live[p] == 0]  # in the order the pages first appear
+            for p, c in tally.items():
+                self.live[p] += c
         self.seqs[seq_id] = self.seqs.get(seq_id, []) + blocks.tolist()
         self.tokens[seq_id] = num_tokens
         for p in self._tail_pages(seq_id):
@@ -188,12 +197,10 @@ class BlockBooks:
             touched, counts = _distinct(pages, by_last=True)  # a page empties at its last block
             self.live[touched] -= counts
             return touched[self.live[touched] == 0].tolist()
-        emptied = []
-        for p in pages:
-            self.live[p] -= 1
-            if self.live[p] == 0:
-                emptied.append(p)
-        return emptied
+        tally, last = _tally(pages), {p: i for i, p in enumerate(pages)}
+        for p, c in tally.items():
+            self.live[p] -= c
+        return sorted((p for p in tally if self.live[p] == 0), key=last.__getitem__)  # a page empties at its last
 
     def check(self) -> np.ndarray:
         """Verify the books (AssertionError on a broken invariant); return live blocks per page."""

@@ -97,6 +97,18 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
         rest = take(allowed)
 
 
+def first_on_mapped(books: BlockBooks, need: int, mapped: np.ndarray) -> np.ndarray | None:
+    """What :func:`plan_blocks` picks for a new sequence of ``need`` blocks, fewer than a page holds, when
+    ``mapped`` (pages allocatable and not idle) has room for them: the first free blocks lying wholly on those
+    pages; None when they are too few (the full plan then decides). Found without the plan's scaffolding: a
+    request's first allocation cost ~15 us of the ~50 of an alloc + free of one block there (CPU machine,
+    8b92b9d)."""
+    if need >= books.page_size // books.block_bytes or need > books.free_count:
+        return None
+    cands = np.flatnonzero(books.free & books.all_on(mapped))
+    return cands[:need] if len(cands) >= need else None
+
+
 def plan_range(books: BlockBooks, first_block: int, held: int, need: int,
                masks: PageMasks) -> tuple[np.ndarray, list[int]]:
     """Blocks ``first_block + held ...`` for ``need`` more, and the vacant pages they touch."""

@@ -33,7 +33,7 @@ from kvtier.blocks import BlockBooks
 from kvtier.checks import INT64, block_ids_arg, int_arg, seq_id_arg
 from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, PagesInFlight, QuotaExceededError,
                            SpaceFullError)
-from kvtier.placement import PageMasks, plan_blocks, plan_range
+from kvtier.placement import PageMasks, first_on_mapped, plan_blocks, plan_range
 from kvtier.policies import PageRef
 from kvtier.space_pages import SpacePages
 from kvtier.space_sharing import SpaceSharing
@@ -151,6 +151,12 @@ class KVSpace:
             blocks = self._next_on_tail_page(held, need)
             if blocks is not None:
                 return self._grow(seq_id, blocks, old_tokens, num_tokens)
+        if not held and first_block is None:  # a new request shorter than a page: free blocks on mapped pages
+            mapped = self.pages.allocatable()
+            mapped[self.idle_pages()] = False
+            blocks = first_on_mapped(books, need, mapped)
+            if blocks is not None:
+                return self._grow(seq_id, blocks, old_tokens, num_tokens)
         # plan: blocks, pages to map, room for them -- nothing changes until all three are known to hold
         try:
             blocks, new_pages = self._plan(held, need, first_block)
@@ -203,8 +209,9 @@ class KVSpace:
         for p in books.grow(seq_id, blocks, num_tokens):
             policy.on_create(PageRef(self.name, p), priority)
             self._empty.pop(p, None)
-        self.shared_pages.booked(books.pages_of(blocks))
-        for p in set(books.pages_of(blocks)):  # the rest of an active sequence is never a candidate
+        pages = books.pages_of(blocks)
+        self.shared_pages.booked(pages)
+        for p in set(pages):  # the rest of an active sequence is never a candidate
             policy.on_use(PageRef(self.name, p))
         self._written(books.seqs[seq_id], old_tokens, num_tokens)
         self._trim()

@@ -84,6 +84,46 @@ def test_decode_steps_take_the_next_blocks_of_the_page_being_written(make_manage
     mgr.check()
 
 
+def test_a_new_requests_blocks_are_the_ones_the_full_plan_picks(make_manager):
+    # a new request shorter than a page takes the first free blocks on mapped pages, found without the full plan:
+    # differentially, over requests arriving, growing, going idle below and ending in a seeded order, the blocks
+    # found that way are the plan's every time they are found
+    import numpy as np
+
+    from kvtier.placement import first_on_mapped, plan_blocks
+    mgr = make_manager()
+    space = mgr.create_space("m", max_tokens=8 * BPP * make_manager.shape["block_size"], **make_manager.shape)
+    bs, rng, live, found = space.block_size, np.random.default_rng(7), [], 0
+    for step in range(300):
+        need = int(rng.integers(1, BPP + 2))
+        books, masks = space.block_books, space._masks()
+        fast = first_on_mapped(books, need, masks.allocatable & ~masks.idle)
+        if fast is not None:
+            blocks, new_pages = plan_blocks(books, [], need, masks, lambda n: True)
+            assert fast.tolist() == blocks.tolist() and new_pages == []
+            found += 1
+        action = rng.integers(0, 4)
+        if action < 2 or not live:  # a request arrives
+            try:
+                space.allocate(("r", step), need * bs)
+                live.append(("r", step))
+            except (kvtier.OutOfPagesError, kvtier.SpaceFullError):
+                pass
+        elif action == 2:  # one grows by a block, or goes idle below
+            seq = live[int(rng.integers(0, len(live)))]
+            if rng.integers(0, 2) and seq not in space._offloaded:
+                try:
+                    space.allocate(seq, (len(space.blocks(seq)) + 1) * bs)
+                except (kvtier.OutOfPagesError, kvtier.SpaceFullError):
+                    pass
+            elif seq not in space._offloaded:
+                space.offload(seq, tier="host").result()
+        else:  # one ends
+            space.free(live.pop(int(rng.integers(0, len(live)))))
+    assert found > 100  # the case the fast path takes is the common one
+    mgr.check()
+
+
 def test_pages_are_unmapped_on_free_and_remapped_on_reuse(make_manager):
     mgr = make_manager(space_reserve_pages=0)
     space = mgr.create_space("m", max_tokens=4096, **make_manager.shape)
