@@ -1,7 +1,8 @@
-"""Why do host checksums take `bench long-context` from 0.90 of its physical limit to 0.65 (H100, 256a039, 188k
+"""Why do host checksums take `bench long-context` from 0.90 of its physical limit to 0.65 (H100, 93bffd3, 188k
 tokens, 16 of 32 layers streamed: 46 GiB read up a decode step)? A smaller case of the same: a Llama-2-7B shape at
 ``--tokens`` (default 65536) with a pool for ``--resident`` layers, so that the others stream; decode steps timed
-with checksums off, on, off, on (each a manager of its own, in one process), and the main thread's profile of a few steps with them on (where it waits).
+with checksums off, on, off, on (each a manager of its own, in one process), and the main thread's profile of the
+last two steps with them on (where it waits).
 Run on a GPU machine: python docs/experiments/streamed_checks.py [--tokens N] [--resident R]"""
 
 import argparse

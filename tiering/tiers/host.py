@@ -2,7 +2,8 @@
 
 Pinning costs ~0.5 s/GiB, so a large tier pinned up front would block start-up. Chunks are mapped (exact size,
 ``mmap``) and pinned (``cuMemHostRegister``) one at a time -- the first as the tier opens, the rest by a worker;
-each chunk's slots become usable as soon as it is pinned, so the tier serves while it grows. On the CPU backend the memory is plain (nothing to DMA from).
+each chunk's slots become usable as soon as it is pinned, so the tier serves while it grows. On the CPU backend the
+memory is plain (nothing to DMA from).
 
 Its routes: GPU <-> its slots (``cuMemcpyAsync`` on the mover's streams), and between its slots and those of any
 other host-memory tier of the stack (a memcpy by the worker). Settings: ``[host]`` (``size``, ``chunk``,
@@ -144,7 +145,7 @@ class HostTier:
         """Take a digest on the device both ways once, off the engine's path: CUDA loads a kernel at its first
         launch: the first offload of an 8192-token Llama-3-8B sequence (1 GiB) in a process took 94 ms with checksums,
         the first of a later manager 30-35 ms with or without them, every later one 14 ms (H100, c26f179,
-        docs/experiments/first_offload.py)."""
+        docs/experiments/first_offload.py); warmed this way, the first of the process took 27.5-29 ms (70c754c)."""
         device = self.backend.device
         if self.digests is None or device.type != "cuda":
             return
@@ -282,8 +283,9 @@ class HostTier:
         """Enqueued at once (host-to-device copies do not hold up mapping); the event covers them all. What the
         slot holds lands at the start of the view (a view shorter than that takes its first bytes). With checksums
         the bytes are verified where they landed, on the GPU (``digests_of`` once the copies are done, queued when
-        the caller is done mapping: ``Work.later``), by an I/O step the transfer waits for: no stream reads them before (a page that fails is lost). A view shorter than
-        what its slot holds is verified on the host before its copy."""
+        the caller is done mapping: ``Work.later``), by an I/O step the transfer waits for: no stream reads them
+        before (a page that fails is lost). A view shorter than what its slot holds is verified on the host before
+        its copy."""
         failed: dict[Any, BaseException] = {}
         digests = self.digests
         after_copy: list[tuple[int, Any, int, torch.Tensor]] = []  # (pair, tag, slot, landed bytes)
