@@ -131,8 +131,9 @@ def run(device: str = "auto", quick: bool = False, step: Callable[[], None] | No
         workload: str = "small", graphs: bool = True) -> Table:
     """``workload``: "small" (a Llama-3.2-1B shape, 32 requests on a GPU; a 2-layer toy on the CPU) or "8b" (GPU
     only: a Llama-3-8B shape, 96 requests of 512-4096 prompt tokens and 128 new, a KV budget of 256 blocks of 256
-    tokens, 8 GiB, the scheduler keeping no blocks free: issue 29's serving target). ``graphs``: on a GPU every engine runs its decode steps as CUDA
-    graphs, as served (the prefix bench's decode steps of the 8B shape: ~80 ms without, 40-50 ms with, H100)."""
+    tokens, 8 GiB, the scheduler keeping no blocks free: issue 29's serving target). ``graphs``: on a GPU every
+    engine runs its decode steps as CUDA graphs, as served (the prefix bench's decode steps of the 8B shape: ~80 ms
+    without, 40-50 ms with, H100)."""
     from transformers import LlamaConfig
 
     from kvtier.integrations.continuous_batching import kvtier_engine
