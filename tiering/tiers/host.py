@@ -293,13 +293,13 @@ class HostTier:
         def checked() -> Iterator[tuple[int, int, int] | None]:
             for i, (slot, view) in enumerate(pairs):
                 tag = tags[i] if tags is not None else i
-                held = self.held(slot)
-                if digests is not None and view.numel() >= held and view.data_ptr() % 8 == 0 and view.is_contiguous():
-                    after_copy.append((i, tag, slot, view[:held]))
+                held, n, ptr = self.held(slot), view.numel(), view.data_ptr()  # per page and region: read once
+                if digests is not None and n >= held and ptr % 8 == 0 and view.is_contiguous():
+                    after_copy.append((i, tag, slot, view if n == held else view[:held]))
                 elif tag in failed or self._bad_slot(slot, tag, failed):
                     yield None
                     continue
-                yield view.data_ptr(), self.address(slot), min(view.numel(), held)
+                yield ptr, self.address(slot), min(n, held)
         work = mover.copies_up(checked(), self.backend.copy_async, after)
         if not after_copy:
             work.io = [lambda: _raise(PairsFailed(failed))] if failed else []
