@@ -138,15 +138,15 @@ class FailingCopies(HostBackend):
 
 class FailingPins(HostBackend):
     """The CPU backend, whose ``pin`` fails from the ``n``-th call on (as ``cuMemHostRegister`` does when the
-    process may lock no more memory); it notes the addresses it refused."""
+    process may lock no more memory); it notes the spans it refused, (address, bytes)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
-        self.left, self.refused = n, []  # type: list[int]
+        self.left, self.refused = n, []  # type: list[tuple[int, int]]
 
     def pin(self, address: int, size: int) -> None:
         if self.left <= 0:
-            self.refused.append(address)
+            self.refused.append((address, size))
             raise CudaError("cuMemHostRegister", "CUDA_ERROR_OUT_OF_MEMORY", "failed on cue (tests/faults.py)")
         self.left -= 1
 
