@@ -184,8 +184,8 @@ def test_a_host_tier_pinned_in_chunks_that_do_not_divide_it_has_its_size_in_unit
 
 def _mapped(address: int, size: int) -> bool:
     """Whether ``address .. address + size`` is mapped in this process, all of it (Linux). All of it: the hole a
-    refused chunk leaves is soon reused in part -- the tier's worker thread starts right after, and its stack went
-    there (a check of the first address alone failed once in ~16 runs)."""
+    refused chunk leaves may soon be reused in part -- likely by the stack of the tier's worker thread, started right
+    after (a check of the first address alone failed once in ~16 runs)."""
     with open("/proc/self/maps") as maps:
         spans = sorted((int(lo, 16), int(hi, 16)) for lo, hi in (line.split()[0].split("-") for line in maps))
     end = address
