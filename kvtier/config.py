@@ -91,16 +91,19 @@ class Config(BaseModel):
         size=True)
     pool_ready: Size = _setting(256 * MiB, "gpu", "unused pages kept created ahead of need (refill below half, "
                                 "release above twice); 0 turns it off", size=True)
-    space_reserve_pages: int = _setting(2, "gpu", "empty pages a space keeps mapped (reclaimed under pressure)", ge=0,
-                                        strict=True)
+    space_reserve_pages: int = _setting(2, "gpu", "the most empty pages a space keeps mapped (reclaimed under "
+                                        "pressure)", ge=0, strict=True)
+    space_reserve_window_s: float = _setting(0.5, "gpu", "seconds: a space keeps as many empty pages mapped as its "
+                                           "largest allocation of that long ago took (at least one, at most "
+                                           "space_reserve_pages); 0: space_reserve_pages always", ge=0)
     gpu_low_watermark: Fraction = _setting(0.05, "gpu", "free-pool fraction below which the demoter starts")
     gpu_high_watermark: Fraction = _setting(0.10, "gpu", "free-pool fraction the demoter stops at")
     demote_on_allocate: bool = _setting(True, "gpu", "an allocate/prefetch short of pages demotes idle pages first",
                                         strict=True)
     background_demotion: bool = _setting(True, "gpu", "run the background demoter thread", strict=True)
-    map_ahead: bool = _setting(True, "gpu", "the demoter maps fresh empty pages into each space, up to "
-                               "space_reserve_pages, so that allocations find them mapped (no driver call on the "
-                               "allocate path); needs background_demotion", strict=True)
+    map_ahead: bool = _setting(True, "gpu", "the demoter maps fresh empty pages into each space, up to its "
+                               "reserve (space_reserve_window_s), so that allocations find them mapped (no driver "
+                               "call on the allocate path); needs background_demotion", strict=True)
     debug_checks: bool = _setting(False, "gpu", "verify the books after every call; poison demoted GPU pages",
                                   env="KVTIER_DEBUG", strict=True)
     # [host]

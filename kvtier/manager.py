@@ -59,7 +59,8 @@ class TierManager:
     Use as a context manager or call :meth:`close`. Thread-safe: one lock (``lock``) guards the books of the pool
     and of every space, so calls from several threads serialise (each call is short: planning plus driver calls).
 
-    ``clock``: the policy's clock (seconds; default ``time.monotonic``), e.g. a trace's time in a replay.
+    ``clock``: the policy's clock and the spaces' reserves' (seconds; default ``time.monotonic``), e.g. a trace's
+    time in a replay.
     ``files``: the file layer under the NVMe tier's POSIX path (default: the operating system's calls); tests pass
     one that fails on cue (CPU backend only: on CUDA the tier's I/O is kvikio's).
     ``backend``: the device layer (default: the one for ``config.device``); tests pass a CPU backend whose copies
@@ -95,6 +96,7 @@ class TierManager:
         budget_pages = budget_bytes // self.page_size
         if budget_pages < 1:
             raise ConfigError(f"pool_budget: {budget_bytes} bytes is less than one page of {self.page_size} bytes")
+        self.clock = clock or time.monotonic
         self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)  # notified when transfers commit (pages come free)
         self.spaces: dict[str, KVSpace] = {}

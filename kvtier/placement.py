@@ -97,6 +97,9 @@ def plan_blocks(books: BlockBooks, held: list[int], need: int, masks: PageMasks,
         rest = take(allowed)
 
 
+_FIRST_PAGES = 8  # mapped pages looked at one by one before the whole space is scanned
+
+
 def first_on_mapped(books: BlockBooks, need: int, mapped: np.ndarray) -> np.ndarray | None:
     """What :func:`plan_blocks` picks for a new sequence of ``need`` blocks, fewer than a page holds, when
     ``mapped`` (pages allocatable and not idle) has room for them: the first free blocks lying wholly on those
@@ -105,6 +108,20 @@ def first_on_mapped(books: BlockBooks, need: int, mapped: np.ndarray) -> np.ndar
     8b92b9d)."""
     if need >= books.page_size // books.block_bytes or need > books.free_count:
         return None
+    # the mapped pages' blocks first, a page at a time, in block order: mostly the first page or two has room, and a
+    # scan of the whole space's blocks cost ~12 us of an alloc + free of one block (2048 blocks, CPU machine)
+    P, bb, start = books.page_size, books.block_bytes, 0
+    found: list[int] = []
+    for p in np.flatnonzero(mapped)[:_FIRST_PAGES].tolist():
+        lo, hi = max(start, p * P // bb), min(books.num_blocks, -(-(p + 1) * P // bb))
+        if lo < hi:
+            ok = books.free[lo:hi]
+            if P % bb:  # blocks may straddle two pages: those count only if both are mapped
+                ok = ok & mapped[books.first_page[lo:hi]] & mapped[books.last_page[lo:hi]]
+            found.extend((np.flatnonzero(ok)[:need - len(found)] + lo).tolist())
+            if len(found) == need:
+                return np.asarray(found, dtype=np.int64)
+        start = max(start, hi)
     cands = np.flatnonzero(books.free & books.all_on(mapped))
     return cands[:need] if len(cands) >= need else None
 

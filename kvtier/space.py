@@ -35,6 +35,7 @@ from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, 
                            SpaceFullError)
 from kvtier.placement import PageMasks, first_on_mapped, plan_blocks, plan_range
 from kvtier.policies import PageRef
+from kvtier.reserve import ReserveDemand
 from kvtier.space_pages import SpacePages
 from kvtier.space_sharing import SpaceSharing
 from kvtier.tiering import IO_ALIGN, PageTable, Tier, TransferHandle
@@ -85,6 +86,8 @@ class KVSpace:
         self._seq_priority: dict[Hashable, int] = {}         # set_priority overrides
         self.idle_fence: Any = None                          # after the last offload's kernels
         self.maps_ahead = manager.config.map_ahead           # the demoter tops up its reserve (create_space sets it)
+        self.reserve = ReserveDemand(manager.config.space_reserve_pages, manager.config.space_reserve_window_s,
+                                     manager.clock)
         self.closed = False
         shape = (self.num_blocks, block_size, num_kv_heads, head_dim)
         used = self.num_blocks * self.block_bytes
@@ -206,9 +209,11 @@ class KVSpace:
         """Book ``blocks`` (free, on mapped pages) to ``seq_id``, now ``num_tokens`` long."""
         books = self.block_books
         policy, priority = self._tiering.policy, self._seq_priority.get(seq_id, self.priority)
-        for p in books.grow(seq_id, blocks, num_tokens):
+        fresh = books.grow(seq_id, blocks, num_tokens)
+        for p in fresh:
             policy.on_create(PageRef(self.name, p), priority)
             self._empty.pop(p, None)
+        self.reserve.took(len(fresh))
         pages = books.pages_of(blocks)
         self.shared_pages.booked(pages)
         for p in set(pages):  # the rest of an active sequence is never a candidate
@@ -260,8 +265,8 @@ class KVSpace:
 
     def free(self, seq_id: Hashable, stream: Any = None, retain: bool = True) -> None:
         """Release ``seq_id``'s blocks, in whatever tier they are. Pages left empty on the GPU are unmapped once
-        the work queued on ``stream`` (default: the current stream) has finished; up to ``space_reserve_pages``
-        of them stay mapped. Transfers in flight for its pages are waited for first. Its published blocks
+        the work queued on ``stream`` (default: the current stream) has finished; up to the reserve (see
+        ``kvtier.reserve``) stay mapped. Transfers in flight for its pages are waited for first. Its published blocks
         (``publish``) that no other sequence holds stay cached, found by their keys, idle (they go down under
         pressure like idle sequences) until a call short of blocks or room drops them, oldest first;
         ``retain=False`` frees them now (a request that must not be kept)."""
@@ -560,18 +565,23 @@ class KVSpace:
 
     def _trim(self) -> None:
         """Unmap empty pages beyond the reserve whose fences have completed (never waits)."""
-        excess = len(self._empty) - self._config.space_reserve_pages
+        excess = len(self._empty) - self.reserve.target()
         if excess > 0:
             done = [p for p, fence in list(self._empty.items())[:excess] if fence is None or fence.query()]
             if done:
                 self.unmap_pages(done)
 
     def map_ahead(self) -> int:
-        """Map fresh pages as empties, up to ``space_reserve_pages``, from what the pool has free now (no
-        reclaim, no demotion): the next allocations book blocks on them without a driver call. The background
-        demoter calls it under the lock when ``map_ahead`` is on; returns the pages mapped."""
-        want = self._config.space_reserve_pages - len(self._empty)
-        if want <= 0 or self.closed or not self._room.pool.can_take(self.num_regions):
+        """Map fresh pages as empties, up to the reserve's target (``ReserveDemand``), from what the pool has free
+        now (no reclaim, no demotion): the next allocations book blocks on them without a driver call; empties over
+        the target (demand fell) are unmapped once their fences pass. The background demoter calls it under the
+        lock when ``map_ahead`` is on; returns the pages mapped."""
+        if self.closed:
+            return 0
+        want = self.reserve.target() - len(self._empty)
+        if want < 0:
+            self._trim()
+        if want <= 0 or not self._room.pool.can_take(self.num_regions):
             return 0
         want = min(want, self._room.pool.available() // self.num_regions)
         pages = np.flatnonzero(self.pages.vacant())[:want].tolist()

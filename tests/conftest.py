@@ -44,15 +44,16 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 def make_manager(backend_name: str) -> Any:
     made: list[kvtier.TierManager] = []
 
-    def make(pages: int = 64, files: Any = None, backend: Any = None, **overrides: Any) -> kvtier.TierManager:
+    def make(pages: int = 64, files: Any = None, backend: Any = None, clock: Any = None,
+             **overrides: Any) -> kvtier.TierManager:
         """A manager whose pool holds ``pages`` handles; ``files``: the NVMe tier's file layer, ``backend``: the
-        device layer (tests/faults.py)."""
+        device layer (tests/faults.py), ``clock``: the policy's and the reserves' clock."""
         page = PAGE[backend_name]
         options = dict(device=backend_name, page_size=page, pool_budget=pages * page, pool_ready=0,
                        debug_checks=True, host_size=16 * page, host_chunk=4 * page, nvme_size=128 * page,
-                       background_demotion=False)
+                       background_demotion=False, space_reserve_window_s=0)  # a fixed reserve: no clock
         options.update(overrides)
-        mgr = kvtier.TierManager(kvtier.Config(**options), files=files, backend=backend)
+        mgr = kvtier.TierManager(kvtier.Config(**options), clock=clock, files=files, backend=backend)
         mgr.tiering.wait_ready()
         made.append(mgr)
         return mgr
