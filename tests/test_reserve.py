@@ -80,3 +80,26 @@ def test_a_space_keeps_mapped_what_its_recent_allocations_took(make_manager):
     assert space.stats()["map_calls"] == calls and space.stats()["stripes_empty"] == 0
     assert_seq(space, "b")
     mgr.check()
+
+
+def test_the_demoter_trims_a_reserve_no_one_asked_for_again(make_manager):
+    import time
+    clock = Clock()
+    mgr = make_manager(pages=64, clock=clock, background_demotion=True, map_ahead=True, space_reserve_pages=2,
+                       space_reserve_window_s=1.0)
+    space = mgr.create_space("s", max_tokens=32 * BPP * 16, **make_manager.shape)
+    per_page = BPP * space.block_size
+    # a two-page sequence, freed: the demoter keeps two empty pages mapped behind it while the window lasts
+    space.allocate("a", 2 * per_page)
+    space.free("a")
+    mgr.tiering.poke()
+    time.sleep(0.1)  # a few of the demoter's looks (one each 20 ms)
+    assert space.stats()["stripes_empty"] == 2
+    # the window passes with nothing asked for: the demoter's own looks unmap one (no call of ours)
+    clock.now = 1.5
+    mgr.backend.synchronize()
+    deadline = time.monotonic() + 5
+    while space.stats()["stripes_empty"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (1, 1)
+    mgr.check()
