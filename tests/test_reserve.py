@@ -32,7 +32,7 @@ def test_the_reserve_is_the_largest_recent_take_at_least_one_at_most_the_cap():
     # the 3 passes out of the window, the 2 is then the largest
     clock.now = 1.1
     assert demand.target() == 2
-    # then the 2 (the 1 went with the 3: a later, larger take outlasts it)
+    # then the 2 passes too, and one is left (the 1 went when the 2 came: a later, larger take outlasts it)
     clock.now = 1.9
     assert demand.target() == 1
     # a take over the cap is held to the cap; nothing taken (0 pages) changes nothing
