@@ -280,8 +280,7 @@ class KVSpace:
         pending = pages.in_flight(books.pages_of_seqs([seq_id])) if pages.moving or pages.reading else []
         if pending:
             raise PagesInFlight(f"space {self.name!r}: {seq_id!r} has pages in flight", pending)
-        held = np.asarray(books.blocks_of(seq_id), dtype=np.int64)
-        last = held[books.refs[held] == 1].tolist()  # the blocks this would free
+        last = books.last_held(seq_id)  # the blocks this would free
         if retain:
             last = self.sharing.retain(last)
         self.prefix.forget(last)  # the blocks this frees hold nothing any more
