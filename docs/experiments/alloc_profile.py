@@ -1,0 +1,47 @@
+"""Where does an alloc + free of a few blocks go? The space of ``bench peers`` (a Llama-3-8B shape, 4 x 8192 tokens),
+alloc + free of 1 / 16 / 64 blocks timed (the least and the median of seven rounds of 500 pairs), then 2000 pairs of
+one block under cProfile, sorted by ``sys.argv[1]`` (default ``tottime``).
+Run on a GPU machine (or the CPU backend anywhere): python docs/experiments/alloc_profile.py [tottime|cumulative]"""
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import torch
+
+from kvtier.bench.vmm import LLAMA8B
+from kvtier.config import Config, MiB
+from kvtier.manager import TierManager
+
+TOKENS = 8192
+CELL = LLAMA8B["num_kv_heads"] * LLAMA8B["head_dim"] * 2  # bytes of one token's K (or V) in one layer
+
+config = Config(device="cuda" if torch.cuda.is_available() else "cpu", host_size=TOKENS * 2 * CELL * 32 + 256 * MiB,
+                host_chunk=256 * MiB, nvme_size=64 * MiB)
+with TierManager(config) as mgr:
+    mgr.tiering.wait_ready()
+    space = mgr.create_space("peers", max_tokens=4 * TOKENS, **LLAMA8B)
+    for k in (1, 16, 64):
+        for _ in range(300):  # warm
+            space.allocate("k", k * 16)
+            space.free("k")
+        rounds = []
+        for _ in range(7):
+            start = time.perf_counter()
+            for _ in range(500):
+                space.allocate("k", k * 16)
+                space.free("k")
+            rounds.append((time.perf_counter() - start) / 500 * 1e6)
+        print(f"k={k}: min {min(rounds):.1f} median {sorted(rounds)[3]:.1f} us per pair")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(2000):
+        space.allocate("k", 16)
+        space.free("k")
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats(sys.argv[1] if len(sys.argv) > 1 else "tottime").print_stats(40)
+    print(out.getvalue())
+    print(space.stats())
