@@ -189,6 +189,10 @@ def test_peers_bench_times_kvtier_alone_on_the_cpu_and_says_why(tmp_path):
         assert rows[f"alloc + free of {k} block(s)"]["kvcached"] is None
     assert rows["grow to 2048 tokens, 16 at a time: all"]["kvtier"] > 0
     assert rows["device memory held with the 2048-token sequence"]["kvtier"] is None
+    # what kvtier keeps ahead of need is counted apart: whole 512 MiB pages (64 regions of 8 MiB), at most the
+    # reserve's two, and up to twice the pool's 256 MiB of ready pages
+    assert rows["  of it: empty pages mapped ahead (the space's reserve)"]["kvtier"] in (0, 512, 1024)
+    assert 0 <= rows["  of it: pages created, not mapped (the pool's ready pages)"]["kvtier"] <= 512
     assert "CUDA only" in table["notes"][0]
 
 
