@@ -82,3 +82,24 @@ def test_the_pages_of_a_block_are_those_its_bytes_lie_on(block_bytes):
     for b in range(40):
         assert books.pages_of(np.asarray([b], dtype=np.int64)) == want[b]
     assert sorted(books.pages_of(np.arange(40, dtype=np.int64))) == sorted(p for b in range(40) for p in want[b])
+
+
+@settings(max_examples=300, deadline=None)
+@given(block_bytes=st.sampled_from([1024, 1536, 3000]), seed=st.integers(0, 2**32 - 1),
+       need=st.integers(1, 3), mapped_share=st.floats(0.0, 1.0), free_share=st.floats(0.0, 1.0))
+def test_the_first_blocks_on_mapped_pages_are_the_whole_scans(block_bytes, seed, need, mapped_share, free_share):
+    # blocks that divide the page (1024) and blocks that straddle two pages (1536, 3000), twenty pages of which any
+    # may be mapped (more than the eight looked at one by one), any block free: the page-at-a-time search gives
+    # what a scan of every block gives -- the first free blocks lying wholly on mapped pages -- or None when short
+    from kvtier.placement import first_on_mapped
+    rng = np.random.default_rng(seed)
+    books = BlockBooks("s", num_blocks=20 * 4096 // block_bytes, block_bytes=block_bytes, block_size=16,
+                       page_size=4096)
+    books.free = rng.random(books.num_blocks) < free_share
+    books.free_count = int(books.free.sum())
+    mapped = rng.random(books.num_pages) < mapped_share
+    whole = np.flatnonzero(books.free & books.all_on(mapped))
+    want = whole[:need].tolist() if len(whole) >= need and need < 4096 // block_bytes and need <= books.free_count \
+        else None
+    got = first_on_mapped(books, need, mapped)
+    assert (got.tolist() if got is not None else None) == want
