@@ -102,8 +102,8 @@ class CudaBackend:
             raise DeviceError(f"cuda:{index} does not exist: this machine has {torch.cuda.device_count()} "
                               "CUDA device(s)")
         self.device = torch.device("cuda", index)
-        # streams looked up by index: torch resolves a torch.device on every call (5 us of a free's fence under
-        # cProfile, H100, d8a2b52)
+        # streams looked up by index: given a torch.device, torch resolves it on every call (5 us of a free's fence
+        # under cProfile, H100, d8a2b52); what the index saves was not measured on its own
         self.index = index
         torch.cuda.init()
         with torch.cuda.device(index):
