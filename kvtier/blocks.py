@@ -147,8 +147,12 @@ class BlockBooks:
     def grow(self, seq_id: Hashable, blocks: np.ndarray, num_tokens: int) -> list[int]:
         """Give ``blocks`` (free) to ``seq_id``, now holding ``num_tokens``; return the pages that had no live
         block before (once each)."""
-        for p in self._tail_pages(seq_id):
-            self.tail[p] -= 1
+        held = self.seqs.get(seq_id)
+        if held:
+            for p in self._tail_pages(seq_id):
+                self.tail[p] -= 1
+        else:
+            held = self.seqs[seq_id] = []
         listed = blocks.tolist()
         if len(listed) <= _FEW:
             for b in listed:
@@ -167,7 +171,7 @@ class BlockBooks:
             fresh = [p for p in tally if self.live[p] == 0]  # in the order the pages first appear
             for p, c in tally.items():
                 self.live[p] += c
-        self.seqs[seq_id] = self.seqs.get(seq_id, []) + listed
+        held.extend(listed)  # in place: a copy of the whole list cost ~1 us a decode step at 256 blocks
         self.tokens[seq_id] = num_tokens
         for p in self._tail_pages(seq_id):
             self.tail[p] += 1

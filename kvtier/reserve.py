@@ -23,6 +23,7 @@ class ReserveDemand:
 
     def __init__(self, cap: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.cap, self.window, self._clock = cap, window, clock
+        self.least = min(cap, 1)  # no target is below it
         self._took: deque[tuple[float, int]] = deque()
 
     def took(self, pages: int) -> None:

@@ -201,7 +201,9 @@ class KVSpace:
         page = int(books.last_page[last])
         if books.first_page[last + 1] != page or books.last_page[stop - 1] != page:
             return None
-        if self.pages.tier[page] != _GPU or self.pages.in_flight([page]) or not books.free[last + 1:stop].all():
+        if self.pages.tier[page] != _GPU or self.pages.in_flight([page]):
+            return None
+        if not (books.free[last + 1] if need == 1 else books.free[last + 1:stop].all()):
             return None
         return np.arange(last + 1, stop, dtype=np.int64)
 
@@ -213,7 +215,8 @@ class KVSpace:
         for p in fresh:
             policy.on_create(PageRef(self.name, p), priority)
             self._empty.pop(p, None)
-        self.reserve.took(len(fresh))
+        if fresh:
+            self.reserve.took(len(fresh))
         pages = books.pages_of(blocks)
         self.shared_pages.booked(pages)
         for p in set(pages):  # the rest of an active sequence is never a candidate
@@ -564,6 +567,8 @@ class KVSpace:
 
     def _trim(self) -> None:
         """Unmap empty pages beyond the reserve whose fences have completed (never waits)."""
+        if len(self._empty) <= self.reserve.least:  # within any target: no need to age the demand's books
+            return
         excess = len(self._empty) - self.reserve.target()
         if excess > 0:
             done = [p for p, fence in list(self._empty.items())[:excess] if fence is None or fence.query()]

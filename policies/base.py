@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 
-@dataclass(frozen=True)
-class PageRef:
+class PageRef(NamedTuple):
+    """One page of one space. A named tuple, not a frozen dataclass: policies hash refs on every allocation's
+    ``on_use`` (a dict lookup by ref: 0.04 against 0.22 us, construction 0.21 against 0.32 us, CPU machine)."""
     space: str
     page: int
 
