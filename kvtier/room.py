@@ -27,11 +27,14 @@ class RoomUser(Protocol):
     - ``idle_pages()``: its GPU pages that could be demoted now. ``priority``: lower gives room first.
     - ``evict_cached(pages)``: drop cached blocks no sequence holds (oldest first) until about ``pages`` pages,
       in any tier, came free; returns how many did. The last resort before a request is refused.
+    - ``arrival``: its fresh pages being mapped ahead without the lock, if any (empties, reclaimable, once they
+      land: ``settle()`` waits for that).
     """
 
     name: str
     priority: int
     num_regions: int
+    arrival: Any
 
     def within_quota(self, new_pages: int) -> bool: ...
 
@@ -117,6 +120,9 @@ class RoomPlanner:
                 demotion = plan
         covered = reclaimable + (demotion.gpu_handles if demotion else 0)
         if short > covered:
+            arriving = [s.arrival for s in self.spaces() if s.arrival is not None]
+            if arriving:  # the background demoter maps pages ahead: empties, reclaimable, within milliseconds
+                raise PagesInFlight(f"space {space.name!r}: waiting for pages being mapped ahead", arriving)
             if short <= covered + self.tiering.gpu_handles_leaving():
                 raise PagesInFlight(f"space {space.name!r}: waiting for pages on their way down")
             wanted = -(-(short - covered) // max(1, space.num_regions))

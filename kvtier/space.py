@@ -35,7 +35,7 @@ from kvtier.errors import (ClosedError, InvalidArgumentError, NotResidentError, 
                            SpaceFullError)
 from kvtier.placement import PageMasks, first_on_mapped, plan_blocks, plan_range
 from kvtier.policies import PageRef
-from kvtier.reserve import ReserveDemand
+from kvtier.reserve import Arrival, ReserveDemand
 from kvtier.space_pages import SpacePages
 from kvtier.space_sharing import SpaceSharing
 from kvtier.tiering import IO_ALIGN, PageTable, Tier, TransferHandle
@@ -88,6 +88,7 @@ class KVSpace:
         self.maps_ahead = manager.config.map_ahead           # the demoter tops up its reserve (create_space sets it)
         self.reserve = ReserveDemand(manager.config.space_reserve_pages, manager.config.space_reserve_window_s,
                                      manager.clock)
+        self.arrival: Arrival | None = None                  # the reserve's pages being mapped without the lock
         self.closed = False
         shape = (self.num_blocks, block_size, num_kv_heads, head_dim)
         used = self.num_blocks * self.block_bytes
@@ -160,6 +161,8 @@ class KVSpace:
             blocks = first_on_mapped(books, need, mapped)
             if blocks is not None:
                 return self._grow(seq_id, blocks, old_tokens, num_tokens)
+        if self.arrival is not None:  # fresh pages are being mapped ahead: take them once they land
+            raise PagesInFlight(f"space {self.name!r}: pages being mapped ahead", [self.arrival])
         # plan: blocks, pages to map, room for them -- nothing changes until all three are known to hold
         try:
             blocks, new_pages = self._plan(held, need, first_block)
@@ -549,7 +552,8 @@ class KVSpace:
 
     # --- what the manager needs: quota and empty pages -------------------------------------------------------------
     def within_quota(self, new_pages: int) -> bool:
-        return self.quota_bytes is None or (len(self.range.handles) + new_pages) * self.page_bytes <= self.quota_bytes
+        mapped = len(self.range.handles) + len(self.range.arriving)
+        return self.quota_bytes is None or (mapped + new_pages) * self.page_bytes <= self.quota_bytes
 
     def reclaimable(self, keep: Iterable[int] = ()) -> list[int]:
         """Empty mapped pages (not in ``keep``) the pool may take back when it runs short."""
@@ -578,32 +582,66 @@ class KVSpace:
     def map_ahead(self) -> int:
         """Map fresh pages as empties, up to the reserve's target (``ReserveDemand``), from what the pool has free
         now (no reclaim, no demotion): the next allocations book blocks on them without a driver call; empties over
-        the target (demand fell) are unmapped once their fences pass. The background demoter calls it under the
-        lock when ``map_ahead`` is on; returns the pages mapped."""
-        if self.closed:
+        the target (demand fell) are unmapped once their fences pass. Returns the pages mapped. Under the lock,
+        all of it; the background demoter (``map_ahead`` on) maps without it: ``start_map_ahead``, the arrival's
+        ``arrive``, ``land_map_ahead``."""
+        arrival = self.start_map_ahead()
+        if arrival is None:
             return 0
+        arrival.arrive()
+        error = arrival.error
+        mapped = self.land_map_ahead(arrival)
+        if error is not None:
+            raise error
+        return mapped
+
+    def start_map_ahead(self) -> Arrival | None:
+        """Book the pages ``map_ahead`` would map as arriving, with handles from the pool (under the lock); None
+        if there is nothing to map or an arrival is under way already."""
+        if self.closed or self.arrival is not None:
+            return None
         want = self.reserve.target() - len(self._empty)
         if want < 0:
             self._trim()
         if want <= 0 or not self._room.pool.can_take(self.num_regions):
-            return 0
+            return None
         want = min(want, self._room.pool.available() // self.num_regions)
         pages = np.flatnonzero(self.pages.vacant())[:want].tolist()
         if not pages or not self.within_quota(len(pages)):
-            return 0
-        self.map_pages(pages, self._room.pool.take(len(pages) * self.num_regions))
-        self.pages.mapped(pages)
-        for p in pages:
-            self._empty[p] = None
-        return len(pages)
+            return None
+        self.range.book_arriving(pages, self._room.pool.take(len(pages) * self.num_regions))
+        self.pages.arrive(pages)
+        self.arrival = Arrival(self, pages)
+        return self.arrival
 
-    def in_flight(self) -> list[TransferHandle]:
-        """Transfers and reads under way on any page of this space."""
-        return self.pages.in_flight(range(self.num_pages))
+    def land_map_ahead(self, arrival: Arrival) -> int:
+        """The arrival's pages were mapped (they become empties) or failed to be (their handles go back to the
+        pool; logged: an allocation maps what it needs itself). Under the lock; returns the pages mapped."""
+        assert arrival is self.arrival, "land the space's own arrival"
+        self.arrival = None
+        try:
+            mapped = arrival.error is None
+            self._room.give_pages(self.range.land_arriving(arrival.pages, mapped, arrival.seconds))
+            if not mapped:
+                self.pages.not_arrived(arrival.pages)
+                log.warning("space %r: mapping %d page(s) ahead failed: %s", self.name, len(arrival.pages),
+                            arrival.error)
+                return 0
+            self.pages.mapped(arrival.pages)
+            for p in arrival.pages:
+                self._empty[p] = None
+            return len(arrival.pages)
+        finally:
+            arrival.landed()
+
+    def in_flight(self) -> list[Any]:
+        """Transfers and reads under way on any page of this space, and pages being mapped ahead."""
+        return self.pages.in_flight(range(self.num_pages)) + ([self.arrival] if self.arrival is not None else [])
 
     def close(self) -> None:
         """Unmap every page (after the device is idle), give every slot back, free the reservation. The
-        manager calls it once no transfer of this space is in flight."""
+        manager calls it once no transfer of this space is in flight (nor an arrival: ``in_flight``)."""
+        assert self.arrival is None, "close a space with no pages being mapped ahead"
         self.reclaim(list(self._empty))
         if self.range.handles:  # live pages: unmap them too, once the device is done with them
             self._backend.synchronize()
@@ -635,5 +673,7 @@ class KVSpace:
         assert not adopted & set(self._empty), "a page shared from another space kept as empty"
         assert not self.pages.lower_mask()[live == 0].any(), "a lower tier holds a page with no live block"
         assert self._offloaded <= set(self.block_books.seqs)
+        arriving = set(self.arrival.pages) if self.arrival is not None else set()
+        assert arriving == set(self.range.arriving) == self.pages.arriving, "pages being mapped ahead"
         self.prefix.check(self.block_books.free)
         assert all(self.block_books.seqs.get(h) == [h.block] for h in self.sharing.cached), "cached blocks' holders"

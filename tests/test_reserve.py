@@ -3,6 +3,8 @@ on a real backend (CPU virtual memory; CUDA under -m gpu)."""
 
 from __future__ import annotations
 
+import pytest
+
 from kvtier.reserve import ReserveDemand
 from tests.conftest import assert_seq, write_seq
 
@@ -103,3 +105,156 @@ def test_the_demoter_trims_a_reserve_no_one_asked_for_again(make_manager):
         time.sleep(0.01)
     assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (1, 1)
     mgr.check()
+
+
+# --- the reserve mapped without the manager's lock: booked, mapped, landed --------------------------------------
+def _in_thread(call):
+    """Run ``call`` in a thread; return the thread and a list that receives its result or its exception."""
+    import threading
+    out: list = []
+
+    def run():
+        try:
+            out.append(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_pages_mapped_ahead_without_the_lock_are_booked_meanwhile_and_waited_for(make_manager):
+    mgr = make_manager(pages=64, space_reserve_pages=2)
+    space = mgr.create_space("s", max_tokens=32 * BPP * 16, **make_manager.shape)
+    per_page = BPP * space.block_size
+    free_before = mgr.pool.available()
+    # the demoter's first step, under the lock: two vacant pages booked as arriving, their handles taken
+    with mgr.lock:
+        arrival = space.start_map_ahead()
+    assert arrival is not None and len(arrival.pages) == 2
+    assert mgr.pool.available() == free_before - 2 * space.num_regions
+    assert not space.pages.vacant()[arrival.pages].any() and space.stats()["stripes_empty"] == 0
+    mgr.check()  # the handles count as the space's: the books agree while the pages are being mapped
+    # one arrival at a time: a second look books nothing more
+    with mgr.lock:
+        assert space.start_map_ahead() is None
+    # an allocation that needs fresh pages waits for them rather than mapping others beside them
+    thread, out = _in_thread(lambda: space.allocate("a", per_page))
+    thread.join(0.3)
+    assert thread.is_alive() and not out
+    # the driver calls, without the lock (the waiting allocation does not hold it either), then the landing
+    arrival.arrive()
+    with mgr.lock:
+        assert space.land_map_ahead(arrival) == 2
+    thread.join(10)
+    assert out and not isinstance(out[0], BaseException), out
+    # it booked its blocks on an arrived page: the arrival's were the only driver calls; one empty stays ahead
+    assert space.stats()["map_calls"] == 2 * space.num_regions and space.stats()["stripes_empty"] == 1
+    assert set(space.block_books.pages_of_seqs(["a"])) <= set(arrival.pages)
+    write_seq(space, "a")
+    assert_seq(space, "a")
+    mgr.check()
+
+
+def test_a_map_ahead_that_fails_gives_its_handles_back_and_the_pages_stay_vacant(make_manager):
+    import kvtier
+    mgr = make_manager(pages=64, space_reserve_pages=2)
+    space = mgr.create_space("s", max_tokens=32 * BPP * 16, **make_manager.shape)
+    free_before = mgr.pool.available()
+    backend, real_map, calls = mgr.backend, mgr.backend.map, []
+
+    def failing_map(address, page_size, handles):  # the driver refuses the third map call (a later region)
+        calls.append(address)
+        if len(calls) == 3:
+            raise kvtier.errors.CudaError("cuMemMap", "CUDA_ERROR_OUT_OF_MEMORY", "injected")
+        real_map(address, page_size, handles)
+
+    with mgr.lock:
+        arrival = space.start_map_ahead()
+    backend.map = failing_map
+    try:
+        arrival.arrive()  # the failure is kept for the landing, never raised here
+    finally:
+        backend.map = real_map
+    assert isinstance(arrival.error, kvtier.errors.CudaError)
+    # the landing undoes the booking: handles back in the pool, the pages vacant, nothing mapped
+    with mgr.lock:
+        assert space.land_map_ahead(arrival) == 0
+    assert arrival.done() and mgr.pool.available() == free_before
+    assert space.pages.vacant()[arrival.pages].all() and space.stats()["stripes_mapped"] == 0
+    mgr.check()
+    # called whole (under the lock, as tests and owners may), the same failure is raised to the caller
+    backend.map, calls[:] = failing_map, []
+    try:
+        with pytest.raises(kvtier.errors.CudaError, match="injected"):
+            space.map_ahead()
+    finally:
+        backend.map = real_map
+    assert mgr.pool.available() == free_before
+    mgr.check()
+    # the fault cleared: the next look maps the reserve
+    assert space.map_ahead() == 2
+    mgr.check()
+
+
+def test_dropping_a_space_or_asking_its_room_waits_for_pages_being_mapped_ahead(make_manager):
+    mgr = make_manager(pages=16, space_reserve_pages=2)
+    space = mgr.create_space("s", max_tokens=32 * BPP * 16, **make_manager.shape)
+    other = mgr.create_space("t", max_tokens=32 * BPP * 16, **make_manager.shape)
+    per_page = BPP * space.block_size
+    # s books two pages ahead: of the pool's 16 handles (4 pages of 4 regions), 8 are arriving in s
+    with mgr.lock:
+        arrival = space.start_map_ahead()
+    assert mgr.pool.available() == 8
+    # t asks for three pages: the pool has two; the arriving ones will be empties it may take, so it waits
+    grow, grown = _in_thread(lambda: other.allocate("b", 3 * per_page))
+    # dropping s waits for its arrival too
+    drop, dropped = _in_thread(lambda: mgr.drop_space("s"))
+    grow.join(0.3)
+    assert grow.is_alive() and drop.is_alive()
+    arrival.arrive()
+    with mgr.lock:
+        space.land_map_ahead(arrival)
+    grow.join(10)
+    drop.join(10)
+    assert grown and not isinstance(grown[0], BaseException), grown
+    assert dropped and not isinstance(dropped[0], BaseException), dropped
+    assert "s" not in mgr.spaces and len(other.blocks("b")) == 3 * BPP
+    write_seq(other, "b")
+    assert_seq(other, "b")
+    mgr.check()
+
+
+def test_allocations_beside_the_demoter_mapping_ahead_keep_every_byte(make_manager):
+    # the real thread: two spaces allocate, write, check and free while the demoter maps their reserves without
+    # the lock and trims them (a window of 10 ms); every sequence's bytes are its own, and the books agree after
+    import random
+    import time
+    mgr = make_manager(pages=48, background_demotion=True, map_ahead=True, space_reserve_pages=2,
+                       space_reserve_window_s=0.01)
+    spaces = [mgr.create_space(n, max_tokens=32 * BPP * 16, **make_manager.shape) for n in ("s", "t")]
+    rng = random.Random(7)
+    live: dict = {}
+    deadline = time.monotonic() + 1.5
+    n = 0
+    while time.monotonic() < deadline:
+        space = rng.choice(spaces)
+        if live.get(space.name) and rng.random() < 0.5:
+            seq = live[space.name].pop()
+            assert_seq(space, seq)
+            space.free(seq)
+        elif len(live.get(space.name, [])) < 3:
+            seq = f"q{n}"
+            n += 1
+            space.allocate(seq, rng.choice([1, BPP // 2, BPP, 2 * BPP]) * space.block_size)
+            write_seq(space, seq)
+            live.setdefault(space.name, []).append(seq)
+        mgr.tiering.poke()
+        if rng.random() < 0.3:
+            time.sleep(0.005)
+    for space in spaces:
+        for seq in live.get(space.name, []):
+            assert_seq(space, seq)
+    mgr.check()
+    assert sum(s.stats()["map_calls"] for s in spaces) > 0

@@ -15,6 +15,13 @@ import torch
 from kvtier.tiering.state.pagetable import PageTable
 
 
+class Arrival(Protocol):
+    """Fresh pages booked to be mapped without the lock (see ``TieredSpace.start_map_ahead``)."""
+
+    def arrive(self) -> None:
+        """Map them (the driver calls); a failure is kept for the landing, never raised."""
+
+
 class TieredSpace(Protocol):
     """One space's pages, as tiering sees them.
 
@@ -38,8 +45,10 @@ class TieredSpace(Protocol):
     - ``layout_tag`` names the space's layout (what makes a page's bytes readable by another space of the same
       name); ``prefix_blocks(page)`` lists the indexed whole blocks on ``page`` as ``(index within the page, key,
       salt)``: what a kept tier's journal notes when the page lands there.
-    - ``maps_ahead`` says whether the background demoter may call ``map_ahead()``, which maps fresh empty pages
-      up to the space's reserve from what the pool has free (no reclaim, no demotion) and returns how many.
+    - ``maps_ahead`` says whether the background demoter may map fresh empty pages into the space, up to its
+      reserve, from what the pool has free (no reclaim, no demotion): ``start_map_ahead()`` books them (None:
+      nothing to map), the arrival's ``arrive()`` maps them without the lock, ``land_map_ahead(arrival)`` lands
+      them under it (whatever ``arrive`` did) and returns how many are mapped.
     """
 
     name: str
@@ -69,7 +78,9 @@ class TieredSpace(Protocol):
 
     def takes_writes(self, page: int) -> bool: ...
 
-    def map_ahead(self) -> int: ...
+    def start_map_ahead(self) -> Arrival | None: ...
+
+    def land_map_ahead(self, arrival: Arrival) -> int: ...
 
     def prefix_blocks(self, page: int) -> list[tuple[int, bytes, bytes]]: ...
 

@@ -44,6 +44,7 @@ class MappedRange:
         self.size = num_regions * self.region_bytes
         self._gate = gate
         self.handles: dict[int, list[Handle | None]] = {}  # mapped page -> one handle per region
+        self.arriving: dict[int, list[Handle]] = {}  # pages being mapped without the caller's lock (``arrive``)
         self.partial: set[int] = set()  # pages some of whose regions went ahead (None in ``handles``)
         self.map_calls = self.unmap_calls = 0
         self.map_seconds = self.unmap_seconds = 0.0
@@ -72,7 +73,7 @@ class MappedRange:
     def handle_count(self) -> int:
         """Handles mapped now, over every region of every page."""
         released = sum(self.handles[p].count(None) for p in self.partial)
-        return len(self.handles) * self.num_regions - released
+        return (len(self.handles) + len(self.arriving)) * self.num_regions - released
 
     def _address(self, region: int, page: int) -> int:
         return self.base + region * self.region_bytes + page * self.page_size
@@ -87,16 +88,27 @@ class MappedRange:
         R = self.num_regions
         assert len(handles) == len(pages) * R, (len(handles), len(pages), R)
         per_page = {p: list(handles[i * R:(i + 1) * R]) for i, p in enumerate(pages)}
+        seconds = 0.0
+        try:
+            seconds = self._map(per_page, on_region)
+        finally:
+            self.map_seconds += seconds
+        self.map_calls += len(pages) * R
+        self.handles.update(per_page)
+
+    def _map(self, per_page: dict[int, list[Handle]], on_region: Callable[[int], None] | None) -> float:
+        """The driver calls of ``map`` (no books written: ``arrive`` runs them without the caller's lock); all or
+        nothing. Returns the seconds spent mapping (``on_region``'s work not counted)."""
+        pages = sorted(per_page)
         done: list[tuple[int, int, int]] = []
-        start, elsewhere = time.perf_counter(), 0.0  # map_seconds counts the driver's mapping, not on_region's work
+        start, elsewhere = time.perf_counter(), 0.0
         try:
             with self._gate():
-                for r in range(R):
+                for r in range(self.num_regions):
                     for first, count in runs(pages):
                         self.backend.map(self._address(r, first), self.page_size,
                                          [per_page[first + j][r] for j in range(count)])
                         done.append((r, first, count))
-                        self.map_calls += count
                     if on_region is not None:
                         called = time.perf_counter()
                         on_region(r)
@@ -107,9 +119,32 @@ class MappedRange:
             for r, first, count in done:
                 self.backend.unmap(self._address(r, first), count * self.page_size)
             raise
-        finally:
-            self.map_seconds += time.perf_counter() - start - elsewhere
+        return time.perf_counter() - start - elsewhere
+
+    # --- mapping without the caller's lock, in three steps: book (locked), map (not), land (locked) ----------------
+    def book_arriving(self, pages: Sequence[int], handles: Sequence[Handle]) -> None:
+        """Book unmapped ``pages`` as arriving with ``handles`` (``num_regions`` per page, page after page): the
+        handles count as this range's from now (``handle_count``), the pages are mapped by ``arrive``."""
+        R = self.num_regions
+        assert len(handles) == len(pages) * R and not set(pages) & (set(self.handles) | set(self.arriving))
+        for i, p in enumerate(pages):
+            self.arriving[p] = list(handles[i * R:(i + 1) * R])
+
+    def arrive(self, pages: Sequence[int]) -> float:
+        """Map arriving ``pages``: the driver calls alone, which may run without the lock that guards these books
+        (only the caller touches the pages meanwhile); all or nothing. Returns the seconds spent."""
+        return self._map({p: self.arriving[p] for p in pages}, None)
+
+    def land_arriving(self, pages: Sequence[int], mapped: bool, seconds: float) -> list[Handle]:
+        """``arrive`` ended: the pages are mapped (``mapped``; now in ``handles``) or not -- then their handles
+        are returned, for the pool."""
+        per_page = {p: self.arriving.pop(p) for p in pages}
+        self.map_seconds += seconds
+        if not mapped:
+            return [h for hs in per_page.values() for h in hs]
+        self.map_calls += len(pages) * self.num_regions
         self.handles.update(per_page)
+        return []
 
     def unmap_regions(self, page: int, regions: Sequence[int]) -> list[Handle]:
         """Unmap ``regions`` of the mapped ``page`` ahead of its others and return their handles; ``unmap`` takes
@@ -160,5 +195,5 @@ class MappedRange:
 
     def close(self) -> None:
         """Give the reservation back; every page must have been unmapped."""
-        assert not self.handles, f"{len(self.handles)} page(s) still mapped"
+        assert not self.handles and not self.arriving, f"{len(self.handles)} page(s) still mapped"
         self.backend.free_reservation(self.base, self.size)

@@ -1,9 +1,9 @@
 """The page table of one space: where each page's data lives. It is the single source of truth, and its
-transition methods (``mapped``, ``restored``, ``unmapped``, ``start_move``, ``landed``, ``failed``, ``lost``, ``dropped``,
-``released``, ``written``, ``take_copy``, ``start_read``, ``cleared``) are its only writers: each changes every
-field a transition touches in one call, under the manager's lock that every caller holds, and returns the slots
-that leave the table for the tiers' books. ``LEGAL`` lists the transitions; with ``debug`` (``debug_checks``)
-each one is checked.
+transition methods (``mapped``, ``arrive``, ``not_arrived``, ``restored``, ``unmapped``, ``start_move``,
+``landed``, ``failed``, ``lost``, ``dropped``, ``released``, ``written``, ``take_copy``, ``start_read``,
+``cleared``) are its only writers: each changes every field a transition touches in one call, under the
+manager's lock that every caller holds, and returns the slots that leave the table for the tiers' books.
+``LEGAL`` lists the transitions; with ``debug`` (``debug_checks``) each one is checked.
 
 Every page is in exactly one place: ``Tier.UNMAPPED`` (no data), ``Tier.GPU`` (mapped; the space's range
 holds its handles), a lower tier -- its id, see ``TierStack`` -- (``slots`` holds one slot per region),
@@ -21,6 +21,9 @@ A GPU page may be *shared* (``shared``): mapped with the same physical handles a
 (``allocatable``) or moved while shared; it leaves the set when it is unmapped, leaves the GPU, or gets a copy of
 its own (``unshared``). The flag may outlive the other mapping (the pool's counts say whether it is still shared):
 that only keeps the page where it is until its space looks again.
+
+A vacant page may be *arriving* (``arriving``): the background demoter maps it fresh without the manager's lock
+(a page's mapping takes milliseconds); it is not vacant meanwhile, and lands as an empty GPU page.
 
 A lower page being *read* (copied into an engine's buffer, without mapping) is listed in ``reading`` until the
 read is done: it is not moved, freed or overwritten meanwhile. Finished reads are forgotten by
@@ -61,6 +64,7 @@ class PageTable:
         self.written_in_flight: set[int] = set()  # pages written while coming up: their old slots are no copy
         self.reading: dict[int, Any] = {}  # lower pages a read is copying from: they stay until it is done
         self.shared: set[int] = set()  # GPU pages mapped with handles mapped elsewhere too (another space, page)
+        self.arriving: set[int] = set()  # vacant pages being mapped fresh without the lock (map-ahead): not vacant
 
     # --- queries (no side effects) --------------------------------------------------------------------------
     def tier_of(self, page: int) -> int:
@@ -100,8 +104,11 @@ class PageTable:
         return mask
 
     def vacant(self) -> np.ndarray:
-        """Pages that hold no data anywhere: free to map fresh."""
-        return self.tier == _UNMAPPED
+        """Pages that hold no data anywhere and are not being mapped: free to map fresh."""
+        mask = self.tier == _UNMAPPED
+        if self.arriving:
+            mask[list(self.arriving)] = False
+        return mask
 
     def count(self, tier: int) -> int:
         return int((self.tier == tier).sum())
@@ -122,8 +129,20 @@ class PageTable:
             self.shared.difference_update(idx.tolist())
 
     def mapped(self, pages: Iterable[int]) -> None:
-        """Vacant pages were mapped fresh (an allocation, map-ahead): on the GPU, empty."""
-        self._set(list(pages), Tier.GPU)
+        """Vacant (or arriving) pages were mapped fresh (an allocation, map-ahead): on the GPU, empty."""
+        pages = list(pages)
+        self._set(pages, Tier.GPU)
+        if self.arriving:
+            self.arriving.difference_update(pages)
+
+    def arrive(self, pages: Iterable[int]) -> None:
+        """Vacant pages are being mapped fresh without the lock (map-ahead): no plan may take them meanwhile;
+        ``mapped`` or ``not_arrived`` ends it."""
+        self.arriving.update(pages)
+
+    def not_arrived(self, pages: Iterable[int]) -> None:
+        """Arriving pages whose mapping failed or was given up: vacant again."""
+        self.arriving.difference_update(pages)
 
     def aliased(self, pages: Iterable[int]) -> None:
         """Vacant pages were mapped with another space's handles for the same pages: on the GPU, shared."""
@@ -234,6 +253,7 @@ class PageTable:
     def check(self, live: np.ndarray, mapped: Iterable[int]) -> None:
         """Each page in exactly one tier, with the resources that tier needs and no others."""
         on_gpu = set(self.pages_in(Tier.GPU))
+        assert all(self.tier[p] == _UNMAPPED for p in self.arriving), "a page arriving that holds data"
         promoting = {p for p, h in self.moving.items() if h.kind == "promote"}
         assert set(mapped) == on_gpu | promoting, "pages mapped that are not on (or coming to) the GPU"
         lower = set(np.flatnonzero(self.lower_mask()).tolist())
