@@ -80,18 +80,39 @@ class ElasticBuffer:
         return len({p for span in spans for p in self.pages(span) if not self.range.is_mapped(p)})
 
     def available(self) -> int:
-        """Fresh pages this buffer could map now: the pool's, less the reserve it leaves, within ``max_pages``,
-        and within its fair share while others want room (see the module docstring)."""
-        self._trim()
-        room = min(self._mgr.pool.available() - self.reserve_pages, self.max_pages - self.mapped_pages)
-        if self._contended():
-            room = min(room, self.fair_share() - self.mapped_pages)
-        ledger = self._mgr.pool.ledger
-        if ledger is not None:
-            share = ledger.fair_share()  # None unless another process wants room
-            if share is not None:
-                room = min(room, share - ledger.reserved_cached())
-        return max(0, room)
+        """Fresh pages this buffer could map now: the pool's and the spaces' empty pages, less the reserve it
+        leaves, within ``max_pages``, and within its fair share while others want room (see the module
+        docstring)."""
+        with self._mgr.lock:
+            self._trim()
+            free = self._mgr.pool.available() + sum(len(pages) * s.num_regions for s, pages in self._spaces_empties())
+            room = min(free - self.reserve_pages, self.max_pages - self.mapped_pages)
+            if self._contended():
+                room = min(room, self.fair_share() - self.mapped_pages)
+            ledger = self._mgr.pool.ledger
+            if ledger is not None:
+                share = ledger.fair_share()  # None unless another process wants room
+                if share is not None:
+                    room = min(room, share - ledger.reserved_cached())
+            return max(0, room)
+
+    def _spaces_empties(self) -> list[tuple[Any, list[int]]]:
+        """The spaces' empty mapped pages (map-ahead reserves, pages waiting for their fences), lowest priority
+        first: room, not a claim -- a buffer takes them as a space short of pages does. Unseen, they starved an
+        engine on the pool: its swap spaces' reserves held the pages its next request needed, and the request
+        failed (transformers' continuous batching, ``space_reserve_pages`` 8, CPU backend)."""
+        return [(s, s.reclaimable()) for s in sorted(self._mgr.spaces.values(), key=lambda s: s.priority)]
+
+    def _take_spaces_empties(self, handles: int) -> None:
+        """Unmap spaces' empty pages (waiting for their fences) until the pool has ``handles`` free."""
+        short = handles - self._mgr.pool.available()
+        for space, pages in self._spaces_empties():
+            if short <= 0:
+                return
+            take = pages[:-(-short // space.num_regions)]
+            if take:
+                space.reclaim(take)
+                short -= len(take) * space.num_regions
 
     # --- sharing under contention ----------------------------------------------------------------------------
     def want(self, pages: int = 1) -> None:
@@ -138,6 +159,7 @@ class ElasticBuffer:
                         f"buffer {self.name!r}: {len(new)} page(s) wanted, {self.available()} may be mapped "
                         f"(pool {self._mgr.pool.available()} free, {self.reserve_pages} left to others, "
                         f"{self.mapped_pages}/{self.max_pages} mapped); free some of its spans or raise pool_budget")
+                self._take_spaces_empties(len(new))
                 handles = self._mgr.pool.take(len(new))
                 try:
                     self.range.map(new, handles)

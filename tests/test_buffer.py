@@ -56,3 +56,27 @@ def test_a_higher_priority_buffer_does_not_yield_to_a_lower_one(make_manager):
         high.close()
         low.close()
         mgr.check()
+
+
+def test_a_buffer_takes_the_room_spaces_keep_mapped_empty(make_manager):
+    from tests.conftest import assert_seq, write_seq
+    with make_manager(pages=16, space_reserve_pages=2) as mgr:
+        page = mgr.page_size
+        space = mgr.create_space("s", max_tokens=64 * 16 * 16, **make_manager.shape)
+        # a space maps its reserve ahead (two pages of its regions each) and holds a live sequence of one page
+        space.map_ahead()
+        per_page = space.page_size // space.block_bytes * space.block_size
+        space.allocate("a", per_page)
+        write_seq(space, "a")
+        space.map_ahead()
+        empties = space.stats()["stripes_empty"]
+        held = space.range.handle_count()
+        assert empties == 2 and mgr.pool.available() == 16 - held
+        # a buffer counts the empty pages as room (they are a reserve, not a claim) and maps into them
+        buffer = mgr.create_buffer("b", 16 * page)
+        assert buffer.available() == 16 - space.num_regions  # all but the live sequence's page
+        buffer.acquire([(0, buffer.available() * page)])
+        assert space.stats()["stripes_empty"] == 0 and mgr.pool.available() == 0
+        # the space's live sequence is untouched
+        assert_seq(space, "a")
+        mgr.check()

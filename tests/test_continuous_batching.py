@@ -147,13 +147,21 @@ def test_swapped_requests_may_hold_more_blocks_than_the_cache():
     _share_fork_and_compare("cpu", True, 2, page=2 << 20)
 
 
-def _share_fork_and_compare(backend_name: str, sharing: bool, forks: int, page: int | None = None) -> None:
+def test_the_swap_spaces_reserves_are_room_for_the_engines_cache():
+    # swap spaces that keep eight pages each mapped ahead of need (a fixed reserve): the engine's cache maps into
+    # them when its next request needs the room (unseen, they failed that request -- "no request can be
+    # scheduled" -- CPU backend)
+    _share_fork_and_compare("cpu", True, 2, space_reserve_pages=8, space_reserve_window_s=0)
+
+
+def _share_fork_and_compare(backend_name: str, sharing: bool, forks: int, page: int | None = None,
+                            **overrides: object) -> None:
     model = _model(backend_name)
     base = _prompts()
     prompts = [base[4][:2 * TOKENS_PER_BLOCK] + p for p in base]  # two full blocks in common
     expected = _generate(model, prompts, num_blocks=96, sharing=sharing, forks=forks)
     assert len(expected) == len(prompts) * forks
-    with _manager(backend_name, page=page) as mgr:
+    with _manager(backend_name, page=page, **overrides) as mgr:
         with kvtier_engine(model, mgr, name="m", capacity_bytes=12 * _block_bytes(model),
                            staging_bytes=2 * _block_bytes(model)) as engine:
             got = _generate(model, prompts, num_blocks=None, sharing=sharing, forks=forks)
