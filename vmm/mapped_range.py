@@ -19,6 +19,12 @@ import torch
 from kvtier.vmm.base import Backend, Handle
 
 
+# Regions mapped per hold of the mapping gate (0: the whole call). While the gate is held no new batch of copies
+# down starts (a set-access waits for those in flight); let go between groups, the copies down go on while a
+# large promotion maps, and each group's set-access then waits for the batches started meanwhile.
+GATE_REGIONS = 0
+
+
 def runs(sorted_pages: Sequence[int]) -> list[tuple[int, int]]:
     """Consecutive runs of a sorted page list, as (first page, count)."""
     out: list[tuple[int, int]] = []
@@ -102,17 +108,19 @@ class MappedRange:
         pages = sorted(per_page)
         done: list[tuple[int, int, int]] = []
         start, elsewhere = time.perf_counter(), 0.0
+        R, group = self.num_regions, GATE_REGIONS or self.num_regions
         try:
-            with self._gate():
-                for r in range(self.num_regions):
-                    for first, count in runs(pages):
-                        self.backend.map(self._address(r, first), self.page_size,
-                                         [per_page[first + j][r] for j in range(count)])
-                        done.append((r, first, count))
-                    if on_region is not None:
-                        called = time.perf_counter()
-                        on_region(r)
-                        elsewhere += time.perf_counter() - called
+            for start_r in range(0, R, group):
+                with self._gate():
+                    for r in range(start_r, min(R, start_r + group)):
+                        for first, count in runs(pages):
+                            self.backend.map(self._address(r, first), self.page_size,
+                                             [per_page[first + j][r] for j in range(count)])
+                            done.append((r, first, count))
+                        if on_region is not None:
+                            called = time.perf_counter()
+                            on_region(r)
+                            elsewhere += time.perf_counter() - called
         except BaseException:
             if on_region is not None and done:
                 self.backend.synchronize()  # copies into the regions mapped so far must land before they go

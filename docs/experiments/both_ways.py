@@ -3,7 +3,8 @@ Times a 4 GiB Llama-3-8B sequence down, another up, and both at once, checksums 
 medians), then profiles one both-at-once round with checksums and prints, per CUDA stream, what ran and when
 (copies each way, the digests' kernels), and where the host's time went (torch's CPU ops, by total time).
 Also times ``digests_of`` of a batch of eight 8 MiB regions, its launch alone and with its values.
-Run on a GPU machine: python docs/experiments/both_ways.py [--tokens N] [--trace FILE]"""
+Run on a GPU machine: python docs/experiments/both_ways.py [--tokens N] [--trace FILE] [--gate-regions 0,8,16]
+[--no-profile]"""
 
 import argparse
 import collections
@@ -24,6 +25,9 @@ MiB = 1 << 20
 parser = argparse.ArgumentParser()
 parser.add_argument("--tokens", type=int, default=32768)
 parser.add_argument("--trace", default="")
+parser.add_argument("--gate-regions", default="0", help="comma-separated values of vmm.mapped_range.GATE_REGIONS "
+                    "to time both ways with (0: the gate held for a whole mapping call)")
+parser.add_argument("--no-profile", action="store_true", help="only the timings")
 args = parser.parse_args()
 tokens = args.tokens
 nbytes = tokens * 2 * 32 * 8 * 128 * 2
@@ -71,16 +75,23 @@ def rounds(space, n: int = 3) -> dict[str, float]:
 pcie = pcie_ceilings(dev, nbytes)
 print(f"{tokens} tokens, {nbytes / 2**30:.2f} GiB; pinned copy down {pcie['down'] * 1e3:.1f} ms, up "
       f"{pcie['up'] * 1e3:.1f} ms, both {pcie['both'] * 1e3:.1f} ms", flush=True)
-for checks in (True, False):
+from kvtier.vmm import mapped_range  # noqa: E402
+
+for gate_regions, checks in [(int(g), c) for g in args.gate_regions.split(",") for c in (True, False)]:
+    mapped_range.GATE_REGIONS = gate_regions
     mgr, space = setup(checks)
     try:
         r = rounds(space)
-        print(f"checksums {'on ' if checks else 'off'}: down {r['down'] * 1e3:6.1f} ms ({pcie['down'] / r['down']:.3f})"
+        print(f"gate regions {gate_regions:2d}, checksums {'on ' if checks else 'off'}: down {r['down'] * 1e3:6.1f} ms ({pcie['down'] / r['down']:.3f})"
               f"  up {r['up'] * 1e3:6.1f} ms ({pcie['up'] / r['up']:.3f})  both {r['both'] * 1e3:6.1f} ms "
               f"({2 * r['down'] / r['both']:.2f}x one way, {pcie['both'] / r['both']:.3f} of two pinned copies)",
               flush=True)
     finally:
         mgr.close()
+
+mapped_range.GATE_REGIONS = int(args.gate_regions.split(",")[0])  # the profile below: the first value
+if args.no_profile:
+    raise SystemExit(0)
 
 # digests_of alone: a batch as the copies down take it
 region = torch.randint(0, 1 << 62, (8 * MiB,), dtype=torch.int64, device=dev).view(torch.uint8)
