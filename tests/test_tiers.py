@@ -9,6 +9,7 @@ import time
 import pytest
 
 import kvtier
+from kvtier.vmm import mapped_range
 from tests.conftest import PAGE, assert_seq, write_seq
 
 BPP = 16
@@ -276,13 +277,17 @@ def test_blocks_handed_out_again_on_a_shared_page_move_with_their_new_bytes(make
     mgr.check()
 
 
+@pytest.mark.parametrize("gate_regions", [0, 1], ids=["gate-per-call", "gate-per-region"])
 @pytest.mark.parametrize("failing_call", [3, 6], ids=["first-page", "second-page"])
 @pytest.mark.parametrize("tier", ["host", "nvme"])
-def test_a_map_that_fails_mid_page_during_prefetch_leaves_everything_as_it_was(make_manager, tier, failing_call):
+def test_a_map_that_fails_mid_page_during_prefetch_leaves_everything_as_it_was(make_manager, tier, failing_call,
+                                                                             gate_regions, monkeypatch):
     # prefetch maps a page region after region and enqueues each region's copy up at once; a driver map failing
     # part-way (after earlier regions' copies were queued) unmaps what it mapped once those copies have landed,
     # gives the handles back and leaves the sequence below, intact: a later prefetch brings the same bytes (a
-    # failure in the second page also takes the whole first page, copied up already, back off the GPU)
+    # failure in the second page also takes the whole first page, copied up already, back off the GPU); the same
+    # with the mapping gate let go between regions (copies down may start between them)
+    monkeypatch.setattr(mapped_range, "GATE_REGIONS", gate_regions)
     mgr = make_manager()
     space = _space(mgr, make_manager)
     space.allocate("a", 2 * BPP * space.block_size)
