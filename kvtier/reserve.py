@@ -6,7 +6,9 @@ one sequence grew 16 tokens at a time, which took one page at a time (``bench pe
 held against kvcached's 1792). Why a short window: a reserve sized down costs an allocation that needs more at
 most one page's mapping, 2.1-2.7 ms for 64 regions (33-42 us a handle, H100, 93bffd3), and then the reserve
 follows it again -- at 0.5 s, at most ~0.5 % of the time of a workload whose bursts come just too rarely. Why at
-least one: a new request's first blocks then find a mapped page, whatever came before.
+least one: a new request's first blocks then find a mapped page, whatever came before. An empty page over the
+target but within the cap is unmapped only once it has been empty for the window too (``KVSpace._trim``):
+requests that come and go keep their pages meanwhile instead of unmapping one and mapping another each time.
 
 The background demoter maps the reserve without the manager's lock (``Arrival``): under it, the 2.1-2.7 ms of a
 page's mapping stalled every allocation meanwhile, the growth's outliers in ``bench peers`` (H100, 2faf649:
@@ -38,6 +40,9 @@ class ReserveDemand:
         while self._took and self._took[-1][1] <= pages:
             self._took.pop()
         self._took.append((self._clock(), pages))
+
+    def now(self) -> float:
+        return self._clock()
 
     def target(self) -> int:
         """Empty pages to keep mapped now."""

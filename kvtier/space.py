@@ -21,6 +21,7 @@ free is unmapped only after the fence completes, so kernels still reading it are
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -81,7 +82,8 @@ class KVSpace:
         self.pages = PageTable(self.num_pages, self.num_regions, manager.config.debug_checks)
         self.range = MappedRange(manager.backend, self.num_regions, self.num_pages, P, gate=self._tiering.mapping)
         self.region_bytes = self.range.region_bytes
-        self._empty: OrderedDict[int, Any] = OrderedDict()  # mapped pages with no live block -> fence
+        # mapped pages with no live block -> (the fence of their last readers, when they became empty)
+        self._empty: OrderedDict[int, tuple[Any, float]] = OrderedDict()
         self._offloaded: set[Hashable] = set()               # idle sequences, demotable
         self._seq_priority: dict[Hashable, int] = {}         # set_priority overrides
         self.idle_fence: Any = None                          # after the last offload's kernels
@@ -220,6 +222,8 @@ class KVSpace:
             self._empty.pop(p, None)
         if fresh:
             self.reserve.took(len(fresh))
+            if self.maps_ahead:  # the reserve was taken into: the demoter tops it up now, not at its next look
+                self._tiering.poke()  # (20 ms away: a sequence growing 16 tokens a call needs its next page in ~2)
         pages = books.pages_of(blocks)
         self.shared_pages.booked(pages)
         for p in set(pages):  # the rest of an active sequence is never a candidate
@@ -299,7 +303,7 @@ class KVSpace:
         self._tiering.release(self, emptied)
         for p in self.shared_pages.emptied(emptied, fence) if self.pages.shared else emptied:
             if self.pages.tier_of(p) == Tier.GPU:
-                self._empty[p] = fence
+                self._empty[p] = (fence, self.reserve.now())
         self.sharing.dropped(seq_id)
         self._trim()
         self._debug_check()
@@ -563,19 +567,25 @@ class KVSpace:
     def reclaim(self, pages: list[int]) -> None:
         """Unmap empty ``pages``, waiting for their fences."""
         for p in pages:
-            fence = self._empty[p]
+            fence = self._empty[p][0]
             if fence is not None:
                 fence.synchronize()
         if pages:
             self.unmap_pages(pages)
 
     def _trim(self) -> None:
-        """Unmap empty pages beyond the reserve whose fences have completed (never waits)."""
+        """Unmap the oldest empty pages beyond the reserve whose fences have completed (never waits): those over
+        ``space_reserve_pages`` at once, those over the demand's target once they have been empty for its window.
+        Why not all at once: the demoter maps the reserve while a short request holds a page, and the page that
+        request frees is then over the target -- unmapped, and another mapped at the next look, ~4 ms of driver
+        calls a cycle (64 regions, H100), for as long as requests come and go; within the cap they stay."""
         if len(self._empty) <= self.reserve.least:  # within any target: no need to age the demand's books
             return
         excess = len(self._empty) - self.reserve.target()
         if excess > 0:
-            done = [p for p, fence in list(self._empty.items())[:excess] if fence is None or fence.query()]
+            over_cap, aged = len(self._empty) - self.reserve.cap, self.reserve.now() - self.reserve.window
+            done = [p for i, (p, (fence, since)) in enumerate(itertools.islice(self._empty.items(), excess))
+                    if (i < over_cap or since <= aged) and (fence is None or fence.query())]
             if done:
                 self.unmap_pages(done)
 
@@ -629,7 +639,7 @@ class KVSpace:
                 return 0
             self.pages.mapped(arrival.pages)
             for p in arrival.pages:
-                self._empty[p] = None
+                self._empty[p] = (None, self.reserve.now())
             return len(arrival.pages)
         finally:
             arrival.landed()
