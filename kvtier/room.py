@@ -107,7 +107,8 @@ class RoomPlanner:
         when that cannot be enough, PagesInFlight when demotions in flight will make it so -- or, as the last
         resort, after dropping cached blocks no sequence holds (the one side effect: a cache giving way), so that
         the caller plans again with their room."""
-        short = n - self.pool.available()
+        available = self.pool.available()
+        short = n - available
         if short <= 0:
             return RoomPlan(n)
         order = sorted(self.spaces(), key=lambda s: (s is space, s.priority))
@@ -136,6 +137,10 @@ class RoomPlanner:
                 # (a flaky disk); a dead one, backed off for longer, is not waited for
                 raise PagesInFlight(f"space {space.name!r}: waiting for a tier that failed writes to be tried again")
             ledger = self.pool.ledger
+            if ledger is not None and self.pool.available(fresh=True) > available:
+                # the ledger's room was read up to ROOM_TTL_S ago, before another process gave pages back: a
+                # false refusal (a process freed and another asked within those 2 ms, CPU machine): plan again
+                raise PagesInFlight(f"space {space.name!r}: the device's room grew", again=True)
             if ledger is not None and ledger.others_idle() > 0:
                 # other processes on the device hold idle pages: their demoters give them back (see the ledger)
                 ledger.want(short - covered)

@@ -176,11 +176,11 @@ class Ledger:
             _warn("ledger: a release is not on the books yet (%s); they overcount this process until its next "
                   "change can be written", exc)
 
-    def room(self) -> int:
-        """Pages this process could reserve now (read at most every ``ROOM_TTL_S``: callers plan with it, and
-        ``reserve`` is the one that decides); 0 while the ledger fails."""
+    def room(self, fresh: bool = False) -> int:
+        """Pages this process could reserve now (read at most every ``ROOM_TTL_S`` unless ``fresh``: callers plan
+        with it, and ``reserve`` is the one that decides); 0 while the ledger fails."""
         now = time.monotonic()
-        if now - self._room_at > ROOM_TTL_S:
+        if fresh or now - self._room_at > ROOM_TTL_S:
             try:
                 with self._books(write=False) as books:
                     self._room = _room(books, self.id)

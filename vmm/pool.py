@@ -75,9 +75,9 @@ class PagePool:
     def in_use_pages(self) -> int:
         return self._created - len(self._free)
 
-    def _room(self) -> int:
+    def _room(self, fresh: bool = False) -> int:
         own = self.budget_pages - self._created - self._creating
-        return min(own, self.ledger.room()) if self.ledger is not None and own > 0 else own
+        return min(own, self.ledger.room(fresh)) if self.ledger is not None and own > 0 else own
 
     @property
     def created_pages(self) -> int:
@@ -88,10 +88,11 @@ class PagePool:
         with self._lock:
             self.peak_created, self.peak_in_use = self._created, self.in_use_pages
 
-    def available(self) -> int:
-        """Pages a ``take`` could return now: ready ones plus those the budget still allows creating."""
+    def available(self, fresh: bool = False) -> int:
+        """Pages a ``take`` could return now: ready ones plus those the budget still allows creating (``fresh``:
+        the device's ledger read now, not within its last ``ROOM_TTL_S``)."""
         with self._lock:
-            return len(self._free) + self._room()
+            return len(self._free) + self._room(fresh)
 
     def can_take(self, n: int) -> bool:
         return n <= self.available()
