@@ -84,6 +84,38 @@ def test_a_space_keeps_mapped_what_its_recent_allocations_took(make_manager):
     mgr.check()
 
 
+def test_short_requests_coming_and_going_keep_their_page_mapped_within_the_cap(make_manager):
+    clock = Clock()
+    mgr = make_manager(pages=64, clock=clock, space_reserve_pages=2, space_reserve_window_s=1.0)
+    space = mgr.create_space("s", max_tokens=32 * BPP * 16, **make_manager.shape)
+    # the demoter's look maps one page ahead; a one-block request takes it, and the next look maps one behind it
+    space.map_ahead()
+    space.allocate("q0", space.block_size)
+    space.map_ahead()
+    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (2, 1)
+    maps, unmaps = space.stats()["map_calls"], space.stats()["unmap_calls"]
+    # requests come and go between the looks: each freed page is over the target of one but within the cap of
+    # two, so it stays -- no free unmaps and no look maps anything, where each cycle had unmapped one and
+    # mapped another
+    for i in range(1, 6):
+        space.free(f"q{i - 1}")
+        space.map_ahead()
+        space.allocate(f"q{i}", space.block_size)
+        write_seq(space, f"q{i}")
+        space.map_ahead()
+        assert_seq(space, f"q{i}")
+    assert (space.stats()["map_calls"], space.stats()["unmap_calls"]) == (maps, unmaps)
+    space.free("q5")
+    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (2, 2)
+    mgr.check()
+    # the window passes with nothing asked for: the next look keeps the one page of the target
+    clock.now = 1.5
+    mgr.backend.synchronize()
+    space.map_ahead()
+    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (1, 1)
+    mgr.check()
+
+
 def test_the_demoter_trims_a_reserve_no_one_asked_for_again(make_manager):
     import time
     clock = Clock()
