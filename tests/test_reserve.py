@@ -19,6 +19,19 @@ class Clock:
         return self.now
 
 
+def _held(space) -> tuple[int, int]:
+    """Pages the space maps, and how many of them are empty."""
+    return space.stats()["stripes_mapped"], space.stats()["stripes_empty"]
+
+
+def _look_after_the_window(mgr, clock, space) -> None:
+    """The window (1 s) passes with nothing asked for and the device done with what was written; the demoter's
+    next look (called by hand)."""
+    clock.now = 1.5
+    mgr.backend.synchronize()
+    space.map_ahead()
+
+
 def test_the_reserve_is_the_largest_recent_take_at_least_one_at_most_the_cap():
     clock = Clock()
     demand = ReserveDemand(cap=4, window=1.0, clock=clock)
@@ -64,17 +77,15 @@ def test_a_space_keeps_mapped_what_its_recent_allocations_took(make_manager):
     space.allocate("a", 2 * per_page)
     write_seq(space, "a")
     space.map_ahead()
-    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (4, 2)
+    assert _held(space) == (4, 2)
     # freed at once: its two pages join the empties, and the two oldest over the reserve of two are unmapped
     space.free("a")
-    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (2, 2)
+    assert _held(space) == (2, 2)
     mgr.check()
     # a second later, nothing larger asked for since: the next look keeps one (once the device is done with
     # what was written: an empty page is unmapped only then)
-    clock.now = 1.5
-    mgr.backend.synchronize()
-    space.map_ahead()
-    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (1, 1)
+    _look_after_the_window(mgr, clock, space)
+    assert _held(space) == (1, 1)
     # a one-block request books its block there: no driver call, its data round-trips
     calls = space.stats()["map_calls"]
     space.allocate("b", space.block_size)
@@ -92,7 +103,7 @@ def test_short_requests_coming_and_going_keep_their_page_mapped_within_the_cap(m
     space.map_ahead()
     space.allocate("q0", space.block_size)
     space.map_ahead()
-    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (2, 1)
+    assert _held(space) == (2, 1)
     maps, unmaps = space.stats()["map_calls"], space.stats()["unmap_calls"]
     # requests come and go between the looks: each freed page is over the target of one but within the cap of
     # two, so it stays -- no free unmaps and no look maps anything, where each cycle had unmapped one and
@@ -106,13 +117,11 @@ def test_short_requests_coming_and_going_keep_their_page_mapped_within_the_cap(m
         assert_seq(space, f"q{i}")
     assert (space.stats()["map_calls"], space.stats()["unmap_calls"]) == (maps, unmaps)
     space.free("q5")
-    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (2, 2)
+    assert _held(space) == (2, 2)
     mgr.check()
     # the window passes with nothing asked for: the next look keeps the one page of the target
-    clock.now = 1.5
-    mgr.backend.synchronize()
-    space.map_ahead()
-    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (1, 1)
+    _look_after_the_window(mgr, clock, space)
+    assert _held(space) == (1, 1)
     mgr.check()
 
 
@@ -135,7 +144,7 @@ def test_the_demoter_trims_a_reserve_no_one_asked_for_again(make_manager):
     deadline = time.monotonic() + 5
     while space.stats()["stripes_empty"] != 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert (space.stats()["stripes_mapped"], space.stats()["stripes_empty"]) == (1, 1)
+    assert _held(space) == (1, 1)
     mgr.check()
 
 
