@@ -1,7 +1,8 @@
 """GPU-side costs of an alloc + free: recording and querying a fence, and alloc + free of 1 / 16 / 64 blocks with the
 background map-ahead on and off (driver map and unmap calls counted). Run on a GPU machine:
 python docs/experiments/alloc_overheads.py"""
-import time, torch
+import time
+
 from kvtier.bench.vmm import LLAMA8B
 from kvtier.config import Config, MiB
 from kvtier.manager import TierManager
@@ -33,5 +34,6 @@ for ahead in (True, False):
                     sp.free("k")
                 rounds.append((time.perf_counter() - t) / 300 * 1e6)
             s1 = sp.stats()
-            print(f"map_ahead={ahead} k={k}: min {min(rounds):.1f} median {sorted(rounds)[4]:.1f} max {max(rounds):.1f} us;"
-                  f" maps {s1['map_calls'] - s0['map_calls']} unmaps {s1['unmap_calls'] - s0['unmap_calls']}")
+            print(f"map_ahead={ahead} k={k}: min {min(rounds):.1f} median {sorted(rounds)[4]:.1f} "
+                  f"max {max(rounds):.1f} us; maps {s1['map_calls'] - s0['map_calls']} "
+                  f"unmaps {s1['unmap_calls'] - s0['unmap_calls']}")
