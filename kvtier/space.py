@@ -435,20 +435,22 @@ class KVSpace:
         """Map this space's vacant ``pages`` with the physical pages ``source`` (a space of the same manager and
         layout) maps at the same positions -- on the GPU, whole, not in flight: no byte copied. Book their blocks
         with ``allocate(seq, tokens, first_block=...)``; neither side may write a shared page before ``unshare``."""
-        with self._lock:
+        def share() -> None:
             self._check_open()
             source._check_open()
             self.shared_pages.share_pages(source, pages)
+        self._room.run_planned(share)  # (planned: it waits for pages the demoter is mapping ahead)
 
     def share_whole_pages(self, source: "KVSpace", seq_tokens: dict[Hashable, int]) -> list[int]:
         """``share_pages(source, source.whole_pages(seq_tokens))`` in one step (the demoter cannot move a page
         between the two); return the pages shared."""
-        with self._lock:
+        def share() -> list[int]:
             self._check_open()
             source._check_open()
             pages = source.shared_pages.whole_pages(seq_tokens)
             self.shared_pages.share_pages(source, pages)
             return pages
+        return self._room.run_planned(share)
 
     def alias_pages(self, pairs: Sequence[tuple[int, int]]) -> int:
         """Map page ``dst`` with the physical memory page ``src`` maps, for each ``(src, dst)`` (pages of this space

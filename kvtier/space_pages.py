@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from kvtier.errors import InvalidArgumentError
+from kvtier.errors import InvalidArgumentError, PagesInFlight
 from kvtier.tiering import Tier
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ class SpacePages:
                                        "only a space of the same layout can share pages")
         if not pages:
             return
+        if sp.arrival is not None and set(pages) & set(sp.arrival.pages):  # the demoter maps them ahead just now:
+            raise PagesInFlight(f"space {sp.name!r}: pages being mapped ahead", [sp.arrival])  # empties once landed
         empty = [p for p in pages if p in sp._empty]  # mapped, no live block: its own memory goes back first
         if not (sp.pages.vacant()[pages] | np.isin(pages, empty)).all():
             raise InvalidArgumentError(f"share_pages: pages of {sp.name!r} to share hold data already")

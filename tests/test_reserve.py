@@ -299,3 +299,31 @@ def test_allocations_beside_the_demoter_mapping_ahead_keep_every_byte(make_manag
             assert_seq(space, seq)
     mgr.check()
     assert sum(s.stats()["map_calls"] for s in spaces) > 0
+
+
+def test_sharing_pages_into_a_space_waits_for_its_pages_being_mapped_ahead(make_manager):
+    mgr = make_manager(pages=64, space_reserve_pages=2)
+    src = mgr.create_space("src", max_tokens=32 * BPP * 16, **make_manager.shape)
+    dst = mgr.create_space("dst", max_tokens=32 * BPP * 16, **make_manager.shape)
+    per_page = BPP * src.block_size
+    # the original: one whole page of written blocks
+    src.allocate("s", per_page, first_block=0)
+    write_seq(src, "s")
+    # dst's demoter books its first two pages as arriving; sharing page 0 into dst waits for them to land (a
+    # vacant page or an empty one may be shared, never one half mapped)
+    with mgr.lock:
+        arrival = dst.start_map_ahead()
+    assert arrival.pages == [0, 1]
+    thread, out = _in_thread(lambda: dst.share_pages(src, [0]))
+    thread.join(0.3)
+    assert thread.is_alive() and not out
+    arrival.arrive()
+    with mgr.lock:
+        dst.land_map_ahead(arrival)
+    thread.join(10)
+    assert out == [None], out
+    # page 0 of dst now reads src's bytes: the empty page it landed as gave its own memory back first
+    assert dst.pages.shared == {0} and dst.stats()["stripes_empty"] == 1
+    dst.allocate("s", per_page, first_block=0)
+    assert_seq(dst, "s")
+    mgr.check()
