@@ -3,9 +3,12 @@ background map-ahead on and off (driver map and unmap calls counted). Run on a G
 python docs/experiments/alloc_overheads.py"""
 import time
 
+from timing import pair_rounds
+
 from kvtier.bench.vmm import LLAMA8B
 from kvtier.config import Config, MiB
 from kvtier.manager import TierManager
+
 TOK = 8192
 CELL = LLAMA8B["num_kv_heads"] * LLAMA8B["head_dim"] * 2
 for ahead in (True, False):
@@ -26,13 +29,7 @@ for ahead in (True, False):
             print(f"fence.query: {(time.perf_counter() - t) / 5000 * 1e6:.2f} us")
         for k in (1, 16, 64):
             s0 = sp.stats()
-            rounds = []
-            for _ in range(9):
-                t = time.perf_counter()
-                for _ in range(300):
-                    sp.allocate("k", k * 16)
-                    sp.free("k")
-                rounds.append((time.perf_counter() - t) / 300 * 1e6)
+            rounds = pair_rounds(sp, k, 9, 300)
             s1 = sp.stats()
             print(f"map_ahead={ahead} k={k}: min {min(rounds):.1f} median {sorted(rounds)[4]:.1f} "
                   f"max {max(rounds):.1f} us; maps {s1['map_calls'] - s0['map_calls']} "

@@ -7,9 +7,9 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 
 import torch
+from timing import pair_rounds
 
 from kvtier.bench.vmm import LLAMA8B
 from kvtier.config import Config, MiB
@@ -24,16 +24,8 @@ with TierManager(config) as mgr:
     mgr.tiering.wait_ready()
     space = mgr.create_space("peers", max_tokens=4 * TOKENS, **LLAMA8B)
     for k in (1, 16, 64):
-        for _ in range(300):  # warm
-            space.allocate("k", k * 16)
-            space.free("k")
-        rounds = []
-        for _ in range(7):
-            start = time.perf_counter()
-            for _ in range(500):
-                space.allocate("k", k * 16)
-                space.free("k")
-            rounds.append((time.perf_counter() - start) / 500 * 1e6)
+        pair_rounds(space, k, 1, 300)  # warm
+        rounds = pair_rounds(space, k, 7, 500)
         print(f"k={k}: min {min(rounds):.1f} median {sorted(rounds)[3]:.1f} us per pair")
     profile = cProfile.Profile()
     profile.enable()

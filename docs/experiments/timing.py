@@ -17,3 +17,16 @@ def timed(owner, name, label):
         finally:
             spent[label].append(time.perf_counter() - t)
     setattr(owner, name, wrapper)
+
+
+def pair_rounds(space, k: int, rounds: int, pairs: int) -> list[float]:
+    """Microseconds per allocate + free of ``k`` blocks (16 tokens each) of one sequence, for each of ``rounds``
+    rounds of ``pairs`` pairs."""
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(pairs):
+            space.allocate("k", k * 16)
+            space.free("k")
+        out.append((time.perf_counter() - t) / pairs * 1e6)
+    return out
