@@ -95,7 +95,9 @@ class Config(BaseModel):
                                         "pressure)", ge=0, strict=True)
     space_reserve_window_s: float = _setting(0.5, "gpu", "seconds: a space keeps as many empty pages mapped as its "
                                            "largest allocation of that long ago took (at least one, at most "
-                                           "space_reserve_pages); 0: space_reserve_pages always", ge=0)
+                                           "space_reserve_pages), and pages freed beyond that, within "
+                                           "space_reserve_pages, for as long; 0: space_reserve_pages always",
+                                           ge=0)
     gpu_low_watermark: Fraction = _setting(0.05, "gpu", "free-pool fraction below which the demoter starts")
     gpu_high_watermark: Fraction = _setting(0.10, "gpu", "free-pool fraction the demoter stops at")
     demote_on_allocate: bool = _setting(True, "gpu", "an allocate/prefetch short of pages demotes idle pages first",
