@@ -279,7 +279,7 @@ def _down_while_the_pool_refills(table: Table, config: Config, shape: dict, toke
         space.ensure_resident(["a"])
         space.mark_written("a", 0, tokens)  # as if rewritten: no kept copy, so going down copies every byte
         deadline = time.monotonic() + 30
-        while mgr.pool.free_pages < mgr.pool.ready_pages and time.monotonic() < deadline:
+        while mgr.pool.free_pages < mgr.pool.ready_target() and time.monotonic() < deadline:
             time.sleep(0.01)  # the worker makes the pool whole again
         mgr.backend.synchronize()
         waits = mgr.pool.refill_waits

@@ -89,8 +89,9 @@ class Config(BaseModel):
     pool_budget: Annotated[float | int, BeforeValidator(_budget)] = _setting(
         0.9, "gpu", "the most memory the page pool holds: bytes, or a fraction of the device's free memory at start",
         size=True)
-    pool_ready: Size = _setting(256 * MiB, "gpu", "unused pages kept created ahead of need (refill below half, "
-                                "release above twice); 0 turns it off", size=True)
+    pool_ready: Size = _setting(256 * MiB, "gpu", "unused pages kept created ahead of need, the spaces' empty "
+                                "mapped pages counted in (refill below half, release above twice); 0 turns it off",
+                                size=True)
     space_reserve_pages: int = _setting(2, "gpu", "the most empty pages a space keeps mapped (reclaimed under "
                                         "pressure)", ge=0, strict=True)
     space_reserve_window_s: float = _setting(0.5, "gpu", "seconds: a space keeps as many empty pages mapped as its "

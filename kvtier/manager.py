@@ -118,6 +118,7 @@ class TierManager:
                                 lambda: list(self.spaces.values()))
         mover = self.tiering.mover
         self.pool.yield_to = lambda: mover.down_in_flight > 0  # refills wait for copies down (see PagePool)
+        self.pool.stocked = lambda: sum(s.stocked_pages for s in list(self.spaces.values()))  # reserves: ready too
         # the remote cache ([remote]): offer/find whole blocks by content through a store shared by machines
         self.remote = RemoteCache(self.config, self.device) if self.config.remote_backend else None
         self.metrics: MetricsServer | None = None

@@ -564,6 +564,13 @@ class KVSpace:
         mapped = len(self.range.handles) + len(self.range.arriving)
         return self.quota_bytes is None or (mapped + new_pages) * self.page_bytes <= self.quota_bytes
 
+    @property
+    def stocked_pages(self) -> int:
+        """Pool pages (handles) this space keeps mapped ahead of need: its empty pages and those arriving. Read by
+        the pool's worker without the lock (``PagePool.stocked``): a count, stale by at most one change."""
+        arrival = self.arrival
+        return (len(self._empty) + (len(arrival.pages) if arrival is not None else 0)) * self.num_regions
+
     def reclaimable(self, keep: Iterable[int] = ()) -> list[int]:
         """Empty mapped pages (not in ``keep``) the pool may take back when it runs short."""
         keep = set(keep)

@@ -140,3 +140,57 @@ def test_the_mover_reports_copies_down_only_while_they_run(make_manager):
     space.offload("a", tier="nvme").result()
     assert mgr.tiering.mover.down_in_flight == 0
     mgr.check()
+
+
+def test_pages_stocked_elsewhere_count_as_ready():
+    pool = PagePool(HostBackend(), PAGE, budget_pages=100, ready_pages=8)
+    stocked = [0]
+    pool.stocked = lambda: stocked[0]  # the edge: what the manager's spaces would say of their reserves
+    try:
+        # spaces keep 6 pages mapped ahead: the worker keeps only the other 2 created (low mark 1)
+        stocked[0] = 6
+        assert pool.ready_target() == 2
+        held = pool.take(7)
+        time.sleep(0.05)
+        assert pool.free_pages == 1 and pool.creations == 8
+        # below the low mark: refilled to 2, not 8
+        held += pool.take(1)
+        _wait_for(lambda: pool.free_pages == 2)
+        time.sleep(0.05)
+        assert pool.free_pages == 2 and pool.creations == 10
+        # the reserves were used: the next take finds the pool short of 8 and it refills to 8
+        stocked[0] = 0
+        held += pool.take(1)
+        _wait_for(lambda: pool.free_pages == 8)
+        # a stock of more than ready: above twice ready, the pool releases down to none
+        stocked[0] = 12
+        pool.give(held)
+        _wait_for(lambda: pool.free_pages == 0)
+        assert pool.in_use_pages == 0
+        pool.check()
+    finally:
+        pool.close()
+
+
+def test_a_spaces_reserve_is_the_pools_ready_stock(make_manager):
+    mgr = make_manager(pages=64)
+    mgr = make_manager(pages=64, pool_ready=8 * mgr.page_size)  # a reserve of two pages (the fixture's)
+    _wait_for(lambda: mgr.pool.free_pages == 8)
+    space = mgr.create_space("r", max_tokens=4096, **make_manager.shape)
+    # the space maps its reserve of two pages ahead (what the demoter does): the pool's 8 ready handles go to it
+    # and the pool creates no more -- one stock, not two
+    assert space.map_ahead() == 2
+    assert space.stocked_pages == 2 * space.num_regions == 8 and mgr.pool.ready_target() == 0
+    time.sleep(0.05)
+    assert mgr.pool.free_pages == 0
+    # a request takes the reserve: the pool's target is whole again, and the next take refills it
+    space.allocate("a", 32 * space.block_size)  # 16 blocks a page
+    assert space.stocked_pages == 0 and mgr.pool.ready_target() == 8
+    other = mgr.create_space("o", max_tokens=4096, map_ahead=False, **make_manager.shape)
+    other.allocate("b", space.block_size)
+    _wait_for(lambda: mgr.pool.free_pages == 8)
+    # the space maps its reserve again from those: the pool is left with what the stock does not cover
+    assert space.map_ahead() == 2 and mgr.pool.free_pages == 0 and mgr.pool.ready_target() == 0
+    space.free("a")
+    other.free("b")
+    mgr.check()

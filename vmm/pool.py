@@ -5,6 +5,11 @@ the allocation path) and kept between ``ready/2`` and ``2*ready`` unused pages: 
 ``ready``, above the high mark it releases down to ``ready`` (hysteresis, so a workload that breathes does not
 create and release in a loop). The pool never holds more than ``budget_pages`` pages, mapped or not.
 
+``ready`` counts the pages kept mapped empty ahead of need elsewhere (``stocked``: the spaces' reserves, which any
+space or buffer short of pages takes first): the worker creates only the rest. Both are stock for the next
+allocation, and held twice they were GPU memory for nothing -- a Llama-3-8B space's reserve of one page is 64
+handles of 8 MiB, twice the default ``pool_ready`` (``bench peers``, H100: 1962 MiB held against kvcached's 1792).
+
 Contract: ``can_take(n)`` has no side effects; ``take(n)`` either returns exactly ``n`` handles or raises
 :class:`OutOfPagesError` and changes nothing; ``give(handles)`` of handles from ``take`` is always safe.
 
@@ -60,6 +65,9 @@ class PagePool:
         # true while copies down are in flight: the worker then refills only below a quarter of ``ready_pages``
         # (an H100 run gave GPU -> host 0.43 of a pinned copy while the worker created ~540 handles beside it)
         self.yield_to: Callable[[], bool] = lambda: False
+        # pages mapped empty ahead of need elsewhere (set by the manager: its spaces' reserves); read under this
+        # pool's lock without theirs, so a count at most a page stale -- it only moves when the worker refills
+        self.stocked: Callable[[], int] = lambda: 0
         self._worker: threading.Thread | None = None
         if self.ready_pages:
             self._create(self.ready_pages)  # warm at start: the first allocations find pages ready
@@ -82,6 +90,10 @@ class PagePool:
     @property
     def created_pages(self) -> int:
         return self._created
+
+    def ready_target(self) -> int:
+        """Unused pages the worker keeps created now: ``ready_pages`` less those stocked elsewhere."""
+        return max(0, self.ready_pages - self.stocked())
 
     def reset_peak(self) -> None:
         """Start the peak counters afresh from now (like ``torch.cuda.reset_peak_memory_stats``)."""
@@ -119,7 +131,7 @@ class PagePool:
             short = n - len(taken)
             self._creating += short  # held for this call under the same lock as the check
             self.peak_in_use = max(self.peak_in_use, self._created + self._creating - len(self._free))
-            if len(self._free) < self.ready_pages // 2:
+            if len(self._free) < self.ready_target() // 2:
                 self._wake.notify()
         if short > 0:  # the warm pool ran dry: create on the caller's path (and log it, it is slow)
             log.debug("pool: creating %d page(s) on the allocation path", short)
@@ -208,15 +220,16 @@ class PagePool:
         return n
 
     def _refill(self) -> None:
-        """Create pages up to ``ready_pages``, ``REFILL_CHUNK`` at a time; while ``yield_to()`` says copies down
-        are in flight and a quarter of the ready pages are still free, wait for them instead (a take that drains
-        the pool below that quarter, or the copies landing, lets the refill go on)."""
+        """Create pages up to ``ready_target()``, ``REFILL_CHUNK`` at a time; while ``yield_to()`` says copies
+        down are in flight and a quarter of them are still free, wait for them instead (a take that drains the
+        pool below that quarter, or the copies landing, lets the refill go on)."""
         while not self._closed:
             with self._lock:
-                want = self.ready_pages - len(self._free)
+                target = self.ready_target()
+                want = target - len(self._free)
                 if want <= 0:
                     return
-                if self.yield_to() and len(self._free) >= self.ready_pages // 4:
+                if self.yield_to() and len(self._free) >= target // 4:
                     self.refill_waits += 1
                     self._wake.wait(0.005)
                     continue
@@ -258,21 +271,21 @@ class PagePool:
     def _keep_ready(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and self.ready_pages // 2 <= len(self._free) <= 2 * self.ready_pages:
+                while not self._closed and self.ready_target() // 2 <= len(self._free) <= 2 * self.ready_pages:
                     self._wake.wait()
                 if self._closed:
                     return
                 if len(self._free) > 2 * self.ready_pages:
-                    self._release_locked(len(self._free) - self.ready_pages)
+                    self._release_locked(len(self._free) - self.ready_target())
                     continue
-                want = self.ready_pages - len(self._free)
+                want = self.ready_target() - len(self._free)
             if want > 0:
                 try:
                     self._refill()
                 except Exception:  # noqa: BLE001 - keep serving; take() creates on demand and raises properly
                     log.exception("pool: background page creation failed")
             with self._lock:  # nothing more can be created (budget): sleep until the next take/give
-                if len(self._free) < self.ready_pages // 2 and not self._closed:
+                if len(self._free) < self.ready_target() // 2 and not self._closed:
                     self._wake.wait()
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """Where does an alloc + free of a few blocks go? The space of ``bench peers`` (a Llama-3-8B shape, 4 x 8192 tokens),
 alloc + free of 1 / 16 / 64 blocks timed (the least and the median of seven rounds of 500 pairs), then 2000 pairs of
-one block under cProfile, sorted by ``sys.argv[1]`` (default ``tottime``).
-Run on a GPU machine (or the CPU backend anywhere): python docs/experiments/alloc_profile.py [tottime|cumulative]"""
+``sys.argv[2]`` blocks (default 1) under cProfile, sorted by ``sys.argv[1]`` (default ``tottime``).
+Run on a GPU machine (or the CPU backend anywhere):
+python docs/experiments/alloc_profile.py [tottime|cumulative] [blocks]"""
 
 import cProfile
 import io
@@ -16,6 +17,7 @@ from kvtier.config import Config, MiB
 from kvtier.manager import TierManager
 
 TOKENS = 8192
+BLOCKS = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 CELL = LLAMA8B["num_kv_heads"] * LLAMA8B["head_dim"] * 2  # bytes of one token's K (or V) in one layer
 
 config = Config(device="cuda" if torch.cuda.is_available() else "cpu", host_size=TOKENS * 2 * CELL * 32 + 256 * MiB,
@@ -30,7 +32,7 @@ with TierManager(config) as mgr:
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(2000):
-        space.allocate("k", 16)
+        space.allocate("k", 16 * BLOCKS)
         space.free("k")
     profile.disable()
     out = io.StringIO()
