@@ -216,7 +216,7 @@ class KVSpace:
         """Book ``blocks`` (free, on mapped pages) to ``seq_id``, now ``num_tokens`` long."""
         books = self.block_books
         policy, priority = self._tiering.policy, self._seq_priority.get(seq_id, self.priority)
-        fresh = books.grow(seq_id, blocks, num_tokens)
+        fresh, pages = books.grow_touching(seq_id, blocks, num_tokens)
         for p in fresh:
             policy.on_create(PageRef(self.name, p), priority)
             self._empty.pop(p, None)
@@ -227,9 +227,8 @@ class KVSpace:
                 # sequence growing 16 tokens a call needs its next page in ~2); only then -- a poke on every take
                 # cost an alloc + free of one block 5 us (46.5 against 41.4 with map_ahead off, H100, 13f2ea3)
                 self._tiering.poke()
-        pages = books.pages_of(blocks)
         self.shared_pages.booked(pages)
-        for p in set(pages):  # the rest of an active sequence is never a candidate
+        for p in pages:  # the rest of an active sequence is never a candidate
             policy.on_use(PageRef(self.name, p))
         self._written(books.seqs[seq_id], old_tokens, num_tokens)
         self._trim()
@@ -289,14 +288,16 @@ class KVSpace:
         """Free ``seq_id`` (see ``free``); return the pages left empty."""
         self._check_open()
         books = self.block_books
+        books.blocks_of(seq_id)  # an unknown sequence: UnknownSequenceError before anything changes
         pages = self.pages
         pending = pages.in_flight(books.pages_of_seqs([seq_id])) if pages.moving or pages.reading else []
         if pending:
             raise PagesInFlight(f"space {self.name!r}: {seq_id!r} has pages in flight", pending)
-        last = books.last_held(seq_id)  # the blocks this would free
-        if retain:
-            last = self.sharing.retain(last)
-        self.prefix.forget(last)  # the blocks this frees hold nothing any more
+        if self.prefix.key_of:  # published blocks: those this frees hold nothing any more, unless retained
+            last = books.last_held(seq_id)
+            if retain:
+                last = self.sharing.retain(last)
+            self.prefix.forget(last)
         emptied = books.release(seq_id)
         self._offloaded.discard(seq_id)
         self._seq_priority.pop(seq_id, None)

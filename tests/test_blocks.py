@@ -38,12 +38,13 @@ def test_grow_and_release_report_each_page_once_in_the_order_first_touched(data)
     """Grow and release count pages one by one for a few blocks and with numpy for many (a new sequence of 512
     blocks took ~300 us in the loop): either way, the pages that became live (grow) or empty (release) are reported
     once each, in the order their blocks came, and the books check -- blocks that straddle pages, blocks wider
-    than a page, blocks in any order. A page is reported as a loop over the blocks meets it: grown at its first
-    block, emptied at its last."""
+    than a page, blocks in any order, runs of consecutive blocks (counted with slices and page arithmetic), runs
+    a fork shares in part. A page is reported as a loop over the blocks meets it: grown at its first block,
+    emptied at its last."""
     block_bytes = data.draw(st.sampled_from([512, 1024, 1536, 4096, 10240]), label="block_bytes")
     books = BlockBooks("s", num_blocks=160, block_bytes=block_bytes, block_size=16, page_size=4096)
     seqs: dict[str, list[int]] = {}
-    for step in range(data.draw(st.integers(1, 8), label="steps")):
+    for step in range(data.draw(st.integers(1, 10), label="steps")):
         free = np.flatnonzero(books.free).tolist()
         if seqs and (not free or data.draw(st.booleans(), label=f"release {step}")):
             name = data.draw(st.sampled_from(sorted(seqs)), label=f"which {step}")
@@ -51,16 +52,33 @@ def test_grow_and_release_report_each_page_once_in_the_order_first_touched(data)
             others = {p for q in seqs.values() for p in books.pages_of(np.asarray(q, dtype=np.int64))}
             want = list(dict.fromkeys(p for p in books.pages_of(np.asarray(blocks, dtype=np.int64))
                                       if p not in others))
-            assert books.release(name) == [p for p in _last_touched(books, blocks) if p in want]
+            _reported_once_each(books.release(name), [p for p in _last_touched(books, blocks) if p in want], blocks)
+        elif seqs and data.draw(st.integers(0, 3), label=f"fork? {step}") == 0:  # a fork of a whole prefix
+            parent = data.draw(st.sampled_from(sorted(seqs)), label=f"parent {step}")
+            shared = seqs[parent][:data.draw(st.integers(1, len(seqs[parent])), label=f"shared {step}")]
+            books.share(f"f{step}", shared, 16 * len(shared))
+            seqs[f"f{step}"] = shared
         else:
             size = data.draw(st.sampled_from([1, 3, 20, 70, 120]), label=f"size {step}")  # either side of _LOOP
-            blocks = data.draw(st.permutations(free), label=f"blocks {step}")[:size]
+            runs = [b for b in free if books.free[b:b + size].all() and b + size <= books.num_blocks]
+            if runs and data.draw(st.booleans(), label=f"run? {step}"):
+                start = data.draw(st.sampled_from(runs), label=f"run at {step}")
+                blocks = list(range(start, start + size))
+            else:
+                blocks = data.draw(st.permutations(free), label=f"blocks {step}")[:size]
             before = books.live.copy()
             name = f"q{step}"
             got = books.grow(name, np.asarray(blocks, dtype=np.int64), 16 * len(blocks))
-            assert got == [p for p in _first_touched(books, blocks) if before[p] == 0]
+            _reported_once_each(got, [p for p in _first_touched(books, blocks) if before[p] == 0], blocks)
             seqs[name] = blocks
         books.check()
+
+
+def _reported_once_each(got: list[int], want: list[int], blocks: list[int]) -> None:
+    """``got`` are ``want``'s pages once each: in ``pages_of``'s order, or -- a run of blocks all of which the
+    call counted page by page -- in page order (as a loop over its blocks meets them)."""
+    run = len(blocks) > 1 and blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+    assert got == want or run and got == sorted(want), (got, want)
 
 
 def _first_touched(books: BlockBooks, blocks: list[int]) -> list[int]:
