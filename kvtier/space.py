@@ -608,12 +608,14 @@ class KVSpace:
         the target (demand fell) are unmapped once their fences pass. Returns the pages mapped. Under the lock,
         all of it; the background demoter (``map_ahead`` on) maps without it: ``start_map_ahead``, the arrival's
         ``arrive``, ``land_map_ahead``."""
-        arrival = self.start_map_ahead()
-        if arrival is None:
-            return 0
-        arrival.arrive()
-        error = arrival.error
-        mapped = self.land_map_ahead(arrival)
+        with self._lock:  # taken here: a caller without it raced the demoter, both booking the same pages
+            self._check_open()
+            arrival = self.start_map_ahead()
+            if arrival is None:
+                return 0
+            arrival.arrive()
+            error = arrival.error
+            mapped = self.land_map_ahead(arrival)
         if error is not None:
             raise error
         return mapped
