@@ -634,10 +634,16 @@ class KVSpace:
         pages = np.flatnonzero(self.pages.vacant())[:want].tolist()
         if not pages or not self.within_quota(len(pages)):
             return None
-        self.range.book_arriving(pages, self._room.pool.take(len(pages) * self.num_regions))
+        # the arrival is stock before the pool's take: its worker, woken by the take, would otherwise refill the
+        # ready pages these handles came from (``PagePool.stocked``; 256 MiB held for nothing, H100, c8a514c)
+        arrival = self.arrival = Arrival(self, pages)
+        try:
+            self.range.book_arriving(pages, self._room.pool.take(len(pages) * self.num_regions))
+        except BaseException:
+            self.arrival = None
+            raise
         self.pages.arrive(pages)
-        self.arrival = Arrival(self, pages)
-        return self.arrival
+        return arrival
 
     def land_map_ahead(self, arrival: Arrival) -> int:
         """The arrival's pages were mapped (they become empties) or failed to be (their handles go back to the

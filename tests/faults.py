@@ -136,6 +136,19 @@ class FailingCopies(HostBackend):
         super().copy_async(dst, src, nbytes, stream)
 
 
+class WatchedCreates(HostBackend):
+    """The CPU backend, noting ``watch()`` as it creates each page (e.g. the pool's stock at that moment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watch: Callable[[], object] = lambda: None
+        self.seen: list[object] = []
+
+    def create(self, size: int) -> int:
+        self.seen.append(self.watch())
+        return super().create(size)
+
+
 class FailingPins(HostBackend):
     """The CPU backend, whose ``pin`` fails from the ``n``-th call on (as ``cuMemHostRegister`` does when the
     process may lock no more memory); it notes the spans it refused, (address, bytes)."""

@@ -9,6 +9,7 @@ import pytest
 import kvtier
 from kvtier.vmm import HostBackend, PagePool
 from kvtier.vmm.mapped_range import MappedRange
+from tests.faults import WatchedCreates
 
 PAGE = 64 << 10
 
@@ -193,4 +194,18 @@ def test_a_spaces_reserve_is_the_pools_ready_stock(make_manager):
     assert space.map_ahead() == 2 and mgr.pool.free_pages == 0 and mgr.pool.ready_target() == 0
     space.free("a")
     other.free("b")
+    mgr.check()
+
+
+def test_pages_mapped_ahead_are_stock_before_the_pool_makes_them(make_manager):
+    if make_manager.name != "cpu":
+        pytest.skip("the watched device layer is a CPU backend")
+    backend = WatchedCreates()
+    mgr = make_manager(pages=64, backend=backend)
+    space = mgr.create_space("r", max_tokens=4096, **make_manager.shape)
+    # the space books its reserve (two pages of four regions) before the pool creates their handles: a worker
+    # woken by that take would otherwise see no stock and refill the ready pages for nothing
+    backend.watch = mgr.pool.stocked
+    assert space.map_ahead() == 2
+    assert backend.seen == [8] * 8
     mgr.check()
