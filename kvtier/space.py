@@ -226,7 +226,7 @@ class KVSpace:
                 # the reserve fell short: the demoter tops it up now, not at its next look (up to 20 ms away: a
                 # sequence growing 16 tokens a call needs its next page in ~2); only then -- a poke on every take
                 # cost an alloc + free of one block 5 us (46.5 against 41.4 with map_ahead off, H100, 13f2ea3)
-                self._tiering.poke_reserve()
+                self._tiering.poke()
         self.shared_pages.booked(pages)
         for p in pages:  # the rest of an active sequence is never a candidate
             policy.on_use(PageRef(self.name, p))

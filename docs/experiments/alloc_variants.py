@@ -1,8 +1,7 @@
-"""What the poke and the fence cost an alloc + free of a few blocks: the poke that wakes the demoter when a take
-leaves the space's reserve short (as is: it maps ahead only; "whole check": the demoter's whole check at each
-poke, as before; "no poke"), and the torch event a free records when it empties a page ("driver fence": a pooled
-driver event recorded on the raw current stream instead). The space of ``bench peers``; variants interleaved over
-three trials, the least of each. Run on a GPU machine: python docs/experiments/alloc_variants.py"""
+"""What an alloc + free of a few blocks would gain without (a) the poke that wakes the demoter when a take leaves
+the space's reserve short, (b) a torch event per free that empties a page (a driver event from a pool instead,
+recorded on the raw current stream). The space of ``bench peers``; variants interleaved over three trials, the
+least of each. Run on a GPU machine: python docs/experiments/alloc_variants.py"""
 
 import time
 
@@ -52,7 +51,7 @@ config = Config(device="cuda", host_size=TOKENS * 2 * CELL * 32 + 256 * MiB, hos
 with TierManager(config) as mgr:
     mgr.tiering.wait_ready()
     space = mgr.create_space("peers", max_tokens=4 * TOKENS, **LLAMA8B)
-    torch_record, poke = mgr.backend.record_fence, mgr.tiering.poke_reserve
+    torch_record, poke = mgr.backend.record_fence, mgr.tiering.poke
     driver_record = driver_fences(mgr.backend)
     for name, record in (("torch event", torch_record), ("driver event", driver_record)):
         record(None)
@@ -64,18 +63,18 @@ with TierManager(config) as mgr:
             f.query()
         print(f"{name}: record {took:.2f} us, query {(time.perf_counter() - start) / 5000 * 1e6:.2f} us")
         del fences
-    variants = {"as is": (torch_record, poke), "whole check": (torch_record, mgr.tiering.poke),
-                "no poke": (torch_record, lambda: None), "driver fence": (driver_record, poke)}
+    variants = {"as is": (torch_record, poke), "no poke": (torch_record, lambda: None),
+                "driver fence": (driver_record, poke), "both": (driver_record, lambda: None)}
     best: dict[tuple[str, int], float] = {}
     for trial in range(3):
         for name, (record, poking) in variants.items():
-            mgr.backend.record_fence, mgr.tiering.poke_reserve = record, poking
+            mgr.backend.record_fence, mgr.tiering.poke = record, poking
             time.sleep(0.1)
             for k in (1, 16, 64):
                 pair_rounds(space, k, 1, 200)
                 least = min(pair_rounds(space, k, 5, 400))
                 best[name, k] = min(best.get((name, k), least), least)
-    mgr.backend.record_fence, mgr.tiering.poke_reserve = torch_record, poke
+    mgr.backend.record_fence, mgr.tiering.poke = torch_record, poke
     for name in variants:
         print(f"{name:>13}: " + " / ".join(f"{best[name, k]:.1f}" for k in (1, 16, 64)) + " us (1 / 16 / 64 blocks)")
     mgr.check()

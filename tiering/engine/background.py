@@ -43,37 +43,24 @@ class Demoter:
         self._stuck: set[int] = set()  # elastic tiers that owed slots with no tier below them (said once)
         self.errors = 0  # checks that raised (logged; the thread goes on)
         self._wake = threading.Event()
-        self._check_due = False  # a poke asked for a whole check (not only a space's reserve topped up)
-        self._checked_at = -1.0
         self._thread = threading.Thread(target=self._run, name="kvtier-demoter", daemon=True)
         self._thread.start()
 
-    def poke(self, reserve_only: bool = False) -> None:
-        """Check now (a sequence went idle); ``reserve_only``: a space's reserve fell short -- map ahead now, the
-        whole check at its period. Requests that come and go take and give back a reserve page each: a whole
-        check under the lock at every one of them cost their allocations (an event already set is not set
-        again)."""
-        if not reserve_only:
-            self._check_due = True
-        if not self._wake.is_set():
-            self._wake.set()
+    def poke(self) -> None:
+        """Check now (a sequence went idle)."""
+        self._wake.set()
 
     def _run(self) -> None:
         pause = self.PERIOD
         while not self._closed:
-            poked = self._wake.wait(pause)
-            self._wake.clear()  # before reading what the poke asked: a poke after this sets the event again
-            now = time.monotonic()
-            whole = not poked or self._check_due or now - self._checked_at >= self.PERIOD
-            self._check_due = False
+            self._wake.wait(pause)
+            self._wake.clear()
             arriving: list[tuple[TieredSpace, Arrival]] = []
             try:
                 with self.tiering.lock:
                     if self._closed:
                         return
-                    if whole:
-                        self._checked_at = now
-                        self._tick()
+                    self._tick()
                     if self.config.map_ahead:
                         self._start_map_ahead(arriving)
                 pause = self.PERIOD

@@ -145,11 +145,6 @@ class Tiering:
         if self.demoter is not None:
             self.demoter.poke()
 
-    def poke_reserve(self) -> None:
-        """A space's reserve fell short: let the background demoter map ahead now."""
-        if self.demoter is not None:
-            self.demoter.poke(reserve_only=True)
-
     # --- plans (no side effects) -------------------------------------------------------------------------------
     def _free_slots(self, automatic: bool = False, on_demand: bool = False) -> dict[int, FreePieces]:
         """Free slots per lower tier; for ``automatic`` plans, none in a tier backing off after failed writes
