@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from kvtier.errors import CudaError, DeviceError
+from kvtier.vmm.fences import DriverFence, EventPool
 from kvtier.vmm.tensor import tensor_over
 
 try:
@@ -114,6 +115,7 @@ class CudaBackend:
         CudaBackend._live += 1
         self._bound = threading.local()
         self._bind()
+        self._events = EventPool(self._bind, index, _check)
         attr = _drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
         if not _check("cuDeviceGetAttribute", _drv.cuDeviceGetAttribute(attr, self._dev)):
             raise DeviceError(f"cuda:{index} does not support CUDA virtual memory management")
@@ -207,10 +209,8 @@ class CudaBackend:
         self._bind()
         _check("cuMemHostUnregister", _drv.cuMemHostUnregister(address))
 
-    def record_fence(self, stream: Any = None) -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record(stream if stream is not None else torch.cuda.current_stream(self.index))
-        return event
+    def record_fence(self, stream: Any = None) -> DriverFence:
+        return self._events.record(stream)  # a pooled driver event (kvtier.vmm.fences says why)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -228,6 +228,7 @@ class CudaBackend:
         return tensor_over(address, nbytes, self.device)
 
     def close(self) -> None:
+        self._events.close()
         self._bind()
         _drv.cuDevicePrimaryCtxRelease(self._dev)
         CudaBackend._live -= 1
