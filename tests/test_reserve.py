@@ -327,3 +327,33 @@ def test_sharing_pages_into_a_space_waits_for_its_pages_being_mapped_ahead(make_
     dst.allocate("s", per_page, first_block=0)
     assert_seq(dst, "s")
     mgr.check()
+
+
+def test_a_growing_sequence_that_takes_the_reserve_wakes_the_demoter_a_new_request_does_not(make_manager, monkeypatch):
+    import time
+
+    from kvtier.tiering.engine.background import Demoter
+    monkeypatch.setattr(Demoter, "PERIOD", 60.0)  # the demoter looks only when poked (its clock at the edge)
+    mgr = make_manager(pages=64, background_demotion=True, map_ahead=True, space_reserve_pages=1)
+    space = mgr.create_space("s", max_tokens=32 * BPP * 16, **make_manager.shape)
+    per_page = BPP * space.block_size
+    space.map_ahead()
+    assert _held(space) == (1, 1)
+    # a new request takes the reserve page: no poke (its free may give it back at once), the next look tops it up
+    space.allocate("a", space.block_size)
+    time.sleep(0.1)
+    assert _held(space) == (1, 0)
+    # it grows a block, on the same page: a sequence grows with the reserve short -- the demoter maps one now
+    space.allocate("a", 2 * space.block_size)
+    deadline = time.monotonic() + 5
+    while _held(space)[1] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _held(space) == (2, 1)
+    # it grows onto that page (taking it): short again while it grows -- mapped again
+    space.allocate("a", per_page + space.block_size)
+    deadline = time.monotonic() + 5
+    while _held(space)[1] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _held(space) == (3, 1)
+    space.free("a")
+    mgr.check()
