@@ -87,6 +87,7 @@ class KVSpace:
         self._offloaded: set[Hashable] = set()               # idle sequences, demotable
         self._seq_priority: dict[Hashable, int] = {}         # set_priority overrides
         self.idle_fence: Any = None                          # after the last offload's kernels
+        self._poke_owed = False  # a new request took the reserve: the demoter is poked once a sequence grows
         self.maps_ahead = manager.config.map_ahead           # the demoter tops up its reserve (create_space sets it)
         self.reserve = ReserveDemand(manager.config.space_reserve_pages, manager.config.space_reserve_window_s,
                                      manager.clock)
@@ -222,14 +223,20 @@ class KVSpace:
             self._empty.pop(p, None)
         if fresh:
             self.reserve.took(len(fresh))
-        if old_tokens and self.maps_ahead and self.arrival is None and (
-                not self._empty or fresh and len(self._empty) < self.reserve.target()):
-            # a sequence grows while the reserve is short: the demoter tops it up now, not at its next look (up to
-            # 20 ms away: a sequence growing 16 tokens a call needs its next page in ~2). Not at a new request's
-            # take, which its free may give back at once: a poke each time woke the demoter for every short
-            # request (alloc + free of 1 / 16 / 64 blocks 44.4 / 41.7 / 42.6 us, 37.8 / 38.2 / 40.6 without the
-            # poke, H100, c494d88; 5 us on another, 13f2ea3); the first step of one that stays pokes instead
-            self._tiering.poke()
+            if self.maps_ahead and len(self._empty) < self.reserve.target():
+                # the reserve fell short: the demoter tops it up now, not at its next look (up to 20 ms away: a
+                # sequence growing 16 tokens a call needs its next page in ~2) -- a growing sequence's take at
+                # once; a new request's at its first step of growth, as its free may give the page back first: a
+                # poke at each take woke the demoter for every short request (alloc + free of 1 / 16 / 64 blocks
+                # 44.4 / 41.7 / 42.6 us, 37.8 / 38.2 / 40.6 without the poke, H100, c494d88)
+                if old_tokens:
+                    self._tiering.poke()
+                else:
+                    self._poke_owed = True
+        elif self._poke_owed and old_tokens:  # one attribute a decode step
+            self._poke_owed = False
+            if self.arrival is None and len(self._empty) < self.reserve.target():
+                self._tiering.poke()
         self.shared_pages.booked(pages)
         for p in pages:  # the rest of an active sequence is never a candidate
             policy.on_use(PageRef(self.name, p))
