@@ -329,7 +329,7 @@ def test_sharing_pages_into_a_space_waits_for_its_pages_being_mapped_ahead(make_
     mgr.check()
 
 
-def test_a_growing_sequence_that_takes_the_reserve_wakes_the_demoter_a_new_request_does_not(make_manager, monkeypatch):
+def test_a_new_requests_take_of_the_reserve_pokes_the_demoter_at_its_first_growth(make_manager, monkeypatch):
     import time
 
     from kvtier.tiering.engine.background import Demoter
