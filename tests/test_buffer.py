@@ -80,3 +80,29 @@ def test_a_buffer_takes_the_room_spaces_keep_mapped_empty(make_manager):
         # the space's live sequence is untouched
         assert_seq(space, "a")
         mgr.check()
+
+
+def test_pages_a_space_is_mapping_ahead_are_room_a_buffer_waits_for(make_manager):
+    import threading
+    import time
+    with make_manager(pages=16, space_reserve_pages=2) as mgr:
+        space = mgr.create_space("s", max_tokens=64 * 16 * 16, **make_manager.shape)
+        buffer = mgr.create_buffer("b", 16 * mgr.page_size)
+        # the demoter's first step: the space books its reserve as arriving (handles taken, not yet mapped)
+        with mgr.lock:
+            arrival = space.start_map_ahead()
+        assert arrival is not None and len(arrival.pages) == 2
+        booked = 2 * space.num_regions
+        assert buffer.available() == 16 - booked  # neither free in the pool nor empty in the space
+        # the driver calls and the landing, on another thread (as the demoter does); the buffer waits for them
+        def land() -> None:
+            time.sleep(0.2)  # the driver's calls take a while (a page of 64 regions: 2-3 ms on an H100)
+            arrival.arrive()
+            with mgr.lock:
+                space.land_map_ahead(arrival)
+        threading.Thread(target=land).start()
+        assert buffer.settle_arrivals()
+        # landed as empties: room again
+        assert space.stats()["stripes_empty"] == 2 and buffer.available() == 16
+        assert not buffer.settle_arrivals()
+        mgr.check()

@@ -92,6 +92,8 @@ class TieredOffloading(OffloadingManager):
             prefixes.settle(wait=True)
             if buffer.available() > before:
                 return True
+        if buffer.settle_arrivals() and buffer.available() > before:  # spaces' reserves being mapped: room soon
+            return True
         wanted = min(sectors._cost(s) for s in sectors.free_sectors) - before
         holders = self._others_holding()
         if not holders:  # no one else holds the room it lacks: waiting cannot help
