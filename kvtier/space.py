@@ -231,8 +231,7 @@ class KVSpace:
                 # 44.4 / 41.7 / 42.6 us, 37.8 / 38.2 / 40.6 without the poke, H100, c494d88)
                 if old_tokens:
                     self._tiering.poke()
-                else:
-                    self._poke_owed = True
+                self._poke_owed = not old_tokens  # a growing sequence's poke pays one owed too
         elif self._poke_owed and old_tokens:  # one attribute a decode step
             self._poke_owed = False
             if self.arrival is None and len(self._empty) < self.reserve.target():
