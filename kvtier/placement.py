@@ -110,17 +110,23 @@ def first_on_mapped(books: BlockBooks, need: int, mapped: np.ndarray) -> np.ndar
         return None
     # the mapped pages' blocks first, a page at a time, in block order: mostly the first page or two has room, and a
     # scan of the whole space's blocks cost ~12 us of an alloc + free of one block (2048 blocks, CPU machine)
+    # (``ndarray.nonzero`` of a 1-d mask, not ``np.flatnonzero``: ~0.5 against ~1.9 us a call, CPU machine)
     P, bb, start = books.page_size, books.block_bytes, 0
     found: list[int] = []
-    for p in np.flatnonzero(mapped)[:_FIRST_PAGES].tolist():
+    for p in mapped.nonzero()[0][:_FIRST_PAGES].tolist():
         lo, hi = max(start, p * P // bb), min(books.num_blocks, -(-(p + 1) * P // bb))
         if lo < hi:
             ok = books.free[lo:hi]
             if P % bb:  # blocks may straddle two pages: those count only if both are mapped
                 ok = ok & mapped[books.first_page[lo:hi]] & mapped[books.last_page[lo:hi]]
-            found.extend((np.flatnonzero(ok)[:need - len(found)] + lo).tolist())
-            if len(found) == need:
-                return np.asarray(found, dtype=np.int64)
+            if need == 1:  # a one-block request: the first free block, if any (argmax: ~0.6 us)
+                i = int(ok.argmax())
+                if ok[i]:
+                    return np.array([lo + i], dtype=np.int64)
+            else:
+                found.extend((ok.nonzero()[0][:need - len(found)] + lo).tolist())
+                if len(found) == need:
+                    return np.asarray(found, dtype=np.int64)
         start = max(start, hi)
     cands = np.flatnonzero(books.free & books.all_on(mapped))
     return cands[:need] if len(cands) >= need else None

@@ -160,7 +160,9 @@ class KVSpace:
                 return self._grow(seq_id, blocks, old_tokens, num_tokens)
         if not held and first_block is None:  # a new request shorter than a page: free blocks on mapped pages
             mapped = self.pages.allocatable()
-            mapped[self.idle_pages()] = False
+            idle = self.idle_pages()
+            if idle:  # mostly none: numpy's assignment through an empty list cost ~1.4 us (CPU machine)
+                mapped[idle] = False
             blocks = first_on_mapped(books, need, mapped)
             if blocks is not None:
                 return self._grow(seq_id, blocks, old_tokens, num_tokens)
