@@ -153,7 +153,7 @@ class BlockBooks:
     def _run_tally(self, start: int, stop: int) -> dict[int, int]:
         """``_tally`` of the pages of blocks ``start..stop-1`` (a run), counted page by page: block k touches page
         p when ``p*P // bb <= k < ceil((p+1)*P / bb)``."""
-        first, last = int(self.first_page[start]), int(self.last_page[stop - 1])
+        first, last = self._ends(start)[0], self._ends(stop - 1)[1]
         if first == last:
             return {first: stop - start}
         P, bb = self.page_size, self.block_bytes
