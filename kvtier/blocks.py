@@ -262,8 +262,8 @@ class BlockBooks:
                     gone.append(b)
             self.free_count += len(gone)
             if len(gone) == 1 and not self.wide:  # as ``pages_of`` gives them, with no array built for one block
-                first, last = self._ends(gone[0])
-                pages = [first] if first == last else [first, last]
+                ends = self._ends(gone[0])
+                pages = [ends[0]] if ends[0] == ends[1] else list(ends)
             else:
                 pages = self.pages_of(np.asarray(gone, dtype=np.int64))
         else:
