@@ -104,14 +104,15 @@ class ElasticBuffer:
         return [(s, s.reclaimable()) for s in sorted(self._mgr.spaces.values(), key=lambda s: s.priority)]
 
     def settle_arrivals(self) -> bool:
-        """Wait (without the lock) for the pages the spaces are mapping ahead now: they land as empty pages,
-        room for this buffer, but meanwhile are neither free nor empty -- an engine that counted its room then
-        failed a request it had room for (CI, 36f7757). Returns whether there were any."""
+        """Wait (without the lock) for room in transit: the pages the spaces are mapping ahead now (they land as
+        empty pages) and those the pool is creating (they land free) -- meanwhile neither free nor empty, and an
+        engine that counted its room then failed a request it had room for (CI, 36f7757 and e7a4a57). Returns
+        whether there were any."""
         with self._mgr.lock:
             arriving = [s.arrival for s in self._mgr.spaces.values() if s.arrival is not None]
         for arrival in arriving:
             arrival.settle()
-        return bool(arriving)
+        return self._mgr.pool.settle() or bool(arriving)
 
     def _take_spaces_empties(self, handles: int) -> None:
         """Unmap spaces' empty pages (waiting for their fences) until the pool has ``handles`` free."""

@@ -106,3 +106,32 @@ def test_pages_a_space_is_mapping_ahead_are_room_a_buffer_waits_for(make_manager
         assert space.stats()["stripes_empty"] == 2 and buffer.available() == 16
         assert not buffer.settle_arrivals()
         mgr.check()
+
+
+def test_pages_the_pool_is_creating_are_room_a_buffer_waits_for(make_manager):
+    import threading
+
+    import pytest
+
+    from tests.faults import WatchedCreates
+    if make_manager.name != "cpu":
+        pytest.skip("the watched device layer is a CPU backend")
+    backend = WatchedCreates()
+    with make_manager(pages=16, pool_ready=0, backend=backend) as mgr:
+        buffer = mgr.create_buffer("b", 16 * mgr.page_size)
+        # another thread takes 4 pages the pool must create, and its first creation stalls (the driver's call)
+        gate, started = threading.Event(), threading.Event()
+        backend.watch = lambda: (started.set(), gate.wait(5))
+        taken: list = []
+        taker = threading.Thread(target=lambda: taken.extend(mgr.pool.take(4)))
+        taker.start()
+        assert started.wait(5)
+        # those pages are neither free nor room while they are made, so a buffer sees 4 fewer
+        assert buffer.available() == 12
+        # ... and a buffer judging its room waits for them: the creation lands, the taker gives them back
+        threading.Timer(0.2, gate.set).start()
+        assert buffer.settle_arrivals()
+        taker.join(5)
+        mgr.pool.give(taken)
+        assert buffer.available() == 16 and not buffer.settle_arrivals()
+        mgr.check()

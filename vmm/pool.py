@@ -56,6 +56,7 @@ class PagePool:
         self._creating = 0           # pages being created now (count against the budget, not yet in the books)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._made = threading.Condition(self._lock)  # notified as pages being created land (``settle``)
         self._closed = False
         self.creations = self.releases = 0
         self.peak_in_use = 0  # most pages ever taken at once
@@ -105,6 +106,17 @@ class PagePool:
         the device's ledger read now, not within its last ``ROOM_TTL_S``)."""
         with self._lock:
             return len(self._free) + self._room(fresh)
+
+    def settle(self, timeout: float = 5.0) -> bool:
+        """Wait (at most ``timeout`` s) until no page is being created; return whether any was. Such pages are
+        neither free nor room (``available``) until they land, so a caller that judges its room meanwhile sees
+        too little: an engine failed a request it had room for while the worker refilled (transformers'
+        continuous batching on a tight pool, CPU backend, CI at e7a4a57)."""
+        with self._lock:
+            if not self._creating:
+                return False
+            self._made.wait_for(lambda: not self._creating, timeout)
+            return True
 
     def can_take(self, n: int) -> bool:
         return n <= self.available()
@@ -249,6 +261,7 @@ class PagePool:
         finally:  # a failed creation gives its budget back; the pages made before it go to the free list
             with self._lock:
                 self._creating -= n
+                self._made.notify_all()
                 self._created += len(fresh)
                 if self.ledger is not None and len(fresh) < n:
                     self.ledger.release(n - len(fresh))
