@@ -43,6 +43,7 @@ class TieredOffloading(OffloadingManager):
         self.swapped: dict[str, list[tuple[str, Hashable, int]]] = {}  # request -> (allocator, swap seq, offset)
         self.going_down: dict[str, list[Any]] = {}  # request -> its chunks' transfers down
         self.nothing_scheduled = False  # the scheduler's last try found no room for any request
+        self.room_seen = 0  # the buffer's room just after that try
 
     def swap_tokens(self, bytes_per_block: int, num_blocks: int) -> int:
         """Blocks the (virtual) swap space of one allocator is sized for. Requests swapped out may together hold
@@ -87,6 +88,9 @@ class TieredOffloading(OffloadingManager):
             return False
         buffer, engine = self.cache.buffer, self.engine
         before = buffer.available()
+        if before > self.room_seen:  # room came since the scheduler looked (pages landed, freed or made): again
+            self.room_seen = before
+            return True
         prefixes = self.cache.prefixes
         if prefixes is not None and prefixes.going_down:  # its own kept or found blocks on their way down
             prefixes.settle(wait=True)

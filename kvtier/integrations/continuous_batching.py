@@ -137,6 +137,8 @@ class KVTierBatchingManager(ContinuousBatchingManager):
             # whether the last try scheduled nothing: the engine then asks to preempt or stop (see _wait_for_room)
             out = schedule(*args, **kwargs)
             offloading.nothing_scheduled = out[0] is None
+            if out[0] is None:  # the room it judged by: more by the time it would stop, and it tries again
+                offloading.room_seen = cache.buffer.available()
             if (out[0] is None or scheduler.waiting_requests) and cache.pool.room_limited:
                 cache.buffer.want()  # work waits for pool room: engines past their fair share stop growing
             return out
